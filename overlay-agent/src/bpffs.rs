@@ -1,0 +1,48 @@
+//! The BPF filesystem where maps are pinned, so that inspection commands (and later
+//! agent runs) find them.
+
+use std::{
+    ffi::CString,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use overlay_common::maps::LAYOUT_VERSION;
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// The pin directory for this build's map layout under the bpffs at `root`.
+pub fn pin_dir(root: &Path) -> PathBuf {
+    root.join("overlay-ipip").join(format!("v{LAYOUT_VERSION}"))
+}
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Makes sure `root` is (inside) a bpffs, mounting one there if it is not, and returns
+/// the pin directory for this layout, created.
+pub fn prepare(root: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    if !is_bpffs(root)? {
+        let src = CString::new("bpf")?;
+        let target = CString::new(root.as_os_str().as_bytes())?;
+        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("mounting bpffs at {} (needs CAP_SYS_ADMIN)", root.display()));
+        }
+        if !is_bpffs(root)? {
+            bail!("{} is still not a bpffs after mounting one", root.display());
+        }
+    }
+    let dir = pin_dir(root);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}

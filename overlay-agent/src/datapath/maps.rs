@@ -1,0 +1,169 @@
+//! Typed access to the datapath's maps, from the loaded object or from their pins.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::Path,
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{
+    Array, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    lpm_trie::{Key, LpmTrie},
+};
+use ipnet::Ipv4Net;
+use overlay_common::{
+    Counter, DatapathConfig, Hook, PeerStats, Reason, Route,
+    counters::index,
+    maps::names,
+};
+
+/// Opens a pinned map of the datapath by name.
+pub fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!("opening pinned map {} (is the agent running with this --bpffs?)", path.display())
+    })?;
+    Ok(Map::from_map_data(data)?)
+}
+
+/// What a sync changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
+/// `ROUTES`: remote pod subnet -> owning node's tunnel address.
+pub struct Routes(LpmTrie<MapData, [u8; 4], Route>);
+
+impl Routes {
+    pub fn new(map: Map) -> Result<Self> {
+        Ok(Self(LpmTrie::try_from(map).context(names::ROUTES)?))
+    }
+
+    pub fn entries(&self) -> Result<BTreeMap<Ipv4Net, Ipv4Addr>> {
+        let mut out = BTreeMap::new();
+        for entry in self.0.iter() {
+            let (key, route) = entry?;
+            let net = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)?;
+            out.insert(net, Ipv4Addr::from(route.node_ip));
+        }
+        Ok(out)
+    }
+
+    /// Makes the map hold exactly `desired`.
+    pub fn sync(&mut self, desired: &BTreeMap<Ipv4Net, Ipv4Addr>) -> Result<Changes> {
+        let current = self.entries()?;
+        let mut changes = Changes::default();
+        for (net, node) in desired {
+            match current.get(net) {
+                Some(old) if old == node => continue,
+                Some(_) => changes.updated += 1,
+                None => changes.added += 1,
+            }
+            self.0.insert(&key(*net), Route { node_ip: node.octets() }, 0)?;
+        }
+        for net in current.keys().filter(|n| !desired.contains_key(n)) {
+            self.0.remove(&key(*net))?;
+            changes.removed += 1;
+        }
+        Ok(changes)
+    }
+}
+
+fn key(net: Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(net.prefix_len()), net.network().octets())
+}
+
+/// `PEERS`: the nodes allowed to send us IPIP, with what each sent.
+pub struct Peers(PerCpuHashMap<MapData, [u8; 4], PeerStats>);
+
+impl Peers {
+    pub fn new(map: Map) -> Result<Self> {
+        Ok(Self(PerCpuHashMap::try_from(map).context(names::PEERS)?))
+    }
+
+    /// Received traffic per peer, summed over CPUs.
+    pub fn stats(&self) -> Result<BTreeMap<Ipv4Addr, PeerStats>> {
+        let mut out = BTreeMap::new();
+        for entry in self.0.iter() {
+            let (addr, per_cpu) = entry?;
+            let total = per_cpu.iter().fold(PeerStats::default(), |a, s| PeerStats {
+                rx_packets: a.rx_packets + s.rx_packets,
+                rx_bytes: a.rx_bytes + s.rx_bytes,
+            });
+            out.insert(Ipv4Addr::from(addr), total);
+        }
+        Ok(out)
+    }
+
+    /// Makes the map hold exactly `desired`; peers already present keep their counts.
+    pub fn sync(&mut self, desired: &BTreeSet<Ipv4Addr>) -> Result<Changes> {
+        let current: BTreeSet<Ipv4Addr> = self.stats()?.into_keys().collect();
+        let mut changes = Changes::default();
+        for peer in desired.difference(&current) {
+            let zero = PerCpuValues::try_from(vec![PeerStats::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?])?;
+            self.0.insert(peer.octets(), zero, 0)?;
+            changes.added += 1;
+        }
+        for peer in current.difference(desired) {
+            self.0.remove(&peer.octets())?;
+            changes.removed += 1;
+        }
+        Ok(changes)
+    }
+}
+
+/// `CONFIG`: this node's datapath configuration.
+pub struct Config(Array<MapData, DatapathConfig>);
+
+impl Config {
+    pub fn new(map: Map) -> Result<Self> {
+        Ok(Self(Array::try_from(map).context(names::CONFIG)?))
+    }
+
+    pub fn get(&self) -> Result<DatapathConfig> {
+        Ok(self.0.get(&0, 0)?)
+    }
+
+    pub fn set(&mut self, config: DatapathConfig) -> Result<()> {
+        Ok(self.0.set(0, config, 0)?)
+    }
+}
+
+/// `COUNTERS`: outcome counters per hook and reason.
+pub struct Counters(PerCpuArray<MapData, Counter>);
+
+impl Counters {
+    pub fn new(map: Map) -> Result<Self> {
+        Ok(Self(PerCpuArray::try_from(map).context(names::COUNTERS)?))
+    }
+
+    /// One (hook, reason) summed over CPUs.
+    pub fn get(&self, hook: Hook, reason: Reason) -> Result<Counter> {
+        let per_cpu = self.0.get(&index(hook, reason), 0)?;
+        Ok(per_cpu.iter().fold(Counter::default(), |a, c| Counter {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        }))
+    }
+
+    /// Every (hook, reason) with its total, in declaration order.
+    pub fn all(&self) -> Result<Vec<(Hook, Reason, Counter)>> {
+        let mut out = Vec::new();
+        for hook in Hook::ALL {
+            for reason in Reason::ALL {
+                out.push((hook, reason, self.get(hook, reason)?));
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,202 @@
+//! The node's own kernel networking that the overlay needs: interface lookups, MTU,
+//! forwarding, and the routes that steer host traffic for remote pod subnets to the
+//! uplink (where `uplink_egress` encapsulates it). All through rtnetlink, in the
+//! network namespace the agent runs in.
+
+use std::{ffi::CString, net::Ipv4Addr};
+
+use anyhow::{Context as _, Result, bail};
+use futures::TryStreamExt as _;
+use ipnet::Ipv4Net;
+use rtnetlink::{
+    Handle, LinkUnspec, RouteMessageBuilder,
+    packet_route::{
+        link::LinkAttribute,
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope},
+    },
+};
+
+/// Route protocol number marking routes this agent owns (`ip route ... proto 191`), so
+/// that reconciliation never touches anyone else's routes.
+pub const RTPROT_OVERLAY: u8 = 191;
+const MAIN_TABLE: u8 = 254;
+
+/// The ifindex of `name` in this network namespace.
+pub fn ifindex_by_name(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => None,
+        i => Some(i),
+    }
+}
+
+/// A route for a remote pod subnet, as this agent installs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OverlayRoute {
+    pub dst: Ipv4Net,
+    /// Next hop towards the owning node: the node itself when it is on-link, otherwise
+    /// the underlay gateway to it.
+    pub via: Ipv4Addr,
+    pub oif: u32,
+    /// Uplink MTU minus the outer header, so the host fragments or signals PMTU itself.
+    pub mtu: u32,
+}
+
+/// A netlink connection to this network namespace.
+#[derive(Clone)]
+pub struct Host {
+    handle: Handle,
+}
+
+impl Host {
+    /// Opens a connection; its driver runs on the current tokio runtime.
+    pub fn connect() -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    pub async fn mtu(&self, ifindex: u32) -> Result<u32> {
+        let mut links = self.handle.link().get().match_index(ifindex).execute();
+        let link = links.try_next().await?.with_context(|| format!("no link with index {ifindex}"))?;
+        link.attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+            .with_context(|| format!("link {ifindex} reports no MTU"))
+    }
+
+    pub async fn set_mtu(&self, ifindex: u32, mtu: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(ifindex).mtu(mtu).build();
+        self.handle.link().set(msg).execute().await.with_context(|| format!("setting MTU {mtu} on link {ifindex}"))
+    }
+
+    /// IPv4 addresses assigned to interfaces of this namespace.
+    pub async fn local_addresses(&self) -> Result<Vec<Ipv4Addr>> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let mut out = Vec::new();
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(msg) = addrs.try_next().await? {
+            for attr in msg.attributes {
+                if let AddressAttribute::Address(std::net::IpAddr::V4(a)) = attr {
+                    out.push(a);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The next hop and output interface the kernel uses to reach `dst`.
+    pub async fn next_hop(&self, dst: Ipv4Addr) -> Result<(Ipv4Addr, u32)> {
+        let query = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, 32).build();
+        let mut routes = self.handle.route().get(query).execute();
+        let route = routes
+            .try_next()
+            .await
+            .with_context(|| format!("looking up the route to {dst}"))?
+            .with_context(|| format!("no route to {dst}"))?;
+        let mut via = dst;
+        let mut oif = None;
+        for attr in &route.attributes {
+            match attr {
+                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => via = *gw,
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                _ => {}
+            }
+        }
+        let Some(oif) = oif else { bail!("the route to {dst} has no output interface") };
+        Ok((via, oif))
+    }
+
+    /// The routes this agent owns, from the main table.
+    pub async fn overlay_routes(&self) -> Result<Vec<OverlayRoute>> {
+        let filter = RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(u32::from(MAIN_TABLE))
+            .protocol(RouteProtocol::Other(RTPROT_OVERLAY))
+            .build();
+        let mut out = Vec::new();
+        let mut routes = self.handle.route().get(filter).execute();
+        while let Some(msg) = routes.try_next().await? {
+            if msg.header.protocol == RouteProtocol::Other(RTPROT_OVERLAY) && msg.header.table == MAIN_TABLE {
+                if let Some(r) = parse_route(&msg) {
+                    out.push(r);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Installs `route`, replacing any route to the same destination.
+    pub async fn replace_route(&self, route: &OverlayRoute) -> Result<()> {
+        let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(route.dst.network(), route.dst.prefix_len())
+            .gateway(route.via)
+            .output_interface(route.oif)
+            .protocol(RouteProtocol::Other(RTPROT_OVERLAY))
+            .scope(RouteScope::Universe)
+            .table_id(u32::from(MAIN_TABLE))
+            .build();
+        msg.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(route.mtu)]));
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("installing route {} via {}", route.dst, route.via))
+    }
+
+    pub async fn delete_route(&self, route: &OverlayRoute) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(route.dst.network(), route.dst.prefix_len())
+            .protocol(RouteProtocol::Other(RTPROT_OVERLAY))
+            .table_id(u32::from(MAIN_TABLE))
+            .build();
+        self.handle
+            .route()
+            .del(msg)
+            .execute()
+            .await
+            .with_context(|| format!("removing route {}", route.dst))
+    }
+}
+
+fn parse_route(msg: &RouteMessage) -> Option<OverlayRoute> {
+    let mut dst = None;
+    let mut via = None;
+    let mut oif = None;
+    let mut mtu = 0;
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(*a),
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => via = Some(*a),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Metrics(m) => {
+                for metric in m {
+                    if let RouteMetric::Mtu(v) = metric {
+                        mtu = *v;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(OverlayRoute {
+        dst: Ipv4Net::new(dst?, msg.header.destination_prefix_length).ok()?,
+        via: via?,
+        oif: oif?,
+        mtu,
+    })
+}
+
+/// Turns on IPv4 forwarding in this network namespace: pods' traffic is routed by the
+/// host, and the FIB lookups of the datapath require it on the devices involved.
+pub fn enable_forwarding() -> Result<()> {
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(path).map(|v| v.trim() == "1").unwrap_or(false) {
+        return Ok(());
+    }
+    std::fs::write(path, "1").with_context(|| format!("enabling forwarding ({path})"))
+}

@@ -1,0 +1,11 @@
+//! The overlay agent: loads the datapath, learns the nodes, and keeps the maps and the
+//! host's routes in step with them.
+
+pub mod bpffs;
+pub mod config;
+pub mod datapath;
+pub mod host;
+pub mod inspect;
+pub mod nodes;
+pub mod reconcile;
+pub mod subnet_env;

@@ -1,0 +1,127 @@
+//! Node source: a file holding `kubectl get nodes -o json` output, re-read on change.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use k8s_openapi::api::core::v1::Node;
+use serde::Deserialize;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use super::NodeSet;
+
+/// How often the file is checked for changes.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// `kubectl get nodes -o json` prints a `List` (older kubectl) or `NodeList`;
+/// `kubectl get node NAME -o json` prints one `Node`. All are accepted.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Document {
+    List { items: Vec<Node> },
+    One(Box<Node>),
+}
+
+/// Parses a node document.
+pub fn parse(text: &[u8]) -> Result<NodeSet> {
+    let doc: Document = serde_json::from_slice(text)
+        .context("not a Node, NodeList or List of Nodes as printed by kubectl -o json")?;
+    Ok(match doc {
+        Document::List { items } => items.into_iter().collect(),
+        Document::One(node) => std::iter::once(*node).collect(),
+    })
+}
+
+/// Watches `path`, publishing each new, valid content. A missing or unreadable file,
+/// or one that does not parse, is reported (once per distinct problem) and the last
+/// good set stays published.
+pub async fn watch_file(path: PathBuf, tx: watch::Sender<Option<NodeSet>>) {
+    let mut last_bytes: Option<Vec<u8>> = None;
+    let mut last_error: Option<String> = None;
+    let mut interval = tokio::time::interval(POLL_INTERVAL);
+    loop {
+        interval.tick().await;
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) => {
+                report(&path, &mut last_error, format!("cannot read the node file: {e}"));
+                last_bytes = None;
+                continue;
+            }
+        };
+        if last_bytes.as_deref() == Some(&bytes[..]) {
+            continue;
+        }
+        match parse(&bytes) {
+            Ok(set) => {
+                last_error = None;
+                info!(path = %path.display(), nodes = set.nodes.len(), "node file read");
+                if tx.send(Some(set)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => report(&path, &mut last_error, format!("{e:#}")),
+        }
+        last_bytes = Some(bytes);
+    }
+}
+
+fn report(path: &std::path::Path, last: &mut Option<String>, problem: String) {
+    if last.as_ref() != Some(&problem) {
+        error!(path = %path.display(), problem, "node file unusable; keeping the last known nodes");
+        *last = Some(problem);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nodes::tests::node_json;
+
+    #[test]
+    fn kubectl_list_shapes() {
+        let items = vec![
+            node_json("cp", Some("10.244.0.0/24"), Some("172.18.0.2"), None),
+            node_json("w1", Some("10.244.1.0/24"), Some("172.18.0.3"), None),
+            node_json("new", None, Some("172.18.0.9"), None),
+        ];
+        for kind in ["List", "NodeList"] {
+            let doc = serde_json::json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": ""}, "items": items});
+            let set = parse(doc.to_string().as_bytes()).unwrap();
+            assert_eq!(set.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["cp", "w1"]);
+            assert_eq!(set.errors.len(), 1);
+        }
+        let one = parse(items[1].to_string().as_bytes()).unwrap();
+        assert_eq!(one.nodes.len(), 1);
+        assert!(parse(b"{\"items\": 3}").is_err());
+        assert!(parse(b"not json").is_err());
+    }
+
+    #[tokio::test]
+    async fn rereads_on_change_and_keeps_last_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nodes.json");
+        let list = |n: usize| {
+            let items: Vec<_> = (0..n)
+                .map(|i| node_json(&format!("n{i}"), Some(&format!("10.244.{i}.0/24")), Some(&format!("172.18.0.{}", i + 2)), None))
+                .collect();
+            serde_json::json!({"kind": "List", "items": items}).to_string()
+        };
+        std::fs::write(&path, list(2)).unwrap();
+        let (tx, mut rx) = watch::channel(None);
+        let task = tokio::spawn(watch_file(path.clone(), tx));
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap().nodes.len(), 2);
+
+        std::fs::write(&path, "{ broken").unwrap();
+        std::fs::write(&path, list(3)).unwrap();
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap().nodes.len(), 3);
+
+        std::fs::write(&path, "{ broken").unwrap();
+        tokio::time::sleep(POLL_INTERVAL * 3).await;
+        assert!(!rx.has_changed().unwrap(), "a broken file must not replace the last good node set");
+        assert_eq!(rx.borrow().as_ref().unwrap().nodes.len(), 3);
+        task.abort();
+    }
+}

@@ -1,0 +1,237 @@
+//! Outcome counters: one slot per (hook, reason), per CPU.
+//!
+//! Every packet a program sees ends in exactly one reason, so the sum over reasons of a
+//! hook is the number of packets that hook saw. Names are stable: they become metric
+//! labels and appear in the inspection commands.
+
+/// Where a program runs.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    /// Ingress of the pod bridge (`cni0`): packets from local pods to the host.
+    BridgeIngress = 0,
+    /// Ingress of the uplink (`eth0`): packets from the underlay.
+    UplinkIngress = 1,
+    /// Egress of the uplink: packets the host stack routes out.
+    UplinkEgress = 2,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 3] = [Hook::BridgeIngress, Hook::UplinkIngress, Hook::UplinkEgress];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::BridgeIngress => "bridge_ingress",
+            Hook::UplinkIngress => "uplink_ingress",
+            Hook::UplinkEgress => "uplink_egress",
+        }
+    }
+
+    /// Name of the program attached at this hook, as in the object file.
+    pub const fn program(self) -> &'static str {
+        match self {
+            Hook::BridgeIngress => "bridge_ingress",
+            Hook::UplinkIngress => "uplink_ingress",
+            Hook::UplinkEgress => "uplink_egress",
+        }
+    }
+}
+
+/// What happened to a packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reason {
+    /// Encapsulated and sent to the peer with a resolved next hop.
+    Encapsulated = 0,
+    /// Encapsulated; the next hop's neighbour entry was missing, so the kernel resolves
+    /// it (`bpf_redirect_neigh`).
+    EncapsulatedNeighResolve,
+    /// Decapsulated and sent straight to the pod.
+    Decapsulated,
+    /// Decapsulated and handed to the host stack (local destination, TTL about to
+    /// expire, or no resolved path to the pod).
+    DecapsulatedToStack,
+    /// Too big for the uplink after encapsulation with DF set: answered with ICMP
+    /// fragmentation-needed.
+    FragNeededSent,
+
+    /// Not IPv4 (ARP, IPv6, VLAN, ...): not ours.
+    PassNotIpv4,
+    /// IPv4 whose destination is no remote pod subnet.
+    PassNotOverlay,
+    /// On the uplink: not IPIP addressed to this node.
+    PassNotTunnel,
+    /// On the uplink egress: already IPIP (our own encapsulated packets leaving).
+    PassTunnelled,
+    /// Carries IP options: left to the host stack, whose route sends it through the
+    /// uplink egress program.
+    PassIpOptions,
+    /// An IP fragment: left to the host stack (same path as options).
+    PassFragment,
+    /// TTL would expire here: the host stack sends time-exceeded.
+    PassTtlExpired,
+    /// Too big for the uplink after encapsulation, DF clear: the host stack fragments.
+    PassFragmentationNeeded,
+    /// The agent has not configured this node yet.
+    PassNotConfigured,
+
+    /// Truncated or inconsistent headers, or a bad outer header checksum.
+    DropMalformed,
+    /// IPIP from an address that is not a known node (spoofing; flannel issue #961).
+    DropUnknownPeer,
+    /// IPIP whose inner destination is outside this node's pod subnet.
+    DropNotForThisNode,
+    /// IPIP inside IPIP.
+    DropNestedTunnel,
+    /// Fragmented IPIP: cannot be decapsulated without reassembly.
+    DropOuterFragment,
+    /// IPIP with outer IP options: our peers never send them.
+    DropOuterOptions,
+    /// Outer header marked CE around a packet that is not ECN-capable (RFC 6040).
+    DropCeOnNotEct,
+    /// Would leave the uplink oversized where no ICMP or fragmentation is possible.
+    DropTooBig,
+    /// The FIB has no usable route to the peer node.
+    DropNoRouteToPeer,
+    /// A kernel helper failed while rewriting the packet.
+    DropHelperError,
+}
+
+/// How a reason reads for an operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Forward,
+    Pass,
+    Drop,
+}
+
+impl Reason {
+    pub const COUNT: u32 = Reason::DropHelperError as u32 + 1;
+
+    pub const ALL: [Reason; Reason::COUNT as usize] = [
+        Reason::Encapsulated,
+        Reason::EncapsulatedNeighResolve,
+        Reason::Decapsulated,
+        Reason::DecapsulatedToStack,
+        Reason::FragNeededSent,
+        Reason::PassNotIpv4,
+        Reason::PassNotOverlay,
+        Reason::PassNotTunnel,
+        Reason::PassTunnelled,
+        Reason::PassIpOptions,
+        Reason::PassFragment,
+        Reason::PassTtlExpired,
+        Reason::PassFragmentationNeeded,
+        Reason::PassNotConfigured,
+        Reason::DropMalformed,
+        Reason::DropUnknownPeer,
+        Reason::DropNotForThisNode,
+        Reason::DropNestedTunnel,
+        Reason::DropOuterFragment,
+        Reason::DropOuterOptions,
+        Reason::DropCeOnNotEct,
+        Reason::DropTooBig,
+        Reason::DropNoRouteToPeer,
+        Reason::DropHelperError,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Encapsulated => "encapsulated",
+            Reason::EncapsulatedNeighResolve => "encapsulated_neigh_resolve",
+            Reason::Decapsulated => "decapsulated",
+            Reason::DecapsulatedToStack => "decapsulated_to_stack",
+            Reason::FragNeededSent => "frag_needed_sent",
+            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassNotOverlay => "pass_not_overlay",
+            Reason::PassNotTunnel => "pass_not_tunnel",
+            Reason::PassTunnelled => "pass_tunnelled",
+            Reason::PassIpOptions => "pass_ip_options",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassTtlExpired => "pass_ttl_expired",
+            Reason::PassFragmentationNeeded => "pass_fragmentation_needed",
+            Reason::PassNotConfigured => "pass_not_configured",
+            Reason::DropMalformed => "drop_malformed",
+            Reason::DropUnknownPeer => "drop_unknown_peer",
+            Reason::DropNotForThisNode => "drop_not_for_this_node",
+            Reason::DropNestedTunnel => "drop_nested_tunnel",
+            Reason::DropOuterFragment => "drop_outer_fragment",
+            Reason::DropOuterOptions => "drop_outer_options",
+            Reason::DropCeOnNotEct => "drop_ce_on_not_ect",
+            Reason::DropTooBig => "drop_too_big",
+            Reason::DropNoRouteToPeer => "drop_no_route_to_peer",
+            Reason::DropHelperError => "drop_helper_error",
+        }
+    }
+
+    pub const fn kind(self) -> Kind {
+        match self as u32 {
+            r if r <= Reason::FragNeededSent as u32 => Kind::Forward,
+            r if r <= Reason::PassNotConfigured as u32 => Kind::Pass,
+            _ => Kind::Drop,
+        }
+    }
+}
+
+/// Number of slots in the `COUNTERS` map.
+pub const COUNTER_SLOTS: u32 = Hook::ALL.len() as u32 * Reason::COUNT;
+
+/// Slot of (hook, reason) in the `COUNTERS` map.
+pub const fn index(hook: Hook, reason: Reason) -> u32 {
+    hook as u32 * Reason::COUNT + reason as u32
+}
+
+/// Value of a `COUNTERS` slot (per CPU; the agent sums).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Counter {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_dense_and_named_once() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?} out of order");
+        }
+        for (i, a) in Reason::ALL.iter().enumerate() {
+            for b in &Reason::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+            }
+        }
+    }
+
+    #[test]
+    fn kinds_follow_name_prefixes() {
+        for r in Reason::ALL {
+            let expected = if r.name().starts_with("drop_") {
+                Kind::Drop
+            } else if r.name().starts_with("pass_") {
+                Kind::Pass
+            } else {
+                Kind::Forward
+            };
+            assert_eq!(r.kind(), expected, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn slots_do_not_overlap() {
+        let mut seen = [false; COUNTER_SLOTS as usize];
+        for h in Hook::ALL {
+            for r in Reason::ALL {
+                let i = index(h, r) as usize;
+                assert!(!seen[i]);
+                seen[i] = true;
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+}

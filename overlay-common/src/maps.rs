@@ -1,0 +1,45 @@
+//! Keys, values, names and sizes of the maps the agent fills and the datapath reads.
+
+/// Map names as they appear in the object file and under the pin directory.
+pub mod names {
+    /// `LpmTrie<[u8; 4], Route>`: remote pod subnet -> the node that owns it.
+    pub const ROUTES: &str = "ROUTES";
+    /// `PerCpuHashMap<[u8; 4], PeerStats>`: tunnel addresses of known nodes; only these
+    /// may send us IPIP. The value counts what each peer sent.
+    pub const PEERS: &str = "PEERS";
+    /// `Array<DatapathConfig>` with one entry.
+    pub const CONFIG: &str = "CONFIG";
+    /// `PerCpuArray<Counter>` indexed by [`crate::counters::index`].
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Capacity of `ROUTES` and `PEERS`: Kubernetes supports 5,000 nodes per cluster; leave
+/// room for nodes that own several subnets and for churn.
+pub const MAX_NODES: u32 = 16_384;
+
+/// Value of `ROUTES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Route {
+    /// Tunnel address of the node owning the subnet: the outer destination.
+    pub node_ip: [u8; 4],
+}
+
+/// Value of `PEERS`: what a known node sent us (per CPU; the agent sums).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::Route {}
+    unsafe impl aya::Pod for super::PeerStats {}
+}
+
+/// Version of the map layout (names, key and value types, sizes). Pinned maps live
+/// under a directory named after it, so a build with another layout never picks up
+/// maps it cannot read.
+pub const LAYOUT_VERSION: u32 = 1;

@@ -1,0 +1,147 @@
+//! Decapsulation: IPIP from a known node, for a pod of this node, loses its outer
+//! header and goes straight to the pod.
+
+use aya_ebpf::{
+    bindings::{BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    programs::TcContext,
+};
+use network_types::ip::Ipv4Hdr;
+use overlay_common::{DatapathConfig, Hook, Reason};
+
+use crate::{
+    checksum,
+    counters::{Verdict, drop, pass, run},
+    fib::{self, Path},
+    maps::{PEERS, config},
+    parse::{self, ETH_LEN, Frame, IPPROTO_IPIP, IPV4_LEN, ptr_at},
+};
+
+const ECN_MASK: u8 = 0x03;
+const ECN_CE: u8 = 0x03;
+
+/// `uplink_ingress`: packets from the underlay.
+#[inline(always)]
+pub fn from_uplink(ctx: &TcContext) -> i32 {
+    run(ctx, Hook::UplinkIngress, uplink)
+}
+
+fn uplink(ctx: &TcContext) -> Verdict {
+    let Some(cfg) = config() else { return pass(Reason::PassNotConfigured) };
+    let outer = match parse::frame(ctx) {
+        Frame::Ipv4(ip) => ip,
+        Frame::Other => return pass(Reason::PassNotIpv4),
+        Frame::Truncated => return drop(Reason::DropMalformed),
+    };
+    if outer.proto != IPPROTO_IPIP || outer.dst_addr != cfg.node_ip {
+        return pass(Reason::PassNotTunnel);
+    }
+    let inner = match tunnel_payload(ctx, cfg, &outer) {
+        Ok(inner) => inner,
+        Err(verdict) => return verdict,
+    };
+    // Congestion marked on the outside is carried inside (RFC 6040); a packet whose
+    // sender does not speak ECN cannot carry the mark and is dropped, as the kernel does.
+    let outer_ce = outer.tos & ECN_MASK == ECN_CE;
+    if outer_ce && inner.tos & ECN_MASK == 0 {
+        return drop(Reason::DropCeOnNotEct);
+    }
+    if let Some(stats) = PEERS.get_ptr_mut(&outer.src_addr) {
+        // Per-CPU value: no concurrent writer.
+        unsafe {
+            (*stats).rx_packets += 1;
+            (*stats).rx_bytes += u64::from(ctx.len());
+        }
+    }
+
+    // FIXED_GSO: the inner segments keep their size; DECAP_L3_IPV4 clears the IPIP
+    // GSO state so the skb is a plain TCP/UDP skb again.
+    let flags = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4);
+    if ctx.adjust_room(-(IPV4_LEN as i32), BPF_ADJ_ROOM_MAC, flags).is_err() {
+        return drop(Reason::DropHelperError);
+    }
+    if inner.ttl <= 1 {
+        // Let the stack answer with time-exceeded.
+        return with_ce(ctx, &inner, outer_ce, false, pass(Reason::DecapsulatedToStack));
+    }
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match fib::lookup(ctx, ifindex, inner.src_addr, inner.dst_addr, 0) {
+        Path::Resolved { ifindex: out, smac, dmac } => {
+            if !fib::set_macs(ctx, smac, dmac) {
+                return drop(Reason::DropHelperError);
+            }
+            let verdict = (Reason::Decapsulated, fib::out(out, None));
+            with_ce(ctx, &inner, outer_ce, true, verdict)
+        }
+        // Local destination (the gateway), unresolved pod neighbour, or anything odd:
+        // the host stack delivers, resolves or reports.
+        _ => with_ce(ctx, &inner, outer_ce, false, pass(Reason::DecapsulatedToStack)),
+    }
+}
+
+/// Checks the tunnel header and returns the inner IPv4 header, or the verdict that
+/// refuses the packet.
+#[inline(always)]
+fn tunnel_payload(ctx: &TcContext, cfg: &DatapathConfig, outer: &Ipv4Hdr) -> Result<Ipv4Hdr, Verdict> {
+    if !parse::well_formed(outer, ctx.len() - ETH_LEN as u32)
+        || checksum::finish(checksum::sum(parse::bytes(outer))) != 0
+    {
+        return Err(drop(Reason::DropMalformed));
+    }
+    if outer.ihl() as usize != IPV4_LEN {
+        return Err(drop(Reason::DropOuterOptions));
+    }
+    if parse::is_fragment(outer) {
+        return Err(drop(Reason::DropOuterFragment));
+    }
+    if PEERS.get_ptr(&outer.src_addr).is_none() {
+        return Err(drop(Reason::DropUnknownPeer));
+    }
+    let inner_off = ETH_LEN + IPV4_LEN;
+    if !parse::ensure_linear(ctx, inner_off + IPV4_LEN) {
+        return Err(drop(Reason::DropMalformed));
+    }
+    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, inner_off) else {
+        return Err(drop(Reason::DropMalformed));
+    };
+    let inner = unsafe { *inner };
+    if !parse::well_formed(&inner, u32::from(outer.tot_len()) - IPV4_LEN as u32)
+        || u32::from(inner.tot_len()) + IPV4_LEN as u32 != u32::from(outer.tot_len())
+    {
+        return Err(drop(Reason::DropMalformed));
+    }
+    if !cfg.in_pod_subnet(inner.dst_addr) {
+        return Err(drop(Reason::DropNotForThisNode));
+    }
+    if inner.proto == IPPROTO_IPIP {
+        return Err(drop(Reason::DropNestedTunnel));
+    }
+    Ok(inner)
+}
+
+/// Applies the header changes of a decapsulated packet (now at `ETH_LEN`): CE from the
+/// outer header and, when we forward it ourselves, one TTL hop. Returns `verdict`, or a
+/// drop if the header cannot be written.
+#[inline(always)]
+fn with_ce(ctx: &TcContext, inner: &Ipv4Hdr, set_ce: bool, forward: bool, verdict: Verdict) -> Verdict {
+    if !set_ce && !forward {
+        return verdict;
+    }
+    let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        return drop(Reason::DropHelperError);
+    };
+    let mut check = u16::from_be_bytes(inner.check);
+    if set_ce {
+        let old = u16::from_be_bytes([inner.vihl, inner.tos]);
+        let new = u16::from_be_bytes([inner.vihl, inner.tos | ECN_CE]);
+        check = checksum::replace(check, old, new);
+        unsafe { (*hdr).tos = inner.tos | ECN_CE };
+    }
+    if forward {
+        let old = u16::from_be_bytes([inner.ttl, inner.proto]);
+        let new = u16::from_be_bytes([inner.ttl - 1, inner.proto]);
+        check = checksum::replace(check, old, new);
+        unsafe { (*hdr).ttl = inner.ttl - 1 };
+    }
+    unsafe { (*hdr).check = check.to_be_bytes() };
+    verdict
+}

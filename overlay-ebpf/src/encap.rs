@@ -1,0 +1,200 @@
+//! Encapsulation: a packet for a remote pod subnet gets an outer IPv4 header addressed
+//! to the node that owns the subnet, the way the kernel's ipip device (`ttl inherit`,
+//! `nopmtudisc`, as flannel creates it) would build it.
+
+use aya_ebpf::{
+    bindings::{BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use network_types::ip::Ipv4Hdr;
+use overlay_common::{DatapathConfig, Hook, Reason};
+
+use crate::{
+    checksum,
+    counters::{Verdict, drop, pass, run},
+    fib::{self, Path},
+    icmp,
+    maps::{ROUTES, config},
+    parse::{self, ETH_LEN, Frame, IPPROTO_IPIP, IPV4_LEN, ptr_at},
+};
+
+const ECN_MASK: u8 = 0x03;
+const ECN_ECT0: u8 = 0x02;
+const ECN_CE: u8 = 0x03;
+
+/// `bridge_ingress`: packets from local pods.
+#[inline(always)]
+pub fn from_bridge(ctx: &TcContext) -> i32 {
+    run(ctx, Hook::BridgeIngress, bridge)
+}
+
+/// `uplink_egress`: packets the host stack routes out of the uplink.
+#[inline(always)]
+pub fn from_host(ctx: &TcContext) -> i32 {
+    run(ctx, Hook::UplinkEgress, host)
+}
+
+fn bridge(ctx: &TcContext) -> Verdict {
+    let Some(cfg) = config() else { return pass(Reason::PassNotConfigured) };
+    let (ip, peer) = match overlay_packet(ctx) {
+        Ok(found) => found,
+        Err(verdict) => return verdict,
+    };
+    // The fast path takes plain datagrams only; the host stack handles the rest and
+    // routes it back to us through the uplink egress hook.
+    if ip.ihl() as usize != IPV4_LEN {
+        return pass(Reason::PassIpOptions);
+    }
+    if parse::is_fragment(&ip) {
+        return pass(Reason::PassFragment);
+    }
+    if ip.ttl <= 1 {
+        return pass(Reason::PassTtlExpired);
+    }
+    let path = fib::lookup(ctx, ctx_ifindex(ctx), cfg.node_ip, peer, outer_len(ctx, &ip));
+    let path = match path {
+        Path::FragNeeded { mtu } if parse::dont_fragment(&ip) => {
+            return icmp::frag_needed(ctx, cfg, &ip, mtu.saturating_sub(IPV4_LEN as u16));
+        }
+        Path::FragNeeded { .. } => return pass(Reason::PassFragmentationNeeded),
+        Path::Local | Path::NoRoute => return drop(Reason::DropNoRouteToPeer),
+        path => path,
+    };
+    // We forward in place of the host's router: the inner TTL drops by one, and the
+    // outer header inherits it.
+    if !decrement_ttl(ctx, &ip) {
+        return drop(Reason::DropHelperError);
+    }
+    push_outer(ctx, cfg, &ip, ip.ttl - 1, peer, path, None)
+}
+
+fn host(ctx: &TcContext) -> Verdict {
+    let Some(cfg) = config() else { return pass(Reason::PassNotConfigured) };
+    let (ip, peer) = match overlay_packet(ctx) {
+        Ok(found) => found,
+        Err(verdict) => return verdict,
+    };
+    // The host stack already routed this packet (TTL, options and fragments are its
+    // business), so everything well-formed is carried as is.
+    let path = fib::lookup(ctx, ctx_ifindex(ctx), cfg.node_ip, peer, outer_len(ctx, &ip));
+    let path = match path {
+        // The agent's routes carry MTU = uplink - 20, so the stack should never hand us
+        // this; no ICMP can be addressed to a local sender from here.
+        Path::FragNeeded { .. } => return drop(Reason::DropTooBig),
+        Path::Local | Path::NoRoute => return drop(Reason::DropNoRouteToPeer),
+        path => path,
+    };
+    push_outer(ctx, cfg, &ip, ip.ttl, peer, path, Some(ctx_ifindex(ctx)))
+}
+
+/// The IPv4 header and the peer node of a well-formed packet for a remote pod subnet;
+/// anything else ends here with its verdict.
+#[inline(always)]
+fn overlay_packet(ctx: &TcContext) -> Result<(Ipv4Hdr, [u8; 4]), Verdict> {
+    let ip = match parse::frame(ctx) {
+        Frame::Ipv4(ip) => ip,
+        Frame::Other => return Err(pass(Reason::PassNotIpv4)),
+        Frame::Truncated => return Err(drop(Reason::DropMalformed)),
+    };
+    let Some(route) = ROUTES.get(Key::new(32, ip.dst_addr)) else {
+        // IPIP to a node address: our own encapsulated packets passing the uplink.
+        let reason = if ip.proto == IPPROTO_IPIP { Reason::PassTunnelled } else { Reason::PassNotOverlay };
+        return Err(pass(reason));
+    };
+    if !parse::well_formed(&ip, ctx.len() - ETH_LEN as u32) {
+        return Err(drop(Reason::DropMalformed));
+    }
+    if ip.proto == IPPROTO_IPIP {
+        return Err(drop(Reason::DropNestedTunnel));
+    }
+    Ok((ip, route.node_ip))
+}
+
+#[inline(always)]
+fn ctx_ifindex(ctx: &TcContext) -> u32 {
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Length of the largest outer packet this skb will become on the wire.
+#[inline(always)]
+fn outer_len(ctx: &TcContext, ip: &Ipv4Hdr) -> u16 {
+    parse::wire_len(ctx, ip).saturating_add(IPV4_LEN as u16)
+}
+
+/// Decrements the TTL of the IPv4 header at `ETH_LEN`, updating its checksum.
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
+    let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else { return false };
+    let old = u16::from_be_bytes([ip.ttl, ip.proto]);
+    let new = u16::from_be_bytes([ip.ttl - 1, ip.proto]);
+    unsafe {
+        (*hdr).ttl = ip.ttl - 1;
+        (*hdr).check = checksum::replace(u16::from_be_bytes(ip.check), old, new).to_be_bytes();
+    }
+    true
+}
+
+/// The outer header for `inner`, sent from this node to `peer`.
+#[inline(always)]
+fn outer_header(inner: &Ipv4Hdr, ttl: u8, src: [u8; 4], dst: [u8; 4]) -> Ipv4Hdr {
+    // ECN as INET_ECN_encapsulate: copy the inner codepoint, but never put CE on the
+    // outside (a congestion mark is already recorded inside). DSCP 0 as flannel's device.
+    let inner_ecn = inner.tos & ECN_MASK;
+    let tos = if inner_ecn == ECN_CE { ECN_ECT0 } else { inner_ecn };
+    // DF is copied from the inner header (ip_tunnel_xmit without pmtudisc), and the
+    // inner ID is reused so fragments of one inner datagram stay distinguishable.
+    let frags = if parse::dont_fragment(inner) { [0x40, 0] } else { [0, 0] };
+    let mut outer = Ipv4Hdr {
+        vihl: 0x45,
+        tos,
+        tot_len: inner.tot_len().saturating_add(IPV4_LEN as u16).to_be_bytes(),
+        id: inner.id,
+        frags,
+        ttl,
+        proto: IPPROTO_IPIP,
+        check: [0; 2],
+        src_addr: src,
+        dst_addr: dst,
+    };
+    outer.check = checksum::finish(checksum::sum(parse::bytes(&outer))).to_be_bytes();
+    outer
+}
+
+/// Inserts the outer header and sends the packet along `path`. `egress_dev` is the
+/// device of an egress hook (None at ingress).
+#[inline(always)]
+fn push_outer(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    inner: &Ipv4Hdr,
+    ttl: u8,
+    peer: [u8; 4],
+    path: Path,
+    egress_dev: Option<u32>,
+) -> Verdict {
+    let outer = outer_header(inner, ttl, cfg.node_ip, peer);
+    // FIXED_GSO: pod MTU already leaves room for the outer header, so segment sizes
+    // stay as the sender chose them; ENCAP_L3_IPV4 marks the skb as IPIP for GSO.
+    let flags = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4);
+    if ctx.adjust_room(IPV4_LEN as i32, BPF_ADJ_ROOM_MAC, flags).is_err() {
+        return drop(Reason::DropHelperError);
+    }
+    let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        return drop(Reason::DropHelperError);
+    };
+    unsafe { *hdr = outer };
+    match path {
+        Path::Resolved { ifindex, smac, dmac } => {
+            if !fib::set_macs(ctx, smac, dmac) {
+                return drop(Reason::DropHelperError);
+            }
+            (Reason::Encapsulated, fib::out(ifindex, egress_dev))
+        }
+        Path::Unresolved { ifindex, nexthop } => {
+            (Reason::EncapsulatedNeighResolve, fib::out_resolving(ifindex, nexthop))
+        }
+        // Callers only pass forwarding paths.
+        _ => drop(Reason::DropNoRouteToPeer),
+    }
+}

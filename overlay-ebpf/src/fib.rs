@@ -1,0 +1,94 @@
+//! Where a packet goes next, asked of the kernel's FIB, and how it is sent there.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup, bpf_redir_neigh,
+    },
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+
+use crate::parse::ptr_at;
+
+const AF_INET: u8 = 2;
+
+pub enum Path {
+    /// Next hop known: leave through `ifindex` with these MAC addresses.
+    Resolved { ifindex: u32, smac: [u8; 6], dmac: [u8; 6] },
+    /// Route known, neighbour not resolved yet: the kernel must resolve `nexthop`.
+    Unresolved { ifindex: u32, nexthop: [u8; 4] },
+    /// The route's MTU is smaller than the packet.
+    FragNeeded { mtu: u16 },
+    /// The destination is local to this host.
+    Local,
+    /// No usable route.
+    NoRoute,
+}
+
+/// Looks up `dst` as if forwarding a packet that arrived on `ifindex`. A non-zero
+/// `tot_len` makes the kernel check it against the route's MTU.
+#[inline(always)]
+pub fn lookup(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Path {
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    let rc = unsafe {
+        fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    if rc < 0 {
+        return Path::NoRoute;
+    }
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => Path::Resolved { ifindex: p.ifindex, smac: p.smac, dmac: p.dmac },
+        // On NO_NEIGH the kernel has already replaced the destination with the gateway.
+        BPF_FIB_LKUP_RET_NO_NEIGH => Path::Unresolved {
+            ifindex: p.ifindex,
+            nexthop: unsafe { p.__bindgen_anon_4.ipv4_dst }.to_ne_bytes(),
+        },
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Path::FragNeeded { mtu: unsafe { p.__bindgen_anon_1.mtu_result } },
+        BPF_FIB_LKUP_RET_NOT_FWDED => Path::Local,
+        _ => Path::NoRoute,
+    }
+}
+
+/// Writes the MAC addresses; false if the frame has no Ethernet header.
+#[inline(always)]
+pub fn set_macs(ctx: &TcContext, smac: [u8; 6], dmac: [u8; 6]) -> bool {
+    match ptr_at::<[u8; 12]>(ctx, 0) {
+        Some(p) => {
+            let mut macs = [0u8; 12];
+            macs[..6].copy_from_slice(&dmac);
+            macs[6..].copy_from_slice(&smac);
+            unsafe { *p = macs };
+            true
+        }
+        None => false,
+    }
+}
+
+/// Sends the packet out of `ifindex`; from `current` (an egress hook's own device) the
+/// packet simply continues, which avoids running the egress hook a second time.
+#[inline(always)]
+pub fn out(ifindex: u32, current: Option<u32>) -> i32 {
+    if current == Some(ifindex) {
+        TC_ACT_OK as i32
+    } else {
+        unsafe { bpf_redirect(ifindex, 0) as i32 }
+    }
+}
+
+/// Sends the packet out of `ifindex` after the kernel resolves `nexthop`'s MAC address.
+#[inline(always)]
+pub fn out_resolving(ifindex: u32, nexthop: [u8; 4]) -> i32 {
+    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    nh.nh_family = u32::from(AF_INET);
+    nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(nexthop);
+    unsafe {
+        bpf_redirect_neigh(ifindex, &mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) as i32
+    }
+}

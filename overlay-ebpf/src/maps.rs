@@ -1,0 +1,27 @@
+//! The maps, as named in `overlay_common::maps::names`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap},
+};
+use overlay_common::{
+    Counter, DatapathConfig, PeerStats, Route, counters::COUNTER_SLOTS, maps::MAX_NODES,
+};
+
+#[map(name = "ROUTES")]
+pub static ROUTES: LpmTrie<[u8; 4], Route> = LpmTrie::with_max_entries(MAX_NODES, 0);
+
+#[map(name = "PEERS")]
+pub static PEERS: PerCpuHashMap<[u8; 4], PeerStats> = PerCpuHashMap::with_max_entries(MAX_NODES, 0);
+
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// This node's configuration, once the agent has written it.
+#[inline(always)]
+pub fn config() -> Option<&'static DatapathConfig> {
+    CONFIG.get(0).filter(|c| c.node_ip != [0; 4])
+}

@@ -1,0 +1,128 @@
+//! Header access and validation.
+//!
+//! The programs judge only what they would touch: a packet is first classified with
+//! the fewest fields possible (EtherType, protocol, addresses); only packets that are
+//! ours are then checked strictly, so foreign traffic passes untouched even when odd.
+
+use aya_ebpf::{EbpfContext, helpers::generated::bpf_skb_load_bytes, programs::TcContext};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+};
+
+pub const ETH_LEN: usize = EthHdr::LEN;
+pub const IPV4_LEN: usize = Ipv4Hdr::LEN;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+const IP_DF: u16 = 0x4000;
+const IP_MF_OFFSET: u16 = 0x3fff;
+
+/// Raw pointer to a `T` at `off` if the linear data holds it. Invalidated by any helper
+/// that changes the packet's shape.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + off + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// Makes the first `len` bytes linear, pulling them in from paged data if needed.
+#[inline(always)]
+pub fn ensure_linear(ctx: &TcContext, len: usize) -> bool {
+    if ctx.data() + len <= ctx.data_end() {
+        return true;
+    }
+    len <= ctx.len() as usize
+        && ctx.pull_data(len as u32).is_ok()
+        && ctx.data() + len <= ctx.data_end()
+}
+
+/// Copies exactly `N` bytes from `off` (linear or not); false if the packet is shorter.
+/// (A constant length keeps the verifier satisfied, unlike a length clamped to the packet.)
+#[inline(always)]
+pub fn load_exact<const N: usize>(ctx: &TcContext, off: usize, dst: &mut [u8; N]) -> bool {
+    unsafe { bpf_skb_load_bytes(ctx.as_ptr(), off as u32, dst.as_mut_ptr().cast(), N as u32) == 0 }
+}
+
+/// What the start of a frame is.
+pub enum Frame {
+    /// Not an IPv4 frame (ARP, IPv6, VLAN, ...).
+    Other,
+    /// IPv4 EtherType but not even a full Ethernet + minimal IPv4 header.
+    Truncated,
+    /// A copy of the (unvalidated) IPv4 header.
+    Ipv4(Ipv4Hdr),
+}
+
+/// Reads the Ethernet header and, for IPv4, copies the first 20 bytes of the IP header.
+#[inline(always)]
+pub fn frame(ctx: &TcContext) -> Frame {
+    if !ensure_linear(ctx, ETH_LEN) {
+        return Frame::Truncated;
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Frame::Truncated;
+    };
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+        return Frame::Other;
+    }
+    if !ensure_linear(ctx, ETH_LEN + IPV4_LEN) {
+        return Frame::Truncated;
+    }
+    match ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) {
+        Some(ip) => Frame::Ipv4(unsafe { *ip }),
+        None => Frame::Truncated,
+    }
+}
+
+/// Version 4, IHL of at least 5 words, and a total length that covers the header and
+/// fits in the `available` bytes after the Ethernet header.
+#[inline(always)]
+pub fn well_formed(ip: &Ipv4Hdr, available: u32) -> bool {
+    let tot_len = u32::from(ip.tot_len());
+    ip.version() == 4
+        && ip.ihl() as usize >= IPV4_LEN
+        && tot_len >= u32::from(ip.ihl())
+        && tot_len <= available
+}
+
+#[inline(always)]
+pub fn is_fragment(ip: &Ipv4Hdr) -> bool {
+    u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0
+}
+
+#[inline(always)]
+pub fn dont_fragment(ip: &Ipv4Hdr) -> bool {
+    u16::from_be_bytes(ip.frags) & IP_DF != 0
+}
+
+/// Bytes the header occupies when viewed as a byte array.
+#[inline(always)]
+pub fn bytes(ip: &Ipv4Hdr) -> &[u8; IPV4_LEN] {
+    unsafe { &*(ip as *const Ipv4Hdr).cast::<[u8; IPV4_LEN]>() }
+}
+
+/// Length on the wire of the largest packet this skb becomes: the IP total length, or
+/// for a GSO skb one segment (headers + gso_size).
+#[inline(always)]
+pub fn wire_len(ctx: &TcContext, ip: &Ipv4Hdr) -> u16 {
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        return ip.tot_len();
+    }
+    let l4_off = ETH_LEN + ip.ihl() as usize;
+    let l4_len = match ip.proto {
+        IPPROTO_TCP => match ctx.load::<u8>(l4_off + 12) {
+            Ok(doff) => u32::from(doff >> 4) * 4,
+            Err(_) => 0,
+        },
+        IPPROTO_UDP => 8,
+        _ => 0,
+    };
+    (u32::from(ip.ihl()) + l4_len + gso_size).min(u32::from(u16::MAX)) as u16
+}
