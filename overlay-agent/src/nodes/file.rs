@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use k8s_openapi::api::core::v1::Node;
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -13,23 +13,29 @@ use super::NodeSet;
 /// How often the file is checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// `kubectl get nodes -o json` prints a `List` (older kubectl) or `NodeList`;
-/// `kubectl get node NAME -o json` prints one `Node`. All are accepted.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Document {
-    List { items: Vec<Node> },
-    One(Box<Node>),
-}
-
-/// Parses a node document.
+/// Parses what `kubectl get nodes -o json` prints (`kind: List`, or `NodeList` from
+/// the API), or a single `Node` from `kubectl get node NAME -o json`.
 pub fn parse(text: &[u8]) -> Result<NodeSet> {
-    let doc: Document = serde_json::from_slice(text)
-        .context("not a Node, NodeList or List of Nodes as printed by kubectl -o json")?;
-    Ok(match doc {
-        Document::List { items } => items.into_iter().collect(),
-        Document::One(node) => std::iter::once(*node).collect(),
-    })
+    #[derive(Deserialize)]
+    struct Kind {
+        kind: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct List {
+        items: Vec<Node>,
+    }
+    let kind = serde_json::from_slice::<Kind>(text).context("not a JSON object")?.kind;
+    match kind.as_deref() {
+        Some("List" | "NodeList") => {
+            let list: List = serde_json::from_slice(text).context("not a list of Nodes")?;
+            Ok(list.items.into_iter().collect())
+        }
+        Some("Node") => {
+            let node: Node = serde_json::from_slice(text).context("not a valid Node")?;
+            Ok(std::iter::once(node).collect())
+        }
+        other => bail!("expected kind List, NodeList or Node (kubectl get nodes -o json), found {other:?}"),
+    }
 }
 
 /// Watches `path`, publishing each new, valid content. A missing or unreadable file,
@@ -94,6 +100,8 @@ mod tests {
         let one = parse(items[1].to_string().as_bytes()).unwrap();
         assert_eq!(one.nodes.len(), 1);
         assert!(parse(b"{\"items\": 3}").is_err());
+        assert!(parse(b"{\"kind\": \"List\", \"items\": 3}").is_err());
+        assert!(parse(b"{\"kind\": \"Pod\"}").is_err());
         assert!(parse(b"not json").is_err());
     }
 

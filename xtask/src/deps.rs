@@ -1,0 +1,5 @@
+use anyhow::Result;
+
+pub fn ensure() -> Result<()> {
+    Ok(())
+}
