@@ -82,13 +82,16 @@ fn uplink(ctx: &TcContext) -> Verdict {
 /// refuses the packet.
 #[inline(always)]
 fn tunnel_payload(ctx: &TcContext, cfg: &DatapathConfig, outer: &Ipv4Hdr) -> Result<Ipv4Hdr, Verdict> {
-    if !parse::well_formed(outer, ctx.len() - ETH_LEN as u32)
-        || checksum::finish(checksum::sum(parse::bytes(outer))) != 0
-    {
+    if !parse::well_formed(outer, ctx.len() - ETH_LEN as u32) {
         return Err(drop(Reason::DropMalformed));
     }
+    // Options before the checksum: the checksum below covers only the 20-byte base
+    // header, so it would call a correct header with options corrupt (DropMalformed).
     if outer.ihl() as usize != IPV4_LEN {
         return Err(drop(Reason::DropOuterOptions));
+    }
+    if checksum::finish(checksum::sum(parse::bytes(outer))) != 0 {
+        return Err(drop(Reason::DropMalformed));
     }
     if parse::is_fragment(outer) {
         return Err(drop(Reason::DropOuterFragment));

@@ -1,0 +1,22 @@
+//! Packet tests of the datapath: frames built as bytes run through the TC programs with
+//! `BPF_PROG_TEST_RUN`, and every byte, checksum, return code and counter checked
+//! against references built independently with etherparse. Needs root.
+
+mod datapath {
+    // Support.
+    mod expect;
+    mod fixture;
+    mod packet;
+    mod topology;
+
+    // Tests, one concern each.
+    mod decap;
+    mod egress;
+    mod encap;
+    mod icmp;
+    mod load;
+    mod malformed;
+    mod mtu;
+    mod passthrough;
+    mod slow_path;
+}

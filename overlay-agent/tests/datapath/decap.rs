@@ -1,0 +1,136 @@
+//! `uplink_ingress`: IPIP from a known node for a pod of this node loses its outer
+//! header and goes straight to the pod, or to the host stack when it cannot.
+
+use std::net::Ipv4Addr;
+
+use etherparse::{IpEcn, Ipv4Header};
+use overlay_common::{Hook::UplinkIngress, Reason};
+
+use super::{
+    expect::{L2, TO_POD, decapsulated},
+    fixture::{Act, Node, with_node},
+    packet::{
+        Transport, add_router_alert, datagram, first_fragment, from_peer, ipv4, last_fragment, tunnelled_tcp,
+    },
+    topology::{GATEWAY, POD, POD_UNRESOLVED, STRANGER, W2, W3, W4},
+};
+
+/// A frame from w2 around `transport` from a pod of w2 to `dst`, with outer ECN
+/// `outer_ecn` and `change` applied to the inner header.
+fn tunnelled(
+    dst: Ipv4Addr,
+    transport: Transport,
+    outer_ecn: IpEcn,
+    change: impl FnOnce(&mut Ipv4Header),
+) -> Vec<u8> {
+    let mut ip = ipv4(W2.pod, dst);
+    change(&mut ip);
+    from_peer(W2.node, outer_ecn, &datagram(ip, transport, 90))
+}
+
+fn assert_to_pod(node: &Node, frame: &[u8]) {
+    node.expect_frame(
+        UplinkIngress,
+        frame,
+        Act::Redirect,
+        Reason::Decapsulated,
+        &decapsulated(frame, 1, TO_POD),
+    );
+}
+
+#[test]
+fn tcp_udp_and_icmp_go_straight_to_the_pod() {
+    with_node(|node| {
+        for transport in [Transport::Tcp, Transport::Udp, Transport::Icmp] {
+            for peer in [W2.node, W3.node] {
+                let inner = datagram(ipv4(W2.pod, POD), transport, 90);
+                assert_to_pod(node, &from_peer(peer, IpEcn::NotEct, &inner));
+            }
+        }
+    });
+}
+
+#[test]
+fn inner_options_and_fragments_go_straight_to_the_pod() {
+    // Only the outer header must be plain: the inner one is the pod's business.
+    with_node(|node| {
+        for change in [add_router_alert, first_fragment, last_fragment] {
+            assert_to_pod(node, &tunnelled(POD, Transport::Udp, IpEcn::NotEct, change));
+        }
+    });
+}
+
+#[test]
+fn congestion_experienced_is_carried_inside() {
+    use IpEcn::*;
+    with_node(|node| {
+        for outer in [NotEct, Ect1, Ect0, CongestionExperienced] {
+            for inner in [NotEct, Ect1, Ect0, CongestionExperienced] {
+                eprintln!("case: outer {outer:?}, inner {inner:?}");
+                let frame = tunnelled(POD, Transport::Tcp, outer, |ip| ip.ecn = inner);
+                if outer == CongestionExperienced && inner == NotEct {
+                    // RFC 6040: the sender cannot take the mark.
+                    node.expect(UplinkIngress, &frame, Act::Shot, Reason::DropCeOnNotEct);
+                } else {
+                    assert_to_pod(node, &frame);
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn what_cannot_go_straight_to_a_pod_goes_to_the_stack() {
+    // The stack gets the inner packet as it came (TTL untouched, CE carried inside) in
+    // the frame it came in: it answers time-exceeded, delivers locally, or resolves.
+    use IpEcn::*;
+    let cases: [(&str, Ipv4Addr, u8, IpEcn, IpEcn); 6] = [
+        ("ttl 1", POD, 1, NotEct, NotEct),
+        ("ttl 0", POD, 0, NotEct, NotEct),
+        ("ttl 1, congestion", POD, 1, CongestionExperienced, Ect0),
+        ("the gateway itself", GATEWAY, 63, NotEct, NotEct),
+        ("the gateway itself, congestion", GATEWAY, 63, CongestionExperienced, Ect1),
+        ("a pod without a neighbour entry", POD_UNRESOLVED, 63, NotEct, NotEct),
+    ];
+    with_node(move |node| {
+        for (what, dst, ttl, outer_ecn, inner_ecn) in cases {
+            eprintln!("case: {what}");
+            let frame = tunnelled(dst, Transport::Icmp, outer_ecn, |ip| {
+                ip.time_to_live = ttl;
+                ip.ecn = inner_ecn;
+            });
+            let expected = decapsulated(&frame, 0, L2::Kept);
+            node.expect_frame(UplinkIngress, &frame, Act::Ok, Reason::DecapsulatedToStack, &expected);
+        }
+    });
+}
+
+#[test]
+fn spoofed_outer_source_is_dropped() {
+    // A stranger, and a node we route to but that is no peer of ours.
+    with_node(|node| {
+        for src in [STRANGER, W4.node] {
+            node.expect(
+                UplinkIngress,
+                &tunnelled_tcp(src, W2.pod, POD, 40),
+                Act::Shot,
+                Reason::DropUnknownPeer,
+            );
+        }
+    });
+}
+
+#[test]
+fn inner_destination_outside_this_node_is_dropped() {
+    // Another node's pod, and an address outside the cluster (the relay attack).
+    with_node(|node| {
+        for dst in [W3.pod, Ipv4Addr::new(192, 0, 2, 80)] {
+            node.expect(
+                UplinkIngress,
+                &tunnelled_tcp(W2.node, W2.pod, dst, 40),
+                Act::Shot,
+                Reason::DropNotForThisNode,
+            );
+        }
+    });
+}

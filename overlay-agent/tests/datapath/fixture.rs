@@ -1,0 +1,408 @@
+//! A node of the overlay in a network namespace of its own, with the datapath loaded
+//! and its maps filled, and the means to run one frame through a program.
+//!
+//! `BPF_PROG_TEST_RUN` resolves devices, routes and neighbours in the network namespace
+//! of the calling thread, so every test runs on a thread of its own that first moves
+//! into a fresh anonymous namespace (`unshare(CLONE_NEWNET)`). The namespace lives
+//! exactly as long as that thread: nothing to name, nothing to clean up, and nothing
+//! here can reach the machine's own interfaces.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write as _,
+    net::Ipv4Addr,
+    panic,
+    process::{Command, Stdio},
+    thread,
+};
+
+use aya::programs::{ProgramError, TestRun as _, TestRunOptions};
+use ipnet::Ipv4Net;
+use overlay_agent::datapath::Datapath;
+use overlay_common::{Counter, DatapathConfig, Hook, PeerStats, Reason};
+
+use super::{expect, topology};
+
+/// TC verdicts (`linux/pkt_cls.h`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Ok = 0,
+    Shot = 2,
+    Redirect = 7,
+}
+
+/// `struct __sk_buff` (`linux/bpf.h`), the context `BPF_PROG_TEST_RUN` takes for TC
+/// programs. aya does not export it. The kernel accepts only a few fields as input
+/// (mark, priority, ingress_ifindex, ifindex, cb, tstamp, wire_len, gso_segs, gso_size,
+/// hwtstamp) and refuses any other non-zero byte with EINVAL.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SkBuff {
+    pub len: u32,
+    pub pkt_type: u32,
+    pub mark: u32,
+    pub queue_mapping: u32,
+    pub protocol: u32,
+    pub vlan_present: u32,
+    pub vlan_tci: u32,
+    pub vlan_proto: u32,
+    pub priority: u32,
+    pub ingress_ifindex: u32,
+    pub ifindex: u32,
+    pub tc_index: u32,
+    pub cb: [u32; 5],
+    pub hash: u32,
+    pub tc_classid: u32,
+    pub data: u32,
+    pub data_end: u32,
+    pub napi_id: u32,
+    pub family: u32,
+    pub remote_ip4: u32,
+    pub local_ip4: u32,
+    pub remote_ip6: [u32; 4],
+    pub local_ip6: [u32; 4],
+    pub remote_port: u32,
+    pub local_port: u32,
+    pub data_meta: u32,
+    pub flow_keys: u64,
+    pub tstamp: u64,
+    pub wire_len: u32,
+    pub gso_segs: u32,
+    pub sk: u64,
+    pub gso_size: u32,
+    pub tstamp_type: u8,
+    pub _pad: [u8; 3],
+    pub hwtstamp: u64,
+}
+
+// The layout must match the kernel's byte for byte, or the kernel reads our ifindex as
+// some other field.
+const _: () = {
+    assert!(core::mem::size_of::<SkBuff>() == 192);
+    assert!(core::mem::offset_of!(SkBuff, ifindex) == 40);
+    assert!(core::mem::offset_of!(SkBuff, data_end) == 80);
+    assert!(core::mem::offset_of!(SkBuff, wire_len) == 160);
+    assert!(core::mem::offset_of!(SkBuff, gso_segs) == 164);
+    assert!(core::mem::offset_of!(SkBuff, gso_size) == 176);
+    assert!(core::mem::offset_of!(SkBuff, hwtstamp) == 184);
+};
+
+impl SkBuff {
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: repr(C) plain integers, no padding bytes (checked above: every field
+        // is naturally aligned and `_pad` fills the only hole).
+        unsafe { core::slice::from_raw_parts((self as *const Self).cast(), size_of::<Self>()) }
+    }
+
+    fn as_bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above; every bit pattern is a valid SkBuff.
+        unsafe { core::slice::from_raw_parts_mut((self as *mut Self).cast(), size_of::<Self>()) }
+    }
+}
+
+/// What one program run did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub rc: u32,
+    /// The packet as the program left it.
+    pub data: Vec<u8>,
+    /// The context as the kernel wrote it back.
+    pub ctx: SkBuff,
+    /// Counter slots that changed, with their increments.
+    pub counted: Vec<(Hook, Reason, Counter)>,
+    /// PEERS entries that changed, with their increments.
+    pub peers: BTreeMap<Ipv4Addr, PeerStats>,
+}
+
+/// This node: its namespace's devices and the loaded datapath.
+pub struct Node {
+    pub dp: Datapath,
+    /// ifindex of the uplink.
+    pub eth0: u32,
+    /// ifindex of the pod bridge.
+    pub cni0: u32,
+}
+
+/// Runs `test` on a thread of its own, in a fresh network namespace holding this node's
+/// topology, with the datapath loaded and configured. Panics of `test` propagate.
+pub fn with_node(test: impl FnOnce(&mut Node) + Send + 'static) {
+    in_new_netns(move || {
+        build_topology();
+        let mut node = Node::new();
+        node.configure();
+        test(&mut node);
+    });
+}
+
+/// Like [`with_node`], but with empty maps: the datapath as the agent finds it before
+/// it has configured anything.
+pub fn with_unconfigured_node(test: impl FnOnce(&mut Node) + Send + 'static) {
+    in_new_netns(move || {
+        build_topology();
+        test(&mut Node::new());
+    });
+}
+
+fn in_new_netns(f: impl FnOnce() + Send + 'static) {
+    let result = thread::spawn(move || {
+        let before = netns_id();
+        // SAFETY: plain syscall; affects only this thread.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {} (the tests need root)", std::io::Error::last_os_error());
+        // Guard for the house rule: never configure the machine's own namespace.
+        assert_ne!(netns_id(), before, "unshare did not move this thread to a new namespace");
+        f();
+    })
+    .join();
+    if let Err(payload) = result {
+        panic::resume_unwind(payload);
+    }
+}
+
+fn netns_id() -> std::path::PathBuf {
+    std::fs::read_link("/proc/thread-self/ns/net").expect("reading /proc/thread-self/ns/net")
+}
+
+/// The node w1 of the suite: an uplink with the underlay's neighbours and a bridge with
+/// one pod neighbour. See `topology` for what each address is for.
+fn build_topology() {
+    use topology::*;
+    let script = [
+        "link set lo up".to_owned(),
+        format!("link add eth0 address {ETH0_MAC} type veth peer name eth0-peer address {UNDERLAY_PEER_MAC}"),
+        "link set eth0 up".to_owned(),
+        "link set eth0-peer up".to_owned(),
+        format!("address add {NODE_IP}/16 dev eth0"),
+        format!("neighbour add {} lladdr {} dev eth0 nud permanent", W2.node, W2_MAC),
+        format!("neighbour add {ROUTER} lladdr {ROUTER_MAC} dev eth0 nud permanent"),
+        // A locked MTU: the FIB reports it (an unlocked route MTU would be ignored in
+        // favour of the device's when forwarding).
+        format!("route add {BEHIND_ROUTER} via {ROUTER} dev eth0 mtu lock {BEHIND_ROUTER_MTU}"),
+        format!("link add cni0 address {CNI0_MAC} type bridge"),
+        format!("link add pod0 address {POD_PORT_MAC} type veth peer name pod0-peer address {POD_MAC}"),
+        "link set pod0 master cni0".to_owned(),
+        "link set pod0 up".to_owned(),
+        "link set pod0-peer up".to_owned(),
+        "link set cni0 up".to_owned(),
+        format!("address add {GATEWAY}/{} dev cni0", POD_SUBNET.prefix_len()),
+        format!("neighbour add {POD} lladdr {POD_MAC} dev cni0 nud permanent"),
+    ];
+    ip_batch(&script);
+    // /proc/sys/net resolves to the namespace of the thread that opens it: this one's.
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enabling forwarding in the test namespace");
+}
+
+/// Runs `ip -batch -` with `commands` in this thread's namespace.
+fn ip_batch(commands: &[String]) {
+    let mut child = Command::new("ip")
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running ip (iproute2)");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(commands.join("\n").as_bytes())
+        .expect("writing the ip batch");
+    let out = child.wait_with_output().expect("waiting for ip");
+    assert!(
+        out.status.success(),
+        "ip -batch failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        commands.join("\n")
+    );
+}
+
+fn ifindex(name: &str) -> u32 {
+    overlay_agent::host::ifindex_by_name(name).unwrap_or_else(|| panic!("{name} missing"))
+}
+
+impl Node {
+    fn new() -> Self {
+        let dp = Datapath::load(None).expect("loading the datapath (the verifier must accept all programs)");
+        Self { dp, eth0: ifindex("eth0"), cni0: ifindex("cni0") }
+    }
+
+    /// Fills CONFIG, ROUTES and PEERS as the agent would for this node.
+    fn configure(&mut self) {
+        use topology::*;
+        self.dp
+            .config
+            .set(DatapathConfig {
+                node_ip: NODE_IP.octets(),
+                pod_subnet: POD_SUBNET.network().octets(),
+                pod_prefix_len: POD_SUBNET.prefix_len(),
+                _pad: [0; 3],
+            })
+            .expect("writing CONFIG");
+        let routes: BTreeMap<Ipv4Net, Ipv4Addr> = REMOTES.iter().map(|r| (r.subnet, r.node)).collect();
+        self.dp.routes.sync(&routes).expect("writing ROUTES");
+        let peers: BTreeSet<Ipv4Addr> = PEERS.iter().copied().collect();
+        self.dp.peers.sync(&peers).expect("writing PEERS");
+    }
+
+    /// The device a hook's program sees packets on.
+    pub fn device(&self, hook: Hook) -> u32 {
+        match hook {
+            Hook::BridgeIngress => self.cni0,
+            Hook::UplinkIngress | Hook::UplinkEgress => self.eth0,
+        }
+    }
+
+    /// Runs `hook`'s program on `frame` as if it arrived on the hook's device.
+    pub fn run(&self, hook: Hook, frame: &[u8]) -> Outcome {
+        self.run_with(hook, frame, SkBuff { ifindex: self.device(hook), ..Default::default() })
+    }
+
+    /// Runs `hook`'s program on `frame` with a context of the caller's choosing.
+    pub fn run_with(&self, hook: Hook, frame: &[u8], ctx: SkBuff) -> Outcome {
+        self.try_run_with(hook, frame, ctx)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {}: {e:?}", hook.program()))
+    }
+
+    /// [`Node::run_with`], returning the kernel's refusal to run the program instead of
+    /// panicking.
+    pub fn try_run_with(&self, hook: Hook, frame: &[u8], ctx: SkBuff) -> Result<Outcome, ProgramError> {
+        let counters_before = self.counters();
+        let peers_before = self.peer_stats();
+        // Room for what encapsulation adds (20 bytes), with some to spare.
+        let mut data = vec![0u8; frame.len() + 256];
+        let mut ctx_out = SkBuff::default();
+        let result = self.dp.program(hook).test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut data),
+            ctx_in: Some(ctx.as_bytes()),
+            ctx_out: Some(ctx_out.as_bytes_mut()),
+            ..TestRunOptions::new()
+        })?;
+        data.truncate(result.data_size_out as usize);
+        Ok(Outcome {
+            rc: result.return_value,
+            data,
+            ctx: ctx_out,
+            counted: counter_increments(&counters_before, &self.counters()),
+            peers: peer_increments(&peers_before, &self.peer_stats()),
+        })
+    }
+
+    /// Runs `frame` through `hook` and checks the verdict: the return code, exactly one
+    /// counter slot (`hook`, `reason`) up by one packet of `frame.len()` bytes, and the
+    /// PEERS accounting (only decapsulated packets count, against their outer source).
+    /// Returns the packet as the program left it.
+    pub fn expect(&self, hook: Hook, frame: &[u8], act: Act, reason: Reason) -> Vec<u8> {
+        let out = self.run(hook, frame);
+        check_verdict(hook, frame, &out, act, reason);
+        out.data
+    }
+
+    /// [`Node::expect`] for each of the named `cases`, which all end the same way.
+    pub fn expect_each<'a>(
+        &self,
+        hook: Hook,
+        cases: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
+        act: Act,
+        reason: Reason,
+    ) {
+        for (what, frame) in cases {
+            // libtest shows this output only for a failing test: it names the case.
+            eprintln!("case: {} {what}", hook.name());
+            self.expect(hook, &frame, act, reason);
+        }
+    }
+
+    /// [`Node::expect`] for packets the program must leave alone: TC_ACT_OK, and the
+    /// bytes out are the bytes in.
+    pub fn expect_untouched(&self, hook: Hook, frame: &[u8], reason: Reason) {
+        let out = self.expect(hook, frame, Act::Ok, reason);
+        assert_bytes_eq(&out, frame, "packet must pass untouched");
+    }
+
+    /// [`Node::expect`] for packets the program rewrites: the bytes out must be
+    /// `expected`, byte for byte, and every checksum in them right.
+    pub fn expect_frame(&self, hook: Hook, frame: &[u8], act: Act, reason: Reason, expected: &[u8]) {
+        let out = self.expect(hook, frame, act, reason);
+        assert_bytes_eq(&out, expected, &format!("{} output", hook.name()));
+        expect::assert_checksums(&out);
+    }
+
+    fn counters(&self) -> Vec<(Hook, Reason, Counter)> {
+        self.dp.counters.all().expect("reading COUNTERS")
+    }
+
+    pub fn peer_stats(&self) -> BTreeMap<Ipv4Addr, PeerStats> {
+        self.dp.peers.stats().expect("reading PEERS")
+    }
+}
+
+/// Asserts what [`Node::expect`] promises about `out`.
+pub fn check_verdict(hook: Hook, frame: &[u8], out: &Outcome, act: Act, reason: Reason) {
+    let want = vec![(hook, reason, Counter { packets: 1, bytes: frame.len() as u64 })];
+    assert_eq!(out.counted, want, "counter increments");
+    assert_eq!(out.rc, act as u32, "return code: want {act:?} ({reason:?})");
+    let decapsulated =
+        hook == Hook::UplinkIngress && matches!(reason, Reason::Decapsulated | Reason::DecapsulatedToStack);
+    let want_peers: BTreeMap<Ipv4Addr, PeerStats> = if decapsulated {
+        // The outer source address, read straight from the frame we sent.
+        let outer_src = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
+        BTreeMap::from([(outer_src, PeerStats { rx_packets: 1, rx_bytes: frame.len() as u64 })])
+    } else {
+        BTreeMap::new()
+    };
+    assert_eq!(out.peers, want_peers, "PEERS increments");
+}
+
+fn counter_increments(
+    before: &[(Hook, Reason, Counter)],
+    after: &[(Hook, Reason, Counter)],
+) -> Vec<(Hook, Reason, Counter)> {
+    assert_eq!(before.len(), after.len());
+    before
+        .iter()
+        .zip(after)
+        .filter(|(b, a)| b.2 != a.2)
+        .map(|(b, a)| {
+            assert_eq!((b.0, b.1), (a.0, a.1), "counter order changed between reads");
+            let diff = Counter { packets: a.2.packets - b.2.packets, bytes: a.2.bytes - b.2.bytes };
+            (a.0, a.1, diff)
+        })
+        .collect()
+}
+
+fn peer_increments(
+    before: &BTreeMap<Ipv4Addr, PeerStats>,
+    after: &BTreeMap<Ipv4Addr, PeerStats>,
+) -> BTreeMap<Ipv4Addr, PeerStats> {
+    assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>(), "PEERS keys changed");
+    after
+        .iter()
+        .filter(|(k, a)| before[*k] != **a)
+        .map(|(k, a)| {
+            let b = before[k];
+            (*k, PeerStats { rx_packets: a.rx_packets - b.rx_packets, rx_bytes: a.rx_bytes - b.rx_bytes })
+        })
+        .collect()
+}
+
+/// Byte comparison that shows where two frames first differ.
+#[track_caller]
+pub fn assert_bytes_eq(actual: &[u8], expected: &[u8], what: &str) {
+    if actual == expected {
+        return;
+    }
+    let first =
+        actual.iter().zip(expected).position(|(a, e)| a != e).unwrap_or(actual.len().min(expected.len()));
+    panic!(
+        "{what}: frames differ (lengths {} vs expected {}), first at byte {first}\n  actual:   {}\n  expected: {}",
+        actual.len(),
+        expected.len(),
+        hex(actual),
+        hex(expected)
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+}
