@@ -1,5 +1,108 @@
-use anyhow::Result;
+//! Installs what a fresh machine lacks to build and test the dataplane: Debian
+//! packages, the nightly toolchain's rust-src, and bpf-linker built against Debian's
+//! LLVM (see shared/ENVIRONMENT.md for why each piece and version).
 
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+
+/// Debian packages: LLVM for bpf-linker, and the tools the lab and tests drive.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "iputils-ping",
+    "tcpdump",
+    "iperf3",
+];
+const BPF_LINKER_VERSION: &str = "0.13";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const NIGHTLY: &str = "nightly";
+
+/// Makes sure everything is installed; does nothing when it already is.
 pub fn ensure() -> Result<()> {
+    ensure_packages()?;
+    ensure_rust_src()?;
+    ensure_bpf_linker()
+}
+
+/// Runs `cmd`, failing with its rendering when it does not succeed.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
     Ok(())
+}
+
+/// Output of `cmd` if it ran and succeeded.
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A command run as root: directly when we are root, else through sudo if present.
+pub fn privileged(program: &str) -> Result<Command> {
+    if is_root() {
+        return Ok(Command::new(program));
+    }
+    if which("sudo").is_none() {
+        bail!("{program} needs root, and there is no sudo: run this command as root");
+    }
+    let mut cmd = Command::new("sudo");
+    cmd.arg(program);
+    Ok(cmd)
+}
+
+fn which(program: &str) -> Option<String> {
+    output(Command::new("sh").arg("-c").arg(format!("command -v {program}")))
+}
+
+fn ensure_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing Debian packages: {}", missing.join(" "));
+    run(privileged("apt-get")?.args(["update", "-qq"]))?;
+    run(privileged("apt-get")?
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
+        .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("installing rust-src for the {NIGHTLY} toolchain");
+    run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal", "--component", "rust-src"]))
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if version.contains(&format!(" {BPF_LINKER_VERSION}.")) {
+        return Ok(());
+    }
+    eprintln!("building bpf-linker {BPF_LINKER_VERSION} against {LLVM_PREFIX} (about a minute)");
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", &format!("~{BPF_LINKER_VERSION}")])
+        .args(["--no-default-features", "--features", "llvm-22", "--force"])
+        .env("LLVM_PREFIX", LLVM_PREFIX))
 }

@@ -1,9 +1,325 @@
-//! Placeholder: replaced by the lab implementation.
-use anyhow::Result;
+//! `cargo xtask lab`: a four-node cluster made of network namespaces, like the kind
+//! cluster of the flannel ipip walkthrough plus a node behind a router, running one
+//! overlay agent per node. It proves pod connectivity (a matrix of ICMP and TCP
+//! probes), that cross-node traffic is IPIP on the wire, and, with `--controls`, that
+//! without the overlay the same paths fail.
+//!
+//! Layout: topology (the cluster as data), netns (namespaces and links), state (a lab
+//! on disk and its removal), cluster (building it), agents, probe and matrix
+//! (connectivity), capture (wire proof), controls (negative controls).
+
+mod agents;
+mod capture;
+mod cluster;
+mod controls;
+mod interrupt;
+mod matrix;
+mod netns;
+mod probe;
+mod state;
+mod table;
+mod topology;
+
+#[cfg(test)]
+mod tests;
+
+use std::{os::unix::process::CommandExt as _, path::PathBuf, time::Instant};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Subcommand;
+
+use self::{interrupt::Interrupted, matrix::Expect, state::LabState, table::Table, topology::Topology};
+
+/// Probes of the connectivity matrix in flight at once. Few, so that the timings are
+/// the path's and not the machine's contention (one at a time takes about as long
+/// when all pass), but more than one, so that the timeouts of a broken path overlap.
+const PROBES_IN_FLIGHT: usize = 2;
+
+/// Without a subcommand: build, create the lab, check it, remove it.
+#[derive(clap::Args)]
+pub struct LabArgs {
+    #[command(subcommand)]
+    command: Option<LabCommand>,
+    #[command(flatten)]
+    build: BuildArgs,
+    /// Also run the negative controls before removing the lab.
+    #[arg(long)]
+    controls: bool,
+}
+
+#[derive(clap::Args, Clone, Copy)]
+struct BuildArgs {
+    /// Build and run the agent with the release profile.
+    #[arg(long)]
+    release: bool,
+}
 
 #[derive(clap::Args)]
-pub struct LabArgs {}
+struct Select {
+    /// The lab to act on; needed only when several are running.
+    #[arg(long)]
+    id: Option<String>,
+}
 
-pub fn run(_args: LabArgs) -> Result<()> {
-    anyhow::bail!("lab: not implemented yet")
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Create the lab and leave it running.
+    Up(BuildArgs),
+    /// Run the connectivity matrix and the wire proof against the running lab.
+    Check {
+        #[command(flatten)]
+        select: Select,
+        /// Also run the negative controls: agents stopped, then host-gw routes.
+        #[arg(long)]
+        controls: bool,
+    },
+    /// Run a command in a host's namespace: a node (`w1`), a pod (`w1-pod1`), `router`
+    /// or `switch`. Without a command, a shell.
+    Exec {
+        #[command(flatten)]
+        select: Select,
+        host: String,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Show the running lab: hosts, addresses, agents.
+    Status {
+        #[command(flatten)]
+        select: Select,
+    },
+    /// Remove the running lab (also after a crash).
+    Down {
+        #[command(flatten)]
+        select: Select,
+    },
+}
+
+pub fn run(args: LabArgs) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the lab needs root: it creates network namespaces and loads BPF programs");
+    }
+    interrupt::install()?;
+    let result = match args.command {
+        None => full_run(args.build, args.controls).and_then(|report| report.verdict()),
+        Some(LabCommand::Up(build)) => up(build),
+        Some(LabCommand::Check { select, controls }) => {
+            check(&LabState::load(select.id.as_deref())?, controls).and_then(|report| report.verdict())
+        }
+        Some(LabCommand::Exec { select, host, command }) => {
+            exec(&LabState::load(select.id.as_deref())?, &host, &command)
+        }
+        Some(LabCommand::Status { select }) => status(&LabState::load(select.id.as_deref())?),
+        Some(LabCommand::Down { select }) => down(select.id.as_deref()),
+    };
+    if let Err(e) = &result
+        && (e.is::<Interrupted>() || interrupt::requested())
+    {
+        // The guards have already removed what this run created.
+        if e.is::<Interrupted>() {
+            eprintln!("interrupted");
+        } else {
+            eprintln!("interrupted ({e:#})");
+        }
+        std::process::exit(130);
+    }
+    result
+}
+
+/// What a check found.
+#[derive(Debug)]
+struct Report {
+    id: String,
+    /// Probes that did not pass.
+    matrix: Vec<String>,
+    /// Why the wire proof fails.
+    wire: Vec<String>,
+    /// None when the controls did not run.
+    controls: Option<bool>,
+}
+
+impl Report {
+    fn passed(&self) -> bool {
+        self.matrix.is_empty() && self.wire.is_empty() && self.controls != Some(false)
+    }
+
+    fn verdict(self) -> Result<()> {
+        if self.passed() {
+            println!("\nPASS");
+            return Ok(());
+        }
+        let mut failed = Vec::new();
+        if !self.matrix.is_empty() {
+            failed.push(format!("{} connectivity probes", self.matrix.len()));
+        }
+        if !self.wire.is_empty() {
+            failed.push("the wire proof".to_owned());
+        }
+        if self.controls == Some(false) {
+            failed.push("the negative controls".to_owned());
+        }
+        bail!("FAIL: {}", failed.join(", "))
+    }
+}
+
+fn heading(title: &str) {
+    println!("\n━━ {title} {}", "━".repeat(76usize.saturating_sub(title.chars().count())));
+}
+
+fn build(build: BuildArgs) -> Result<PathBuf> {
+    crate::deps::ensure()?;
+    let started = Instant::now();
+    let profile = if build.release { "release" } else { "debug" };
+    println!("Building overlay-agent ({profile})");
+    let agent = agents::build(build.release)?;
+    println!("Built {} in {:.1}s", agent.display(), started.elapsed().as_secs_f64());
+    Ok(agent)
+}
+
+/// `cargo xtask lab`: everything, then the lab is removed whatever happened.
+fn full_run(build_args: BuildArgs, controls: bool) -> Result<Report> {
+    let started = Instant::now();
+    let agent = build(build_args)?;
+    let lab = cluster::create(Topology::kind(), agent)?;
+    let report = check(&lab, controls)?;
+    heading("Teardown");
+    let teardown = Instant::now();
+    let removed = lab.teardown()?;
+    println!("Lab {} removed in {:.1}s: {removed}", report.id, teardown.elapsed().as_secs_f64());
+    println!("Total {:.1}s", started.elapsed().as_secs_f64());
+    Ok(report)
+}
+
+fn up(build_args: BuildArgs) -> Result<()> {
+    let agent = build(build_args)?;
+    let lab = cluster::create(Topology::kind(), agent)?.keep();
+    status(&lab)?;
+    let pod = |node: usize| lab.topology.pods_of(&lab.topology.nodes[node]).remove(0);
+    let (local, remote) = (pod(0), pod(lab.topology.nodes.len() - 1));
+    let node = &lab.topology.nodes[0].name;
+    println!(
+        "\nExplore:\n  cargo xtask lab exec {} -- ping -c 3 {}\n  cargo xtask lab exec {node} -- tcpdump -ni eth0 ip proto 4\n  cargo xtask lab exec {node} -- ip route\n  cargo xtask lab exec {node} -- {} counters --bpffs {}\n  cargo xtask lab check [--controls]\n  cargo xtask lab status\n  cargo xtask lab down\nAgent logs: {}/<node>/agent.log",
+        local.name,
+        remote.address,
+        lab.agent.display(),
+        lab.bpffs().join(node).display(),
+        lab.dir().display()
+    );
+    Ok(())
+}
+
+/// The matrix, the wire proof and the counters (and the controls if asked) against a
+/// running lab.
+fn check(lab: &LabState, controls: bool) -> Result<Report> {
+    heading("Connectivity");
+    let matrix = matrix::run(lab, PROBES_IN_FLIGHT)?;
+    print!("{}", matrix.render());
+    let surprises = matrix.surprises(|_| Expect::Pass);
+    for s in &surprises {
+        println!("  ✗ {s}");
+    }
+
+    heading("Wire proof");
+    let wire = capture::prove(lab)?;
+    print!("{}", wire.render());
+
+    heading("Counters");
+    for node in &lab.topology.nodes {
+        let counters = agents::inspect(lab, node, "counters")?;
+        println!("{}:", node.name);
+        for line in counters.lines() {
+            println!("  {line}");
+        }
+    }
+
+    let controls = if controls {
+        heading("Negative controls");
+        let report = controls::run(lab)?;
+        print!("{}", report.render());
+        Some(report.ok())
+    } else {
+        None
+    };
+    Ok(Report { id: lab.id.clone(), matrix: surprises, wire: wire.failures(), controls })
+}
+
+/// Every host of the lab, as `exec` and `status` name them.
+fn hosts(topology: &Topology) -> Vec<String> {
+    let mut hosts = vec![cluster::SWITCH.to_owned(), cluster::ROUTER.to_owned()];
+    for node in &topology.nodes {
+        hosts.push(node.name.clone());
+        hosts.extend(topology.pods_of(node).into_iter().map(|p| p.name));
+    }
+    hosts
+}
+
+fn exec(lab: &LabState, host: &str, command: &[String]) -> Result<()> {
+    let hosts = hosts(&lab.topology);
+    if !hosts.iter().any(|h| h == host) {
+        bail!("no host {host} in lab {} (hosts: {})", lab.id, hosts.join(", "));
+    }
+    let shell = std::env::var("SHELL").unwrap_or_else(|_| "/bin/sh".into());
+    let (program, args) = command.split_first().unwrap_or((&shell, &[]));
+    let error = netns::command(&lab.netns(host), program).args(args).exec();
+    Err(error).context("running ip netns exec")
+}
+
+fn status(lab: &LabState) -> Result<()> {
+    println!("Lab {} in {}, agent {}", lab.id, lab.dir().display(), lab.agent.display());
+    let running = agents::running(lab)?;
+    let mut table = Table::new(["HOST", "NAMESPACE", "ADDRESSES", "AGENT"]);
+    for host in hosts(&lab.topology) {
+        let ns = lab.netns(&host);
+        // The switch has no addresses, only its bridges.
+        let links = if host == cluster::SWITCH {
+            netns::ip_json(&ns, &["link", "show", "type", "bridge"])
+        } else {
+            netns::ip_json(&ns, &["-4", "address", "show"])
+        };
+        let addresses = match links {
+            Ok(links) => addresses(&links),
+            Err(_) => "✗ namespace missing".to_owned(),
+        };
+        let agent = match lab.topology.node(&host) {
+            Err(_) => String::new(),
+            Ok(node) => match running.iter().find(|a| a.node == host) {
+                None => "✗ not running".to_owned(),
+                Some(a) => match agents::missing(lab, node, true) {
+                    missing if missing.is_empty() => format!("pid {}, ready", a.pid),
+                    missing => format!("pid {}, lacks {}", a.pid, missing.join(", ")),
+                },
+            },
+        };
+        table.row([host, ns, addresses, agent]);
+    }
+    print!("{table}");
+    Ok(())
+}
+
+/// "eth0 172.18.0.2/16, cni0 10.244.0.1/24" from `ip -json address show`; bare names
+/// for links without addresses (`ip -json link show`).
+fn addresses(links: &serde_json::Value) -> String {
+    let mut out = Vec::new();
+    for link in links.as_array().into_iter().flatten() {
+        let name = link["ifname"].as_str().unwrap_or("?");
+        if name == "lo" {
+            continue;
+        }
+        let Some(addrs) = link["addr_info"].as_array() else {
+            out.push(name.to_owned());
+            continue;
+        };
+        for addr in addrs {
+            if let (Some(local), Some(len)) = (addr["local"].as_str(), addr["prefixlen"].as_u64()) {
+                out.push(format!("{name} {local}/{len}"));
+            }
+        }
+    }
+    out.join(", ")
+}
+
+fn down(id: Option<&str>) -> Result<()> {
+    let lab = LabState::load(id)?;
+    let removed = lab.teardown()?;
+    println!("Lab {} removed: {removed}", lab.id);
+    Ok(())
 }

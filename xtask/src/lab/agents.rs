@@ -1,0 +1,397 @@
+//! The overlay agents: building the binary, one detached agent per node namespace,
+//! readiness, inspection, and stopping them.
+
+use std::{
+    collections::BTreeSet,
+    ffi::OsStr,
+    fs::OpenOptions,
+    os::{
+        fd::{AsFd as _, FromRawFd as _, OwnedFd},
+        unix::{ffi::OsStrExt as _, process::CommandExt as _},
+    },
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{SchedClassifier, tc::TcAttachType};
+use ipnet::Ipv4Net;
+use nix::{
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+    sys::{
+        signal::Signal,
+        wait::{WaitPidFlag, waitpid},
+    },
+    unistd::Pid,
+};
+
+use super::{
+    interrupt::{self, Wait},
+    netns,
+    state::LabState,
+    topology::Node,
+};
+
+/// The node's uplink, as in a kind node.
+pub const UPLINK: &str = "eth0";
+/// The pod bridge the CNI bridge plugin creates.
+pub const BRIDGE: &str = "cni0";
+/// The agent's route protocol (`proto 191`).
+const ROUTE_PROTO: &str = "191";
+/// The programs a working node has attached: (interface, direction, program name).
+const HOOKS: [(&str, TcAttachType, &str); 3] = [
+    (UPLINK, TcAttachType::Ingress, "uplink_ingress"),
+    (UPLINK, TcAttachType::Egress, "uplink_egress"),
+    (BRIDGE, TcAttachType::Ingress, "bridge_ingress"),
+];
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an agent gets to detach and remove its routes after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds the agent (its build script builds and embeds the eBPF object) and returns
+/// the binary's path in the workspace's target directory.
+pub fn build(release: bool) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask has no parent directory")?;
+    let mut build = Command::new(&cargo);
+    build.current_dir(workspace).args(["build", "--package", "overlay-agent"]);
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status().context("starting cargo build")?;
+    if !status.success() {
+        bail!("building overlay-agent failed ({status})");
+    }
+    // cargo metadata honours CARGO_TARGET_DIR and the workspace's configuration.
+    let meta = netns::run(Command::new(&cargo).current_dir(workspace).args([
+        "metadata",
+        "--format-version",
+        "1",
+        "--no-deps",
+    ]))?;
+    let meta: serde_json::Value = serde_json::from_str(&meta).context("parsing cargo metadata")?;
+    let target = meta["target_directory"].as_str().context("cargo metadata has no target_directory")?;
+    let binary = Path::new(target).join(if release { "release" } else { "debug" }).join("overlay-agent");
+    if !binary.exists() {
+        bail!("cargo built overlay-agent, but {} does not exist", binary.display());
+    }
+    Ok(binary)
+}
+
+/// Starts `node`'s agent inside the node's namespace, detached: in its own process
+/// group, so that Ctrl-C reaches only us and we stop the agents in order, and left
+/// unwaited, so that it outlives `lab up`.
+pub fn start(lab: &LabState, node: &Node) -> Result<()> {
+    let dir = lab.node_dir(&node.name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log = OpenOptions::new().create(true).append(true).open(log_file(lab, node))?;
+    let mut child = netns::command(&lab.netns(&node.name), &lab.agent)
+        .args(["run", "--node-name", &node.name])
+        .arg("--nodes-file")
+        .arg(lab.nodes_file())
+        .arg("--net-conf")
+        .arg(lab.net_conf_file())
+        .args(["--iface", UPLINK, "--bridge", BRIDGE])
+        .arg("--subnet-file")
+        .arg(subnet_file(lab, node))
+        .arg("--bpffs")
+        .arg(node_bpffs(lab, node))
+        // The log is a file: no terminal colours in it.
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting the agent of {}", node.name))?;
+    // While `ip netns exec` execs the agent, the command line reads empty for a moment,
+    // and `running` cannot see the agent: wait for it, so that what follows never
+    // mistakes it for dead. Not interruptible: this also runs when restoring the lab
+    // after Ctrl-C, and a child we gave up on must not stay behind.
+    let pid = child.id();
+    let started = interrupt::wait_briefly(&format!("the agent of {} to start", node.name), START_TIMEOUT, || {
+        if agent_node(lab, pid).is_some() {
+            return Ok(Wait::Done(()));
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the agent of {} exited at once ({status}); see {}", node.name, log_file(lab, node).display());
+        }
+        Ok(Wait::Pending("its command line is not the agent's yet".into()))
+    });
+    if started.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    started
+}
+
+pub fn log_file(lab: &LabState, node: &Node) -> PathBuf {
+    lab.node_dir(&node.name).join("agent.log")
+}
+
+fn subnet_file(lab: &LabState, node: &Node) -> PathBuf {
+    lab.node_dir(&node.name).join("subnet.env")
+}
+
+fn node_bpffs(lab: &LabState, node: &Node) -> PathBuf {
+    lab.bpffs().join(&node.name)
+}
+
+/// A running agent of the lab.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    pub pid: u32,
+    pub node: String,
+}
+
+/// The lab's agents, found by their command line: the processes whose `--bpffs` lies in
+/// the lab's mount. Unlike recorded pids, this cannot miss an agent started just before
+/// a crash, nor hit an unrelated process that reused a pid.
+pub fn running(lab: &LabState) -> Result<Vec<Agent>> {
+    let mut agents = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("listing /proc")? {
+        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if let Some(node) = agent_node(lab, pid) {
+            agents.push(Agent { pid, node });
+        }
+    }
+    agents.sort_by(|a, b| a.node.cmp(&b.node));
+    Ok(agents)
+}
+
+/// The node whose agent `pid` is, if it is one of the lab's.
+fn agent_node(lab: &LabState, pid: u32) -> Option<String> {
+    // Unreadable: the process is gone (or a zombie, whose cmdline is empty).
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = cmdline.split(|&b| b == 0).map(|a| Path::new(OsStr::from_bytes(a)));
+    args.find(|a| *a == Path::new("--bpffs"))?;
+    let pins = args.next()?;
+    if pins.parent()? != lab.bpffs() {
+        return None;
+    }
+    pins.file_name()?.to_str().map(str::to_owned)
+}
+
+/// Stops the lab's agents with SIGTERM (they detach and remove their routes), waiting
+/// for each to exit, and SIGKILL for any that does not in time. Returns how many ran.
+pub fn stop_all(lab: &LabState) -> Result<usize> {
+    let mut stopping = Vec::new();
+    for agent in running(lab)? {
+        // A pidfd pins the process: checked once more through it, a signal cannot hit
+        // a process that took over the pid meanwhile.
+        let Ok(pidfd) = pidfd_open(agent.pid) else { continue };
+        if agent_node(lab, agent.pid).is_none() {
+            continue;
+        }
+        pidfd_signal(&pidfd, Signal::SIGTERM)?;
+        stopping.push((agent, pidfd));
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    let mut errors = Vec::new();
+    for (agent, pidfd) in &stopping {
+        if !wait_exit(pidfd, deadline.saturating_duration_since(Instant::now()))? {
+            errors.push(format!(
+                "the agent of {} (pid {}) ignored SIGTERM for {STOP_TIMEOUT:?}: killed",
+                agent.node, agent.pid
+            ));
+            pidfd_signal(pidfd, Signal::SIGKILL)?;
+            wait_exit(pidfd, STOP_TIMEOUT)?;
+        }
+        // Reap it if it is our child; ECHILD otherwise, which is fine.
+        let _ = waitpid(Pid::from_raw(agent.pid as i32), Some(WaitPidFlag::WNOHANG));
+    }
+    if !errors.is_empty() {
+        bail!("{}", errors.join("; "));
+    }
+    Ok(stopping.len())
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just returned to us and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn pidfd_signal(pidfd: &OwnedFd, signal: Signal) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a valid pidfd, a valid signal number, no siginfo, no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        // Already gone.
+        _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        _ => Err(std::io::Error::last_os_error()).context(format!("sending {signal}")),
+    }
+}
+
+/// Whether the process exited within `timeout` (a pidfd becomes readable on exit).
+fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> Result<bool> {
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, timeout) {
+            Ok(n) => return Ok(n > 0),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).context("waiting for an agent to exit"),
+        }
+    }
+}
+
+/// flannel's subnet.env as the CNI plugin reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetEnv {
+    /// FLANNEL_SUBNET: the gateway address with the node subnet's prefix length.
+    pub subnet: Ipv4Net,
+    pub mtu: u32,
+}
+
+impl SubnetEnv {
+    pub fn parse(text: &str) -> Result<Self> {
+        let value = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .with_context(|| format!("subnet.env has no {key}"))
+        };
+        Ok(Self {
+            subnet: value("FLANNEL_SUBNET")?.trim().parse().context("FLANNEL_SUBNET")?,
+            mtu: value("FLANNEL_MTU")?.trim().parse().context("FLANNEL_MTU")?,
+        })
+    }
+}
+
+/// Waits for the agent to write `node`'s subnet.env, as the flannel CNI plugin does
+/// before it can configure a pod.
+pub fn wait_subnet_env(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
+    let path = subnet_file(lab, node);
+    interrupt::wait_until(&format!("{}'s subnet.env", node.name), READY_TIMEOUT, || {
+        ensure_running(lab, node)?;
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Wait::Done(SubnetEnv::parse(&text).with_context(|| format!("in {}", path.display()))?)),
+            Err(e) => Ok(Wait::Pending(e.to_string())),
+        }
+    })
+}
+
+/// Waits until every node's agent has its programs attached (the bridge's too when
+/// `bridge`), all remote subnets in its maps and a route for each.
+pub fn wait_ready(lab: &LabState, bridge: bool) -> Result<()> {
+    interrupt::wait_until("the agents to be ready", READY_TIMEOUT, || {
+        let mut pending = Vec::new();
+        for node in &lab.topology.nodes {
+            ensure_running(lab, node)?;
+            let missing = missing(lab, node, bridge);
+            if !missing.is_empty() {
+                pending.push(format!("{}: {}", node.name, missing.join(", ")));
+            }
+        }
+        Ok(if pending.is_empty() { Wait::Done(()) } else { Wait::Pending(pending.join("; ")) })
+    })
+}
+
+/// Fails, with the end of its log, if `node`'s agent is not running.
+fn ensure_running(lab: &LabState, node: &Node) -> Result<()> {
+    if running(lab)?.iter().any(|a| a.node == node.name) {
+        return Ok(());
+    }
+    let log = std::fs::read_to_string(log_file(lab, node)).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    bail!("the agent of {} is not running; the end of its log:\n{}", node.name, tail.join("\n"))
+}
+
+/// What `node` lacks to carry overlay traffic: empty when it is ready.
+pub fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> {
+    let ns = lab.netns(&node.name);
+    let remote: BTreeSet<Ipv4Net> =
+        lab.topology.nodes.iter().filter(|n| n.name != node.name).map(|n| n.pod_cidr).collect();
+    let mut missing = Vec::new();
+    if !subnet_file(lab, node).exists() {
+        missing.push("subnet.env".to_owned());
+    }
+    match inspect(lab, node, "nodes") {
+        Ok(text) if subnets(&text) == remote => {}
+        Ok(_) => missing.push("remote subnets in its maps".to_owned()),
+        Err(_) => missing.push("pinned maps".to_owned()),
+    }
+    match overlay_routes(&ns) {
+        Ok(routes) if routes == remote => {}
+        _ => missing.push("routes".to_owned()),
+    }
+    for (iface, direction, program) in HOOKS.iter().filter(|(iface, ..)| bridge || *iface != BRIDGE) {
+        if !attached(&ns, iface, *direction).is_ok_and(|names| names.iter().any(|n| n == program)) {
+            missing.push(format!("{program} on {iface}"));
+        }
+    }
+    missing
+}
+
+/// The subnets in the table of `overlay-agent nodes`.
+fn subnets(nodes_output: &str) -> BTreeSet<Ipv4Net> {
+    nodes_output.lines().filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect()
+}
+
+/// `overlay-agent <what> --bpffs ...` run in `node`'s namespace (`counters`, `nodes`).
+pub fn inspect(lab: &LabState, node: &Node, what: &str) -> Result<String> {
+    netns::run(netns::command(&lab.netns(&node.name), &lab.agent).arg(what).arg("--bpffs").arg(node_bpffs(lab, node)))
+}
+
+/// Destinations of the agent's routes (`proto 191`) in `ns`.
+pub fn overlay_routes(ns: &str) -> Result<BTreeSet<Ipv4Net>> {
+    let routes = netns::ip_json(ns, &["route", "show", "proto", ROUTE_PROTO])?;
+    let routes = routes.as_array().context("ip -json route printed no list")?;
+    routes.iter().map(|r| Ok(r["dst"].as_str().context("a route without dst")?.parse()?)).collect()
+}
+
+/// Names of the TCX programs attached to `iface` in `ns`.
+pub fn attached(ns: &str, iface: &str, direction: TcAttachType) -> Result<Vec<String>> {
+    netns::enter(ns, || {
+        let (_, programs) = SchedClassifier::query_tcx(iface, direction)?;
+        Ok(programs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()).collect())
+    })
+}
+
+/// Every program attached to the node's hooks, as "program on iface".
+pub fn all_attached(lab: &LabState, node: &Node) -> Result<Vec<String>> {
+    let ns = lab.netns(&node.name);
+    let mut found = Vec::new();
+    for (iface, direction, _) in &HOOKS {
+        found.extend(attached(&ns, iface, *direction)?.into_iter().map(|p| format!("{p} on {iface}")));
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_env_as_the_cni_plugin_reads_it() {
+        let env = SubnetEnv::parse(
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1480\nFLANNEL_IPMASQ=false\n",
+        )
+        .unwrap();
+        assert_eq!(env, SubnetEnv { subnet: "10.244.1.1/24".parse().unwrap(), mtu: 1480 });
+        assert!(SubnetEnv::parse("FLANNEL_SUBNET=10.244.1.1/24\n").is_err());
+    }
+
+    #[test]
+    fn remote_subnets_from_the_nodes_table() {
+        let text = "this node: tunnel address 172.18.0.2, pod subnet 10.244.0.0/24\nREMOTE SUBNET        NODE                 RX PACKETS       RX BYTES\n10.244.1.0/24        172.18.0.3                    0              0\n10.244.3.0/24        172.19.0.2                    4            480\n";
+        let want: BTreeSet<Ipv4Net> = ["10.244.1.0/24".parse().unwrap(), "10.244.3.0/24".parse().unwrap()].into();
+        assert_eq!(subnets(text), want);
+    }
+}

@@ -1,0 +1,146 @@
+//! Builds a lab from its topology: the switch and router, the nodes with their agents,
+//! then the pods, the way kubelet and the flannel CNI plugin would.
+
+use std::{path::PathBuf, time::Instant};
+
+use anyhow::{Context as _, Result, ensure};
+use ipnet::Ipv4Net;
+use nix::mount::{MsFlags, mount};
+
+use super::{
+    agents::{self, BRIDGE, SubnetEnv, UPLINK},
+    interrupt,
+    netns::{self, Script, docker_mac},
+    state::{LabGuard, LabState},
+    topology::{Node, Segment, Topology},
+};
+
+/// Host names of the underlay's own namespaces.
+pub const SWITCH: &str = "switch";
+pub const ROUTER: &str = "router";
+/// A pod's interface, as the CNI plugin names it.
+const POD_IFACE: &str = "eth0";
+
+/// Creates the lab and waits until the overlay is ready. On any failure (Ctrl-C
+/// included) the returned error comes after the guard removed everything.
+pub fn create(topology: Topology, agent: PathBuf) -> Result<LabGuard> {
+    topology.validate()?;
+    let started = Instant::now();
+    let lab = LabState::create(topology, agent)?;
+    println!("Creating lab {} in {}", lab.id, lab.dir().display());
+
+    // The agents run in mount namespaces of their own (`ip netns exec`), where a bpffs
+    // they mounted would be invisible to us: we mount it, they inherit it.
+    std::fs::create_dir_all(lab.bpffs())?;
+    mount(Some("bpf"), &lab.bpffs(), Some("bpf"), MsFlags::empty(), None::<&str>)
+        .with_context(|| format!("mounting a bpffs at {}", lab.bpffs().display()))?;
+    write_json(lab.nodes_file(), &lab.topology.node_list())?;
+    write_json(lab.net_conf_file(), &lab.topology.net_conf())?;
+
+    underlay(&lab)?;
+    for node in &lab.topology.nodes {
+        interrupt::check()?;
+        agents::start(&lab, node)?;
+    }
+    for node in &lab.topology.nodes {
+        let env = agents::wait_subnet_env(&lab, node)?;
+        pods(&lab, node, &env)?;
+    }
+    agents::wait_ready(&lab, true)?;
+    println!("Lab {} ready in {:.1}s", lab.id, started.elapsed().as_secs_f64());
+    Ok(lab)
+}
+
+fn write_json(path: PathBuf, value: &serde_json::Value) -> Result<()> {
+    // kubectl indents with four spaces.
+    let mut out = Vec::new();
+    let mut ser =
+        serde_json::Serializer::with_formatter(&mut out, serde_json::ser::PrettyFormatter::with_indent(b"    "));
+    serde::Serialize::serialize(value, &mut ser)?;
+    out.push(b'\n');
+    std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))
+}
+
+fn bridge_name(segment: &Segment) -> String {
+    format!("br-{}", segment.name)
+}
+
+/// The switch (one bridge per segment), the router (a leg on each), and each node's
+/// uplink with its address and default route via the router.
+fn underlay(lab: &LabState) -> Result<()> {
+    let topology = &lab.topology;
+    let switch = lab.netns(SWITCH);
+    netns::add(&switch)?;
+    let mut bridges = Script::new(&switch);
+    for segment in &topology.segments {
+        bridges.bridge(&bridge_name(segment), None)?;
+    }
+    bridges.apply()?;
+    // Ports facing the switch carry the lab id, so that they read unambiguously in
+    // `ip link` and captures next to another lab's.
+    let mut ports = Script::new(&switch);
+
+    let router = lab.netns(ROUTER);
+    netns::add(&router)?;
+    let mut legs = Script::new(&router);
+    for segment in &topology.segments {
+        let (leg, port) = (format!("eth-{}", segment.name), format!("{}-r-{}", lab.id, segment.name));
+        legs.veth(&leg, Some(docker_mac(segment.gateway.addr())), &port, &switch, None)?
+            .address(segment.gateway, &leg)
+            .up(&leg);
+        ports.attach(&port, &bridge_name(segment));
+    }
+    legs.apply()?;
+    netns::enable_forwarding(&router)?;
+
+    for node in &topology.nodes {
+        interrupt::check()?;
+        let ns = lab.netns(&node.name);
+        let segment = topology.segment_of(node)?;
+        let port = format!("{}-{}", lab.id, node.name);
+        netns::add(&ns)?;
+        Script::new(&ns)
+            .veth(UPLINK, Some(docker_mac(node.address)), &port, &switch, None)?
+            .address(topology.node_address(node)?, UPLINK)
+            .up(UPLINK)
+            .default_route(segment.gateway.addr())
+            .apply()?;
+        // Kubernetes nodes forward (kube-proxy, the CNI plugin): needed here when the
+        // host-gw control runs without agents, which otherwise turn it on.
+        netns::enable_forwarding(&ns)?;
+        ports.attach(&port, &bridge_name(segment));
+    }
+    ports.apply()
+}
+
+/// What the CNI bridge plugin does for each pod, configured from the agent's
+/// subnet.env: `cni0` with the gateway address from FLANNEL_SUBNET, and a veth per pod,
+/// all with FLANNEL_MTU.
+fn pods(lab: &LabState, node: &Node, env: &SubnetEnv) -> Result<()> {
+    ensure!(
+        env.subnet.trunc() == node.pod_cidr,
+        "the agent of {} wrote FLANNEL_SUBNET={}, but its podCIDR is {}",
+        node.name,
+        env.subnet,
+        node.pod_cidr
+    );
+    let ns = lab.netns(&node.name);
+    let mut host = Script::new(&ns);
+    host.bridge(BRIDGE, Some(env.mtu))?.address(env.subnet, BRIDGE);
+    let mut inside = Vec::new();
+    for pod in lab.topology.pods_of(node) {
+        interrupt::check()?;
+        let pod_ns = lab.netns(&pod.name);
+        netns::add(&pod_ns)?;
+        let host_end = format!("{}-{}", lab.id, pod.name);
+        host.veth(&host_end, None, POD_IFACE, &pod_ns, Some(env.mtu))?.attach(&host_end, BRIDGE);
+        let mut script = Script::new(&pod_ns);
+        script
+            .address(Ipv4Net::new(pod.address, env.subnet.prefix_len())?, POD_IFACE)
+            .up(POD_IFACE)
+            .default_route(env.subnet.addr());
+        inside.push(script);
+    }
+    host.apply()?;
+    inside.iter().try_for_each(Script::apply)
+}

@@ -1,0 +1,194 @@
+//! Network namespaces and the links inside them (through iproute2), and entering a
+//! namespace from a thread to open sockets or write its sysctls there.
+//!
+//! Every link is created directly inside a lab namespace (veth peers go straight to
+//! their namespace with `peer ... netns`), so nothing ever appears in the machine's own
+//! namespace, even for an instant.
+
+use std::{
+    fs::File,
+    io::Write as _,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use ipnet::Ipv4Net;
+use nix::sched::{CloneFlags, setns};
+
+/// Where `ip netns` keeps its namespaces.
+const NETNS_DIR: &str = "/run/netns";
+/// The kernel's limit on interface names (IFNAMSIZ - 1).
+const IFNAME_MAX: usize = 15;
+
+fn path(ns: &str) -> PathBuf {
+    PathBuf::from(NETNS_DIR).join(ns)
+}
+
+/// Runs `cmd`; a failure carries the command and its stderr.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn add(ns: &str) -> Result<()> {
+    run(Command::new("ip").args(["netns", "add", ns])).map(drop)
+}
+
+/// Deletes `ns` if it exists; its links go with it (and their veth peers with them).
+pub fn delete(ns: &str) -> Result<()> {
+    if !path(ns).exists() {
+        return Ok(());
+    }
+    run(Command::new("ip").args(["netns", "del", ns])).map(drop)
+}
+
+/// Namespaces whose name starts with `prefix`.
+pub fn list(prefix: &str) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(NETNS_DIR).with_context(|| format!("listing {NETNS_DIR}"))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.starts_with(prefix) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// `program` run inside `ns`, through `ip netns exec` (which also gives it the
+/// namespace's view of /sys).
+pub fn command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).arg(program);
+    cmd
+}
+
+/// `ip -json <args>` in `ns`, parsed.
+pub fn ip_json(ns: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let out = run(Command::new("ip").args(["-n", ns, "-json"]).args(args))?;
+    // iproute2 prints nothing at all (not `[]`) for some empty dumps.
+    if out.trim().is_empty() {
+        return Ok(serde_json::Value::Array(vec![]));
+    }
+    serde_json::from_str(&out).with_context(|| format!("parsing `ip -json {}` in {ns}", args.join(" ")))
+}
+
+/// Runs `f` on a thread that has entered `ns`. Sockets opened there stay in `ns` when
+/// used from any other thread; the thread ends with `f`, so nothing lingers inside.
+pub fn enter<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let path = path(ns);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {ns}"))?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Turns on IPv4 forwarding in `ns` (sysctls under /proc/sys/net belong to the
+/// namespace of the thread that opens them).
+pub fn enable_forwarding(ns: &str) -> Result<()> {
+    enter(ns, || std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling forwarding"))
+}
+
+/// Link and address changes in one namespace, applied by a single `ip -batch`.
+pub struct Script {
+    ns: String,
+    lines: Vec<String>,
+}
+
+impl Script {
+    pub fn new(ns: &str) -> Self {
+        Self { ns: ns.to_owned(), lines: vec!["link set lo up".into()] }
+    }
+
+    fn line(&mut self, line: String) -> &mut Self {
+        self.lines.push(line);
+        self
+    }
+
+    /// A veth pair: `name` here, `peer` created directly in `peer_ns`. Both ends get
+    /// `mtu`; `mac` is this end's address (kernel-chosen when None).
+    pub fn veth(
+        &mut self,
+        name: &str,
+        mac: Option<[u8; 6]>,
+        peer: &str,
+        peer_ns: &str,
+        mtu: Option<u32>,
+    ) -> Result<&mut Self> {
+        check_ifname(name)?;
+        check_ifname(peer)?;
+        let mtu = mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
+        let mac = mac.map(|m| format!(" address {}", format_mac(m))).unwrap_or_default();
+        Ok(self.line(format!("link add {name}{mac}{mtu} type veth peer name {peer}{mtu} netns {peer_ns}")))
+    }
+
+    pub fn bridge(&mut self, name: &str, mtu: Option<u32>) -> Result<&mut Self> {
+        check_ifname(name)?;
+        let mtu = mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
+        Ok(self.line(format!("link add {name}{mtu} type bridge")).up(name))
+    }
+
+    /// Brings up `port`, enslaved to `bridge`.
+    pub fn attach(&mut self, port: &str, bridge: &str) -> &mut Self {
+        self.line(format!("link set {port} master {bridge} up"))
+    }
+
+    pub fn up(&mut self, dev: &str) -> &mut Self {
+        self.line(format!("link set {dev} up"))
+    }
+
+    pub fn address(&mut self, address: Ipv4Net, dev: &str) -> &mut Self {
+        self.line(format!("address add {address} dev {dev}"))
+    }
+
+    pub fn default_route(&mut self, via: Ipv4Addr) -> &mut Self {
+        self.line(format!("route add default via {via}"))
+    }
+
+    pub fn apply(&self) -> Result<()> {
+        let mut child = Command::new("ip")
+            .args(["-n", &self.ns, "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting ip -batch")?;
+        let script = self.lines.join("\n") + "\n";
+        child.stdin.take().expect("piped").write_all(script.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            // ip names the failing line ("Command failed -:3"): show the script with it.
+            bail!("ip -n {} -batch failed: {}\n{script}", self.ns, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+}
+
+fn check_ifname(name: &str) -> Result<()> {
+    ensure!(
+        !name.is_empty() && name.len() <= IFNAME_MAX,
+        "interface name {name:?} is longer than {IFNAME_MAX} characters"
+    );
+    Ok(())
+}
+
+fn format_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// The MAC address docker gives a container with `address` (02:42 + the IPv4
+/// address): captures then read like the walkthrough's.
+pub fn docker_mac(address: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = address.octets();
+    [0x02, 0x42, a, b, c, d]
+}

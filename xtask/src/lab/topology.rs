@@ -1,0 +1,252 @@
+//! The cluster as data: the kind cluster of the walkthrough (a control-plane and two
+//! workers on docker's `kind` network, 172.18.0.0/16) plus a worker on another subnet
+//! behind a router. Plain routing (flannel host-gw: `podCIDR via nodeIP`) cannot reach
+//! that worker's pods, because its address is not on-link for the others; the overlay can.
+//!
+//! Every segment is a bridge in the switch namespace, and the router has a leg on each:
+//! another host (an "outside" client, a second router) is another entry here.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Result, bail, ensure};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// An L2 segment of the underlay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Segment {
+    pub name: String,
+    /// The router's address on the segment, with the segment's prefix length: every
+    /// host on the segment uses it as its default gateway.
+    pub gateway: Ipv4Net,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    ControlPlane,
+    Worker,
+}
+
+/// A Kubernetes node: a namespace with an uplink on a segment, the pod bridge and pods.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub role: Role,
+    pub segment: String,
+    pub address: Ipv4Addr,
+    /// `spec.podCIDR`, as the controller-manager allocates it.
+    pub pod_cidr: Ipv4Net,
+}
+
+/// A pod: a namespace whose `eth0` hangs on its node's `cni0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub name: String,
+    pub node: String,
+    pub address: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Topology {
+    /// flannel's `Network`.
+    pub pod_network: Ipv4Net,
+    pub pods_per_node: u8,
+    pub segments: Vec<Segment>,
+    pub nodes: Vec<Node>,
+}
+
+impl Topology {
+    /// The walkthrough's kind cluster, plus `w3` behind the router.
+    pub fn kind() -> Self {
+        let net = |s: &str| s.parse::<Ipv4Net>().expect("literal CIDR");
+        let node = |name: &str, role, segment: &str, address: [u8; 4], pod_cidr: &str| Node {
+            name: name.into(),
+            role,
+            segment: segment.into(),
+            address: address.into(),
+            pod_cidr: net(pod_cidr),
+        };
+        Self {
+            pod_network: net("10.244.0.0/16"),
+            pods_per_node: 2,
+            segments: vec![
+                Segment { name: "kind".into(), gateway: net("172.18.0.1/16") },
+                Segment { name: "remote".into(), gateway: net("172.19.0.1/24") },
+            ],
+            nodes: vec![
+                node("cp", Role::ControlPlane, "kind", [172, 18, 0, 2], "10.244.0.0/24"),
+                node("w1", Role::Worker, "kind", [172, 18, 0, 3], "10.244.1.0/24"),
+                node("w2", Role::Worker, "kind", [172, 18, 0, 4], "10.244.2.0/24"),
+                node("w3", Role::Worker, "remote", [172, 19, 0, 2], "10.244.3.0/24"),
+            ],
+        }
+    }
+
+    /// Catches what would otherwise surface as a confusing failure halfway through
+    /// building the namespaces.
+    pub fn validate(&self) -> Result<()> {
+        // The probes and the wire proof talk between pods.
+        ensure!(self.pods_per_node >= 1, "every node needs at least one pod");
+        for (i, node) in self.nodes.iter().enumerate() {
+            ensure!(!self.nodes[..i].iter().any(|n| n.name == node.name), "node {} is listed twice", node.name);
+            let segment = self.segment_of(node)?;
+            ensure!(
+                segment.gateway.contains(&node.address) && segment.gateway.addr() != node.address,
+                "node {}: {} is not a host address of segment {} ({})",
+                node.name,
+                node.address,
+                segment.name,
+                segment.gateway.trunc()
+            );
+            ensure!(
+                self.pod_network.contains(&node.pod_cidr),
+                "node {}: {} is outside {}",
+                node.name,
+                node.pod_cidr,
+                self.pod_network
+            );
+            if let Some(other) = self.nodes[..i]
+                .iter()
+                .find(|n| n.pod_cidr.contains(&node.pod_cidr) || node.pod_cidr.contains(&n.pod_cidr))
+            {
+                bail!("nodes {} and {} have overlapping pod subnets", other.name, node.name);
+            }
+            // The gateway and the pods must fit into the subnet.
+            ensure!(
+                node.pod_cidr.hosts().count() > usize::from(self.pods_per_node) + 1,
+                "node {}: {} is too small for {} pods",
+                node.name,
+                node.pod_cidr,
+                self.pods_per_node
+            );
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, name: &str) -> Result<&Node> {
+        match self.nodes.iter().find(|n| n.name == name) {
+            Some(n) => Ok(n),
+            None => bail!("no node {name}"),
+        }
+    }
+
+    pub fn segment_of(&self, node: &Node) -> Result<&Segment> {
+        match self.segments.iter().find(|s| s.name == node.segment) {
+            Some(s) => Ok(s),
+            None => bail!("node {}: no segment {}", node.name, node.segment),
+        }
+    }
+
+    /// The node's address with its segment's prefix length.
+    pub fn node_address(&self, node: &Node) -> Result<Ipv4Net> {
+        Ok(Ipv4Net::new(node.address, self.segment_of(node)?.gateway.prefix_len())?)
+    }
+
+    /// The pods of `node`, addressed from .2 up as host-local IPAM hands them out (.1
+    /// is the bridge's gateway address).
+    pub fn pods_of(&self, node: &Node) -> Vec<Pod> {
+        (1..=self.pods_per_node)
+            .map(|i| Pod {
+                name: format!("{}-pod{i}", node.name),
+                node: node.name.clone(),
+                address: Ipv4Addr::from(u32::from(node.pod_cidr.network()) + 1 + u32::from(i)),
+            })
+            .collect()
+    }
+
+    pub fn pods(&self) -> Vec<Pod> {
+        self.nodes.iter().flat_map(|n| self.pods_of(n)).collect()
+    }
+
+    /// The nodes as `kubectl get nodes -o json` prints them (the fields the agent reads
+    /// and the labels kind sets).
+    pub fn node_list(&self) -> Value {
+        let items: Vec<Value> = self
+            .nodes
+            .iter()
+            .map(|node| {
+                let mut labels = json!({
+                    "beta.kubernetes.io/arch": "amd64",
+                    "beta.kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "kubernetes.io/hostname": node.name,
+                    "kubernetes.io/os": "linux",
+                });
+                if node.role == Role::ControlPlane {
+                    labels["node-role.kubernetes.io/control-plane"] = "".into();
+                    labels["node-role.kubernetes.io/master"] = "".into();
+                }
+                json!({
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": { "labels": labels, "name": node.name },
+                    "spec": {
+                        "podCIDR": node.pod_cidr.to_string(),
+                        "podCIDRs": [node.pod_cidr.to_string()],
+                        "providerID": format!("kind://docker/overlay-lab/{}", node.name),
+                    },
+                    "status": {
+                        "addresses": [
+                            { "address": node.address.to_string(), "type": "InternalIP" },
+                            { "address": node.name, "type": "Hostname" },
+                        ],
+                    },
+                })
+            })
+            .collect();
+        json!({ "apiVersion": "v1", "items": items, "kind": "List", "metadata": { "resourceVersion": "" } })
+    }
+
+    /// flannel's `net-conf.json` (the walkthrough's ConfigMap).
+    pub fn net_conf(&self) -> Value {
+        json!({ "Network": self.pod_network.to_string(), "Backend": { "Type": "ipip" } })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_cluster_is_valid_and_addresses_pods_like_host_local() {
+        let t = Topology::kind();
+        t.validate().unwrap();
+        let pods: Vec<_> =
+            t.pods_of(t.node("w3").unwrap()).into_iter().map(|p| (p.name, p.address.to_string())).collect();
+        assert_eq!(
+            pods,
+            [("w3-pod1".to_owned(), "10.244.3.2".to_owned()), ("w3-pod2".to_owned(), "10.244.3.3".to_owned())]
+        );
+        assert_eq!(t.node_address(t.node("w3").unwrap()).unwrap().to_string(), "172.19.0.2/24");
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let mut t = Topology::kind();
+        t.nodes[3].address = [172, 18, 0, 9].into();
+        assert!(format!("{:#}", t.validate().unwrap_err()).contains("not a host address of segment remote"));
+        let mut t = Topology::kind();
+        t.nodes[1].pod_cidr = "10.244.0.0/23".parse().unwrap();
+        assert!(format!("{:#}", t.validate().unwrap_err()).contains("overlapping"));
+        let mut t = Topology::kind();
+        t.nodes[2].segment = "nowhere".into();
+        assert!(t.validate().is_err());
+    }
+
+    #[test]
+    fn node_list_reads_like_kubectl() {
+        let list = Topology::kind().node_list();
+        assert_eq!(list["kind"], "List");
+        let cp = &list["items"][0];
+        assert_eq!(cp["kind"], "Node");
+        assert_eq!(cp["metadata"]["name"], "cp");
+        assert_eq!(cp["metadata"]["labels"]["node-role.kubernetes.io/control-plane"], "");
+        assert_eq!(cp["spec"]["podCIDR"], "10.244.0.0/24");
+        assert_eq!(cp["spec"]["podCIDRs"][0], "10.244.0.0/24");
+        assert_eq!(cp["status"]["addresses"][0], serde_json::json!({"address": "172.18.0.2", "type": "InternalIP"}));
+        assert_eq!(cp["status"]["addresses"][1], serde_json::json!({"address": "cp", "type": "Hostname"}));
+        let w3 = &list["items"][3];
+        assert!(w3["metadata"]["labels"].get("node-role.kubernetes.io/control-plane").is_none());
+    }
+}
