@@ -222,7 +222,7 @@ fn ifindex(name: &str) -> u32 {
 
 impl Node {
     fn new() -> Self {
-        let dp = Datapath::load(None).expect("loading the datapath (the verifier must accept all programs)");
+        let dp = Datapath::load(&Default::default()).expect("loading the datapath (the verifier must accept all programs)");
         Self { dp, eth0: ifindex("eth0"), cni0: ifindex("cni0") }
     }
 
@@ -235,7 +235,10 @@ impl Node {
                 node_ip: NODE_IP.octets(),
                 pod_subnet: POD_SUBNET.network().octets(),
                 pod_prefix_len: POD_SUBNET.prefix_len(),
-                _pad: [0; 3],
+                cluster_net: CLUSTER.network().octets(),
+                cluster_prefix_len: CLUSTER.prefix_len(),
+                masq_ip: NODE_IP.octets(),
+                ..DatapathConfig::default()
             })
             .expect("writing CONFIG");
         let routes: BTreeMap<Ipv4Net, Ipv4Addr> = REMOTES.iter().map(|r| (r.subnet, r.node)).collect();
