@@ -116,6 +116,10 @@ impl Conntrack {
                 live.insert(k, v);
                 continue;
             }
+            // The datapath may have revived the flow since the snapshot.
+            if self.0.get(&k, 0).is_ok_and(|now_v| now_v.expires_ns > now) {
+                continue;
+            }
             let _ = self.0.remove(&k);
             if v.rule != Rule::Untranslated as u8 {
                 let reply = reply_key_of(&k, &v);

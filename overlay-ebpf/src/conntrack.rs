@@ -19,6 +19,8 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 const REFRESH_SLACK_NS: u64 = NS_PER_SEC;
 /// Ports tried before a new flow is refused.
 const PORT_TRIES: u32 = 32;
+/// Distance between successive candidate ports (a prime).
+const PORT_STRIDE: u32 = 7919;
 const E2BIG: i32 = 7;
 const ENOMEM: i32 = 12;
 
@@ -70,6 +72,13 @@ pub fn reply(t: &Tuple) -> Option<(CtEntry, *mut CtEntry)> {
     // The ORIGINAL key: the original source talking to the reply's sender.
     let orig = Tuple { src: rev.addr, dst: t.src, sport: rev.port, dport: t.sport, proto: t.proto };
     let entry = original(&orig)?;
+    // The flow must still be translated to this reply's destination: once a flow
+    // expires and starts over on another port, the REPLY entry of its old port lingers
+    // until the agent collects it, and must not lead to the new flow.
+    let e = unsafe { &*entry };
+    if e.addr != t.dst || e.port != t.dport {
+        return None;
+    }
     Some((rev, entry))
 }
 
@@ -117,9 +126,12 @@ pub fn create(cfg: &DatapathConfig, t: &Tuple, nat_ip: [u8; 4], rule: u8) -> Res
     let span = u32::from(cfg.nat_port_max.saturating_sub(cfg.nat_port_min)) + 1;
     let start = unsafe { bpf_get_prandom_u32() } % span;
     let born = now();
+    // A prime stride over the range gives a fresh candidate on every try, unless the
+    // range is a multiple of it: then every try would be the same port (a range of
+    // 7919 ports exhausted by one taken port); step by one there.
+    let stride = if span % PORT_STRIDE == 0 { 1 } else { PORT_STRIDE };
     for i in 0..PORT_TRIES {
-        // Odd stride over the range: a fresh candidate on every try.
-        let port = (cfg.nat_port_min as u32 + (start + i * 7919) % span) as u16;
+        let port = (cfg.nat_port_min as u32 + (start + i * stride) % span) as u16;
         let port = port.to_be_bytes();
         let reply = reply_tuple(t, nat_ip, port);
         let value = CtEntry { expires_ns: 0, created_ns: born, addr: t.src, port: t.sport, flags: 0, rule };

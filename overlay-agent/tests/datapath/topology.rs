@@ -103,3 +103,9 @@ pub const PEERS: [Ipv4Addr; 2] = [W2.node, W3.node];
 
 /// An address on the underlay that is no node.
 pub const STRANGER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 66);
+
+/// Addresses outside the cluster and the underlay: an Internet server pods talk to,
+/// another one, and a router on the way that reports errors.
+pub const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const OUTSIDE_2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+pub const OUTSIDE_ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 254);

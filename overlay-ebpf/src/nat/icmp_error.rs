@@ -31,6 +31,13 @@ pub fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Result<bool
     if quoted.kind == Kind::IcmpError {
         return Ok(false);
     }
+    // The quote ends where the error's IP datagram does: whatever follows in the frame
+    // (an Ethernet trailer) is no part of it, nor covered by the ICMP checksum, and must
+    // not be read as quoted ports or rewritten as a quoted checksum.
+    let ip_end = l3 + usize::from(read16(ctx, l3 + 2)?);
+    if quoted.off + 8 > ip_end {
+        return Ok(false);
+    }
     // The quoted datagram travelled the other way: reversing its tuple gives the key.
     let flow: Tuple = quoted.tuple.reversed();
     // (packet end to change, old and new address/port)
@@ -69,7 +76,8 @@ pub fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Result<bool
     icmp_check = checksum::replace(icmp_check, u16::from_be_bytes(old.1), u16::from_be_bytes(new.1));
     store(ctx, q_port_off, &new.1)?;
     let q_csum_off = quoted.csum_off();
-    if let Ok(q_sum_old) = read16(ctx, q_csum_off) {
+    let q_sum = if q_csum_off + 2 <= ip_end { read16(ctx, q_csum_off).ok() } else { None };
+    if let Some(q_sum_old) = q_sum {
         let skip = quoted.kind == Kind::Udp && q_sum_old == 0;
         if !skip {
             let mut q_sum_new = q_sum_old;

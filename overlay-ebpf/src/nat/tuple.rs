@@ -78,6 +78,14 @@ impl L4 {
 #[inline(always)]
 pub fn parse(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize, quoted: bool) -> Result<L4, Reason> {
     let off = l3 + ip.ihl() as usize;
+    // The transport header must lie inside the datagram, not in what trails it (an
+    // Ethernet pad). A quote's length is bounded by its caller: it may be cut short.
+    if !quoted {
+        let needed = if ip.proto == IPPROTO_TCP { 20 } else { 8 };
+        if usize::from(ip.tot_len()) < ip.ihl() as usize + needed {
+            return Err(Reason::DropMalformed);
+        }
+    }
     let mut head = [0u8; 8];
     if !load_exact(ctx, off, &mut head) {
         return Err(Reason::DropMalformed);
