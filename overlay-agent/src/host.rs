@@ -73,11 +73,16 @@ impl Host {
         self.handle.link().set(msg).execute().await.with_context(|| format!("setting MTU {mtu} on link {ifindex}"))
     }
 
-    /// IPv4 addresses assigned to interfaces of this namespace.
-    pub async fn local_addresses(&self) -> Result<Vec<Ipv4Addr>> {
+    /// IPv4 addresses of interface `ifindex`, or of all interfaces, in kernel order
+    /// (primary first).
+    pub async fn addresses(&self, ifindex: Option<u32>) -> Result<Vec<Ipv4Addr>> {
         use rtnetlink::packet_route::address::AddressAttribute;
         let mut out = Vec::new();
-        let mut addrs = self.handle.address().get().execute();
+        let mut request = self.handle.address().get();
+        if let Some(i) = ifindex {
+            request = request.set_link_index_filter(i);
+        }
+        let mut addrs = request.execute();
         while let Some(msg) = addrs.try_next().await? {
             for attr in msg.attributes {
                 if let AddressAttribute::Address(std::net::IpAddr::V4(a)) = attr {

@@ -6,7 +6,10 @@ use anyhow::Result;
 use ipnet::Ipv4Net;
 use overlay_common::maps::names;
 
-use crate::datapath::{Config, Counters, Peers, Routes, maps::open_pinned};
+use crate::{
+    conntrack::Conntrack,
+    datapath::{Config, Counters, NatEvents, Peers, Routes, maps::open_pinned},
+};
 
 /// The counters table; zero rows are left out unless `all`.
 pub fn counters(pin_dir: &Path, all: bool) -> Result<String> {
@@ -36,6 +39,46 @@ pub fn nodes(pin_dir: &Path) -> Result<String> {
     for (subnet, node) in &routes {
         let rx = peers.get(node).copied().unwrap_or_default();
         writeln!(out, "{:<20} {:<16} {:>12} {:>14}", subnet.to_string(), node.to_string(), rx.rx_packets, rx.rx_bytes)?;
+    }
+    Ok(out)
+}
+
+fn proto_name(proto: u8) -> String {
+    match proto {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        p => p.to_string(),
+    }
+}
+
+/// The masquerade connection table, one flow per line, then the event counts.
+pub fn nat(pin_dir: &Path) -> Result<String> {
+    let flows = Conntrack::new(open_pinned(pin_dir, names::CONNTRACK)?)?.flows()?;
+    let events = NatEvents::new(open_pinned(pin_dir, names::NAT_EVENTS)?)?.all()?;
+    let mut out = format!(
+        "{:<5} {:<22} {:<22} {:<22} {:<5} {:<12} {:>8} {:>8}\n",
+        "PROTO", "SOURCE", "DESTINATION", "TRANSLATED TO", "RULE", "STATE", "AGE", "EXPIRES"
+    );
+    for f in &flows {
+        let translated = f.translated.map_or("-".to_owned(), |(a, p)| format!("{a}:{p}"));
+        let rule = f.rule.map_or("?".to_owned(), |r| (r as u8).to_string());
+        writeln!(
+            out,
+            "{:<5} {:<22} {:<22} {:<22} {:<5} {:<12} {:>7}s {:>7}s",
+            proto_name(f.proto),
+            format!("{}:{}", f.src.0, f.src.1),
+            format!("{}:{}", f.dst.0, f.dst.1),
+            translated,
+            rule,
+            f.state(),
+            f.age.as_secs(),
+            f.expires_in.as_secs()
+        )?;
+    }
+    writeln!(out, "{} flows", flows.len())?;
+    for (event, n) in events {
+        writeln!(out, "{:<24} {n:>12}", event.name())?;
     }
     Ok(out)
 }

@@ -3,9 +3,11 @@
 
 pub mod bpffs;
 pub mod config;
+pub mod conntrack;
 pub mod datapath;
 pub mod host;
 pub mod inspect;
+pub mod masq;
 pub mod nodes;
 pub mod reconcile;
 pub mod subnet_env;

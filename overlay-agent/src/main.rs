@@ -5,18 +5,19 @@ use clap::{Parser, Subcommand, ValueEnum};
 use overlay_agent::{
     bpffs,
     config::NetConf,
-    datapath::{Datapath, MAP_NAMES},
+    datapath::{Datapath, LoadOptions, MAP_NAMES},
     host::{self, Host},
     inspect,
+    masq::{self, PortRange, TimeoutOverride},
     nodes::{NodeSet, file::watch_file},
-    reconcile::{Desired, Reconciler, Uplink},
+    reconcile::{Desired, NodeSettings, Reconciler, Uplink},
 };
 use overlay_common::Hook;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// eBPF IPIP overlay for Kubernetes: a drop-in for flanneld's ipip backend.
 #[derive(Parser)]
@@ -49,6 +50,11 @@ enum Command {
     },
     /// Print this node's configuration, the remote subnets and per-peer traffic.
     Nodes {
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Print the masquerade connection table and its events.
+    Nat {
         #[command(flatten)]
         pins: PinArgs,
     },
@@ -86,6 +92,23 @@ struct RunArgs {
     /// Seconds between full re-convergence passes (routes can be changed by others).
     #[arg(long, default_value_t = 30)]
     resync_seconds: u64,
+    /// Masquerade traffic leaving the pod network, as flanneld's --ip-masq.
+    #[arg(long)]
+    ip_masq: bool,
+    /// Translated source ports (and ICMP identifiers); must lie outside the kernel's
+    /// ephemeral range (net.ipv4.ip_local_port_range).
+    #[arg(long, default_value = "61000-65535")]
+    nat_ports: PortRange,
+    /// Capacity of the connection table (two entries per translated flow).
+    #[arg(long, default_value_t = overlay_common::maps::CONNTRACK_ENTRIES)]
+    conntrack_size: u32,
+    /// Override an idle timeout, NAME=SECONDS (tcp_syn, tcp_established, tcp_fin,
+    /// tcp_closed, udp, udp_assured, icmp); repeatable.
+    #[arg(long = "ct-timeout")]
+    ct_timeouts: Vec<TimeoutOverride>,
+    /// Seconds between sweeps of expired connections.
+    #[arg(long, default_value_t = 10)]
+    ct_gc_seconds: u64,
 }
 
 fn init_logging(format: LogFormat) {
@@ -108,6 +131,7 @@ async fn main() {
             inspect::counters(&bpffs::pin_dir(&pins.bpffs), all).map(|t| print!("{t}"))
         }
         Command::Nodes { pins } => inspect::nodes(&bpffs::pin_dir(&pins.bpffs)).map(|t| print!("{t}")),
+        Command::Nat { pins } => inspect::nat(&bpffs::pin_dir(&pins.bpffs)).map(|t| print!("{t}")),
     };
     if let Err(e) = result {
         error!("{e:#}");
@@ -121,14 +145,29 @@ async fn run(args: RunArgs) -> Result<()> {
         None => hostname()?,
     };
     let net_conf = NetConf::load(&args.net_conf)?;
+    let masq = masq::Settings {
+        enabled: args.ip_masq,
+        ports: args.nat_ports.0.clone(),
+        timeouts: masq::timeouts(&args.ct_timeouts)?,
+    };
+    if masq.enabled {
+        masq::check_against_ephemeral(&masq.ports, &masq::ephemeral_range()?)?;
+    }
     let host = Host::connect()?;
     let uplink = Uplink::find(&host, &args.iface).await?;
     host::enable_forwarding()?;
     let pin_dir = bpffs::prepare(&args.pins.bpffs)?;
-    let mut dp = Datapath::load(Some(&pin_dir))?;
+    let mut dp = Datapath::load(&LoadOptions { pin_dir: Some(pin_dir.clone()), conntrack_entries: args.conntrack_size })?;
     info!(node = node_name, uplink = uplink.name, mtu = uplink.mtu, network = %net_conf.network, pins = %pin_dir.display(), "datapath loaded");
 
-    let mut reconciler = Reconciler::new(host, uplink, args.bridge.clone(), net_conf.network, args.subnet_file.clone());
+    let settings = NodeSettings {
+        uplink,
+        bridge: args.bridge.clone(),
+        network: net_conf.network,
+        subnet_file: args.subnet_file.clone(),
+        masq,
+    };
+    let mut reconciler = Reconciler::new(host, settings);
     let result = serve(&args, &node_name, &mut dp, &mut reconciler).await;
 
     // Leave the node as we found it, whatever ended the run.
@@ -153,6 +192,7 @@ async fn serve(args: &RunArgs, node_name: &str, dp: &mut Datapath, rec: &mut Rec
     let watcher = tokio::spawn(watch_file(args.nodes_file.clone(), tx));
     let mut resync = tokio::time::interval(Duration::from_secs(args.resync_seconds.max(1)));
     let mut bridge_check = tokio::time::interval(Duration::from_secs(1));
+    let mut ct_gc = tokio::time::interval(Duration::from_secs(args.ct_gc_seconds.max(1)));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let result = loop {
@@ -169,6 +209,16 @@ async fn serve(args: &RunArgs, node_name: &str, dp: &mut Datapath, rec: &mut Rec
                 if dp.attachment(Hook::BridgeIngress).is_some() {
                     continue;
                 }
+            }
+            _ = ct_gc.tick() => {
+                match dp.conntrack.collect() {
+                    Ok(c) if c.expired + c.orphans > 0 => {
+                        debug!(expired = c.expired, orphans = c.orphans, remaining = c.remaining, "connection table swept");
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!("sweeping the connection table: {e:#}"),
+                }
+                continue;
             }
         }
         let set = nodes.borrow_and_update().clone();

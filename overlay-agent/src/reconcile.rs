@@ -10,13 +10,14 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use ipnet::Ipv4Net;
-use overlay_common::{DatapathConfig, Hook};
+use overlay_common::{DatapathConfig, Hook, config::FLAG_MASQUERADE};
 use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::{
     datapath::{Datapath, maps::Changes},
     host::{self, Host, OverlayRoute},
+    masq,
     nodes::{NodeError, NodeInfo, NodeSet},
     subnet_env::SubnetEnv,
 };
@@ -79,14 +80,6 @@ impl Desired {
         Ok(Self { own, remotes, peers, skipped })
     }
 
-    pub fn datapath_config(&self) -> DatapathConfig {
-        DatapathConfig {
-            node_ip: self.own.tunnel_ip.octets(),
-            pod_subnet: self.own.pod_cidr.network().octets(),
-            pod_prefix_len: self.own.pod_cidr.prefix_len(),
-            _pad: [0; 3],
-        }
-    }
 }
 
 /// The node's uplink.
@@ -95,6 +88,8 @@ pub struct Uplink {
     pub name: String,
     pub ifindex: u32,
     pub mtu: u32,
+    /// Its first IPv4 address: what masquerade translates pod traffic to (rule 5).
+    pub address: Ipv4Addr,
 }
 
 impl Uplink {
@@ -102,7 +97,12 @@ impl Uplink {
         let ifindex = host::ifindex_by_name(name)
             .with_context(|| format!("uplink interface {name} does not exist in this network namespace (--iface)"))?;
         let mtu = host.mtu(ifindex).await?;
-        Ok(Self { name: name.to_owned(), ifindex, mtu })
+        let address = *host
+            .addresses(Some(ifindex))
+            .await?
+            .first()
+            .with_context(|| format!("uplink interface {name} has no IPv4 address"))?;
+        Ok(Self { name: name.to_owned(), ifindex, mtu, address })
     }
 
     /// MTU left for pods once the outer header is added.
@@ -121,35 +121,65 @@ pub struct Outcome {
     pub unreachable_peers: usize,
 }
 
-pub struct Reconciler {
-    pub host: Host,
+/// What the node is told to be, besides the node set.
+pub struct NodeSettings {
     pub uplink: Uplink,
     pub bridge: String,
     pub network: Ipv4Net,
     pub subnet_file: PathBuf,
+    pub masq: masq::Settings,
+}
+
+pub struct Reconciler {
+    pub host: Host,
+    pub settings: NodeSettings,
     subnet_env: Option<SubnetEnv>,
     config: Option<DatapathConfig>,
 }
 
 impl Reconciler {
-    pub fn new(host: Host, uplink: Uplink, bridge: String, network: Ipv4Net, subnet_file: PathBuf) -> Self {
-        Self { host, uplink, bridge, network, subnet_file, subnet_env: None, config: None }
+    pub fn new(host: Host, settings: NodeSettings) -> Self {
+        Self { host, settings, subnet_env: None, config: None }
+    }
+
+    /// The datapath configuration for `desired` under these settings.
+    pub fn datapath_config(&self, desired: &Desired) -> DatapathConfig {
+        let s = &self.settings;
+        DatapathConfig {
+            node_ip: desired.own.tunnel_ip.octets(),
+            pod_subnet: desired.own.pod_cidr.network().octets(),
+            pod_prefix_len: desired.own.pod_cidr.prefix_len(),
+            cluster_net: s.network.network().octets(),
+            cluster_prefix_len: s.network.prefix_len(),
+            masq_ip: s.uplink.address.octets(),
+            flags: if s.masq.enabled { FLAG_MASQUERADE } else { 0 },
+            _pad: 0,
+            nat_port_min: *s.masq.ports.start(),
+            nat_port_max: *s.masq.ports.end(),
+            ct_timeouts: s.masq.timeouts,
+        }
     }
 
     /// One pass: datapath maps first (so encapsulation is ready before routes steer
     /// traffic to it), then kernel routes, the bridge, and subnet.env.
     pub async fn apply(&mut self, dp: &mut Datapath, desired: &Desired) -> Result<Outcome> {
-        let config = desired.datapath_config();
+        let config = self.datapath_config(desired);
         if self.config != Some(config) {
-            if !self.network.contains(&desired.own.pod_cidr) {
-                warn!(pod_cidr = %desired.own.pod_cidr, network = %self.network, "this node's podCIDR is outside the Network of net-conf.json");
+            if !self.settings.network.contains(&desired.own.pod_cidr) {
+                warn!(pod_cidr = %desired.own.pod_cidr, network = %self.settings.network, "this node's podCIDR is outside the Network of net-conf.json");
             }
-            if !self.host.local_addresses().await?.contains(&desired.own.tunnel_ip) {
+            if !self.host.addresses(None).await?.contains(&desired.own.tunnel_ip) {
                 warn!(address = %desired.own.tunnel_ip, "this node's tunnel address is not assigned to any local interface: tunnelled packets will not arrive");
             }
             dp.config.set(config)?;
             self.config = Some(config);
-            info!(node = desired.own.name, address = %desired.own.tunnel_ip, pod_cidr = %desired.own.pod_cidr, "datapath configured");
+            info!(
+                node = desired.own.name,
+                address = %desired.own.tunnel_ip,
+                pod_cidr = %desired.own.pod_cidr,
+                masquerade = self.settings.masq.enabled,
+                "datapath configured"
+            );
         }
         let mut outcome = Outcome {
             map_routes: dp.routes.sync(&desired.remotes)?,
@@ -159,10 +189,11 @@ impl Reconciler {
         (outcome.kernel_routes, outcome.unreachable_peers) = self.sync_routes(desired).await?;
         outcome.bridge_attached = self.sync_bridge(dp).await?;
 
-        let env = SubnetEnv::new(self.network, desired.own.pod_cidr, self.uplink.pod_mtu(), false);
+        let s = &self.settings;
+        let env = SubnetEnv::new(s.network, desired.own.pod_cidr, s.uplink.pod_mtu(), s.masq.enabled);
         if self.subnet_env.as_ref() != Some(&env) {
-            env.write(&self.subnet_file)?;
-            info!(path = %self.subnet_file.display(), subnet = %env.subnet, mtu = env.mtu, "subnet.env written");
+            env.write(&s.subnet_file)?;
+            info!(path = %s.subnet_file.display(), subnet = %env.subnet, mtu = env.mtu, "subnet.env written");
             self.subnet_env = Some(env);
         }
         Ok(outcome)
@@ -187,7 +218,7 @@ impl Reconciler {
                 },
             };
             let (via, oif) = hop;
-            want.insert(*subnet, OverlayRoute { dst: *subnet, via, oif, mtu: self.uplink.pod_mtu() });
+            want.insert(*subnet, OverlayRoute { dst: *subnet, via, oif, mtu: self.settings.uplink.pod_mtu() });
         }
         let have: BTreeMap<Ipv4Net, OverlayRoute> =
             self.host.overlay_routes().await?.into_iter().map(|r| (r.dst, r)).collect();
@@ -209,10 +240,11 @@ impl Reconciler {
 
     /// Attaches to the pod bridge once it exists (the CNI bridge plugin creates it with
     /// the first pod) and again if it is recreated. Returns whether it is attached.
-    async fn sync_bridge(&self, dp: &mut Datapath) -> Result<bool> {
-        let Some(ifindex) = host::ifindex_by_name(&self.bridge) else {
+    pub async fn sync_bridge(&self, dp: &mut Datapath) -> Result<bool> {
+        let (bridge, pod_mtu) = (&self.settings.bridge, self.settings.uplink.pod_mtu());
+        let Some(ifindex) = host::ifindex_by_name(bridge) else {
             if dp.attachment(Hook::BridgeIngress).is_some() {
-                warn!(bridge = self.bridge, "pod bridge disappeared; waiting for it to come back");
+                warn!(bridge, "pod bridge disappeared; waiting for it to come back");
                 dp.detach(Hook::BridgeIngress);
             }
             return Ok(false);
@@ -220,11 +252,11 @@ impl Reconciler {
         if dp.attachment(Hook::BridgeIngress).is_some_and(|a| a.ifindex == ifindex) {
             return Ok(true);
         }
-        if self.host.mtu(ifindex).await? != self.uplink.pod_mtu() {
-            self.host.set_mtu(ifindex, self.uplink.pod_mtu()).await?;
+        if self.host.mtu(ifindex).await? != pod_mtu {
+            self.host.set_mtu(ifindex, pod_mtu).await?;
         }
-        dp.attach(Hook::BridgeIngress, &self.bridge)?;
-        info!(bridge = self.bridge, mtu = self.uplink.pod_mtu(), "attached to the pod bridge");
+        dp.attach(Hook::BridgeIngress, bridge)?;
+        info!(bridge, mtu = pod_mtu, "attached to the pod bridge");
         Ok(true)
     }
 
@@ -264,8 +296,6 @@ mod tests {
         assert_eq!(d.remotes.len(), 2);
         assert_eq!(d.remotes[&"10.244.3.0/24".parse().unwrap()], Ipv4Addr::new(172, 19, 0, 2));
         assert_eq!(d.peers, [Ipv4Addr::new(172, 18, 0, 2), Ipv4Addr::new(172, 19, 0, 2)].into());
-        let c = d.datapath_config();
-        assert_eq!((c.node_ip, c.pod_subnet, c.pod_prefix_len), ([172, 18, 0, 3], [10, 244, 1, 0], 24));
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod datapath {
     mod topology;
 
     // Tests, one concern each.
+    mod conntrack;
     mod decap;
     mod egress;
     mod encap;
@@ -17,6 +18,8 @@ mod datapath {
     mod load;
     mod malformed;
     mod mtu;
+    mod nat;
+    mod nat_icmp;
     mod passthrough;
     mod slow_path;
 }

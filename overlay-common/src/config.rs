@@ -1,19 +1,63 @@
 //! Per-node datapath configuration, written by the agent into the `CONFIG` array map.
 
+use crate::conntrack::CtTimeouts;
+
+/// kube-proxy's "masquerade me" mark (KUBE-MARK-MASQ): such packets are left to
+/// kube-proxy's own rule, as flanneld's first masquerade rule does.
+pub const KUBE_PROXY_MASQ_MARK: u32 = 0x4000;
+
+/// `DatapathConfig::flags`: masquerade is on (flanneld `--ip-masq`).
+pub const FLAG_MASQUERADE: u8 = 1 << 0;
+
+/// Default range of translated source ports: above Linux's default ephemeral range
+/// (32768-60999), so the node's own connections never pick them.
+pub const NAT_PORT_MIN: u16 = 61000;
+pub const NAT_PORT_MAX: u16 = 65535;
+
 /// The single entry of the `CONFIG` map.
 ///
 /// A zero `node_ip` means "not configured yet": the programs then pass every packet.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DatapathConfig {
     /// This node's tunnel address: outer source of what we encapsulate, outer
     /// destination of what we accept.
     pub node_ip: [u8; 4],
     /// This node's pod subnet (network address); decapsulated packets must target it.
     pub pod_subnet: [u8; 4],
+    /// The cluster's pod network (`Network` of net-conf.json).
+    pub cluster_net: [u8; 4],
+    /// Source address for pods talking to the outside (rule 5): the uplink's address.
+    pub masq_ip: [u8; 4],
     /// Prefix length of `pod_subnet`.
     pub pod_prefix_len: u8,
-    pub _pad: [u8; 3],
+    /// Prefix length of `cluster_net`.
+    pub cluster_prefix_len: u8,
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
+    /// Range of translated source ports (and ICMP identifiers), inclusive.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    pub ct_timeouts: CtTimeouts,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self {
+            node_ip: [0; 4],
+            pod_subnet: [0; 4],
+            cluster_net: [0; 4],
+            masq_ip: [0; 4],
+            pod_prefix_len: 0,
+            cluster_prefix_len: 0,
+            flags: 0,
+            _pad: 0,
+            nat_port_min: NAT_PORT_MIN,
+            nat_port_max: NAT_PORT_MAX,
+            ct_timeouts: CtTimeouts::DEFAULT,
+        }
+    }
 }
 
 impl DatapathConfig {
@@ -24,8 +68,16 @@ impl DatapathConfig {
 
     /// Whether `addr` (wire order) lies in this node's pod subnet.
     pub fn in_pod_subnet(&self, addr: [u8; 4]) -> bool {
-        let mask = self.pod_mask();
-        u32::from_be_bytes(addr) & mask == u32::from_be_bytes(self.pod_subnet) & mask
+        in_net(addr, self.pod_subnet, self.pod_prefix_len)
+    }
+
+    /// Whether `addr` lies in the cluster's pod network.
+    pub fn in_cluster(&self, addr: [u8; 4]) -> bool {
+        in_net(addr, self.cluster_net, self.cluster_prefix_len)
+    }
+
+    pub const fn masquerade(&self) -> bool {
+        self.flags & FLAG_MASQUERADE != 0
     }
 
     /// The pod subnet's gateway (first address): the bridge address pods route through,
@@ -35,6 +87,17 @@ impl DatapathConfig {
             .wrapping_add(1)
             .to_be_bytes()
     }
+}
+
+/// Whether `addr` lies in `net/prefix_len` (all wire order).
+pub fn in_net(addr: [u8; 4], net: [u8; 4], prefix_len: u8) -> bool {
+    let mask = prefix_mask(prefix_len);
+    u32::from_be_bytes(addr) & mask == u32::from_be_bytes(net) & mask
+}
+
+/// Whether `addr` is IPv4 multicast (224.0.0.0/4), which is never masqueraded.
+pub fn is_multicast(addr: [u8; 4]) -> bool {
+    addr[0] & 0xf0 == 0xe0
 }
 
 /// Host-order mask for a prefix length; lengths above 32 saturate.
@@ -56,12 +119,29 @@ mod tests {
     use super::*;
 
     fn cfg(subnet: [u8; 4], len: u8) -> DatapathConfig {
-        DatapathConfig { node_ip: [172, 18, 0, 3], pod_subnet: subnet, pod_prefix_len: len, _pad: [0; 3] }
+        DatapathConfig {
+            node_ip: [172, 18, 0, 3],
+            pod_subnet: subnet,
+            pod_prefix_len: len,
+            cluster_net: [10, 244, 0, 0],
+            cluster_prefix_len: 16,
+            ..DatapathConfig::default()
+        }
     }
 
     #[test]
     fn layout_is_fixed() {
-        assert_eq!(core::mem::size_of::<DatapathConfig>(), 12);
+        assert_eq!(core::mem::size_of::<DatapathConfig>(), 52);
+    }
+
+    #[test]
+    fn cluster_membership_and_multicast() {
+        let c = cfg([10, 244, 1, 0], 24);
+        assert!(c.in_cluster([10, 244, 200, 1]));
+        assert!(!c.in_cluster([10, 245, 0, 1]));
+        assert!(is_multicast([224, 0, 0, 1]) && is_multicast([239, 255, 255, 250]));
+        assert!(!is_multicast([223, 255, 255, 255]) && !is_multicast([240, 0, 0, 1]));
+        assert!(!c.masquerade());
     }
 
     #[test]

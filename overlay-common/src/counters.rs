@@ -54,6 +54,10 @@ pub enum Reason {
     /// Too big for the uplink after encapsulation with DF set: answered with ICMP
     /// fragmentation-needed.
     FragNeededSent,
+    /// Source translated (masquerade) and sent on unencapsulated.
+    Masqueraded,
+    /// A reply translated back to the flow's original source, handed to the stack.
+    Unmasqueraded,
 
     /// Not IPv4 (ARP, IPv6, VLAN, ...): not ours.
     PassNotIpv4,
@@ -74,6 +78,9 @@ pub enum Reason {
     PassFragmentationNeeded,
     /// The agent has not configured this node yet.
     PassNotConfigured,
+    /// From the pod bridge with a source outside this node's pod subnet: left to the
+    /// host stack (and its reverse-path filter) rather than tunnelled blindly.
+    PassForeignSource,
 
     /// Truncated or inconsistent headers, or a bad outer header checksum.
     DropMalformed,
@@ -95,6 +102,14 @@ pub enum Reason {
     DropNoRouteToPeer,
     /// A kernel helper failed while rewriting the packet.
     DropHelperError,
+    /// Masquerade needed a new flow but the connection table is full.
+    DropNatTableFull,
+    /// Masquerade found no free port in the configured range.
+    DropNatPortsExhausted,
+    /// A fragment of a flow to masquerade: without reassembly its ports are unknown.
+    DropNatFragment,
+    /// A protocol (or ICMP type) masquerade cannot translate.
+    DropNatUnsupported,
 }
 
 /// How a reason reads for an operator.
@@ -106,7 +121,7 @@ pub enum Kind {
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DropHelperError as u32 + 1;
+    pub const COUNT: u32 = Reason::DropNatUnsupported as u32 + 1;
 
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Encapsulated,
@@ -114,6 +129,8 @@ impl Reason {
         Reason::Decapsulated,
         Reason::DecapsulatedToStack,
         Reason::FragNeededSent,
+        Reason::Masqueraded,
+        Reason::Unmasqueraded,
         Reason::PassNotIpv4,
         Reason::PassNotOverlay,
         Reason::PassNotTunnel,
@@ -123,6 +140,7 @@ impl Reason {
         Reason::PassTtlExpired,
         Reason::PassFragmentationNeeded,
         Reason::PassNotConfigured,
+        Reason::PassForeignSource,
         Reason::DropMalformed,
         Reason::DropUnknownPeer,
         Reason::DropNotForThisNode,
@@ -133,6 +151,10 @@ impl Reason {
         Reason::DropTooBig,
         Reason::DropNoRouteToPeer,
         Reason::DropHelperError,
+        Reason::DropNatTableFull,
+        Reason::DropNatPortsExhausted,
+        Reason::DropNatFragment,
+        Reason::DropNatUnsupported,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -142,6 +164,8 @@ impl Reason {
             Reason::Decapsulated => "decapsulated",
             Reason::DecapsulatedToStack => "decapsulated_to_stack",
             Reason::FragNeededSent => "frag_needed_sent",
+            Reason::Masqueraded => "masqueraded",
+            Reason::Unmasqueraded => "unmasqueraded",
             Reason::PassNotIpv4 => "pass_not_ipv4",
             Reason::PassNotOverlay => "pass_not_overlay",
             Reason::PassNotTunnel => "pass_not_tunnel",
@@ -151,6 +175,7 @@ impl Reason {
             Reason::PassTtlExpired => "pass_ttl_expired",
             Reason::PassFragmentationNeeded => "pass_fragmentation_needed",
             Reason::PassNotConfigured => "pass_not_configured",
+            Reason::PassForeignSource => "pass_foreign_source",
             Reason::DropMalformed => "drop_malformed",
             Reason::DropUnknownPeer => "drop_unknown_peer",
             Reason::DropNotForThisNode => "drop_not_for_this_node",
@@ -161,14 +186,44 @@ impl Reason {
             Reason::DropTooBig => "drop_too_big",
             Reason::DropNoRouteToPeer => "drop_no_route_to_peer",
             Reason::DropHelperError => "drop_helper_error",
+            Reason::DropNatTableFull => "drop_nat_table_full",
+            Reason::DropNatPortsExhausted => "drop_nat_ports_exhausted",
+            Reason::DropNatFragment => "drop_nat_fragment",
+            Reason::DropNatUnsupported => "drop_nat_unsupported",
         }
     }
 
     pub const fn kind(self) -> Kind {
         match self as u32 {
-            r if r <= Reason::FragNeededSent as u32 => Kind::Forward,
-            r if r <= Reason::PassNotConfigured as u32 => Kind::Pass,
+            r if r <= Reason::Unmasqueraded as u32 => Kind::Forward,
+            r if r <= Reason::PassForeignSource as u32 => Kind::Pass,
             _ => Kind::Drop,
+        }
+    }
+}
+
+/// Masquerade events that are not packet outcomes (a packet can cause several).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NatEvent {
+    /// A translated flow was created.
+    FlowCreated = 0,
+    /// A candidate port was taken; another one was tried.
+    PortCollision,
+    /// An ICMP error about a translated flow was translated (RFC 5508).
+    IcmpErrorTranslated,
+}
+
+impl NatEvent {
+    pub const COUNT: u32 = NatEvent::IcmpErrorTranslated as u32 + 1;
+    pub const ALL: [NatEvent; NatEvent::COUNT as usize] =
+        [NatEvent::FlowCreated, NatEvent::PortCollision, NatEvent::IcmpErrorTranslated];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            NatEvent::FlowCreated => "flow_created",
+            NatEvent::PortCollision => "port_collision",
+            NatEvent::IcmpErrorTranslated => "icmp_error_translated",
         }
     }
 }

@@ -11,7 +11,15 @@ pub mod names {
     pub const CONFIG: &str = "CONFIG";
     /// `PerCpuArray<Counter>` indexed by [`crate::counters::index`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// `HashMap<CtKey, CtEntry>`: the masquerade connection table.
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// `PerCpuArray<u64>` indexed by [`crate::counters::NatEvent`].
+    pub const NAT_EVENTS: &str = "NAT_EVENTS";
 }
+
+/// Default capacity of `CONNTRACK` (two entries per translated flow); the agent can
+/// size it at load time.
+pub const CONNTRACK_ENTRIES: u32 = 131_072;
 
 /// Capacity of `ROUTES` and `PEERS`: Kubernetes supports 5,000 nodes per cluster; leave
 /// room for nodes that own several subnets and for churn.
@@ -42,4 +50,4 @@ mod pod {
 /// Version of the map layout (names, key and value types, sizes). Pinned maps live
 /// under a directory named after it, so a build with another layout never picks up
 /// maps it cannot read.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;

@@ -4,9 +4,12 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use overlay_common::{Hook, Reason, counters::index};
+use overlay_common::{
+    Hook, Reason,
+    counters::{NatEvent, index},
+};
 
-use crate::maps::COUNTERS;
+use crate::maps::{COUNTERS, NAT_EVENTS};
 
 /// An outcome and the TC action that realises it.
 pub type Verdict = (Reason, i32);
@@ -40,4 +43,12 @@ pub fn account(hook: Hook, bytes: u32, (reason, action): Verdict) -> i32 {
 pub fn run(ctx: &TcContext, hook: Hook, f: impl FnOnce(&TcContext) -> Verdict) -> i32 {
     let bytes = ctx.len();
     account(hook, bytes, f(ctx))
+}
+
+/// Records a masquerade event.
+#[inline(always)]
+pub fn nat_event(event: NatEvent) {
+    if let Some(c) = NAT_EVENTS.get_ptr_mut(event as u32) {
+        unsafe { *c += 1 };
+    }
 }

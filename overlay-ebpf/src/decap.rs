@@ -12,7 +12,9 @@ use crate::{
     checksum,
     counters::{Verdict, drop, pass, run},
     fib::{self, Path},
+    ipv4,
     maps::{PEERS, config},
+    nat,
     parse::{self, ETH_LEN, Frame, IPPROTO_IPIP, IPV4_LEN, ptr_at},
 };
 
@@ -33,7 +35,12 @@ fn uplink(ctx: &TcContext) -> Verdict {
         Frame::Truncated => return drop(Reason::DropMalformed),
     };
     if outer.proto != IPPROTO_IPIP || outer.dst_addr != cfg.node_ip {
-        return pass(Reason::PassNotTunnel);
+        // Not our tunnel; it may be the reply to a masqueraded flow.
+        return match nat::ingress(ctx, cfg, &outer) {
+            Ok(true) => pass(Reason::Unmasqueraded),
+            Ok(false) => pass(Reason::PassNotTunnel),
+            Err(reason) => drop(reason),
+        };
     }
     let inner = match tunnel_payload(ctx, cfg, &outer) {
         Ok(inner) => inner,
@@ -59,22 +66,31 @@ fn uplink(ctx: &TcContext) -> Verdict {
     if ctx.adjust_room(-(IPV4_LEN as i32), BPF_ADJ_ROOM_MAC, flags).is_err() {
         return drop(Reason::DropHelperError);
     }
+    if outer_ce && !ipv4::set_ce(ctx) {
+        return drop(Reason::DropHelperError);
+    }
+    // Replies to flows masqueraded under rule 6 come back through the tunnel to our
+    // pod gateway address.
+    match nat::ingress(ctx, cfg, &inner) {
+        Ok(true) => return pass(Reason::Unmasqueraded),
+        Ok(false) => {}
+        Err(reason) => return drop(reason),
+    }
     if inner.ttl <= 1 {
         // Let the stack answer with time-exceeded.
-        return with_ce(ctx, &inner, outer_ce, false, pass(Reason::DecapsulatedToStack));
+        return pass(Reason::DecapsulatedToStack);
     }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     match fib::lookup(ctx, ifindex, inner.src_addr, inner.dst_addr, 0) {
         Path::Resolved { ifindex: out, smac, dmac } => {
-            if !fib::set_macs(ctx, smac, dmac) {
+            if !fib::set_macs(ctx, smac, dmac) || !ipv4::decrement_ttl(ctx) {
                 return drop(Reason::DropHelperError);
             }
-            let verdict = (Reason::Decapsulated, fib::out(out, None));
-            with_ce(ctx, &inner, outer_ce, true, verdict)
+            (Reason::Decapsulated, fib::out(out, None))
         }
         // Local destination (the gateway), unresolved pod neighbour, or anything odd:
         // the host stack delivers, resolves or reports.
-        _ => with_ce(ctx, &inner, outer_ce, false, pass(Reason::DecapsulatedToStack)),
+        _ => pass(Reason::DecapsulatedToStack),
     }
 }
 
@@ -119,32 +135,4 @@ fn tunnel_payload(ctx: &TcContext, cfg: &DatapathConfig, outer: &Ipv4Hdr) -> Res
         return Err(drop(Reason::DropNestedTunnel));
     }
     Ok(inner)
-}
-
-/// Applies the header changes of a decapsulated packet (now at `ETH_LEN`): CE from the
-/// outer header and, when we forward it ourselves, one TTL hop. Returns `verdict`, or a
-/// drop if the header cannot be written.
-#[inline(always)]
-fn with_ce(ctx: &TcContext, inner: &Ipv4Hdr, set_ce: bool, forward: bool, verdict: Verdict) -> Verdict {
-    if !set_ce && !forward {
-        return verdict;
-    }
-    let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
-        return drop(Reason::DropHelperError);
-    };
-    let mut check = u16::from_be_bytes(inner.check);
-    if set_ce {
-        let old = u16::from_be_bytes([inner.vihl, inner.tos]);
-        let new = u16::from_be_bytes([inner.vihl, inner.tos | ECN_CE]);
-        check = checksum::replace(check, old, new);
-        unsafe { (*hdr).tos = inner.tos | ECN_CE };
-    }
-    if forward {
-        let old = u16::from_be_bytes([inner.ttl, inner.proto]);
-        let new = u16::from_be_bytes([inner.ttl - 1, inner.proto]);
-        check = checksum::replace(check, old, new);
-        unsafe { (*hdr).ttl = inner.ttl - 1 };
-    }
-    unsafe { (*hdr).check = check.to_be_bytes() };
-    verdict
 }

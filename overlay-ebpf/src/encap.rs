@@ -14,8 +14,9 @@ use crate::{
     checksum,
     counters::{Verdict, drop, pass, run},
     fib::{self, Path},
-    icmp,
+    icmp, ipv4,
     maps::{ROUTES, config},
+    nat,
     parse::{self, ETH_LEN, Frame, IPPROTO_IPIP, IPV4_LEN, ptr_at},
 };
 
@@ -37,10 +38,15 @@ pub fn from_host(ctx: &TcContext) -> i32 {
 
 fn bridge(ctx: &TcContext) -> Verdict {
     let Some(cfg) = config() else { return pass(Reason::PassNotConfigured) };
-    let (ip, peer) = match overlay_packet(ctx) {
+    let (ip, peer) = match ipv4_frame(ctx).and_then(|ip| overlay_packet(ctx, ip)) {
         Ok(found) => found,
         Err(verdict) => return verdict,
     };
+    // Only this node's pods may use the fast path; anything else meets the host's
+    // own routing and reverse-path filter.
+    if !cfg.in_pod_subnet(ip.src_addr) {
+        return pass(Reason::PassForeignSource);
+    }
     // The fast path takes plain datagrams only; the host stack handles the rest and
     // routes it back to us through the uplink egress hook.
     if ip.ihl() as usize != IPV4_LEN {
@@ -63,7 +69,7 @@ fn bridge(ctx: &TcContext) -> Verdict {
     };
     // We forward in place of the host's router: the inner TTL drops by one, and the
     // outer header inherits it.
-    if !decrement_ttl(ctx, &ip) {
+    if !ipv4::decrement_ttl(ctx) {
         return drop(Reason::DropHelperError);
     }
     push_outer(ctx, cfg, &ip, ip.ttl - 1, peer, path, None)
@@ -71,8 +77,23 @@ fn bridge(ctx: &TcContext) -> Verdict {
 
 fn host(ctx: &TcContext) -> Verdict {
     let Some(cfg) = config() else { return pass(Reason::PassNotConfigured) };
-    let (ip, peer) = match overlay_packet(ctx) {
+    let ip = match ipv4_frame(ctx) {
+        Ok(ip) => ip,
+        Err(verdict) => return verdict,
+    };
+    // Masquerade first: a translated packet may still be bound for a remote pod (rule 6).
+    let (ip, masqueraded) = match nat::egress(ctx, cfg, &ip) {
+        Ok(false) => (ip, false),
+        Ok(true) => match parse::frame(ctx) {
+            Frame::Ipv4(ip) => (ip, true),
+            _ => return drop(Reason::DropHelperError),
+        },
+        Err(reason) => return drop(reason),
+    };
+    let (ip, peer) = match overlay_packet(ctx, ip) {
         Ok(found) => found,
+        // Translated for the outside: it leaves unencapsulated.
+        Err(_) if masqueraded => return pass(Reason::Masqueraded),
         Err(verdict) => return verdict,
     };
     // The host stack already routed this packet (TTL, options and fragments are its
@@ -88,15 +109,20 @@ fn host(ctx: &TcContext) -> Verdict {
     push_outer(ctx, cfg, &ip, ip.ttl, peer, path, Some(ctx_ifindex(ctx)))
 }
 
-/// The IPv4 header and the peer node of a well-formed packet for a remote pod subnet;
-/// anything else ends here with its verdict.
+/// The IPv4 header of an IPv4 frame; anything else ends here with its verdict.
 #[inline(always)]
-fn overlay_packet(ctx: &TcContext) -> Result<(Ipv4Hdr, [u8; 4]), Verdict> {
-    let ip = match parse::frame(ctx) {
-        Frame::Ipv4(ip) => ip,
-        Frame::Other => return Err(pass(Reason::PassNotIpv4)),
-        Frame::Truncated => return Err(drop(Reason::DropMalformed)),
-    };
+fn ipv4_frame(ctx: &TcContext) -> Result<Ipv4Hdr, Verdict> {
+    match parse::frame(ctx) {
+        Frame::Ipv4(ip) => Ok(ip),
+        Frame::Other => Err(pass(Reason::PassNotIpv4)),
+        Frame::Truncated => Err(drop(Reason::DropMalformed)),
+    }
+}
+
+/// The peer node of a well-formed packet for a remote pod subnet; anything else ends
+/// here with its verdict.
+#[inline(always)]
+fn overlay_packet(ctx: &TcContext, ip: Ipv4Hdr) -> Result<(Ipv4Hdr, [u8; 4]), Verdict> {
     let Some(route) = ROUTES.get(Key::new(32, ip.dst_addr)) else {
         // IPIP to a node address: our own encapsulated packets passing the uplink.
         let reason = if ip.proto == IPPROTO_IPIP { Reason::PassTunnelled } else { Reason::PassNotOverlay };
@@ -120,19 +146,6 @@ fn ctx_ifindex(ctx: &TcContext) -> u32 {
 #[inline(always)]
 fn outer_len(ctx: &TcContext, ip: &Ipv4Hdr) -> u16 {
     parse::wire_len(ctx, ip).saturating_add(IPV4_LEN as u16)
-}
-
-/// Decrements the TTL of the IPv4 header at `ETH_LEN`, updating its checksum.
-#[inline(always)]
-fn decrement_ttl(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
-    let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else { return false };
-    let old = u16::from_be_bytes([ip.ttl, ip.proto]);
-    let new = u16::from_be_bytes([ip.ttl - 1, ip.proto]);
-    unsafe {
-        (*hdr).ttl = ip.ttl - 1;
-        (*hdr).check = checksum::replace(u16::from_be_bytes(ip.check), old, new).to_be_bytes();
-    }
-    true
 }
 
 /// The outer header for `inner`, sent from this node to `peer`.

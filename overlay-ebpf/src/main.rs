@@ -7,16 +7,20 @@
 //!   subnet (host -> pod, slow-path packets, service traffic) is encapsulated on its way out.
 //! - `uplink_ingress` (uplink, ingress): IPIP from a known node for a local pod is
 //!   decapsulated and sent straight to the pod.
+//! - Masquerade (`nat`) translates on the uplink's egress and back on its ingress.
 #![no_std]
 #![no_main]
 
 mod checksum;
+mod conntrack;
 mod counters;
 mod decap;
 mod encap;
 mod fib;
 mod icmp;
+mod ipv4;
 mod maps;
+mod nat;
 mod parse;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};

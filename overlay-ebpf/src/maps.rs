@@ -2,10 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
 use overlay_common::{
-    Counter, DatapathConfig, PeerStats, Route, counters::COUNTER_SLOTS, maps::MAX_NODES,
+    Counter, DatapathConfig, PeerStats, Route,
+    conntrack::{CtEntry, CtKey},
+    counters::{COUNTER_SLOTS, NatEvent},
+    maps::{CONNTRACK_ENTRIES, MAX_NODES},
 };
 
 #[map(name = "ROUTES")]
@@ -19,6 +22,13 @@ pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Sized by the agent at load time (`map_max_entries`).
+#[map(name = "CONNTRACK")]
+pub static CONNTRACK: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
+
+#[map(name = "NAT_EVENTS")]
+pub static NAT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NatEvent::COUNT, 0);
 
 /// This node's configuration, once the agent has written it.
 #[inline(always)]

@@ -14,7 +14,7 @@ use aya::maps::{
 use ipnet::Ipv4Net;
 use overlay_common::{
     Counter, DatapathConfig, Hook, PeerStats, Reason, Route,
-    counters::index,
+    counters::{NatEvent, index},
     maps::names,
 };
 
@@ -165,5 +165,22 @@ impl Counters {
             }
         }
         Ok(out)
+    }
+}
+
+/// `NAT_EVENTS`: masquerade events.
+pub struct NatEvents(PerCpuArray<MapData, u64>);
+
+impl NatEvents {
+    pub fn new(map: Map) -> Result<Self> {
+        Ok(Self(PerCpuArray::try_from(map).context(names::NAT_EVENTS)?))
+    }
+
+    /// Every event with its total over CPUs.
+    pub fn all(&self) -> Result<Vec<(NatEvent, u64)>> {
+        NatEvent::ALL
+            .iter()
+            .map(|e| Ok((*e, self.0.get(&(*e as u32), 0)?.iter().sum())))
+            .collect()
     }
 }

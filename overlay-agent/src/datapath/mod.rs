@@ -3,14 +3,19 @@
 mod attach;
 pub mod maps;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
-use overlay_common::{Hook, maps::names};
+use overlay_common::{
+    Hook,
+    maps::{CONNTRACK_ENTRIES, names},
+};
 
 pub use attach::Attachment;
-pub use maps::{Config, Counters, Peers, Routes};
+pub use maps::{Config, Counters, NatEvents, Peers, Routes};
+
+use crate::conntrack::Conntrack;
 
 /// The compiled datapath, built by this crate's build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay-ebpf"));
@@ -22,21 +27,40 @@ pub struct Datapath {
     pub peers: Peers,
     pub config: Config,
     pub counters: Counters,
+    pub conntrack: Conntrack,
+    pub nat_events: NatEvents,
     attachments: Vec<Attachment>,
 }
 
 /// Names of all maps, in the order they are pinned and checked.
-pub const MAP_NAMES: [&str; 4] = [names::ROUTES, names::PEERS, names::CONFIG, names::COUNTERS];
+pub const MAP_NAMES: [&str; 6] =
+    [names::ROUTES, names::PEERS, names::CONFIG, names::COUNTERS, names::CONNTRACK, names::NAT_EVENTS];
+
+/// How to load the datapath.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Pin the maps here (and reuse them if already pinned), so that other processes
+    /// can inspect them.
+    pub pin_dir: Option<PathBuf>,
+    /// Capacity of the masquerade connection table (two entries per flow).
+    pub conntrack_entries: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { pin_dir: None, conntrack_entries: CONNTRACK_ENTRIES }
+    }
+}
 
 impl Datapath {
-    /// Loads the programs into the kernel. With `pin_dir`, maps are pinned there (and
-    /// reused if already pinned), so that other processes can inspect them.
-    pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
-        let pins: Vec<(&str, PathBuf)> = match pin_dir {
+    /// Loads the programs into the kernel.
+    pub fn load(options: &LoadOptions) -> Result<Self> {
+        let pins: Vec<(&str, PathBuf)> = match &options.pin_dir {
             Some(dir) => MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect(),
             None => Vec::new(),
         };
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::CONNTRACK, options.conntrack_entries);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -57,7 +81,9 @@ impl Datapath {
         let peers = Peers::new(take(names::PEERS)?)?;
         let config = Config::new(take(names::CONFIG)?)?;
         let counters = Counters::new(take(names::COUNTERS)?)?;
-        Ok(Self { ebpf, routes, peers, config, counters, attachments: Vec::new() })
+        let conntrack = Conntrack::new(take(names::CONNTRACK)?)?;
+        let nat_events = NatEvents::new(take(names::NAT_EVENTS)?)?;
+        Ok(Self { ebpf, routes, peers, config, counters, conntrack, nat_events, attachments: Vec::new() })
     }
 
     /// The loaded program for `hook` (for attaching, or running it with test data).

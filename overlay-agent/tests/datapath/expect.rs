@@ -175,19 +175,30 @@ fn check_datagram(datagram: &[u8], depth: usize) {
         }
         IpNumber::UDP => {
             let (udp, data) = UdpHeader::from_slice(payload).expect("UDP header");
-            assert_eq!(udp.checksum, udp.calc_checksum_ipv4(&ip, data).expect("fits"), "UDP checksum");
+            // Zero is "no checksum" (RFC 768), and must stay so.
+            if udp.checksum != 0 {
+                assert_eq!(udp.checksum, udp.calc_checksum_ipv4(&ip, data).expect("fits"), "UDP checksum");
+            }
         }
         IpNumber::ICMP => {
             let (icmp, data) = Icmpv4Header::from_slice(payload).expect("ICMP header");
-            assert_eq!(icmp.checksum, icmp.icmp_type.calc_checksum(data), "ICMP checksum");
-            if let Icmpv4Type::DestinationUnreachable(_) = icmp.icmp_type {
-                // The quote is cut short: only its header checksum can be checked.
+            assert_eq!(icmp.checksum, icmp.icmp_type.calc_checksum(data), "ICMP checksum at depth {depth}");
+            if let Icmpv4Type::DestinationUnreachable(_)
+            | Icmpv4Type::TimeExceeded(_)
+            | Icmpv4Type::ParameterProblem(_) = icmp.icmp_type
+            {
                 let (quoted, _) = Ipv4Header::from_slice(data).expect("quoted IPv4 header");
-                assert_eq!(
-                    quoted.header_checksum,
-                    quoted.calc_header_checksum(),
-                    "quoted IPv4 header checksum"
-                );
+                if usize::from(quoted.total_len) == data.len() {
+                    // The whole datagram is quoted: every checksum in it must hold.
+                    check_datagram(data, depth + 1);
+                } else {
+                    // The quote is cut short: only its header checksum can be checked.
+                    assert_eq!(
+                        quoted.header_checksum,
+                        quoted.calc_header_checksum(),
+                        "quoted IPv4 header checksum"
+                    );
+                }
             }
         }
         // No transport checksum the datapath could have touched.

@@ -16,10 +16,19 @@ use std::{
     thread,
 };
 
-use aya::programs::{ProgramError, TestRun as _, TestRunOptions};
+use aya::{
+    maps::{HashMap, Map, MapData, MapInfo},
+    programs::{ProgramError, TestRun as _, TestRunOptions},
+};
 use ipnet::Ipv4Net;
-use overlay_agent::datapath::Datapath;
-use overlay_common::{Counter, DatapathConfig, Hook, PeerStats, Reason};
+use overlay_agent::datapath::{Datapath, LoadOptions};
+use overlay_common::{
+    Counter, DatapathConfig, Hook, PeerStats, Reason,
+    config::FLAG_MASQUERADE,
+    conntrack::{CtEntry, CtKey},
+    counters::NatEvent,
+    maps::names,
+};
 
 use super::{expect, topology};
 
@@ -112,6 +121,8 @@ pub struct Outcome {
     pub counted: Vec<(Hook, Reason, Counter)>,
     /// PEERS entries that changed, with their increments.
     pub peers: BTreeMap<Ipv4Addr, PeerStats>,
+    /// Masquerade events that happened, with their increments.
+    pub events: BTreeMap<NatEvent, u64>,
 }
 
 /// This node: its namespace's devices and the loaded datapath.
@@ -121,15 +132,37 @@ pub struct Node {
     pub eth0: u32,
     /// ifindex of the pod bridge.
     pub cni0: u32,
+    /// What CONFIG holds.
+    pub config: DatapathConfig,
 }
 
 /// Runs `test` on a thread of its own, in a fresh network namespace holding this node's
 /// topology, with the datapath loaded and configured. Panics of `test` propagate.
 pub fn with_node(test: impl FnOnce(&mut Node) + Send + 'static) {
+    with_node_setup(LoadOptions::default(), |_| {}, test);
+}
+
+/// [`with_node`] with masquerade on (flanneld `--ip-masq`).
+pub fn with_masquerading_node(test: impl FnOnce(&mut Node) + Send + 'static) {
+    with_node_setup(LoadOptions::default(), masquerade, test);
+}
+
+/// Turns masquerade on in `config`.
+pub fn masquerade(config: &mut DatapathConfig) {
+    config.flags |= FLAG_MASQUERADE;
+}
+
+/// [`with_node`], with the datapath loaded with `options` and the configuration the agent
+/// would write changed by `adjust`.
+pub fn with_node_setup(
+    options: LoadOptions,
+    adjust: impl FnOnce(&mut DatapathConfig) + Send + 'static,
+    test: impl FnOnce(&mut Node) + Send + 'static,
+) {
     in_new_netns(move || {
         build_topology();
-        let mut node = Node::new();
-        node.configure();
+        let mut node = Node::new(&options);
+        node.configure(adjust);
         test(&mut node);
     });
 }
@@ -139,7 +172,7 @@ pub fn with_node(test: impl FnOnce(&mut Node) + Send + 'static) {
 pub fn with_unconfigured_node(test: impl FnOnce(&mut Node) + Send + 'static) {
     in_new_netns(move || {
         build_topology();
-        test(&mut Node::new());
+        test(&mut Node::new(&LoadOptions::default()));
     });
 }
 
@@ -221,23 +254,26 @@ fn ifindex(name: &str) -> u32 {
 }
 
 impl Node {
-    fn new() -> Self {
-        let dp = Datapath::load(None).expect("loading the datapath (the verifier must accept all programs)");
-        Self { dp, eth0: ifindex("eth0"), cni0: ifindex("cni0") }
+    fn new(options: &LoadOptions) -> Self {
+        let dp = Datapath::load(options).expect("loading the datapath (the verifier must accept all programs)");
+        Self { dp, eth0: ifindex("eth0"), cni0: ifindex("cni0"), config: DatapathConfig::default() }
     }
 
-    /// Fills CONFIG, ROUTES and PEERS as the agent would for this node.
-    fn configure(&mut self) {
+    /// Fills CONFIG (as the agent would, then changed by `adjust`), ROUTES and PEERS.
+    fn configure(&mut self, adjust: impl FnOnce(&mut DatapathConfig)) {
         use topology::*;
-        self.dp
-            .config
-            .set(DatapathConfig {
-                node_ip: NODE_IP.octets(),
-                pod_subnet: POD_SUBNET.network().octets(),
-                pod_prefix_len: POD_SUBNET.prefix_len(),
-                _pad: [0; 3],
-            })
-            .expect("writing CONFIG");
+        let mut config = DatapathConfig {
+            node_ip: NODE_IP.octets(),
+            pod_subnet: POD_SUBNET.network().octets(),
+            pod_prefix_len: POD_SUBNET.prefix_len(),
+            cluster_net: CLUSTER.network().octets(),
+            cluster_prefix_len: CLUSTER.prefix_len(),
+            masq_ip: NODE_IP.octets(),
+            ..DatapathConfig::default()
+        };
+        adjust(&mut config);
+        self.dp.config.set(config).expect("writing CONFIG");
+        self.config = config;
         let routes: BTreeMap<Ipv4Net, Ipv4Addr> = REMOTES.iter().map(|r| (r.subnet, r.node)).collect();
         self.dp.routes.sync(&routes).expect("writing ROUTES");
         let peers: BTreeSet<Ipv4Addr> = PEERS.iter().copied().collect();
@@ -268,6 +304,7 @@ impl Node {
     pub fn try_run_with(&self, hook: Hook, frame: &[u8], ctx: SkBuff) -> Result<Outcome, ProgramError> {
         let counters_before = self.counters();
         let peers_before = self.peer_stats();
+        let events_before = self.nat_events();
         // Room for what encapsulation adds (20 bytes), with some to spare.
         let mut data = vec![0u8; frame.len() + 256];
         let mut ctx_out = SkBuff::default();
@@ -285,6 +322,7 @@ impl Node {
             ctx: ctx_out,
             counted: counter_increments(&counters_before, &self.counters()),
             peers: peer_increments(&peers_before, &self.peer_stats()),
+            events: event_increments(&events_before, &self.nat_events()),
         })
     }
 
@@ -293,9 +331,14 @@ impl Node {
     /// PEERS accounting (only decapsulated packets count, against their outer source).
     /// Returns the packet as the program left it.
     pub fn expect(&self, hook: Hook, frame: &[u8], act: Act, reason: Reason) -> Vec<u8> {
+        self.expect_outcome(hook, frame, act, reason).data
+    }
+
+    /// [`Node::expect`], returning all the run did.
+    pub fn expect_outcome(&self, hook: Hook, frame: &[u8], act: Act, reason: Reason) -> Outcome {
         let out = self.run(hook, frame);
         check_verdict(hook, frame, &out, act, reason);
-        out.data
+        out
     }
 
     /// [`Node::expect`] for each of the named `cases`, which all end the same way.
@@ -335,6 +378,35 @@ impl Node {
     pub fn peer_stats(&self) -> BTreeMap<Ipv4Addr, PeerStats> {
         self.dp.peers.stats().expect("reading PEERS")
     }
+
+    pub fn nat_events(&self) -> BTreeMap<NatEvent, u64> {
+        self.dp.nat_events.all().expect("reading NAT_EVENTS").into_iter().collect()
+    }
+
+    /// The CONNTRACK map of this node's datapath, opened on its own (the agent's
+    /// `Conntrack` only lists and collects): found among the maps the programs use, so
+    /// that the maps of tests running in parallel are never confused.
+    pub fn conntrack_map(&self) -> HashMap<MapData, CtKey, CtEntry> {
+        let ids = self
+            .dp
+            .program(Hook::UplinkEgress)
+            .info()
+            .expect("program info")
+            .map_ids()
+            .expect("map ids of uplink_egress")
+            .expect("the kernel reports map ids");
+        let id = ids
+            .into_iter()
+            .find(|id| MapInfo::from_id(*id).expect("map info").name_as_str() == Some(names::CONNTRACK))
+            .expect("uplink_egress uses CONNTRACK");
+        let map = Map::from_map_data(MapData::from_id(id).expect("opening CONNTRACK by id")).expect("CONNTRACK");
+        HashMap::try_from(map).expect("CONNTRACK is a hash map")
+    }
+
+    /// Every entry of CONNTRACK.
+    pub fn conntrack_entries(&self) -> BTreeMap<CtKey, CtEntry> {
+        self.conntrack_map().iter().map(|e| e.expect("reading CONNTRACK")).collect()
+    }
 }
 
 /// Asserts what [`Node::expect`] promises about `out`.
@@ -342,8 +414,12 @@ pub fn check_verdict(hook: Hook, frame: &[u8], out: &Outcome, act: Act, reason: 
     let want = vec![(hook, reason, Counter { packets: 1, bytes: frame.len() as u64 })];
     assert_eq!(out.counted, want, "counter increments");
     assert_eq!(out.rc, act as u32, "return code: want {act:?} ({reason:?})");
-    let decapsulated =
-        hook == Hook::UplinkIngress && matches!(reason, Reason::Decapsulated | Reason::DecapsulatedToStack);
+    // A reply translated back after decapsulation (masquerade rule 6) came through the
+    // tunnel too: IPIP to this node.
+    let tunnelled = frame.get(23) == Some(&4) && frame.get(30..34) == Some(&topology::NODE_IP.octets()[..]);
+    let decapsulated = hook == Hook::UplinkIngress
+        && (matches!(reason, Reason::Decapsulated | Reason::DecapsulatedToStack)
+            || reason == Reason::Unmasqueraded && tunnelled);
     let want_peers: BTreeMap<Ipv4Addr, PeerStats> = if decapsulated {
         // The outer source address, read straight from the frame we sent.
         let outer_src = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
@@ -369,6 +445,10 @@ fn counter_increments(
             (a.0, a.1, diff)
         })
         .collect()
+}
+
+fn event_increments(before: &BTreeMap<NatEvent, u64>, after: &BTreeMap<NatEvent, u64>) -> BTreeMap<NatEvent, u64> {
+    after.iter().filter(|(e, a)| before[*e] != **a).map(|(e, a)| (*e, a - before[e])).collect()
 }
 
 fn peer_increments(

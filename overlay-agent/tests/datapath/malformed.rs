@@ -20,7 +20,7 @@ use super::{
 
 /// Broken versions of the well-formed `datagram`, each with a correct header checksum
 /// (over the first 20 bytes), so that only the named fault is wrong with it.
-fn malformed(datagram: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+pub(super) fn malformed(datagram: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
     let len = datagram.len();
     let broken = |change: &dyn Fn(&mut [u8]), keep: usize| {
         let mut d = datagram[..keep].to_vec();

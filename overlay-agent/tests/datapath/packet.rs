@@ -102,14 +102,10 @@ pub fn last_fragment(ip: &mut Ipv4Header) {
 
 /// `ip` followed by `transport` and `payload_len` bytes of payload, with total length,
 /// protocol and every checksum set.
-pub fn datagram(mut ip: Ipv4Header, transport: Transport, payload_len: usize) -> Vec<u8> {
-    let payload = pattern(payload_len);
-    let (protocol, l4) = match transport {
+pub fn datagram(ip: Ipv4Header, transport: Transport, payload_len: usize) -> Vec<u8> {
+    let l4 = match transport {
         Transport::Tcp | Transport::TcpTimestamps => {
-            let mut tcp = TcpHeader::new(40000, 80, 0x0102_0304, 64240);
-            tcp.ack = true;
-            tcp.psh = true;
-            tcp.acknowledgment_number = 0x0a0b_0c0d;
+            let mut tcp = tcp_header(40000, 80, ACK | PSH);
             if let Transport::TcpTimestamps = transport {
                 tcp.set_options(&[
                     TcpOptionElement::Noop,
@@ -118,31 +114,152 @@ pub fn datagram(mut ip: Ipv4Header, transport: Transport, payload_len: usize) ->
                 ])
                 .expect("12 bytes of options fit");
             }
+            L4::Tcp(tcp)
+        }
+        Transport::Udp => L4::Udp { sport: 5353, dport: 8472, checksum: true },
+        Transport::Icmp => L4::Icmp(Icmpv4Type::EchoRequest(IcmpEchoHeader { id: 0x77, seq: 3 })),
+        Transport::Raw(protocol) => L4::Raw(protocol),
+    };
+    assemble(ip, l4, &pattern(payload_len))
+}
+
+/// TCP flags of [`tcp_header`] (the bits of the header's flags byte).
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const PSH: u8 = 0x08;
+pub const ACK: u8 = 0x10;
+
+/// The TCP header of test segments (fixed sequence numbers and window) with `flags`.
+fn tcp_header(sport: u16, dport: u16, flags: u8) -> TcpHeader {
+    let mut tcp = TcpHeader::new(sport, dport, 0x0102_0304, 64240);
+    tcp.fin = flags & FIN != 0;
+    tcp.syn = flags & SYN != 0;
+    tcp.rst = flags & RST != 0;
+    tcp.psh = flags & PSH != 0;
+    tcp.ack = flags & ACK != 0;
+    tcp.acknowledgment_number = if tcp.ack { 0x0a0b_0c0d } else { 0 };
+    tcp
+}
+
+/// A transport header for [`assemble`], checksum still to compute.
+enum L4 {
+    Tcp(TcpHeader),
+    /// With `checksum` false the checksum is zero ("none", RFC 768).
+    Udp { sport: u16, dport: u16, checksum: bool },
+    Icmp(Icmpv4Type),
+    Raw(IpNumber),
+}
+
+/// `ip` followed by `l4` and `payload`, with total length, protocol and every checksum
+/// set.
+fn assemble(mut ip: Ipv4Header, l4: L4, payload: &[u8]) -> Vec<u8> {
+    let (protocol, l4) = match l4 {
+        L4::Tcp(mut tcp) => {
             ip.protocol = IpNumber::TCP;
-            tcp.checksum = tcp.calc_checksum_ipv4(&ip, &payload).expect("TCP length fits");
+            tcp.checksum = tcp.calc_checksum_ipv4(&ip, payload).expect("TCP length fits");
             (IpNumber::TCP, tcp.to_bytes().to_vec())
         }
-        Transport::Udp => {
+        L4::Udp { sport, dport, checksum } => {
             let len = UdpHeader::LEN + payload.len();
-            let mut udp =
-                UdpHeader { source_port: 5353, destination_port: 8472, length: len as u16, checksum: 0 };
+            let mut udp = UdpHeader { source_port: sport, destination_port: dport, length: len as u16, checksum: 0 };
             ip.protocol = IpNumber::UDP;
-            udp.checksum = udp.calc_checksum_ipv4(&ip, &payload).expect("UDP length fits");
+            if checksum {
+                udp.checksum = udp.calc_checksum_ipv4(&ip, payload).expect("UDP length fits");
+            }
             (IpNumber::UDP, udp.to_bytes().to_vec())
         }
-        Transport::Icmp => {
-            let icmp = Icmpv4Header::with_checksum(
-                Icmpv4Type::EchoRequest(IcmpEchoHeader { id: 0x77, seq: 3 }),
-                &payload,
-            );
-            (IpNumber::ICMP, icmp.to_bytes().to_vec())
-        }
-        Transport::Raw(protocol) => (protocol, Vec::new()),
+        L4::Icmp(icmp_type) => (IpNumber::ICMP, Icmpv4Header::with_checksum(icmp_type, payload).to_bytes().to_vec()),
+        L4::Raw(protocol) => (protocol, Vec::new()),
     };
     ip.protocol = protocol;
     ip.set_payload_len(l4.len() + payload.len()).expect("datagram fits 64 KiB");
     ip.header_checksum = ip.calc_header_checksum();
-    [ip.to_bytes().as_slice(), &l4, &payload].concat()
+    [ip.to_bytes().as_slice(), &l4, payload].concat()
+}
+
+/// The protocol of a [`Conn`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    /// UDP with a zero checksum ("none").
+    UdpNoChecksum,
+    /// ICMP echo: the requester's identifier is its "port", the other end's is 0.
+    Echo,
+}
+
+impl Proto {
+    pub const ALL: [Proto; 4] = [Proto::Tcp, Proto::Udp, Proto::UdpNoChecksum, Proto::Echo];
+
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp | Proto::UdpNoChecksum => 17,
+            Proto::Echo => 1,
+        }
+    }
+}
+
+/// One direction of a connection, as masquerade sees it: protocol, source and
+/// destination address and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conn {
+    pub proto: Proto,
+    pub src: (Ipv4Addr, u16),
+    pub dst: (Ipv4Addr, u16),
+    /// The answering direction (for ICMP echo: replies, identifier in `dst`).
+    pub answer: bool,
+}
+
+impl Conn {
+    /// A connection from `src` to `dst` (for ICMP echo, `src`'s port is the identifier
+    /// and `dst`'s must be 0).
+    pub fn new(proto: Proto, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Conn {
+        assert!(proto != Proto::Echo || dst.1 == 0, "echo requests have no destination port");
+        Conn { proto, src, dst, answer: false }
+    }
+
+    /// The other direction: what the destination sends back.
+    pub fn reversed(self) -> Conn {
+        Conn { proto: self.proto, src: self.dst, dst: self.src, answer: !self.answer }
+    }
+
+    pub fn with_src(self, src: (Ipv4Addr, u16)) -> Conn {
+        Conn { src, ..self }
+    }
+
+    pub fn with_dst(self, dst: (Ipv4Addr, u16)) -> Conn {
+        Conn { dst, ..self }
+    }
+
+    /// A datagram of this direction with `payload_len` bytes of payload and, for TCP,
+    /// `flags`.
+    pub fn datagram(&self, flags: u8, payload_len: usize) -> Vec<u8> {
+        self.datagram_with(flags, payload_len, |_| {})
+    }
+
+    /// [`Conn::datagram`] with `change` made to its IPv4 header (fields the builder
+    /// fills in are overwritten).
+    pub fn datagram_with(&self, flags: u8, payload_len: usize, change: impl FnOnce(&mut Ipv4Header)) -> Vec<u8> {
+        let (sport, dport) = (self.src.1, self.dst.1);
+        let l4 = match self.proto {
+            Proto::Tcp => L4::Tcp(tcp_header(sport, dport, flags)),
+            Proto::Udp => L4::Udp { sport, dport, checksum: true },
+            Proto::UdpNoChecksum => L4::Udp { sport, dport, checksum: false },
+            Proto::Echo if self.answer => L4::Icmp(Icmpv4Type::EchoReply(IcmpEchoHeader { id: dport, seq: 3 })),
+            Proto::Echo => L4::Icmp(Icmpv4Type::EchoRequest(IcmpEchoHeader { id: sport, seq: 3 })),
+        };
+        let mut ip = ipv4(self.src.0, self.dst.0);
+        change(&mut ip);
+        assemble(ip, l4, &pattern(payload_len))
+    }
+}
+
+/// An ICMP message of `icmp_type` from `src` to `dst` with `payload` (for an error: the
+/// start of the offending datagram it quotes).
+pub fn icmp_message(src: Ipv4Addr, dst: Ipv4Addr, icmp_type: Icmpv4Type, payload: &[u8]) -> Vec<u8> {
+    assemble(ipv4(src, dst), L4::Icmp(icmp_type), payload)
 }
 
 /// Payload bytes that differ from their neighbours, so that a shifted or truncated copy

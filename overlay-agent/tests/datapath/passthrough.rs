@@ -1,7 +1,5 @@
 //! What is not overlay traffic passes every hook untouched, counted under its reason.
 
-use std::net::Ipv4Addr;
-
 use etherparse::{IpEcn, IpNumber};
 use overlay_common::{
     Hook::{self, BridgeIngress, UplinkEgress, UplinkIngress},
@@ -14,11 +12,8 @@ use super::{
         Transport, arp, datagram, from_host, from_peer, from_pod, from_underlay, ipv4, ipv6_udp, nest,
         outbound, tunnel_header, vlan_tagged,
     },
-    topology::{GATEWAY, NODE_IP, POD, POD_UNRESOLVED, STRANGER, W2},
+    topology::{GATEWAY, NODE_IP, OUTSIDE, POD, POD_UNRESOLVED, STRANGER, W2},
 };
-
-/// An address outside the cluster.
-const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 
 /// A TCP datagram from a pod of w2 to a pod here.
 fn to_pod() -> Vec<u8> {

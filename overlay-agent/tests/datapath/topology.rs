@@ -25,6 +25,7 @@ pub const ETH0_MAC: Mac = Mac([0x02, 0x00, 0xac, 0x12, 0x00, 0x03]);
 pub const UNDERLAY_PEER_MAC: Mac = Mac([0x02, 0x00, 0xac, 0x12, 0xff, 0xff]);
 
 /// This node's pod subnet, its gateway on cni0, and a pod with a resolved neighbour.
+pub const CLUSTER: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 0, 0), 16);
 pub const POD_SUBNET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 1, 0), 24);
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 pub const CNI0_MAC: Mac = Mac([0x02, 0x00, 0x0a, 0xf4, 0x01, 0x01]);
@@ -102,3 +103,9 @@ pub const PEERS: [Ipv4Addr; 2] = [W2.node, W3.node];
 
 /// An address on the underlay that is no node.
 pub const STRANGER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 66);
+
+/// Addresses outside the cluster and the underlay: an Internet server pods talk to,
+/// another one, and a router on the way that reports errors.
+pub const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const OUTSIDE_2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+pub const OUTSIDE_ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 254);

@@ -1,0 +1,175 @@
+//! Connection tracking for masquerade: keys, entries, states and timeouts.
+//!
+//! A translated flow owns two entries in the `CONNTRACK` map: the ORIGINAL entry,
+//! keyed by the tuple as the inside sender sent it and holding the translated source;
+//! and the REPLY entry, keyed by the tuple replies carry and holding the original
+//! source. The ORIGINAL entry carries the state and deadline of the flow; the REPLY
+//! entry lives and dies with it. Claiming a REPLY key with "insert if absent" is what
+//! makes a translated port exclusively ours.
+
+/// Direction of a key.
+pub const DIR_ORIGINAL: u8 = 0;
+pub const DIR_REPLY: u8 = 1;
+
+/// Key of the `CONNTRACK` map. Ports are in network order; for ICMP echo the
+/// identifier stands in for the inside port (`sport` of ORIGINAL, `dport` of REPLY)
+/// and the other port is zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// TCP state seen on a flow (bits of `CtEntry::flags`).
+pub mod flags {
+    /// A packet went back from the outside: the flow is two-way.
+    pub const SEEN_REPLY: u8 = 1 << 0;
+    pub const FIN_ORIGINAL: u8 = 1 << 1;
+    pub const FIN_REPLY: u8 = 1 << 2;
+    pub const RST: u8 = 1 << 3;
+}
+
+/// Value of the `CONNTRACK` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// CLOCK_MONOTONIC nanoseconds after which the flow is dead (ORIGINAL entries).
+    pub expires_ns: u64,
+    /// When the flow was created (CLOCK_MONOTONIC ns), for inspection.
+    pub created_ns: u64,
+    /// ORIGINAL: the translated source address; REPLY: the original source address.
+    pub addr: [u8; 4],
+    /// ORIGINAL: the translated source port; REPLY: the original source port.
+    pub port: [u8; 2],
+    /// State bits from [`flags`] (ORIGINAL entries).
+    pub flags: u8,
+    /// The `--ip-masq` rule that translated the flow ([`Rule`] as u8).
+    pub rule: u8,
+}
+
+/// Which of flanneld's `--ip-masq` rules decided a flow.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// Rule 4: from the outside or the host to a local pod. Tracked, never translated,
+    /// so that the pod's replies are not masqueraded either.
+    Untranslated = 0,
+    /// Rule 5: a pod talking to something outside the cluster network.
+    PodToOutside = 5,
+    /// Rule 6: the host or an outside client talking to a pod on another node.
+    OutsideToRemotePod = 6,
+}
+
+/// Idle timeouts in seconds, per protocol and state (in `DatapathConfig`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtTimeouts {
+    /// TCP before the first reply (SYN sent).
+    pub tcp_syn: u32,
+    /// Two-way TCP.
+    pub tcp_established: u32,
+    /// TCP after a FIN in either direction.
+    pub tcp_fin: u32,
+    /// TCP after a RST, or FINs in both directions.
+    pub tcp_closed: u32,
+    /// UDP before the first reply.
+    pub udp: u32,
+    /// Two-way UDP.
+    pub udp_assured: u32,
+    /// ICMP echo.
+    pub icmp: u32,
+}
+
+impl CtTimeouts {
+    /// Defaults close to the kernel's conntrack, with established TCP shortened from
+    /// five days to six hours, as Cilium does, so a full table drains in bounded time.
+    pub const DEFAULT: CtTimeouts = CtTimeouts {
+        tcp_syn: 60,
+        tcp_established: 6 * 3600,
+        tcp_fin: 120,
+        tcp_closed: 10,
+        udp: 30,
+        udp_assured: 180,
+        icmp: 30,
+    };
+
+    /// Timeout in seconds for a flow of `proto` in state `flags`.
+    pub const fn for_state(&self, proto: u8, flags: u8) -> u32 {
+        use flags::*;
+        match proto {
+            6 => {
+                if flags & RST != 0 || flags & (FIN_ORIGINAL | FIN_REPLY) == FIN_ORIGINAL | FIN_REPLY {
+                    self.tcp_closed
+                } else if flags & (FIN_ORIGINAL | FIN_REPLY) != 0 {
+                    self.tcp_fin
+                } else if flags & SEEN_REPLY != 0 {
+                    self.tcp_established
+                } else {
+                    self.tcp_syn
+                }
+            }
+            17 => {
+                if flags & SEEN_REPLY != 0 {
+                    self.udp_assured
+                } else {
+                    self.udp
+                }
+            }
+            _ => self.icmp,
+        }
+    }
+}
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl Rule {
+    pub const fn from_u8(v: u8) -> Option<Rule> {
+        match v {
+            0 => Some(Rule::Untranslated),
+            5 => Some(Rule::PodToOutside),
+            6 => Some(Rule::OutsideToRemotePod),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{flags::*, *};
+
+    #[test]
+    fn layouts_are_fixed() {
+        assert_eq!(core::mem::size_of::<CtKey>(), 16);
+        assert_eq!(core::mem::size_of::<CtEntry>(), 24);
+        assert_eq!(core::mem::size_of::<CtTimeouts>(), 28);
+    }
+
+    #[test]
+    fn tcp_state_drives_timeouts() {
+        let t = CtTimeouts::DEFAULT;
+        assert_eq!(t.for_state(6, 0), t.tcp_syn);
+        assert_eq!(t.for_state(6, SEEN_REPLY), t.tcp_established);
+        assert_eq!(t.for_state(6, SEEN_REPLY | FIN_REPLY), t.tcp_fin);
+        assert_eq!(t.for_state(6, SEEN_REPLY | FIN_REPLY | FIN_ORIGINAL), t.tcp_closed);
+        assert_eq!(t.for_state(6, SEEN_REPLY | RST), t.tcp_closed);
+        assert_eq!(t.for_state(17, 0), t.udp);
+        assert_eq!(t.for_state(17, SEEN_REPLY), t.udp_assured);
+        assert_eq!(t.for_state(1, SEEN_REPLY), t.icmp);
+    }
+}

@@ -1,0 +1,174 @@
+//! The masquerade connection table: lookups, state updates and flow creation with
+//! collision-free port allocation.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
+use overlay_common::{
+    DatapathConfig,
+    conntrack::{CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, Rule, flags},
+    counters::NatEvent,
+};
+
+use crate::maps::CONNTRACK;
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+/// A deadline is rewritten only when it moves by more than this: keeps the hot path
+/// from writing the shared entry on every packet.
+const REFRESH_SLACK_NS: u64 = NS_PER_SEC;
+/// Ports tried before a new flow is refused.
+const PORT_TRIES: u32 = 32;
+/// Distance between successive candidate ports (a prime).
+const PORT_STRIDE: u32 = 7919;
+const E2BIG: i32 = 7;
+const ENOMEM: i32 = 12;
+
+/// A flow as seen by one packet: addresses and ports in network order.
+#[derive(Clone, Copy)]
+pub struct Tuple {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+}
+
+impl Tuple {
+    pub fn key(&self, dir: u8) -> CtKey {
+        CtKey { src: self.src, dst: self.dst, sport: self.sport, dport: self.dport, proto: self.proto, dir, _pad: [0; 2] }
+    }
+
+    /// The tuple of a packet going the other way.
+    pub fn reversed(&self) -> Tuple {
+        Tuple { src: self.dst, dst: self.src, sport: self.dport, dport: self.sport, proto: self.proto }
+    }
+}
+
+/// Why a new flow could not be created.
+pub enum CreateError {
+    TableFull,
+    PortsExhausted,
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The live ORIGINAL entry for `t` (expired entries count as absent; the agent's
+/// collector removes them).
+#[inline(always)]
+pub fn original(t: &Tuple) -> Option<*mut CtEntry> {
+    let entry = CONNTRACK.get_ptr_mut(&t.key(DIR_ORIGINAL))?;
+    (unsafe { (*entry).expires_ns } > now()).then_some(entry)
+}
+
+/// The live flow a reply tuple belongs to: the REPLY entry (which holds the original
+/// source) and the flow's ORIGINAL entry.
+#[inline(always)]
+pub fn reply(t: &Tuple) -> Option<(CtEntry, *mut CtEntry)> {
+    let rev = unsafe { *CONNTRACK.get_ptr(&t.key(DIR_REPLY))? };
+    // The ORIGINAL key: the original source talking to the reply's sender.
+    let orig = Tuple { src: rev.addr, dst: t.src, sport: rev.port, dport: t.sport, proto: t.proto };
+    let entry = original(&orig)?;
+    // The flow must still be translated to this reply's destination: once a flow
+    // expires and starts over on another port, the REPLY entry of its old port lingers
+    // until the agent collects it, and must not lead to the new flow.
+    let e = unsafe { &*entry };
+    if e.addr != t.dst || e.port != t.dport {
+        return None;
+    }
+    Some((rev, entry))
+}
+
+/// Records that a packet with TCP flags `tcp` (0 for other protocols) went through
+/// the flow, in the reply direction if `is_reply`, and extends its deadline.
+#[inline(always)]
+pub fn touch(cfg: &DatapathConfig, entry: *mut CtEntry, proto: u8, tcp: u8, is_reply: bool) {
+    const FIN: u8 = 0x01;
+    const RST: u8 = 0x04;
+    let old = unsafe { (*entry).flags };
+    let mut new = old;
+    if is_reply {
+        new |= flags::SEEN_REPLY;
+    }
+    if tcp & RST != 0 {
+        new |= flags::RST;
+    }
+    if tcp & FIN != 0 {
+        new |= if is_reply { flags::FIN_REPLY } else { flags::FIN_ORIGINAL };
+    }
+    let expires = now() + u64::from(cfg.ct_timeouts.for_state(proto, new)) * NS_PER_SEC;
+    // Racing writers from other CPUs can only lose a refresh or a flag bit of the same
+    // flow, which the next packet restores.
+    unsafe {
+        if new != old {
+            (*entry).flags = new;
+        }
+        let current = (*entry).expires_ns;
+        if new != old || expires > current + REFRESH_SLACK_NS || expires < current {
+            (*entry).expires_ns = expires;
+        }
+    }
+}
+
+/// Tracks a flow that is not translated (so that its replies are not either).
+#[inline(always)]
+pub fn track_untranslated(cfg: &DatapathConfig, t: &Tuple) -> Result<*mut CtEntry, CreateError> {
+    insert_original(cfg, t, t.src, t.sport, Rule::Untranslated as u8)
+}
+
+/// Creates a translated flow for `t`: claims a REPLY key for a free port of the
+/// configured range on `nat_ip`, then the ORIGINAL entry. Returns the ORIGINAL entry.
+#[inline(always)]
+pub fn create(cfg: &DatapathConfig, t: &Tuple, nat_ip: [u8; 4], rule: u8) -> Result<*mut CtEntry, CreateError> {
+    let span = u32::from(cfg.nat_port_max.saturating_sub(cfg.nat_port_min)) + 1;
+    let start = unsafe { bpf_get_prandom_u32() } % span;
+    let born = now();
+    // A prime stride over the range gives a fresh candidate on every try, unless the
+    // range is a multiple of it: then every try would be the same port (a range of
+    // 7919 ports exhausted by one taken port); step by one there.
+    let stride = if span % PORT_STRIDE == 0 { 1 } else { PORT_STRIDE };
+    for i in 0..PORT_TRIES {
+        let port = (cfg.nat_port_min as u32 + (start + i * stride) % span) as u16;
+        let port = port.to_be_bytes();
+        let reply = reply_tuple(t, nat_ip, port);
+        let value = CtEntry { expires_ns: 0, created_ns: born, addr: t.src, port: t.sport, flags: 0, rule };
+        match CONNTRACK.insert(&reply.key(DIR_REPLY), &value, u64::from(BPF_NOEXIST)) {
+            Ok(()) => {}
+            Err(e) if e == -E2BIG || e == -ENOMEM => return Err(CreateError::TableFull),
+            // Taken (by a live or not yet collected flow): try another port.
+            Err(_) => {
+                crate::counters::nat_event(NatEvent::PortCollision);
+                continue;
+            }
+        }
+        return match insert_original(cfg, t, nat_ip, port, rule) {
+            Ok(entry) => Ok(entry),
+            Err(e) => {
+                let _ = CONNTRACK.remove(&reply.key(DIR_REPLY));
+                Err(e)
+            }
+        };
+    }
+    Err(CreateError::PortsExhausted)
+}
+
+/// The tuple replies to `t` carry once its source is translated to `nat_ip:port`.
+#[inline(always)]
+fn reply_tuple(t: &Tuple, nat_ip: [u8; 4], port: [u8; 2]) -> Tuple {
+    Tuple { src: t.dst, dst: nat_ip, sport: t.dport, dport: port, proto: t.proto }
+}
+
+#[inline(always)]
+fn insert_original(cfg: &DatapathConfig, t: &Tuple, addr: [u8; 4], port: [u8; 2], rule: u8) -> Result<*mut CtEntry, CreateError> {
+    let born = now();
+    let expires = born + u64::from(cfg.ct_timeouts.for_state(t.proto, 0)) * NS_PER_SEC;
+    let value = CtEntry { expires_ns: expires, created_ns: born, addr, port, flags: 0, rule };
+    let key = t.key(DIR_ORIGINAL);
+    match CONNTRACK.insert(&key, &value, 0) {
+        Ok(()) => CONNTRACK.get_ptr_mut(&key).ok_or(CreateError::TableFull),
+        Err(_) => Err(CreateError::TableFull),
+    }
+}

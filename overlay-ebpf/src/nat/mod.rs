@@ -1,0 +1,152 @@
+//! Masquerade with flanneld's `--ip-masq` semantics, rule by rule (see README):
+//!
+//! 1. packets kube-proxy marked for masquerade (0x4000) are left to kube-proxy;
+//! 2. local pod -> any pod, 3. any pod -> local pod, 4. outside/host -> local pod: kept;
+//! 5. pod -> outside the cluster network (not multicast): source becomes the uplink's
+//!    address;
+//! 6. host/outside -> a remote pod: source becomes this node's pod gateway, so that
+//!    replies come back through the overlay.
+//!
+//! Translation happens on the uplink's egress, the reverse on its ingress (after
+//! decapsulation for rule 6), with our own connection table.
+
+pub mod icmp_error;
+pub mod rewrite;
+pub mod tuple;
+
+use aya_ebpf::programs::TcContext;
+use network_types::ip::Ipv4Hdr;
+use overlay_common::{
+    DatapathConfig, Reason,
+    config::{KUBE_PROXY_MASQ_MARK, is_multicast},
+    conntrack::Rule,
+    counters::NatEvent,
+};
+
+use self::{rewrite::End, tuple::Kind};
+use crate::{
+    conntrack::{self, CreateError},
+    counters::nat_event,
+    parse::{self, ETH_LEN},
+};
+
+/// The rule that masquerades a packet from `src` to `dst`, and the address it takes.
+#[inline(always)]
+pub fn rule(cfg: &DatapathConfig, src: [u8; 4], dst: [u8; 4]) -> Option<(Rule, [u8; 4])> {
+    let src_pod = cfg.in_cluster(src);
+    let dst_pod = cfg.in_cluster(dst);
+    if cfg.in_pod_subnet(src) && dst_pod || cfg.in_pod_subnet(dst) {
+        return None; // rules 2, 3 and 4
+    }
+    if src_pod && !is_multicast(dst) {
+        return Some((Rule::PodToOutside, cfg.masq_ip));
+    }
+    if !src_pod && dst_pod {
+        return Some((Rule::OutsideToRemotePod, cfg.gateway()));
+    }
+    None
+}
+
+#[inline(always)]
+fn mark(ctx: &TcContext) -> u32 {
+    unsafe { (*ctx.skb.skb).mark }
+}
+
+/// Egress: translates the source of the packet (IPv4 header `ip` at `ETH_LEN`) when a
+/// rule says so. Returns whether it did; an error is the reason to drop it.
+#[inline(always)]
+pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<bool, Reason> {
+    if !cfg.masquerade() || mark(ctx) & KUBE_PROXY_MASQ_MARK != 0 {
+        return Ok(false);
+    }
+    let Some((rule, nat_ip)) = rule(cfg, ip.src_addr, ip.dst_addr) else { return Ok(false) };
+    if !parse::well_formed(ip, ctx.len() - ETH_LEN as u32) {
+        return Err(Reason::DropMalformed);
+    }
+    if parse::is_fragment(ip) {
+        return Err(Reason::DropNatFragment);
+    }
+    let l4 = tuple::parse(ctx, ip, ETH_LEN, false)?;
+    if l4.kind == Kind::IcmpError {
+        let translated = icmp_error::translate(ctx, ETH_LEN, &l4, End::Source)?;
+        if translated {
+            nat_event(NatEvent::IcmpErrorTranslated);
+        }
+        return Ok(translated);
+    }
+    let t = l4.tuple;
+    let entry = match conntrack::original(&t) {
+        Some(entry) => entry,
+        None => {
+            // A reply of a flow that started on the outside is never translated.
+            if let Some(entry) = conntrack::original(&t.reversed()) {
+                conntrack::touch(cfg, entry, t.proto, l4.tcp_flags, true);
+                return Ok(false);
+            }
+            if !l4.opens_flow() {
+                return Ok(false);
+            }
+            let entry = conntrack::create(cfg, &t, nat_ip, rule as u8).map_err(|e| match e {
+                CreateError::TableFull => Reason::DropNatTableFull,
+                CreateError::PortsExhausted => Reason::DropNatPortsExhausted,
+            })?;
+            nat_event(NatEvent::FlowCreated);
+            entry
+        }
+    };
+    conntrack::touch(cfg, entry, t.proto, l4.tcp_flags, false);
+    let e = unsafe { *entry };
+    if e.rule == Rule::Untranslated as u8 {
+        return Ok(false);
+    }
+    rewrite::rewrite(ctx, ETH_LEN, &l4, End::Source, (t.src, t.sport), (e.addr, e.port))
+        .map_err(|_| Reason::DropHelperError)?;
+    Ok(true)
+}
+
+/// Ingress: translates the destination of a reply (IPv4 header `ip` at `ETH_LEN`,
+/// decapsulated already if it came through the tunnel) back to the flow's original
+/// source, and tracks flows from the outside to local pods so that their replies stay
+/// untranslated. Returns whether it translated. Anything it cannot parse is left alone:
+/// it is ordinary host traffic.
+#[inline(always)]
+pub fn ingress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<bool, Reason> {
+    if !cfg.masquerade() {
+        return Ok(false);
+    }
+    let to_nat = ip.dst_addr == cfg.masq_ip || ip.dst_addr == cfg.gateway();
+    let from_outside_to_pod = cfg.in_pod_subnet(ip.dst_addr) && !cfg.in_cluster(ip.src_addr);
+    if !(to_nat || from_outside_to_pod)
+        || !parse::well_formed(ip, ctx.len() - ETH_LEN as u32)
+        || parse::is_fragment(ip)
+    {
+        return Ok(false);
+    }
+    let Ok(l4) = tuple::parse(ctx, ip, ETH_LEN, false) else { return Ok(false) };
+    if l4.kind == Kind::IcmpError {
+        let translated = icmp_error::translate(ctx, ETH_LEN, &l4, End::Destination)?;
+        if translated {
+            nat_event(NatEvent::IcmpErrorTranslated);
+        }
+        return Ok(translated);
+    }
+    let t = l4.tuple;
+    if let Some((rev, entry)) = conntrack::reply(&t) {
+        conntrack::touch(cfg, entry, t.proto, l4.tcp_flags, true);
+        rewrite::rewrite(ctx, ETH_LEN, &l4, End::Destination, (t.dst, t.dport), (rev.addr, rev.port))
+            .map_err(|_| Reason::DropHelperError)?;
+        return Ok(true);
+    }
+    if from_outside_to_pod {
+        let entry = match conntrack::original(&t) {
+            Some(entry) => entry,
+            // A full table only costs the untranslated flow its protection.
+            None => match conntrack::track_untranslated(cfg, &t) {
+                Ok(entry) => entry,
+                Err(_) => return Ok(false),
+            },
+        };
+        conntrack::touch(cfg, entry, t.proto, l4.tcp_flags, false);
+    }
+    Ok(false)
+}
