@@ -21,7 +21,8 @@ fn is_bpffs(path: &Path) -> Result<bool> {
     let c = CString::new(path.as_os_str().as_bytes())?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("statfs {}", path.display()));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
     }
     Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
@@ -33,10 +34,19 @@ pub fn prepare(root: &Path) -> Result<PathBuf> {
     if !is_bpffs(root)? {
         let src = CString::new("bpf")?;
         let target = CString::new(root.as_os_str().as_bytes())?;
-        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
         if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mounting bpffs at {} (needs CAP_SYS_ADMIN)", root.display()));
+            return Err(std::io::Error::last_os_error()).with_context(|| {
+                format!("mounting bpffs at {} (needs CAP_SYS_ADMIN)", root.display())
+            });
         }
         if !is_bpffs(root)? {
             bail!("{} is still not a bpffs after mounting one", root.display());

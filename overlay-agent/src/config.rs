@@ -35,15 +35,23 @@ impl NetConf {
             .parse()
             .with_context(|| format!("\"Network\" is not an IPv4 CIDR: {network:?}"))?;
         // flanneld's default backend is udp; this dataplane implements ipip only.
-        let kind = raw.backend.and_then(|b| b.kind).unwrap_or_else(|| "udp".into());
+        let kind = raw
+            .backend
+            .and_then(|b| b.kind)
+            .unwrap_or_else(|| "udp".into());
         if !kind.eq_ignore_ascii_case("ipip") {
-            bail!("\"Backend.Type\" is {kind:?}: this dataplane implements the \"ipip\" backend only");
+            bail!(
+                "\"Backend.Type\" is {kind:?}: this dataplane implements the \"ipip\" backend only"
+            );
         }
-        Ok(Self { network: network.trunc() })
+        Ok(Self {
+            network: network.trunc(),
+        })
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("in {}", path.display()))
     }
 }
@@ -54,13 +62,16 @@ mod tests {
 
     #[test]
     fn walkthrough_config() {
-        let c = NetConf::parse(r#"{ "Network": "10.244.0.0/16", "Backend": { "Type": "ipip" } }"#).unwrap();
+        let c = NetConf::parse(r#"{ "Network": "10.244.0.0/16", "Backend": { "Type": "ipip" } }"#)
+            .unwrap();
         assert_eq!(c.network, "10.244.0.0/16".parse().unwrap());
     }
 
     #[test]
     fn ignores_other_flannel_keys() {
-        let c = NetConf::parse(r#"{"Network":"10.1.0.0/16","SubnetLen":24,"Backend":{"Type":"IPIP","DirectRouting":false}}"#);
+        let c = NetConf::parse(
+            r#"{"Network":"10.1.0.0/16","SubnetLen":24,"Backend":{"Type":"IPIP","DirectRouting":false}}"#,
+        );
         assert!(c.is_ok());
     }
 
@@ -70,11 +81,19 @@ mod tests {
 
     #[test]
     fn clear_errors() {
-        assert!(err(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).contains("\"vxlan\""));
+        assert!(
+            err(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).contains("\"vxlan\"")
+        );
         assert!(err(r#"{"Network":"10.244.0.0/16"}"#).contains("\"udp\""));
         assert!(err(r#"{"Backend":{"Type":"ipip"}}"#).contains("no \"Network\""));
-        assert!(err(r#"{"Network":"10.244.0.0/33","Backend":{"Type":"ipip"}}"#).contains("not an IPv4 CIDR"));
-        assert!(err(r#"{"Network":"fd00::/64","Backend":{"Type":"ipip"}}"#).contains("not an IPv4 CIDR"));
+        assert!(
+            err(r#"{"Network":"10.244.0.0/33","Backend":{"Type":"ipip"}}"#)
+                .contains("not an IPv4 CIDR")
+        );
+        assert!(
+            err(r#"{"Network":"fd00::/64","Backend":{"Type":"ipip"}}"#)
+                .contains("not an IPv4 CIDR")
+        );
         assert!(err("{").contains("not valid JSON"));
     }
 }

@@ -16,7 +16,10 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(10);
 
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -40,7 +43,11 @@ impl Flow {
         let f = self.flags;
         match self.proto {
             6 if f & flags::RST != 0 => "reset",
-            6 if f & (flags::FIN_ORIGINAL | flags::FIN_REPLY) == flags::FIN_ORIGINAL | flags::FIN_REPLY => "closed",
+            6 if f & (flags::FIN_ORIGINAL | flags::FIN_REPLY)
+                == flags::FIN_ORIGINAL | flags::FIN_REPLY =>
+            {
+                "closed"
+            }
             6 if f & (flags::FIN_ORIGINAL | flags::FIN_REPLY) != 0 => "closing",
             _ if f & flags::SEEN_REPLY != 0 => "established",
             _ => "unreplied",
@@ -60,11 +67,27 @@ pub struct Collected {
 pub struct Conntrack(HashMap<MapData, CtKey, CtEntry>);
 
 fn reply_key_of(k: &CtKey, v: &CtEntry) -> CtKey {
-    CtKey { src: k.dst, dst: v.addr, sport: k.dport, dport: v.port, proto: k.proto, dir: DIR_REPLY, _pad: [0; 2] }
+    CtKey {
+        src: k.dst,
+        dst: v.addr,
+        sport: k.dport,
+        dport: v.port,
+        proto: k.proto,
+        dir: DIR_REPLY,
+        _pad: [0; 2],
+    }
 }
 
 fn original_key_of(k: &CtKey, v: &CtEntry) -> CtKey {
-    CtKey { src: v.addr, dst: k.src, sport: v.port, dport: k.sport, proto: k.proto, dir: DIR_ORIGINAL, _pad: [0; 2] }
+    CtKey {
+        src: v.addr,
+        dst: k.src,
+        sport: v.port,
+        dport: k.sport,
+        proto: k.proto,
+        dir: DIR_ORIGINAL,
+        _pad: [0; 2],
+    }
 }
 
 impl Conntrack {
@@ -90,7 +113,8 @@ impl Conntrack {
                     proto: k.proto,
                     src: (k.src.into(), u16::from_be_bytes(k.sport)),
                     dst: (k.dst.into(), u16::from_be_bytes(k.dport)),
-                    translated: (rule != Some(Rule::Untranslated)).then(|| (v.addr.into(), u16::from_be_bytes(v.port))),
+                    translated: (rule != Some(Rule::Untranslated))
+                        .then(|| (v.addr.into(), u16::from_be_bytes(v.port))),
                     rule,
                     flags: v.flags,
                     expires_in: Duration::from_nanos(v.expires_ns - now),
@@ -98,7 +122,7 @@ impl Conntrack {
                 }
             })
             .collect();
-        out.sort_by(|a, b| b.age.cmp(&a.age));
+        out.sort_by_key(|f| std::cmp::Reverse(f.age));
         Ok(out)
     }
 
@@ -107,7 +131,9 @@ impl Conntrack {
     pub fn collect(&mut self) -> Result<Collected> {
         let now = monotonic_ns();
         let entries = self.entries()?;
-        let (originals, replies): (Vec<_>, Vec<_>) = entries.into_iter().partition(|(k, _)| k.dir == DIR_ORIGINAL);
+        let (originals, replies): (Vec<_>, Vec<_>) = entries
+            .into_iter()
+            .partition(|(k, _)| k.dir == DIR_ORIGINAL);
         let mut done = Collected::default();
         let mut live = std::collections::HashMap::new();
         let mut gone = std::collections::HashSet::new();
@@ -132,7 +158,9 @@ impl Conntrack {
             if gone.contains(&k) {
                 continue;
             }
-            let owned = live.get(&original_key_of(&k, &v)).is_some_and(|o: &CtEntry| o.addr == k.dst && o.port == k.dport);
+            let owned = live
+                .get(&original_key_of(&k, &v))
+                .is_some_and(|o: &CtEntry| o.addr == k.dst && o.port == k.dport);
             if !owned && now.saturating_sub(v.created_ns) > ORPHAN_GRACE.as_nanos() as u64 {
                 let _ = self.0.remove(&k);
                 done.orphans += 1;

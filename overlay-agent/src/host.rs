@@ -12,7 +12,9 @@ use rtnetlink::{
     Handle, LinkUnspec, RouteMessageBuilder,
     packet_route::{
         link::LinkAttribute,
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope},
+        route::{
+            RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
+        },
     },
 };
 
@@ -38,6 +40,8 @@ pub struct OverlayRoute {
     /// the underlay gateway to it.
     pub via: Ipv4Addr,
     pub oif: u32,
+    /// Preferred source for the host's own packets.
+    pub src: Option<Ipv4Addr>,
     /// Uplink MTU minus the outer header, so the host fragments or signals PMTU itself.
     pub mtu: u32,
 }
@@ -58,7 +62,10 @@ impl Host {
 
     pub async fn mtu(&self, ifindex: u32) -> Result<u32> {
         let mut links = self.handle.link().get().match_index(ifindex).execute();
-        let link = links.try_next().await?.with_context(|| format!("no link with index {ifindex}"))?;
+        let link = links
+            .try_next()
+            .await?
+            .with_context(|| format!("no link with index {ifindex}"))?;
         link.attributes
             .iter()
             .find_map(|a| match a {
@@ -70,7 +77,12 @@ impl Host {
 
     pub async fn set_mtu(&self, ifindex: u32, mtu: u32) -> Result<()> {
         let msg = LinkUnspec::new_with_index(ifindex).mtu(mtu).build();
-        self.handle.link().set(msg).execute().await.with_context(|| format!("setting MTU {mtu} on link {ifindex}"))
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .with_context(|| format!("setting MTU {mtu} on link {ifindex}"))
     }
 
     /// IPv4 addresses of interface `ifindex`, or of all interfaces, in kernel order
@@ -95,7 +107,9 @@ impl Host {
 
     /// The next hop and output interface the kernel uses to reach `dst`.
     pub async fn next_hop(&self, dst: Ipv4Addr) -> Result<(Ipv4Addr, u32)> {
-        let query = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, 32).build();
+        let query = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .build();
         let mut routes = self.handle.route().get(query).execute();
         let route = routes
             .try_next()
@@ -111,7 +125,9 @@ impl Host {
                 _ => {}
             }
         }
-        let Some(oif) = oif else { bail!("the route to {dst} has no output interface") };
+        let Some(oif) = oif else {
+            bail!("the route to {dst} has no output interface")
+        };
         Ok((via, oif))
     }
 
@@ -124,10 +140,11 @@ impl Host {
         let mut out = Vec::new();
         let mut routes = self.handle.route().get(filter).execute();
         while let Some(msg) = routes.try_next().await? {
-            if msg.header.protocol == RouteProtocol::Other(RTPROT_OVERLAY) && msg.header.table == MAIN_TABLE {
-                if let Some(r) = parse_route(&msg) {
-                    out.push(r);
-                }
+            if msg.header.protocol == RouteProtocol::Other(RTPROT_OVERLAY)
+                && msg.header.table == MAIN_TABLE
+                && let Some(r) = parse_route(&msg)
+            {
+                out.push(r);
             }
         }
         Ok(out)
@@ -135,15 +152,19 @@ impl Host {
 
     /// Installs `route`, replacing any route to the same destination.
     pub async fn replace_route(&self, route: &OverlayRoute) -> Result<()> {
-        let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+        let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(route.dst.network(), route.dst.prefix_len())
             .gateway(route.via)
             .output_interface(route.oif)
             .protocol(RouteProtocol::Other(RTPROT_OVERLAY))
             .scope(RouteScope::Universe)
-            .table_id(u32::from(MAIN_TABLE))
-            .build();
-        msg.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(route.mtu)]));
+            .table_id(u32::from(MAIN_TABLE));
+        if let Some(src) = route.src {
+            builder = builder.pref_source(src);
+        }
+        let mut msg = builder.build();
+        msg.attributes
+            .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(route.mtu)]));
         self.handle
             .route()
             .add(msg)
@@ -172,10 +193,12 @@ fn parse_route(msg: &RouteMessage) -> Option<OverlayRoute> {
     let mut dst = None;
     let mut via = None;
     let mut oif = None;
+    let mut src = None;
     let mut mtu = 0;
     for attr in &msg.attributes {
         match attr {
             RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(*a),
+            RouteAttribute::PrefSource(RouteAddress::Inet(a)) => src = Some(*a),
             RouteAttribute::Gateway(RouteAddress::Inet(a)) => via = Some(*a),
             RouteAttribute::Oif(i) => oif = Some(*i),
             RouteAttribute::Metrics(m) => {
@@ -192,6 +215,7 @@ fn parse_route(msg: &RouteMessage) -> Option<OverlayRoute> {
         dst: Ipv4Net::new(dst?, msg.header.destination_prefix_length).ok()?,
         via: via?,
         oif: oif?,
+        src,
         mtu,
     })
 }
@@ -200,7 +224,10 @@ fn parse_route(msg: &RouteMessage) -> Option<OverlayRoute> {
 /// host, and the FIB lookups of the datapath require it on the devices involved.
 pub fn enable_forwarding() -> Result<()> {
     let path = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(path).map(|v| v.trim() == "1").unwrap_or(false) {
+    if std::fs::read_to_string(path)
+        .map(|v| v.trim() == "1")
+        .unwrap_or(false)
+    {
         return Ok(());
     }
     std::fs::write(path, "1").with_context(|| format!("enabling forwarding ({path})"))

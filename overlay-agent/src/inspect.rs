@@ -14,10 +14,20 @@ use crate::{
 /// The counters table; zero rows are left out unless `all`.
 pub fn counters(pin_dir: &Path, all: bool) -> Result<String> {
     let counters = Counters::new(open_pinned(pin_dir, names::COUNTERS)?)?;
-    let mut out = format!("{:<16} {:<28} {:>12} {:>14}\n", "HOOK", "REASON", "PACKETS", "BYTES");
+    let mut out = format!(
+        "{:<16} {:<28} {:>12} {:>14}\n",
+        "HOOK", "REASON", "PACKETS", "BYTES"
+    );
     for (hook, reason, c) in counters.all()? {
         if all || c.packets != 0 {
-            writeln!(out, "{:<16} {:<28} {:>12} {:>14}", hook.name(), reason.name(), c.packets, c.bytes)?;
+            writeln!(
+                out,
+                "{:<16} {:<28} {:>12} {:>14}",
+                hook.name(),
+                reason.name(),
+                c.packets,
+                c.bytes
+            )?;
         }
     }
     Ok(out)
@@ -33,12 +43,27 @@ pub fn nodes(pin_dir: &Path) -> Result<String> {
         writeln!(out, "this node: not configured yet")?;
     } else {
         let subnet = Ipv4Net::new(config.pod_subnet.into(), config.pod_prefix_len)?;
-        writeln!(out, "this node: tunnel address {}, pod subnet {subnet}", Ipv4Addr::from(config.node_ip))?;
+        writeln!(
+            out,
+            "this node: tunnel address {}, pod subnet {subnet}",
+            Ipv4Addr::from(config.node_ip)
+        )?;
     }
-    writeln!(out, "{:<20} {:<16} {:>12} {:>14}", "REMOTE SUBNET", "NODE", "RX PACKETS", "RX BYTES")?;
+    writeln!(
+        out,
+        "{:<20} {:<16} {:>12} {:>14}",
+        "REMOTE SUBNET", "NODE", "RX PACKETS", "RX BYTES"
+    )?;
     for (subnet, node) in &routes {
         let rx = peers.get(node).copied().unwrap_or_default();
-        writeln!(out, "{:<20} {:<16} {:>12} {:>14}", subnet.to_string(), node.to_string(), rx.rx_packets, rx.rx_bytes)?;
+        writeln!(
+            out,
+            "{:<20} {:<16} {:>12} {:>14}",
+            subnet.to_string(),
+            node.to_string(),
+            rx.rx_packets,
+            rx.rx_bytes
+        )?;
     }
     Ok(out)
 }
@@ -61,7 +86,9 @@ pub fn nat(pin_dir: &Path) -> Result<String> {
         "PROTO", "SOURCE", "DESTINATION", "TRANSLATED TO", "RULE", "STATE", "AGE", "EXPIRES"
     );
     for f in &flows {
-        let translated = f.translated.map_or("-".to_owned(), |(a, p)| format!("{a}:{p}"));
+        let translated = f
+            .translated
+            .map_or("-".to_owned(), |(a, p)| format!("{a}:{p}"));
         let rule = f.rule.map_or("?".to_owned(), |r| (r as u8).to_string());
         writeln!(
             out,

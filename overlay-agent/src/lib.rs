@@ -1,6 +1,7 @@
 //! The overlay agent: loads the datapath, learns the nodes, and keeps the maps and the
 //! host's routes in step with them.
 
+pub mod agent;
 pub mod bpffs;
 pub mod config;
 pub mod conntrack;
@@ -10,4 +11,5 @@ pub mod inspect;
 pub mod masq;
 pub mod nodes;
 pub mod reconcile;
+pub mod status;
 pub mod subnet_env;

@@ -18,7 +18,11 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { enabled: false, ports: NAT_PORT_MIN..=NAT_PORT_MAX, timeouts: CtTimeouts::DEFAULT }
+        Self {
+            enabled: false,
+            ports: NAT_PORT_MIN..=NAT_PORT_MAX,
+            timeouts: CtTimeouts::DEFAULT,
+        }
     }
 }
 
@@ -30,9 +34,17 @@ impl FromStr for PortRange {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let (lo, hi) = s.split_once('-').context("expected MIN-MAX, e.g. 61000-65535")?;
-        let lo: u16 = lo.trim().parse().with_context(|| format!("bad port {lo:?}"))?;
-        let hi: u16 = hi.trim().parse().with_context(|| format!("bad port {hi:?}"))?;
+        let (lo, hi) = s
+            .split_once('-')
+            .context("expected MIN-MAX, e.g. 61000-65535")?;
+        let lo: u16 = lo
+            .trim()
+            .parse()
+            .with_context(|| format!("bad port {lo:?}"))?;
+        let hi: u16 = hi
+            .trim()
+            .parse()
+            .with_context(|| format!("bad port {hi:?}"))?;
         if lo == 0 || lo > hi {
             bail!("port range {s} is empty or starts at 0");
         }
@@ -48,8 +60,12 @@ impl FromStr for TimeoutOverride {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let (name, secs) = s.split_once('=').context("expected NAME=SECONDS, e.g. tcp_established=3600")?;
-        let secs: u32 = secs.parse().with_context(|| format!("bad number of seconds {secs:?}"))?;
+        let (name, secs) = s
+            .split_once('=')
+            .context("expected NAME=SECONDS, e.g. tcp_established=3600")?;
+        let secs: u32 = secs
+            .parse()
+            .with_context(|| format!("bad number of seconds {secs:?}"))?;
         if secs == 0 {
             bail!("timeout {name} must be at least one second");
         }
@@ -96,7 +112,8 @@ pub fn check_against_ephemeral(ports: &RangeInclusive<u16>, ephemeral: &str) -> 
 }
 
 pub fn ephemeral_range() -> Result<String> {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").context("reading ip_local_port_range")
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .context("reading ip_local_port_range")
 }
 
 #[cfg(test)]
@@ -109,8 +126,15 @@ mod tests {
         assert!("100-10".parse::<PortRange>().is_err());
         assert!("0-10".parse::<PortRange>().is_err());
         assert!("61000".parse::<PortRange>().is_err());
-        let t = timeouts(&["udp=5".parse().unwrap(), "tcp_established=60".parse().unwrap()]).unwrap();
-        assert_eq!((t.udp, t.tcp_established, t.icmp), (5, 60, CtTimeouts::DEFAULT.icmp));
+        let t = timeouts(&[
+            "udp=5".parse().unwrap(),
+            "tcp_established=60".parse().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(
+            (t.udp, t.tcp_established, t.icmp),
+            (5, 60, CtTimeouts::DEFAULT.icmp)
+        );
         assert!(timeouts(&["bogus=5".parse().unwrap()]).is_err());
         assert!("udp=0".parse::<TimeoutOverride>().is_err());
     }

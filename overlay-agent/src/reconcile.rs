@@ -62,24 +62,37 @@ impl Desired {
         // Nodes are sorted by name, so the first claim of a subnet wins deterministically.
         for node in set.nodes.iter().filter(|n| n.name != own_name) {
             if node.pod_cidr.contains(&own.pod_cidr) || own.pod_cidr.contains(&node.pod_cidr) {
-                skipped.push(format!("node {}: podCIDR {} overlaps this node's {}", node.name, node.pod_cidr, own.pod_cidr));
+                skipped.push(format!(
+                    "node {}: podCIDR {} overlaps this node's {}",
+                    node.name, node.pod_cidr, own.pod_cidr
+                ));
                 continue;
             }
             if node.tunnel_ip == own.tunnel_ip {
-                skipped.push(format!("node {}: tunnel address {} is this node's own", node.name, node.tunnel_ip));
+                skipped.push(format!(
+                    "node {}: tunnel address {} is this node's own",
+                    node.name, node.tunnel_ip
+                ));
                 continue;
             }
             if let Some(first) = owners.get(&node.pod_cidr) {
-                skipped.push(format!("node {}: podCIDR {} is already claimed by node {first}", node.name, node.pod_cidr));
+                skipped.push(format!(
+                    "node {}: podCIDR {} is already claimed by node {first}",
+                    node.name, node.pod_cidr
+                ));
                 continue;
             }
             owners.insert(node.pod_cidr, &node.name);
             remotes.insert(node.pod_cidr, node.tunnel_ip);
         }
         let peers = remotes.values().copied().collect();
-        Ok(Self { own, remotes, peers, skipped })
+        Ok(Self {
+            own,
+            remotes,
+            peers,
+            skipped,
+        })
     }
-
 }
 
 /// The node's uplink.
@@ -94,15 +107,21 @@ pub struct Uplink {
 
 impl Uplink {
     pub async fn find(host: &Host, name: &str) -> Result<Self> {
-        let ifindex = host::ifindex_by_name(name)
-            .with_context(|| format!("uplink interface {name} does not exist in this network namespace (--iface)"))?;
+        let ifindex = host::ifindex_by_name(name).with_context(|| {
+            format!("uplink interface {name} does not exist in this network namespace (--iface)")
+        })?;
         let mtu = host.mtu(ifindex).await?;
         let address = *host
             .addresses(Some(ifindex))
             .await?
             .first()
             .with_context(|| format!("uplink interface {name} has no IPv4 address"))?;
-        Ok(Self { name: name.to_owned(), ifindex, mtu, address })
+        Ok(Self {
+            name: name.to_owned(),
+            ifindex,
+            mtu,
+            address,
+        })
     }
 
     /// MTU left for pods once the outer header is added.
@@ -139,7 +158,12 @@ pub struct Reconciler {
 
 impl Reconciler {
     pub fn new(host: Host, settings: NodeSettings) -> Self {
-        Self { host, settings, subnet_env: None, config: None }
+        Self {
+            host,
+            settings,
+            subnet_env: None,
+            config: None,
+        }
     }
 
     /// The datapath configuration for `desired` under these settings.
@@ -168,7 +192,12 @@ impl Reconciler {
             if !self.settings.network.contains(&desired.own.pod_cidr) {
                 warn!(pod_cidr = %desired.own.pod_cidr, network = %self.settings.network, "this node's podCIDR is outside the Network of net-conf.json");
             }
-            if !self.host.addresses(None).await?.contains(&desired.own.tunnel_ip) {
+            if !self
+                .host
+                .addresses(None)
+                .await?
+                .contains(&desired.own.tunnel_ip)
+            {
                 warn!(address = %desired.own.tunnel_ip, "this node's tunnel address is not assigned to any local interface: tunnelled packets will not arrive");
             }
             dp.config.set(config)?;
@@ -190,7 +219,12 @@ impl Reconciler {
         outcome.bridge_attached = self.sync_bridge(dp).await?;
 
         let s = &self.settings;
-        let env = SubnetEnv::new(s.network, desired.own.pod_cidr, s.uplink.pod_mtu(), s.masq.enabled);
+        let env = SubnetEnv::new(
+            s.network,
+            desired.own.pod_cidr,
+            s.uplink.pod_mtu(),
+            s.masq.enabled,
+        );
         if self.subnet_env.as_ref() != Some(&env) {
             env.write(&s.subnet_file)?;
             info!(path = %s.subnet_file.display(), subnet = %env.subnet, mtu = env.mtu, "subnet.env written");
@@ -202,6 +236,16 @@ impl Reconciler {
     /// Installs a route per remote subnet via the next hop towards its node, and
     /// removes our routes that are no longer wanted.
     async fn sync_routes(&self, desired: &Desired) -> Result<(Changes, usize)> {
+        // The host's own packets to remote pods leave from the pod gateway once the
+        // bridge holds it, as flanneld's tunnel address: replies then come back through
+        // the tunnel instead of as pod-sourced packets on the underlay.
+        let gateway = Ipv4Addr::from(u32::from(desired.own.pod_cidr.network()) + 1);
+        let src = self
+            .host
+            .addresses(None)
+            .await?
+            .contains(&gateway)
+            .then_some(gateway);
         let mut want = BTreeMap::new();
         let mut unreachable = 0;
         let mut next_hops = BTreeMap::new();
@@ -218,10 +262,24 @@ impl Reconciler {
                 },
             };
             let (via, oif) = hop;
-            want.insert(*subnet, OverlayRoute { dst: *subnet, via, oif, mtu: self.settings.uplink.pod_mtu() });
+            want.insert(
+                *subnet,
+                OverlayRoute {
+                    dst: *subnet,
+                    via,
+                    oif,
+                    src,
+                    mtu: self.settings.uplink.pod_mtu(),
+                },
+            );
         }
-        let have: BTreeMap<Ipv4Net, OverlayRoute> =
-            self.host.overlay_routes().await?.into_iter().map(|r| (r.dst, r)).collect();
+        let have: BTreeMap<Ipv4Net, OverlayRoute> = self
+            .host
+            .overlay_routes()
+            .await?
+            .into_iter()
+            .map(|r| (r.dst, r))
+            .collect();
         let mut changes = Changes::default();
         for (dst, route) in &want {
             match have.get(dst) {
@@ -240,16 +298,22 @@ impl Reconciler {
 
     /// Attaches to the pod bridge once it exists (the CNI bridge plugin creates it with
     /// the first pod) and again if it is recreated. Returns whether it is attached.
-    pub async fn sync_bridge(&self, dp: &mut Datapath) -> Result<bool> {
+    async fn sync_bridge(&self, dp: &mut Datapath) -> Result<bool> {
         let (bridge, pod_mtu) = (&self.settings.bridge, self.settings.uplink.pod_mtu());
         let Some(ifindex) = host::ifindex_by_name(bridge) else {
             if dp.attachment(Hook::BridgeIngress).is_some() {
-                warn!(bridge, "pod bridge disappeared; waiting for it to come back");
+                warn!(
+                    bridge,
+                    "pod bridge disappeared; waiting for it to come back"
+                );
                 dp.detach(Hook::BridgeIngress);
             }
             return Ok(false);
         };
-        if dp.attachment(Hook::BridgeIngress).is_some_and(|a| a.ifindex == ifindex) {
+        if dp
+            .attachment(Hook::BridgeIngress)
+            .is_some_and(|a| a.ifindex == ifindex)
+        {
             return Ok(true);
         }
         if self.host.mtu(ifindex).await? != pod_mtu {
@@ -275,11 +339,18 @@ mod tests {
     use super::*;
 
     fn node(name: &str, cidr: &str, ip: [u8; 4]) -> NodeInfo {
-        NodeInfo { name: name.into(), pod_cidr: cidr.parse().unwrap(), tunnel_ip: ip.into() }
+        NodeInfo {
+            name: name.into(),
+            pod_cidr: cidr.parse().unwrap(),
+            tunnel_ip: ip.into(),
+        }
     }
 
     fn set(nodes: Vec<NodeInfo>) -> NodeSet {
-        let mut s = NodeSet { nodes, errors: vec![] };
+        let mut s = NodeSet {
+            nodes,
+            errors: vec![],
+        };
         s.nodes.sort();
         s
     }
@@ -294,8 +365,14 @@ mod tests {
         let d = Desired::compute(&s, "w1").unwrap();
         assert_eq!(d.own.name, "w1");
         assert_eq!(d.remotes.len(), 2);
-        assert_eq!(d.remotes[&"10.244.3.0/24".parse().unwrap()], Ipv4Addr::new(172, 19, 0, 2));
-        assert_eq!(d.peers, [Ipv4Addr::new(172, 18, 0, 2), Ipv4Addr::new(172, 19, 0, 2)].into());
+        assert_eq!(
+            d.remotes[&"10.244.3.0/24".parse().unwrap()],
+            Ipv4Addr::new(172, 19, 0, 2)
+        );
+        assert_eq!(
+            d.peers,
+            [Ipv4Addr::new(172, 18, 0, 2), Ipv4Addr::new(172, 19, 0, 2)].into()
+        );
     }
 
     #[test]
@@ -308,18 +385,33 @@ mod tests {
             node("twin", "10.244.9.0/24", [172, 18, 0, 3]),
         ]);
         let d = Desired::compute(&s, "me").unwrap();
-        assert_eq!(d.remotes.keys().map(ToString::to_string).collect::<Vec<_>>(), ["10.244.5.0/24"]);
-        assert_eq!(d.remotes.values().next(), Some(&Ipv4Addr::new(172, 18, 0, 5)));
+        assert_eq!(
+            d.remotes
+                .keys()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.244.5.0/24"]
+        );
+        assert_eq!(
+            d.remotes.values().next(),
+            Some(&Ipv4Addr::new(172, 18, 0, 5))
+        );
         assert_eq!(d.skipped.len(), 3, "{:?}", d.skipped);
     }
 
     #[test]
     fn own_node_problems_are_errors() {
         let s = set(vec![node("w1", "10.244.1.0/24", [172, 18, 0, 3])]);
-        assert_eq!(Desired::compute(&s, "w9"), Err(DesiredError::OwnMissing("w9".into())));
+        assert_eq!(
+            Desired::compute(&s, "w9"),
+            Err(DesiredError::OwnMissing("w9".into()))
+        );
         let mut s = s;
         s.errors.push(NodeError::NoPodCidr("w2".into()));
-        assert!(Desired::compute(&s, "w1").is_ok(), "another node's problem is not ours");
+        assert!(
+            Desired::compute(&s, "w1").is_ok(),
+            "another node's problem is not ours"
+        );
         assert_eq!(
             Desired::compute(&s, "w2"),
             Err(DesiredError::OwnInvalid(NodeError::NoPodCidr("w2".into())))

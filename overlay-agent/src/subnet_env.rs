@@ -21,17 +21,27 @@ impl SubnetEnv {
     pub fn new(network: Ipv4Net, pod_cidr: Ipv4Net, mtu: u32, ipmasq: bool) -> Self {
         let gateway = Ipv4Addr::from(u32::from(pod_cidr.network()) + 1);
         let subnet = Ipv4Net::new(gateway, pod_cidr.prefix_len()).expect("prefix of a valid net");
-        Self { network, subnet, mtu, ipmasq }
+        Self {
+            network,
+            subnet,
+            mtu,
+            ipmasq,
+        }
     }
 
     /// Writes the file atomically: the CNI plugin must never read half of it.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("creating a file in {}", dir.display()))?;
         tmp.write_all(self.to_string().as_bytes())?;
         tmp.as_file().sync_all()?;
-        tmp.persist(path).with_context(|| format!("replacing {}", path.display()))?;
+        tmp.persist(path)
+            .with_context(|| format!("replacing {}", path.display()))?;
         Ok(())
     }
 }
@@ -51,7 +61,12 @@ mod tests {
 
     #[test]
     fn flannel_format_and_atomic_write() {
-        let env = SubnetEnv::new("10.244.0.0/16".parse().unwrap(), "10.244.1.0/24".parse().unwrap(), 1480, false);
+        let env = SubnetEnv::new(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.1.0/24".parse().unwrap(),
+            1480,
+            false,
+        );
         let text = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1480\nFLANNEL_IPMASQ=false\n";
         assert_eq!(env.to_string(), text);
         let dir = tempfile::tempdir().unwrap();
@@ -59,6 +74,9 @@ mod tests {
         env.write(&path).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         // Only the file itself remains: no temporary leftovers.
-        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
     }
 }

@@ -104,7 +104,9 @@ impl CtTimeouts {
         use flags::*;
         match proto {
             6 => {
-                if flags & RST != 0 || flags & (FIN_ORIGINAL | FIN_REPLY) == FIN_ORIGINAL | FIN_REPLY {
+                if flags & RST != 0
+                    || flags & (FIN_ORIGINAL | FIN_REPLY) == FIN_ORIGINAL | FIN_REPLY
+                {
                     self.tcp_closed
                 } else if flags & (FIN_ORIGINAL | FIN_REPLY) != 0 {
                     self.tcp_fin
@@ -166,7 +168,10 @@ mod tests {
         assert_eq!(t.for_state(6, 0), t.tcp_syn);
         assert_eq!(t.for_state(6, SEEN_REPLY), t.tcp_established);
         assert_eq!(t.for_state(6, SEEN_REPLY | FIN_REPLY), t.tcp_fin);
-        assert_eq!(t.for_state(6, SEEN_REPLY | FIN_REPLY | FIN_ORIGINAL), t.tcp_closed);
+        assert_eq!(
+            t.for_state(6, SEEN_REPLY | FIN_REPLY | FIN_ORIGINAL),
+            t.tcp_closed
+        );
         assert_eq!(t.for_state(6, SEEN_REPLY | RST), t.tcp_closed);
         assert_eq!(t.for_state(17, 0), t.udp);
         assert_eq!(t.for_state(17, SEEN_REPLY), t.udp_assured);

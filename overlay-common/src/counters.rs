@@ -216,8 +216,11 @@ pub enum NatEvent {
 
 impl NatEvent {
     pub const COUNT: u32 = NatEvent::IcmpErrorTranslated as u32 + 1;
-    pub const ALL: [NatEvent; NatEvent::COUNT as usize] =
-        [NatEvent::FlowCreated, NatEvent::PortCollision, NatEvent::IcmpErrorTranslated];
+    pub const ALL: [NatEvent; NatEvent::COUNT as usize] = [
+        NatEvent::FlowCreated,
+        NatEvent::PortCollision,
+        NatEvent::IcmpErrorTranslated,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {

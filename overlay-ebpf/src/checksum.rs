@@ -30,6 +30,14 @@ pub fn replace(check: u16, old: u16, new: u16) -> u16 {
 /// [`replace`] for a 32-bit field (an address), given as wire-order bytes.
 #[inline(always)]
 pub fn replace4(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
-    let check = replace(check, u16::from_be_bytes([old[0], old[1]]), u16::from_be_bytes([new[0], new[1]]));
-    replace(check, u16::from_be_bytes([old[2], old[3]]), u16::from_be_bytes([new[2], new[3]]))
+    let check = replace(
+        check,
+        u16::from_be_bytes([old[0], old[1]]),
+        u16::from_be_bytes([new[0], new[1]]),
+    );
+    replace(
+        check,
+        u16::from_be_bytes([old[2], old[3]]),
+        u16::from_be_bytes([new[2], new[3]]),
+    )
 }

@@ -36,12 +36,26 @@ pub struct Tuple {
 
 impl Tuple {
     pub fn key(&self, dir: u8) -> CtKey {
-        CtKey { src: self.src, dst: self.dst, sport: self.sport, dport: self.dport, proto: self.proto, dir, _pad: [0; 2] }
+        CtKey {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            dir,
+            _pad: [0; 2],
+        }
     }
 
     /// The tuple of a packet going the other way.
     pub fn reversed(&self) -> Tuple {
-        Tuple { src: self.dst, dst: self.src, sport: self.dport, dport: self.sport, proto: self.proto }
+        Tuple {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+        }
     }
 }
 
@@ -70,7 +84,13 @@ pub fn original(t: &Tuple) -> Option<*mut CtEntry> {
 pub fn reply(t: &Tuple) -> Option<(CtEntry, *mut CtEntry)> {
     let rev = unsafe { *CONNTRACK.get_ptr(&t.key(DIR_REPLY))? };
     // The ORIGINAL key: the original source talking to the reply's sender.
-    let orig = Tuple { src: rev.addr, dst: t.src, sport: rev.port, dport: t.sport, proto: t.proto };
+    let orig = Tuple {
+        src: rev.addr,
+        dst: t.src,
+        sport: rev.port,
+        dport: t.sport,
+        proto: t.proto,
+    };
     let entry = original(&orig)?;
     // The flow must still be translated to this reply's destination: once a flow
     // expires and starts over on another port, the REPLY entry of its old port lingers
@@ -97,7 +117,11 @@ pub fn touch(cfg: &DatapathConfig, entry: *mut CtEntry, proto: u8, tcp: u8, is_r
         new |= flags::RST;
     }
     if tcp & FIN != 0 {
-        new |= if is_reply { flags::FIN_REPLY } else { flags::FIN_ORIGINAL };
+        new |= if is_reply {
+            flags::FIN_REPLY
+        } else {
+            flags::FIN_ORIGINAL
+        };
     }
     let expires = now() + u64::from(cfg.ct_timeouts.for_state(proto, new)) * NS_PER_SEC;
     // Racing writers from other CPUs can only lose a refresh or a flag bit of the same
@@ -122,19 +146,35 @@ pub fn track_untranslated(cfg: &DatapathConfig, t: &Tuple) -> Result<*mut CtEntr
 /// Creates a translated flow for `t`: claims a REPLY key for a free port of the
 /// configured range on `nat_ip`, then the ORIGINAL entry. Returns the ORIGINAL entry.
 #[inline(always)]
-pub fn create(cfg: &DatapathConfig, t: &Tuple, nat_ip: [u8; 4], rule: u8) -> Result<*mut CtEntry, CreateError> {
+pub fn create(
+    cfg: &DatapathConfig,
+    t: &Tuple,
+    nat_ip: [u8; 4],
+    rule: u8,
+) -> Result<*mut CtEntry, CreateError> {
     let span = u32::from(cfg.nat_port_max.saturating_sub(cfg.nat_port_min)) + 1;
     let start = unsafe { bpf_get_prandom_u32() } % span;
     let born = now();
     // A prime stride over the range gives a fresh candidate on every try, unless the
     // range is a multiple of it: then every try would be the same port (a range of
     // 7919 ports exhausted by one taken port); step by one there.
-    let stride = if span % PORT_STRIDE == 0 { 1 } else { PORT_STRIDE };
+    let stride = if span % PORT_STRIDE == 0 {
+        1
+    } else {
+        PORT_STRIDE
+    };
     for i in 0..PORT_TRIES {
         let port = (cfg.nat_port_min as u32 + (start + i * stride) % span) as u16;
         let port = port.to_be_bytes();
         let reply = reply_tuple(t, nat_ip, port);
-        let value = CtEntry { expires_ns: 0, created_ns: born, addr: t.src, port: t.sport, flags: 0, rule };
+        let value = CtEntry {
+            expires_ns: 0,
+            created_ns: born,
+            addr: t.src,
+            port: t.sport,
+            flags: 0,
+            rule,
+        };
         match CONNTRACK.insert(&reply.key(DIR_REPLY), &value, u64::from(BPF_NOEXIST)) {
             Ok(()) => {}
             Err(e) if e == -E2BIG || e == -ENOMEM => return Err(CreateError::TableFull),
@@ -158,14 +198,33 @@ pub fn create(cfg: &DatapathConfig, t: &Tuple, nat_ip: [u8; 4], rule: u8) -> Res
 /// The tuple replies to `t` carry once its source is translated to `nat_ip:port`.
 #[inline(always)]
 fn reply_tuple(t: &Tuple, nat_ip: [u8; 4], port: [u8; 2]) -> Tuple {
-    Tuple { src: t.dst, dst: nat_ip, sport: t.dport, dport: port, proto: t.proto }
+    Tuple {
+        src: t.dst,
+        dst: nat_ip,
+        sport: t.dport,
+        dport: port,
+        proto: t.proto,
+    }
 }
 
 #[inline(always)]
-fn insert_original(cfg: &DatapathConfig, t: &Tuple, addr: [u8; 4], port: [u8; 2], rule: u8) -> Result<*mut CtEntry, CreateError> {
+fn insert_original(
+    cfg: &DatapathConfig,
+    t: &Tuple,
+    addr: [u8; 4],
+    port: [u8; 2],
+    rule: u8,
+) -> Result<*mut CtEntry, CreateError> {
     let born = now();
     let expires = born + u64::from(cfg.ct_timeouts.for_state(t.proto, 0)) * NS_PER_SEC;
-    let value = CtEntry { expires_ns: expires, created_ns: born, addr, port, flags: 0, rule };
+    let value = CtEntry {
+        expires_ns: expires,
+        created_ns: born,
+        addr,
+        port,
+        flags: 0,
+        rule,
+    };
     let key = t.key(DIR_ORIGINAL);
     match CONNTRACK.insert(&key, &value, 0) {
         Ok(()) => CONNTRACK.get_ptr_mut(&key).ok_or(CreateError::TableFull),

@@ -2,7 +2,9 @@
 //! header and goes straight to the pod.
 
 use aya_ebpf::{
-    bindings::{BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
     programs::TcContext,
 };
 use network_types::ip::Ipv4Hdr;
@@ -28,7 +30,9 @@ pub fn from_uplink(ctx: &TcContext) -> i32 {
 }
 
 fn uplink(ctx: &TcContext) -> Verdict {
-    let Some(cfg) = config() else { return pass(Reason::PassNotConfigured) };
+    let Some(cfg) = config() else {
+        return pass(Reason::PassNotConfigured);
+    };
     let outer = match parse::frame(ctx) {
         Frame::Ipv4(ip) => ip,
         Frame::Other => return pass(Reason::PassNotIpv4),
@@ -63,7 +67,10 @@ fn uplink(ctx: &TcContext) -> Verdict {
     // FIXED_GSO: the inner segments keep their size; DECAP_L3_IPV4 clears the IPIP
     // GSO state so the skb is a plain TCP/UDP skb again.
     let flags = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4);
-    if ctx.adjust_room(-(IPV4_LEN as i32), BPF_ADJ_ROOM_MAC, flags).is_err() {
+    if ctx
+        .adjust_room(-(IPV4_LEN as i32), BPF_ADJ_ROOM_MAC, flags)
+        .is_err()
+    {
         return drop(Reason::DropHelperError);
     }
     if outer_ce && !ipv4::set_ce(ctx) {
@@ -82,7 +89,11 @@ fn uplink(ctx: &TcContext) -> Verdict {
     }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     match fib::lookup(ctx, ifindex, inner.src_addr, inner.dst_addr, 0) {
-        Path::Resolved { ifindex: out, smac, dmac } => {
+        Path::Resolved {
+            ifindex: out,
+            smac,
+            dmac,
+        } => {
             if !fib::set_macs(ctx, smac, dmac) || !ipv4::decrement_ttl(ctx) {
                 return drop(Reason::DropHelperError);
             }
@@ -97,7 +108,11 @@ fn uplink(ctx: &TcContext) -> Verdict {
 /// Checks the tunnel header and returns the inner IPv4 header, or the verdict that
 /// refuses the packet.
 #[inline(always)]
-fn tunnel_payload(ctx: &TcContext, cfg: &DatapathConfig, outer: &Ipv4Hdr) -> Result<Ipv4Hdr, Verdict> {
+fn tunnel_payload(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    outer: &Ipv4Hdr,
+) -> Result<Ipv4Hdr, Verdict> {
     if !parse::well_formed(outer, ctx.len() - ETH_LEN as u32) {
         return Err(drop(Reason::DropMalformed));
     }

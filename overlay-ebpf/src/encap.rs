@@ -3,7 +3,9 @@
 //! `nopmtudisc`, as flannel creates it) would build it.
 
 use aya_ebpf::{
-    bindings::{BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
     maps::lpm_trie::Key,
     programs::TcContext,
 };
@@ -37,7 +39,9 @@ pub fn from_host(ctx: &TcContext) -> i32 {
 }
 
 fn bridge(ctx: &TcContext) -> Verdict {
-    let Some(cfg) = config() else { return pass(Reason::PassNotConfigured) };
+    let Some(cfg) = config() else {
+        return pass(Reason::PassNotConfigured);
+    };
     let (ip, peer) = match ipv4_frame(ctx).and_then(|ip| overlay_packet(ctx, ip)) {
         Ok(found) => found,
         Err(verdict) => return verdict,
@@ -58,7 +62,13 @@ fn bridge(ctx: &TcContext) -> Verdict {
     if ip.ttl <= 1 {
         return pass(Reason::PassTtlExpired);
     }
-    let path = fib::lookup(ctx, ctx_ifindex(ctx), cfg.node_ip, peer, outer_len(ctx, &ip));
+    let path = fib::lookup(
+        ctx,
+        ctx_ifindex(ctx),
+        cfg.node_ip,
+        peer,
+        outer_len(ctx, &ip),
+    );
     let path = match path {
         Path::FragNeeded { mtu } if parse::dont_fragment(&ip) => {
             return icmp::frag_needed(ctx, cfg, &ip, mtu.saturating_sub(IPV4_LEN as u16));
@@ -76,7 +86,9 @@ fn bridge(ctx: &TcContext) -> Verdict {
 }
 
 fn host(ctx: &TcContext) -> Verdict {
-    let Some(cfg) = config() else { return pass(Reason::PassNotConfigured) };
+    let Some(cfg) = config() else {
+        return pass(Reason::PassNotConfigured);
+    };
     let ip = match ipv4_frame(ctx) {
         Ok(ip) => ip,
         Err(verdict) => return verdict,
@@ -98,7 +110,13 @@ fn host(ctx: &TcContext) -> Verdict {
     };
     // The host stack already routed this packet (TTL, options and fragments are its
     // business), so everything well-formed is carried as is.
-    let path = fib::lookup(ctx, ctx_ifindex(ctx), cfg.node_ip, peer, outer_len(ctx, &ip));
+    let path = fib::lookup(
+        ctx,
+        ctx_ifindex(ctx),
+        cfg.node_ip,
+        peer,
+        outer_len(ctx, &ip),
+    );
     let path = match path {
         // The agent's routes carry MTU = uplink - 20, so the stack should never hand us
         // this; no ICMP can be addressed to a local sender from here.
@@ -125,7 +143,11 @@ fn ipv4_frame(ctx: &TcContext) -> Result<Ipv4Hdr, Verdict> {
 fn overlay_packet(ctx: &TcContext, ip: Ipv4Hdr) -> Result<(Ipv4Hdr, [u8; 4]), Verdict> {
     let Some(route) = ROUTES.get(Key::new(32, ip.dst_addr)) else {
         // IPIP to a node address: our own encapsulated packets passing the uplink.
-        let reason = if ip.proto == IPPROTO_IPIP { Reason::PassTunnelled } else { Reason::PassNotOverlay };
+        let reason = if ip.proto == IPPROTO_IPIP {
+            Reason::PassTunnelled
+        } else {
+            Reason::PassNotOverlay
+        };
         return Err(pass(reason));
     };
     if !parse::well_formed(&ip, ctx.len() - ETH_LEN as u32) {
@@ -154,14 +176,25 @@ fn outer_header(inner: &Ipv4Hdr, ttl: u8, src: [u8; 4], dst: [u8; 4]) -> Ipv4Hdr
     // ECN as INET_ECN_encapsulate: copy the inner codepoint, but never put CE on the
     // outside (a congestion mark is already recorded inside). DSCP 0 as flannel's device.
     let inner_ecn = inner.tos & ECN_MASK;
-    let tos = if inner_ecn == ECN_CE { ECN_ECT0 } else { inner_ecn };
+    let tos = if inner_ecn == ECN_CE {
+        ECN_ECT0
+    } else {
+        inner_ecn
+    };
     // DF is copied from the inner header (ip_tunnel_xmit without pmtudisc), and the
     // inner ID is reused so fragments of one inner datagram stay distinguishable.
-    let frags = if parse::dont_fragment(inner) { [0x40, 0] } else { [0, 0] };
+    let frags = if parse::dont_fragment(inner) {
+        [0x40, 0]
+    } else {
+        [0, 0]
+    };
     let mut outer = Ipv4Hdr {
         vihl: 0x45,
         tos,
-        tot_len: inner.tot_len().saturating_add(IPV4_LEN as u16).to_be_bytes(),
+        tot_len: inner
+            .tot_len()
+            .saturating_add(IPV4_LEN as u16)
+            .to_be_bytes(),
         id: inner.id,
         frags,
         ttl,
@@ -190,7 +223,10 @@ fn push_outer(
     // FIXED_GSO: pod MTU already leaves room for the outer header, so segment sizes
     // stay as the sender chose them; ENCAP_L3_IPV4 marks the skb as IPIP for GSO.
     let flags = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4);
-    if ctx.adjust_room(IPV4_LEN as i32, BPF_ADJ_ROOM_MAC, flags).is_err() {
+    if ctx
+        .adjust_room(IPV4_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+        .is_err()
+    {
         return drop(Reason::DropHelperError);
     }
     let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
@@ -198,15 +234,20 @@ fn push_outer(
     };
     unsafe { *hdr = outer };
     match path {
-        Path::Resolved { ifindex, smac, dmac } => {
+        Path::Resolved {
+            ifindex,
+            smac,
+            dmac,
+        } => {
             if !fib::set_macs(ctx, smac, dmac) {
                 return drop(Reason::DropHelperError);
             }
             (Reason::Encapsulated, fib::out(ifindex, egress_dev))
         }
-        Path::Unresolved { ifindex, nexthop } => {
-            (Reason::EncapsulatedNeighResolve, fib::out_resolving(ifindex, nexthop))
-        }
+        Path::Unresolved { ifindex, nexthop } => (
+            Reason::EncapsulatedNeighResolve,
+            fib::out_resolving(ifindex, nexthop),
+        ),
         // Callers only pass forwarding paths.
         _ => drop(Reason::DropNoRouteToPeer),
     }

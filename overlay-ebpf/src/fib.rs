@@ -16,7 +16,11 @@ const AF_INET: u8 = 2;
 
 pub enum Path {
     /// Next hop known: leave through `ifindex` with these MAC addresses.
-    Resolved { ifindex: u32, smac: [u8; 6], dmac: [u8; 6] },
+    Resolved {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
     /// Route known, neighbour not resolved yet: the kernel must resolve `nexthop`.
     Unresolved { ifindex: u32, nexthop: [u8; 4] },
     /// The route's MTU is smaller than the packet.
@@ -38,19 +42,30 @@ pub fn lookup(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], tot_len
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     let rc = unsafe {
-        fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
     };
     if rc < 0 {
         return Path::NoRoute;
     }
     match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Path::Resolved { ifindex: p.ifindex, smac: p.smac, dmac: p.dmac },
+        BPF_FIB_LKUP_RET_SUCCESS => Path::Resolved {
+            ifindex: p.ifindex,
+            smac: p.smac,
+            dmac: p.dmac,
+        },
         // On NO_NEIGH the kernel has already replaced the destination with the gateway.
         BPF_FIB_LKUP_RET_NO_NEIGH => Path::Unresolved {
             ifindex: p.ifindex,
             nexthop: unsafe { p.__bindgen_anon_4.ipv4_dst }.to_ne_bytes(),
         },
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Path::FragNeeded { mtu: unsafe { p.__bindgen_anon_1.mtu_result } },
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Path::FragNeeded {
+            mtu: unsafe { p.__bindgen_anon_1.mtu_result },
+        },
         BPF_FIB_LKUP_RET_NOT_FWDED => Path::Local,
         _ => Path::NoRoute,
     }
@@ -89,6 +104,11 @@ pub fn out_resolving(ifindex: u32, nexthop: [u8; 4]) -> i32 {
     nh.nh_family = u32::from(AF_INET);
     nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(nexthop);
     unsafe {
-        bpf_redirect_neigh(ifindex, &mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) as i32
+        bpf_redirect_neigh(
+            ifindex,
+            &mut nh,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        ) as i32
     }
 }

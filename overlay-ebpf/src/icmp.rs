@@ -49,7 +49,10 @@ pub fn frag_needed(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr, mtu: u16
     if unsafe { bpf_skb_change_tail(ctx.as_ptr().cast(), quoted_end, 0) } != 0 {
         return drop(Reason::DropHelperError);
     }
-    if ctx.adjust_room((IPV4_LEN + ICMP_LEN) as i32, BPF_ADJ_ROOM_MAC, 0).is_err() {
+    if ctx
+        .adjust_room((IPV4_LEN + ICMP_LEN) as i32, BPF_ADJ_ROOM_MAC, 0)
+        .is_err()
+    {
         return drop(Reason::DropHelperError);
     }
 
@@ -81,5 +84,7 @@ pub fn frag_needed(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr, mtu: u16
     if ctx.store(ETH_LEN, &reply, 0).is_err() || ctx.store(0, &macs, 0).is_err() {
         return drop(Reason::DropHelperError);
     }
-    (Reason::FragNeededSent, unsafe { bpf_redirect(ifindex, 0) as i32 })
+    (Reason::FragNeededSent, unsafe {
+        bpf_redirect(ifindex, 0) as i32
+    })
 }

@@ -15,7 +15,9 @@ const ECN_CE: u8 = 0x03;
 /// new value, and updates the checksum. False if the header is not linear.
 #[inline(always)]
 fn edit_word(ctx: &TcContext, word: impl FnOnce(&mut Ipv4Hdr) -> (u16, u16)) -> bool {
-    let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else { return false };
+    let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        return false;
+    };
     unsafe {
         let (old, new) = word(&mut *hdr);
         (*hdr).check = checksum::replace(u16::from_be_bytes((*hdr).check), old, new).to_be_bytes();

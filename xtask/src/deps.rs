@@ -41,7 +41,9 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Output of `cmd` if it ran and succeeded.
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub fn is_root() -> bool {
@@ -62,7 +64,11 @@ pub fn privileged(program: &str) -> Result<Command> {
 }
 
 fn which(program: &str) -> Option<String> {
-    output(Command::new("sh").arg("-c").arg(format!("command -v {program}")))
+    output(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {program}")),
+    )
 }
 
 fn ensure_packages() -> Result<()> {
@@ -86,13 +92,27 @@ fn ensure_packages() -> Result<()> {
 }
 
 fn ensure_rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
-        .unwrap_or_default();
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]))
+    .unwrap_or_default();
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
     eprintln!("installing rust-src for the {NIGHTLY} toolchain");
-    run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal", "--component", "rust-src"]))
+    run(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        NIGHTLY,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
 }
 
 fn ensure_bpf_linker() -> Result<()> {
@@ -102,7 +122,12 @@ fn ensure_bpf_linker() -> Result<()> {
     }
     eprintln!("building bpf-linker {BPF_LINKER_VERSION} against {LLVM_PREFIX} (about a minute)");
     run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", &format!("~{BPF_LINKER_VERSION}")])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            &format!("~{BPF_LINKER_VERSION}"),
+        ])
         .args(["--no-default-features", "--features", "llvm-22", "--force"])
         .env("LLVM_PREFIX", LLVM_PREFIX))
 }

@@ -17,11 +17,17 @@ pub fn run(args: TestArgs) -> Result<()> {
     deps::ensure()?;
     // Packet tests load BPF programs and the lab builds namespaces: both need root.
     if !deps::is_root() {
-        bail!("the tests load BPF programs and create network namespaces: run `cargo xtask test` as root");
+        bail!(
+            "the tests load BPF programs and create network namespaces: run `cargo xtask test` as root"
+        );
     }
     // The default members: the eBPF crate only builds for the BPF target, through
     // overlay-agent's build script.
-    deps::run(Command::new(env!("CARGO")).arg("test").args(&args.cargo_args))?;
+    deps::run(
+        Command::new(env!("CARGO"))
+            .arg("test")
+            .args(&args.cargo_args),
+    )?;
     eprintln!("all tests passed");
     Ok(())
 }

@@ -34,15 +34,20 @@ impl Attachment {
             bail!("interface {iface} does not exist in this network namespace");
         };
         // Only the legacy (pre-TCX) path needs the qdisc; it may exist already.
-        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
-            if let Err(e) = tc::qdisc_add_clsact(iface) {
-                debug!(iface, error = %e, "clsact qdisc not added (may exist)");
-            }
+        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0))
+            && let Err(e) = tc::qdisc_add_clsact(iface)
+        {
+            debug!(iface, error = %e, "clsact qdisc not added (may exist)");
         }
         let link = prog
             .attach(iface, attach_type(hook))
             .with_context(|| format!("attaching {} to {iface}", hook.program()))?;
-        Ok(Self { hook, iface: iface.to_owned(), ifindex, link })
+        Ok(Self {
+            hook,
+            iface: iface.to_owned(),
+            ifindex,
+            link,
+        })
     }
 
     pub(super) fn detach(self, prog: &mut SchedClassifier) {

@@ -22,7 +22,10 @@ use overlay_common::{
 pub fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
     let path = pin_dir.join(name);
     let data = MapData::from_pin(&path).with_context(|| {
-        format!("opening pinned map {} (is the agent running with this --bpffs?)", path.display())
+        format!(
+            "opening pinned map {} (is the agent running with this --bpffs?)",
+            path.display()
+        )
     })?;
     Ok(Map::from_map_data(data)?)
 }
@@ -69,7 +72,13 @@ impl Routes {
                 Some(_) => changes.updated += 1,
                 None => changes.added += 1,
             }
-            self.0.insert(&key(*net), Route { node_ip: node.octets() }, 0)?;
+            self.0.insert(
+                &key(*net),
+                Route {
+                    node_ip: node.octets(),
+                },
+                0,
+            )?;
         }
         for net in current.keys().filter(|n| !desired.contains_key(n)) {
             self.0.remove(&key(*net))?;
@@ -110,7 +119,10 @@ impl Peers {
         let current: BTreeSet<Ipv4Addr> = self.stats()?.into_keys().collect();
         let mut changes = Changes::default();
         for peer in desired.difference(&current) {
-            let zero = PerCpuValues::try_from(vec![PeerStats::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?])?;
+            let zero = PerCpuValues::try_from(vec![
+                PeerStats::default();
+                aya::util::nr_cpus().map_err(|(_, e)| e)?
+            ])?;
             self.0.insert(peer.octets(), zero, 0)?;
             changes.added += 1;
         }

@@ -33,8 +33,14 @@ pub struct Datapath {
 }
 
 /// Names of all maps, in the order they are pinned and checked.
-pub const MAP_NAMES: [&str; 6] =
-    [names::ROUTES, names::PEERS, names::CONFIG, names::COUNTERS, names::CONNTRACK, names::NAT_EVENTS];
+pub const MAP_NAMES: [&str; 6] = [
+    names::ROUTES,
+    names::PEERS,
+    names::CONFIG,
+    names::COUNTERS,
+    names::CONNTRACK,
+    names::NAT_EVENTS,
+];
 
 /// How to load the datapath.
 #[derive(Debug, Clone)]
@@ -48,7 +54,10 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { pin_dir: None, conntrack_entries: CONNTRACK_ENTRIES }
+        Self {
+            pin_dir: None,
+            conntrack_entries: CONNTRACK_ENTRIES,
+        }
     }
 }
 
@@ -83,7 +92,16 @@ impl Datapath {
         let counters = Counters::new(take(names::COUNTERS)?)?;
         let conntrack = Conntrack::new(take(names::CONNTRACK)?)?;
         let nat_events = NatEvents::new(take(names::NAT_EVENTS)?)?;
-        Ok(Self { ebpf, routes, peers, config, counters, conntrack, nat_events, attachments: Vec::new() })
+        Ok(Self {
+            ebpf,
+            routes,
+            peers,
+            config,
+            counters,
+            conntrack,
+            nat_events,
+            attachments: Vec::new(),
+        })
     }
 
     /// The loaded program for `hook` (for attaching, or running it with test data).

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 use super::NodeSet;
+use crate::status::Status;
 
 /// How often the file is checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -24,7 +25,9 @@ pub fn parse(text: &[u8]) -> Result<NodeSet> {
     struct List {
         items: Vec<Node>,
     }
-    let kind = serde_json::from_slice::<Kind>(text).context("not a JSON object")?.kind;
+    let kind = serde_json::from_slice::<Kind>(text)
+        .context("not a JSON object")?
+        .kind;
     match kind.as_deref() {
         Some("List" | "NodeList") => {
             let list: List = serde_json::from_slice(text).context("not a list of Nodes")?;
@@ -34,14 +37,16 @@ pub fn parse(text: &[u8]) -> Result<NodeSet> {
             let node: Node = serde_json::from_slice(text).context("not a valid Node")?;
             Ok(std::iter::once(node).collect())
         }
-        other => bail!("expected kind List, NodeList or Node (kubectl get nodes -o json), found {other:?}"),
+        other => bail!(
+            "expected kind List, NodeList or Node (kubectl get nodes -o json), found {other:?}"
+        ),
     }
 }
 
 /// Watches `path`, publishing each new, valid content. A missing or unreadable file,
 /// or one that does not parse, is reported (once per distinct problem) and the last
 /// good set stays published.
-pub async fn watch_file(path: PathBuf, tx: watch::Sender<Option<NodeSet>>) {
+pub async fn watch_file(path: PathBuf, tx: watch::Sender<Option<NodeSet>>, status: &Status) {
     let mut last_bytes: Option<Vec<u8>> = None;
     let mut last_error: Option<String> = None;
     let mut interval = tokio::time::interval(POLL_INTERVAL);
@@ -50,7 +55,12 @@ pub async fn watch_file(path: PathBuf, tx: watch::Sender<Option<NodeSet>>) {
         let bytes = match tokio::fs::read(&path).await {
             Ok(b) => b,
             Err(e) => {
-                report(&path, &mut last_error, format!("cannot read the node file: {e}"));
+                report(
+                    &path,
+                    &mut last_error,
+                    status,
+                    format!("cannot read the node file: {e}"),
+                );
                 last_bytes = None;
                 continue;
             }
@@ -61,19 +71,21 @@ pub async fn watch_file(path: PathBuf, tx: watch::Sender<Option<NodeSet>>) {
         match parse(&bytes) {
             Ok(set) => {
                 last_error = None;
+                status.source_synced();
                 info!(path = %path.display(), nodes = set.nodes.len(), "node file read");
                 if tx.send(Some(set)).is_err() {
                     return;
                 }
             }
-            Err(e) => report(&path, &mut last_error, format!("{e:#}")),
+            Err(e) => report(&path, &mut last_error, status, format!("{e:#}")),
         }
         last_bytes = Some(bytes);
     }
 }
 
-fn report(path: &std::path::Path, last: &mut Option<String>, problem: String) {
+fn report(path: &std::path::Path, last: &mut Option<String>, status: &Status, problem: String) {
     if last.as_ref() != Some(&problem) {
+        status.source_failed(problem.clone());
         error!(path = %path.display(), problem, "node file unusable; keeping the last known nodes");
         *last = Some(problem);
     }
@@ -94,7 +106,13 @@ mod tests {
         for kind in ["List", "NodeList"] {
             let doc = serde_json::json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": ""}, "items": items});
             let set = parse(doc.to_string().as_bytes()).unwrap();
-            assert_eq!(set.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["cp", "w1"]);
+            assert_eq!(
+                set.nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>(),
+                ["cp", "w1"]
+            );
             assert_eq!(set.errors.len(), 1);
         }
         let one = parse(items[1].to_string().as_bytes()).unwrap();
@@ -111,13 +129,24 @@ mod tests {
         let path = dir.path().join("nodes.json");
         let list = |n: usize| {
             let items: Vec<_> = (0..n)
-                .map(|i| node_json(&format!("n{i}"), Some(&format!("10.244.{i}.0/24")), Some(&format!("172.18.0.{}", i + 2)), None))
+                .map(|i| {
+                    node_json(
+                        &format!("n{i}"),
+                        Some(&format!("10.244.{i}.0/24")),
+                        Some(&format!("172.18.0.{}", i + 2)),
+                        None,
+                    )
+                })
                 .collect();
             serde_json::json!({"kind": "List", "items": items}).to_string()
         };
         std::fs::write(&path, list(2)).unwrap();
         let (tx, mut rx) = watch::channel(None);
-        let task = tokio::spawn(watch_file(path.clone(), tx));
+        let status = std::sync::Arc::new(Status::default());
+        let task = tokio::spawn({
+            let (status, path) = (std::sync::Arc::clone(&status), path.clone());
+            async move { watch_file(path, tx, &status).await }
+        });
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow_and_update().as_ref().unwrap().nodes.len(), 2);
 
@@ -128,7 +157,14 @@ mod tests {
 
         std::fs::write(&path, "{ broken").unwrap();
         tokio::time::sleep(POLL_INTERVAL * 3).await;
-        assert!(!rx.has_changed().unwrap(), "a broken file must not replace the last good node set");
+        assert!(
+            !rx.has_changed().unwrap(),
+            "a broken file must not replace the last good node set"
+        );
+        assert!(
+            status.source().error.is_some(),
+            "the broken file is reported"
+        );
         assert_eq!(rx.borrow().as_ref().unwrap().nodes.len(), 3);
         task.abort();
     }

@@ -2,10 +2,12 @@
 
 pub mod file;
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
+
+use crate::status::Status;
 use thiserror::Error;
 
 /// flannel's annotation for the address other nodes reach this node's tunnel at.
@@ -25,7 +27,9 @@ pub struct NodeInfo {
 pub enum NodeError {
     #[error("a node has no metadata.name")]
     NoName,
-    #[error("node {0} has no spec.podCIDR (not allocated yet? the controller-manager needs --allocate-node-cidrs)")]
+    #[error(
+        "node {0} has no spec.podCIDR (not allocated yet? the controller-manager needs --allocate-node-cidrs)"
+    )]
     NoPodCidr(String),
     #[error("node {node}: spec.podCIDR {value:?} is not an IPv4 CIDR")]
     BadPodCidr { node: String, value: String },
@@ -56,18 +60,31 @@ impl NodeInfo {
             .ok_or_else(|| NodeError::NoPodCidr(name.clone()))?;
         let pod_cidr = value
             .parse::<Ipv4Net>()
-            .map_err(|_| NodeError::BadPodCidr { node: name.clone(), value })?
+            .map_err(|_| NodeError::BadPodCidr {
+                node: name.clone(),
+                value,
+            })?
             .trunc();
         let tunnel_ip = tunnel_ip(node, &name)?;
-        Ok(Self { name, pod_cidr, tunnel_ip })
+        Ok(Self {
+            name,
+            pod_cidr,
+            tunnel_ip,
+        })
     }
 }
 
 fn tunnel_ip(node: &Node, name: &str) -> Result<Ipv4Addr, NodeError> {
-    if let Some(value) = node.metadata.annotations.as_ref().and_then(|a| a.get(PUBLIC_IP_ANNOTATION)) {
-        return value
-            .parse()
-            .map_err(|_| NodeError::BadPublicIp { node: name.to_owned(), value: value.clone() });
+    if let Some(value) = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PUBLIC_IP_ANNOTATION))
+    {
+        return value.parse().map_err(|_| NodeError::BadPublicIp {
+            node: name.to_owned(),
+            value: value.clone(),
+        });
     }
     node.status
         .as_ref()
@@ -77,6 +94,27 @@ fn tunnel_ip(node: &Node, name: &str) -> Result<Ipv4Addr, NodeError> {
         .filter(|a| a.type_ == "InternalIP")
         .find_map(|a| a.address.parse().ok())
         .ok_or_else(|| NodeError::NoAddress(name.to_owned()))
+}
+
+/// Where the agent learns the nodes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A file as `kubectl get nodes -o json` prints it, re-read on change.
+    File(PathBuf),
+}
+
+impl Source {
+    /// Publishes the node set on `tx` until the receiver goes away, reporting its
+    /// health in `status`.
+    pub async fn run(
+        self,
+        tx: tokio::sync::watch::Sender<Option<NodeSet>>,
+        status: std::sync::Arc<Status>,
+    ) {
+        match self {
+            Source::File(path) => file::watch_file(path, tx, &status).await,
+        }
+    }
 }
 
 /// All nodes a source currently knows: the usable ones, and why the others are not.
@@ -105,7 +143,12 @@ pub(crate) mod tests {
     use super::*;
 
     /// A Node as `kubectl get node -o json` prints it (trimmed).
-    pub fn node_json(name: &str, pod_cidr: Option<&str>, internal_ip: Option<&str>, public_ip: Option<&str>) -> serde_json::Value {
+    pub fn node_json(
+        name: &str,
+        pod_cidr: Option<&str>,
+        internal_ip: Option<&str>,
+        public_ip: Option<&str>,
+    ) -> serde_json::Value {
         let mut node = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Node",
@@ -118,7 +161,10 @@ pub(crate) mod tests {
             node["spec"]["podCIDRs"] = serde_json::json!([c]);
         }
         if let Some(ip) = internal_ip {
-            node["status"]["addresses"].as_array_mut().unwrap().insert(0, serde_json::json!({"type": "InternalIP", "address": ip}));
+            node["status"]["addresses"]
+                .as_array_mut()
+                .unwrap()
+                .insert(0, serde_json::json!({"type": "InternalIP", "address": ip}));
         }
         if let Some(ip) = public_ip {
             node["metadata"]["annotations"][PUBLIC_IP_ANNOTATION] = ip.into();
@@ -132,33 +178,65 @@ pub(crate) mod tests {
 
     #[test]
     fn internal_ip_and_pod_cidr() {
-        let n = info(node_json("w1", Some("10.244.1.0/24"), Some("172.18.0.3"), None)).unwrap();
+        let n = info(node_json(
+            "w1",
+            Some("10.244.1.0/24"),
+            Some("172.18.0.3"),
+            None,
+        ))
+        .unwrap();
         assert_eq!(n.pod_cidr, "10.244.1.0/24".parse().unwrap());
         assert_eq!(n.tunnel_ip, Ipv4Addr::new(172, 18, 0, 3));
     }
 
     #[test]
     fn public_ip_annotation_wins() {
-        let n = info(node_json("w1", Some("10.244.1.0/24"), Some("172.18.0.3"), Some("192.168.9.9"))).unwrap();
+        let n = info(node_json(
+            "w1",
+            Some("10.244.1.0/24"),
+            Some("172.18.0.3"),
+            Some("192.168.9.9"),
+        ))
+        .unwrap();
         assert_eq!(n.tunnel_ip, Ipv4Addr::new(192, 168, 9, 9));
     }
 
     #[test]
     fn ipv6_internal_ip_is_skipped() {
         let mut v = node_json("w1", Some("10.244.1.0/24"), Some("172.18.0.3"), None);
-        v["status"]["addresses"].as_array_mut().unwrap().insert(0, serde_json::json!({"type": "InternalIP", "address": "fc00::3"}));
+        v["status"]["addresses"].as_array_mut().unwrap().insert(
+            0,
+            serde_json::json!({"type": "InternalIP", "address": "fc00::3"}),
+        );
         assert_eq!(info(v).unwrap().tunnel_ip, Ipv4Addr::new(172, 18, 0, 3));
     }
 
     #[test]
     fn errors_name_the_node() {
-        assert_eq!(info(node_json("w1", None, Some("172.18.0.3"), None)), Err(NodeError::NoPodCidr("w1".into())));
         assert_eq!(
-            info(node_json("w1", Some("10.244.1.0/33"), Some("172.18.0.3"), None)),
-            Err(NodeError::BadPodCidr { node: "w1".into(), value: "10.244.1.0/33".into() })
+            info(node_json("w1", None, Some("172.18.0.3"), None)),
+            Err(NodeError::NoPodCidr("w1".into()))
         );
-        assert_eq!(info(node_json("w1", Some("10.244.1.0/24"), None, None)), Err(NodeError::NoAddress("w1".into())));
-        assert!(matches!(info(node_json("w1", Some("10.244.1.0/24"), None, Some("x"))), Err(NodeError::BadPublicIp { .. })));
+        assert_eq!(
+            info(node_json(
+                "w1",
+                Some("10.244.1.0/33"),
+                Some("172.18.0.3"),
+                None
+            )),
+            Err(NodeError::BadPodCidr {
+                node: "w1".into(),
+                value: "10.244.1.0/33".into()
+            })
+        );
+        assert_eq!(
+            info(node_json("w1", Some("10.244.1.0/24"), None, None)),
+            Err(NodeError::NoAddress("w1".into()))
+        );
+        assert!(matches!(
+            info(node_json("w1", Some("10.244.1.0/24"), None, Some("x"))),
+            Err(NodeError::BadPublicIp { .. })
+        ));
         assert!(NodeError::NoPodCidr("w1".into()).to_string().contains("w1"));
     }
 }

@@ -32,14 +32,18 @@ use overlay_common::{
 use super::{
     fixture::{Act, Node, masquerade, with_node_setup},
     nat::{
-        Tracked, assert_table, client, ct_key, incoming, open, outgoing, translate_back, translate_out, translation,
+        Tracked, assert_table, client, ct_key, incoming, open, outgoing, translate_back,
+        translate_out, translation,
     },
     packet::{ACK, Conn, FIN, Proto, RST, SYN},
     topology::{NODE_IP, OUTSIDE, OUTSIDE_2, POD, POD_UNRESOLVED},
 };
 
 /// Masquerade on, translated ports `ports`, and timeouts `timeouts`.
-fn setup(ports: (u16, u16), timeouts: CtTimeouts) -> impl FnOnce(&mut DatapathConfig) + Send + 'static {
+fn setup(
+    ports: (u16, u16),
+    timeouts: CtTimeouts,
+) -> impl FnOnce(&mut DatapathConfig) + Send + 'static {
     move |c| {
         masquerade(c);
         (c.nat_port_min, c.nat_port_max) = ports;
@@ -68,7 +72,9 @@ fn claim(node: &Node, server: (Ipv4Addr, u16), port: u16, created_ns: u64) -> Ct
         flags: 0,
         rule: Rule::PodToOutside as u8,
     };
-    node.conntrack_map().insert(key, value, 0).expect("claiming a port");
+    node.conntrack_map()
+        .insert(key, value, 0)
+        .expect("claiming a port");
     key
 }
 
@@ -77,7 +83,11 @@ fn claim(node: &Node, server: (Ipv4Addr, u16), port: u16, created_ns: u64) -> Ct
 fn refused(node: &Node, conn: &Conn, reason: Reason) -> BTreeMap<NatEvent, u64> {
     let before = node.conntrack_entries();
     let out = node.expect_outcome(UplinkEgress, &outgoing(conn, 0), Act::Shot, reason);
-    assert_eq!(node.conntrack_entries(), before, "the table after a refused flow");
+    assert_eq!(
+        node.conntrack_entries(),
+        before,
+        "the table after a refused flow"
+    );
     out.events
 }
 
@@ -86,59 +96,81 @@ fn a_taken_port_is_retried() {
     // Of two ports, the first is taken towards each of 32 servers: every flow must get
     // the second. Each flow's first candidate is random, so about half of them collide;
     // none colliding at all would happen once in 2^32 runs.
-    with_node_setup(LoadOptions::default(), setup(TWO_PORTS, CtTimeouts::DEFAULT), |node| {
-        let now = monotonic_ns();
-        let mut collisions = 0;
-        for i in 0..32 {
-            let server = (OUTSIDE, 1000 + i);
-            claim(node, server, TWO_PORTS.0, now);
-            let (translated, mut events) = translate_out(node, udp(40000, server), 0, NODE_IP);
-            assert_eq!(translated.src.1, TWO_PORTS.1, "the free port");
-            assert_eq!(events.remove(&NatEvent::FlowCreated), Some(1));
-            collisions += events.remove(&NatEvent::PortCollision).unwrap_or(0);
-            assert_eq!(events, BTreeMap::new());
-        }
-        assert!((1..=32).contains(&collisions), "{collisions} collisions");
-    });
+    with_node_setup(
+        LoadOptions::default(),
+        setup(TWO_PORTS, CtTimeouts::DEFAULT),
+        |node| {
+            let now = monotonic_ns();
+            let mut collisions = 0;
+            for i in 0..32 {
+                let server = (OUTSIDE, 1000 + i);
+                claim(node, server, TWO_PORTS.0, now);
+                let (translated, mut events) = translate_out(node, udp(40000, server), 0, NODE_IP);
+                assert_eq!(translated.src.1, TWO_PORTS.1, "the free port");
+                assert_eq!(events.remove(&NatEvent::FlowCreated), Some(1));
+                collisions += events.remove(&NatEvent::PortCollision).unwrap_or(0);
+                assert_eq!(events, BTreeMap::new());
+            }
+            assert!((1..=32).contains(&collisions), "{collisions} collisions");
+        },
+    );
 }
 
 #[test]
 fn no_port_is_given_twice() {
-    with_node_setup(LoadOptions::default(), setup(TWO_PORTS, CtTimeouts::DEFAULT), |node| {
-        let server = (OUTSIDE, 443);
-        let a = open(node, udp(40000, server), 0, NODE_IP);
-        let b = open(node, udp(40001, server), 0, NODE_IP);
-        assert_ne!(a.src.1, b.src.1, "two flows to one server share a port");
-        // Both ports taken: the third flow to that server has none...
-        let events = refused(node, &udp(40002, server), Reason::DropNatPortsExhausted);
-        let collisions = events.get(&NatEvent::PortCollision).copied().unwrap_or(0);
-        assert!(collisions >= 2, "every port must have been tried: {collisions} collisions");
-        assert_eq!(events.get(&NatEvent::FlowCreated), None);
-        // ...but to another server the same ports are free (as Linux's masquerade: the
-        // mapping depends on the destination).
-        let c = open(node, udp(40002, (OUTSIDE_2, 443)), 0, NODE_IP);
-        // Each flow still gets its own replies.
-        for (sport, translated) in [(40000, a), (40001, b), (40002, c)] {
-            translate_back(node, udp(sport, translated.dst), translated, 0);
-        }
-    });
+    with_node_setup(
+        LoadOptions::default(),
+        setup(TWO_PORTS, CtTimeouts::DEFAULT),
+        |node| {
+            let server = (OUTSIDE, 443);
+            let a = open(node, udp(40000, server), 0, NODE_IP);
+            let b = open(node, udp(40001, server), 0, NODE_IP);
+            assert_ne!(a.src.1, b.src.1, "two flows to one server share a port");
+            // Both ports taken: the third flow to that server has none...
+            let events = refused(node, &udp(40002, server), Reason::DropNatPortsExhausted);
+            let collisions = events.get(&NatEvent::PortCollision).copied().unwrap_or(0);
+            assert!(
+                collisions >= 2,
+                "every port must have been tried: {collisions} collisions"
+            );
+            assert_eq!(events.get(&NatEvent::FlowCreated), None);
+            // ...but to another server the same ports are free (as Linux's masquerade: the
+            // mapping depends on the destination).
+            let c = open(node, udp(40002, (OUTSIDE_2, 443)), 0, NODE_IP);
+            // Each flow still gets its own replies.
+            for (sport, translated) in [(40000, a), (40001, b), (40002, c)] {
+                translate_back(node, udp(sport, translated.dst), translated, 0);
+            }
+        },
+    );
 }
 
 #[test]
 fn ports_taken_by_others_are_never_given() {
     // Ranges of one and of two ports, all taken from userspace.
     for ports in [(62000, 62000), TWO_PORTS] {
-        with_node_setup(LoadOptions::default(), setup(ports, CtTimeouts::DEFAULT), move |node| {
-            let server = (OUTSIDE, 443);
-            let now = monotonic_ns();
-            let claimed: Vec<CtKey> = (ports.0..=ports.1).map(|p| claim(node, server, p, now)).collect();
-            let events = refused(node, &udp(40000, server), Reason::DropNatPortsExhausted);
-            assert!(events[&NatEvent::PortCollision] >= claimed.len() as u64, "{events:?}");
-            // A port given back is the one the next flow gets.
-            node.conntrack_map().remove(&claimed[0]).expect("releasing a port");
-            let translated = open(node, udp(40000, server), 0, NODE_IP);
-            assert_eq!(translated.src.1, ports.0);
-        });
+        with_node_setup(
+            LoadOptions::default(),
+            setup(ports, CtTimeouts::DEFAULT),
+            move |node| {
+                let server = (OUTSIDE, 443);
+                let now = monotonic_ns();
+                let claimed: Vec<CtKey> = (ports.0..=ports.1)
+                    .map(|p| claim(node, server, p, now))
+                    .collect();
+                let events = refused(node, &udp(40000, server), Reason::DropNatPortsExhausted);
+                assert!(
+                    events[&NatEvent::PortCollision] >= claimed.len() as u64,
+                    "{events:?}"
+                );
+                // A port given back is the one the next flow gets.
+                node.conntrack_map()
+                    .remove(&claimed[0])
+                    .expect("releasing a port");
+                let translated = open(node, udp(40000, server), 0, NODE_IP);
+                assert_eq!(translated.src.1, ports.0);
+            },
+        );
     }
 }
 
@@ -147,20 +179,32 @@ fn ports_are_found_in_ranges_of_any_size() {
     // 7919 ports (a multiple of any fixed stride the search might use), only every
     // fourth one free: each new flow must find a free port near its random start.
     const PORTS: (u16, u16) = (50000, 50000 + 7918);
-    with_node_setup(LoadOptions::default(), setup(PORTS, CtTimeouts::DEFAULT), |node| {
-        let server = (OUTSIDE, 443);
-        let now = monotonic_ns();
-        let mut map = node.conntrack_map();
-        for port in (PORTS.0..=PORTS.1).filter(|p| !(p - PORTS.0).is_multiple_of(4)) {
-            let key = ct_key(&Conn::new(Proto::Udp, server, (NODE_IP, port)), DIR_REPLY);
-            let value = CtEntry { created_ns: now, addr: POD_UNRESOLVED.octets(), ..CtEntry::default() };
-            map.insert(key, value, 0).expect("claiming a port");
-        }
-        for sport in 40000..40006 {
-            let translated = open(node, udp(sport, server), 0, NODE_IP);
-            assert!((translated.src.1 - PORTS.0).is_multiple_of(4), "port {} was taken", translated.src.1);
-        }
-    });
+    with_node_setup(
+        LoadOptions::default(),
+        setup(PORTS, CtTimeouts::DEFAULT),
+        |node| {
+            let server = (OUTSIDE, 443);
+            let now = monotonic_ns();
+            let mut map = node.conntrack_map();
+            for port in (PORTS.0..=PORTS.1).filter(|p| !(p - PORTS.0).is_multiple_of(4)) {
+                let key = ct_key(&Conn::new(Proto::Udp, server, (NODE_IP, port)), DIR_REPLY);
+                let value = CtEntry {
+                    created_ns: now,
+                    addr: POD_UNRESOLVED.octets(),
+                    ..CtEntry::default()
+                };
+                map.insert(key, value, 0).expect("claiming a port");
+            }
+            for sport in 40000..40006 {
+                let translated = open(node, udp(sport, server), 0, NODE_IP);
+                assert!(
+                    (translated.src.1 - PORTS.0).is_multiple_of(4),
+                    "port {} was taken",
+                    translated.src.1
+                );
+            }
+        },
+    );
 }
 
 #[test]
@@ -168,32 +212,47 @@ fn a_full_table_refuses_new_flows_only() {
     // Room for two flows (two entries each); with five entries the third flow's REPLY
     // entry fits but its ORIGINAL entry does not, and must not be left behind.
     for entries in [4, 5] {
-        let options = LoadOptions { conntrack_entries: entries, ..LoadOptions::default() };
-        with_node_setup(options, setup(TWO_PORTS, CtTimeouts::DEFAULT), move |node| {
-            let a = udp(40000, (OUTSIDE, 443));
-            let b = udp(40001, (OUTSIDE, 443));
-            let (ta, tb) = (open(node, a, 0, NODE_IP), open(node, b, 0, NODE_IP));
-            let events = refused(node, &udp(40002, (OUTSIDE_2, 443)), Reason::DropNatTableFull);
-            assert_eq!(events, BTreeMap::new());
-            // Known flows go on both ways.
-            assert_eq!(translate_out(node, a, 0, NODE_IP), (ta, BTreeMap::new()));
-            translate_back(node, b, tb, 0);
-            let mut tracked = vec![
-                Tracked::translated(a, ta, Rule::PodToOutside, 0),
-                Tracked::translated(b, tb, Rule::PodToOutside, SEEN_REPLY),
-            ];
-            assert_table(node, &tracked);
-            // Clients of a local pod pass all the same; they are tracked (rule 4) while
-            // there is room: the fifth entry, given back by the refused flow.
-            for (i, sport) in [50000, 50001].into_iter().enumerate() {
-                let inbound = Conn::new(Proto::Udp, (OUTSIDE, sport), (POD, 53));
-                node.expect_untouched(UplinkIngress, &incoming(&inbound, 0), Reason::PassNotTunnel);
-                if 4 + i < entries as usize {
-                    tracked.push(Tracked::untranslated(inbound, 0));
+        let options = LoadOptions {
+            conntrack_entries: entries,
+            ..LoadOptions::default()
+        };
+        with_node_setup(
+            options,
+            setup(TWO_PORTS, CtTimeouts::DEFAULT),
+            move |node| {
+                let a = udp(40000, (OUTSIDE, 443));
+                let b = udp(40001, (OUTSIDE, 443));
+                let (ta, tb) = (open(node, a, 0, NODE_IP), open(node, b, 0, NODE_IP));
+                let events = refused(
+                    node,
+                    &udp(40002, (OUTSIDE_2, 443)),
+                    Reason::DropNatTableFull,
+                );
+                assert_eq!(events, BTreeMap::new());
+                // Known flows go on both ways.
+                assert_eq!(translate_out(node, a, 0, NODE_IP), (ta, BTreeMap::new()));
+                translate_back(node, b, tb, 0);
+                let mut tracked = vec![
+                    Tracked::translated(a, ta, Rule::PodToOutside, 0),
+                    Tracked::translated(b, tb, Rule::PodToOutside, SEEN_REPLY),
+                ];
+                assert_table(node, &tracked);
+                // Clients of a local pod pass all the same; they are tracked (rule 4) while
+                // there is room: the fifth entry, given back by the refused flow.
+                for (i, sport) in [50000, 50001].into_iter().enumerate() {
+                    let inbound = Conn::new(Proto::Udp, (OUTSIDE, sport), (POD, 53));
+                    node.expect_untouched(
+                        UplinkIngress,
+                        &incoming(&inbound, 0),
+                        Reason::PassNotTunnel,
+                    );
+                    if 4 + i < entries as usize {
+                        tracked.push(Tracked::untranslated(inbound, 0));
+                    }
                 }
-            }
-            assert_table(node, &tracked);
-        });
+                assert_table(node, &tracked);
+            },
+        );
     }
 }
 
@@ -239,10 +298,22 @@ fn tcp_state_drives_timeouts() {
         translate_out(node, conn, FIN | ACK, NODE_IP);
         assert_state(node, &conn, SEEN_REPLY | FIN_ORIGINAL, "closing", t.tcp_fin);
         translate_back(node, conn, nat, FIN | ACK);
-        assert_state(node, &conn, SEEN_REPLY | FIN_ORIGINAL | FIN_REPLY, "closed", t.tcp_closed);
+        assert_state(
+            node,
+            &conn,
+            SEEN_REPLY | FIN_ORIGINAL | FIN_REPLY,
+            "closed",
+            t.tcp_closed,
+        );
         // Later packets of a closed connection do not revive it.
         translate_out(node, conn, ACK, NODE_IP);
-        assert_state(node, &conn, SEEN_REPLY | FIN_ORIGINAL | FIN_REPLY, "closed", t.tcp_closed);
+        assert_state(
+            node,
+            &conn,
+            SEEN_REPLY | FIN_ORIGINAL | FIN_REPLY,
+            "closed",
+            t.tcp_closed,
+        );
 
         // Reset by the outside, and by the pod.
         for (sport, reset_by_pod) in [(40010, false), (40011, true)] {
@@ -259,11 +330,23 @@ fn tcp_state_drives_timeouts() {
 
         // A client of a local pod (rule 4): tracked with the same states.
         let inbound = Conn::new(Proto::Tcp, (OUTSIDE, 50000), (POD, 80));
-        node.expect_untouched(UplinkIngress, &incoming(&inbound, SYN), Reason::PassNotTunnel);
+        node.expect_untouched(
+            UplinkIngress,
+            &incoming(&inbound, SYN),
+            Reason::PassNotTunnel,
+        );
         assert_state(node, &inbound, 0, "unreplied", t.tcp_syn);
-        node.expect_untouched(UplinkEgress, &outgoing(&inbound.reversed(), SYN | ACK), Reason::PassNotOverlay);
+        node.expect_untouched(
+            UplinkEgress,
+            &outgoing(&inbound.reversed(), SYN | ACK),
+            Reason::PassNotOverlay,
+        );
         assert_state(node, &inbound, SEEN_REPLY, "established", t.tcp_established);
-        node.expect_untouched(UplinkEgress, &outgoing(&inbound.reversed(), FIN | ACK), Reason::PassNotOverlay);
+        node.expect_untouched(
+            UplinkEgress,
+            &outgoing(&inbound.reversed(), FIN | ACK),
+            Reason::PassNotOverlay,
+        );
         assert_state(node, &inbound, SEEN_REPLY | FIN_REPLY, "closing", t.tcp_fin);
     });
 }
@@ -272,7 +355,10 @@ fn tcp_state_drives_timeouts() {
 fn udp_and_icmp_timeouts() {
     with_node_setup(LoadOptions::default(), setup(ALL_PORTS, STATEFUL), |node| {
         let t = STATEFUL;
-        for (proto, unreplied, replied) in [(Proto::Udp, t.udp, t.udp_assured), (Proto::Echo, t.icmp, t.icmp)] {
+        for (proto, unreplied, replied) in [
+            (Proto::Udp, t.udp, t.udp_assured),
+            (Proto::Echo, t.icmp, t.icmp),
+        ] {
             let conn = client(proto, POD, OUTSIDE);
             let nat = open(node, conn, 0, NODE_IP);
             assert_state(node, &conn, 0, "unreplied", unreplied);
@@ -283,13 +369,20 @@ fn udp_and_icmp_timeouts() {
 }
 
 /// One-second timeouts for UDP, the protocol of the expiry tests.
-const SHORT_UDP: CtTimeouts = CtTimeouts { udp: 1, udp_assured: 1, ..CtTimeouts::DEFAULT };
+const SHORT_UDP: CtTimeouts = CtTimeouts {
+    udp: 1,
+    udp_assured: 1,
+    ..CtTimeouts::DEFAULT
+};
 
 /// Waits until none of `conns` is listed live any more (the agent and the datapath read
 /// the same clock).
 fn wait_for_expiry(node: &Node, conns: &[Conn]) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while conns.iter().any(|c| translation(node, c).is_some() || listed(node, c)) {
+    while conns
+        .iter()
+        .any(|c| translation(node, c).is_some() || listed(node, c))
+    {
         assert!(Instant::now() < deadline, "flows did not expire");
         thread::sleep(Duration::from_millis(50));
     }
@@ -297,73 +390,121 @@ fn wait_for_expiry(node: &Node, conns: &[Conn]) {
 
 fn listed(node: &Node, conn: &Conn) -> bool {
     let flows = node.dp.conntrack.flows().expect("listing flows");
-    flows.iter().any(|f| f.proto == conn.proto.number() && f.src == conn.src && f.dst == conn.dst)
+    flows
+        .iter()
+        .any(|f| f.proto == conn.proto.number() && f.src == conn.src && f.dst == conn.dst)
 }
 
 #[test]
 fn expired_flows_are_ignored_and_replaced() {
-    with_node_setup(LoadOptions::default(), setup(TWO_PORTS, SHORT_UDP), |node| {
-        let conn = udp(40000, (OUTSIDE, 443));
-        let old = open(node, conn, 0, NODE_IP);
-        let inbound = client(Proto::Udp, OUTSIDE_2, POD);
-        node.expect_untouched(UplinkIngress, &incoming(&inbound, 0), Reason::PassNotTunnel);
-        wait_for_expiry(node, &[conn, inbound]);
+    with_node_setup(
+        LoadOptions::default(),
+        setup(TWO_PORTS, SHORT_UDP),
+        |node| {
+            let conn = udp(40000, (OUTSIDE, 443));
+            let old = open(node, conn, 0, NODE_IP);
+            let inbound = client(Proto::Udp, OUTSIDE_2, POD);
+            node.expect_untouched(UplinkIngress, &incoming(&inbound, 0), Reason::PassNotTunnel);
+            wait_for_expiry(node, &[conn, inbound]);
 
-        // A reply to the expired flow is not translated.
-        node.expect_untouched(UplinkIngress, &incoming(&old.reversed(), 0), Reason::PassNotTunnel);
-        // The connection starts over on the other port (the old one stays claimed until
-        // the agent collects it).
-        let new = open(node, conn, 0, NODE_IP);
-        assert_ne!(new.src.1, old.src.1, "the expired flow's port is still claimed");
-        // Replies to the old port are still not translated; to the new one they are.
-        node.expect_untouched(UplinkIngress, &incoming(&old.reversed(), 0), Reason::PassNotTunnel);
-        translate_back(node, conn, new, 0);
-        // The pod's reply to an expired inbound flow is a new flow of the pod.
-        let reply = inbound.reversed();
-        let out = node.expect_outcome(UplinkEgress, &outgoing(&reply, 0), Act::Ok, Reason::Masqueraded);
-        assert_eq!(out.events[&NatEvent::FlowCreated], 1);
-        assert!(translation(node, &reply).is_some());
-    });
+            // A reply to the expired flow is not translated.
+            node.expect_untouched(
+                UplinkIngress,
+                &incoming(&old.reversed(), 0),
+                Reason::PassNotTunnel,
+            );
+            // The connection starts over on the other port (the old one stays claimed until
+            // the agent collects it).
+            let new = open(node, conn, 0, NODE_IP);
+            assert_ne!(
+                new.src.1, old.src.1,
+                "the expired flow's port is still claimed"
+            );
+            // Replies to the old port are still not translated; to the new one they are.
+            node.expect_untouched(
+                UplinkIngress,
+                &incoming(&old.reversed(), 0),
+                Reason::PassNotTunnel,
+            );
+            translate_back(node, conn, new, 0);
+            // The pod's reply to an expired inbound flow is a new flow of the pod.
+            let reply = inbound.reversed();
+            let out = node.expect_outcome(
+                UplinkEgress,
+                &outgoing(&reply, 0),
+                Act::Ok,
+                Reason::Masqueraded,
+            );
+            assert_eq!(out.events[&NatEvent::FlowCreated], 1);
+            assert!(translation(node, &reply).is_some());
+        },
+    );
 }
 
 #[test]
 fn collection_removes_expired_flows_and_orphans() {
-    with_node_setup(LoadOptions::default(), setup(TWO_PORTS, SHORT_UDP), |node| {
-        let expiring = udp(40000, (OUTSIDE, 443));
-        open(node, expiring, 0, NODE_IP);
-        let inbound = client(Proto::Udp, OUTSIDE_2, POD);
-        node.expect_untouched(UplinkIngress, &incoming(&inbound, 0), Reason::PassNotTunnel);
-        let lasting = client(Proto::Tcp, POD, OUTSIDE);
-        let lasting_nat = open(node, lasting, SYN, NODE_IP);
-        // REPLY entries without a flow: one older than the agent's grace period, one
-        // just claimed (its flow may be on its way).
-        let now = monotonic_ns();
-        let long_ago = now - 60_000_000_000;
-        let old_orphan = claim(node, (OUTSIDE_2, 53), TWO_PORTS.0, long_ago);
-        let new_orphan = claim(node, (OUTSIDE_2, 53), TWO_PORTS.1, now);
-        // The live flow's own REPLY entry, made old: still owned, so kept. And an old
-        // REPLY entry leading to the live flow from a port it no longer holds: an orphan.
-        let mut map = node.conntrack_map();
-        let own_reply = ct_key(&lasting_nat.reversed(), DIR_REPLY);
-        let mut value = map.get(&own_reply, 0).expect("the live flow's REPLY entry");
-        value.created_ns = long_ago;
-        map.insert(own_reply, value, 0).expect("aging the REPLY entry");
-        let other_port = if lasting_nat.src.1 == NAT_PORT_MAX { NAT_PORT_MIN } else { lasting_nat.src.1 + 1 };
-        let stale = ct_key(&lasting_nat.with_src((NODE_IP, other_port)).reversed(), DIR_REPLY);
-        map.insert(stale, value, 0).expect("a stale REPLY entry");
-        assert!(node.conntrack_entries().contains_key(&old_orphan));
-        wait_for_expiry(node, &[expiring, inbound]);
-        // Expired entries stay in the map until collected.
-        assert_eq!(node.conntrack_entries().len(), 8);
+    with_node_setup(
+        LoadOptions::default(),
+        setup(TWO_PORTS, SHORT_UDP),
+        |node| {
+            let expiring = udp(40000, (OUTSIDE, 443));
+            open(node, expiring, 0, NODE_IP);
+            let inbound = client(Proto::Udp, OUTSIDE_2, POD);
+            node.expect_untouched(UplinkIngress, &incoming(&inbound, 0), Reason::PassNotTunnel);
+            let lasting = client(Proto::Tcp, POD, OUTSIDE);
+            let lasting_nat = open(node, lasting, SYN, NODE_IP);
+            // REPLY entries without a flow: one older than the agent's grace period, one
+            // just claimed (its flow may be on its way).
+            let now = monotonic_ns();
+            let long_ago = now - 60_000_000_000;
+            let old_orphan = claim(node, (OUTSIDE_2, 53), TWO_PORTS.0, long_ago);
+            let new_orphan = claim(node, (OUTSIDE_2, 53), TWO_PORTS.1, now);
+            // The live flow's own REPLY entry, made old: still owned, so kept. And an old
+            // REPLY entry leading to the live flow from a port it no longer holds: an orphan.
+            let mut map = node.conntrack_map();
+            let own_reply = ct_key(&lasting_nat.reversed(), DIR_REPLY);
+            let mut value = map.get(&own_reply, 0).expect("the live flow's REPLY entry");
+            value.created_ns = long_ago;
+            map.insert(own_reply, value, 0)
+                .expect("aging the REPLY entry");
+            let other_port = if lasting_nat.src.1 == NAT_PORT_MAX {
+                NAT_PORT_MIN
+            } else {
+                lasting_nat.src.1 + 1
+            };
+            let stale = ct_key(
+                &lasting_nat.with_src((NODE_IP, other_port)).reversed(),
+                DIR_REPLY,
+            );
+            map.insert(stale, value, 0).expect("a stale REPLY entry");
+            assert!(node.conntrack_entries().contains_key(&old_orphan));
+            wait_for_expiry(node, &[expiring, inbound]);
+            // Expired entries stay in the map until collected.
+            assert_eq!(node.conntrack_entries().len(), 8);
 
-        let collected = node.dp.conntrack.collect().expect("collecting");
-        assert_eq!(collected, Collected { expired: 2, orphans: 2, remaining: 3 });
-        let keys: Vec<CtKey> = node.conntrack_entries().into_keys().collect();
-        let mut want = vec![ct_key(&lasting, DIR_ORIGINAL), own_reply, new_orphan];
-        want.sort();
-        assert_eq!(keys, want);
-        // Nothing more to do.
-        let again = node.dp.conntrack.collect().expect("collecting");
-        assert_eq!(again, Collected { expired: 0, orphans: 0, remaining: 3 });
-    });
+            let collected = node.dp.conntrack.collect().expect("collecting");
+            assert_eq!(
+                collected,
+                Collected {
+                    expired: 2,
+                    orphans: 2,
+                    remaining: 3
+                }
+            );
+            let keys: Vec<CtKey> = node.conntrack_entries().into_keys().collect();
+            let mut want = vec![ct_key(&lasting, DIR_ORIGINAL), own_reply, new_orphan];
+            want.sort();
+            assert_eq!(keys, want);
+            // Nothing more to do.
+            let again = node.dp.conntrack.collect().expect("collecting");
+            assert_eq!(
+                again,
+                Collected {
+                    expired: 0,
+                    orphans: 0,
+                    remaining: 3
+                }
+            );
+        },
+    );
 }

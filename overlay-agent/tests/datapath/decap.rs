@@ -10,7 +10,8 @@ use super::{
     expect::{L2, TO_POD, decapsulated},
     fixture::{Act, Node, with_node},
     packet::{
-        Transport, add_router_alert, datagram, first_fragment, from_peer, ipv4, last_fragment, tunnelled_tcp,
+        Transport, add_router_alert, datagram, first_fragment, from_peer, ipv4, last_fragment,
+        tunnelled_tcp,
     },
     topology::{GATEWAY, POD, POD_UNRESOLVED, STRANGER, W2, W3, W4},
 };
@@ -89,8 +90,20 @@ fn what_cannot_go_straight_to_a_pod_goes_to_the_stack() {
         ("ttl 0", POD, 0, NotEct, NotEct),
         ("ttl 1, congestion", POD, 1, CongestionExperienced, Ect0),
         ("the gateway itself", GATEWAY, 63, NotEct, NotEct),
-        ("the gateway itself, congestion", GATEWAY, 63, CongestionExperienced, Ect1),
-        ("a pod without a neighbour entry", POD_UNRESOLVED, 63, NotEct, NotEct),
+        (
+            "the gateway itself, congestion",
+            GATEWAY,
+            63,
+            CongestionExperienced,
+            Ect1,
+        ),
+        (
+            "a pod without a neighbour entry",
+            POD_UNRESOLVED,
+            63,
+            NotEct,
+            NotEct,
+        ),
     ];
     with_node(move |node| {
         for (what, dst, ttl, outer_ecn, inner_ecn) in cases {
@@ -100,7 +113,13 @@ fn what_cannot_go_straight_to_a_pod_goes_to_the_stack() {
                 ip.ecn = inner_ecn;
             });
             let expected = decapsulated(&frame, 0, L2::Kept);
-            node.expect_frame(UplinkIngress, &frame, Act::Ok, Reason::DecapsulatedToStack, &expected);
+            node.expect_frame(
+                UplinkIngress,
+                &frame,
+                Act::Ok,
+                Reason::DecapsulatedToStack,
+                &expected,
+            );
         }
     });
 }

@@ -56,11 +56,27 @@ fn route_through_another_device_is_a_redirect() {
     // the program with the ifindex of the context.
     with_node(|node| {
         let frame = from_host_to(&W2, Transport::Tcp, |_| {});
-        let ctx = SkBuff { ifindex: node.cni0, ..Default::default() };
+        let ctx = SkBuff {
+            ifindex: node.cni0,
+            ..Default::default()
+        };
         let out = node.run_with(UplinkEgress, &frame, ctx);
-        check_verdict(UplinkEgress, &frame, &out, Act::Redirect, Reason::Encapsulated);
-        assert_eq!(out.ctx.ifindex, node.cni0, "the kernel ran the program on another device");
-        assert_bytes_eq(&out.data, &encapsulated(&frame, &W2, 0, towards(&W2)), "output");
+        check_verdict(
+            UplinkEgress,
+            &frame,
+            &out,
+            Act::Redirect,
+            Reason::Encapsulated,
+        );
+        assert_eq!(
+            out.ctx.ifindex, node.cni0,
+            "the kernel ran the program on another device"
+        );
+        assert_bytes_eq(
+            &out.data,
+            &encapsulated(&frame, &W2, 0, towards(&W2)),
+            "output",
+        );
     });
 }
 

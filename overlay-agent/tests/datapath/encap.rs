@@ -54,7 +54,12 @@ fn dont_fragment_is_copied_outside() {
 #[test]
 fn ecn_is_copied_outside_except_ce() {
     with_node(|node| {
-        for ecn in [IpEcn::NotEct, IpEcn::Ect1, IpEcn::Ect0, IpEcn::CongestionExperienced] {
+        for ecn in [
+            IpEcn::NotEct,
+            IpEcn::Ect1,
+            IpEcn::Ect0,
+            IpEcn::CongestionExperienced,
+        ] {
             assert_encapsulated(node, &W2, Transport::Tcp, 200, |ip| ip.ecn = ecn);
         }
     });

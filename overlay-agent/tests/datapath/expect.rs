@@ -3,8 +3,8 @@
 //! that every checksum of a frame is right.
 
 use etherparse::{
-    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpDscp, IpEcn, IpFragOffset, IpNumber, Ipv4Header,
-    TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpDscp, IpEcn, IpFragOffset, IpNumber,
+    Ipv4Header, TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
 };
 
 use super::{
@@ -32,9 +32,11 @@ fn split(frame: &[u8]) -> (Ethernet2Header, Ipv4Header, &[u8]) {
 
 fn ethernet_for(l2: L2, input: &Ethernet2Header) -> Ethernet2Header {
     match l2 {
-        L2::Rewritten { dst, src } => {
-            Ethernet2Header { destination: dst.0, source: src.0, ether_type: EtherType::IPV4 }
-        }
+        L2::Rewritten { dst, src } => Ethernet2Header {
+            destination: dst.0,
+            source: src.0,
+            ether_type: EtherType::IPV4,
+        },
         L2::Kept => input.clone(),
     }
 }
@@ -100,7 +102,10 @@ pub fn towards(remote: &Remote) -> L2 {
 
 /// The Ethernet header of a frame the datapath sends straight to the local pod: from the
 /// bridge to the pod's MAC.
-pub const TO_POD: L2 = L2::Rewritten { dst: POD_MAC, src: CNI0_MAC };
+pub const TO_POD: L2 = L2::Rewritten {
+    dst: POD_MAC,
+    src: CNI0_MAC,
+};
 
 /// The frame `input` (IPIP from the underlay) becomes when decapsulated: outer header
 /// gone, outer CE carried into the inner ECN, inner TTL lowered by `ttl_decrement`.
@@ -127,7 +132,9 @@ pub fn frag_needed(input: &[u8], next_hop_mtu: u16) -> Vec<u8> {
     let (eth, ip, _) = split(input);
     let quoted = &input[ETH_LEN..ETH_LEN + IPV4_LEN + QUOTE_LEN];
     let icmp = Icmpv4Header::with_checksum(
-        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu }),
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu,
+        }),
         quoted,
     );
     let mut reply = Ipv4Header {
@@ -142,11 +149,22 @@ pub fn frag_needed(input: &[u8], next_hop_mtu: u16) -> Vec<u8> {
         destination: ip.source,
         ..Default::default()
     };
-    reply.set_payload_len(icmp.header_len() + quoted.len()).expect("fits");
+    reply
+        .set_payload_len(icmp.header_len() + quoted.len())
+        .expect("fits");
     reply.header_checksum = reply.calc_header_checksum();
-    let eth =
-        Ethernet2Header { destination: eth.source, source: eth.destination, ether_type: EtherType::IPV4 };
-    [eth.to_bytes().as_slice(), &reply.to_bytes(), &icmp.to_bytes(), quoted].concat()
+    let eth = Ethernet2Header {
+        destination: eth.source,
+        source: eth.destination,
+        ether_type: EtherType::IPV4,
+    };
+    [
+        eth.to_bytes().as_slice(),
+        &reply.to_bytes(),
+        &icmp.to_bytes(),
+        quoted,
+    ]
+    .concat()
 }
 
 /// Checks every checksum in `frame` with etherparse: each IPv4 header (outer, inner,
@@ -161,8 +179,16 @@ pub fn assert_checksums(frame: &[u8]) {
 #[track_caller]
 fn check_datagram(datagram: &[u8], depth: usize) {
     let (ip, _) = Ipv4Header::from_slice(datagram).expect("IPv4 header");
-    assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 header checksum at depth {depth}");
-    assert_eq!(usize::from(ip.total_len), datagram.len(), "IPv4 total length at depth {depth}");
+    assert_eq!(
+        ip.header_checksum,
+        ip.calc_header_checksum(),
+        "IPv4 header checksum at depth {depth}"
+    );
+    assert_eq!(
+        usize::from(ip.total_len),
+        datagram.len(),
+        "IPv4 total length at depth {depth}"
+    );
     if ip.is_fragmenting_payload() {
         return;
     }
@@ -171,18 +197,30 @@ fn check_datagram(datagram: &[u8], depth: usize) {
         IpNumber::IPV4 => check_datagram(payload, depth + 1),
         IpNumber::TCP => {
             let (tcp, data) = TcpHeader::from_slice(payload).expect("TCP header");
-            assert_eq!(tcp.checksum, tcp.calc_checksum_ipv4(&ip, data).expect("fits"), "TCP checksum");
+            assert_eq!(
+                tcp.checksum,
+                tcp.calc_checksum_ipv4(&ip, data).expect("fits"),
+                "TCP checksum"
+            );
         }
         IpNumber::UDP => {
             let (udp, data) = UdpHeader::from_slice(payload).expect("UDP header");
             // Zero is "no checksum" (RFC 768), and must stay so.
             if udp.checksum != 0 {
-                assert_eq!(udp.checksum, udp.calc_checksum_ipv4(&ip, data).expect("fits"), "UDP checksum");
+                assert_eq!(
+                    udp.checksum,
+                    udp.calc_checksum_ipv4(&ip, data).expect("fits"),
+                    "UDP checksum"
+                );
             }
         }
         IpNumber::ICMP => {
             let (icmp, data) = Icmpv4Header::from_slice(payload).expect("ICMP header");
-            assert_eq!(icmp.checksum, icmp.icmp_type.calc_checksum(data), "ICMP checksum at depth {depth}");
+            assert_eq!(
+                icmp.checksum,
+                icmp.icmp_type.calc_checksum(data),
+                "ICMP checksum at depth {depth}"
+            );
             if let Icmpv4Type::DestinationUnreachable(_)
             | Icmpv4Type::TimeExceeded(_)
             | Icmpv4Type::ParameterProblem(_) = icmp.icmp_type

@@ -181,9 +181,18 @@ fn in_new_netns(f: impl FnOnce() + Send + 'static) {
         let before = netns_id();
         // SAFETY: plain syscall; affects only this thread.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {} (the tests need root)", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {} (the tests need root)",
+            std::io::Error::last_os_error()
+        );
         // Guard for the house rule: never configure the machine's own namespace.
-        assert_ne!(netns_id(), before, "unshare did not move this thread to a new namespace");
+        assert_ne!(
+            netns_id(),
+            before,
+            "unshare did not move this thread to a new namespace"
+        );
         f();
     })
     .join();
@@ -202,17 +211,24 @@ fn build_topology() {
     use topology::*;
     let script = [
         "link set lo up".to_owned(),
-        format!("link add eth0 address {ETH0_MAC} type veth peer name eth0-peer address {UNDERLAY_PEER_MAC}"),
+        format!(
+            "link add eth0 address {ETH0_MAC} type veth peer name eth0-peer address {UNDERLAY_PEER_MAC}"
+        ),
         "link set eth0 up".to_owned(),
         "link set eth0-peer up".to_owned(),
         format!("address add {NODE_IP}/16 dev eth0"),
-        format!("neighbour add {} lladdr {} dev eth0 nud permanent", W2.node, W2_MAC),
+        format!(
+            "neighbour add {} lladdr {} dev eth0 nud permanent",
+            W2.node, W2_MAC
+        ),
         format!("neighbour add {ROUTER} lladdr {ROUTER_MAC} dev eth0 nud permanent"),
         // A locked MTU: the FIB reports it (an unlocked route MTU would be ignored in
         // favour of the device's when forwarding).
         format!("route add {BEHIND_ROUTER} via {ROUTER} dev eth0 mtu lock {BEHIND_ROUTER_MTU}"),
         format!("link add cni0 address {CNI0_MAC} type bridge"),
-        format!("link add pod0 address {POD_PORT_MAC} type veth peer name pod0-peer address {POD_MAC}"),
+        format!(
+            "link add pod0 address {POD_PORT_MAC} type veth peer name pod0-peer address {POD_MAC}"
+        ),
         "link set pod0 master cni0".to_owned(),
         "link set pod0 up".to_owned(),
         "link set pod0-peer up".to_owned(),
@@ -222,7 +238,8 @@ fn build_topology() {
     ];
     ip_batch(&script);
     // /proc/sys/net resolves to the namespace of the thread that opens it: this one's.
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enabling forwarding in the test namespace");
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+        .expect("enabling forwarding in the test namespace");
 }
 
 /// Runs `ip -batch -` with `commands` in this thread's namespace.
@@ -255,8 +272,14 @@ fn ifindex(name: &str) -> u32 {
 
 impl Node {
     fn new(options: &LoadOptions) -> Self {
-        let dp = Datapath::load(options).expect("loading the datapath (the verifier must accept all programs)");
-        Self { dp, eth0: ifindex("eth0"), cni0: ifindex("cni0"), config: DatapathConfig::default() }
+        let dp = Datapath::load(options)
+            .expect("loading the datapath (the verifier must accept all programs)");
+        Self {
+            dp,
+            eth0: ifindex("eth0"),
+            cni0: ifindex("cni0"),
+            config: DatapathConfig::default(),
+        }
     }
 
     /// Fills CONFIG (as the agent would, then changed by `adjust`), ROUTES and PEERS.
@@ -274,7 +297,8 @@ impl Node {
         adjust(&mut config);
         self.dp.config.set(config).expect("writing CONFIG");
         self.config = config;
-        let routes: BTreeMap<Ipv4Net, Ipv4Addr> = REMOTES.iter().map(|r| (r.subnet, r.node)).collect();
+        let routes: BTreeMap<Ipv4Net, Ipv4Addr> =
+            REMOTES.iter().map(|r| (r.subnet, r.node)).collect();
         self.dp.routes.sync(&routes).expect("writing ROUTES");
         let peers: BTreeSet<Ipv4Addr> = PEERS.iter().copied().collect();
         self.dp.peers.sync(&peers).expect("writing PEERS");
@@ -290,7 +314,14 @@ impl Node {
 
     /// Runs `hook`'s program on `frame` as if it arrived on the hook's device.
     pub fn run(&self, hook: Hook, frame: &[u8]) -> Outcome {
-        self.run_with(hook, frame, SkBuff { ifindex: self.device(hook), ..Default::default() })
+        self.run_with(
+            hook,
+            frame,
+            SkBuff {
+                ifindex: self.device(hook),
+                ..Default::default()
+            },
+        )
     }
 
     /// Runs `hook`'s program on `frame` with a context of the caller's choosing.
@@ -301,7 +332,12 @@ impl Node {
 
     /// [`Node::run_with`], returning the kernel's refusal to run the program instead of
     /// panicking.
-    pub fn try_run_with(&self, hook: Hook, frame: &[u8], ctx: SkBuff) -> Result<Outcome, ProgramError> {
+    pub fn try_run_with(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        ctx: SkBuff,
+    ) -> Result<Outcome, ProgramError> {
         let counters_before = self.counters();
         let peers_before = self.peer_stats();
         let events_before = self.nat_events();
@@ -365,7 +401,14 @@ impl Node {
 
     /// [`Node::expect`] for packets the program rewrites: the bytes out must be
     /// `expected`, byte for byte, and every checksum in them right.
-    pub fn expect_frame(&self, hook: Hook, frame: &[u8], act: Act, reason: Reason, expected: &[u8]) {
+    pub fn expect_frame(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        act: Act,
+        reason: Reason,
+        expected: &[u8],
+    ) {
         let out = self.expect(hook, frame, act, reason);
         assert_bytes_eq(&out, expected, &format!("{} output", hook.name()));
         expect::assert_checksums(&out);
@@ -380,7 +423,12 @@ impl Node {
     }
 
     pub fn nat_events(&self) -> BTreeMap<NatEvent, u64> {
-        self.dp.nat_events.all().expect("reading NAT_EVENTS").into_iter().collect()
+        self.dp
+            .nat_events
+            .all()
+            .expect("reading NAT_EVENTS")
+            .into_iter()
+            .collect()
     }
 
     /// The CONNTRACK map of this node's datapath, opened on its own (the agent's
@@ -397,33 +445,53 @@ impl Node {
             .expect("the kernel reports map ids");
         let id = ids
             .into_iter()
-            .find(|id| MapInfo::from_id(*id).expect("map info").name_as_str() == Some(names::CONNTRACK))
+            .find(|id| {
+                MapInfo::from_id(*id).expect("map info").name_as_str() == Some(names::CONNTRACK)
+            })
             .expect("uplink_egress uses CONNTRACK");
-        let map = Map::from_map_data(MapData::from_id(id).expect("opening CONNTRACK by id")).expect("CONNTRACK");
+        let map = Map::from_map_data(MapData::from_id(id).expect("opening CONNTRACK by id"))
+            .expect("CONNTRACK");
         HashMap::try_from(map).expect("CONNTRACK is a hash map")
     }
 
     /// Every entry of CONNTRACK.
     pub fn conntrack_entries(&self) -> BTreeMap<CtKey, CtEntry> {
-        self.conntrack_map().iter().map(|e| e.expect("reading CONNTRACK")).collect()
+        self.conntrack_map()
+            .iter()
+            .map(|e| e.expect("reading CONNTRACK"))
+            .collect()
     }
 }
 
 /// Asserts what [`Node::expect`] promises about `out`.
 pub fn check_verdict(hook: Hook, frame: &[u8], out: &Outcome, act: Act, reason: Reason) {
-    let want = vec![(hook, reason, Counter { packets: 1, bytes: frame.len() as u64 })];
+    let want = vec![(
+        hook,
+        reason,
+        Counter {
+            packets: 1,
+            bytes: frame.len() as u64,
+        },
+    )];
     assert_eq!(out.counted, want, "counter increments");
     assert_eq!(out.rc, act as u32, "return code: want {act:?} ({reason:?})");
     // A reply translated back after decapsulation (masquerade rule 6) came through the
     // tunnel too: IPIP to this node.
-    let tunnelled = frame.get(23) == Some(&4) && frame.get(30..34) == Some(&topology::NODE_IP.octets()[..]);
+    let tunnelled =
+        frame.get(23) == Some(&4) && frame.get(30..34) == Some(&topology::NODE_IP.octets()[..]);
     let decapsulated = hook == Hook::UplinkIngress
         && (matches!(reason, Reason::Decapsulated | Reason::DecapsulatedToStack)
             || reason == Reason::Unmasqueraded && tunnelled);
     let want_peers: BTreeMap<Ipv4Addr, PeerStats> = if decapsulated {
         // The outer source address, read straight from the frame we sent.
         let outer_src = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
-        BTreeMap::from([(outer_src, PeerStats { rx_packets: 1, rx_bytes: frame.len() as u64 })])
+        BTreeMap::from([(
+            outer_src,
+            PeerStats {
+                rx_packets: 1,
+                rx_bytes: frame.len() as u64,
+            },
+        )])
     } else {
         BTreeMap::new()
     };
@@ -440,28 +508,52 @@ fn counter_increments(
         .zip(after)
         .filter(|(b, a)| b.2 != a.2)
         .map(|(b, a)| {
-            assert_eq!((b.0, b.1), (a.0, a.1), "counter order changed between reads");
-            let diff = Counter { packets: a.2.packets - b.2.packets, bytes: a.2.bytes - b.2.bytes };
+            assert_eq!(
+                (b.0, b.1),
+                (a.0, a.1),
+                "counter order changed between reads"
+            );
+            let diff = Counter {
+                packets: a.2.packets - b.2.packets,
+                bytes: a.2.bytes - b.2.bytes,
+            };
             (a.0, a.1, diff)
         })
         .collect()
 }
 
-fn event_increments(before: &BTreeMap<NatEvent, u64>, after: &BTreeMap<NatEvent, u64>) -> BTreeMap<NatEvent, u64> {
-    after.iter().filter(|(e, a)| before[*e] != **a).map(|(e, a)| (*e, a - before[e])).collect()
+fn event_increments(
+    before: &BTreeMap<NatEvent, u64>,
+    after: &BTreeMap<NatEvent, u64>,
+) -> BTreeMap<NatEvent, u64> {
+    after
+        .iter()
+        .filter(|(e, a)| before[*e] != **a)
+        .map(|(e, a)| (*e, a - before[e]))
+        .collect()
 }
 
 fn peer_increments(
     before: &BTreeMap<Ipv4Addr, PeerStats>,
     after: &BTreeMap<Ipv4Addr, PeerStats>,
 ) -> BTreeMap<Ipv4Addr, PeerStats> {
-    assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>(), "PEERS keys changed");
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>(),
+        "PEERS keys changed"
+    );
     after
         .iter()
         .filter(|(k, a)| before[*k] != **a)
         .map(|(k, a)| {
             let b = before[k];
-            (*k, PeerStats { rx_packets: a.rx_packets - b.rx_packets, rx_bytes: a.rx_bytes - b.rx_bytes })
+            (
+                *k,
+                PeerStats {
+                    rx_packets: a.rx_packets - b.rx_packets,
+                    rx_bytes: a.rx_bytes - b.rx_bytes,
+                },
+            )
         })
         .collect()
 }
@@ -472,8 +564,11 @@ pub fn assert_bytes_eq(actual: &[u8], expected: &[u8], what: &str) {
     if actual == expected {
         return;
     }
-    let first =
-        actual.iter().zip(expected).position(|(a, e)| a != e).unwrap_or(actual.len().min(expected.len()));
+    let first = actual
+        .iter()
+        .zip(expected)
+        .position(|(a, e)| a != e)
+        .unwrap_or(actual.len().min(expected.len()));
     panic!(
         "{what}: frames differ (lengths {} vs expected {}), first at byte {first}\n  actual:   {}\n  expected: {}",
         actual.len(),
@@ -484,5 +579,9 @@ pub fn assert_bytes_eq(actual: &[u8], expected: &[u8], what: &str) {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

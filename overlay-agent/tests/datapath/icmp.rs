@@ -13,7 +13,13 @@ use super::{
 /// A pod's DF datagram to a pod of `remote` whose encapsulation is one byte too big for
 /// the route to `remote`; `change` adjusts its header.
 fn one_byte_too_big(remote: &Remote, transport: Transport, change: HeaderChange) -> Vec<u8> {
-    outbound(BridgeIngress, remote.pod, transport, filling(remote.mtu, transport) + 1, change)
+    outbound(
+        BridgeIngress,
+        remote.pod,
+        transport,
+        filling(remote.mtu, transport) + 1,
+        change,
+    )
 }
 
 /// The reply must be the spec's, byte for byte: 126 bytes, announcing the route's MTU
@@ -21,7 +27,13 @@ fn one_byte_too_big(remote: &Remote, transport: Transport, change: HeaderChange)
 fn assert_frag_needed(node: &Node, frame: &[u8], remote: &Remote) {
     let expected = frag_needed(frame, remote.mtu - IPV4_LEN as u16);
     assert_eq!(expected.len(), 126, "the spec's reply size");
-    node.expect_frame(BridgeIngress, frame, Act::Redirect, Reason::FragNeededSent, &expected);
+    node.expect_frame(
+        BridgeIngress,
+        frame,
+        Act::Redirect,
+        Reason::FragNeededSent,
+        &expected,
+    );
 }
 
 #[test]
@@ -53,6 +65,9 @@ fn reply_quotes_the_packet_as_sent() {
         // the original datagram.
         let out = node.run(BridgeIngress, &frame).data;
         let quote = ETH_LEN + IPV4_LEN + 8;
-        assert_eq!(&out[quote..], &frame[ETH_LEN..ETH_LEN + IPV4_LEN + expect::QUOTE_LEN]);
+        assert_eq!(
+            &out[quote..],
+            &frame[ETH_LEN..ETH_LEN + IPV4_LEN + expect::QUOTE_LEN]
+        );
     });
 }

@@ -9,6 +9,10 @@ fn verifier_accepts_all_programs() {
     let dp = Datapath::load(&Default::default()).expect("the verifier must accept every program");
     for hook in Hook::ALL {
         let info = dp.program(hook).info().expect("program info");
-        assert_eq!(info.name_as_str(), Some(hook.program()), "loaded program for {hook:?}");
+        assert_eq!(
+            info.name_as_str(),
+            Some(hook.program()),
+            "loaded program for {hook:?}"
+        );
     }
 }

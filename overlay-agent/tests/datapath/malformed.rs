@@ -11,9 +11,9 @@ use overlay_common::{
 use super::{
     fixture::{Act, SkBuff, with_node},
     packet::{
-        ETH_LEN, HeaderChange, IPV4_LEN, Transport, add_router_alert, datagram, first_fragment, from_host,
-        from_peer, from_pod, from_underlay, ipip, ipv4, last_fragment, mangle, nest, outbound, set_tot_len,
-        tunnel_header,
+        ETH_LEN, HeaderChange, IPV4_LEN, Transport, add_router_alert, datagram, first_fragment,
+        from_host, from_peer, from_pod, from_underlay, ipip, ipv4, last_fragment, mangle, nest,
+        outbound, set_tot_len, tunnel_header,
     },
     topology::{GATEWAY, NODE_IP, POD, W2},
 };
@@ -52,14 +52,23 @@ pub(super) fn malformed(datagram: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
                 40,
             ),
         ),
-        ("total length beyond the packet", broken(&|h| set_tot_len(h, len as u16 + 1), len)),
-        ("total length below the header", broken(&|h| set_tot_len(h, IPV4_LEN as u16 - 1), len)),
+        (
+            "total length beyond the packet",
+            broken(&|h| set_tot_len(h, len as u16 + 1), len),
+        ),
+        (
+            "total length below the header",
+            broken(&|h| set_tot_len(h, IPV4_LEN as u16 - 1), len),
+        ),
     ]
 }
 
 /// `malformed` cases, each put in a frame by `frame`.
 fn framed(datagram: &[u8], frame: impl Fn(&[u8]) -> Vec<u8>) -> Vec<(&'static str, Vec<u8>)> {
-    malformed(datagram).into_iter().map(|(what, d)| (what, frame(&d))).collect()
+    malformed(datagram)
+        .into_iter()
+        .map(|(what, d)| (what, frame(&d)))
+        .collect()
 }
 
 #[test]
@@ -79,8 +88,14 @@ fn ipip_inside_ipip_is_dropped() {
         let tunnel = datagram(ipv4(W2.pod, POD), Transport::Tcp, 10);
         let cases = [
             (BridgeIngress, from_pod(&nest(ipv4(POD, W2.pod), &tunnel))),
-            (UplinkEgress, from_host(&nest(ipv4(NODE_IP, W2.pod), &tunnel))),
-            (UplinkIngress, from_peer(W2.node, IpEcn::NotEct, &nest(ipv4(W2.pod, POD), &tunnel))),
+            (
+                UplinkEgress,
+                from_host(&nest(ipv4(NODE_IP, W2.pod), &tunnel)),
+            ),
+            (
+                UplinkIngress,
+                from_peer(W2.node, IpEcn::NotEct, &nest(ipv4(W2.pod, POD), &tunnel)),
+            ),
         ];
         for (hook, frame) in cases {
             node.expect(hook, &frame, Act::Shot, Reason::DropNestedTunnel);
@@ -96,9 +111,12 @@ fn broken_packets_for_anyone_else_pass_untouched() {
             .into_iter()
             .map(|case| (BridgeIngress, case, Reason::PassNotOverlay))
             .chain(
-                framed(&datagram(ipv4(W2.pod, NODE_IP), Transport::Udp, 100), from_underlay)
-                    .into_iter()
-                    .map(|case| (UplinkIngress, case, Reason::PassNotTunnel)),
+                framed(
+                    &datagram(ipv4(W2.pod, NODE_IP), Transport::Udp, 100),
+                    from_underlay,
+                )
+                .into_iter()
+                .map(|case| (UplinkIngress, case, Reason::PassNotTunnel)),
             );
         for (hook, (what, frame), reason) in cases {
             eprintln!("case: {} {what}", hook.name());
@@ -130,7 +148,10 @@ fn outer_options_and_fragments_are_dropped() {
     let cases: [(HeaderChange, Reason); 4] = [
         (add_router_alert, Reason::DropOuterOptions),
         // Options that add nothing to the checksum of the first 20 bytes.
-        (|ip| ip.options = [0x01, 0x01, 0x01, 0x00].into(), Reason::DropOuterOptions),
+        (
+            |ip| ip.options = [0x01, 0x01, 0x01, 0x00].into(),
+            Reason::DropOuterOptions,
+        ),
         (first_fragment, Reason::DropOuterFragment),
         (last_fragment, Reason::DropOuterFragment),
     ];
@@ -138,7 +159,12 @@ fn outer_options_and_fragments_are_dropped() {
         for (change, reason) in cases {
             let mut outer = tunnel_header(W2.node, IpEcn::NotEct);
             change(&mut outer);
-            node.expect(UplinkIngress, &from_underlay(&nest(outer, &inner())), Act::Shot, reason);
+            node.expect(
+                UplinkIngress,
+                &from_underlay(&nest(outer, &inner())),
+                Act::Shot,
+                reason,
+            );
         }
     });
 }
@@ -150,7 +176,10 @@ fn broken_inner_headers_are_dropped() {
         let mut cases = framed(&good, |d| from_peer(W2.node, IpEcn::NotEct, d));
         // Consistent in itself, but one byte short of what the outer header carries.
         let longer_outer = [good.as_slice(), &[0]].concat();
-        cases.push(("inner shorter than the outer says", from_peer(W2.node, IpEcn::NotEct, &longer_outer)));
+        cases.push((
+            "inner shorter than the outer says",
+            from_peer(W2.node, IpEcn::NotEct, &longer_outer),
+        ));
         // Fewer than 20 bytes inside: where the frame ends, and with the rest of the
         // inner header in Ethernet padding, past the outer total length.
         let cut = from_peer(W2.node, IpEcn::NotEct, &good[..12]);
@@ -172,9 +201,16 @@ fn truncated_headers_cannot_be_run() {
         let frame = from_pod(&datagram(ipv4(POD, W2.pod), Transport::Udp, 100));
         for hook in Hook::ALL {
             for len in [ETH_LEN - 1, ETH_LEN, ETH_LEN + IPV4_LEN - 1] {
-                let ctx = SkBuff { ifindex: node.device(hook), ..Default::default() };
+                let ctx = SkBuff {
+                    ifindex: node.device(hook),
+                    ..Default::default()
+                };
                 let refused = node.try_run_with(hook, &frame[..len], ctx);
-                assert!(refused.is_err(), "{} ran a {len}-byte IPv4 frame: {refused:?}", hook.name());
+                assert!(
+                    refused.is_err(),
+                    "{} ran a {len}-byte IPv4 frame: {refused:?}",
+                    hook.name()
+                );
             }
         }
     });

@@ -19,7 +19,9 @@ use super::{
 /// what fits the route to `remote` once encapsulated.
 fn sized(hook: Hook, remote: &Remote, extra: usize, df: bool) -> Vec<u8> {
     let payload = filling(remote.mtu, Transport::Tcp) + extra;
-    outbound(hook, remote.pod, Transport::Tcp, payload, |ip| ip.dont_fragment = df)
+    outbound(hook, remote.pod, Transport::Tcp, payload, |ip| {
+        ip.dont_fragment = df
+    })
 }
 
 #[test]
@@ -28,7 +30,13 @@ fn largest_fitting_packet_is_encapsulated() {
         for remote in [W2, W3] {
             let frame = sized(BridgeIngress, &remote, 0, true);
             let expected = encapsulated(&frame, &remote, 1, towards(&remote));
-            node.expect_frame(BridgeIngress, &frame, Act::Redirect, Reason::Encapsulated, &expected);
+            node.expect_frame(
+                BridgeIngress,
+                &frame,
+                Act::Redirect,
+                Reason::Encapsulated,
+                &expected,
+            );
         }
     });
 }
@@ -50,7 +58,12 @@ fn too_big_without_df_is_left_to_the_stack_to_fragment() {
 fn too_big_host_traffic_is_dropped() {
     with_node(|node| {
         for df in [true, false] {
-            node.expect(UplinkEgress, &sized(UplinkEgress, &W2, 1, df), Act::Shot, Reason::DropTooBig);
+            node.expect(
+                UplinkEgress,
+                &sized(UplinkEgress, &W2, 1, df),
+                Act::Shot,
+                Reason::DropTooBig,
+            );
         }
     });
 }
@@ -73,7 +86,12 @@ fn run_gso(
     verdict: (Act, Reason),
 ) -> (Vec<u8>, Outcome) {
     let frame = outbound(hook, W2.pod, transport, 3000, |ip| ip.dont_fragment = df);
-    let ctx = SkBuff { ifindex: node.device(hook), gso_size, gso_segs: 3, ..Default::default() };
+    let ctx = SkBuff {
+        ifindex: node.device(hook),
+        gso_size,
+        gso_segs: 3,
+        ..Default::default()
+    };
     let out = node.run_with(hook, &frame, ctx);
     check_verdict(hook, &frame, &out, verdict.0, verdict.1);
     (frame, out)
@@ -88,9 +106,19 @@ fn gso_segment_one_byte_too_big_is_answered() {
     with_node(|node| {
         for transport in GSO_TRANSPORTS {
             let verdict = (Act::Redirect, Reason::FragNeededSent);
-            let (frame, out) =
-                run_gso(node, BridgeIngress, transport, true, largest_gso_size(transport) + 1, verdict);
-            assert_bytes_eq(&out.data, &frag_needed(&frame, W2.mtu - IPV4_LEN as u16), "reply");
+            let (frame, out) = run_gso(
+                node,
+                BridgeIngress,
+                transport,
+                true,
+                largest_gso_size(transport) + 1,
+                verdict,
+            );
+            assert_bytes_eq(
+                &out.data,
+                &frag_needed(&frame, W2.mtu - IPV4_LEN as u16),
+                "reply",
+            );
             // The reply is one small packet: no segmentation state may survive.
             assert_eq!(out.ctx.gso_segs, 0, "GSO state of the reply");
         }
@@ -102,8 +130,14 @@ fn gso_segment_one_byte_too_big_without_df_is_left_to_the_stack() {
     with_node(|node| {
         for transport in GSO_TRANSPORTS {
             let verdict = (Act::Ok, Reason::PassFragmentationNeeded);
-            let (frame, out) =
-                run_gso(node, BridgeIngress, transport, false, largest_gso_size(transport) + 1, verdict);
+            let (frame, out) = run_gso(
+                node,
+                BridgeIngress,
+                transport,
+                false,
+                largest_gso_size(transport) + 1,
+                verdict,
+            );
             assert_bytes_eq(&out.data, &frame, "untouched");
         }
     });
@@ -114,7 +148,14 @@ fn gso_segment_one_byte_too_big_from_the_host_is_dropped() {
     with_node(|node| {
         for transport in GSO_TRANSPORTS {
             let verdict = (Act::Shot, Reason::DropTooBig);
-            run_gso(node, UplinkEgress, transport, false, largest_gso_size(transport) + 1, verdict);
+            run_gso(
+                node,
+                UplinkEgress,
+                transport,
+                false,
+                largest_gso_size(transport) + 1,
+                verdict,
+            );
         }
     });
 }
@@ -131,7 +172,14 @@ fn gso_segments_that_fit_pass_the_size_check() {
         for transport in GSO_TRANSPORTS {
             for df in [true, false] {
                 let verdict = (Act::Shot, Reason::DropHelperError);
-                run_gso(node, BridgeIngress, transport, df, largest_gso_size(transport), verdict);
+                run_gso(
+                    node,
+                    BridgeIngress,
+                    transport,
+                    df,
+                    largest_gso_size(transport),
+                    verdict,
+                );
             }
         }
     });

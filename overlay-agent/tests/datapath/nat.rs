@@ -21,15 +21,17 @@ use overlay_common::{
 use super::{
     expect::{TO_POD, assert_checksums, decapsulated, encapsulated, towards},
     fixture::{
-        Act, Node, SkBuff, assert_bytes_eq, check_verdict, masquerade, with_masquerading_node, with_node,
-        with_node_setup,
+        Act, Node, SkBuff, assert_bytes_eq, check_verdict, masquerade, with_masquerading_node,
+        with_node, with_node_setup,
     },
     malformed::malformed,
     packet::{
-        ACK, Conn, HeaderChange, PSH, Proto, SYN, Transport, add_router_alert, datagram, first_fragment, from_host,
-        from_peer, from_underlay, ipv4, last_fragment,
+        ACK, Conn, HeaderChange, PSH, Proto, SYN, Transport, add_router_alert, datagram,
+        first_fragment, from_host, from_peer, from_underlay, ipv4, last_fragment,
     },
-    topology::{GATEWAY, NODE_IP, OUTSIDE, OUTSIDE_2, POD, POD_UNRESOLVED, REMOTES, Remote, W2, W3},
+    topology::{
+        GATEWAY, NODE_IP, OUTSIDE, OUTSIDE_2, POD, POD_UNRESOLVED, REMOTES, Remote, W2, W3,
+    },
 };
 
 /// Payload bytes of the connections' packets.
@@ -81,7 +83,9 @@ fn incoming_with(conn: &Conn, flags: u8, change: HeaderChange) -> Vec<u8> {
 /// The translated source of `conn` as the connection table lists it.
 pub fn translation(node: &Node, conn: &Conn) -> Option<(Ipv4Addr, u16)> {
     let flows = node.dp.conntrack.flows().expect("listing flows");
-    let flow = flows.iter().find(|f| f.proto == conn.proto.number() && f.src == conn.src && f.dst == conn.dst)?;
+    let flow = flows
+        .iter()
+        .find(|f| f.proto == conn.proto.number() && f.src == conn.src && f.dst == conn.dst)?;
     flow.translated
 }
 
@@ -89,7 +93,12 @@ pub fn translation(node: &Node, conn: &Conn) -> Option<(Ipv4Addr, u16)> {
 /// the table says: from `nat_ip` and a port of the configured range, otherwise exactly
 /// as sent (and encapsulated if it is for a remote pod). Returns the translated
 /// connection and the masquerade events of the run.
-pub fn translate_out(node: &Node, conn: Conn, flags: u8, nat_ip: Ipv4Addr) -> (Conn, BTreeMap<NatEvent, u64>) {
+pub fn translate_out(
+    node: &Node,
+    conn: Conn,
+    flags: u8,
+    nat_ip: Ipv4Addr,
+) -> (Conn, BTreeMap<NatEvent, u64>) {
     translate_out_with(node, conn, flags, nat_ip, |_| {})
 }
 
@@ -103,7 +112,8 @@ fn translate_out_with(
 ) -> (Conn, BTreeMap<NatEvent, u64>) {
     let frame = outgoing_with(&conn, flags, change);
     let out = node.run(UplinkEgress, &frame);
-    let (addr, port) = translation(node, &conn).unwrap_or_else(|| panic!("{conn:?} is not translated in the table"));
+    let (addr, port) = translation(node, &conn)
+        .unwrap_or_else(|| panic!("{conn:?} is not translated in the table"));
     assert_eq!(addr, nat_ip, "translated address of {conn:?}");
     assert!(
         (node.config.nat_port_min..=node.config.nat_port_max).contains(&port),
@@ -113,8 +123,14 @@ fn translate_out_with(
     let sent = outgoing_with(&translated, flags, change);
     let (reason, expected) = match remote_of(conn.dst.0) {
         Some(remote) => {
-            assert!(remote.next_hop_mac.is_some(), "tests send rule 6 traffic to resolved peers only");
-            (Reason::Encapsulated, encapsulated(&sent, &remote, 0, towards(&remote)))
+            assert!(
+                remote.next_hop_mac.is_some(),
+                "tests send rule 6 traffic to resolved peers only"
+            );
+            (
+                Reason::Encapsulated,
+                encapsulated(&sent, &remote, 0, towards(&remote)),
+            )
         }
         None => (Reason::Masqueraded, sent),
     };
@@ -129,14 +145,23 @@ fn translate_out_with(
 pub fn open(node: &Node, conn: Conn, flags: u8, nat_ip: Ipv4Addr) -> Conn {
     let (translated, mut events) = translate_out(node, conn, flags, nat_ip);
     events.remove(&NatEvent::PortCollision);
-    assert_eq!(events, BTreeMap::from([(NatEvent::FlowCreated, 1)]), "events opening {conn:?}");
+    assert_eq!(
+        events,
+        BTreeMap::from([(NatEvent::FlowCreated, 1)]),
+        "events opening {conn:?}"
+    );
     translated
 }
 
 /// Sends the reply to `translated` (the translation of `conn`) in through the uplink
 /// and checks that it reaches the stack addressed to `conn`'s source, exactly as the
 /// other end sent it otherwise. Returns the masquerade events of the run.
-pub fn translate_back(node: &Node, conn: Conn, translated: Conn, flags: u8) -> BTreeMap<NatEvent, u64> {
+pub fn translate_back(
+    node: &Node,
+    conn: Conn,
+    translated: Conn,
+    flags: u8,
+) -> BTreeMap<NatEvent, u64> {
     translate_back_with(node, conn, translated, flags, |_| {})
 }
 
@@ -170,11 +195,21 @@ pub struct Tracked {
 
 impl Tracked {
     pub fn translated(conn: Conn, translated: Conn, rule: Rule, flags: u8) -> Tracked {
-        Tracked { conn, translated: Some(translated), rule, flags }
+        Tracked {
+            conn,
+            translated: Some(translated),
+            rule,
+            flags,
+        }
     }
 
     pub fn untranslated(conn: Conn, flags: u8) -> Tracked {
-        Tracked { conn, translated: None, rule: Rule::Untranslated, flags }
+        Tracked {
+            conn,
+            translated: None,
+            rule: Rule::Untranslated,
+            flags,
+        }
     }
 }
 
@@ -204,10 +239,20 @@ pub fn assert_table(node: &Node, flows: &[Tracked]) {
     let mut want = BTreeMap::new();
     for t in flows {
         let source = t.translated.unwrap_or(t.conn).src;
-        let original = (source.0.octets(), source.1.to_be_bytes(), t.rule as u8, t.flags);
+        let original = (
+            source.0.octets(),
+            source.1.to_be_bytes(),
+            t.rule as u8,
+            t.flags,
+        );
         want.insert(ct_key(&t.conn, DIR_ORIGINAL), original);
         if let Some(translated) = t.translated {
-            let reply = (t.conn.src.0.octets(), t.conn.src.1.to_be_bytes(), t.rule as u8, 0);
+            let reply = (
+                t.conn.src.0.octets(),
+                t.conn.src.1.to_be_bytes(),
+                t.rule as u8,
+                0,
+            );
             want.insert(ct_key(&translated.reversed(), DIR_REPLY), reply);
         }
     }
@@ -227,7 +272,13 @@ pub fn assert_table(node: &Node, flows: &[Tracked]) {
 /// translate.
 fn assert_encapsulated_as_is(node: &Node, frame: &[u8]) {
     let expected = encapsulated(frame, &W2, 0, towards(&W2));
-    node.expect_frame(UplinkEgress, frame, Act::Ok, Reason::Encapsulated, &expected);
+    node.expect_frame(
+        UplinkEgress,
+        frame,
+        Act::Ok,
+        Reason::Encapsulated,
+        &expected,
+    );
 }
 
 /// A frame leaving the uplink must pass untouched, translating nothing and opening no
@@ -242,15 +293,29 @@ fn assert_left_alone(node: &Node, frame: &[u8], reason: Reason) {
 /// Opens a connection of every protocol from `src` to `dst`, checking that it is
 /// translated to `nat_ip` under `rule`, that later packets keep the translation and
 /// open nothing, and that replies are translated back; then checks the table.
-fn round_trip_every_protocol(node: &Node, src: Ipv4Addr, dst: Ipv4Addr, nat_ip: Ipv4Addr, rule: Rule) {
+fn round_trip_every_protocol(
+    node: &Node,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    nat_ip: Ipv4Addr,
+    rule: Rule,
+) {
     let mut tracked = Vec::new();
     for proto in Proto::ALL {
         eprintln!("case: {proto:?}");
         let conn = client(proto, src, dst);
         let translated = open(node, conn, SYN, nat_ip);
         let (again, events) = translate_out(node, conn, ACK | PSH, nat_ip);
-        assert_eq!((again, events), (translated, BTreeMap::new()), "a later packet");
-        assert_eq!(translate_back(node, conn, translated, SYN | ACK), BTreeMap::new(), "events of a reply");
+        assert_eq!(
+            (again, events),
+            (translated, BTreeMap::new()),
+            "a later packet"
+        );
+        assert_eq!(
+            translate_back(node, conn, translated, SYN | ACK),
+            BTreeMap::new(),
+            "events of a reply"
+        );
         tracked.push(Tracked::translated(conn, translated, rule, SEEN_REPLY));
     }
     assert_table(node, &tracked);
@@ -260,14 +325,18 @@ fn round_trip_every_protocol(node: &Node, src: Ipv4Addr, dst: Ipv4Addr, nat_ip: 
 fn pods_talking_to_the_outside_are_masqueraded_both_ways() {
     // Rule 5: TCP, UDP, UDP without a checksum (which must stay zero: the expected frame
     // has none) and ICMP echo, whose identifier is translated as a port.
-    with_masquerading_node(|node| round_trip_every_protocol(node, POD, OUTSIDE, NODE_IP, Rule::PodToOutside));
+    with_masquerading_node(|node| {
+        round_trip_every_protocol(node, POD, OUTSIDE, NODE_IP, Rule::PodToOutside)
+    });
 }
 
 #[test]
 fn host_traffic_to_remote_pods_comes_from_the_gateway() {
     // Rule 6: translated to this node's pod gateway, encapsulated; the reply comes back
     // through the tunnel to the gateway and is decapsulated and translated back.
-    with_masquerading_node(|node| round_trip_every_protocol(node, NODE_IP, W2.pod, GATEWAY, Rule::OutsideToRemotePod));
+    with_masquerading_node(|node| {
+        round_trip_every_protocol(node, NODE_IP, W2.pod, GATEWAY, Rule::OutsideToRemotePod)
+    });
 }
 
 #[test]
@@ -298,7 +367,10 @@ fn the_source_becomes_the_masquerade_address() {
         let translated = open(node, conn, 0, MASQ_IP);
         translate_back(node, conn, translated, 0);
         // The same port on the tunnel address is nothing of ours.
-        let stray = incoming(&translated.with_src((NODE_IP, translated.src.1)).reversed(), 0);
+        let stray = incoming(
+            &translated.with_src((NODE_IP, translated.src.1)).reversed(),
+            0,
+        );
         node.expect_untouched(UplinkIngress, &stray, Reason::PassNotTunnel);
     });
 }
@@ -310,7 +382,15 @@ fn pods_of_other_nodes_are_masqueraded_too() {
         let conn = client(Proto::Tcp, W3.pod, OUTSIDE);
         let translated = open(node, conn, SYN, NODE_IP);
         translate_back(node, conn, translated, SYN | ACK);
-        assert_table(node, &[Tracked::translated(conn, translated, Rule::PodToOutside, SEEN_REPLY)]);
+        assert_table(
+            node,
+            &[Tracked::translated(
+                conn,
+                translated,
+                Rule::PodToOutside,
+                SEEN_REPLY,
+            )],
+        );
     });
 }
 
@@ -326,8 +406,20 @@ fn outside_clients_of_remote_pods_round_trip() {
         assert_table(node, &[]);
         let translated = open(node, conn, SYN, GATEWAY);
         translate_back(node, conn, translated, SYN | ACK);
-        assert_left_alone(node, &outgoing(&conn.reversed(), SYN | ACK), Reason::PassNotOverlay);
-        assert_table(node, &[Tracked::translated(conn, translated, Rule::OutsideToRemotePod, SEEN_REPLY)]);
+        assert_left_alone(
+            node,
+            &outgoing(&conn.reversed(), SYN | ACK),
+            Reason::PassNotOverlay,
+        );
+        assert_table(
+            node,
+            &[Tracked::translated(
+                conn,
+                translated,
+                Rule::OutsideToRemotePod,
+                SEEN_REPLY,
+            )],
+        );
     });
 }
 
@@ -337,24 +429,61 @@ fn kube_proxy_marked_packets_are_left_to_kube_proxy() {
     with_masquerading_node(|node| {
         let to_outside = outgoing(&client(Proto::Tcp, POD, OUTSIDE), SYN);
         let to_remote_pod = outgoing(&client(Proto::Tcp, NODE_IP, W2.pod), SYN);
-        for mark in [KUBE_PROXY_MASQ_MARK, KUBE_PROXY_MASQ_MARK | 0x8001, u32::MAX] {
+        for mark in [
+            KUBE_PROXY_MASQ_MARK,
+            KUBE_PROXY_MASQ_MARK | 0x8001,
+            u32::MAX,
+        ] {
             eprintln!("case: mark {mark:#x}");
-            let ctx = SkBuff { ifindex: node.eth0, mark, ..Default::default() };
+            let ctx = SkBuff {
+                ifindex: node.eth0,
+                mark,
+                ..Default::default()
+            };
             let out = node.run_with(UplinkEgress, &to_outside, ctx);
-            check_verdict(UplinkEgress, &to_outside, &out, Act::Ok, Reason::PassNotOverlay);
+            check_verdict(
+                UplinkEgress,
+                &to_outside,
+                &out,
+                Act::Ok,
+                Reason::PassNotOverlay,
+            );
             assert_bytes_eq(&out.data, &to_outside, "marked packet to the outside");
             // Still encapsulated, with its own source.
             let out = node.run_with(UplinkEgress, &to_remote_pod, ctx);
-            check_verdict(UplinkEgress, &to_remote_pod, &out, Act::Ok, Reason::Encapsulated);
-            assert_bytes_eq(&out.data, &encapsulated(&to_remote_pod, &W2, 0, towards(&W2)), "marked rule 6");
+            check_verdict(
+                UplinkEgress,
+                &to_remote_pod,
+                &out,
+                Act::Ok,
+                Reason::Encapsulated,
+            );
+            assert_bytes_eq(
+                &out.data,
+                &encapsulated(&to_remote_pod, &W2, 0, towards(&W2)),
+                "marked rule 6",
+            );
         }
         assert_table(node, &[]);
         // Other bits do not count.
         let conn = client(Proto::Tcp, POD, OUTSIDE);
-        let ctx = SkBuff { ifindex: node.eth0, mark: !KUBE_PROXY_MASQ_MARK, ..Default::default() };
+        let ctx = SkBuff {
+            ifindex: node.eth0,
+            mark: !KUBE_PROXY_MASQ_MARK,
+            ..Default::default()
+        };
         let out = node.run_with(UplinkEgress, &to_outside, ctx);
-        check_verdict(UplinkEgress, &to_outside, &out, Act::Ok, Reason::Masqueraded);
-        assert!(translation(node, &conn).is_some(), "a packet without the bit is masqueraded");
+        check_verdict(
+            UplinkEgress,
+            &to_outside,
+            &out,
+            Act::Ok,
+            Reason::Masqueraded,
+        );
+        assert!(
+            translation(node, &conn).is_some(),
+            "a packet without the bit is masqueraded"
+        );
     });
 }
 
@@ -370,8 +499,21 @@ fn pod_to_pod_traffic_is_not_translated() {
         }
         let from_remote = incoming(&client(Proto::Udp, W2.pod, POD), 0);
         let to_pod = decapsulated(&from_remote, 1, TO_POD);
-        node.expect_frame(UplinkIngress, &from_remote, Act::Redirect, Reason::Decapsulated, &to_pod);
-        let mdns = outgoing(&Conn::new(Proto::Udp, (POD, 5353), (Ipv4Addr::new(224, 0, 0, 251), 5353)), 0);
+        node.expect_frame(
+            UplinkIngress,
+            &from_remote,
+            Act::Redirect,
+            Reason::Decapsulated,
+            &to_pod,
+        );
+        let mdns = outgoing(
+            &Conn::new(
+                Proto::Udp,
+                (POD, 5353),
+                (Ipv4Addr::new(224, 0, 0, 251), 5353),
+            ),
+            0,
+        );
         assert_left_alone(node, &mdns, Reason::PassNotOverlay);
         assert_table(node, &[]);
     });
@@ -386,15 +528,29 @@ fn outside_clients_of_local_pods_are_not_translated_nor_their_replies() {
         for proto in Proto::ALL {
             eprintln!("case: {proto:?}");
             let conn = client(proto, OUTSIDE, POD);
-            let out = node.expect_outcome(UplinkIngress, &incoming(&conn, SYN), Act::Ok, Reason::PassNotTunnel);
+            let out = node.expect_outcome(
+                UplinkIngress,
+                &incoming(&conn, SYN),
+                Act::Ok,
+                Reason::PassNotTunnel,
+            );
             assert_bytes_eq(&out.data, &incoming(&conn, SYN), "client's packet");
             assert_eq!(out.events, BTreeMap::new(), "no flow is created");
-            assert_left_alone(node, &outgoing(&conn.reversed(), SYN | ACK), Reason::PassNotOverlay);
+            assert_left_alone(
+                node,
+                &outgoing(&conn.reversed(), SYN | ACK),
+                Reason::PassNotOverlay,
+            );
             tracked.push(Tracked::untranslated(conn, SEEN_REPLY));
         }
         assert_table(node, &tracked);
         let listed = node.dp.conntrack.flows().expect("flows");
-        assert!(listed.iter().all(|f| f.translated.is_none() && f.rule == Some(Rule::Untranslated)), "{listed:?}");
+        assert!(
+            listed
+                .iter()
+                .all(|f| f.translated.is_none() && f.rule == Some(Rule::Untranslated)),
+            "{listed:?}"
+        );
     });
 }
 
@@ -405,7 +561,12 @@ fn nothing_is_translated_with_masquerade_off() {
         node.expect_untouched(UplinkEgress, &outgoing(&conn, SYN), Reason::PassNotOverlay);
         let host = outgoing(&client(Proto::Tcp, NODE_IP, W2.pod), SYN);
         assert_encapsulated_as_is(node, &host);
-        let reply = incoming(&conn.with_src((NODE_IP, node.config.nat_port_min)).reversed(), SYN | ACK);
+        let reply = incoming(
+            &conn
+                .with_src((NODE_IP, node.config.nat_port_min))
+                .reversed(),
+            SYN | ACK,
+        );
         node.expect_untouched(UplinkIngress, &reply, Reason::PassNotTunnel);
         let client_of_pod = incoming(&client(Proto::Tcp, OUTSIDE, POD), SYN);
         node.expect_untouched(UplinkIngress, &client_of_pod, Reason::PassNotTunnel);
@@ -419,13 +580,23 @@ fn unrelated_traffic_is_untouched_and_untracked() {
     with_masquerading_node(|node| {
         // The host's own traffic: to the outside, to another node.
         for dst in [OUTSIDE, W2.node] {
-            assert_left_alone(node, &outgoing(&client(Proto::Tcp, NODE_IP, dst), SYN), Reason::PassNotOverlay);
+            assert_left_alone(
+                node,
+                &outgoing(&client(Proto::Tcp, NODE_IP, dst), SYN),
+                Reason::PassNotOverlay,
+            );
         }
         // To the host, also on a port of the masquerade range that no flow holds.
         for port in [22, node.config.nat_port_min, node.config.nat_port_max] {
-            let frame = incoming(&Conn::new(Proto::Tcp, (OUTSIDE, 50000), (NODE_IP, port)), SYN);
+            let frame = incoming(
+                &Conn::new(Proto::Tcp, (OUTSIDE, 50000), (NODE_IP, port)),
+                SYN,
+            );
             node.expect_untouched(UplinkIngress, &frame, Reason::PassNotTunnel);
-            let echo_reply = incoming(&Conn::new(Proto::Echo, (NODE_IP, port), (OUTSIDE, 0)).reversed(), 0);
+            let echo_reply = incoming(
+                &Conn::new(Proto::Echo, (NODE_IP, port), (OUTSIDE, 0)).reversed(),
+                0,
+            );
             node.expect_untouched(UplinkIngress, &echo_reply, Reason::PassNotTunnel);
         }
         // Overlay traffic and the tunnel itself.
@@ -466,24 +637,43 @@ fn fragments_of_flows_to_translate_are_dropped() {
 #[test]
 fn protocols_masquerade_cannot_translate_are_dropped() {
     with_masquerading_node(|node| {
-        let timestamp = etherparse::Icmpv4Type::TimestampRequest(etherparse::icmpv4::TimestampMessage {
-            id: 1,
-            seq: 2,
-            originate_timestamp: 3,
-            receive_timestamp: 0,
-            transmit_timestamp: 0,
-        });
+        let timestamp =
+            etherparse::Icmpv4Type::TimestampRequest(etherparse::icmpv4::TimestampMessage {
+                id: 1,
+                seq: 2,
+                originate_timestamp: 3,
+                receive_timestamp: 0,
+                transmit_timestamp: 0,
+            });
         let cases = [
-            ("sctp", datagram(ipv4(POD, OUTSIDE), Transport::Raw(IpNumber::SCTP), 40)),
-            ("gre", datagram(ipv4(NODE_IP, W2.pod), Transport::Raw(IpNumber::GRE), 40)),
-            ("icmp timestamp", super::packet::icmp_message(POD, OUTSIDE, timestamp, &[])),
+            (
+                "sctp",
+                datagram(ipv4(POD, OUTSIDE), Transport::Raw(IpNumber::SCTP), 40),
+            ),
+            (
+                "gre",
+                datagram(ipv4(NODE_IP, W2.pod), Transport::Raw(IpNumber::GRE), 40),
+            ),
+            (
+                "icmp timestamp",
+                super::packet::icmp_message(POD, OUTSIDE, timestamp, &[]),
+            ),
         ];
         for (what, d) in cases {
             eprintln!("case: {what}");
-            node.expect(UplinkEgress, &from_host(&d), Act::Shot, Reason::DropNatUnsupported);
+            node.expect(
+                UplinkEgress,
+                &from_host(&d),
+                Act::Shot,
+                Reason::DropNatUnsupported,
+            );
         }
         // The same protocols between pods need no translation.
-        let gre = from_host(&datagram(ipv4(POD, W2.pod), Transport::Raw(IpNumber::GRE), 40));
+        let gre = from_host(&datagram(
+            ipv4(POD, W2.pod),
+            Transport::Raw(IpNumber::GRE),
+            40,
+        ));
         assert_encapsulated_as_is(node, &gre);
         assert_table(node, &[]);
     });
@@ -494,7 +684,9 @@ fn broken_packets_to_translate_are_dropped() {
     with_masquerading_node(|node| {
         let good = outgoing(&client(Proto::Udp, POD, OUTSIDE), 0);
         let (eth, ip) = good.split_at(super::packet::ETH_LEN);
-        let cases = malformed(ip).into_iter().map(|(what, d)| (what, [eth, &d].concat()));
+        let cases = malformed(ip)
+            .into_iter()
+            .map(|(what, d)| (what, [eth, &d].concat()));
         node.expect_each(UplinkEgress, cases, Act::Shot, Reason::DropMalformed);
         assert_table(node, &[]);
     });
@@ -506,18 +698,32 @@ fn replies_to_ports_no_flow_holds_are_untouched() {
         let conn = client(Proto::Udp, POD, OUTSIDE);
         let translated = open(node, conn, 0, NODE_IP);
         let port = translated.src.1;
-        let other_port = if port == node.config.nat_port_max { port - 1 } else { port + 1 };
+        let other_port = if port == node.config.nat_port_max {
+            port - 1
+        } else {
+            port + 1
+        };
         let strays = [
             // Another port, another protocol, another server, another server port.
             translated.with_src((NODE_IP, other_port)),
-            Conn { proto: Proto::Tcp, ..translated },
+            Conn {
+                proto: Proto::Tcp,
+                ..translated
+            },
             translated.with_dst((OUTSIDE_2, 443)),
             translated.with_dst((OUTSIDE, 444)),
         ];
         for stray in strays {
             eprintln!("case: reply to {stray:?}");
-            node.expect_untouched(UplinkIngress, &incoming(&stray.reversed(), 0), Reason::PassNotTunnel);
+            node.expect_untouched(
+                UplinkIngress,
+                &incoming(&stray.reversed(), 0),
+                Reason::PassNotTunnel,
+            );
         }
-        assert_table(node, &[Tracked::translated(conn, translated, Rule::PodToOutside, 0)]);
+        assert_table(
+            node,
+            &[Tracked::translated(conn, translated, Rule::PodToOutside, 0)],
+        );
     });
 }

@@ -28,8 +28,8 @@ use super::{
     fixture::{Act, Node, assert_bytes_eq, with_masquerading_node},
     nat::{PAYLOAD, client, incoming, open, translate_back},
     packet::{
-        ACK, Conn, IPV4_LEN, Proto, SYN, Transport, datagram, from_host, from_peer, from_underlay, icmp_message, ipv4,
-        nest, tunnel_header,
+        ACK, Conn, IPV4_LEN, Proto, SYN, Transport, datagram, from_host, from_peer, from_underlay,
+        icmp_message, ipv4, nest, tunnel_header,
     },
     topology::{GATEWAY, NODE_IP, OUTSIDE, OUTSIDE_ROUTER, POD, W2},
 };
@@ -64,7 +64,11 @@ fn assert_translated_error(node: &Node, hook: Hook, frame: &[u8], reason: Reason
     let out = node.expect_outcome(hook, frame, Act::Ok, reason);
     assert_bytes_eq(&out.data, expected, "translated ICMP error");
     assert_checksums(&out.data);
-    assert_eq!(out.events, BTreeMap::from([(NatEvent::IcmpErrorTranslated, 1)]), "events");
+    assert_eq!(
+        out.events,
+        BTreeMap::from([(NatEvent::IcmpErrorTranslated, 1)]),
+        "events"
+    );
 }
 
 /// Runs `frame` through `hook` and checks that it passes untouched with `reason`,
@@ -90,9 +94,14 @@ fn errors_about_masqueraded_packets_reach_their_pod() {
             for len in quote_lengths(proto, &left) {
                 for icmp_type in error_types() {
                     for trailer in [&[][..], &TRAILER] {
-                        eprintln!("case: {proto:?}, {len} bytes quoted, {icmp_type:?}, {} trailing", trailer.len());
-                        let error = icmp_message(OUTSIDE_ROUTER, NODE_IP, icmp_type.clone(), &left[..len]);
-                        let expected = icmp_message(OUTSIDE_ROUTER, POD, icmp_type.clone(), &sent[..len]);
+                        eprintln!(
+                            "case: {proto:?}, {len} bytes quoted, {icmp_type:?}, {} trailing",
+                            trailer.len()
+                        );
+                        let error =
+                            icmp_message(OUTSIDE_ROUTER, NODE_IP, icmp_type.clone(), &left[..len]);
+                        let expected =
+                            icmp_message(OUTSIDE_ROUTER, POD, icmp_type.clone(), &sent[..len]);
                         assert_translated_error(
                             node,
                             UplinkIngress,
@@ -121,8 +130,14 @@ fn errors_pods_send_about_replies_leave_masqueraded() {
             for len in quote_lengths(proto, &received) {
                 eprintln!("case: {proto:?}, {len} bytes quoted");
                 let icmp_type = port_unreachable();
-                let error = from_host(&icmp_message(POD, OUTSIDE, icmp_type.clone(), &received[..len]));
-                let expected = from_host(&icmp_message(NODE_IP, OUTSIDE, icmp_type, &replied[..len]));
+                let error = from_host(&icmp_message(
+                    POD,
+                    OUTSIDE,
+                    icmp_type.clone(),
+                    &received[..len],
+                ));
+                let expected =
+                    from_host(&icmp_message(NODE_IP, OUTSIDE, icmp_type, &replied[..len]));
                 assert_translated_error(node, UplinkEgress, &error, Reason::Masqueraded, &expected);
             }
         }
@@ -142,10 +157,20 @@ fn errors_of_host_traffic_to_remote_pods_are_translated_both_ways() {
             let icmp_type = port_unreachable();
 
             let left = translated.datagram(SYN, PAYLOAD);
-            let error = from_peer(W2.node, IpEcn::NotEct, &icmp_message(W2.pod, GATEWAY, icmp_type.clone(), &left));
+            let error = from_peer(
+                W2.node,
+                IpEcn::NotEct,
+                &icmp_message(W2.pod, GATEWAY, icmp_type.clone(), &left),
+            );
             let sent = conn.datagram(SYN, PAYLOAD);
             let expected = from_underlay(&icmp_message(W2.pod, NODE_IP, icmp_type.clone(), &sent));
-            assert_translated_error(node, UplinkIngress, &error, Reason::Unmasqueraded, &expected);
+            assert_translated_error(
+                node,
+                UplinkIngress,
+                &error,
+                Reason::Unmasqueraded,
+                &expected,
+            );
 
             translate_back(node, conn, translated, SYN | ACK);
             let received = conn.reversed().datagram(SYN | ACK, PAYLOAD);
@@ -161,33 +186,77 @@ fn errors_of_host_traffic_to_remote_pods_are_translated_both_ways() {
 #[test]
 fn errors_about_anything_else_pass_untouched() {
     with_masquerading_node(|node| {
-        let frag_needed = Icmpv4Type::DestinationUnreachable(FragmentationNeeded { next_hop_mtu: 1400 });
+        let frag_needed =
+            Icmpv4Type::DestinationUnreachable(FragmentationNeeded { next_hop_mtu: 1400 });
         let conn = client(Proto::Udp, POD, OUTSIDE);
         let translated = open(node, conn, 0, NODE_IP);
         let port = translated.src.1;
-        let other_port = if port == node.config.nat_port_max { port - 1 } else { port + 1 };
+        let other_port = if port == node.config.nat_port_max {
+            port - 1
+        } else {
+            port + 1
+        };
         let to_node = |quoted: &Conn| {
             let d = quoted.datagram(0, PAYLOAD);
-            from_underlay(&icmp_message(OUTSIDE_ROUTER, NODE_IP, port_unreachable(), &d))
+            from_underlay(&icmp_message(
+                OUTSIDE_ROUTER,
+                NODE_IP,
+                port_unreachable(),
+                &d,
+            ))
         };
         let tcp = open(node, client(Proto::Tcp, POD, OUTSIDE), SYN, NODE_IP).datagram(SYN, PAYLOAD);
-        let to_node_cut =
-            |len: usize| from_underlay(&icmp_message(OUTSIDE_ROUTER, NODE_IP, port_unreachable(), &tcp[..len]));
+        let to_node_cut = |len: usize| {
+            from_underlay(&icmp_message(
+                OUTSIDE_ROUTER,
+                NODE_IP,
+                port_unreachable(),
+                &tcp[..len],
+            ))
+        };
         let mut our_tunnel = tunnel_header(NODE_IP, IpEcn::NotEct);
         our_tunnel.destination = W2.node.octets();
         let ipip = nest(our_tunnel, &datagram(ipv4(POD, W2.pod), Transport::Tcp, 60));
-        let an_error = icmp_message(NODE_IP, OUTSIDE, port_unreachable(), &conn.datagram(0, PAYLOAD));
+        let an_error = icmp_message(
+            NODE_IP,
+            OUTSIDE,
+            port_unreachable(),
+            &conn.datagram(0, PAYLOAD),
+        );
         let cases = [
             // A port no flow holds; the host's own connection.
-            ("another port", to_node(&translated.with_src((NODE_IP, other_port)))),
-            ("another server", to_node(&translated.with_dst((OUTSIDE_ROUTER, 443)))),
-            ("the host's own flow", to_node(&conn.with_src((NODE_IP, 33000)))),
+            (
+                "another port",
+                to_node(&translated.with_src((NODE_IP, other_port))),
+            ),
+            (
+                "another server",
+                to_node(&translated.with_dst((OUTSIDE_ROUTER, 443))),
+            ),
+            (
+                "the host's own flow",
+                to_node(&conn.with_src((NODE_IP, 33000))),
+            ),
             // The underlay's path MTU discovery for our tunnel must reach the host.
-            ("frag needed for our tunnel", from_underlay(&icmp_message(W2.node, NODE_IP, frag_needed, &ipip[..48]))),
+            (
+                "frag needed for our tunnel",
+                from_underlay(&icmp_message(W2.node, NODE_IP, frag_needed, &ipip[..48])),
+            ),
             // Fewer than the 8 transport bytes RFC 792 asks for, whatever trails the frame.
-            ("a quote cut inside the TCP header", [to_node_cut(IPV4_LEN + 4).as_slice(), &[0; 16]].concat()),
+            (
+                "a quote cut inside the TCP header",
+                [to_node_cut(IPV4_LEN + 4).as_slice(), &[0; 16]].concat(),
+            ),
             // Errors are never sent about errors.
-            ("an error about an error", from_underlay(&icmp_message(OUTSIDE, NODE_IP, port_unreachable(), &an_error))),
+            (
+                "an error about an error",
+                from_underlay(&icmp_message(
+                    OUTSIDE,
+                    NODE_IP,
+                    port_unreachable(),
+                    &an_error,
+                )),
+            ),
         ];
         for (what, frame) in cases {
             eprintln!("case: {what}");
@@ -197,11 +266,21 @@ fn errors_about_anything_else_pass_untouched() {
         // A pod's error about a flow from the outside (rule 4): untranslated both ways.
         let inbound = client(Proto::Udp, OUTSIDE, POD);
         node.expect_untouched(UplinkIngress, &incoming(&inbound, 0), Reason::PassNotTunnel);
-        let error = from_host(&icmp_message(POD, OUTSIDE, port_unreachable(), &inbound.datagram(0, PAYLOAD)));
+        let error = from_host(&icmp_message(
+            POD,
+            OUTSIDE,
+            port_unreachable(),
+            &inbound.datagram(0, PAYLOAD),
+        ));
         assert_untranslated_error(node, UplinkEgress, &error, Reason::PassNotOverlay);
         // And the pod's error about a packet no flow knows.
         let unknown = client(Proto::Tcp, OUTSIDE_ROUTER, POD).datagram(SYN, PAYLOAD);
-        let error = from_host(&icmp_message(POD, OUTSIDE_ROUTER, port_unreachable(), &unknown));
+        let error = from_host(&icmp_message(
+            POD,
+            OUTSIDE_ROUTER,
+            port_unreachable(),
+            &unknown,
+        ));
         assert_untranslated_error(node, UplinkEgress, &error, Reason::PassNotOverlay);
     });
 }

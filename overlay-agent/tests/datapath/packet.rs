@@ -7,9 +7,9 @@
 use std::net::Ipv4Addr;
 
 use etherparse::{
-    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Header,
-    Icmpv4Type, IpDscp, IpEcn, IpFragOffset, IpNumber, Ipv4Header, PacketBuilder, TcpHeader,
-    TcpOptionElement, UdpHeader, VlanId, checksum::Sum16BitWords,
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header, IcmpEchoHeader,
+    Icmpv4Header, Icmpv4Type, IpDscp, IpEcn, IpFragOffset, IpNumber, Ipv4Header, PacketBuilder,
+    TcpHeader, TcpOptionElement, UdpHeader, VlanId, checksum::Sum16BitWords,
 };
 
 use overlay_common::Hook;
@@ -116,7 +116,11 @@ pub fn datagram(ip: Ipv4Header, transport: Transport, payload_len: usize) -> Vec
             }
             L4::Tcp(tcp)
         }
-        Transport::Udp => L4::Udp { sport: 5353, dport: 8472, checksum: true },
+        Transport::Udp => L4::Udp {
+            sport: 5353,
+            dport: 8472,
+            checksum: true,
+        },
         Transport::Icmp => L4::Icmp(Icmpv4Type::EchoRequest(IcmpEchoHeader { id: 0x77, seq: 3 })),
         Transport::Raw(protocol) => L4::Raw(protocol),
     };
@@ -146,7 +150,11 @@ fn tcp_header(sport: u16, dport: u16, flags: u8) -> TcpHeader {
 enum L4 {
     Tcp(TcpHeader),
     /// With `checksum` false the checksum is zero ("none", RFC 768).
-    Udp { sport: u16, dport: u16, checksum: bool },
+    Udp {
+        sport: u16,
+        dport: u16,
+        checksum: bool,
+    },
     Icmp(Icmpv4Type),
     Raw(IpNumber),
 }
@@ -157,23 +165,42 @@ fn assemble(mut ip: Ipv4Header, l4: L4, payload: &[u8]) -> Vec<u8> {
     let (protocol, l4) = match l4 {
         L4::Tcp(mut tcp) => {
             ip.protocol = IpNumber::TCP;
-            tcp.checksum = tcp.calc_checksum_ipv4(&ip, payload).expect("TCP length fits");
+            tcp.checksum = tcp
+                .calc_checksum_ipv4(&ip, payload)
+                .expect("TCP length fits");
             (IpNumber::TCP, tcp.to_bytes().to_vec())
         }
-        L4::Udp { sport, dport, checksum } => {
+        L4::Udp {
+            sport,
+            dport,
+            checksum,
+        } => {
             let len = UdpHeader::LEN + payload.len();
-            let mut udp = UdpHeader { source_port: sport, destination_port: dport, length: len as u16, checksum: 0 };
+            let mut udp = UdpHeader {
+                source_port: sport,
+                destination_port: dport,
+                length: len as u16,
+                checksum: 0,
+            };
             ip.protocol = IpNumber::UDP;
             if checksum {
-                udp.checksum = udp.calc_checksum_ipv4(&ip, payload).expect("UDP length fits");
+                udp.checksum = udp
+                    .calc_checksum_ipv4(&ip, payload)
+                    .expect("UDP length fits");
             }
             (IpNumber::UDP, udp.to_bytes().to_vec())
         }
-        L4::Icmp(icmp_type) => (IpNumber::ICMP, Icmpv4Header::with_checksum(icmp_type, payload).to_bytes().to_vec()),
+        L4::Icmp(icmp_type) => (
+            IpNumber::ICMP,
+            Icmpv4Header::with_checksum(icmp_type, payload)
+                .to_bytes()
+                .to_vec(),
+        ),
         L4::Raw(protocol) => (protocol, Vec::new()),
     };
     ip.protocol = protocol;
-    ip.set_payload_len(l4.len() + payload.len()).expect("datagram fits 64 KiB");
+    ip.set_payload_len(l4.len() + payload.len())
+        .expect("datagram fits 64 KiB");
     ip.header_checksum = ip.calc_header_checksum();
     [ip.to_bytes().as_slice(), &l4, payload].concat()
 }
@@ -216,13 +243,26 @@ impl Conn {
     /// A connection from `src` to `dst` (for ICMP echo, `src`'s port is the identifier
     /// and `dst`'s must be 0).
     pub fn new(proto: Proto, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Conn {
-        assert!(proto != Proto::Echo || dst.1 == 0, "echo requests have no destination port");
-        Conn { proto, src, dst, answer: false }
+        assert!(
+            proto != Proto::Echo || dst.1 == 0,
+            "echo requests have no destination port"
+        );
+        Conn {
+            proto,
+            src,
+            dst,
+            answer: false,
+        }
     }
 
     /// The other direction: what the destination sends back.
     pub fn reversed(self) -> Conn {
-        Conn { proto: self.proto, src: self.dst, dst: self.src, answer: !self.answer }
+        Conn {
+            proto: self.proto,
+            src: self.dst,
+            dst: self.src,
+            answer: !self.answer,
+        }
     }
 
     pub fn with_src(self, src: (Ipv4Addr, u16)) -> Conn {
@@ -241,14 +281,32 @@ impl Conn {
 
     /// [`Conn::datagram`] with `change` made to its IPv4 header (fields the builder
     /// fills in are overwritten).
-    pub fn datagram_with(&self, flags: u8, payload_len: usize, change: impl FnOnce(&mut Ipv4Header)) -> Vec<u8> {
+    pub fn datagram_with(
+        &self,
+        flags: u8,
+        payload_len: usize,
+        change: impl FnOnce(&mut Ipv4Header),
+    ) -> Vec<u8> {
         let (sport, dport) = (self.src.1, self.dst.1);
         let l4 = match self.proto {
             Proto::Tcp => L4::Tcp(tcp_header(sport, dport, flags)),
-            Proto::Udp => L4::Udp { sport, dport, checksum: true },
-            Proto::UdpNoChecksum => L4::Udp { sport, dport, checksum: false },
-            Proto::Echo if self.answer => L4::Icmp(Icmpv4Type::EchoReply(IcmpEchoHeader { id: dport, seq: 3 })),
-            Proto::Echo => L4::Icmp(Icmpv4Type::EchoRequest(IcmpEchoHeader { id: sport, seq: 3 })),
+            Proto::Udp => L4::Udp {
+                sport,
+                dport,
+                checksum: true,
+            },
+            Proto::UdpNoChecksum => L4::Udp {
+                sport,
+                dport,
+                checksum: false,
+            },
+            Proto::Echo if self.answer => {
+                L4::Icmp(Icmpv4Type::EchoReply(IcmpEchoHeader { id: dport, seq: 3 }))
+            }
+            Proto::Echo => L4::Icmp(Icmpv4Type::EchoRequest(IcmpEchoHeader {
+                id: sport,
+                seq: 3,
+            })),
         };
         let mut ip = ipv4(self.src.0, self.dst.0);
         change(&mut ip);
@@ -258,19 +316,30 @@ impl Conn {
 
 /// An ICMP message of `icmp_type` from `src` to `dst` with `payload` (for an error: the
 /// start of the offending datagram it quotes).
-pub fn icmp_message(src: Ipv4Addr, dst: Ipv4Addr, icmp_type: Icmpv4Type, payload: &[u8]) -> Vec<u8> {
+pub fn icmp_message(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    icmp_type: Icmpv4Type,
+    payload: &[u8],
+) -> Vec<u8> {
     assemble(ipv4(src, dst), L4::Icmp(icmp_type), payload)
 }
 
 /// Payload bytes that differ from their neighbours, so that a shifted or truncated copy
 /// never looks right.
 fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(7)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(7))
+        .collect()
 }
 
 /// An Ethernet II frame.
 pub fn ethernet(dst: Mac, src: Mac, ether_type: EtherType, payload: &[u8]) -> Vec<u8> {
-    let eth = Ethernet2Header { destination: dst.0, source: src.0, ether_type };
+    let eth = Ethernet2Header {
+        destination: dst.0,
+        source: src.0,
+        ether_type,
+    };
     [eth.to_bytes().as_slice(), payload].concat()
 }
 
@@ -342,8 +411,17 @@ pub fn from_peer(peer: Ipv4Addr, ecn: IpEcn, inner: &[u8]) -> Vec<u8> {
 
 /// A frame from the underlay: peer `src` tunnels a TCP datagram from a pod of its
 /// (`inner_src`) to `inner_dst` on this node.
-pub fn tunnelled_tcp(src: Ipv4Addr, inner_src: Ipv4Addr, inner_dst: Ipv4Addr, payload_len: usize) -> Vec<u8> {
-    from_peer(src, IpEcn::NotEct, &datagram(ipv4(inner_src, inner_dst), Transport::Tcp, payload_len))
+pub fn tunnelled_tcp(
+    src: Ipv4Addr,
+    inner_src: Ipv4Addr,
+    inner_dst: Ipv4Addr,
+    payload_len: usize,
+) -> Vec<u8> {
+    from_peer(
+        src,
+        IpEcn::NotEct,
+        &datagram(ipv4(inner_src, inner_dst), Transport::Tcp, payload_len),
+    )
 }
 
 /// An ARP request from a pod for its gateway.
@@ -359,7 +437,10 @@ pub fn arp() -> Vec<u8> {
     )
     .expect("valid ARP sizes");
     let mut out = Vec::new();
-    PacketBuilder::ethernet2(POD_MAC.0, [0xff; 6]).arp(request).write(&mut out).expect("writing ARP");
+    PacketBuilder::ethernet2(POD_MAC.0, [0xff; 6])
+        .arp(request)
+        .write(&mut out)
+        .expect("writing ARP");
     out
 }
 
@@ -394,7 +475,10 @@ pub fn mangle(datagram: &mut [u8], change: impl FnOnce(&mut [u8])) {
     change(datagram);
     let hdr = &mut datagram[..IPV4_LEN];
     hdr[10..12].fill(0);
-    let check = Sum16BitWords::new().add_slice(hdr).ones_complement().to_be_bytes();
+    let check = Sum16BitWords::new()
+        .add_slice(hdr)
+        .ones_complement()
+        .to_be_bytes();
     hdr[10..12].copy_from_slice(&check);
 }
 

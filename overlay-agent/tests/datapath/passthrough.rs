@@ -9,8 +9,8 @@ use overlay_common::{
 use super::{
     fixture::{with_node, with_unconfigured_node},
     packet::{
-        Transport, arp, datagram, from_host, from_peer, from_pod, from_underlay, ipv4, ipv6_udp, nest,
-        outbound, tunnel_header, vlan_tagged,
+        Transport, arp, datagram, from_host, from_peer, from_pod, from_underlay, ipv4, ipv6_udp,
+        nest, outbound, tunnel_header, vlan_tagged,
     },
     topology::{GATEWAY, NODE_IP, OUTSIDE, POD, POD_UNRESOLVED, STRANGER, W2},
 };
@@ -58,7 +58,11 @@ fn tunnels_that_are_not_overlay_traffic_pass() {
         // What bridge_ingress encapsulated, leaving through the uplink.
         let mut ours = tunnel_header(NODE_IP, IpEcn::NotEct);
         ours.destination = W2.node.octets();
-        node.expect_untouched(UplinkEgress, &from_host(&nest(ours, &to_pod())), Reason::PassTunnelled);
+        node.expect_untouched(
+            UplinkEgress,
+            &from_host(&nest(ours, &to_pod())),
+            Reason::PassTunnelled,
+        );
     });
 }
 
@@ -78,7 +82,11 @@ fn uplink_passes_what_is_not_a_tunnel_to_this_node() {
             Reason::PassNotTunnel,
         );
         // Protocol 41 (IPv6 in IPv4) to this node.
-        let sit = from_underlay(&datagram(ipv4(W2.node, NODE_IP), Transport::Raw(IpNumber::IPV6), 60));
+        let sit = from_underlay(&datagram(
+            ipv4(W2.node, NODE_IP),
+            Transport::Raw(IpNumber::IPV6),
+            60,
+        ));
         node.expect_untouched(UplinkIngress, &sit, Reason::PassNotTunnel);
     });
 }
@@ -88,8 +96,14 @@ fn unconfigured_node_passes_everything() {
     // Before the agent writes CONFIG, the datapath must not interfere at all.
     with_unconfigured_node(|node| {
         let cases = [
-            (BridgeIngress, outbound(BridgeIngress, W2.pod, Transport::Tcp, 40, |_| {})),
-            (UplinkEgress, outbound(UplinkEgress, W2.pod, Transport::Tcp, 40, |_| {})),
+            (
+                BridgeIngress,
+                outbound(BridgeIngress, W2.pod, Transport::Tcp, 40, |_| {}),
+            ),
+            (
+                UplinkEgress,
+                outbound(UplinkEgress, W2.pod, Transport::Tcp, 40, |_| {}),
+            ),
             (UplinkIngress, from_peer(W2.node, IpEcn::NotEct, &to_pod())),
         ];
         for (hook, frame) in cases {

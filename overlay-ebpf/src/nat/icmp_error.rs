@@ -25,9 +25,13 @@ const IP_DST: usize = 16;
 /// packet we sent. Returns whether it was translated.
 #[inline(always)]
 pub fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Result<bool, Reason> {
-    let Some(quoted_ip) = tuple::quoted_header(ctx, icmp) else { return Ok(false) };
+    let Some(quoted_ip) = tuple::quoted_header(ctx, icmp) else {
+        return Ok(false);
+    };
     let q_l3 = icmp.off + 8;
-    let Ok(quoted) = tuple::parse(ctx, &quoted_ip, q_l3, true) else { return Ok(false) };
+    let Ok(quoted) = tuple::parse(ctx, &quoted_ip, q_l3, true) else {
+        return Ok(false);
+    };
     if quoted.kind == Kind::IcmpError {
         return Ok(false);
     }
@@ -43,7 +47,9 @@ pub fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Result<bool
     // (packet end to change, old and new address/port)
     let (old, new) = match end {
         End::Source => {
-            let Some(entry) = conntrack::original(&flow) else { return Ok(false) };
+            let Some(entry) = conntrack::original(&flow) else {
+                return Ok(false);
+            };
             let e = unsafe { *entry };
             if e.rule == Rule::Untranslated as u8 {
                 return Ok(false);
@@ -51,7 +57,9 @@ pub fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Result<bool
             ((flow.src, flow.sport), (e.addr, e.port))
         }
         End::Destination => {
-            let Some((rev, _)) = conntrack::reply(&flow) else { return Ok(false) };
+            let Some((rev, _)) = conntrack::reply(&flow) else {
+                return Ok(false);
+            };
             ((flow.dst, flow.dport), (rev.addr, rev.port))
         }
     };
@@ -73,10 +81,18 @@ pub fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Result<bool
     store(ctx, q_l3 + IP_CHECK, &q_check_new.to_be_bytes())?;
 
     // Quoted transport port and, when quoted and in use, its checksum.
-    icmp_check = checksum::replace(icmp_check, u16::from_be_bytes(old.1), u16::from_be_bytes(new.1));
+    icmp_check = checksum::replace(
+        icmp_check,
+        u16::from_be_bytes(old.1),
+        u16::from_be_bytes(new.1),
+    );
     store(ctx, q_port_off, &new.1)?;
     let q_csum_off = quoted.csum_off();
-    let q_sum = if q_csum_off + 2 <= ip_end { read16(ctx, q_csum_off).ok() } else { None };
+    let q_sum = if q_csum_off + 2 <= ip_end {
+        read16(ctx, q_csum_off).ok()
+    } else {
+        None
+    };
     if let Some(q_sum_old) = q_sum {
         let skip = quoted.kind == Kind::Udp && q_sum_old == 0;
         if !skip {
@@ -84,7 +100,11 @@ pub fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Result<bool
             if matches!(quoted.kind, Kind::Tcp | Kind::Udp) {
                 q_sum_new = checksum::replace4(q_sum_new, old.0, new.0);
             }
-            q_sum_new = checksum::replace(q_sum_new, u16::from_be_bytes(old.1), u16::from_be_bytes(new.1));
+            q_sum_new = checksum::replace(
+                q_sum_new,
+                u16::from_be_bytes(old.1),
+                u16::from_be_bytes(new.1),
+            );
             icmp_check = checksum::replace(icmp_check, q_sum_old, q_sum_new);
             store(ctx, q_csum_off, &q_sum_new.to_be_bytes())?;
         }
@@ -107,7 +127,11 @@ pub fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Result<bool
 #[inline(always)]
 fn read16(ctx: &TcContext, off: usize) -> Result<u16, Reason> {
     let mut b = [0u8; 2];
-    if load_exact(ctx, off, &mut b) { Ok(u16::from_be_bytes(b)) } else { Err(Reason::DropMalformed) }
+    if load_exact(ctx, off, &mut b) {
+        Ok(u16::from_be_bytes(b))
+    } else {
+        Err(Reason::DropMalformed)
+    }
 }
 
 #[inline(always)]

@@ -59,7 +59,9 @@ pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<boo
     if !cfg.masquerade() || mark(ctx) & KUBE_PROXY_MASQ_MARK != 0 {
         return Ok(false);
     }
-    let Some((rule, nat_ip)) = rule(cfg, ip.src_addr, ip.dst_addr) else { return Ok(false) };
+    let Some((rule, nat_ip)) = rule(cfg, ip.src_addr, ip.dst_addr) else {
+        return Ok(false);
+    };
     if !parse::well_formed(ip, ctx.len() - ETH_LEN as u32) {
         return Err(Reason::DropMalformed);
     }
@@ -99,8 +101,15 @@ pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<boo
     if e.rule == Rule::Untranslated as u8 {
         return Ok(false);
     }
-    rewrite::rewrite(ctx, ETH_LEN, &l4, End::Source, (t.src, t.sport), (e.addr, e.port))
-        .map_err(|_| Reason::DropHelperError)?;
+    rewrite::rewrite(
+        ctx,
+        ETH_LEN,
+        &l4,
+        End::Source,
+        (t.src, t.sport),
+        (e.addr, e.port),
+    )
+    .map_err(|_| Reason::DropHelperError)?;
     Ok(true)
 }
 
@@ -122,7 +131,9 @@ pub fn ingress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<bo
     {
         return Ok(false);
     }
-    let Ok(l4) = tuple::parse(ctx, ip, ETH_LEN, false) else { return Ok(false) };
+    let Ok(l4) = tuple::parse(ctx, ip, ETH_LEN, false) else {
+        return Ok(false);
+    };
     if l4.kind == Kind::IcmpError {
         let translated = icmp_error::translate(ctx, ETH_LEN, &l4, End::Destination)?;
         if translated {
@@ -133,8 +144,15 @@ pub fn ingress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<bo
     let t = l4.tuple;
     if let Some((rev, entry)) = conntrack::reply(&t) {
         conntrack::touch(cfg, entry, t.proto, l4.tcp_flags, true);
-        rewrite::rewrite(ctx, ETH_LEN, &l4, End::Destination, (t.dst, t.dport), (rev.addr, rev.port))
-            .map_err(|_| Reason::DropHelperError)?;
+        rewrite::rewrite(
+            ctx,
+            ETH_LEN,
+            &l4,
+            End::Destination,
+            (t.dst, t.dport),
+            (rev.addr, rev.port),
+        )
+        .map_err(|_| Reason::DropHelperError)?;
         return Ok(true);
     }
     if from_outside_to_pod {

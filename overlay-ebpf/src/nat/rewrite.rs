@@ -43,14 +43,25 @@ pub fn rewrite(
     (addr, port): ([u8; 4], [u8; 2]),
 ) -> Result<(), i64> {
     let csum = l4.csum_off();
-    let udp = if l4.kind == Kind::Udp { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+    let udp = if l4.kind == Kind::Udp {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
     match l4.kind {
         Kind::Tcp | Kind::Udp => {
-            ctx.l4_csum_replace(csum, be32(old_addr), be32(addr), u64::from(BPF_F_PSEUDO_HDR) | udp | 4)?;
+            ctx.l4_csum_replace(
+                csum,
+                be32(old_addr),
+                be32(addr),
+                u64::from(BPF_F_PSEUDO_HDR) | udp | 4,
+            )?;
             ctx.l4_csum_replace(csum, be16(old_port), be16(port), udp | 2)?;
         }
         // ICMP has no pseudo-header: only the identifier is covered.
-        Kind::EchoRequest | Kind::EchoReply => ctx.l4_csum_replace(csum, be16(old_port), be16(port), 2)?,
+        Kind::EchoRequest | Kind::EchoReply => {
+            ctx.l4_csum_replace(csum, be16(old_port), be16(port), 2)?
+        }
         Kind::IcmpError => {}
     }
     ctx.l3_csum_replace(l3 + IP_CHECK, be32(old_addr), be32(addr), 4)?;

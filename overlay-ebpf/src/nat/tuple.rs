@@ -95,12 +95,23 @@ pub fn parse(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize, quoted: bool) -> Result<L
         (IPPROTO_UDP, _) => Kind::Udp,
         (IPPROTO_ICMP, ICMP_ECHO_REQUEST) => Kind::EchoRequest,
         (IPPROTO_ICMP, ICMP_ECHO_REPLY) => Kind::EchoReply,
-        (IPPROTO_ICMP, ICMP_DEST_UNREACH | ICMP_SOURCE_QUENCH | ICMP_REDIRECT | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM) => {
-            Kind::IcmpError
-        }
+        (
+            IPPROTO_ICMP,
+            ICMP_DEST_UNREACH
+            | ICMP_SOURCE_QUENCH
+            | ICMP_REDIRECT
+            | ICMP_TIME_EXCEEDED
+            | ICMP_PARAMETER_PROBLEM,
+        ) => Kind::IcmpError,
         _ => return Err(Reason::DropNatUnsupported),
     };
-    let mut tuple = Tuple { src: ip.src_addr, dst: ip.dst_addr, sport: [0; 2], dport: [0; 2], proto: ip.proto };
+    let mut tuple = Tuple {
+        src: ip.src_addr,
+        dst: ip.dst_addr,
+        sport: [0; 2],
+        dport: [0; 2],
+        proto: ip.proto,
+    };
     match kind {
         Kind::Tcp | Kind::Udp => {
             tuple.sport = [head[0], head[1]];
@@ -119,7 +130,12 @@ pub fn parse(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize, quoted: bool) -> Result<L
         }
         tcp_flags = flags[0];
     }
-    Ok(L4 { kind, off, tuple, tcp_flags })
+    Ok(L4 {
+        kind,
+        off,
+        tuple,
+        tcp_flags,
+    })
 }
 
 /// The IPv4 header quoted in an ICMP error, if it is complete and option-free.

@@ -54,9 +54,13 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// the binary's path in the workspace's target directory.
 pub fn build(release: bool) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask has no parent directory")?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask has no parent directory")?;
     let mut build = Command::new(&cargo);
-    build.current_dir(workspace).args(["build", "--package", "overlay-agent"]);
+    build
+        .current_dir(workspace)
+        .args(["build", "--package", "overlay-agent"]);
     if release {
         build.arg("--release");
     }
@@ -72,10 +76,17 @@ pub fn build(release: bool) -> Result<PathBuf> {
         "--no-deps",
     ]))?;
     let meta: serde_json::Value = serde_json::from_str(&meta).context("parsing cargo metadata")?;
-    let target = meta["target_directory"].as_str().context("cargo metadata has no target_directory")?;
-    let binary = Path::new(target).join(if release { "release" } else { "debug" }).join("overlay-agent");
+    let target = meta["target_directory"]
+        .as_str()
+        .context("cargo metadata has no target_directory")?;
+    let binary = Path::new(target)
+        .join(if release { "release" } else { "debug" })
+        .join("overlay-agent");
     if !binary.exists() {
-        bail!("cargo built overlay-agent, but {} does not exist", binary.display());
+        bail!(
+            "cargo built overlay-agent, but {} does not exist",
+            binary.display()
+        );
     }
     Ok(binary)
 }
@@ -86,7 +97,10 @@ pub fn build(release: bool) -> Result<PathBuf> {
 pub fn start(lab: &LabState, node: &Node) -> Result<()> {
     let dir = lab.node_dir(&node.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let log = OpenOptions::new().create(true).append(true).open(log_file(lab, node))?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_file(lab, node))?;
     let mut child = netns::command(&lab.netns(&node.name), &lab.agent)
         .args(["run", "--node-name", &node.name])
         .arg("--nodes-file")
@@ -111,15 +125,25 @@ pub fn start(lab: &LabState, node: &Node) -> Result<()> {
     // mistakes it for dead. Not interruptible: this also runs when restoring the lab
     // after Ctrl-C, and a child we gave up on must not stay behind.
     let pid = child.id();
-    let started = interrupt::wait_briefly(&format!("the agent of {} to start", node.name), START_TIMEOUT, || {
-        if agent_node(lab, pid).is_some() {
-            return Ok(Wait::Done(()));
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("the agent of {} exited at once ({status}); see {}", node.name, log_file(lab, node).display());
-        }
-        Ok(Wait::Pending("its command line is not the agent's yet".into()))
-    });
+    let started = interrupt::wait_briefly(
+        &format!("the agent of {} to start", node.name),
+        START_TIMEOUT,
+        || {
+            if agent_node(lab, pid).is_some() {
+                return Ok(Wait::Done(()));
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "the agent of {} exited at once ({status}); see {}",
+                    node.name,
+                    log_file(lab, node).display()
+                );
+            }
+            Ok(Wait::Pending(
+                "its command line is not the agent's yet".into(),
+            ))
+        },
+    );
     if started.is_err() {
         let _ = child.kill();
         let _ = child.wait();
@@ -152,7 +176,9 @@ pub struct Agent {
 pub fn running(lab: &LabState) -> Result<Vec<Agent>> {
     let mut agents = Vec::new();
     for entry in std::fs::read_dir("/proc").context("listing /proc")? {
-        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if let Some(node) = agent_node(lab, pid) {
             agents.push(Agent { pid, node });
         }
@@ -165,7 +191,9 @@ pub fn running(lab: &LabState) -> Result<Vec<Agent>> {
 fn agent_node(lab: &LabState, pid: u32) -> Option<String> {
     // Unreadable: the process is gone (or a zombie, whose cmdline is empty).
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let mut args = cmdline.split(|&b| b == 0).map(|a| Path::new(OsStr::from_bytes(a)));
+    let mut args = cmdline
+        .split(|&b| b == 0)
+        .map(|a| Path::new(OsStr::from_bytes(a)));
     args.find(|a| *a == Path::new("--bpffs"))?;
     let pins = args.next()?;
     if pins.parent()? != lab.bpffs() {
@@ -181,7 +209,9 @@ pub fn stop_all(lab: &LabState) -> Result<usize> {
     for agent in running(lab)? {
         // A pidfd pins the process: checked once more through it, a signal cannot hit
         // a process that took over the pid meanwhile.
-        let Ok(pidfd) = pidfd_open(agent.pid) else { continue };
+        let Ok(pidfd) = pidfd_open(agent.pid) else {
+            continue;
+        };
         if agent_node(lab, agent.pid).is_none() {
             continue;
         }
@@ -267,8 +297,14 @@ impl SubnetEnv {
                 .with_context(|| format!("subnet.env has no {key}"))
         };
         Ok(Self {
-            subnet: value("FLANNEL_SUBNET")?.trim().parse().context("FLANNEL_SUBNET")?,
-            mtu: value("FLANNEL_MTU")?.trim().parse().context("FLANNEL_MTU")?,
+            subnet: value("FLANNEL_SUBNET")?
+                .trim()
+                .parse()
+                .context("FLANNEL_SUBNET")?,
+            mtu: value("FLANNEL_MTU")?
+                .trim()
+                .parse()
+                .context("FLANNEL_MTU")?,
         })
     }
 }
@@ -277,13 +313,19 @@ impl SubnetEnv {
 /// before it can configure a pod.
 pub fn wait_subnet_env(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
     let path = subnet_file(lab, node);
-    interrupt::wait_until(&format!("{}'s subnet.env", node.name), READY_TIMEOUT, || {
-        ensure_running(lab, node)?;
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(Wait::Done(SubnetEnv::parse(&text).with_context(|| format!("in {}", path.display()))?)),
-            Err(e) => Ok(Wait::Pending(e.to_string())),
-        }
-    })
+    interrupt::wait_until(
+        &format!("{}'s subnet.env", node.name),
+        READY_TIMEOUT,
+        || {
+            ensure_running(lab, node)?;
+            match std::fs::read_to_string(&path) {
+                Ok(text) => Ok(Wait::Done(
+                    SubnetEnv::parse(&text).with_context(|| format!("in {}", path.display()))?,
+                )),
+                Err(e) => Ok(Wait::Pending(e.to_string())),
+            }
+        },
+    )
 }
 
 /// Waits until every node's agent has its programs attached (the bridge's too when
@@ -298,7 +340,11 @@ pub fn wait_ready(lab: &LabState, bridge: bool) -> Result<()> {
                 pending.push(format!("{}: {}", node.name, missing.join(", ")));
             }
         }
-        Ok(if pending.is_empty() { Wait::Done(()) } else { Wait::Pending(pending.join("; ")) })
+        Ok(if pending.is_empty() {
+            Wait::Done(())
+        } else {
+            Wait::Pending(pending.join("; "))
+        })
     })
 }
 
@@ -310,14 +356,23 @@ fn ensure_running(lab: &LabState, node: &Node) -> Result<()> {
     let log = std::fs::read_to_string(log_file(lab, node)).unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(15).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
-    bail!("the agent of {} is not running; the end of its log:\n{}", node.name, tail.join("\n"))
+    bail!(
+        "the agent of {} is not running; the end of its log:\n{}",
+        node.name,
+        tail.join("\n")
+    )
 }
 
 /// What `node` lacks to carry overlay traffic: empty when it is ready.
 pub fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> {
     let ns = lab.netns(&node.name);
-    let remote: BTreeSet<Ipv4Net> =
-        lab.topology.nodes.iter().filter(|n| n.name != node.name).map(|n| n.pod_cidr).collect();
+    let remote: BTreeSet<Ipv4Net> = lab
+        .topology
+        .nodes
+        .iter()
+        .filter(|n| n.name != node.name)
+        .map(|n| n.pod_cidr)
+        .collect();
     let mut missing = Vec::new();
     if !subnet_file(lab, node).exists() {
         missing.push("subnet.env".to_owned());
@@ -331,7 +386,10 @@ pub fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> {
         Ok(routes) if routes == remote => {}
         _ => missing.push("routes".to_owned()),
     }
-    for (iface, direction, program) in HOOKS.iter().filter(|(iface, ..)| bridge || *iface != BRIDGE) {
+    for (iface, direction, program) in HOOKS
+        .iter()
+        .filter(|(iface, ..)| bridge || *iface != BRIDGE)
+    {
         if !attached(&ns, iface, *direction).is_ok_and(|names| names.iter().any(|n| n == program)) {
             missing.push(format!("{program} on {iface}"));
         }
@@ -341,26 +399,42 @@ pub fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> {
 
 /// The subnets in the table of `overlay-agent nodes`.
 fn subnets(nodes_output: &str) -> BTreeSet<Ipv4Net> {
-    nodes_output.lines().filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect()
+    nodes_output
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
 }
 
 /// `overlay-agent <what> --bpffs ...` run in `node`'s namespace (`counters`, `nodes`).
 pub fn inspect(lab: &LabState, node: &Node, what: &str) -> Result<String> {
-    netns::run(netns::command(&lab.netns(&node.name), &lab.agent).arg(what).arg("--bpffs").arg(node_bpffs(lab, node)))
+    netns::run(
+        netns::command(&lab.netns(&node.name), &lab.agent)
+            .arg(what)
+            .arg("--bpffs")
+            .arg(node_bpffs(lab, node)),
+    )
 }
 
 /// Destinations of the agent's routes (`proto 191`) in `ns`.
 pub fn overlay_routes(ns: &str) -> Result<BTreeSet<Ipv4Net>> {
     let routes = netns::ip_json(ns, &["route", "show", "proto", ROUTE_PROTO])?;
-    let routes = routes.as_array().context("ip -json route printed no list")?;
-    routes.iter().map(|r| Ok(r["dst"].as_str().context("a route without dst")?.parse()?)).collect()
+    let routes = routes
+        .as_array()
+        .context("ip -json route printed no list")?;
+    routes
+        .iter()
+        .map(|r| Ok(r["dst"].as_str().context("a route without dst")?.parse()?))
+        .collect()
 }
 
 /// Names of the TCX programs attached to `iface` in `ns`.
 pub fn attached(ns: &str, iface: &str, direction: TcAttachType) -> Result<Vec<String>> {
     netns::enter(ns, || {
         let (_, programs) = SchedClassifier::query_tcx(iface, direction)?;
-        Ok(programs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()).collect())
+        Ok(programs
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+            .collect())
     })
 }
 
@@ -369,7 +443,11 @@ pub fn all_attached(lab: &LabState, node: &Node) -> Result<Vec<String>> {
     let ns = lab.netns(&node.name);
     let mut found = Vec::new();
     for (iface, direction, _) in &HOOKS {
-        found.extend(attached(&ns, iface, *direction)?.into_iter().map(|p| format!("{p} on {iface}")));
+        found.extend(
+            attached(&ns, iface, *direction)?
+                .into_iter()
+                .map(|p| format!("{p} on {iface}")),
+        );
     }
     Ok(found)
 }
@@ -384,14 +462,24 @@ mod tests {
             "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1480\nFLANNEL_IPMASQ=false\n",
         )
         .unwrap();
-        assert_eq!(env, SubnetEnv { subnet: "10.244.1.1/24".parse().unwrap(), mtu: 1480 });
+        assert_eq!(
+            env,
+            SubnetEnv {
+                subnet: "10.244.1.1/24".parse().unwrap(),
+                mtu: 1480
+            }
+        );
         assert!(SubnetEnv::parse("FLANNEL_SUBNET=10.244.1.1/24\n").is_err());
     }
 
     #[test]
     fn remote_subnets_from_the_nodes_table() {
         let text = "this node: tunnel address 172.18.0.2, pod subnet 10.244.0.0/24\nREMOTE SUBNET        NODE                 RX PACKETS       RX BYTES\n10.244.1.0/24        172.18.0.3                    0              0\n10.244.3.0/24        172.19.0.2                    4            480\n";
-        let want: BTreeSet<Ipv4Net> = ["10.244.1.0/24".parse().unwrap(), "10.244.3.0/24".parse().unwrap()].into();
+        let want: BTreeSet<Ipv4Net> = [
+            "10.244.1.0/24".parse().unwrap(),
+            "10.244.3.0/24".parse().unwrap(),
+        ]
+        .into();
         assert_eq!(subnets(text), want);
     }
 }

@@ -65,11 +65,15 @@ enum Frame {
 }
 
 fn classify(frame: &[u8], pod_network: Ipv4Net) -> Frame {
-    let Some(ethertype) = frame.get(12..14) else { return Frame::Other };
+    let Some(ethertype) = frame.get(12..14) else {
+        return Frame::Other;
+    };
     if u16::from_be_bytes([ethertype[0], ethertype[1]]) != ETHERTYPE_IPV4 {
         return Frame::Other;
     }
-    let Ok(outer) = Ipv4HeaderSlice::from_slice(&frame[14..]) else { return Frame::Other };
+    let Ok(outer) = Ipv4HeaderSlice::from_slice(&frame[14..]) else {
+        return Frame::Other;
+    };
     if outer.protocol() == IpNumber::IPV4 {
         let inner_at = 14 + outer.slice().len();
         if let Ok(inner) = Ipv4HeaderSlice::from_slice(&frame[inner_at..]) {
@@ -82,7 +86,11 @@ fn classify(frame: &[u8], pod_network: Ipv4Net) -> Frame {
     }
     let (src, dst) = (outer.source_addr(), outer.destination_addr());
     if pod_network.contains(&src) || pod_network.contains(&dst) {
-        return Frame::Clear { src, dst, protocol: outer.protocol().0 };
+        return Frame::Clear {
+            src,
+            dst,
+            protocol: outer.protocol().0,
+        };
     }
     Frame::Other
 }
@@ -104,13 +112,18 @@ impl Capture {
     fn start(ns: &str, iface: &str) -> Result<Self> {
         netns::enter(ns, || {
             let protocol = (libc::ETH_P_ALL as u16).to_be();
-            let socket = Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from(i32::from(protocol))))?;
+            let socket = Socket::new(
+                Domain::PACKET,
+                Type::RAW,
+                Some(Protocol::from(i32::from(protocol))),
+            )?;
             // SAFETY: sockaddr_ll is plain old data; zero is a valid starting value.
             let mut addr: libc::sockaddr_ll = unsafe { mem::zeroed() };
             addr.sll_family = libc::AF_PACKET as u16;
             addr.sll_protocol = protocol;
-            addr.sll_ifindex =
-                nix::net::if_::if_nametoindex(iface).with_context(|| format!("no {iface} in {ns}"))? as i32;
+            addr.sll_ifindex = nix::net::if_::if_nametoindex(iface)
+                .with_context(|| format!("no {iface} in {ns}"))?
+                as i32;
             // SAFETY: a valid socket and a sockaddr_ll of the size given.
             let rc = unsafe {
                 libc::bind(
@@ -120,7 +133,8 @@ impl Capture {
                 )
             };
             if rc != 0 {
-                return Err(io::Error::last_os_error()).context(format!("binding a packet socket to {iface}"));
+                return Err(io::Error::last_os_error())
+                    .context(format!("binding a packet socket to {iface}"));
             }
             setsockopt(&socket, RcvBufForce, &CAPTURE_BUFFER)?;
             socket.set_nonblocking(true)?;
@@ -144,7 +158,13 @@ impl Capture {
         let mut len = mem::size_of::<TpacketStats>() as libc::socklen_t;
         // SAFETY: a valid socket, and a tpacket_stats buffer of the length given.
         let rc = unsafe {
-            libc::getsockopt(self.0.as_raw_fd(), libc::SOL_PACKET, PACKET_STATISTICS, (&raw mut stats).cast(), &mut len)
+            libc::getsockopt(
+                self.0.as_raw_fd(),
+                libc::SOL_PACKET,
+                PACKET_STATISTICS,
+                (&raw mut stats).cast(),
+                &mut len,
+            )
         };
         if rc != 0 {
             return Err(io::Error::last_os_error()).context("reading the capture's statistics");
@@ -177,10 +197,19 @@ struct Plan {
 /// its segment and one beyond the router.
 fn plan(topology: &Topology) -> Result<Plan> {
     for a in &topology.nodes {
-        let same = topology.nodes.iter().find(|b| b.name != a.name && b.segment == a.segment);
+        let same = topology
+            .nodes
+            .iter()
+            .find(|b| b.name != a.name && b.segment == a.segment);
         let routed = topology.nodes.iter().find(|b| b.segment != a.segment);
         if let (Some(same), Some(routed)) = (same, routed) {
-            let first_pod = |n| topology.pods_of(n).into_iter().next().context("a node without pods");
+            let first_pod = |n| {
+                topology
+                    .pods_of(n)
+                    .into_iter()
+                    .next()
+                    .context("a node without pods")
+            };
             let from = first_pod(a)?;
             return Ok(Plan {
                 node: a.name.clone(),
@@ -203,16 +232,26 @@ pub fn prove(lab: &LabState) -> Result<WireProof> {
     for (from, to, _) in &pairs {
         let (a, b) = (address(from)?, address(to)?);
         for protocol in [IpNumber::ICMP.0, IpNumber::TCP.0] {
-            expected.push(Flow { outer: (a, b), inner: (from.address, to.address), protocol });
-            expected.push(Flow { outer: (b, a), inner: (to.address, from.address), protocol });
+            expected.push(Flow {
+                outer: (a, b),
+                inner: (from.address, to.address),
+                protocol,
+            });
+            expected.push(Flow {
+                outer: (b, a),
+                inner: (to.address, from.address),
+                protocol,
+            });
         }
     }
 
     let targets: Vec<Pod> = pairs.iter().map(|(_, to, _)| to.clone()).collect();
     let servers = EchoServers::start(lab, &targets)?;
     let capture = Capture::start(&lab.netns(&node), UPLINK)?;
-    let exchanges: Vec<Probe> =
-        pairs.iter().map(|(from, to, kind)| Probe::run(lab, &servers, &from.name, to, *kind)).collect();
+    let exchanges: Vec<Probe> = pairs
+        .iter()
+        .map(|(from, to, kind)| Probe::run(lab, &servers, &from.name, to, *kind))
+        .collect();
     // The kernel hands the capture socket each frame as it crosses the interface, so
     // every frame the exchanges needed to complete is queued by now: no waiting.
     let (frames, dropped) = capture.drain()?;
@@ -230,7 +269,9 @@ pub fn prove(lab: &LabState) -> Result<WireProof> {
     for frame in &frames {
         match classify(frame, topology.pod_network) {
             Frame::Tunnelled(flow) => *proof.tunnelled.entry(flow).or_default() += 1,
-            Frame::Clear { src, dst, protocol } => *proof.clear.entry((src, dst, protocol)).or_default() += 1,
+            Frame::Clear { src, dst, protocol } => {
+                *proof.clear.entry((src, dst, protocol)).or_default() += 1
+            }
             Frame::Other => proof.other += 1,
         }
     }
@@ -240,7 +281,9 @@ pub fn prove(lab: &LabState) -> Result<WireProof> {
 impl WireProof {
     /// Expected flows that never crossed the interface.
     fn missing(&self) -> impl Iterator<Item = &Flow> {
-        self.expected.iter().filter(|f| !self.tunnelled.contains_key(f))
+        self.expected
+            .iter()
+            .filter(|f| !self.tunnelled.contains_key(f))
     }
 
     /// Why the proof fails; empty when it holds.
@@ -264,19 +307,36 @@ impl WireProof {
             ));
         }
         for (src, dst, protocol) in self.clear.keys() {
-            failures.push(format!("{} {src} → {dst} crossed {UPLINK} unencapsulated", protocol_name(*protocol)));
+            failures.push(format!(
+                "{} {src} → {dst} crossed {UPLINK} unencapsulated",
+                protocol_name(*protocol)
+            ));
         }
         failures
     }
 
     pub fn render(&self) -> String {
-        let peers: Vec<String> =
-            self.exchanges.iter().map(|e| format!("{} → {} ({})", e.from, e.to.name, e.kind.describe())).collect();
+        let peers: Vec<String> = self
+            .exchanges
+            .iter()
+            .map(|e| format!("{} → {} ({})", e.from, e.to.name, e.kind.describe()))
+            .collect();
         let mut exchanges = Table::new(["EXCHANGE", "ICMP ms", "TCP ms"]).align_right([1, 2]);
         for e in &self.exchanges {
-            exchanges.row([format!("{} → {}", e.from, e.to.name), probe::cell(&e.icmp), probe::cell(&e.tcp)]);
+            exchanges.row([
+                format!("{} → {}", e.from, e.to.name),
+                probe::cell(&e.icmp),
+                probe::cell(&e.tcp),
+            ]);
         }
-        let mut flows = Table::new(["OUTER (IPv4 proto 4)", "INNER", "PROTO", "FRAMES", "EXPECTED"]).align_right([3]);
+        let mut flows = Table::new([
+            "OUTER (IPv4 proto 4)",
+            "INNER",
+            "PROTO",
+            "FRAMES",
+            "EXPECTED",
+        ])
+        .align_right([3]);
         let mut flow_row = |flow: &Flow, count: usize, mark: &str| {
             flows.row([
                 format!("{} → {}", flow.outer.0, flow.outer.1),
@@ -287,7 +347,15 @@ impl WireProof {
             ])
         };
         for (flow, count) in &self.tunnelled {
-            flow_row(flow, *count, if self.expected.contains(flow) { "✓" } else { "" });
+            flow_row(
+                flow,
+                *count,
+                if self.expected.contains(flow) {
+                    "✓"
+                } else {
+                    ""
+                },
+            );
         }
         for flow in self.missing() {
             flow_row(flow, 0, "✗ missing");
@@ -322,13 +390,19 @@ mod tests {
 
     fn icmp(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
         let mut out = Vec::new();
-        PacketBuilder::ipv4(src, dst, 64).icmpv4_echo_request(1, 1).write(&mut out, &[0; 8]).unwrap();
+        PacketBuilder::ipv4(src, dst, 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut out, &[0; 8])
+            .unwrap();
         out
     }
 
     fn frame(src: [u8; 4], dst: [u8; 4], protocol: IpNumber, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        PacketBuilder::ethernet2(MACS.0, MACS.1).ipv4(src, dst, 64).write(&mut out, protocol, payload).unwrap();
+        PacketBuilder::ethernet2(MACS.0, MACS.1)
+            .ipv4(src, dst, 64)
+            .write(&mut out, protocol, payload)
+            .unwrap();
         out
     }
 
@@ -346,14 +420,21 @@ mod tests {
             })
         );
         // Truncated to the capture's snap length, as the proof reads frames.
-        assert!(matches!(classify(&tunnelled[..SNAPLEN.min(tunnelled.len())], net), Frame::Tunnelled(_)));
+        assert!(matches!(
+            classify(&tunnelled[..SNAPLEN.min(tunnelled.len())], net),
+            Frame::Tunnelled(_)
+        ));
 
         let mut clear = vec![0; 14];
         clear[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
         clear.extend(icmp([10, 244, 0, 2], [10, 244, 3, 2]));
         assert_eq!(
             classify(&clear, net),
-            Frame::Clear { src: [10, 244, 0, 2].into(), dst: [10, 244, 3, 2].into(), protocol: 1 }
+            Frame::Clear {
+                src: [10, 244, 0, 2].into(),
+                dst: [10, 244, 3, 2].into(),
+                protocol: 1
+            }
         );
         let underlay = frame([172, 18, 0, 2], [172, 19, 0, 2], IpNumber::UDP, &[0; 8]);
         assert_eq!(classify(&underlay, net), Frame::Other);
@@ -365,7 +446,16 @@ mod tests {
     fn plans_a_same_switch_and_a_routed_peer() {
         let Plan { node, pairs } = plan(&Topology::kind()).unwrap();
         assert_eq!(node, "cp");
-        let peers: Vec<_> = pairs.iter().map(|(f, t, k)| (f.name.as_str(), t.name.as_str(), *k)).collect();
-        assert_eq!(peers, [("cp-pod1", "w1-pod1", PathKind::SameSwitch), ("cp-pod1", "w3-pod1", PathKind::Routed)]);
+        let peers: Vec<_> = pairs
+            .iter()
+            .map(|(f, t, k)| (f.name.as_str(), t.name.as_str(), *k))
+            .collect();
+        assert_eq!(
+            peers,
+            [
+                ("cp-pod1", "w1-pod1", PathKind::SameSwitch),
+                ("cp-pod1", "w3-pod1", PathKind::Routed)
+            ]
+        );
     }
 }

@@ -32,8 +32,14 @@ pub fn create(topology: Topology, agent: PathBuf) -> Result<LabGuard> {
     // The agents run in mount namespaces of their own (`ip netns exec`), where a bpffs
     // they mounted would be invisible to us: we mount it, they inherit it.
     std::fs::create_dir_all(lab.bpffs())?;
-    mount(Some("bpf"), &lab.bpffs(), Some("bpf"), MsFlags::empty(), None::<&str>)
-        .with_context(|| format!("mounting a bpffs at {}", lab.bpffs().display()))?;
+    mount(
+        Some("bpf"),
+        &lab.bpffs(),
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting a bpffs at {}", lab.bpffs().display()))?;
     write_json(lab.nodes_file(), &lab.topology.node_list())?;
     write_json(lab.net_conf_file(), &lab.topology.net_conf())?;
 
@@ -47,15 +53,21 @@ pub fn create(topology: Topology, agent: PathBuf) -> Result<LabGuard> {
         pods(&lab, node, &env)?;
     }
     agents::wait_ready(&lab, true)?;
-    println!("Lab {} ready in {:.1}s", lab.id, started.elapsed().as_secs_f64());
+    println!(
+        "Lab {} ready in {:.1}s",
+        lab.id,
+        started.elapsed().as_secs_f64()
+    );
     Ok(lab)
 }
 
 fn write_json(path: PathBuf, value: &serde_json::Value) -> Result<()> {
     // kubectl indents with four spaces.
     let mut out = Vec::new();
-    let mut ser =
-        serde_json::Serializer::with_formatter(&mut out, serde_json::ser::PrettyFormatter::with_indent(b"    "));
+    let mut ser = serde_json::Serializer::with_formatter(
+        &mut out,
+        serde_json::ser::PrettyFormatter::with_indent(b"    "),
+    );
     serde::Serialize::serialize(value, &mut ser)?;
     out.push(b'\n');
     std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))
@@ -84,10 +96,19 @@ fn underlay(lab: &LabState) -> Result<()> {
     netns::add(&router)?;
     let mut legs = Script::new(&router);
     for segment in &topology.segments {
-        let (leg, port) = (format!("eth-{}", segment.name), format!("{}-r-{}", lab.id, segment.name));
-        legs.veth(&leg, Some(docker_mac(segment.gateway.addr())), &port, &switch, None)?
-            .address(segment.gateway, &leg)
-            .up(&leg);
+        let (leg, port) = (
+            format!("eth-{}", segment.name),
+            format!("{}-r-{}", lab.id, segment.name),
+        );
+        legs.veth(
+            &leg,
+            Some(docker_mac(segment.gateway.addr())),
+            &port,
+            &switch,
+            None,
+        )?
+        .address(segment.gateway, &leg)
+        .up(&leg);
         ports.attach(&port, &bridge_name(segment));
     }
     legs.apply()?;
@@ -126,17 +147,22 @@ fn pods(lab: &LabState, node: &Node, env: &SubnetEnv) -> Result<()> {
     );
     let ns = lab.netns(&node.name);
     let mut host = Script::new(&ns);
-    host.bridge(BRIDGE, Some(env.mtu))?.address(env.subnet, BRIDGE);
+    host.bridge(BRIDGE, Some(env.mtu))?
+        .address(env.subnet, BRIDGE);
     let mut inside = Vec::new();
     for pod in lab.topology.pods_of(node) {
         interrupt::check()?;
         let pod_ns = lab.netns(&pod.name);
         netns::add(&pod_ns)?;
         let host_end = format!("{}-{}", lab.id, pod.name);
-        host.veth(&host_end, None, POD_IFACE, &pod_ns, Some(env.mtu))?.attach(&host_end, BRIDGE);
+        host.veth(&host_end, None, POD_IFACE, &pod_ns, Some(env.mtu))?
+            .attach(&host_end, BRIDGE);
         let mut script = Script::new(&pod_ns);
         script
-            .address(Ipv4Net::new(pod.address, env.subnet.prefix_len())?, POD_IFACE)
+            .address(
+                Ipv4Net::new(pod.address, env.subnet.prefix_len())?,
+                POD_IFACE,
+            )
             .up(POD_IFACE)
             .default_route(env.subnet.addr());
         inside.push(script);

@@ -47,7 +47,10 @@ pub fn run(lab: &LabState) -> Result<Controls> {
     if result.is_err() {
         // Best effort on the way out; the error that got us here is the one to report.
         match restore(lab) {
-            Ok(()) => eprintln!("lab {} restored: host-gw routes removed, every agent running", lab.id),
+            Ok(()) => eprintln!(
+                "lab {} restored: host-gw routes removed, every agent running",
+                lab.id
+            ),
             Err(e) => eprintln!("restoring lab {} after the controls: {e:#}", lab.id),
         }
     }
@@ -55,7 +58,10 @@ pub fn run(lab: &LabState) -> Result<Controls> {
 }
 
 fn controls(lab: &LabState) -> Result<Controls> {
-    let mut report = Controls { rows: Vec::new(), surprises: Vec::new() };
+    let mut report = Controls {
+        rows: Vec::new(),
+        surprises: Vec::new(),
+    };
 
     println!("(a) stopping every agent");
     agents::stop_all(lab)?;
@@ -63,19 +69,31 @@ fn controls(lab: &LabState) -> Result<Controls> {
     for node in &lab.topology.nodes {
         let routes = agents::overlay_routes(&lab.netns(&node.name))?;
         leftovers.extend(routes.iter().map(|r| format!("{}: route {r}", node.name)));
-        leftovers.extend(agents::all_attached(lab, node)?.into_iter().map(|p| format!("{}: {p}", node.name)));
+        leftovers.extend(
+            agents::all_attached(lab, node)?
+                .into_iter()
+                .map(|p| format!("{}: {p}", node.name)),
+        );
     }
     report.rows.push(Row {
         step: "(a) agents stopped",
         what: "agent programs and routes".into(),
         expected: "gone".into(),
-        observed: if leftovers.is_empty() { "gone on every node".into() } else { leftovers.join(", ") },
+        observed: if leftovers.is_empty() {
+            "gone on every node".into()
+        } else {
+            leftovers.join(", ")
+        },
         ok: Some(leftovers.is_empty()),
     });
-    report.matrix("(a) agents stopped", &matrix::run(lab, PROBES_IN_FLIGHT)?, |kind| match kind {
-        PathKind::SameNode => Expect::Pass,
-        PathKind::SameSwitch | PathKind::Routed => Expect::Fail,
-    });
+    report.matrix(
+        "(a) agents stopped",
+        &matrix::run(lab, PROBES_IN_FLIGHT)?,
+        |kind| match kind {
+            PathKind::SameNode => Expect::Pass,
+            PathKind::SameSwitch | PathKind::Routed => Expect::Fail,
+        },
+    );
 
     println!("(b) installing host-gw routes instead");
     let (installed, refused) = install_host_gw(lab)?;
@@ -86,7 +104,10 @@ fn controls(lab: &LabState) -> Result<Controls> {
         observed: format!(
             "{installed} installed, {} refused{}",
             refused.len(),
-            refused.first().map(|e| format!(" ({e})")).unwrap_or_default()
+            refused
+                .first()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
         ),
         ok: None,
     });
@@ -103,7 +124,11 @@ fn controls(lab: &LabState) -> Result<Controls> {
         agents::start(lab, node)?;
     }
     agents::wait_ready(lab, true)?;
-    report.matrix("(c) agents restarted", &matrix::run(lab, PROBES_IN_FLIGHT)?, |_| Expect::Pass);
+    report.matrix(
+        "(c) agents restarted",
+        &matrix::run(lab, PROBES_IN_FLIGHT)?,
+        |_| Expect::Pass,
+    );
     Ok(report)
 }
 
@@ -114,14 +139,31 @@ fn install_host_gw(lab: &LabState) -> Result<(usize, Vec<String>)> {
     let mut refused = Vec::new();
     for node in &lab.topology.nodes {
         for peer in lab.topology.nodes.iter().filter(|p| p.name != node.name) {
-            let route =
-                [&peer.pod_cidr.to_string(), "via", &peer.address.to_string(), "dev", UPLINK, "proto", HOST_GW_PROTO];
-            match netns::run(Command::new("ip").args(["-n", &lab.netns(&node.name), "route", "add"]).args(route)) {
+            let route = [
+                &peer.pod_cidr.to_string(),
+                "via",
+                &peer.address.to_string(),
+                "dev",
+                UPLINK,
+                "proto",
+                HOST_GW_PROTO,
+            ];
+            match netns::run(
+                Command::new("ip")
+                    .args(["-n", &lab.netns(&node.name), "route", "add"])
+                    .args(route),
+            ) {
                 Ok(_) => installed += 1,
                 Err(e) => {
                     // Only the kernel's reason, not the whole command line.
                     let e = e.to_string();
-                    refused.push(e.rsplit(": ").next().unwrap_or(&e).trim_end_matches('.').to_owned());
+                    refused.push(
+                        e.rsplit(": ")
+                            .next()
+                            .unwrap_or(&e)
+                            .trim_end_matches('.')
+                            .to_owned(),
+                    );
                 }
             }
         }
@@ -131,7 +173,14 @@ fn install_host_gw(lab: &LabState) -> Result<(usize, Vec<String>)> {
 
 fn remove_host_gw(lab: &LabState) -> Result<()> {
     for node in &lab.topology.nodes {
-        netns::run(Command::new("ip").args(["-n", &lab.netns(&node.name), "route", "flush", "proto", HOST_GW_PROTO]))?;
+        netns::run(Command::new("ip").args([
+            "-n",
+            &lab.netns(&node.name),
+            "route",
+            "flush",
+            "proto",
+            HOST_GW_PROTO,
+        ]))?;
     }
     Ok(())
 }
@@ -140,7 +189,12 @@ fn remove_host_gw(lab: &LabState) -> Result<()> {
 fn restore(lab: &LabState) -> Result<()> {
     remove_host_gw(lab)?;
     let running = agents::running(lab)?;
-    for node in lab.topology.nodes.iter().filter(|n| !running.iter().any(|a| a.node == n.name)) {
+    for node in lab
+        .topology
+        .nodes
+        .iter()
+        .filter(|n| !running.iter().any(|a| a.node == n.name))
+    {
         agents::start(lab, node)?;
     }
     Ok(())
@@ -161,11 +215,20 @@ impl Controls {
                 step,
                 what: kind.describe().to_owned(),
                 expected: e.describe().into(),
-                observed: format!("ICMP {}, TCP {}", t.icmp.describe(t.paths), t.tcp.describe(t.paths)),
+                observed: format!(
+                    "ICMP {}, TCP {}",
+                    t.icmp.describe(t.paths),
+                    t.tcp.describe(t.paths)
+                ),
                 ok: (e != Expect::Either).then_some(held),
             });
         }
-        self.surprises.extend(matrix.surprises(expect).into_iter().map(|s| format!("{step}: {s}")));
+        self.surprises.extend(
+            matrix
+                .surprises(expect)
+                .into_iter()
+                .map(|s| format!("{step}: {s}")),
+        );
     }
 
     pub fn ok(&self) -> bool {
@@ -173,7 +236,13 @@ impl Controls {
     }
 
     pub fn render(&self) -> String {
-        let mut table = Table::new(["STEP", "PATHS", "EXPECTED", "OBSERVED (passed/paths)", "VERDICT"]);
+        let mut table = Table::new([
+            "STEP",
+            "PATHS",
+            "EXPECTED",
+            "OBSERVED (passed/paths)",
+            "VERDICT",
+        ]);
         let mut last_step = "";
         for row in &self.rows {
             let step = if row.step == last_step { "" } else { row.step };

@@ -72,12 +72,20 @@ pub fn requested() -> bool {
 }
 
 /// Polls `condition` until it is done, fails, `timeout` passes, or Ctrl-C.
-pub fn wait_until<T>(what: &str, timeout: Duration, condition: impl FnMut() -> Result<Wait<T>>) -> Result<T> {
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    condition: impl FnMut() -> Result<Wait<T>>,
+) -> Result<T> {
     poll(what, timeout, check, condition)
 }
 
 /// Like [`wait_until`], but carries on after Ctrl-C: for short waits that clean up.
-pub fn wait_briefly<T>(what: &str, timeout: Duration, condition: impl FnMut() -> Result<Wait<T>>) -> Result<T> {
+pub fn wait_briefly<T>(
+    what: &str,
+    timeout: Duration,
+    condition: impl FnMut() -> Result<Wait<T>>,
+) -> Result<T> {
     poll(what, timeout, || Ok(()), condition)
 }
 

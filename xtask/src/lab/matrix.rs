@@ -47,7 +47,11 @@ impl PathKind {
             return Ok(PathKind::SameNode);
         }
         let (a, b) = (topology.node(from_node)?, topology.node(to_node)?);
-        Ok(if a.segment == b.segment { PathKind::SameSwitch } else { PathKind::Routed })
+        Ok(if a.segment == b.segment {
+            PathKind::SameSwitch
+        } else {
+            PathKind::Routed
+        })
     }
 }
 
@@ -91,14 +95,26 @@ pub struct Probe {
 
 impl Probe {
     /// Pings `to` from host `from`, then exchanges bytes with its echo server.
-    pub fn run(lab: &LabState, servers: &EchoServers, from: &str, to: &Pod, kind: PathKind) -> Self {
+    pub fn run(
+        lab: &LabState,
+        servers: &EchoServers,
+        from: &str,
+        to: &Pod,
+        kind: PathKind,
+    ) -> Self {
         let ns = lab.netns(from);
         let icmp = probe::ping(&ns, to.address);
         let tcp = match servers.address(to) {
             Some(server) => probe::tcp(&ns, server),
             None => Err(Failure::Other(format!("no echo server in {}", to.name))),
         };
-        Probe { from: from.to_owned(), to: to.clone(), kind, icmp, tcp }
+        Probe {
+            from: from.to_owned(),
+            to: to.clone(),
+            kind,
+            icmp,
+            tcp,
+        }
     }
 }
 
@@ -131,7 +147,11 @@ impl ProtoTally {
     pub fn describe(&self, paths: usize) -> String {
         let mut text = format!("{}/{paths}", self.passed);
         if !self.failures.is_empty() {
-            let reasons: Vec<String> = self.failures.iter().map(|(why, n)| format!("{n} {why}")).collect();
+            let reasons: Vec<String> = self
+                .failures
+                .iter()
+                .map(|(why, n)| format!("{n} {why}"))
+                .collect();
             text.push_str(&format!(" ({})", reasons.join(", ")));
         }
         text
@@ -164,10 +184,15 @@ pub fn run(lab: &LabState, parallel: usize) -> Result<Matrix> {
     let mut sources = Vec::new();
     let mut pairs = Vec::new();
     for node in &topology.nodes {
-        let hosts = std::iter::once(node.name.clone()).chain(topology.pods_of(node).into_iter().map(|p| p.name));
+        let hosts = std::iter::once(node.name.clone())
+            .chain(topology.pods_of(node).into_iter().map(|p| p.name));
         for from in hosts {
             for to in targets.iter().filter(|t| t.name != from) {
-                pairs.push((from.clone(), to.clone(), PathKind::between(topology, &node.name, &to.node)?));
+                pairs.push((
+                    from.clone(),
+                    to.clone(),
+                    PathKind::between(topology, &node.name, &to.node)?,
+                ));
             }
             sources.push(from);
         }
@@ -180,26 +205,41 @@ pub fn run(lab: &LabState, parallel: usize) -> Result<Matrix> {
         let workers: Vec<_> = (0..parallel.max(1))
             .map(|_| {
                 s.spawn(|| -> Result<()> {
-                    while let Some((from, to, kind)) = pairs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    while let Some((from, to, kind)) =
+                        pairs.get(next.fetch_add(1, Ordering::Relaxed))
+                    {
                         interrupt::check()?;
                         let probe = Probe::run(lab, &servers, from, to, *kind);
-                        done.lock().expect("no worker panics holding the lock").push(probe);
+                        done.lock()
+                            .expect("no worker panics holding the lock")
+                            .push(probe);
                     }
                     Ok(())
                 })
             })
             .collect();
         for worker in workers {
-            worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            worker
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
         }
         Ok(())
     })?;
     let mut probes = done.into_inner().expect("workers are done");
     // Back in plan order: rows and columns as the topology lists them.
-    let position = |p: &Probe| pairs.iter().position(|(f, t, _)| *f == p.from && t.name == p.to.name);
+    let position = |p: &Probe| {
+        pairs
+            .iter()
+            .position(|(f, t, _)| *f == p.from && t.name == p.to.name)
+    };
     probes.sort_by_key(position);
     let retransmitted = retransmitted(lab, &sources)? - retransmitted_before;
-    Ok(Matrix { sources, targets, probes, retransmitted })
+    Ok(Matrix {
+        sources,
+        targets,
+        probes,
+        retransmitted,
+    })
 }
 
 /// TCP segments retransmitted so far by `hosts`, from each namespace's /proc/net/snmp.
@@ -207,11 +247,23 @@ fn retransmitted(lab: &LabState, hosts: &[String]) -> Result<u64> {
     let mut total = 0;
     for host in hosts {
         // thread-self: /proc/self/net is the namespace of the process, not the thread's.
-        let snmp = netns::enter(&lab.netns(host), || Ok(std::fs::read_to_string("/proc/thread-self/net/snmp")?))?;
-        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:")).map(|l| l.split_whitespace());
-        let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else { bail!("no Tcp counters in {host}'s snmp") };
-        let value = names.zip(values).find(|(name, _)| *name == "RetransSegs").map(|(_, v)| v);
-        total += value.with_context(|| format!("no RetransSegs in {host}'s snmp"))?.parse::<u64>()?;
+        let snmp = netns::enter(&lab.netns(host), || {
+            Ok(std::fs::read_to_string("/proc/thread-self/net/snmp")?)
+        })?;
+        let mut tcp = snmp
+            .lines()
+            .filter(|l| l.starts_with("Tcp:"))
+            .map(|l| l.split_whitespace());
+        let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+            bail!("no Tcp counters in {host}'s snmp")
+        };
+        let value = names
+            .zip(values)
+            .find(|(name, _)| *name == "RetransSegs")
+            .map(|(_, v)| v);
+        total += value
+            .with_context(|| format!("no RetransSegs in {host}'s snmp"))?
+            .parse::<u64>()?;
     }
     Ok(total)
 }
@@ -254,7 +306,8 @@ impl Matrix {
     pub fn render(&self) -> String {
         let icmp = self.grid(|p| &p.icmp);
         let tcp = self.grid(|p| &p.tcp);
-        let mut summary = Table::new(["PATHS", "COUNT", "ICMP", "MEDIAN ms", "TCP", "MEDIAN ms"]).align_right(1..6);
+        let mut summary = Table::new(["PATHS", "COUNT", "ICMP", "MEDIAN ms", "TCP", "MEDIAN ms"])
+            .align_right(1..6);
         for kind in PathKind::ALL {
             let t = self.tally(kind);
             let median = |d: Option<Duration>| d.map_or("-".to_owned(), probe::millis);
@@ -275,7 +328,8 @@ impl Matrix {
     }
 
     fn grid(&self, outcome: fn(&Probe) -> &Outcome) -> Table {
-        let header = std::iter::once("FROM \\ TO".to_owned()).chain(self.targets.iter().map(|t| t.name.clone()));
+        let header = std::iter::once("FROM \\ TO".to_owned())
+            .chain(self.targets.iter().map(|t| t.name.clone()));
         let mut table = Table::new(header).align_right(1..=self.targets.len());
         for from in &self.sources {
             let cells = self.targets.iter().map(|to| {

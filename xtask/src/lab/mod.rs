@@ -28,7 +28,9 @@ use std::{os::unix::process::CommandExt as _, path::PathBuf, time::Instant};
 use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
 
-use self::{interrupt::Interrupted, matrix::Expect, state::LabState, table::Table, topology::Topology};
+use self::{
+    interrupt::Interrupted, matrix::Expect, state::LabState, table::Table, topology::Topology,
+};
 
 /// Probes of the connectivity matrix in flight at once. Few, so that the timings are
 /// the path's and not the machine's contention (one at a time takes about as long
@@ -103,11 +105,14 @@ pub fn run(args: LabArgs) -> Result<()> {
         None => full_run(args.build, args.controls).and_then(|report| report.verdict()),
         Some(LabCommand::Up(build)) => up(build),
         Some(LabCommand::Check { select, controls }) => {
-            check(&LabState::load(select.id.as_deref())?, controls).and_then(|report| report.verdict())
+            check(&LabState::load(select.id.as_deref())?, controls)
+                .and_then(|report| report.verdict())
         }
-        Some(LabCommand::Exec { select, host, command }) => {
-            exec(&LabState::load(select.id.as_deref())?, &host, &command)
-        }
+        Some(LabCommand::Exec {
+            select,
+            host,
+            command,
+        }) => exec(&LabState::load(select.id.as_deref())?, &host, &command),
         Some(LabCommand::Status { select }) => status(&LabState::load(select.id.as_deref())?),
         Some(LabCommand::Down { select }) => down(select.id.as_deref()),
     };
@@ -162,7 +167,10 @@ impl Report {
 }
 
 fn heading(title: &str) {
-    println!("\n━━ {title} {}", "━".repeat(76usize.saturating_sub(title.chars().count())));
+    println!(
+        "\n━━ {title} {}",
+        "━".repeat(76usize.saturating_sub(title.chars().count()))
+    );
 }
 
 fn build(build: BuildArgs) -> Result<PathBuf> {
@@ -171,7 +179,11 @@ fn build(build: BuildArgs) -> Result<PathBuf> {
     let profile = if build.release { "release" } else { "debug" };
     println!("Building overlay-agent ({profile})");
     let agent = agents::build(build.release)?;
-    println!("Built {} in {:.1}s", agent.display(), started.elapsed().as_secs_f64());
+    println!(
+        "Built {} in {:.1}s",
+        agent.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(agent)
 }
 
@@ -184,7 +196,11 @@ fn full_run(build_args: BuildArgs, controls: bool) -> Result<Report> {
     heading("Teardown");
     let teardown = Instant::now();
     let removed = lab.teardown()?;
-    println!("Lab {} removed in {:.1}s: {removed}", report.id, teardown.elapsed().as_secs_f64());
+    println!(
+        "Lab {} removed in {:.1}s: {removed}",
+        report.id,
+        teardown.elapsed().as_secs_f64()
+    );
     println!("Total {:.1}s", started.elapsed().as_secs_f64());
     Ok(report)
 }
@@ -239,7 +255,12 @@ fn check(lab: &LabState, controls: bool) -> Result<Report> {
     } else {
         None
     };
-    Ok(Report { id: lab.id.clone(), matrix: surprises, wire: wire.failures(), controls })
+    Ok(Report {
+        id: lab.id.clone(),
+        matrix: surprises,
+        wire: wire.failures(),
+        controls,
+    })
 }
 
 /// Every host of the lab, as `exec` and `status` name them.
@@ -255,7 +276,11 @@ fn hosts(topology: &Topology) -> Vec<String> {
 fn exec(lab: &LabState, host: &str, command: &[String]) -> Result<()> {
     let hosts = hosts(&lab.topology);
     if !hosts.iter().any(|h| h == host) {
-        bail!("no host {host} in lab {} (hosts: {})", lab.id, hosts.join(", "));
+        bail!(
+            "no host {host} in lab {} (hosts: {})",
+            lab.id,
+            hosts.join(", ")
+        );
     }
     let shell = std::env::var("SHELL").unwrap_or_else(|_| "/bin/sh".into());
     let (program, args) = command.split_first().unwrap_or((&shell, &[]));
@@ -264,7 +289,12 @@ fn exec(lab: &LabState, host: &str, command: &[String]) -> Result<()> {
 }
 
 fn status(lab: &LabState) -> Result<()> {
-    println!("Lab {} in {}, agent {}", lab.id, lab.dir().display(), lab.agent.display());
+    println!(
+        "Lab {} in {}, agent {}",
+        lab.id,
+        lab.dir().display(),
+        lab.agent.display()
+    );
     let running = agents::running(lab)?;
     let mut table = Table::new(["HOST", "NAMESPACE", "ADDRESSES", "AGENT"]);
     for host in hosts(&lab.topology) {

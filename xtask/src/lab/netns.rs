@@ -28,9 +28,16 @@ fn path(ns: &str) -> PathBuf {
 
 /// Runs `cmd`; a failure carries the command and its stderr.
 pub fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("starting {cmd:?}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -75,7 +82,8 @@ pub fn ip_json(ns: &str, args: &[&str]) -> Result<serde_json::Value> {
     if out.trim().is_empty() {
         return Ok(serde_json::Value::Array(vec![]));
     }
-    serde_json::from_str(&out).with_context(|| format!("parsing `ip -json {}` in {ns}", args.join(" ")))
+    serde_json::from_str(&out)
+        .with_context(|| format!("parsing `ip -json {}` in {ns}", args.join(" ")))
 }
 
 /// Runs `f` on a thread that has entered `ns`. Sockets opened there stay in `ns` when
@@ -96,7 +104,9 @@ pub fn enter<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<
 /// Turns on IPv4 forwarding in `ns` (sysctls under /proc/sys/net belong to the
 /// namespace of the thread that opens them).
 pub fn enable_forwarding(ns: &str) -> Result<()> {
-    enter(ns, || std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling forwarding"))
+    enter(ns, || {
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling forwarding")
+    })
 }
 
 /// Link and address changes in one namespace, applied by a single `ip -batch`.
@@ -107,7 +117,10 @@ pub struct Script {
 
 impl Script {
     pub fn new(ns: &str) -> Self {
-        Self { ns: ns.to_owned(), lines: vec!["link set lo up".into()] }
+        Self {
+            ns: ns.to_owned(),
+            lines: vec!["link set lo up".into()],
+        }
     }
 
     fn line(&mut self, line: String) -> &mut Self {
@@ -128,14 +141,20 @@ impl Script {
         check_ifname(name)?;
         check_ifname(peer)?;
         let mtu = mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
-        let mac = mac.map(|m| format!(" address {}", format_mac(m))).unwrap_or_default();
-        Ok(self.line(format!("link add {name}{mac}{mtu} type veth peer name {peer}{mtu} netns {peer_ns}")))
+        let mac = mac
+            .map(|m| format!(" address {}", format_mac(m)))
+            .unwrap_or_default();
+        Ok(self.line(format!(
+            "link add {name}{mac}{mtu} type veth peer name {peer}{mtu} netns {peer_ns}"
+        )))
     }
 
     pub fn bridge(&mut self, name: &str, mtu: Option<u32>) -> Result<&mut Self> {
         check_ifname(name)?;
         let mtu = mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
-        Ok(self.line(format!("link add {name}{mtu} type bridge")).up(name))
+        Ok(self
+            .line(format!("link add {name}{mtu} type bridge"))
+            .up(name))
     }
 
     /// Brings up `port`, enslaved to `bridge`.
@@ -164,11 +183,19 @@ impl Script {
             .spawn()
             .context("starting ip -batch")?;
         let script = self.lines.join("\n") + "\n";
-        child.stdin.take().expect("piped").write_all(script.as_bytes())?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(script.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
             // ip names the failing line ("Command failed -:3"): show the script with it.
-            bail!("ip -n {} -batch failed: {}\n{script}", self.ns, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "ip -n {} -batch failed: {}\n{script}",
+                self.ns,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(())
     }

@@ -45,7 +45,9 @@ impl Failure {
         match e.kind() {
             io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Failure::Timeout,
             io::ErrorKind::ConnectionRefused => Failure::Refused,
-            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => Failure::Unreachable(e.to_string()),
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                Failure::Unreachable(e.to_string())
+            }
             _ => Failure::Other(e.to_string()),
         }
     }
@@ -67,7 +69,9 @@ impl fmt::Display for Failure {
         match self {
             Failure::Timeout => f.write_str("timed out"),
             Failure::Refused => f.write_str("connection refused"),
-            Failure::Unreachable(why) | Failure::Mismatch(why) | Failure::Other(why) => f.write_str(why),
+            Failure::Unreachable(why) | Failure::Mismatch(why) | Failure::Other(why) => {
+                f.write_str(why)
+            }
         }
     }
 }
@@ -101,14 +105,18 @@ pub fn ping(from: &str, to: Ipv4Addr) -> Outcome {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() as u16);
     let socket = socket_in(from, Type::RAW, Protocol::ICMPV4)?;
     let started = Instant::now();
-    socket.send_to(&echo_request(id), &SocketAddrV4::new(to, 0).into()).map_err(Failure::from_io)?;
+    socket
+        .send_to(&echo_request(id), &SocketAddrV4::new(to, 0).into())
+        .map_err(Failure::from_io)?;
     let mut buf = [0u8; 1500];
     loop {
         let left = ICMP_TIMEOUT.saturating_sub(started.elapsed());
         if left.is_zero() {
             return Err(Failure::Timeout);
         }
-        socket.set_read_timeout(Some(left)).map_err(Failure::from_io)?;
+        socket
+            .set_read_timeout(Some(left))
+            .map_err(Failure::from_io)?;
         let n = (&socket).read(&mut buf).map_err(Failure::from_io)?;
         match answer(&buf[..n], to, id) {
             Some(Ok(())) => return Ok(started.elapsed()),
@@ -130,7 +138,10 @@ fn echo_request(id: u16) -> Vec<u8> {
 
 /// The Internet checksum (RFC 1071).
 fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -174,10 +185,16 @@ fn answer(packet: &[u8], target: Ipv4Addr, id: u16) -> Option<Result<(), String>
 pub fn tcp(from: &str, to: SocketAddrV4) -> Outcome {
     let socket = socket_in(from, Type::STREAM, Protocol::TCP)?;
     let started = Instant::now();
-    socket.connect_timeout(&to.into(), TCP_TIMEOUT).map_err(Failure::from_io)?;
+    socket
+        .connect_timeout(&to.into(), TCP_TIMEOUT)
+        .map_err(Failure::from_io)?;
     let mut stream = TcpStream::from(socket);
-    stream.set_read_timeout(Some(TCP_TIMEOUT)).map_err(Failure::from_io)?;
-    stream.set_write_timeout(Some(TCP_TIMEOUT)).map_err(Failure::from_io)?;
+    stream
+        .set_read_timeout(Some(TCP_TIMEOUT))
+        .map_err(Failure::from_io)?;
+    stream
+        .set_write_timeout(Some(TCP_TIMEOUT))
+        .map_err(Failure::from_io)?;
     let local = stream.local_addr().map_err(Failure::from_io)?.ip();
     let payload: Vec<u8> = (0..TCP_BYTES).map(|i| (i % 251) as u8).collect();
     stream.write_all(&payload).map_err(Failure::from_io)?;
@@ -186,11 +203,16 @@ pub fn tcp(from: &str, to: SocketAddrV4) -> Outcome {
     stream.read_to_end(&mut answer).map_err(Failure::from_io)?;
     let elapsed = started.elapsed();
     let Some(newline) = answer.iter().position(|&b| b == b'\n') else {
-        return Err(Failure::Mismatch(format!("the server sent {} bytes and no peer address", answer.len())));
+        return Err(Failure::Mismatch(format!(
+            "the server sent {} bytes and no peer address",
+            answer.len()
+        )));
     };
     let seen = String::from_utf8_lossy(&answer[..newline]);
     if seen != local.to_string() {
-        return Err(Failure::Mismatch(format!("the server saw {seen}, the client is {local}")));
+        return Err(Failure::Mismatch(format!(
+            "the server saw {seen}, the client is {local}"
+        )));
     }
     if answer[newline + 1..] != payload[..] {
         return Err(Failure::Mismatch(format!(
@@ -212,11 +234,16 @@ pub struct EchoServers {
 impl EchoServers {
     /// Starts the servers; dropping the result stops them.
     pub fn start(lab: &LabState, pods: &[Pod]) -> Result<Self> {
-        let mut servers = Self { listeners: Vec::new(), acceptors: Vec::new(), stopping: Arc::default() };
+        let mut servers = Self {
+            listeners: Vec::new(),
+            acceptors: Vec::new(),
+            stopping: Arc::default(),
+        };
         for pod in pods {
             // Port 0: the kernel picks a free port, so concurrent checks never collide.
-            let listener =
-                netns::enter(&lab.netns(&pod.name), || Ok(TcpListener::bind(SocketAddrV4::new(pod.address, 0))?))?;
+            let listener = netns::enter(&lab.netns(&pod.name), || {
+                Ok(TcpListener::bind(SocketAddrV4::new(pod.address, 0))?)
+            })?;
             let accepting = listener.try_clone()?;
             let stopping = servers.stopping.clone();
             servers.acceptors.push(thread::spawn(move || {
@@ -297,18 +324,44 @@ mod tests {
         let target = Ipv4Addr::new(10, 244, 3, 2);
         let mut reply = echo_request(7);
         reply[0] = ICMP_ECHO_REPLY;
-        assert_eq!(answer(&ipv4(target.octets(), [10, 244, 0, 2], &reply), target, 7), Some(Ok(())));
-        assert_eq!(answer(&ipv4(target.octets(), [10, 244, 0, 2], &reply), target, 8), None);
-        assert_eq!(answer(&ipv4([10, 244, 3, 3], [10, 244, 0, 2], &reply), target, 7), None);
+        assert_eq!(
+            answer(&ipv4(target.octets(), [10, 244, 0, 2], &reply), target, 7),
+            Some(Ok(()))
+        );
+        assert_eq!(
+            answer(&ipv4(target.octets(), [10, 244, 0, 2], &reply), target, 8),
+            None
+        );
+        assert_eq!(
+            answer(&ipv4([10, 244, 3, 3], [10, 244, 0, 2], &reply), target, 7),
+            None
+        );
         // Someone else's request arriving at this namespace is not an answer.
-        assert_eq!(answer(&ipv4(target.octets(), [10, 244, 0, 2], &echo_request(7)), target, 7), None);
+        assert_eq!(
+            answer(
+                &ipv4(target.octets(), [10, 244, 0, 2], &echo_request(7)),
+                target,
+                7
+            ),
+            None
+        );
 
         let quoted = ipv4([10, 244, 0, 2], target.octets(), &echo_request(7)[..8]);
         let mut error = vec![ICMP_UNREACHABLE, 0, 0, 0, 0, 0, 0, 0];
         error.extend(&quoted);
         let got = answer(&ipv4([172, 18, 0, 1], [10, 244, 0, 2], &error), target, 7);
-        assert_eq!(got, Some(Err("network unreachable (from 172.18.0.1)".into())));
-        assert_eq!(answer(&ipv4([172, 18, 0, 1], [10, 244, 0, 2], &error), target, 9), None);
-        assert_eq!(answer(&[0x45, 0, 0], target, 7), None, "truncated packets are ignored");
+        assert_eq!(
+            got,
+            Some(Err("network unreachable (from 172.18.0.1)".into()))
+        );
+        assert_eq!(
+            answer(&ipv4([172, 18, 0, 1], [10, 244, 0, 2], &error), target, 9),
+            None
+        );
+        assert_eq!(
+            answer(&[0x45, 0, 0], target, 7),
+            None,
+            "truncated packets are ignored"
+        );
     }
 }

@@ -64,7 +64,11 @@ impl LabState {
     pub fn create(topology: Topology, agent: PathBuf) -> Result<LabGuard> {
         std::fs::create_dir_all(ROOT).with_context(|| format!("creating {ROOT}"))?;
         loop {
-            let lab = LabState { id: random_id()?, agent: agent.clone(), topology: topology.clone() };
+            let lab = LabState {
+                id: random_id()?,
+                agent: agent.clone(),
+                topology: topology.clone(),
+            };
             // Skip ids still used by namespaces of a lab whose directory is gone.
             if !netns::list(&lab.netns_prefix())?.is_empty() {
                 continue;
@@ -73,7 +77,9 @@ impl LabState {
             match std::fs::create_dir(lab.dir()) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e).with_context(|| format!("creating {}", lab.dir().display())),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("creating {}", lab.dir().display()));
+                }
             }
             let guard = LabGuard(Some(lab));
             guard.save()?;
@@ -84,7 +90,8 @@ impl LabState {
     fn save(&self) -> Result<()> {
         let path = self.dir().join(STATE_FILE);
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
     }
 
@@ -95,10 +102,14 @@ impl LabState {
             (Some(id), _) => id,
             (None, [one]) => one,
             (None, []) => bail!("no lab is running (start one with `cargo xtask lab up`)"),
-            (None, many) => bail!("several labs are running ({}): choose one with --id", many.join(", ")),
+            (None, many) => bail!(
+                "several labs are running ({}): choose one with --id",
+                many.join(", ")
+            ),
         };
         let path = Path::new(ROOT).join(id).join(STATE_FILE);
-        let text = std::fs::read(&path).with_context(|| format!("no lab {id} ({} is missing)", path.display()))?;
+        let text = std::fs::read(&path)
+            .with_context(|| format!("no lab {id} ({} is missing)", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("reading {}", path.display()))
     }
 
@@ -160,7 +171,8 @@ impl LabState {
             );
         }
         if self.dir().exists() {
-            std::fs::remove_dir_all(self.dir()).with_context(|| format!("removing {}", self.dir().display()))?;
+            std::fs::remove_dir_all(self.dir())
+                .with_context(|| format!("removing {}", self.dir().display()))?;
         }
         Ok(removed)
     }
@@ -176,7 +188,11 @@ pub struct Removed {
 
 impl fmt::Display for Removed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} agents stopped, {} namespaces deleted", self.agents, self.namespaces)?;
+        write!(
+            f,
+            "{} agents stopped, {} namespaces deleted",
+            self.agents, self.namespaces
+        )?;
         if self.bpffs {
             f.write_str(", bpffs unmounted")?;
         }
@@ -191,11 +207,16 @@ pub struct LabGuard(Option<LabState>);
 impl LabGuard {
     /// Leaves the lab running (`lab up`).
     pub fn keep(mut self) -> LabState {
-        self.0.take().expect("the guard holds the lab until consumed")
+        self.0
+            .take()
+            .expect("the guard holds the lab until consumed")
     }
 
     pub fn teardown(mut self) -> Result<Removed> {
-        self.0.take().expect("the guard holds the lab until consumed").teardown()
+        self.0
+            .take()
+            .expect("the guard holds the lab until consumed")
+            .teardown()
     }
 }
 
@@ -203,7 +224,9 @@ impl Deref for LabGuard {
     type Target = LabState;
 
     fn deref(&self) -> &LabState {
-        self.0.as_ref().expect("the guard holds the lab until consumed")
+        self.0
+            .as_ref()
+            .expect("the guard holds the lab until consumed")
     }
 }
 
@@ -227,7 +250,10 @@ fn random_id() -> Result<String> {
 
 /// Whether `path` is a mount point of our mount namespace.
 pub fn is_mount_point(path: &Path) -> Result<bool> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mounts =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     // Field 5 is the mount point (our paths contain no characters mountinfo escapes).
-    Ok(mounts.lines().any(|line| line.split(' ').nth(4) == Some(&*path.to_string_lossy())))
+    Ok(mounts
+        .lines()
+        .any(|line| line.split(' ').nth(4) == Some(&*path.to_string_lossy())))
 }

@@ -11,7 +11,11 @@ pub struct Table {
 
 impl Table {
     pub fn new<S: ToString>(header: impl IntoIterator<Item = S>) -> Self {
-        Self { header: header.into_iter().map(|h| h.to_string()).collect(), rows: Vec::new(), right: Vec::new() }
+        Self {
+            header: header.into_iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+            right: Vec::new(),
+        }
     }
 
     pub fn align_right(mut self, columns: impl IntoIterator<Item = usize>) -> Self {
@@ -20,7 +24,8 @@ impl Table {
     }
 
     pub fn row<S: ToString>(&mut self, cells: impl IntoIterator<Item = S>) {
-        self.rows.push(cells.into_iter().map(|c| c.to_string()).collect());
+        self.rows
+            .push(cells.into_iter().map(|c| c.to_string()).collect());
     }
 }
 
@@ -64,6 +69,9 @@ mod tests {
         let mut t = Table::new(["NAME", "MS"]).align_right([1]);
         t.row(["cp-pod1", "0.05"]);
         t.row(["w3", "✗ unreach"]);
-        assert_eq!(t.to_string(), "  NAME            MS\n  cp-pod1       0.05\n  w3       ✗ unreach\n");
+        assert_eq!(
+            t.to_string(),
+            "  NAME            MS\n  cp-pod1       0.05\n  w3       ✗ unreach\n"
+        );
     }
 }

@@ -13,9 +13,21 @@ fn lab_passes_controls_fail_and_nothing_remains() {
     }
     interrupt::install().unwrap();
     let report = full_run(BuildArgs { release: false }, true).expect("the lab runs to its end");
-    assert!(report.matrix.is_empty(), "probes that failed: {:#?}", report.matrix);
-    assert!(report.wire.is_empty(), "the wire proof fails: {:#?}", report.wire);
-    assert_eq!(report.controls, Some(true), "the negative controls did not come out as expected");
+    assert!(
+        report.matrix.is_empty(),
+        "probes that failed: {:#?}",
+        report.matrix
+    );
+    assert!(
+        report.wire.is_empty(),
+        "the wire proof fails: {:#?}",
+        report.wire
+    );
+    assert_eq!(
+        report.controls,
+        Some(true),
+        "the negative controls did not come out as expected"
+    );
 
     // Checked from the outside, not through the teardown's own bookkeeping.
     let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
@@ -27,8 +39,13 @@ fn lab_passes_controls_fail_and_nothing_remains() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&dir), "mounts left behind:\n{mounts}");
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        assert!(!cmdline.contains(&dir), "a process of the lab is still running: {cmdline}");
+        assert!(
+            !cmdline.contains(&dir),
+            "a process of the lab is still running: {cmdline}"
+        );
     }
 }

@@ -71,14 +71,32 @@ impl Topology {
             pod_network: net("10.244.0.0/16"),
             pods_per_node: 2,
             segments: vec![
-                Segment { name: "kind".into(), gateway: net("172.18.0.1/16") },
-                Segment { name: "remote".into(), gateway: net("172.19.0.1/24") },
+                Segment {
+                    name: "kind".into(),
+                    gateway: net("172.18.0.1/16"),
+                },
+                Segment {
+                    name: "remote".into(),
+                    gateway: net("172.19.0.1/24"),
+                },
             ],
             nodes: vec![
-                node("cp", Role::ControlPlane, "kind", [172, 18, 0, 2], "10.244.0.0/24"),
+                node(
+                    "cp",
+                    Role::ControlPlane,
+                    "kind",
+                    [172, 18, 0, 2],
+                    "10.244.0.0/24",
+                ),
                 node("w1", Role::Worker, "kind", [172, 18, 0, 3], "10.244.1.0/24"),
                 node("w2", Role::Worker, "kind", [172, 18, 0, 4], "10.244.2.0/24"),
-                node("w3", Role::Worker, "remote", [172, 19, 0, 2], "10.244.3.0/24"),
+                node(
+                    "w3",
+                    Role::Worker,
+                    "remote",
+                    [172, 19, 0, 2],
+                    "10.244.3.0/24",
+                ),
             ],
         }
     }
@@ -89,7 +107,11 @@ impl Topology {
         // The probes and the wire proof talk between pods.
         ensure!(self.pods_per_node >= 1, "every node needs at least one pod");
         for (i, node) in self.nodes.iter().enumerate() {
-            ensure!(!self.nodes[..i].iter().any(|n| n.name == node.name), "node {} is listed twice", node.name);
+            ensure!(
+                !self.nodes[..i].iter().any(|n| n.name == node.name),
+                "node {} is listed twice",
+                node.name
+            );
             let segment = self.segment_of(node)?;
             ensure!(
                 segment.gateway.contains(&node.address) && segment.gateway.addr() != node.address,
@@ -106,11 +128,14 @@ impl Topology {
                 node.pod_cidr,
                 self.pod_network
             );
-            if let Some(other) = self.nodes[..i]
-                .iter()
-                .find(|n| n.pod_cidr.contains(&node.pod_cidr) || node.pod_cidr.contains(&n.pod_cidr))
-            {
-                bail!("nodes {} and {} have overlapping pod subnets", other.name, node.name);
+            if let Some(other) = self.nodes[..i].iter().find(|n| {
+                n.pod_cidr.contains(&node.pod_cidr) || node.pod_cidr.contains(&n.pod_cidr)
+            }) {
+                bail!(
+                    "nodes {} and {} have overlapping pod subnets",
+                    other.name,
+                    node.name
+                );
             }
             // The gateway and the pods must fit into the subnet.
             ensure!(
@@ -140,7 +165,10 @@ impl Topology {
 
     /// The node's address with its segment's prefix length.
     pub fn node_address(&self, node: &Node) -> Result<Ipv4Net> {
-        Ok(Ipv4Net::new(node.address, self.segment_of(node)?.gateway.prefix_len())?)
+        Ok(Ipv4Net::new(
+            node.address,
+            self.segment_of(node)?.gateway.prefix_len(),
+        )?)
     }
 
     /// The pods of `node`, addressed from .2 up as host-local IPAM hands them out (.1
@@ -212,20 +240,32 @@ mod tests {
     fn kind_cluster_is_valid_and_addresses_pods_like_host_local() {
         let t = Topology::kind();
         t.validate().unwrap();
-        let pods: Vec<_> =
-            t.pods_of(t.node("w3").unwrap()).into_iter().map(|p| (p.name, p.address.to_string())).collect();
+        let pods: Vec<_> = t
+            .pods_of(t.node("w3").unwrap())
+            .into_iter()
+            .map(|p| (p.name, p.address.to_string()))
+            .collect();
         assert_eq!(
             pods,
-            [("w3-pod1".to_owned(), "10.244.3.2".to_owned()), ("w3-pod2".to_owned(), "10.244.3.3".to_owned())]
+            [
+                ("w3-pod1".to_owned(), "10.244.3.2".to_owned()),
+                ("w3-pod2".to_owned(), "10.244.3.3".to_owned())
+            ]
         );
-        assert_eq!(t.node_address(t.node("w3").unwrap()).unwrap().to_string(), "172.19.0.2/24");
+        assert_eq!(
+            t.node_address(t.node("w3").unwrap()).unwrap().to_string(),
+            "172.19.0.2/24"
+        );
     }
 
     #[test]
     fn validation_names_the_problem() {
         let mut t = Topology::kind();
         t.nodes[3].address = [172, 18, 0, 9].into();
-        assert!(format!("{:#}", t.validate().unwrap_err()).contains("not a host address of segment remote"));
+        assert!(
+            format!("{:#}", t.validate().unwrap_err())
+                .contains("not a host address of segment remote")
+        );
         let mut t = Topology::kind();
         t.nodes[1].pod_cidr = "10.244.0.0/23".parse().unwrap();
         assert!(format!("{:#}", t.validate().unwrap_err()).contains("overlapping"));
@@ -241,12 +281,25 @@ mod tests {
         let cp = &list["items"][0];
         assert_eq!(cp["kind"], "Node");
         assert_eq!(cp["metadata"]["name"], "cp");
-        assert_eq!(cp["metadata"]["labels"]["node-role.kubernetes.io/control-plane"], "");
+        assert_eq!(
+            cp["metadata"]["labels"]["node-role.kubernetes.io/control-plane"],
+            ""
+        );
         assert_eq!(cp["spec"]["podCIDR"], "10.244.0.0/24");
         assert_eq!(cp["spec"]["podCIDRs"][0], "10.244.0.0/24");
-        assert_eq!(cp["status"]["addresses"][0], serde_json::json!({"address": "172.18.0.2", "type": "InternalIP"}));
-        assert_eq!(cp["status"]["addresses"][1], serde_json::json!({"address": "cp", "type": "Hostname"}));
+        assert_eq!(
+            cp["status"]["addresses"][0],
+            serde_json::json!({"address": "172.18.0.2", "type": "InternalIP"})
+        );
+        assert_eq!(
+            cp["status"]["addresses"][1],
+            serde_json::json!({"address": "cp", "type": "Hostname"})
+        );
         let w3 = &list["items"][3];
-        assert!(w3["metadata"]["labels"].get("node-role.kubernetes.io/control-plane").is_none());
+        assert!(
+            w3["metadata"]["labels"]
+                .get("node-role.kubernetes.io/control-plane")
+                .is_none()
+        );
     }
 }

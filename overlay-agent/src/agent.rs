@@ -1,0 +1,217 @@
+//! The agent's life: set the node up, load and attach the datapath, converge on the
+//! node set as it changes, and leave the node clean on the way out.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Result, anyhow};
+use overlay_common::Hook;
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::watch,
+};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    bpffs,
+    config::NetConf,
+    datapath::{Datapath, LoadOptions, MAP_NAMES},
+    host::{self, Host},
+    masq,
+    nodes::{NodeSet, Source},
+    reconcile::{Desired, NodeSettings, Reconciler, Uplink},
+    status::{Convergence, Status},
+};
+
+/// Everything `overlay-agent run` is told.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub node_name: String,
+    pub source: Source,
+    pub net_conf: PathBuf,
+    pub iface: String,
+    pub bridge: String,
+    pub subnet_file: PathBuf,
+    pub bpffs: PathBuf,
+    pub resync: Duration,
+    pub masq: masq::Settings,
+    pub conntrack_entries: u32,
+    pub ct_sweep: Duration,
+}
+
+/// Signals that end the run.
+struct Shutdown {
+    term: Signal,
+    int: Signal,
+}
+
+impl Shutdown {
+    fn install() -> Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn requested(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
+    // Before anything is installed, so that no signal can skip the cleanup.
+    let mut shutdown = Shutdown::install()?;
+    let net_conf = NetConf::load(&opts.net_conf)?;
+    if opts.masq.enabled {
+        masq::check_against_ephemeral(&opts.masq.ports, &masq::ephemeral_range()?)?;
+    }
+    let host = Host::connect()?;
+    let uplink = Uplink::find(&host, &opts.iface).await?;
+    host::enable_forwarding()?;
+    let pin_dir = bpffs::prepare(&opts.bpffs)?;
+    let mut dp = Datapath::load(&LoadOptions {
+        pin_dir: Some(pin_dir.clone()),
+        conntrack_entries: opts.conntrack_entries,
+    })?;
+    info!(node = opts.node_name, uplink = uplink.name, mtu = uplink.mtu, network = %net_conf.network, pins = %pin_dir.display(), "datapath loaded");
+
+    let settings = NodeSettings {
+        uplink,
+        bridge: opts.bridge.clone(),
+        network: net_conf.network,
+        subnet_file: opts.subnet_file.clone(),
+        masq: opts.masq.clone(),
+    };
+    let mut reconciler = Reconciler::new(host, settings);
+    let result = serve(&opts, &status, &mut shutdown, &mut dp, &mut reconciler).await;
+
+    // Leave the node as we found it, whatever ended the run.
+    dp.detach_all();
+    match reconciler.remove_routes().await {
+        Ok(n) => info!(routes = n, "routes removed"),
+        Err(e) => warn!("removing routes: {e:#}"),
+    }
+    for name in MAP_NAMES {
+        let _ = std::fs::remove_file(pin_dir.join(name));
+    }
+    info!("programs detached, pins removed");
+    result
+}
+
+async fn serve(
+    opts: &Options,
+    status: &Arc<Status>,
+    shutdown: &mut Shutdown,
+    dp: &mut Datapath,
+    rec: &mut Reconciler,
+) -> Result<()> {
+    dp.attach(Hook::UplinkIngress, &opts.iface)?;
+    dp.attach(Hook::UplinkEgress, &opts.iface)?;
+    info!(iface = opts.iface, "attached to the uplink");
+
+    let (tx, mut nodes) = watch::channel::<Option<NodeSet>>(None);
+    let source = tokio::spawn(opts.source.clone().run(tx, Arc::clone(status)));
+    let mut resync = tokio::time::interval(opts.resync);
+    let mut bridge_check = tokio::time::interval(Duration::from_secs(1));
+    let mut ct_sweep = tokio::time::interval(opts.ct_sweep);
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.requested() => break Ok(()),
+            changed = nodes.changed() => {
+                if changed.is_err() {
+                    break Err(anyhow!("the node source stopped"));
+                }
+            }
+            _ = resync.tick() => {}
+            // The CNI plugin creates the bridge with the first pod: a full pass as soon
+            // as it appears attaches to it and sources host traffic from its gateway.
+            _ = bridge_check.tick() => {
+                let appeared = dp.attachment(Hook::BridgeIngress).is_none() && host::ifindex_by_name(&opts.bridge).is_some();
+                if !appeared {
+                    continue;
+                }
+            }
+            _ = ct_sweep.tick() => {
+                sweep(dp);
+                continue;
+            }
+        }
+        let set = nodes.borrow_and_update().clone();
+        if let Some(set) = set {
+            converge(&opts.node_name, &set, status, dp, rec).await;
+        }
+    };
+    source.abort();
+    result
+}
+
+fn sweep(dp: &mut Datapath) {
+    match dp.conntrack.collect() {
+        Ok(c) if c.expired + c.orphans > 0 => {
+            debug!(
+                expired = c.expired,
+                orphans = c.orphans,
+                remaining = c.remaining,
+                "connection table swept"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => warn!("sweeping the connection table: {e:#}"),
+    }
+}
+
+/// One reconcile pass; failures are logged and retried on the next trigger, keeping
+/// the last state in place.
+async fn converge(
+    node_name: &str,
+    set: &NodeSet,
+    status: &Status,
+    dp: &mut Datapath,
+    rec: &mut Reconciler,
+) {
+    let started = std::time::Instant::now();
+    let record = |ok: bool, remote_subnets: usize| {
+        let took = started.elapsed();
+        status.converged(Convergence {
+            at: started,
+            took,
+            ok,
+            nodes: set.nodes.len(),
+            remote_subnets,
+        });
+    };
+    let desired = match Desired::compute(set, node_name) {
+        Ok(d) => d,
+        Err(e) => {
+            error!("{e}; keeping the current state");
+            record(false, 0);
+            return;
+        }
+    };
+    for why in &desired.skipped {
+        warn!("skipping: {why}");
+    }
+    match rec.apply(dp, &desired).await {
+        Ok(o) => {
+            record(true, desired.remotes.len());
+            if !(o.map_routes.is_empty() && o.map_peers.is_empty() && o.kernel_routes.is_empty()) {
+                info!(
+                    remote_subnets = desired.remotes.len(),
+                    map_changes = ?o.map_routes,
+                    peer_changes = ?o.map_peers,
+                    route_changes = ?o.kernel_routes,
+                    unreachable_peers = o.unreachable_peers,
+                    bridge_attached = o.bridge_attached,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "converged"
+                );
+            }
+        }
+        Err(e) => {
+            record(false, desired.remotes.len());
+            error!("reconcile failed, will retry: {e:#}");
+        }
+    }
+}
