@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     bpffs,
     config::NetConf,
-    datapath::{Datapath, LoadOptions, MAP_NAMES},
+    datapath::{Datapath, LoadOptions},
     host::{self, Host},
     masq,
     nodes::{NodeSet, Source},
@@ -86,17 +86,9 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
     };
     let mut reconciler = Reconciler::new(host, settings);
     let result = serve(&opts, &status, &mut shutdown, &mut dp, &mut reconciler).await;
-
-    // Leave the node as we found it, whatever ended the run.
-    dp.detach_all();
-    match reconciler.remove_routes().await {
-        Ok(n) => info!(routes = n, "routes removed"),
-        Err(e) => warn!("removing routes: {e:#}"),
-    }
-    for name in MAP_NAMES {
-        let _ = std::fs::remove_file(pin_dir.join(name));
-    }
-    info!("programs detached, pins removed");
+    // Programs, maps and routes stay: the next agent (a restart, an upgrade) takes
+    // them over without a gap. `overlay-agent cleanup` removes them.
+    info!("exiting; the datapath stays in place (`overlay-agent cleanup` removes it)");
     result
 }
 
@@ -107,10 +99,6 @@ async fn serve(
     dp: &mut Datapath,
     rec: &mut Reconciler,
 ) -> Result<()> {
-    dp.attach(Hook::UplinkIngress, &opts.iface)?;
-    dp.attach(Hook::UplinkEgress, &opts.iface)?;
-    info!(iface = opts.iface, "attached to the uplink");
-
     let (tx, mut nodes) = watch::channel::<Option<NodeSet>>(None);
     let source = tokio::spawn(opts.source.clone().run(tx, Arc::clone(status)));
     let mut resync = tokio::time::interval(opts.resync);
@@ -139,12 +127,30 @@ async fn serve(
             }
         }
         let set = nodes.borrow_and_update().clone();
-        if let Some(set) = set {
-            converge(&opts.node_name, &set, status, dp, rec).await;
+        if let Some(set) = set
+            && converge(&opts.node_name, &set, status, dp, rec).await
+            && dp.attachment(Hook::UplinkIngress).is_none()
+        {
+            // Only now: the maps match the node set, so taking over the links an
+            // earlier run left (or attaching for the first time) changes nothing for
+            // traffic already flowing.
+            if let Err(e) = take_over_uplink(opts, dp) {
+                break Err(e);
+            }
         }
     };
     source.abort();
     result
+}
+
+fn take_over_uplink(opts: &Options, dp: &mut Datapath) -> Result<()> {
+    dp.attach(Hook::UplinkIngress, &opts.iface)?;
+    dp.attach(Hook::UplinkEgress, &opts.iface)?;
+    let pin_dir = bpffs::pin_dir(&opts.bpffs);
+    for old in bpffs::remove_other_versions(&pin_dir)? {
+        info!(pins = %old.display(), "removed the pins of another layout version");
+    }
+    Ok(())
 }
 
 fn sweep(dp: &mut Datapath) {
@@ -163,14 +169,14 @@ fn sweep(dp: &mut Datapath) {
 }
 
 /// One reconcile pass; failures are logged and retried on the next trigger, keeping
-/// the last state in place.
+/// the last state in place. Returns whether the datapath now matches the node set.
 async fn converge(
     node_name: &str,
     set: &NodeSet,
     status: &Status,
     dp: &mut Datapath,
     rec: &mut Reconciler,
-) {
+) -> bool {
     let started = std::time::Instant::now();
     let record = |ok: bool, remote_subnets: usize| {
         let took = started.elapsed();
@@ -187,7 +193,7 @@ async fn converge(
         Err(e) => {
             error!("{e}; keeping the current state");
             record(false, 0);
-            return;
+            return false;
         }
     };
     for why in &desired.skipped {
@@ -208,10 +214,12 @@ async fn converge(
                     "converged"
                 );
             }
+            true
         }
         Err(e) => {
             record(false, desired.remotes.len());
             error!("reconcile failed, will retry: {e:#}");
+            false
         }
     }
 }

@@ -17,6 +17,42 @@ pub fn pin_dir(root: &Path) -> PathBuf {
     root.join("overlay-ipip").join(format!("v{LAYOUT_VERSION}"))
 }
 
+/// Every layout version's directory next to `version_dir` (which comes first), so
+/// that an upgrade finds what an earlier build pinned.
+pub fn version_dirs(version_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut dirs = vec![version_dir.to_path_buf()];
+    let Some(parent) = version_dir.parent() else {
+        return Ok(dirs);
+    };
+    let entries = match std::fs::read_dir(parent) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(dirs),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", parent.display())),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let is_version = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix('v'))
+            .is_some_and(|v| v.parse::<u32>().is_ok());
+        if is_version && path != version_dir {
+            dirs.push(path);
+        }
+    }
+    Ok(dirs)
+}
+
+/// Removes what builds with other layouts pinned: once this build's programs have
+/// taken over the links, their maps serve nothing.
+pub fn remove_other_versions(version_dir: &Path) -> Result<Vec<PathBuf>> {
+    let others: Vec<PathBuf> = version_dirs(version_dir)?.into_iter().skip(1).collect();
+    for dir in &others {
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(others)
+}
+
 fn is_bpffs(path: &Path) -> Result<bool> {
     let c = CString::new(path.as_os_str().as_bytes())?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };

@@ -174,6 +174,15 @@ impl Host {
             .with_context(|| format!("installing route {} via {}", route.dst, route.via))
     }
 
+    /// Removes every route this agent owns; returns how many.
+    pub async fn remove_overlay_routes(&self) -> Result<usize> {
+        let routes = self.overlay_routes().await?;
+        for route in &routes {
+            self.delete_route(route).await?;
+        }
+        Ok(routes.len())
+    }
+
     pub async fn delete_route(&self, route: &OverlayRoute) -> Result<()> {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(route.dst.network(), route.dst.prefix_len())

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod bpffs;
+pub mod cleanup;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;

@@ -3,7 +3,7 @@ use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use overlay_agent::{
-    agent, bpffs, inspect,
+    agent, bpffs, cleanup, inspect,
     masq::{self, PortRange, TimeoutOverride},
     nodes::Source,
 };
@@ -47,6 +47,16 @@ enum Command {
     Nat {
         #[command(flatten)]
         pins: PinArgs,
+    },
+    /// Remove everything the agent installed: programs, pinned maps, routes and
+    /// subnet.env. The agent leaves them in place when it exits, so that a restart or
+    /// an upgrade does not interrupt traffic; stop it first.
+    Cleanup {
+        #[command(flatten)]
+        pins: PinArgs,
+        /// The subnet.env the agent wrote.
+        #[arg(long, default_value = "/run/flannel/subnet.env")]
+        subnet_file: PathBuf,
     },
 }
 
@@ -127,6 +137,9 @@ async fn main() {
             inspect::nodes(&bpffs::pin_dir(&pins.bpffs)).map(|t| print!("{t}"))
         }
         Command::Nat { pins } => inspect::nat(&bpffs::pin_dir(&pins.bpffs)).map(|t| print!("{t}")),
+        Command::Cleanup { pins, subnet_file } => cleanup::run(&pins.bpffs, &subnet_file)
+            .await
+            .map(|t| print!("{t}")),
     };
     if let Err(e) = result {
         error!("{e:#}");

@@ -323,15 +323,6 @@ impl Reconciler {
         info!(bridge, mtu = pod_mtu, "attached to the pod bridge");
         Ok(true)
     }
-
-    /// Removes everything this agent installed in the kernel's routing table.
-    pub async fn remove_routes(&self) -> Result<usize> {
-        let routes = self.host.overlay_routes().await?;
-        for route in &routes {
-            self.host.delete_route(route).await?;
-        }
-        Ok(routes.len())
-    }
 }
 
 #[cfg(test)]

@@ -231,12 +231,21 @@ impl NatEvent {
     }
 }
 
+/// Slots per hook in the `COUNTERS` map: room for reasons to come, so that adding one
+/// does not change the map's layout (and an upgrade keeps the pinned maps).
+pub const REASON_SLOTS: u32 = 64;
+const _: () = assert!(Reason::COUNT <= REASON_SLOTS);
+
 /// Number of slots in the `COUNTERS` map.
-pub const COUNTER_SLOTS: u32 = Hook::ALL.len() as u32 * Reason::COUNT;
+pub const COUNTER_SLOTS: u32 = Hook::ALL.len() as u32 * REASON_SLOTS;
+
+/// Slots in the `NAT_EVENTS` map, likewise with room to grow.
+pub const NAT_EVENT_SLOTS: u32 = 16;
+const _: () = assert!(NatEvent::COUNT <= NAT_EVENT_SLOTS);
 
 /// Slot of (hook, reason) in the `COUNTERS` map.
 pub const fn index(hook: Hook, reason: Reason) -> u32 {
-    hook as u32 * Reason::COUNT + reason as u32
+    hook as u32 * REASON_SLOTS + reason as u32
 }
 
 /// Value of a `COUNTERS` slot (per CPU; the agent sums).
@@ -290,6 +299,9 @@ mod tests {
                 seen[i] = true;
             }
         }
-        assert!(seen.iter().all(|s| *s));
+        assert_eq!(
+            seen.iter().filter(|s| **s).count(),
+            Hook::ALL.len() * Reason::ALL.len()
+        );
     }
 }

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use overlay_common::{
     Counter, DatapathConfig, PeerStats, Route,
     conntrack::{CtEntry, CtKey},
-    counters::{COUNTER_SLOTS, NatEvent},
+    counters::{COUNTER_SLOTS, NAT_EVENT_SLOTS},
     maps::{CONNTRACK_ENTRIES, MAX_NODES},
 };
 
@@ -28,7 +28,7 @@ pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTE
 pub static CONNTRACK: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
 
 #[map(name = "NAT_EVENTS")]
-pub static NAT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NatEvent::COUNT, 0);
+pub static NAT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NAT_EVENT_SLOTS, 0);
 
 /// This node's configuration, once the agent has written it.
 #[inline(always)]

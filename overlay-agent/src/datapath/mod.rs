@@ -1,6 +1,7 @@
 //! The eBPF side as seen from userspace: the embedded object, its programs and maps.
 
 mod attach;
+pub mod layout;
 pub mod maps;
 
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use overlay_common::{
     maps::{CONNTRACK_ENTRIES, names},
 };
 
-pub use attach::Attachment;
+pub use attach::{Attachment, link_pin};
 pub use maps::{Config, Counters, NatEvents, Peers, Routes};
 
 use crate::conntrack::Conntrack;
@@ -30,6 +31,7 @@ pub struct Datapath {
     pub conntrack: Conntrack,
     pub nat_events: NatEvents,
     attachments: Vec<Attachment>,
+    pin_dir: Option<PathBuf>,
 }
 
 /// Names of all maps, in the order they are pinned and checked.
@@ -45,8 +47,9 @@ pub const MAP_NAMES: [&str; 6] = [
 /// How to load the datapath.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Pin the maps here (and reuse them if already pinned), so that other processes
-    /// can inspect them.
+    /// Pin maps and links here (a layout version's directory on a bpffs): maps are
+    /// reused if already pinned (after checking their layout), links are taken over, and
+    /// both outlive the agent, so a restart or an upgrade does not interrupt traffic.
     pub pin_dir: Option<PathBuf>,
     /// Capacity of the masquerade connection table (two entries per flow).
     pub conntrack_entries: u32,
@@ -68,6 +71,9 @@ impl Datapath {
             Some(dir) => MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect(),
             None => Vec::new(),
         };
+        if let Some(dir) = &options.pin_dir {
+            layout::check_pinned(dir, &layout::expected(options.conntrack_entries))?;
+        }
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::CONNTRACK, options.conntrack_entries);
         for (name, path) in &pins {
@@ -101,6 +107,7 @@ impl Datapath {
             conntrack,
             nat_events,
             attachments: Vec::new(),
+            pin_dir: options.pin_dir.clone(),
         })
     }
 
@@ -119,10 +126,12 @@ impl Datapath {
             .expect("programs are checked at load")
     }
 
-    /// Attaches `hook`'s program to `iface`, replacing an earlier attachment of it.
+    /// Attaches `hook`'s program to `iface`, replacing an earlier attachment of it
+    /// (this agent's, or a pinned one an earlier run left).
     pub fn attach(&mut self, hook: Hook, iface: &str) -> Result<()> {
         self.detach(hook);
-        let attachment = Attachment::new(self.program_mut(hook), hook, iface)?;
+        let pin_dir = self.pin_dir.clone();
+        let attachment = Attachment::new(self.program_mut(hook), hook, iface, pin_dir.as_deref())?;
         self.attachments.push(attachment);
         Ok(())
     }

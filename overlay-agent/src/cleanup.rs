@@ -1,0 +1,54 @@
+//! `overlay-agent cleanup`: removes everything the agent installs and leaves behind on
+//! exit (so that restarts lose nothing): attached programs, pinned maps of every
+//! layout version, the routes it owns, and subnet.env.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, Result};
+use overlay_common::Hook;
+
+use crate::{bpffs, datapath::link_pin, host::Host};
+
+/// Removes it all; returns what was removed, one line per item. Run it with the agent
+/// stopped, or it puts back what it needs at its next pass.
+pub async fn run(bpffs_root: &Path, subnet_file: &Path) -> Result<String> {
+    let mut report = String::new();
+    let version_dir = bpffs::pin_dir(bpffs_root);
+    for dir in bpffs::version_dirs(&version_dir)? {
+        // Removing a link's only pin detaches its program.
+        for hook in Hook::ALL {
+            let pin = link_pin(&dir, hook);
+            if pin.exists() {
+                std::fs::remove_file(&pin)
+                    .with_context(|| format!("removing {}", pin.display()))?;
+                writeln!(
+                    report,
+                    "detached {} (pin {})",
+                    hook.program(),
+                    pin.display()
+                )?;
+            }
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            writeln!(report, "removed pinned maps {}", dir.display())?;
+        }
+    }
+    if let Some(base) = version_dir.parent()
+        && base.exists()
+    {
+        std::fs::remove_dir(base).with_context(|| format!("removing {}", base.display()))?;
+    }
+    let routes = Host::connect()?.remove_overlay_routes().await?;
+    writeln!(
+        report,
+        "removed {routes} routes (proto {})",
+        crate::host::RTPROT_OVERLAY
+    )?;
+    match std::fs::remove_file(subnet_file) {
+        Ok(()) => writeln!(report, "removed {}", subnet_file.display())?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", subnet_file.display())),
+    }
+    Ok(report)
+}
