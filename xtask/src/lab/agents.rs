@@ -202,8 +202,9 @@ fn agent_node(lab: &LabState, pid: u32) -> Option<String> {
     pins.file_name()?.to_str().map(str::to_owned)
 }
 
-/// Stops the lab's agents with SIGTERM (they detach and remove their routes), waiting
-/// for each to exit, and SIGKILL for any that does not in time. Returns how many ran.
+/// Stops the lab's agents with SIGTERM, waiting for each to exit, and SIGKILL for any
+/// that does not in time. Returns how many ran. Their datapath stays in place (so that
+/// a restart loses nothing); [`cleanup`] removes it.
 pub fn stop_all(lab: &LabState) -> Result<usize> {
     let mut stopping = Vec::new();
     for agent in running(lab)? {
@@ -403,6 +404,18 @@ fn subnets(nodes_output: &str) -> BTreeSet<Ipv4Net> {
         .lines()
         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
         .collect()
+}
+
+/// `overlay-agent cleanup` in `node`'s namespace: programs, pins, routes, subnet.env.
+pub fn cleanup(lab: &LabState, node: &Node) -> Result<String> {
+    netns::run(
+        netns::command(&lab.netns(&node.name), &lab.agent)
+            .arg("cleanup")
+            .arg("--bpffs")
+            .arg(node_bpffs(lab, node))
+            .arg("--subnet-file")
+            .arg(subnet_file(lab, node)),
+    )
 }
 
 /// `overlay-agent <what> --bpffs ...` run in `node`'s namespace (`counters`, `nodes`).

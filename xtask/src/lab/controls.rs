@@ -63,8 +63,11 @@ fn controls(lab: &LabState) -> Result<Controls> {
         surprises: Vec::new(),
     };
 
-    println!("(a) stopping every agent");
+    println!("(a) stopping every agent and removing what it installed");
     agents::stop_all(lab)?;
+    for node in &lab.topology.nodes {
+        agents::cleanup(lab, node)?;
+    }
     let mut leftovers = Vec::new();
     for node in &lab.topology.nodes {
         let routes = agents::overlay_routes(&lab.netns(&node.name))?;
