@@ -62,14 +62,7 @@ fn bridge(ctx: &TcContext) -> Verdict {
     if ip.ttl <= 1 {
         return pass(Reason::PassTtlExpired);
     }
-    let path = fib::lookup(
-        ctx,
-        ctx_ifindex(ctx),
-        cfg.node_ip,
-        peer,
-        outer_len(ctx, &ip),
-    );
-    let path = match path {
+    let path = match peer_path(ctx, cfg, &ip, peer) {
         Path::FragNeeded { mtu } if parse::dont_fragment(&ip) => {
             return icmp::frag_needed(ctx, cfg, &ip, mtu.saturating_sub(IPV4_LEN as u16));
         }
@@ -110,14 +103,7 @@ fn host(ctx: &TcContext) -> Verdict {
     };
     // The host stack already routed this packet (TTL, options and fragments are its
     // business), so everything well-formed is carried as is.
-    let path = fib::lookup(
-        ctx,
-        ctx_ifindex(ctx),
-        cfg.node_ip,
-        peer,
-        outer_len(ctx, &ip),
-    );
-    let path = match path {
+    let path = match peer_path(ctx, cfg, &ip, peer) {
         // The agent's routes carry MTU = uplink - 20, so the stack should never hand us
         // this; no ICMP can be addressed to a local sender from here.
         Path::FragNeeded { .. } => return drop(Reason::DropTooBig),
@@ -162,6 +148,13 @@ fn overlay_packet(ctx: &TcContext, ip: Ipv4Hdr) -> Result<(Ipv4Hdr, [u8; 4]), Ve
 #[inline(always)]
 fn ctx_ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// The FIB's path to `peer` for the encapsulated form of this packet, whose size it
+/// checks against the route's MTU.
+#[inline(always)]
+fn peer_path(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr, peer: [u8; 4]) -> Path {
+    fib::lookup(ctx, ctx_ifindex(ctx), cfg.node_ip, peer, outer_len(ctx, ip))
 }
 
 /// Length of the largest outer packet this skb will become on the wire.

@@ -3,7 +3,7 @@
 //! transport checksums and the ICMP checksum kept consistent.
 
 use aya_ebpf::programs::TcContext;
-use overlay_common::{Reason, conntrack::Rule};
+use overlay_common::{Reason, conntrack::Rule, counters::NatEvent};
 
 use super::{
     rewrite::End,
@@ -12,6 +12,7 @@ use super::{
 use crate::{
     checksum,
     conntrack::{self, Tuple},
+    counters::nat_event,
     parse::load_exact,
 };
 
@@ -121,6 +122,7 @@ pub fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Result<bool
     let ip_check = checksum::replace4(read16(ctx, l3 + IP_CHECK)?, outer_old, new.0);
     store(ctx, outer_off, &new.0)?;
     store(ctx, l3 + IP_CHECK, &ip_check.to_be_bytes())?;
+    nat_event(NatEvent::IcmpErrorTranslated);
     Ok(true)
 }
 

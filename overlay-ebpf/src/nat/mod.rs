@@ -70,11 +70,7 @@ pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<boo
     }
     let l4 = tuple::parse(ctx, ip, ETH_LEN, false)?;
     if l4.kind == Kind::IcmpError {
-        let translated = icmp_error::translate(ctx, ETH_LEN, &l4, End::Source)?;
-        if translated {
-            nat_event(NatEvent::IcmpErrorTranslated);
-        }
-        return Ok(translated);
+        return icmp_error::translate(ctx, ETH_LEN, &l4, End::Source);
     }
     let t = l4.tuple;
     let entry = match conntrack::original(&t) {
@@ -135,11 +131,7 @@ pub fn ingress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<bo
         return Ok(false);
     };
     if l4.kind == Kind::IcmpError {
-        let translated = icmp_error::translate(ctx, ETH_LEN, &l4, End::Destination)?;
-        if translated {
-            nat_event(NatEvent::IcmpErrorTranslated);
-        }
-        return Ok(translated);
+        return icmp_error::translate(ctx, ETH_LEN, &l4, End::Destination);
     }
     let t = l4.tuple;
     if let Some((rev, entry)) = conntrack::reply(&t) {
