@@ -2,13 +2,16 @@
 //! host's routes in step with them.
 
 pub mod agent;
+pub mod bpf_log;
 pub mod bpffs;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;
 pub mod host;
+pub mod http;
 pub mod inspect;
 pub mod masq;
+pub mod metrics;
 pub mod nodes;
 pub mod reconcile;
 pub mod status;
