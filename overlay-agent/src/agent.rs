@@ -1,7 +1,7 @@
 //! The agent's life: set the node up, load and attach the datapath, converge on the
 //! node set as it changes, and leave the node clean on the way out.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Result, anyhow};
 use overlay_common::Hook;
@@ -12,6 +12,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    bpf_log::BpfLogLevel,
     bpffs,
     config::NetConf,
     datapath::{Datapath, LoadOptions},
@@ -36,6 +37,7 @@ pub struct Options {
     pub masq: masq::Settings,
     pub conntrack_entries: u32,
     pub ct_sweep: Duration,
+    pub bpf_log_level: BpfLogLevel,
 }
 
 /// Signals that end the run.
@@ -74,8 +76,10 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
     let mut dp = Datapath::load(&LoadOptions {
         pin_dir: Some(pin_dir.clone()),
         conntrack_entries: opts.conntrack_entries,
+        log_level: opts.bpf_log_level,
     })?;
-    info!(node = opts.node_name, uplink = uplink.name, mtu = uplink.mtu, network = %net_conf.network, pins = %pin_dir.display(), "datapath loaded");
+    info!(node = opts.node_name, uplink = uplink.name, mtu = uplink.mtu, network = %net_conf.network, pins = %pin_dir.display(), bpf_log_level = %opts.bpf_log_level, "datapath loaded");
+    let program_log = dp.take_log().map(|log| tokio::spawn(log.forward()));
 
     let settings = NodeSettings {
         uplink,
@@ -86,6 +90,9 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
     };
     let mut reconciler = Reconciler::new(host, settings);
     let result = serve(&opts, &status, &mut shutdown, &mut dp, &mut reconciler).await;
+    if let Some(task) = program_log {
+        task.abort();
+    }
     // Programs, maps and routes stay: the next agent (a restart, an upgrade) takes
     // them over without a gap. `overlay-agent cleanup` removes them.
     info!("exiting; the datapath stays in place (`overlay-agent cleanup` removes it)");
@@ -104,7 +111,10 @@ async fn serve(
     let mut resync = tokio::time::interval(opts.resync);
     let mut bridge_check = tokio::time::interval(Duration::from_secs(1));
     let mut ct_sweep = tokio::time::interval(opts.ct_sweep);
+    let mut warned = BTreeSet::new();
     let result = loop {
+        // /healthz judges the loop by this: every branch below returns to it.
+        status.heartbeat();
         tokio::select! {
             _ = shutdown.requested() => break Ok(()),
             changed = nodes.changed() => {
@@ -122,13 +132,13 @@ async fn serve(
                 }
             }
             _ = ct_sweep.tick() => {
-                sweep(dp);
+                sweep(dp, status);
                 continue;
             }
         }
         let set = nodes.borrow_and_update().clone();
         if let Some(set) = set
-            && converge(&opts.node_name, &set, status, dp, rec).await
+            && converge(&opts.node_name, &set, status, dp, rec, &mut warned).await
             && dp.attachment(Hook::UplinkIngress).is_none()
         {
             // Only now: the maps match the node set, so taking over the links an
@@ -153,29 +163,37 @@ fn take_over_uplink(opts: &Options, dp: &mut Datapath) -> Result<()> {
     Ok(())
 }
 
-fn sweep(dp: &mut Datapath) {
+fn sweep(dp: &mut Datapath, status: &Status) {
     match dp.conntrack.collect() {
-        Ok(c) if c.expired + c.orphans > 0 => {
-            debug!(
-                expired = c.expired,
-                orphans = c.orphans,
-                remaining = c.remaining,
-                "connection table swept"
-            );
+        Ok(c) => {
+            status.swept(c);
+            if c.expired + c.orphans > 0 {
+                debug!(
+                    expired = c.expired,
+                    orphans = c.orphans,
+                    remaining = c.remaining,
+                    "connection table swept"
+                );
+            }
         }
-        Ok(_) => {}
-        Err(e) => warn!("sweeping the connection table: {e:#}"),
+        Err(e) => warn!(
+            error = format!("{e:#}"),
+            "sweeping the connection table failed"
+        ),
     }
 }
 
 /// One reconcile pass; failures are logged and retried on the next trigger, keeping
 /// the last state in place. Returns whether the datapath now matches the node set.
+/// `warned` holds the skipped nodes already warned about, so that each resync does not
+/// repeat them.
 async fn converge(
     node_name: &str,
     set: &NodeSet,
     status: &Status,
     dp: &mut Datapath,
     rec: &mut Reconciler,
+    warned: &mut BTreeSet<String>,
 ) -> bool {
     let started = std::time::Instant::now();
     let record = |ok: bool, remote_subnets: usize| {
@@ -191,23 +209,26 @@ async fn converge(
     let desired = match Desired::compute(set, node_name) {
         Ok(d) => d,
         Err(e) => {
-            error!("{e}; keeping the current state");
+            error!(error = %e, "node set unusable; keeping the current state");
             record(false, 0);
             return false;
         }
     };
     for why in &desired.skipped {
-        warn!("skipping: {why}");
+        if !warned.contains(why) {
+            warn!(reason = why, "node skipped");
+        }
     }
+    *warned = desired.skipped.iter().cloned().collect();
     match rec.apply(dp, &desired).await {
         Ok(o) => {
             record(true, desired.remotes.len());
             if !(o.map_routes.is_empty() && o.map_peers.is_empty() && o.kernel_routes.is_empty()) {
                 info!(
                     remote_subnets = desired.remotes.len(),
-                    map_changes = ?o.map_routes,
-                    peer_changes = ?o.map_peers,
-                    route_changes = ?o.kernel_routes,
+                    map_changes = %o.map_routes,
+                    peer_changes = %o.map_peers,
+                    route_changes = %o.kernel_routes,
                     unreachable_peers = o.unreachable_peers,
                     bridge_attached = o.bridge_attached,
                     took_ms = started.elapsed().as_millis() as u64,
@@ -218,7 +239,7 @@ async fn converge(
         }
         Err(e) => {
             record(false, desired.remotes.len());
-            error!("reconcile failed, will retry: {e:#}");
+            error!(error = format!("{e:#}"), "reconcile failed; will retry");
             false
         }
     }

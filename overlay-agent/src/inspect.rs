@@ -1,71 +1,230 @@
-//! Human-readable views of the pinned maps, for operators and the lab.
+//! Views of the pinned maps for operators (tables) and scripts (`--json`).
+//!
+//! They only open the pins, read-only in effect, so they work beside a running agent
+//! (the maps are shared kernel objects; the agent keeps its own handles).
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+use std::{collections::BTreeMap, fmt, fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use anyhow::Result;
 use ipnet::Ipv4Net;
 use overlay_common::maps::names;
+use serde::Serialize;
 
 use crate::{
-    conntrack::Conntrack,
-    datapath::{Config, Counters, NatEvents, Peers, Routes, maps::open_pinned},
+    conntrack::{Conntrack, Flow},
+    datapath::{Config, Counters, NatEvents, Peers, Routes, maps::open_pinned, outcome_kind},
 };
 
-/// The counters table; zero rows are left out unless `all`.
-pub fn counters(pin_dir: &Path, all: bool) -> Result<String> {
-    let counters = Counters::new(open_pinned(pin_dir, names::COUNTERS)?)?;
-    let mut out = format!(
-        "{:<16} {:<28} {:>12} {:>14}\n",
-        "HOOK", "REASON", "PACKETS", "BYTES"
-    );
-    for (hook, reason, c) in counters.all()? {
-        if all || c.packets != 0 {
+/// How a view is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    /// One JSON document.
+    Json,
+}
+
+/// Something the inspection commands print.
+pub trait View: Serialize {
+    fn table(&self) -> Result<String>;
+
+    fn render(&self, format: Format) -> Result<String> {
+        match format {
+            Format::Table => self.table(),
+            Format::Json => Ok(serde_json::to_string_pretty(self)? + "\n"),
+        }
+    }
+}
+
+/// One outcome counter.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CounterRow {
+    pub hook: &'static str,
+    pub reason: &'static str,
+    /// `forward`, `pass` or `drop`.
+    pub kind: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The outcome counters per hook and reason.
+#[derive(Debug, Clone, Serialize)]
+pub struct CountersView {
+    pub counters: Vec<CounterRow>,
+}
+
+/// The counters; zero rows are left out unless `all`.
+pub fn counters(pin_dir: &Path, all: bool) -> Result<CountersView> {
+    let counters = Counters::new(open_pinned(pin_dir, names::COUNTERS)?)?
+        .all()?
+        .into_iter()
+        .filter(|(_, _, c)| all || c.packets != 0)
+        .map(|(hook, reason, c)| CounterRow {
+            hook: hook.name(),
+            reason: reason.name(),
+            kind: outcome_kind(reason),
+            packets: c.packets,
+            bytes: c.bytes,
+        })
+        .collect();
+    Ok(CountersView { counters })
+}
+
+impl View for CountersView {
+    fn table(&self) -> Result<String> {
+        let mut out = format!(
+            "{:<16} {:<28} {:>12} {:>14}\n",
+            "HOOK", "REASON", "PACKETS", "BYTES"
+        );
+        for c in &self.counters {
             writeln!(
                 out,
                 "{:<16} {:<28} {:>12} {:>14}",
-                hook.name(),
-                reason.name(),
-                c.packets,
-                c.bytes
+                c.hook, c.reason, c.packets, c.bytes
             )?;
         }
+        Ok(out)
     }
-    Ok(out)
+}
+
+/// This node as the datapath is configured.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ThisNode {
+    pub tunnel_ip: Ipv4Addr,
+    pub pod_subnet: Ipv4Net,
+}
+
+/// A remote pod subnet, its node, and what that node sent us.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RemoteRow {
+    pub subnet: Ipv4Net,
+    pub node: Ipv4Addr,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodesView {
+    /// None until the agent configured the datapath.
+    pub this_node: Option<ThisNode>,
+    pub remote_subnets: Vec<RemoteRow>,
 }
 
 /// This node's configuration, the remote subnets, and the traffic each peer sent.
-pub fn nodes(pin_dir: &Path) -> Result<String> {
+pub fn nodes(pin_dir: &Path) -> Result<NodesView> {
     let config = Config::new(open_pinned(pin_dir, names::CONFIG)?)?.get()?;
     let routes = Routes::new(open_pinned(pin_dir, names::ROUTES)?)?.entries()?;
     let peers = Peers::new(open_pinned(pin_dir, names::PEERS)?)?.stats()?;
-    let mut out = String::new();
-    if config.node_ip == [0; 4] {
-        writeln!(out, "this node: not configured yet")?;
+    let this_node = if config.node_ip == [0; 4] {
+        None
     } else {
-        let subnet = Ipv4Net::new(config.pod_subnet.into(), config.pod_prefix_len)?;
-        writeln!(
-            out,
-            "this node: tunnel address {}, pod subnet {subnet}",
-            Ipv4Addr::from(config.node_ip)
-        )?;
-    }
-    writeln!(
-        out,
-        "{:<20} {:<16} {:>12} {:>14}",
-        "REMOTE SUBNET", "NODE", "RX PACKETS", "RX BYTES"
-    )?;
-    for (subnet, node) in &routes {
-        let rx = peers.get(node).copied().unwrap_or_default();
+        Some(ThisNode {
+            tunnel_ip: config.node_ip.into(),
+            pod_subnet: Ipv4Net::new(config.pod_subnet.into(), config.pod_prefix_len)?,
+        })
+    };
+    let remote_subnets = routes
+        .into_iter()
+        .map(|(subnet, node)| {
+            let rx = peers.get(&node).copied().unwrap_or_default();
+            RemoteRow {
+                subnet,
+                node,
+                rx_packets: rx.rx_packets,
+                rx_bytes: rx.rx_bytes,
+            }
+        })
+        .collect();
+    Ok(NodesView {
+        this_node,
+        remote_subnets,
+    })
+}
+
+impl View for NodesView {
+    fn table(&self) -> Result<String> {
+        let mut out = String::new();
+        match &self.this_node {
+            None => writeln!(out, "this node: not configured yet")?,
+            Some(n) => writeln!(
+                out,
+                "this node: tunnel address {}, pod subnet {}",
+                n.tunnel_ip, n.pod_subnet
+            )?,
+        }
         writeln!(
             out,
             "{:<20} {:<16} {:>12} {:>14}",
-            subnet.to_string(),
-            node.to_string(),
-            rx.rx_packets,
-            rx.rx_bytes
+            "REMOTE SUBNET", "NODE", "RX PACKETS", "RX BYTES"
         )?;
+        for r in &self.remote_subnets {
+            writeln!(
+                out,
+                "{:<20} {:<16} {:>12} {:>14}",
+                r.subnet.to_string(),
+                r.node.to_string(),
+                r.rx_packets,
+                r.rx_bytes
+            )?;
+        }
+        Ok(out)
     }
-    Ok(out)
+}
+
+/// An address and port (or ICMP identifier).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+}
+
+impl From<(Ipv4Addr, u16)> for Endpoint {
+    fn from((ip, port): (Ipv4Addr, u16)) -> Self {
+        Self { ip, port }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.ip, self.port)
+    }
+}
+
+/// One tracked flow.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FlowRow {
+    /// `tcp`, `udp`, `icmp`, or the protocol number.
+    pub proto: String,
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    /// The translated source, for translated flows.
+    pub translated: Option<Endpoint>,
+    /// The masquerade rule that matched, when known.
+    pub rule: Option<u8>,
+    pub state: &'static str,
+    pub age_seconds: u64,
+    pub expires_in_seconds: u64,
+}
+
+impl From<&Flow> for FlowRow {
+    fn from(f: &Flow) -> Self {
+        Self {
+            proto: proto_name(f.proto),
+            src: f.src.into(),
+            dst: f.dst.into(),
+            translated: f.translated.map(Endpoint::from),
+            rule: f.rule.map(|r| r as u8),
+            state: f.state(),
+            age_seconds: f.age.as_secs(),
+            expires_in_seconds: f.expires_in.as_secs(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NatView {
+    pub flows: Vec<FlowRow>,
+    /// Masquerade event totals by name.
+    pub events: BTreeMap<&'static str, u64>,
 }
 
 fn proto_name(proto: u8) -> String {
@@ -77,35 +236,43 @@ fn proto_name(proto: u8) -> String {
     }
 }
 
-/// The masquerade connection table, one flow per line, then the event counts.
-pub fn nat(pin_dir: &Path) -> Result<String> {
+/// The masquerade connection table (a full walk: for operators, never for metrics)
+/// and the event counts.
+pub fn nat(pin_dir: &Path) -> Result<NatView> {
     let flows = Conntrack::new(open_pinned(pin_dir, names::CONNTRACK)?)?.flows()?;
     let events = NatEvents::new(open_pinned(pin_dir, names::NAT_EVENTS)?)?.all()?;
-    let mut out = format!(
-        "{:<5} {:<22} {:<22} {:<22} {:<5} {:<12} {:>8} {:>8}\n",
-        "PROTO", "SOURCE", "DESTINATION", "TRANSLATED TO", "RULE", "STATE", "AGE", "EXPIRES"
-    );
-    for f in &flows {
-        let translated = f
-            .translated
-            .map_or("-".to_owned(), |(a, p)| format!("{a}:{p}"));
-        let rule = f.rule.map_or("?".to_owned(), |r| (r as u8).to_string());
-        writeln!(
-            out,
-            "{:<5} {:<22} {:<22} {:<22} {:<5} {:<12} {:>7}s {:>7}s",
-            proto_name(f.proto),
-            format!("{}:{}", f.src.0, f.src.1),
-            format!("{}:{}", f.dst.0, f.dst.1),
-            translated,
-            rule,
-            f.state(),
-            f.age.as_secs(),
-            f.expires_in.as_secs()
-        )?;
+    Ok(NatView {
+        flows: flows.iter().map(FlowRow::from).collect(),
+        events: events.into_iter().map(|(e, n)| (e.name(), n)).collect(),
+    })
+}
+
+impl View for NatView {
+    fn table(&self) -> Result<String> {
+        let mut out = format!(
+            "{:<5} {:<22} {:<22} {:<22} {:<5} {:<12} {:>8} {:>8}\n",
+            "PROTO", "SOURCE", "DESTINATION", "TRANSLATED TO", "RULE", "STATE", "AGE", "EXPIRES"
+        );
+        for f in &self.flows {
+            let translated = f.translated.map_or("-".to_owned(), |t| t.to_string());
+            let rule = f.rule.map_or("?".to_owned(), |r| r.to_string());
+            writeln!(
+                out,
+                "{:<5} {:<22} {:<22} {:<22} {:<5} {:<12} {:>7}s {:>7}s",
+                f.proto,
+                f.src.to_string(),
+                f.dst.to_string(),
+                translated,
+                rule,
+                f.state,
+                f.age_seconds,
+                f.expires_in_seconds
+            )?;
+        }
+        writeln!(out, "{} flows", self.flows.len())?;
+        for (event, n) in &self.events {
+            writeln!(out, "{event:<24} {n:>12}")?;
+        }
+        Ok(out)
     }
-    writeln!(out, "{} flows", flows.len())?;
-    for (event, n) in events {
-        writeln!(out, "{:<24} {n:>12}", event.name())?;
-    }
-    Ok(out)
 }

@@ -2,14 +2,17 @@
 //! host's routes in step with them.
 
 pub mod agent;
+pub mod bpf_log;
 pub mod bpffs;
 pub mod cleanup;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;
 pub mod host;
+pub mod http;
 pub mod inspect;
 pub mod masq;
+pub mod metrics;
 pub mod nodes;
 pub mod reconcile;
 pub mod status;

@@ -1,11 +1,16 @@
-use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
+use std::{io::IsTerminal as _, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use overlay_agent::{
-    agent, bpffs, cleanup, inspect,
+    agent,
+    bpf_log::BpfLogLevel,
+    bpffs, cleanup, http,
+    inspect::{self, Format, View},
     masq::{self, PortRange, TimeoutOverride},
+    metrics::Interfaces,
     nodes::Source,
+    status::Status,
 };
 use tracing::error;
 
@@ -29,11 +34,11 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent on this node (in the current network namespace).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the datapath's outcome counters.
     Counters {
         #[command(flatten)]
-        pins: PinArgs,
+        inspect: InspectArgs,
         /// Also print counters that are zero.
         #[arg(long)]
         all: bool,
@@ -41,12 +46,12 @@ enum Command {
     /// Print this node's configuration, the remote subnets and per-peer traffic.
     Nodes {
         #[command(flatten)]
-        pins: PinArgs,
+        inspect: InspectArgs,
     },
     /// Print the masquerade connection table and its events.
     Nat {
         #[command(flatten)]
-        pins: PinArgs,
+        inspect: InspectArgs,
     },
     /// Remove everything the agent installed: programs, pinned maps, routes and
     /// subnet.env. The agent leaves them in place when it exits, so that a restart or
@@ -58,6 +63,33 @@ enum Command {
         #[arg(long, default_value = "/run/flannel/subnet.env")]
         subnet_file: PathBuf,
     },
+}
+
+/// What the inspection commands share: they only open the pinned maps, so they run
+/// beside the agent.
+#[derive(clap::Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    pins: PinArgs,
+    /// Print one JSON document instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl InspectArgs {
+    fn pin_dir(&self) -> PathBuf {
+        bpffs::pin_dir(&self.pins.bpffs)
+    }
+
+    fn print(&self, view: Result<impl View>) -> Result<()> {
+        let format = if self.json {
+            Format::Json
+        } else {
+            Format::Table
+        };
+        print!("{}", view?.render(format)?);
+        Ok(())
+    }
 }
 
 #[derive(clap::Args)]
@@ -109,11 +141,20 @@ struct RunArgs {
     /// Seconds between sweeps of expired connections.
     #[arg(long, default_value_t = 10)]
     ct_gc_seconds: u64,
+    /// Where to serve /healthz, /readyz and /metrics, or `off`.
+    #[arg(long, default_value = "0.0.0.0:9101")]
+    http_addr: http::Listen,
+    /// What the eBPF programs log (drops are logged at debug). Fixed at load; off costs
+    /// the datapath nothing. Their records are log events with target `bpf`.
+    #[arg(long, value_enum, default_value_t = BpfLogLevel::Off)]
+    bpf_log_level: BpfLogLevel,
 }
 
 fn init_logging(format: LogFormat) {
+    // The programs' records (target `bpf`) were filtered by --bpf-log-level in the
+    // kernel already: let them all through unless RUST_LOG says otherwise.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,bpf=trace"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -129,20 +170,18 @@ async fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Run(args) => run(args).await,
-        Command::Counters { pins, all } => {
-            inspect::counters(&bpffs::pin_dir(&pins.bpffs), all).map(|t| print!("{t}"))
+        Command::Run(args) => run(*args).await,
+        Command::Counters { inspect, all } => {
+            inspect.print(inspect::counters(&inspect.pin_dir(), all))
         }
-        Command::Nodes { pins } => {
-            inspect::nodes(&bpffs::pin_dir(&pins.bpffs)).map(|t| print!("{t}"))
-        }
-        Command::Nat { pins } => inspect::nat(&bpffs::pin_dir(&pins.bpffs)).map(|t| print!("{t}")),
+        Command::Nodes { inspect } => inspect.print(inspect::nodes(&inspect.pin_dir())),
+        Command::Nat { inspect } => inspect.print(inspect::nat(&inspect.pin_dir())),
         Command::Cleanup { pins, subnet_file } => cleanup::run(&pins.bpffs, &subnet_file)
             .await
             .map(|t| print!("{t}")),
     };
     if let Err(e) = result {
-        error!("{e:#}");
+        error!(error = format!("{e:#}"), "failed");
         std::process::exit(1);
     }
 }
@@ -157,8 +196,20 @@ async fn run(args: RunArgs) -> Result<()> {
         ports: args.nat_ports.0,
         timeouts: masq::timeouts(&args.ct_timeouts)?,
     };
-    let status = std::sync::Arc::new(overlay_agent::status::Status::default());
-    agent::run(
+    let status = Arc::new(Status::default());
+    // Started before the agent so that probes answer while the datapath loads.
+    let server = match args.http_addr.0 {
+        Some(addr) => {
+            let interfaces = Interfaces {
+                uplink: args.iface.clone(),
+                bridge: args.bridge.clone(),
+            };
+            let pin_dir = bpffs::pin_dir(&args.pins.bpffs);
+            Some(http::start(addr, Arc::clone(&status), pin_dir, interfaces).await?)
+        }
+        None => None,
+    };
+    let result = agent::run(
         agent::Options {
             node_name,
             source: Source::File(args.nodes_file),
@@ -171,10 +222,15 @@ async fn run(args: RunArgs) -> Result<()> {
             masq,
             conntrack_entries: args.conntrack_size,
             ct_sweep: Duration::from_secs(args.ct_gc_seconds.max(1)),
+            bpf_log_level: args.bpf_log_level,
         },
         status,
     )
-    .await
+    .await;
+    if let Some(server) = server {
+        server.abort();
+    }
+    result
 }
 
 fn hostname() -> Result<String> {

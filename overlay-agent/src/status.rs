@@ -6,6 +6,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::conntrack::Collected;
+
+/// Upper bounds of the reconcile duration histogram, in seconds: a pass that only
+/// compares takes milliseconds, one that rewrites thousands of routes seconds.
+const RECONCILE_SECONDS_BUCKETS: [f64; 10] =
+    [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0];
+
 /// The node source's health.
 #[derive(Debug, Clone, Default)]
 pub struct SourceHealth {
@@ -27,10 +36,47 @@ pub struct Convergence {
     pub remote_subnets: usize,
 }
 
-#[derive(Debug, Default)]
+/// Reconcile passes so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReconcileTotals {
+    pub passes: u64,
+    pub failures: u64,
+}
+
+/// Connection-table sweeps so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepTotals {
+    pub sweeps: u64,
+    pub expired: u64,
+    pub orphans: u64,
+    /// Entries left after the last sweep: the table's fill level without walking it
+    /// again.
+    pub entries: Option<usize>,
+}
+
+#[derive(Debug)]
 pub struct Status {
     source: Mutex<SourceHealth>,
     convergence: Mutex<Option<Convergence>>,
+    started: Instant,
+    heartbeat: Mutex<Option<Instant>>,
+    reconciles: Mutex<ReconcileTotals>,
+    reconcile_seconds: Histogram,
+    sweeps: Mutex<SweepTotals>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self {
+            source: Mutex::default(),
+            convergence: Mutex::default(),
+            started: Instant::now(),
+            heartbeat: Mutex::default(),
+            reconciles: Mutex::default(),
+            reconcile_seconds: Histogram::new(RECONCILE_SECONDS_BUCKETS),
+            sweeps: Mutex::default(),
+        }
+    }
 }
 
 impl Status {
@@ -46,8 +92,29 @@ impl Status {
         s.errors_total += 1;
     }
 
+    /// Records a reconcile pass.
     pub fn converged(&self, c: Convergence) {
+        {
+            let mut totals = self.reconciles.lock().unwrap();
+            totals.passes += 1;
+            totals.failures += u64::from(!c.ok);
+        }
+        self.reconcile_seconds.observe(c.took.as_secs_f64());
         *self.convergence.lock().unwrap() = Some(c);
+    }
+
+    /// The run loop made progress (it calls this on every turn).
+    pub fn heartbeat(&self) {
+        *self.heartbeat.lock().unwrap() = Some(Instant::now());
+    }
+
+    /// Records a sweep of the connection table.
+    pub fn swept(&self, c: Collected) {
+        let mut s = self.sweeps.lock().unwrap();
+        s.sweeps += 1;
+        s.expired += c.expired as u64;
+        s.orphans += c.orphans as u64;
+        s.entries = Some(c.remaining);
     }
 
     pub fn source(&self) -> SourceHealth {
@@ -56,6 +123,37 @@ impl Status {
 
     pub fn convergence(&self) -> Option<Convergence> {
         self.convergence.lock().unwrap().clone()
+    }
+
+    pub fn reconciles(&self) -> ReconcileTotals {
+        *self.reconciles.lock().unwrap()
+    }
+
+    /// Durations of all reconcile passes.
+    pub fn reconcile_seconds(&self) -> &Histogram {
+        &self.reconcile_seconds
+    }
+
+    pub fn sweeps(&self) -> SweepTotals {
+        *self.sweeps.lock().unwrap()
+    }
+
+    /// Alive: the run loop beat within `within`; before its first beat (while the
+    /// datapath loads), the process started within `within`.
+    pub fn alive(&self, within: Duration) -> Result<(), String> {
+        let (since, what) = match *self.heartbeat.lock().unwrap() {
+            Some(beat) => (beat, "the run loop last made progress"),
+            None => (
+                self.started,
+                "the run loop has not started; the agent started",
+            ),
+        };
+        let age = since.elapsed();
+        if age <= within {
+            Ok(())
+        } else {
+            Err(format!("{what} {:.1}s ago", age.as_secs_f64()))
+        }
     }
 
     /// Ready: the node set is known and the last pass made the datapath match it.
@@ -99,5 +197,49 @@ mod tests {
         // re-lists; until then its error is visible while readiness holds.
         s.source_failed("watch: connection refused".into());
         assert_eq!(s.source().errors_total, 1);
+        assert_eq!(
+            s.reconciles(),
+            ReconcileTotals {
+                passes: 2,
+                failures: 1
+            }
+        );
+    }
+
+    #[test]
+    fn alive_needs_a_recent_heartbeat() {
+        let s = Status::default();
+        let long = Duration::from_secs(3600);
+        assert!(s.alive(long).is_ok(), "starting up");
+        std::thread::sleep(Duration::from_millis(5));
+        let err = s.alive(Duration::from_millis(1)).unwrap_err();
+        assert!(err.contains("has not started"), "{err}");
+        s.heartbeat();
+        assert!(s.alive(long).is_ok());
+        std::thread::sleep(Duration::from_millis(5));
+        let err = s.alive(Duration::from_millis(1)).unwrap_err();
+        assert!(err.starts_with("the run loop last made progress"), "{err}");
+    }
+
+    #[test]
+    fn sweeps_accumulate() {
+        let s = Status::default();
+        assert_eq!(s.sweeps().entries, None);
+        for (expired, orphans, remaining) in [(3, 1, 10), (0, 2, 8)] {
+            s.swept(Collected {
+                expired,
+                orphans,
+                remaining,
+            });
+        }
+        assert_eq!(
+            s.sweeps(),
+            SweepTotals {
+                sweeps: 2,
+                expired: 3,
+                orphans: 3,
+                entries: Some(8)
+            }
+        );
     }
 }

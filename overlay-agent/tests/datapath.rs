@@ -8,13 +8,17 @@ mod datapath {
     mod fixture;
     mod packet;
     mod topology;
+    mod traffic;
 
     // Tests, one concern each.
+    mod bpf_log;
     mod conntrack;
     mod decap;
     mod egress;
     mod encap;
+    mod http;
     mod icmp;
+    mod inspect;
     mod load;
     mod malformed;
     mod mtu;

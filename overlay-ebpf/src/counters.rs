@@ -1,15 +1,30 @@
-//! Outcome accounting: every program run ends in exactly one `count`.
+//! Outcome accounting: every program run ends in exactly one `count`, and drops are
+//! logged (aya-log) when the agent turned program logging up to debug.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
+use aya_log_ebpf::{
+    debug,
+    macro_support::{Level, level_enabled},
+};
 use overlay_common::{
     Hook, Reason,
-    counters::{NatEvent, index},
+    counters::{Kind, NatEvent, index},
 };
 
-use crate::maps::{COUNTERS, NAT_EVENTS};
+use crate::{
+    maps::{COUNTERS, NAT_EVENTS},
+    parse::{ETH_LEN, IPV4_LEN, load_exact},
+};
+
+const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
+// Offsets in an Ethernet + IPv4 frame.
+const ETHERTYPE: usize = 12;
+const IP_PROTO: usize = ETH_LEN + 9;
+const IP_SRC: usize = ETH_LEN + 12;
+const IP_DST: usize = ETH_LEN + 16;
 
 /// An outcome and the TC action that realises it.
 pub type Verdict = (Reason, i32);
@@ -42,7 +57,44 @@ pub fn account(hook: Hook, bytes: u32, (reason, action): Verdict) -> i32 {
 #[inline(always)]
 pub fn run(ctx: &TcContext, hook: Hook, f: impl FnOnce(&TcContext) -> Verdict) -> i32 {
     let bytes = ctx.len();
-    account(hook, bytes, f(ctx))
+    let verdict = f(ctx);
+    // The level is a read-only global the agent sets at load (AYA_LOG_LEVEL, frozen),
+    // so with logging off the verifier sees a constant and prunes the whole branch.
+    // The macro makes the same check, but only around its own formatting: the header
+    // read below must not run either when logging is off.
+    if level_enabled(Level::Debug) && verdict.0.kind() == Kind::Drop {
+        log_drop(ctx, hook, verdict.0);
+    }
+    account(hook, bytes, verdict)
+}
+
+/// Logs a dropped packet with the addresses of its IPv4 header as the program left it
+/// (the outer header for tunnelled packets). A copy, not `parse::frame`: logging must
+/// not reshape the packet (pull data) on its way out. Not inlined: the record is built
+/// on this function's own stack frame, not on the programs' (512 bytes in all).
+#[inline(never)]
+fn log_drop(ctx: &TcContext, hook: Hook, reason: Reason) {
+    let mut hdr = [0u8; ETH_LEN + IPV4_LEN];
+    if load_exact(ctx, 0, &mut hdr) && hdr[ETHERTYPE..ETHERTYPE + 2] == ETHERTYPE_IPV4 {
+        let addr = |at: usize| [hdr[at], hdr[at + 1], hdr[at + 2], hdr[at + 3]];
+        let (src, dst) = (addr(IP_SRC), addr(IP_DST));
+        debug!(
+            ctx,
+            "{} dropped {}: {:i} -> {:i} proto {}",
+            hook.name(),
+            reason.name(),
+            src,
+            dst,
+            hdr[IP_PROTO]
+        );
+    } else {
+        debug!(
+            ctx,
+            "{} dropped {}: no IPv4 header",
+            hook.name(),
+            reason.name()
+        );
+    }
 }
 
 /// Records a masquerade event.

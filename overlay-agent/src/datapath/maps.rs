@@ -14,7 +14,7 @@ use aya::maps::{
 use ipnet::Ipv4Net;
 use overlay_common::{
     Counter, DatapathConfig, Hook, PeerStats, Reason, Route,
-    counters::{NatEvent, index},
+    counters::{Kind, NatEvent, index},
     maps::names,
 };
 
@@ -41,6 +41,13 @@ pub struct Changes {
 impl Changes {
     pub fn is_empty(&self) -> bool {
         *self == Changes::default()
+    }
+}
+
+/// `+added/~updated/-removed`: one token in a log line, whatever the log format.
+impl std::fmt::Display for Changes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "+{}/~{}/-{}", self.added, self.updated, self.removed)
     }
 }
 
@@ -180,6 +187,16 @@ impl Counters {
     }
 }
 
+/// How an outcome reads for an operator: `forward`, `pass` or `drop` (a label in the
+/// metrics and a field of the inspection commands' JSON).
+pub fn outcome_kind(reason: Reason) -> &'static str {
+    match reason.kind() {
+        Kind::Forward => "forward",
+        Kind::Pass => "pass",
+        Kind::Drop => "drop",
+    }
+}
+
 /// `NAT_EVENTS`: masquerade events.
 pub struct NatEvents(PerCpuArray<MapData, u64>);
 
@@ -194,5 +211,20 @@ impl NatEvents {
             .iter()
             .map(|e| Ok((*e, self.0.get(&(*e as u32), 0)?.iter().sum())))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_read_as_one_token() {
+        let c = Changes {
+            added: 3,
+            updated: 0,
+            removed: 12,
+        };
+        assert_eq!(c.to_string(), "+3/~0/-12");
     }
 }

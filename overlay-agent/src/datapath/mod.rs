@@ -14,9 +14,12 @@ use overlay_common::{
 };
 
 pub use attach::{Attachment, link_pin};
-pub use maps::{Config, Counters, NatEvents, Peers, Routes};
+pub use maps::{Config, Counters, NatEvents, Peers, Routes, outcome_kind};
 
-use crate::conntrack::Conntrack;
+use crate::{
+    bpf_log::{BpfLogLevel, ProgramLog},
+    conntrack::Conntrack,
+};
 
 /// The compiled datapath, built by this crate's build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay-ebpf"));
@@ -32,6 +35,8 @@ pub struct Datapath {
     pub nat_events: NatEvents,
     attachments: Vec<Attachment>,
     pin_dir: Option<PathBuf>,
+    /// The programs' log buffer while nobody has taken it (logging on only).
+    log: Option<ProgramLog>,
 }
 
 /// Names of all maps, in the order they are pinned and checked.
@@ -53,6 +58,8 @@ pub struct LoadOptions {
     pub pin_dir: Option<PathBuf>,
     /// Capacity of the masquerade connection table (two entries per flow).
     pub conntrack_entries: u32,
+    /// What the programs log (fixed for the life of the loaded programs).
+    pub log_level: BpfLogLevel,
 }
 
 impl Default for LoadOptions {
@@ -60,6 +67,7 @@ impl Default for LoadOptions {
         Self {
             pin_dir: None,
             conntrack_entries: CONNTRACK_ENTRIES,
+            log_level: BpfLogLevel::Off,
         }
     }
 }
@@ -76,6 +84,8 @@ impl Datapath {
         }
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::CONNTRACK, options.conntrack_entries);
+        let log_level = options.log_level.global_value();
+        loader.override_global(aya_log::LEVEL, &log_level, true);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -98,6 +108,10 @@ impl Datapath {
         let counters = Counters::new(take(names::COUNTERS)?)?;
         let conntrack = Conntrack::new(take(names::CONNTRACK)?)?;
         let nat_events = NatEvents::new(take(names::NAT_EVENTS)?)?;
+        let log = match options.log_level {
+            BpfLogLevel::Off => None,
+            _ => Some(ProgramLog::new(&mut ebpf)?),
+        };
         Ok(Self {
             ebpf,
             routes,
@@ -108,7 +122,14 @@ impl Datapath {
             nat_events,
             attachments: Vec::new(),
             pin_dir: options.pin_dir.clone(),
+            log,
         })
+    }
+
+    /// The reader of the programs' log records, once: None when logging is off or the
+    /// reader was taken already.
+    pub fn take_log(&mut self) -> Option<ProgramLog> {
+        self.log.take()
     }
 
     /// The loaded program for `hook` (for attaching, or running it with test data).

@@ -12,6 +12,7 @@ use std::{
     io::Write as _,
     net::Ipv4Addr,
     panic,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
 };
@@ -165,6 +166,67 @@ pub fn with_node_setup(
         node.configure(adjust);
         test(&mut node);
     });
+}
+
+/// [`with_node_setup`] with the maps pinned as the agent pins them, for whatever reads
+/// the pins (inspection, metrics): under a bpffs that the agent's own code mounts, in a
+/// mount namespace private to the test's thread. `test` gets the pin directory.
+pub fn with_pinned_node(
+    adjust: impl FnOnce(&mut DatapathConfig) + Send + 'static,
+    test: impl FnOnce(&mut Node, &Path) + Send + 'static,
+) {
+    in_new_netns(move || {
+        private_mounts();
+        let root = tempfile::tempdir().expect("a directory for the bpffs");
+        let pin_dir = overlay_agent::bpffs::prepare(root.path()).expect("mounting a bpffs");
+        let _unmount = Unmount(root.path().to_owned());
+        build_topology();
+        let mut node = Node::new(&LoadOptions {
+            pin_dir: Some(pin_dir.clone()),
+            ..LoadOptions::default()
+        });
+        node.configure(adjust);
+        test(&mut node, &pin_dir);
+    });
+}
+
+/// Moves this thread into a mount namespace of its own whose mounts do not propagate
+/// back to the machine's.
+fn private_mounts() {
+    // SAFETY: plain syscalls; CLONE_NEWNS (with CLONE_FS) affects only this thread.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNS): {}",
+        std::io::Error::last_os_error()
+    );
+    let rc = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "making / private: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Unmounts a directory on drop, so that its temporary directory can go too.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let path = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: plain syscall on a path we mounted.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
 }
 
 /// Like [`with_node`], but with empty maps: the datapath as the agent finds it before
