@@ -115,6 +115,15 @@ fn named<'a>(list: &[&'a Value], name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no container {name}"))
 }
 
+/// The element of the JSON array `list` whose `key` is `value`.
+fn find_by<'a>(list: &'a Value, key: &str, value: &Value) -> &'a Value {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| &e[key] == value)
+        .unwrap_or_else(|| panic!("no element with {key} {value}"))
+}
+
 /// The DaemonSet's agent container.
 fn agent(ds: &Value) -> &Value {
     named(&containers(pod_spec(ds), "containers"), "kube-flannel")
@@ -133,14 +142,17 @@ fn strings(v: &Value) -> Vec<&str> {
 /// kubernetes-validate's report. Strict: unknown fields are errors. A document whose
 /// kind has no schema is only a warning to kubernetes-validate; here it fails too.
 fn validate(files: &[PathBuf], version: &str) -> Result<(), String> {
-    let tool = deps::kubernetes_validate().expect("installing kubernetes-validate");
+    // Once per test run: tests validating in parallel must not install it twice at once.
+    static TOOL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let tool =
+        TOOL.get_or_init(|| deps::kubernetes_validate().expect("installing kubernetes-validate"));
     // As root, in an empty network namespace: proof that it needs no network.
     let mut cmd = if deps::is_root() {
         let mut c = Command::new("unshare");
-        c.arg("--net").arg(&tool);
+        c.arg("--net").arg(tool);
         c
     } else {
-        Command::new(&tool)
+        Command::new(tool)
     };
     cmd.args(["--strict", "--kubernetes-version", version])
         .args(files);
@@ -239,12 +251,7 @@ fn keeps_flannels_names_for_an_in_place_swap() {
     assert_eq!(at(ds, "/spec/template/metadata/labels/app"), "flannel");
     let pod = pod_spec(ds);
     assert_eq!(pod["serviceAccountName"], "flannel");
-    let config = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "flannel-cfg")
-        .expect("a flannel-cfg volume");
+    let config = find_by(&pod["volumes"], "name", &json!("flannel-cfg"));
     assert_eq!(config["configMap"]["name"], "kube-flannel-cfg");
 }
 
@@ -285,16 +292,9 @@ fn installs_the_cni_plugin_and_config_as_flannel_does() {
             {"name": "flannel-cfg", "mountPath": "/etc/kube-flannel/"}
         ])
     );
-    let host_path = |volume: &str| {
-        pod_spec(ds)["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == volume)
-            .map(|v| v["hostPath"]["path"].clone())
-    };
-    assert_eq!(host_path("cni-plugin"), Some(json!("/opt/cni/bin")));
-    assert_eq!(host_path("cni"), Some(json!("/etc/cni/net.d")));
+    let host_path = |volume| &find_by(&pod_spec(ds)["volumes"], "name", &json!(volume))["hostPath"];
+    assert_eq!(host_path("cni-plugin"), &json!({"path": "/opt/cni/bin"}));
+    assert_eq!(host_path("cni"), &json!({"path": "/etc/cni/net.d"}));
 }
 
 // ---------------------------------------------------------------------------------
@@ -458,15 +458,14 @@ fn the_agent_pod_is_a_node_agent() {
         json!([{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}])
     );
     // Where each host path lands, and how.
-    let mounts = agent["volumeMounts"].as_array().unwrap();
-    let volumes = pod["volumes"].as_array().unwrap();
     let source = |path: &str| {
-        let mount = mounts
+        let mount = agent["volumeMounts"]
+            .as_array()
+            .unwrap()
             .iter()
             .find(|m| m["mountPath"].as_str().unwrap().trim_end_matches('/') == path)
             .unwrap_or_else(|| panic!("nothing mounted at {path}"));
-        let volume = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
-        (mount.clone(), volume.clone())
+        (mount, find_by(&pod["volumes"], "name", &mount["name"]))
     };
     let (_, run) = source("/run/flannel");
     assert_eq!(run["hostPath"]["path"], "/run/flannel");
@@ -733,7 +732,8 @@ fn dockerfile_copies_the_workspace_it_builds() {
             continue;
         }
         let (dest, sources) = words.split_last().unwrap();
-        assert!(!dest.is_empty());
+        // The image's /src mirrors the workspace, as cargo and build.rs expect.
+        assert!(*dest == "./" || sources == [*dest], "COPY {copy}");
         for source in sources {
             assert!(root.join(source).exists(), "COPY {source}: no such path");
             let source = source.trim_end_matches('/');
@@ -770,18 +770,25 @@ fn dockerfile_copies_the_workspace_it_builds() {
     assert_eq!(stage, "build");
     assert_eq!(from, format!("{}/target/release/overlay-agent", workdir[0]));
     assert_eq!(to, dockerfile_entrypoint());
-    assert!(root.join("overlay-agent/src/main.rs").exists());
+    let meta = cargo_metadata();
+    let agent = find_by(&meta["packages"], "name", &json!("overlay-agent"));
+    let binary = find_by(&agent["targets"], "name", &json!("overlay-agent"));
+    assert!(strings(&binary["kind"]).contains(&"bin"), "{binary}");
 }
 
-/// The workspace members' directories, relative to the workspace root.
-fn workspace_members() -> Vec<String> {
+fn cargo_metadata() -> Value {
     let out = Command::new(env!("CARGO"))
         .current_dir(workspace())
         .args(["metadata", "--no-deps", "--format-version", "1"])
         .output()
         .expect("cargo metadata");
     assert!(out.status.success(), "cargo metadata failed");
-    let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The workspace members' directories, relative to the workspace root.
+fn workspace_members() -> Vec<String> {
+    let meta = cargo_metadata();
     let root = Path::new(meta["workspace_root"].as_str().unwrap());
     meta["packages"]
         .as_array()
