@@ -1,8 +1,9 @@
 //! Installs what a fresh machine lacks to build and test the dataplane: Debian
-//! packages, the nightly toolchain's rust-src, and bpf-linker built against Debian's
-//! LLVM (see shared/ENVIRONMENT.md for why each piece and version).
+//! packages, the nightly toolchain's rust-src, bpf-linker built against Debian's
+//! LLVM (see shared/ENVIRONMENT.md for why each piece and version), and
+//! kubernetes-validate for the deploy manifests.
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -16,16 +17,24 @@ const PACKAGES: &[&str] = &[
     "iputils-ping",
     "tcpdump",
     "iperf3",
+    // kubernetes-validate goes into a virtualenv (below); Debian's python3 needs this
+    // package for `python3 -m venv`.
+    "python3-venv",
 ];
-const BPF_LINKER_VERSION: &str = "0.13";
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+// Visible to the deploy checks, which hold deploy/Dockerfile to the same toolchain.
+pub(crate) const BPF_LINKER_VERSION: &str = "0.13";
+pub(crate) const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// Validates the deploy manifests against the Kubernetes OpenAPI schemas, offline: it
+/// carries the schemas of Kubernetes 1.25 to 1.37.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 const NIGHTLY: &str = "nightly";
 
 /// Makes sure everything is installed; does nothing when it already is.
 pub fn ensure() -> Result<()> {
     ensure_packages()?;
     ensure_rust_src()?;
-    ensure_bpf_linker()
+    ensure_bpf_linker()?;
+    kubernetes_validate().map(drop)
 }
 
 /// Runs `cmd`, failing with its rendering when it does not succeed.
@@ -130,4 +139,34 @@ fn ensure_bpf_linker() -> Result<()> {
         ])
         .args(["--no-default-features", "--features", "llvm-22", "--force"])
         .env("LLVM_PREFIX", LLVM_PREFIX))
+}
+
+/// The kubernetes-validate executable, installed first if it is missing. It lives in a
+/// virtualenv of its own: Debian's Python refuses `pip install` outside one (PEP 668),
+/// and the version stays pinned whatever else the machine's Python has.
+pub fn kubernetes_validate() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let venv = PathBuf::from(home)
+        .join(".cache/overlay-xtask")
+        .join(format!("kubernetes-validate-{KUBERNETES_VALIDATE_VERSION}"));
+    let exe = venv.join("bin/kubernetes-validate");
+    let version = output(Command::new(&exe).arg("--version")).unwrap_or_default();
+    if version.trim() == KUBERNETES_VALIDATE_VERSION {
+        return Ok(exe);
+    }
+    eprintln!(
+        "installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}",
+        venv.display()
+    );
+    // --clear: a venv that an interrupted install left half-made starts over.
+    run(Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+    ]))?;
+    Ok(exe)
 }

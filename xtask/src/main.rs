@@ -1,7 +1,10 @@
-//! Developer commands: `cargo xtask lab`, `cargo xtask test`.
+//! Developer commands: `cargo xtask lab`, `cargo xtask test`, `cargo xtask run`.
 
+#[cfg(test)]
+mod deploy_check;
 mod deps;
 mod lab;
+mod run;
 mod test;
 
 use anyhow::Result;
@@ -20,11 +23,15 @@ enum Command {
     Lab(lab::LabArgs),
     /// Install what is missing, then run every test: unit, packet and namespace tests.
     Test(test::TestArgs),
+    /// Build overlay-agent and run it here as root (through sudo when not root), e.g.
+    /// on a kind node: `cargo xtask run -- run --kube-subnet-mgr --ip-masq`.
+    Run(run::RunArgs),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Lab(args) => lab::run(args),
         Command::Test(args) => test::run(args),
+        Command::Run(args) => run::run(args),
     }
 }
