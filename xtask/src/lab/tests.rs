@@ -12,7 +12,14 @@ fn lab_passes_controls_fail_and_nothing_remains() {
         return;
     }
     interrupt::install().unwrap();
-    let report = full_run(BuildArgs { release: false }, true).expect("the lab runs to its end");
+    let report = full_run(
+        CreateArgs {
+            release: false,
+            no_masq: false,
+        },
+        Checks { controls: true },
+    )
+    .expect("the lab runs to its end");
     assert!(
         report.matrix.is_empty(),
         "probes that failed: {:#?}",
