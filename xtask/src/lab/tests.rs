@@ -1,12 +1,13 @@
-//! The whole lab, end to end, as `cargo xtask lab --controls` runs it. Needs root
-//! (namespaces, BPF), like the lab itself.
+//! The whole lab, end to end, as `cargo xtask lab --controls` runs it: the matrix, the
+//! wire proof, the masquerade proof (outside host, rules 6 and 1, masquerade off,
+//! thousands of connections) and the negative controls. Needs root (namespaces, BPF), like the lab itself.
 
 use std::{path::Path, process::Command};
 
 use super::*;
 
 #[test]
-fn lab_passes_controls_fail_and_nothing_remains() {
+fn lab_passes_masquerade_holds_controls_fail_and_nothing_remains() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: the lab needs root");
         return;
@@ -17,7 +18,10 @@ fn lab_passes_controls_fail_and_nothing_remains() {
             release: false,
             no_masq: false,
         },
-        Checks { controls: true },
+        Checks {
+            controls: true,
+            masquerade: false,
+        },
     )
     .expect("the lab runs to its end");
     assert!(
@@ -29,6 +33,22 @@ fn lab_passes_controls_fail_and_nothing_remains() {
         report.wire.is_empty(),
         "the wire proof fails: {:#?}",
         report.wire
+    );
+    assert_eq!(
+        report.masquerade.steps,
+        [
+            masquerade::OUTSIDE,
+            masquerade::RULES,
+            masquerade::LOAD,
+            masquerade::OFF,
+            masquerade::AS_FOUND
+        ],
+        "the masquerade proof did not run every step"
+    );
+    assert!(
+        report.masquerade.failures.is_empty(),
+        "the masquerade proof does not hold: {:#?}",
+        report.masquerade.failures
     );
     assert_eq!(
         report.controls,
