@@ -16,6 +16,9 @@ const PACKAGES: &[&str] = &[
     "iputils-ping",
     "tcpdump",
     "iperf3",
+    // The masquerade proof's baseline: flanneld's rules, with the nft backend.
+    "iptables",
+    "nftables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

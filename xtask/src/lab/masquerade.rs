@@ -6,12 +6,14 @@
 //! 3. thousands of connections held open at once (`load`);
 //! 4. with the agents restarted without `--ip-masq`, and return routes on the router,
 //!    the outside sees the pods' own addresses;
+//! 5. for every pair of the lab, the same outcome as flanneld's iptables rules
+//!    (`equivalence`, `iptables`).
 //!
 //! All of it takes seconds, so `cargo xtask lab` runs all of it.
 //!
 //! The lab is left as it was found (agents as the lab runs them, no route to a pod
-//! subnet on the router), also when a step fails or on Ctrl-C; the last section checks
-//! that it is.
+//! subnet on the router, no iptables rules), also when a step fails or on Ctrl-C; the
+//! last section checks that it is.
 
 use std::{net::Ipv4Addr, time::Instant};
 
@@ -19,7 +21,10 @@ use anyhow::Result;
 use ipnet::Ipv4Net;
 
 use super::{
-    agents, heading,
+    agents,
+    equivalence::{self, Comparison},
+    heading,
+    iptables::{self, FlannelRules, Variant},
     load::{self, Load},
     outside,
     router::{self, RouterRoutes},
@@ -95,6 +100,7 @@ pub const OUTSIDE: &str = "Masquerade: pods to the outside";
 pub const RULES: &str = "Masquerade: rules 6 and 1";
 pub const LOAD: &str = "Masquerade under load";
 pub const OFF: &str = "Masquerade off";
+pub const EQUIVALENCE: &str = "Masquerade: equivalence with flanneld's iptables rules";
 pub const AS_FOUND: &str = "Masquerade: the lab as found";
 
 /// Runs the proof. The lab is put back whatever happens.
@@ -124,6 +130,17 @@ fn proof(lab: &LabState, done: &mut Proof) -> Result<()> {
             "{LOAD}: not run, since pods cannot reach the outside"
         ));
     }
+    let plan = equivalence::plan(lab)?;
+    let compare = |run: usize, what: &str, name: &str| {
+        let started = Instant::now();
+        let result = equivalence::run(lab, &servers, &plan, name)?;
+        println!(
+            "Equivalence, run {run} of 3: every pair with {what} ({:.1}s)",
+            started.elapsed().as_secs_f64()
+        );
+        Ok::<_, anyhow::Error>(result)
+    };
+    let ours = compare(1, "the BPF masquerade", "BPF")?;
 
     restart(lab, false)?;
     let return_routes: Vec<(Ipv4Net, Ipv4Addr)> = topology
@@ -138,6 +155,16 @@ fn proof(lab: &LabState, done: &mut Proof) -> Result<()> {
             routes.describe()
         );
         outside::run(lab, &servers, false)
+    })?;
+
+    let under = |variant: Variant, run| {
+        let _rules = FlannelRules::install(lab, variant)?;
+        compare(run, variant.describe(), variant.short())
+    };
+    let theirs = under(Variant::Flanneld, 2)?;
+    let verbatim = under(Variant::Verbatim, 3)?;
+    done.step(EQUIVALENCE, || {
+        Ok(Comparison::new(topology, &plan, ours, theirs, verbatim))
     })?;
     Ok(())
 }
@@ -155,10 +182,11 @@ fn restart(lab: &LabState, masquerade: bool) -> Result<()> {
     Ok(())
 }
 
-/// Puts the lab back as found: no routes to pods on the router, the agents running as
-/// the lab runs them.
+/// Puts the lab back as found: no routes to pods on the router, no iptables rules, the
+/// agents running as the lab runs them.
 pub fn restore(lab: &LabState) -> Result<()> {
     router::flush(lab)?;
+    iptables::remove_all(lab)?;
     agents::restart(lab, lab.masquerade).map(drop)
 }
 
@@ -170,6 +198,7 @@ struct Cleanup {
 impl Cleanup {
     fn check(lab: &LabState) -> Result<Self> {
         let routes = router::pod_routes(lab)?;
+        let nat_tables = iptables::leftovers(lab);
         let agents = agents::running(lab)?;
         let as_lab = agents
             .iter()
@@ -189,6 +218,15 @@ impl Cleanup {
                         .join(", ")
                 },
                 routes.is_empty(),
+            ),
+            (
+                "nodes: iptables nat tables".to_owned(),
+                if nat_tables.is_empty() {
+                    "none".to_owned()
+                } else {
+                    nat_tables.join(", ")
+                },
+                nat_tables.is_empty(),
             ),
             (
                 format!("agents {flag} --ip-masq, as the lab runs them"),

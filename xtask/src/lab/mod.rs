@@ -3,20 +3,23 @@
 //! host beyond it, running one overlay agent per node (with `--ip-masq`, as flannel's
 //! DaemonSet runs flanneld). It proves pod connectivity (a matrix of ICMP and TCP
 //! probes), that cross-node traffic is IPIP on the wire, masquerade (pods reach the
-//! outside behind their node's address, rule by rule and under load), and, with
-//! `--controls`, that without the overlay the same paths fail.
+//! outside behind their node's address, rule by rule, under load, and exactly where
+//! flanneld's own iptables rules let them), and, with `--controls`, that without the
+//! overlay the same paths fail.
 //!
 //! Layout: topology (the cluster as data), netns (namespaces and links), state (a lab
 //! on disk and its removal), cluster (building it), agents, servers, probe, parallel
 //! and matrix (connectivity), capture (wire proof), controls (negative controls),
 //! router (routes put on the router on purpose), nat_table (`overlay-agent nat`),
-//! masquerade (the masquerade proof: outside, rules, load).
+//! masquerade (the masquerade proof: outside, rules, load, iptables, equivalence).
 
 mod agents;
 mod capture;
 mod cluster;
 mod controls;
+mod equivalence;
 mod interrupt;
+mod iptables;
 mod load;
 mod masquerade;
 mod matrix;
@@ -74,8 +77,8 @@ struct Checks {
     #[arg(long)]
     controls: bool,
     /// Run only the masquerade proof (the outside host, rules 6 and 1, masquerade off,
-    /// thousands of connections), not the matrix and the wire proof. Without this flag
-    /// it runs too, after them.
+    /// thousands of connections, equivalence with flanneld's iptables rules), not the
+    /// matrix and the wire proof. Without this flag it runs too, after them.
     #[arg(long)]
     masquerade: bool,
 }

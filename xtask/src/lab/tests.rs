@@ -1,6 +1,7 @@
 //! The whole lab, end to end, as `cargo xtask lab --controls` runs it: the matrix, the
-//! wire proof, the masquerade proof (outside host, rules 6 and 1, masquerade off,
-//! thousands of connections) and the negative controls. Needs root (namespaces, BPF), like the lab itself.
+//! wire proof, the full masquerade proof (outside host, rules 6 and 1, masquerade off,
+//! thousands of connections, equivalence with flanneld's iptables rules) and the
+//! negative controls. Needs root (namespaces, BPF), like the lab itself.
 
 use std::{path::Path, process::Command};
 
@@ -41,6 +42,7 @@ fn lab_passes_masquerade_holds_controls_fail_and_nothing_remains() {
             masquerade::RULES,
             masquerade::LOAD,
             masquerade::OFF,
+            masquerade::EQUIVALENCE,
             masquerade::AS_FOUND
         ],
         "the masquerade proof did not run every step"
