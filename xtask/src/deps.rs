@@ -20,6 +20,9 @@ const PACKAGES: &[&str] = &[
     // kubernetes-validate goes into a virtualenv (below); Debian's python3 needs this
     // package for `python3 -m venv`.
     "python3-venv",
+    // The masquerade proof's baseline: flanneld's rules, with the nft backend.
+    "iptables",
+    "nftables",
 ];
 // Visible to the deploy checks, which hold deploy/Dockerfile to the same toolchain.
 pub(crate) const BPF_LINKER_VERSION: &str = "0.13";

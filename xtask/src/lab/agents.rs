@@ -37,6 +37,8 @@ use super::{
 pub const UPLINK: &str = "eth0";
 /// The pod bridge the CNI bridge plugin creates.
 pub const BRIDGE: &str = "cni0";
+/// flanneld's flag, which the agent shares.
+const IP_MASQ: &str = "--ip-masq";
 /// The agent's route protocol (`proto 191`).
 const ROUTE_PROTO: &str = "191";
 /// The programs a working node has attached: (interface, direction, program name).
@@ -93,8 +95,9 @@ pub fn build(release: bool) -> Result<PathBuf> {
 
 /// Starts `node`'s agent inside the node's namespace, detached: in its own process
 /// group, so that Ctrl-C reaches only us and we stop the agents in order, and left
-/// unwaited, so that it outlives `lab up`.
-pub fn start(lab: &LabState, node: &Node) -> Result<()> {
+/// unwaited, so that it outlives `lab up`. With `masquerade`, it runs with `--ip-masq`,
+/// as flannel's DaemonSet runs flanneld.
+pub fn start(lab: &LabState, node: &Node, masquerade: bool) -> Result<()> {
     let dir = lab.node_dir(&node.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log = OpenOptions::new()
@@ -112,6 +115,7 @@ pub fn start(lab: &LabState, node: &Node) -> Result<()> {
         .arg(subnet_file(lab, node))
         .arg("--bpffs")
         .arg(node_bpffs(lab, node))
+        .args(masquerade.then_some(IP_MASQ))
         // The log is a file: no terminal colours in it.
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -129,7 +133,7 @@ pub fn start(lab: &LabState, node: &Node) -> Result<()> {
         &format!("the agent of {} to start", node.name),
         START_TIMEOUT,
         || {
-            if agent_node(lab, pid).is_some() {
+            if agent_of(lab, pid).is_some() {
                 return Ok(Wait::Done(()));
             }
             if let Some(status) = child.try_wait()? {
@@ -168,6 +172,8 @@ fn node_bpffs(lab: &LabState, node: &Node) -> PathBuf {
 pub struct Agent {
     pub pid: u32,
     pub node: String,
+    /// Whether it runs with `--ip-masq`.
+    pub masquerade: bool,
 }
 
 /// The lab's agents, found by their command line: the processes whose `--bpffs` lies in
@@ -179,27 +185,47 @@ pub fn running(lab: &LabState) -> Result<Vec<Agent>> {
         let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        if let Some(node) = agent_node(lab, pid) {
-            agents.push(Agent { pid, node });
-        }
+        agents.extend(agent_of(lab, pid));
     }
     agents.sort_by(|a, b| a.node.cmp(&b.node));
     Ok(agents)
 }
 
-/// The node whose agent `pid` is, if it is one of the lab's.
-fn agent_node(lab: &LabState, pid: u32) -> Option<String> {
+/// The agent `pid` is, if it is one of the lab's.
+fn agent_of(lab: &LabState, pid: u32) -> Option<Agent> {
     // Unreadable: the process is gone (or a zombie, whose cmdline is empty).
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let mut args = cmdline
+    let args: Vec<&Path> = cmdline
         .split(|&b| b == 0)
-        .map(|a| Path::new(OsStr::from_bytes(a)));
-    args.find(|a| *a == Path::new("--bpffs"))?;
-    let pins = args.next()?;
+        .map(|a| Path::new(OsStr::from_bytes(a)))
+        .collect();
+    let at = args.iter().position(|a| *a == Path::new("--bpffs"))?;
+    let pins = args.get(at + 1)?;
     if pins.parent()? != lab.bpffs() {
         return None;
     }
-    pins.file_name()?.to_str().map(str::to_owned)
+    Some(Agent {
+        pid,
+        node: pins.file_name()?.to_str()?.to_owned(),
+        masquerade: args.contains(&Path::new(IP_MASQ)),
+    })
+}
+
+/// Restarts every agent with or without `--ip-masq` and waits until the overlay is
+/// ready again; returns false, doing nothing, when all already run that way.
+pub fn restart(lab: &LabState, masquerade: bool) -> Result<bool> {
+    let running = running(lab)?;
+    if running.len() == lab.topology.nodes.len()
+        && running.iter().all(|a| a.masquerade == masquerade)
+    {
+        return Ok(false);
+    }
+    stop_all(lab)?;
+    for node in &lab.topology.nodes {
+        start(lab, node, masquerade)?;
+    }
+    wait_ready(lab, true)?;
+    Ok(true)
 }
 
 /// Stops the lab's agents with SIGTERM, waiting for each to exit, and SIGKILL for any
@@ -213,7 +239,7 @@ pub fn stop_all(lab: &LabState) -> Result<usize> {
         let Ok(pidfd) = pidfd_open(agent.pid) else {
             continue;
         };
-        if agent_node(lab, agent.pid).is_none() {
+        if agent_of(lab, agent.pid).is_none() {
             continue;
         }
         pidfd_signal(&pidfd, Signal::SIGTERM)?;

@@ -21,11 +21,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::{
     agents::UPLINK,
     matrix::{PathKind, Probe},
-    netns,
-    probe::{self, EchoServers},
+    netns, probe,
+    servers::Servers,
     state::LabState,
     table::Table,
-    topology::{Pod, Topology},
+    topology::{Host, Pod, Topology},
 };
 
 /// Bytes kept of each frame: the Ethernet header and two IPv4 headers fit.
@@ -245,12 +245,16 @@ pub fn prove(lab: &LabState) -> Result<WireProof> {
         }
     }
 
-    let targets: Vec<Pod> = pairs.iter().map(|(_, to, _)| to.clone()).collect();
-    let servers = EchoServers::start(lab, &targets)?;
+    let targets: Vec<Host> = pairs.iter().map(|(_, to, _)| to.clone().into()).collect();
+    let servers = Servers::start(lab, &targets)?;
     let capture = Capture::start(&lab.netns(&node), UPLINK)?;
+    // Pod to pod: never translated.
     let exchanges: Vec<Probe> = pairs
         .iter()
-        .map(|(from, to, kind)| Probe::run(lab, &servers, &from.name, to, *kind))
+        .map(|(from, to, kind)| {
+            let (from, to) = (Host::from(from.clone()), Host::from(to.clone()));
+            Probe::run(lab, &servers, &from, &to, *kind, None)
+        })
         .collect();
     // The kernel hands the capture socket each frame as it crosses the interface, so
     // every frame the exchanges needed to complete is queued by now: no waiting.

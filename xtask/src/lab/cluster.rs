@@ -1,7 +1,7 @@
-//! Builds a lab from its topology: the switch and router, the nodes with their agents,
-//! then the pods, the way kubelet and the flannel CNI plugin would.
+//! Builds a lab from its topology: the switch and router, the nodes with their agents
+//! and the outside host, then the pods, the way kubelet and the flannel CNI plugin would.
 
-use std::{path::PathBuf, time::Instant};
+use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use ipnet::Ipv4Net;
@@ -23,10 +23,10 @@ const POD_IFACE: &str = "eth0";
 
 /// Creates the lab and waits until the overlay is ready. On any failure (Ctrl-C
 /// included) the returned error comes after the guard removed everything.
-pub fn create(topology: Topology, agent: PathBuf) -> Result<LabGuard> {
+pub fn create(topology: Topology, agent: PathBuf, masquerade: bool) -> Result<LabGuard> {
     topology.validate()?;
     let started = Instant::now();
-    let lab = LabState::create(topology, agent)?;
+    let lab = LabState::create(topology, agent, masquerade)?;
     println!("Creating lab {} in {}", lab.id, lab.dir().display());
 
     // The agents run in mount namespaces of their own (`ip netns exec`), where a bpffs
@@ -46,7 +46,7 @@ pub fn create(topology: Topology, agent: PathBuf) -> Result<LabGuard> {
     underlay(&lab)?;
     for node in &lab.topology.nodes {
         interrupt::check()?;
-        agents::start(&lab, node)?;
+        agents::start(&lab, node, lab.masquerade)?;
     }
     for node in &lab.topology.nodes {
         let env = agents::wait_subnet_env(&lab, node)?;
@@ -77,8 +77,8 @@ fn bridge_name(segment: &Segment) -> String {
     format!("br-{}", segment.name)
 }
 
-/// The switch (one bridge per segment), the router (a leg on each), and each node's
-/// uplink with its address and default route via the router.
+/// The switch (one bridge per segment), the router (a leg on each, and no route to any
+/// pod subnet), and the uplink of each node and of the outside host.
 fn underlay(lab: &LabState) -> Result<()> {
     let topology = &lab.topology;
     let switch = lab.netns(SWITCH);
@@ -113,25 +113,58 @@ fn underlay(lab: &LabState) -> Result<()> {
     }
     legs.apply()?;
     netns::enable_forwarding(&router)?;
+    // The router answers packets for pod subnets it has no route to with ICMP network
+    // unreachable, rate limited per destination: without the limit, probes from the
+    // outside to pods fail at once instead of waiting out their timeouts. (A second,
+    // global limit, net.ipv4.route.error_cost, is not per namespace: some still wait.)
+    netns::sysctl(&router, "net/ipv4/icmp_ratelimit", "0")?;
 
     for node in &topology.nodes {
         interrupt::check()?;
         let ns = lab.netns(&node.name);
-        let segment = topology.segment_of(node)?;
-        let port = format!("{}-{}", lab.id, node.name);
-        netns::add(&ns)?;
-        Script::new(&ns)
-            .veth(UPLINK, Some(docker_mac(node.address)), &port, &switch, None)?
-            .address(topology.node_address(node)?, UPLINK)
-            .up(UPLINK)
-            .default_route(segment.gateway.addr())
-            .apply()?;
+        uplink(lab, &mut ports, &node.name, &node.segment, node.address)?;
         // Kubernetes nodes forward (kube-proxy, the CNI plugin): needed here when the
         // host-gw control runs without agents, which otherwise turn it on.
         netns::enable_forwarding(&ns)?;
-        ports.attach(&port, &bridge_name(segment));
     }
+    let outside = &topology.outside;
+    uplink(
+        lab,
+        &mut ports,
+        &outside.name,
+        &outside.segment,
+        outside.address,
+    )?;
     ports.apply()
+}
+
+/// A host's namespace with its uplink on `segment`: the address, and the default route
+/// via the router. The switch's end of the link joins `ports`.
+fn uplink(
+    lab: &LabState,
+    ports: &mut Script,
+    host: &str,
+    segment: &str,
+    address: Ipv4Addr,
+) -> Result<()> {
+    let ns = lab.netns(host);
+    let port = format!("{}-{host}", lab.id);
+    let seg = lab.topology.segment(segment)?;
+    netns::add(&ns)?;
+    Script::new(&ns)
+        .veth(
+            UPLINK,
+            Some(docker_mac(address)),
+            &port,
+            &lab.netns(SWITCH),
+            None,
+        )?
+        .address(lab.topology.address_on(segment, address)?, UPLINK)
+        .up(UPLINK)
+        .default_route(seg.gateway.addr())
+        .apply()?;
+    ports.attach(&port, &bridge_name(seg));
+    Ok(())
 }
 
 /// What the CNI bridge plugin does for each pod, configured from the agent's

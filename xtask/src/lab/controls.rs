@@ -1,11 +1,16 @@
 //! Negative controls: proof that the overlay, and nothing else in the lab, carries the
 //! cross-node traffic.
 //!
-//! (a) Without agents (programs detached, routes removed) no cross-node pair works.
+//! (a) Without agents (programs detached, routes removed) no cross-node pair works,
+//!     and pods no longer reach the outside host: nothing masquerades them, and the
+//!     router has no route back to a pod.
 //! (b) With flannel host-gw routes instead (`podCIDR via nodeIP`), the nodes on one
 //!     switch reach each other, but nothing reaches across the router: w3's address is
 //!     not on-link, so its routes are refused and the router knows no pod subnet.
 //! (c) With the agents back, the whole matrix passes again.
+//!
+//! Throughout, nodes reach the outside host (plain routing) and the outside host
+//! reaches no pod.
 
 use std::process::Command;
 
@@ -89,12 +94,17 @@ fn controls(lab: &LabState) -> Result<Controls> {
         },
         ok: Some(leftovers.is_empty()),
     });
+    // Without agents nothing is masqueraded: a pod's packets reach the outside host
+    // under its own address, and no reply finds its way back.
     report.matrix(
         "(a) agents stopped",
-        &matrix::run(lab, PROBES_IN_FLIGHT)?,
+        &matrix::run(lab, PROBES_IN_FLIGHT, false)?,
         |kind| match kind {
-            PathKind::SameNode => Expect::Pass,
-            PathKind::SameSwitch | PathKind::Routed => Expect::Fail,
+            PathKind::SameNode | PathKind::NodeToOutside => Expect::Pass,
+            PathKind::SameSwitch
+            | PathKind::Routed
+            | PathKind::PodToOutside
+            | PathKind::OutsideToPod => Expect::Fail,
         },
     );
 
@@ -114,23 +124,23 @@ fn controls(lab: &LabState) -> Result<Controls> {
         ),
         ok: None,
     });
-    let host_gw = matrix::run(lab, PROBES_IN_FLIGHT)?;
+    let host_gw = matrix::run(lab, PROBES_IN_FLIGHT, false)?;
     remove_host_gw(lab)?;
     report.matrix("(b) host-gw routes", &host_gw, |kind| match kind {
-        PathKind::SameNode => Expect::Pass,
+        PathKind::SameNode | PathKind::NodeToOutside => Expect::Pass,
         PathKind::SameSwitch => Expect::Either,
-        PathKind::Routed => Expect::Fail,
+        PathKind::Routed | PathKind::PodToOutside | PathKind::OutsideToPod => Expect::Fail,
     });
 
     println!("(c) starting the agents again");
     for node in &lab.topology.nodes {
-        agents::start(lab, node)?;
+        agents::start(lab, node, lab.masquerade)?;
     }
     agents::wait_ready(lab, true)?;
     report.matrix(
         "(c) agents restarted",
-        &matrix::run(lab, PROBES_IN_FLIGHT)?,
-        |_| Expect::Pass,
+        &matrix::run(lab, PROBES_IN_FLIGHT, lab.masquerade)?,
+        |kind| kind.expected(lab.masquerade),
     );
     Ok(report)
 }
@@ -198,7 +208,7 @@ fn restore(lab: &LabState) -> Result<()> {
         .iter()
         .filter(|n| !running.iter().any(|a| a.node == n.name))
     {
-        agents::start(lab, node)?;
+        agents::start(lab, node, lab.masquerade)?;
     }
     Ok(())
 }

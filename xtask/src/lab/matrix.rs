@@ -1,23 +1,20 @@
-//! The connectivity matrix: from every node and every pod to every pod, one ICMP echo
-//! and one TCP exchange each, run in parallel.
+//! The connectivity matrix: from every node, every pod and the outside host to every
+//! pod and the outside host, one ICMP echo and one TCP exchange each, run in parallel.
+//! Each exchange also checks the source address the destination saw: untranslated
+//! inside the cluster, the node's address for a pod talking to the outside when the
+//! agents masquerade.
 
-use std::{
-    collections::BTreeMap,
-    sync::{
-        Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    interrupt, netns,
-    probe::{self, EchoServers, Failure, Outcome},
+    netns, parallel,
+    probe::{self, Client, Outcome, Proto},
+    servers::Servers,
     state::LabState,
     table::Table,
-    topology::{Pod, Topology},
+    topology::{Host, Kind, Topology},
 };
 
 /// How a packet travels from source to destination, which decides what can carry it.
@@ -29,30 +26,82 @@ pub enum PathKind {
     SameSwitch,
     /// Between nodes on different segments: only the overlay can.
     Routed,
+    /// A pod to the outside host: replies find their way back only when masqueraded
+    /// (the router knows no pod subnet).
+    PodToOutside,
+    /// A node to the outside host: plain underlay routing.
+    NodeToOutside,
+    /// The outside host to a pod: the router knows no pod subnet.
+    OutsideToPod,
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 3] = [PathKind::SameNode, PathKind::SameSwitch, PathKind::Routed];
+    pub const ALL: [PathKind; 6] = [
+        PathKind::SameNode,
+        PathKind::SameSwitch,
+        PathKind::Routed,
+        PathKind::PodToOutside,
+        PathKind::NodeToOutside,
+        PathKind::OutsideToPod,
+    ];
 
     pub fn describe(self) -> &'static str {
         match self {
             PathKind::SameNode => "same node",
             PathKind::SameSwitch => "other node, same switch",
             PathKind::Routed => "other node, via router",
+            PathKind::PodToOutside => "pod to outside",
+            PathKind::NodeToOutside => "node to outside",
+            PathKind::OutsideToPod => "outside to pod",
         }
     }
 
-    fn between(topology: &Topology, from_node: &str, to_node: &str) -> Result<Self> {
-        if from_node == to_node {
-            return Ok(PathKind::SameNode);
-        }
-        let (a, b) = (topology.node(from_node)?, topology.node(to_node)?);
-        Ok(if a.segment == b.segment {
-            PathKind::SameSwitch
-        } else {
-            PathKind::Routed
+    fn between(topology: &Topology, from: &Host, to: &Host) -> Result<Self> {
+        Ok(match (from.kind, to.kind) {
+            (Kind::Outside, _) => PathKind::OutsideToPod,
+            (Kind::Pod, Kind::Outside) => PathKind::PodToOutside,
+            (Kind::Node, Kind::Outside) => PathKind::NodeToOutside,
+            _ => {
+                let node = |h: &Host| {
+                    topology
+                        .node_of(h)
+                        .with_context(|| format!("{} has no node", h.name))
+                };
+                let (a, b) = (node(from)?, node(to)?);
+                if a.name == b.name {
+                    PathKind::SameNode
+                } else if a.segment == b.segment {
+                    PathKind::SameSwitch
+                } else {
+                    PathKind::Routed
+                }
+            }
         })
     }
+
+    /// What the lab predicts for these paths while the agents run, with or without
+    /// masquerade.
+    pub fn expected(self, masquerade: bool) -> Expect {
+        match self {
+            PathKind::OutsideToPod => Expect::Fail,
+            PathKind::PodToOutside if !masquerade => Expect::Fail,
+            _ => Expect::Pass,
+        }
+    }
+}
+
+/// The source address `to` sees from `from` in the lab: the node's address for a pod
+/// talking to the outside when masquerading (rule 5), else the sender's own.
+pub fn expected_source(
+    topology: &Topology,
+    from: &Host,
+    to: &Host,
+    masquerade: bool,
+) -> Option<Ipv4Addr> {
+    let masqueraded = masquerade && from.kind == Kind::Pod && to.kind == Kind::Outside;
+    masqueraded
+        .then(|| topology.node_of(from).map(|n| n.address))
+        .flatten()
 }
 
 /// What a scenario predicts for the paths of one kind.
@@ -85,35 +134,37 @@ impl Expect {
 /// One source-destination pair and its two probes.
 #[derive(Debug)]
 pub struct Probe {
-    /// A node or a pod.
+    /// A node, a pod or the outside host.
     pub from: String,
-    pub to: Pod,
+    pub to: Host,
     pub kind: PathKind,
     pub icmp: Outcome,
     pub tcp: Outcome,
 }
 
 impl Probe {
-    /// Pings `to` from host `from`, then exchanges bytes with its echo server.
+    /// Pings `to` from `from`, then exchanges bytes with its echo server; both must be
+    /// seen from `expected` (the sender's own address when None).
     pub fn run(
         lab: &LabState,
-        servers: &EchoServers,
-        from: &str,
-        to: &Pod,
+        servers: &Servers,
+        from: &Host,
+        to: &Host,
         kind: PathKind,
+        expected: Option<Ipv4Addr>,
     ) -> Self {
-        let ns = lab.netns(from);
-        let icmp = probe::ping(&ns, to.address);
-        let tcp = match servers.address(to) {
-            Some(server) => probe::tcp(&ns, server),
-            None => Err(Failure::Other(format!("no echo server in {}", to.name))),
+        let client = Client::new(lab.netns(&from.name));
+        let outcome = |proto| {
+            servers
+                .exchange(&client, to, proto)
+                .and_then(|e| e.seen_as(expected))
         };
         Probe {
-            from: from.to_owned(),
+            from: from.name.clone(),
             to: to.clone(),
             kind,
-            icmp,
-            tcp,
+            icmp: outcome(Proto::Icmp),
+            tcp: outcome(Proto::Tcp),
         }
     }
 }
@@ -167,73 +218,50 @@ pub struct Tally {
 }
 
 pub struct Matrix {
-    /// Row order: each node, then its pods.
+    /// Row order: each node, then its pods, then the outside host.
     sources: Vec<String>,
-    targets: Vec<Pod>,
+    targets: Vec<Host>,
     probes: Vec<Probe>,
     /// TCP segments the hosts retransmitted while probing: a path that passes only
     /// thanks to retransmissions (lost first packets, a wrong MTU) shows here.
     retransmitted: u64,
 }
 
-/// Probes every pair, `parallel` pairs at a time; fails only if the probing itself
-/// cannot run (or on Ctrl-C).
-pub fn run(lab: &LabState, parallel: usize) -> Result<Matrix> {
+/// Probes every pair, `parallel` pairs at a time, with the agents masquerading or not;
+/// fails only if the probing itself cannot run (or on Ctrl-C).
+pub fn run(lab: &LabState, parallel: usize, masquerade: bool) -> Result<Matrix> {
     let topology = &lab.topology;
-    let targets = topology.pods();
-    let mut sources = Vec::new();
+    let hosts = topology.hosts();
+    let targets: Vec<Host> = hosts
+        .iter()
+        .filter(|h| h.kind != Kind::Node)
+        .cloned()
+        .collect();
     let mut pairs = Vec::new();
-    for node in &topology.nodes {
-        let hosts = std::iter::once(node.name.clone())
-            .chain(topology.pods_of(node).into_iter().map(|p| p.name));
-        for from in hosts {
-            for to in targets.iter().filter(|t| t.name != from) {
-                pairs.push((
-                    from.clone(),
-                    to.clone(),
-                    PathKind::between(topology, &node.name, &to.node)?,
-                ));
+    for from in &hosts {
+        for to in targets.iter().filter(|t| t.name != from.name) {
+            if from.kind == Kind::Outside && to.kind == Kind::Outside {
+                continue;
             }
-            sources.push(from);
+            let kind = PathKind::between(topology, from, to)?;
+            let expected = expected_source(topology, from, to, masquerade);
+            pairs.push((from, to, kind, expected));
         }
     }
-    let servers = EchoServers::start(lab, &targets)?;
-    let retransmitted_before = retransmitted(lab, &sources)?;
-    let next = AtomicUsize::new(0);
-    let done = Mutex::new(Vec::with_capacity(pairs.len()));
-    std::thread::scope(|s| -> Result<()> {
-        let workers: Vec<_> = (0..parallel.max(1))
-            .map(|_| {
-                s.spawn(|| -> Result<()> {
-                    while let Some((from, to, kind)) =
-                        pairs.get(next.fetch_add(1, Ordering::Relaxed))
-                    {
-                        interrupt::check()?;
-                        let probe = Probe::run(lab, &servers, from, to, *kind);
-                        done.lock()
-                            .expect("no worker panics holding the lock")
-                            .push(probe);
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for worker in workers {
-            worker
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
-        }
-        Ok(())
+    let sources: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+    // The outside host's connections all fail (its SYNs are retransmitted while they
+    // wait): only the cluster's count.
+    let senders: Vec<String> = hosts
+        .iter()
+        .filter(|h| h.kind != Kind::Outside)
+        .map(|h| h.name.clone())
+        .collect();
+    let servers = Servers::start(lab, &targets)?;
+    let retransmitted_before = retransmitted(lab, &senders)?;
+    let probes = parallel::map(&pairs, parallel, |(from, to, kind, expected)| {
+        Probe::run(lab, &servers, from, to, *kind, *expected)
     })?;
-    let mut probes = done.into_inner().expect("workers are done");
-    // Back in plan order: rows and columns as the topology lists them.
-    let position = |p: &Probe| {
-        pairs
-            .iter()
-            .position(|(f, t, _)| *f == p.from && t.name == p.to.name)
-    };
-    probes.sort_by_key(position);
-    let retransmitted = retransmitted(lab, &sources)? - retransmitted_before;
+    let retransmitted = retransmitted(lab, &senders)? - retransmitted_before;
     Ok(Matrix {
         sources,
         targets,
@@ -321,7 +349,7 @@ impl Matrix {
             ]);
         }
         format!(
-            "ICMP echo, round trip in ms\n{icmp}\nTCP connect + {} KiB each way + close, in ms\n{tcp}\n{summary}  TCP segments retransmitted during the probes: {}\n",
+            "ICMP echo, round trip in ms\n{icmp}\nTCP connect + {} KiB each way + close, in ms\n{tcp}\n{summary}  TCP segments the nodes and pods retransmitted during the probes: {}\n",
             probe::TCP_BYTES / 1024,
             self.retransmitted
         )

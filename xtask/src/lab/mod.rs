@@ -1,21 +1,36 @@
 //! `cargo xtask lab`: a four-node cluster made of network namespaces, like the kind
-//! cluster of the flannel ipip walkthrough plus a node behind a router, running one
-//! overlay agent per node. It proves pod connectivity (a matrix of ICMP and TCP
-//! probes), that cross-node traffic is IPIP on the wire, and, with `--controls`, that
-//! without the overlay the same paths fail.
+//! cluster of the flannel ipip walkthrough plus a node behind a router and an outside
+//! host beyond it, running one overlay agent per node (with `--ip-masq`, as flannel's
+//! DaemonSet runs flanneld). It proves pod connectivity (a matrix of ICMP and TCP
+//! probes), that cross-node traffic is IPIP on the wire, masquerade (pods reach the
+//! outside behind their node's address, rule by rule, under load, and exactly where
+//! flanneld's own iptables rules let them), and, with `--controls`, that without the
+//! overlay the same paths fail.
 //!
 //! Layout: topology (the cluster as data), netns (namespaces and links), state (a lab
-//! on disk and its removal), cluster (building it), agents, probe and matrix
-//! (connectivity), capture (wire proof), controls (negative controls).
+//! on disk and its removal), cluster (building it), agents, servers, probe, parallel
+//! and matrix (connectivity), capture (wire proof), controls (negative controls),
+//! router (routes put on the router on purpose), nat_table (`overlay-agent nat`),
+//! masquerade (the masquerade proof: outside, rules, load, iptables, equivalence).
 
 mod agents;
 mod capture;
 mod cluster;
 mod controls;
+mod equivalence;
 mod interrupt;
+mod iptables;
+mod load;
+mod masquerade;
 mod matrix;
+mod nat_table;
 mod netns;
+mod outside;
+mod parallel;
 mod probe;
+mod router;
+mod rules;
+mod servers;
 mod state;
 mod table;
 mod topology;
@@ -28,9 +43,7 @@ use std::{os::unix::process::CommandExt as _, path::PathBuf, time::Instant};
 use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
 
-use self::{
-    interrupt::Interrupted, matrix::Expect, state::LabState, table::Table, topology::Topology,
-};
+use self::{interrupt::Interrupted, state::LabState, table::Table, topology::Topology};
 
 /// Probes of the connectivity matrix in flight at once. Few, so that the timings are
 /// the path's and not the machine's contention (one at a time takes about as long
@@ -43,17 +56,31 @@ pub struct LabArgs {
     #[command(subcommand)]
     command: Option<LabCommand>,
     #[command(flatten)]
-    build: BuildArgs,
-    /// Also run the negative controls before removing the lab.
-    #[arg(long)]
-    controls: bool,
+    create: CreateArgs,
+    #[command(flatten)]
+    checks: Checks,
 }
 
 #[derive(clap::Args, Clone, Copy)]
-struct BuildArgs {
+struct CreateArgs {
     /// Build and run the agent with the release profile.
     #[arg(long)]
     release: bool,
+    /// Run the agents without `--ip-masq` (pods then cannot reach the outside host).
+    #[arg(long)]
+    no_masq: bool,
+}
+
+#[derive(clap::Args, Clone, Copy)]
+struct Checks {
+    /// Also run the negative controls: agents stopped, then host-gw routes.
+    #[arg(long)]
+    controls: bool,
+    /// Run only the masquerade proof (the outside host, rules 6 and 1, masquerade off,
+    /// thousands of connections, equivalence with flanneld's iptables rules), not the
+    /// matrix and the wire proof. Without this flag it runs too, after them.
+    #[arg(long)]
+    masquerade: bool,
 }
 
 #[derive(clap::Args)]
@@ -66,17 +93,17 @@ struct Select {
 #[derive(Subcommand)]
 enum LabCommand {
     /// Create the lab and leave it running.
-    Up(BuildArgs),
-    /// Run the connectivity matrix and the wire proof against the running lab.
+    Up(CreateArgs),
+    /// Run the connectivity matrix, the wire proof and the masquerade checks against
+    /// the running lab.
     Check {
         #[command(flatten)]
         select: Select,
-        /// Also run the negative controls: agents stopped, then host-gw routes.
-        #[arg(long)]
-        controls: bool,
+        #[command(flatten)]
+        checks: Checks,
     },
-    /// Run a command in a host's namespace: a node (`w1`), a pod (`w1-pod1`), `router`
-    /// or `switch`. Without a command, a shell.
+    /// Run a command in a host's namespace: a node (`w1`), a pod (`w1-pod1`),
+    /// `outside`, `router` or `switch`. Without a command, a shell.
     Exec {
         #[command(flatten)]
         select: Select,
@@ -102,10 +129,10 @@ pub fn run(args: LabArgs) -> Result<()> {
     }
     interrupt::install()?;
     let result = match args.command {
-        None => full_run(args.build, args.controls).and_then(|report| report.verdict()),
-        Some(LabCommand::Up(build)) => up(build),
-        Some(LabCommand::Check { select, controls }) => {
-            check(&LabState::load(select.id.as_deref())?, controls)
+        None => full_run(args.create, args.checks).and_then(|report| report.verdict()),
+        Some(LabCommand::Up(create)) => up(create),
+        Some(LabCommand::Check { select, checks }) => {
+            check(&LabState::load(select.id.as_deref())?, checks)
                 .and_then(|report| report.verdict())
         }
         Some(LabCommand::Exec {
@@ -138,13 +165,18 @@ struct Report {
     matrix: Vec<String>,
     /// Why the wire proof fails.
     wire: Vec<String>,
+    /// The masquerade proof's steps and what they found wrong.
+    masquerade: masquerade::Proof,
     /// None when the controls did not run.
     controls: Option<bool>,
 }
 
 impl Report {
     fn passed(&self) -> bool {
-        self.matrix.is_empty() && self.wire.is_empty() && self.controls != Some(false)
+        self.matrix.is_empty()
+            && self.wire.is_empty()
+            && self.masquerade.failures.is_empty()
+            && self.controls != Some(false)
     }
 
     fn verdict(self) -> Result<()> {
@@ -158,6 +190,12 @@ impl Report {
         }
         if !self.wire.is_empty() {
             failed.push("the wire proof".to_owned());
+        }
+        if !self.masquerade.failures.is_empty() {
+            failed.push(format!(
+                "{} masquerade checks",
+                self.masquerade.failures.len()
+            ));
         }
         if self.controls == Some(false) {
             failed.push("the negative controls".to_owned());
@@ -173,12 +211,12 @@ fn heading(title: &str) {
     );
 }
 
-fn build(build: BuildArgs) -> Result<PathBuf> {
+fn build(create: CreateArgs) -> Result<PathBuf> {
     crate::deps::ensure()?;
     let started = Instant::now();
-    let profile = if build.release { "release" } else { "debug" };
+    let profile = if create.release { "release" } else { "debug" };
     println!("Building overlay-agent ({profile})");
-    let agent = agents::build(build.release)?;
+    let agent = agents::build(create.release)?;
     println!(
         "Built {} in {:.1}s",
         agent.display(),
@@ -188,11 +226,11 @@ fn build(build: BuildArgs) -> Result<PathBuf> {
 }
 
 /// `cargo xtask lab`: everything, then the lab is removed whatever happened.
-fn full_run(build_args: BuildArgs, controls: bool) -> Result<Report> {
+fn full_run(create: CreateArgs, checks: Checks) -> Result<Report> {
     let started = Instant::now();
-    let agent = build(build_args)?;
-    let lab = cluster::create(Topology::kind(), agent)?;
-    let report = check(&lab, controls)?;
+    let agent = build(create)?;
+    let lab = cluster::create(Topology::kind(), agent, !create.no_masq)?;
+    let report = check(&lab, checks)?;
     heading("Teardown");
     let teardown = Instant::now();
     let removed = lab.teardown()?;
@@ -205,49 +243,60 @@ fn full_run(build_args: BuildArgs, controls: bool) -> Result<Report> {
     Ok(report)
 }
 
-fn up(build_args: BuildArgs) -> Result<()> {
-    let agent = build(build_args)?;
-    let lab = cluster::create(Topology::kind(), agent)?.keep();
+fn up(create: CreateArgs) -> Result<()> {
+    let agent = build(create)?;
+    let lab = cluster::create(Topology::kind(), agent, !create.no_masq)?.keep();
     status(&lab)?;
     let pod = |node: usize| lab.topology.pods_of(&lab.topology.nodes[node]).remove(0);
     let (local, remote) = (pod(0), pod(lab.topology.nodes.len() - 1));
     let node = &lab.topology.nodes[0].name;
     println!(
-        "\nExplore:\n  cargo xtask lab exec {} -- ping -c 3 {}\n  cargo xtask lab exec {node} -- tcpdump -ni eth0 ip proto 4\n  cargo xtask lab exec {node} -- ip route\n  cargo xtask lab exec {node} -- {} counters --bpffs {}\n  cargo xtask lab check [--controls]\n  cargo xtask lab status\n  cargo xtask lab down\nAgent logs: {}/<node>/agent.log",
+        "\nExplore:\n  cargo xtask lab exec {} -- ping -c 3 {}\n  cargo xtask lab exec {} -- ping -c 3 {}   (the outside host, masqueraded)\n  cargo xtask lab exec {node} -- tcpdump -ni eth0 ip proto 4\n  cargo xtask lab exec {node} -- ip route\n  cargo xtask lab exec {node} -- {agent} counters --bpffs {pins}\n  cargo xtask lab exec {node} -- {agent} nat --bpffs {pins}\n  cargo xtask lab check [--controls] [--masquerade]\n  cargo xtask lab status\n  cargo xtask lab down\nAgent logs: {}/<node>/agent.log",
         local.name,
         remote.address,
-        lab.agent.display(),
-        lab.bpffs().join(node).display(),
-        lab.dir().display()
+        local.name,
+        lab.topology.outside.address,
+        lab.dir().display(),
+        agent = lab.agent.display(),
+        pins = lab.bpffs().join(node).display(),
     );
     Ok(())
 }
 
-/// The matrix, the wire proof and the counters (and the controls if asked) against a
-/// running lab.
-fn check(lab: &LabState, controls: bool) -> Result<Report> {
-    heading("Connectivity");
-    let matrix = matrix::run(lab, PROBES_IN_FLIGHT)?;
-    print!("{}", matrix.render());
-    let surprises = matrix.surprises(|_| Expect::Pass);
-    for s in &surprises {
-        println!("  ✗ {s}");
-    }
+/// The matrix, the wire proof, the counters and the masquerade proof (and the controls
+/// if asked) against a running lab.
+fn check(lab: &LabState, checks: Checks) -> Result<Report> {
+    let (mut matrix, mut wire) = (Vec::new(), Vec::new());
+    if !checks.masquerade {
+        heading("Connectivity");
+        let found = matrix::run(lab, PROBES_IN_FLIGHT, lab.masquerade)?;
+        print!("{}", found.render());
+        matrix = found.surprises(|kind| kind.expected(lab.masquerade));
+        for s in &matrix {
+            println!("  ✗ {s}");
+        }
 
-    heading("Wire proof");
-    let wire = capture::prove(lab)?;
-    print!("{}", wire.render());
+        heading("Wire proof");
+        let proof = capture::prove(lab)?;
+        print!("{}", proof.render());
+        wire = proof.failures();
 
-    heading("Counters");
-    for node in &lab.topology.nodes {
-        let counters = agents::inspect(lab, node, "counters")?;
-        println!("{}:", node.name);
-        for line in counters.lines() {
-            println!("  {line}");
+        heading("Counters");
+        for node in &lab.topology.nodes {
+            let counters = agents::inspect(lab, node, "counters")?;
+            println!("{}:", node.name);
+            for line in counters.lines() {
+                println!("  {line}");
+            }
         }
     }
 
-    let controls = if controls {
+    let masquerade = masquerade::run(lab)?;
+    if !masquerade.failures.is_empty() {
+        println!("\n{}", masquerade::verdict("", &masquerade.failures));
+    }
+
+    let controls = if checks.controls {
         heading("Negative controls");
         let report = controls::run(lab)?;
         print!("{}", report.render());
@@ -257,8 +306,9 @@ fn check(lab: &LabState, controls: bool) -> Result<Report> {
     };
     Ok(Report {
         id: lab.id.clone(),
-        matrix: surprises,
-        wire: wire.failures(),
+        matrix,
+        wire,
+        masquerade,
         controls,
     })
 }
@@ -270,6 +320,7 @@ fn hosts(topology: &Topology) -> Vec<String> {
         hosts.push(node.name.clone());
         hosts.extend(topology.pods_of(node).into_iter().map(|p| p.name));
     }
+    hosts.push(topology.outside.name.clone());
     hosts
 }
 
@@ -313,10 +364,13 @@ fn status(lab: &LabState) -> Result<()> {
             Err(_) => String::new(),
             Ok(node) => match running.iter().find(|a| a.node == host) {
                 None => "✗ not running".to_owned(),
-                Some(a) => match agents::missing(lab, node, true) {
-                    missing if missing.is_empty() => format!("pid {}, ready", a.pid),
-                    missing => format!("pid {}, lacks {}", a.pid, missing.join(", ")),
-                },
+                Some(a) => {
+                    let masq = if a.masquerade { ", --ip-masq" } else { "" };
+                    match agents::missing(lab, node, true) {
+                        missing if missing.is_empty() => format!("pid {}{masq}, ready", a.pid),
+                        missing => format!("pid {}{masq}, lacks {}", a.pid, missing.join(", ")),
+                    }
+                }
             },
         };
         table.row([host, ns, addresses, agent]);

@@ -101,12 +101,18 @@ pub fn enter<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<
     })
 }
 
-/// Turns on IPv4 forwarding in `ns` (sysctls under /proc/sys/net belong to the
-/// namespace of the thread that opens them).
-pub fn enable_forwarding(ns: &str) -> Result<()> {
+/// Writes a sysctl of `ns` (under /proc/sys/net, they belong to the namespace of the
+/// thread that opens them), e.g. `sysctl(ns, "net/ipv4/ip_forward", "1")`.
+pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     enter(ns, || {
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling forwarding")
+        std::fs::write(format!("/proc/sys/{key}"), value)
+            .with_context(|| format!("setting {key} to {value} in {ns}"))
     })
+}
+
+/// Turns on IPv4 forwarding in `ns`.
+pub fn enable_forwarding(ns: &str) -> Result<()> {
+    sysctl(ns, "net/ipv4/ip_forward", "1")
 }
 
 /// Link and address changes in one namespace, applied by a single `ip -batch`.

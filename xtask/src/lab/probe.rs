@@ -1,28 +1,26 @@
-//! One connectivity probe: an ICMP echo, or a TCP connection that carries bytes both
-//! ways. Sockets are opened inside the source namespace and then used from here.
+//! One probe: an ICMP echo, a TCP connection that carries bytes both ways, or a UDP
+//! exchange, from a socket opened inside the source namespace and then used from here.
+//! The servers answer with the source address they saw (see `servers`).
 
 use std::{
     fmt,
     io::{self, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU16, Ordering},
-    },
-    thread::{self, JoinHandle},
+    net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream},
+    sync::atomic::{AtomicU16, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
 
-use super::{netns, state::LabState, topology::Pod};
+use super::netns;
 
 /// Bytes sent each way per TCP probe: enough for full-size segments and several
 /// round trips of the window, so a wrong MTU or a broken checksum shows.
 pub const TCP_BYTES: usize = 64 * 1024;
 const ICMP_TIMEOUT: Duration = Duration::from_secs(1);
 const TCP_TIMEOUT: Duration = Duration::from_secs(2);
+const UDP_TIMEOUT: Duration = Duration::from_millis(700);
+const UDP_TRIES: usize = 2;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_UNREACHABLE: u8 = 3;
 const ICMP_ECHO_REQUEST: u8 = 8;
@@ -41,7 +39,7 @@ pub enum Failure {
 }
 
 impl Failure {
-    fn from_io(e: io::Error) -> Self {
+    pub fn from_io(e: io::Error) -> Self {
         match e.kind() {
             io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Failure::Timeout,
             io::ErrorKind::ConnectionRefused => Failure::Refused,
@@ -91,22 +89,136 @@ pub fn millis(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1e3)
 }
 
-fn socket_in(ns: &str, ty: Type, protocol: Protocol) -> Result<Socket, Failure> {
-    netns::enter(ns, || Ok(Socket::new(Domain::IPV4, ty, Some(protocol))?))
-        .map_err(|e| Failure::Other(format!("{e:#}")))
+/// Where a probe starts: a namespace and, for the masquerade checks, a source address
+/// to bind (a node's own address: rule 6) and a socket mark (kube-proxy's: rule 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    pub ns: String,
+    pub bind: Option<Ipv4Addr>,
+    pub mark: Option<u32>,
 }
 
-/// One ICMP echo from namespace `from` to `to`: the round trip, or the ICMP error that
-/// came back instead.
-pub fn ping(from: &str, to: Ipv4Addr) -> Outcome {
+impl Client {
+    pub fn new(ns: String) -> Self {
+        Self {
+            ns,
+            bind: None,
+            mark: None,
+        }
+    }
+
+    pub fn bound(mut self, address: Ipv4Addr) -> Self {
+        self.bind = Some(address);
+        self
+    }
+
+    pub fn marked(mut self, mark: u32) -> Self {
+        self.mark = Some(mark);
+        self
+    }
+
+    fn socket(&self, ty: Type, protocol: Protocol) -> Result<Socket, Failure> {
+        let socket = netns::enter(&self.ns, || {
+            Ok(Socket::new(Domain::IPV4, ty, Some(protocol))?)
+        })
+        .map_err(|e| Failure::Other(format!("{e:#}")))?;
+        if let Some(mark) = self.mark {
+            socket.set_mark(mark).map_err(Failure::from_io)?;
+        }
+        if let Some(address) = self.bind {
+            socket
+                .bind(&SocketAddrV4::new(address, 0).into())
+                .map_err(Failure::from_io)?;
+        }
+        Ok(socket)
+    }
+
+    /// The source address the kernel picks for this client's packets to `to`: a UDP
+    /// socket's, connected without sending anything (same route, bind and mark).
+    fn source_for(&self, to: Ipv4Addr) -> Result<Ipv4Addr, Failure> {
+        let socket = self.socket(Type::DGRAM, Protocol::UDP)?;
+        socket
+            .connect(&SocketAddrV4::new(to, 9).into())
+            .map_err(Failure::from_io)?;
+        Ok(*local_address(&socket)?.ip())
+    }
+}
+
+/// The protocols a probe speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Proto {
+    Icmp,
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub const ALL: [Proto; 3] = [Proto::Icmp, Proto::Tcp, Proto::Udp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Icmp => "ICMP",
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        }
+    }
+}
+
+/// A completed exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exchange {
+    pub time: Duration,
+    /// The source address and port the client's socket used (for ICMP, the echo
+    /// identifier, which masquerade translates like a port).
+    pub local: SocketAddrV4,
+    /// The destination (for ICMP, with port zero: how echo flows are keyed).
+    pub remote: SocketAddrV4,
+    /// The source address the destination saw (None: not recorded).
+    pub seen: Option<Ipv4Addr>,
+}
+
+impl Exchange {
+    /// The round trip, if the destination saw `expected` (the client's own address
+    /// when None): anything else is a translation nobody asked for.
+    pub fn seen_as(self, expected: Option<Ipv4Addr>) -> Outcome {
+        let expected = expected.unwrap_or(*self.local.ip());
+        match self.seen {
+            Some(seen) if seen == expected => Ok(self.time),
+            Some(seen) => Err(Failure::Mismatch(format!(
+                "the destination saw {seen}, expected {expected}"
+            ))),
+            None => Err(Failure::Other(
+                "the destination did not record the source".into(),
+            )),
+        }
+    }
+}
+
+fn local_address(socket: &Socket) -> Result<SocketAddrV4, Failure> {
+    match socket.local_addr().map_err(Failure::from_io)?.as_socket() {
+        Some(std::net::SocketAddr::V4(a)) => Ok(a),
+        other => Err(Failure::Other(format!("no IPv4 source address: {other:?}"))),
+    }
+}
+
+/// A fresh number, unique in this process, to tell exchanges apart.
+pub fn token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One ICMP echo from `client` to `to` carrying `token`: the round trip, or the ICMP
+/// error that came back instead. What the destination saw is for its recorder to say.
+pub fn ping(client: &Client, to: Ipv4Addr, token: u64) -> Result<Exchange, Failure> {
     // Raw sockets see every ICMP message of the namespace (other probes run in
     // parallel): answers are matched on the identifier.
     static NEXT_ID: AtomicU16 = AtomicU16::new(0);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() as u16);
-    let socket = socket_in(from, Type::RAW, Protocol::ICMPV4)?;
+    let local = SocketAddrV4::new(client.source_for(to)?, id);
+    let socket = client.socket(Type::RAW, Protocol::ICMPV4)?;
     let started = Instant::now();
     socket
-        .send_to(&echo_request(id), &SocketAddrV4::new(to, 0).into())
+        .send_to(&echo_request(id, token), &SocketAddrV4::new(to, 0).into())
         .map_err(Failure::from_io)?;
     let mut buf = [0u8; 1500];
     loop {
@@ -119,21 +231,48 @@ pub fn ping(from: &str, to: Ipv4Addr) -> Outcome {
             .map_err(Failure::from_io)?;
         let n = (&socket).read(&mut buf).map_err(Failure::from_io)?;
         match answer(&buf[..n], to, id) {
-            Some(Ok(())) => return Ok(started.elapsed()),
+            Some(Ok(())) => {
+                return Ok(Exchange {
+                    time: started.elapsed(),
+                    local,
+                    remote: SocketAddrV4::new(to, 0),
+                    seen: None,
+                });
+            }
             Some(Err(why)) => return Err(Failure::Unreachable(why)),
             None => {}
         }
     }
 }
 
-fn echo_request(id: u16) -> Vec<u8> {
+/// What an echo request of ours carries after the ICMP header: this marker, then the
+/// token.
+const ECHO_MARKER: &[u8; 8] = b"olab-tok";
+const ECHO_PADDING: usize = 40;
+
+fn echo_request(id: u16, token: u64) -> Vec<u8> {
     let mut packet = vec![ICMP_ECHO_REQUEST, 0, 0, 0];
     packet.extend(id.to_be_bytes());
     packet.extend(1u16.to_be_bytes());
-    packet.extend((0..56u8).map(|i| i.wrapping_mul(7)));
+    packet.extend(ECHO_MARKER);
+    packet.extend(token.to_be_bytes());
+    packet.extend((0..ECHO_PADDING as u8).map(|i| i.wrapping_mul(7)));
     let sum = checksum(&packet);
     packet[2..4].copy_from_slice(&sum.to_be_bytes());
     packet
+}
+
+/// The source and token of one of our echo requests (an IPv4 packet as a raw socket
+/// reads it); None for anything else.
+pub fn echo_request_token(packet: &[u8]) -> Option<(Ipv4Addr, u64)> {
+    let ihl = usize::from(packet.first()? & 0x0f) * 4;
+    let source = Ipv4Addr::from(<[u8; 4]>::try_from(packet.get(12..16)?).ok()?);
+    let icmp = packet.get(ihl..)?;
+    if *icmp.first()? != ICMP_ECHO_REQUEST || icmp.get(8..16)? != ECHO_MARKER {
+        return None;
+    }
+    let token = u64::from_be_bytes(icmp.get(16..24)?.try_into().ok()?);
+    Some((source, token))
 }
 
 /// The Internet checksum (RFC 1071).
@@ -170,6 +309,7 @@ fn answer(packet: &[u8], target: Ipv4Addr, id: u16) -> Option<Result<(), String>
                 (ICMP_TIME_EXCEEDED, _) => "TTL exceeded".to_owned(),
                 (_, 0) => "network unreachable".to_owned(),
                 (_, 1) => "host unreachable".to_owned(),
+                (_, 3) => "port unreachable".to_owned(),
                 (_, 4) => "fragmentation needed".to_owned(),
                 (_, code) => format!("destination unreachable (code {code})"),
             };
@@ -179,29 +319,8 @@ fn answer(packet: &[u8], target: Ipv4Addr, id: u16) -> Option<Result<(), String>
     }
 }
 
-/// Connects from namespace `from` to an echo server at `to`, sends [`TCP_BYTES`], and
-/// checks that they come back intact and that the server saw our own address (no
-/// translation on the way). The time covers the handshake and both transfers.
-pub fn tcp(from: &str, to: SocketAddrV4) -> Outcome {
-    let socket = socket_in(from, Type::STREAM, Protocol::TCP)?;
-    let started = Instant::now();
-    socket
-        .connect_timeout(&to.into(), TCP_TIMEOUT)
-        .map_err(Failure::from_io)?;
-    let mut stream = TcpStream::from(socket);
-    stream
-        .set_read_timeout(Some(TCP_TIMEOUT))
-        .map_err(Failure::from_io)?;
-    stream
-        .set_write_timeout(Some(TCP_TIMEOUT))
-        .map_err(Failure::from_io)?;
-    let local = stream.local_addr().map_err(Failure::from_io)?.ip();
-    let payload: Vec<u8> = (0..TCP_BYTES).map(|i| (i % 251) as u8).collect();
-    stream.write_all(&payload).map_err(Failure::from_io)?;
-    stream.shutdown(Shutdown::Write).map_err(Failure::from_io)?;
-    let mut answer = Vec::with_capacity(TCP_BYTES + 16);
-    stream.read_to_end(&mut answer).map_err(Failure::from_io)?;
-    let elapsed = started.elapsed();
+/// The server's answer to `sent`: the address it saw, a newline, and `sent` again.
+fn read_answer(answer: &[u8], sent: &[u8]) -> Result<Ipv4Addr, Failure> {
     let Some(newline) = answer.iter().position(|&b| b == b'\n') else {
         return Err(Failure::Mismatch(format!(
             "the server sent {} bytes and no peer address",
@@ -209,95 +328,85 @@ pub fn tcp(from: &str, to: SocketAddrV4) -> Outcome {
         )));
     };
     let seen = String::from_utf8_lossy(&answer[..newline]);
-    if seen != local.to_string() {
+    let seen = seen
+        .parse()
+        .map_err(|_| Failure::Mismatch(format!("the server answered {seen:?}, not an address")))?;
+    if answer[newline + 1..] != *sent {
         return Err(Failure::Mismatch(format!(
-            "the server saw {seen}, the client is {local}"
+            "{} bytes echoed, not the {} sent",
+            answer.len() - newline - 1,
+            sent.len()
         )));
     }
-    if answer[newline + 1..] != payload[..] {
-        return Err(Failure::Mismatch(format!(
-            "{} bytes echoed, not the {TCP_BYTES} sent",
-            answer.len() - newline - 1
-        )));
-    }
-    Ok(elapsed)
+    Ok(seen)
 }
 
-/// TCP echo servers, one per pod, each listening on its pod's address. Each answers
-/// with the peer address it saw, a newline, and what it received.
-pub struct EchoServers {
-    listeners: Vec<(Ipv4Addr, TcpListener)>,
-    acceptors: Vec<JoinHandle<()>>,
-    stopping: Arc<AtomicBool>,
+/// Connects from `client` to an echo server at `to`, sends [`TCP_BYTES`], and checks
+/// that they come back intact. The time covers the handshake and both transfers.
+pub fn tcp(client: &Client, to: SocketAddrV4) -> Result<Exchange, Failure> {
+    let socket = client.socket(Type::STREAM, Protocol::TCP)?;
+    let started = Instant::now();
+    socket
+        .connect_timeout(&to.into(), TCP_TIMEOUT)
+        .map_err(Failure::from_io)?;
+    let local = local_address(&socket)?;
+    let mut stream = TcpStream::from(socket);
+    stream
+        .set_read_timeout(Some(TCP_TIMEOUT))
+        .map_err(Failure::from_io)?;
+    stream
+        .set_write_timeout(Some(TCP_TIMEOUT))
+        .map_err(Failure::from_io)?;
+    let payload: Vec<u8> = (0..TCP_BYTES).map(|i| (i % 251) as u8).collect();
+    stream.write_all(&payload).map_err(Failure::from_io)?;
+    stream.shutdown(Shutdown::Write).map_err(Failure::from_io)?;
+    let mut answer = Vec::with_capacity(TCP_BYTES + 16);
+    stream.read_to_end(&mut answer).map_err(Failure::from_io)?;
+    let time = started.elapsed();
+    let seen = read_answer(&answer, &payload)?;
+    Ok(Exchange {
+        time,
+        local,
+        remote: to,
+        seen: Some(seen),
+    })
 }
 
-impl EchoServers {
-    /// Starts the servers; dropping the result stops them.
-    pub fn start(lab: &LabState, pods: &[Pod]) -> Result<Self> {
-        let mut servers = Self {
-            listeners: Vec::new(),
-            acceptors: Vec::new(),
-            stopping: Arc::default(),
-        };
-        for pod in pods {
-            // Port 0: the kernel picks a free port, so concurrent checks never collide.
-            let listener = netns::enter(&lab.netns(&pod.name), || {
-                Ok(TcpListener::bind(SocketAddrV4::new(pod.address, 0))?)
-            })?;
-            let accepting = listener.try_clone()?;
-            let stopping = servers.stopping.clone();
-            servers.acceptors.push(thread::spawn(move || {
-                for conn in accepting.incoming() {
-                    match conn {
-                        // Each connection ends by itself: the client closes, or the timeouts.
-                        Ok(conn) => drop(thread::spawn(move || echo(conn))),
-                        Err(_) if stopping.load(Ordering::SeqCst) => break,
-                        Err(_) => {}
-                    }
-                }
-            }));
-            servers.listeners.push((pod.address, listener));
-        }
-        Ok(servers)
-    }
-
-    pub fn address(&self, pod: &Pod) -> Option<SocketAddrV4> {
-        let (_, listener) = self.listeners.iter().find(|(a, _)| *a == pod.address)?;
-        match listener.local_addr().ok()? {
-            std::net::SocketAddr::V4(a) => Some(a),
-            std::net::SocketAddr::V6(_) => None,
+/// Sends one datagram with a unique payload from `client` to a UDP echo server at `to`
+/// and waits for its answer, asking again after each [`UDP_TIMEOUT`] (a datagram may
+/// be lost; a broken path stays broken).
+pub fn udp(client: &Client, to: SocketAddrV4) -> Result<Exchange, Failure> {
+    let socket = client.socket(Type::DGRAM, Protocol::UDP)?;
+    // Connected: the kernel only hands us datagrams from `to`, and ICMP errors as errors.
+    socket.connect(&to.into()).map_err(Failure::from_io)?;
+    let local = local_address(&socket)?;
+    let payload = format!("olab udp {}", token()).into_bytes();
+    socket
+        .set_read_timeout(Some(UDP_TIMEOUT))
+        .map_err(Failure::from_io)?;
+    let started = Instant::now();
+    let mut buf = [0u8; 1500];
+    for _ in 0..UDP_TRIES {
+        socket.send(&payload).map_err(Failure::from_io)?;
+        match (&socket).read(&mut buf) {
+            Ok(n) => {
+                let seen = read_answer(&buf[..n], &payload)?;
+                return Ok(Exchange {
+                    time: started.elapsed(),
+                    local,
+                    remote: to,
+                    seen: Some(seen),
+                });
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(Failure::from_io(e)),
         }
     }
-}
-
-impl Drop for EchoServers {
-    fn drop(&mut self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        // Shutting a listening socket down wakes the thread blocked in accept().
-        for (_, listener) in &self.listeners {
-            let _ = SockRef::from(listener).shutdown(Shutdown::Both);
-        }
-        for acceptor in self.acceptors.drain(..) {
-            let _ = acceptor.join();
-        }
-    }
-}
-
-fn echo(conn: TcpStream) {
-    let serve = || -> io::Result<()> {
-        conn.set_read_timeout(Some(TCP_TIMEOUT))?;
-        conn.set_write_timeout(Some(TCP_TIMEOUT))?;
-        let peer = match conn.peer_addr()?.ip() {
-            IpAddr::V4(a) => a.to_string(),
-            IpAddr::V6(a) => a.to_string(),
-        };
-        let mut data = Vec::with_capacity(TCP_BYTES);
-        (&conn).read_to_end(&mut data)?;
-        (&conn).write_all(format!("{peer}\n").as_bytes())?;
-        (&conn).write_all(&data)
-    };
-    // A failed exchange is the client's to report.
-    let _ = serve();
+    Err(Failure::Timeout)
 }
 
 #[cfg(test)]
@@ -314,15 +423,74 @@ mod tests {
 
     #[test]
     fn echo_request_checksums_to_zero() {
-        let req = echo_request(0x1234);
+        let req = echo_request(0x1234, 99);
         assert_eq!(checksum(&req), 0);
         assert_eq!(&req[4..6], &[0x12, 0x34]);
     }
 
     #[test]
+    fn recorders_read_the_token_of_our_requests_only() {
+        let request = ipv4([172, 18, 0, 3], [10, 244, 2, 2], &echo_request(5, 0xfeed));
+        assert_eq!(
+            echo_request_token(&request),
+            Some((Ipv4Addr::new(172, 18, 0, 3), 0xfeed))
+        );
+        let mut reply = echo_request(5, 0xfeed);
+        reply[0] = ICMP_ECHO_REPLY;
+        assert_eq!(echo_request_token(&ipv4([1; 4], [2; 4], &reply)), None);
+        // Someone else's ping (no marker) is not ours.
+        let mut foreign = echo_request(5, 0xfeed);
+        foreign[8] ^= 0xff;
+        assert_eq!(echo_request_token(&ipv4([1; 4], [2; 4], &foreign)), None);
+        assert_eq!(echo_request_token(&request[..30]), None);
+    }
+
+    #[test]
+    fn answers_carry_the_seen_address_and_the_bytes_sent() {
+        assert_eq!(
+            read_answer(b"172.18.0.3\nabc", b"abc"),
+            Ok(Ipv4Addr::new(172, 18, 0, 3))
+        );
+        assert!(matches!(
+            read_answer(b"172.18.0.3\nabd", b"abc"),
+            Err(Failure::Mismatch(_))
+        ));
+        assert!(matches!(
+            read_answer(b"abc", b"abc"),
+            Err(Failure::Mismatch(_))
+        ));
+        assert!(matches!(
+            read_answer(b"nonsense\nabc", b"abc"),
+            Err(Failure::Mismatch(_))
+        ));
+    }
+
+    #[test]
+    fn exchanges_are_judged_on_the_seen_address() {
+        let exchange = Exchange {
+            time: Duration::from_millis(1),
+            local: SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 40000),
+            remote: SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 7),
+            seen: Some(Ipv4Addr::new(172, 18, 0, 3)),
+        };
+        assert!(exchange.seen_as(Some(Ipv4Addr::new(172, 18, 0, 3))).is_ok());
+        assert!(matches!(exchange.seen_as(None), Err(Failure::Mismatch(_))));
+        let untranslated = Exchange {
+            seen: Some(*exchange.local.ip()),
+            ..exchange
+        };
+        assert!(untranslated.seen_as(None).is_ok());
+        let unrecorded = Exchange {
+            seen: None,
+            ..exchange
+        };
+        assert!(unrecorded.seen_as(None).is_err());
+    }
+
+    #[test]
     fn answers_are_matched_on_source_and_id() {
         let target = Ipv4Addr::new(10, 244, 3, 2);
-        let mut reply = echo_request(7);
+        let mut reply = echo_request(7, 1);
         reply[0] = ICMP_ECHO_REPLY;
         assert_eq!(
             answer(&ipv4(target.octets(), [10, 244, 0, 2], &reply), target, 7),
@@ -339,14 +507,14 @@ mod tests {
         // Someone else's request arriving at this namespace is not an answer.
         assert_eq!(
             answer(
-                &ipv4(target.octets(), [10, 244, 0, 2], &echo_request(7)),
+                &ipv4(target.octets(), [10, 244, 0, 2], &echo_request(7, 1)),
                 target,
                 7
             ),
             None
         );
 
-        let quoted = ipv4([10, 244, 0, 2], target.octets(), &echo_request(7)[..8]);
+        let quoted = ipv4([10, 244, 0, 2], target.octets(), &echo_request(7, 1)[..8]);
         let mut error = vec![ICMP_UNREACHABLE, 0, 0, 0, 0, 0, 0, 0];
         error.extend(&quoted);
         let got = answer(&ipv4([172, 18, 0, 1], [10, 244, 0, 2], &error), target, 7);

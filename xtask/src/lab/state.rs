@@ -27,6 +27,8 @@ pub struct LabState {
     pub id: String,
     /// The agent binary the lab runs (`check --controls` restarts agents with it).
     pub agent: PathBuf,
+    /// Whether the agents run with `--ip-masq` (checks that switch it put it back).
+    pub masquerade: bool,
     pub topology: Topology,
 }
 
@@ -61,12 +63,13 @@ impl LabState {
     }
 
     /// Claims a fresh id and records the lab before anything of it exists.
-    pub fn create(topology: Topology, agent: PathBuf) -> Result<LabGuard> {
+    pub fn create(topology: Topology, agent: PathBuf, masquerade: bool) -> Result<LabGuard> {
         std::fs::create_dir_all(ROOT).with_context(|| format!("creating {ROOT}"))?;
         loop {
             let lab = LabState {
                 id: random_id()?,
                 agent: agent.clone(),
+                masquerade,
                 topology: topology.clone(),
             };
             // Skip ids still used by namespaces of a lab whose directory is gone.

@@ -1,18 +1,30 @@
-//! The whole lab, end to end, as `cargo xtask lab --controls` runs it. Needs root
-//! (namespaces, BPF), like the lab itself.
+//! The whole lab, end to end, as `cargo xtask lab --controls` runs it: the matrix, the
+//! wire proof, the full masquerade proof (outside host, rules 6 and 1, masquerade off,
+//! thousands of connections, equivalence with flanneld's iptables rules) and the
+//! negative controls. Needs root (namespaces, BPF), like the lab itself.
 
 use std::{path::Path, process::Command};
 
 use super::*;
 
 #[test]
-fn lab_passes_controls_fail_and_nothing_remains() {
+fn lab_passes_masquerade_holds_controls_fail_and_nothing_remains() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: the lab needs root");
         return;
     }
     interrupt::install().unwrap();
-    let report = full_run(BuildArgs { release: false }, true).expect("the lab runs to its end");
+    let report = full_run(
+        CreateArgs {
+            release: false,
+            no_masq: false,
+        },
+        Checks {
+            controls: true,
+            masquerade: false,
+        },
+    )
+    .expect("the lab runs to its end");
     assert!(
         report.matrix.is_empty(),
         "probes that failed: {:#?}",
@@ -22,6 +34,23 @@ fn lab_passes_controls_fail_and_nothing_remains() {
         report.wire.is_empty(),
         "the wire proof fails: {:#?}",
         report.wire
+    );
+    assert_eq!(
+        report.masquerade.steps,
+        [
+            masquerade::OUTSIDE,
+            masquerade::RULES,
+            masquerade::LOAD,
+            masquerade::OFF,
+            masquerade::EQUIVALENCE,
+            masquerade::AS_FOUND
+        ],
+        "the masquerade proof did not run every step"
+    );
+    assert!(
+        report.masquerade.failures.is_empty(),
+        "the masquerade proof does not hold: {:#?}",
+        report.masquerade.failures
     );
     assert_eq!(
         report.controls,

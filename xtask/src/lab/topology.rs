@@ -3,12 +3,14 @@
 //! behind a router. Plain routing (flannel host-gw: `podCIDR via nodeIP`) cannot reach
 //! that worker's pods, because its address is not on-link for the others; the overlay can.
 //!
-//! Every segment is a bridge in the switch namespace, and the router has a leg on each:
-//! another host (an "outside" client, a second router) is another entry here.
+//! Every segment is a bridge in the switch namespace, and the router has a leg on each.
+//! Beyond the router, on a segment of its own, an outside host stands for everything
+//! that is not the cluster: the router knows no pod subnet, so pods reach it only
+//! masqueraded behind their node's address (flanneld `--ip-masq`).
 
 use std::net::Ipv4Addr;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -39,12 +41,81 @@ pub struct Node {
     pub pod_cidr: Ipv4Net,
 }
 
+impl Node {
+    /// The pod gateway: the first address of the pod subnet, held by `cni0`. The
+    /// agent's routes make it the source of the node's own traffic to remote pods, and
+    /// masquerade rule 6 translates to it.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.pod_cidr.network()) + 1)
+    }
+}
+
+/// A host outside the cluster (neither node nor pod), on a segment of its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outside {
+    pub name: String,
+    pub segment: String,
+    pub address: Ipv4Addr,
+}
+
 /// A pod: a namespace whose `eth0` hangs on its node's `cni0`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pod {
     pub name: String,
     pub node: String,
     pub address: Ipv4Addr,
+}
+
+/// What a host of the lab is, for the probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Node,
+    Pod,
+    Outside,
+}
+
+/// A host that probes run from or to: a node, a pod or the outside host, with the
+/// address it is reached at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub name: String,
+    pub kind: Kind,
+    /// The node a pod runs on, or the node itself; None for the outside host.
+    pub node: Option<String>,
+    pub address: Ipv4Addr,
+}
+
+impl From<Pod> for Host {
+    fn from(pod: Pod) -> Self {
+        Host {
+            name: pod.name,
+            kind: Kind::Pod,
+            node: Some(pod.node),
+            address: pod.address,
+        }
+    }
+}
+
+impl From<&Node> for Host {
+    fn from(node: &Node) -> Self {
+        Host {
+            name: node.name.clone(),
+            kind: Kind::Node,
+            node: Some(node.name.clone()),
+            address: node.address,
+        }
+    }
+}
+
+impl From<&Outside> for Host {
+    fn from(outside: &Outside) -> Self {
+        Host {
+            name: outside.name.clone(),
+            kind: Kind::Outside,
+            node: None,
+            address: outside.address,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,10 +125,12 @@ pub struct Topology {
     pub pods_per_node: u8,
     pub segments: Vec<Segment>,
     pub nodes: Vec<Node>,
+    pub outside: Outside,
 }
 
 impl Topology {
-    /// The walkthrough's kind cluster, plus `w3` behind the router.
+    /// The walkthrough's kind cluster, plus `w3` behind the router, plus an outside host
+    /// on a documentation network (TEST-NET-2) beyond the router.
     pub fn kind() -> Self {
         let net = |s: &str| s.parse::<Ipv4Net>().expect("literal CIDR");
         let node = |name: &str, role, segment: &str, address: [u8; 4], pod_cidr: &str| Node {
@@ -79,6 +152,10 @@ impl Topology {
                     name: "remote".into(),
                     gateway: net("172.19.0.1/24"),
                 },
+                Segment {
+                    name: "wan".into(),
+                    gateway: net("198.51.100.1/24"),
+                },
             ],
             nodes: vec![
                 node(
@@ -98,6 +175,11 @@ impl Topology {
                     "10.244.3.0/24",
                 ),
             ],
+            outside: Outside {
+                name: "outside".into(),
+                segment: "wan".into(),
+                address: [198, 51, 100, 10].into(),
+            },
         }
     }
 
@@ -112,15 +194,7 @@ impl Topology {
                 "node {} is listed twice",
                 node.name
             );
-            let segment = self.segment_of(node)?;
-            ensure!(
-                segment.gateway.contains(&node.address) && segment.gateway.addr() != node.address,
-                "node {}: {} is not a host address of segment {} ({})",
-                node.name,
-                node.address,
-                segment.name,
-                segment.gateway.trunc()
-            );
+            self.check_host_address(&node.name, &node.segment, node.address)?;
             ensure!(
                 self.pod_network.contains(&node.pod_cidr),
                 "node {}: {} is outside {}",
@@ -146,6 +220,36 @@ impl Topology {
                 self.pods_per_node
             );
         }
+        let outside = &self.outside;
+        self.check_host_address(&outside.name, &outside.segment, outside.address)?;
+        ensure!(
+            !self.nodes.iter().any(|n| n.segment == outside.segment),
+            "the outside host's segment {} is the cluster's: no node may be on it",
+            outside.segment
+        );
+        ensure!(
+            !self.pod_network.contains(&outside.address),
+            "the outside host {} lies in the pod network {}",
+            outside.address,
+            self.pod_network
+        );
+        ensure!(
+            !self.nodes.iter().any(|n| n.name == outside.name),
+            "{} names both a node and the outside host",
+            outside.name
+        );
+        Ok(())
+    }
+
+    /// `address` must be a host address of `segment` (not its gateway, the router's).
+    fn check_host_address(&self, host: &str, segment: &str, address: Ipv4Addr) -> Result<()> {
+        let segment = self.segment(segment).with_context(|| host.to_owned())?;
+        ensure!(
+            segment.gateway.contains(&address) && segment.gateway.addr() != address,
+            "{host}: {address} is not a host address of segment {} ({})",
+            segment.name,
+            segment.gateway.trunc()
+        );
         Ok(())
     }
 
@@ -156,18 +260,18 @@ impl Topology {
         }
     }
 
-    pub fn segment_of(&self, node: &Node) -> Result<&Segment> {
-        match self.segments.iter().find(|s| s.name == node.segment) {
+    pub fn segment(&self, name: &str) -> Result<&Segment> {
+        match self.segments.iter().find(|s| s.name == name) {
             Some(s) => Ok(s),
-            None => bail!("node {}: no segment {}", node.name, node.segment),
+            None => bail!("no segment {name}"),
         }
     }
 
-    /// The node's address with its segment's prefix length.
-    pub fn node_address(&self, node: &Node) -> Result<Ipv4Net> {
+    /// `address` with the prefix length of `segment`, as configured on a host there.
+    pub fn address_on(&self, segment: &str, address: Ipv4Addr) -> Result<Ipv4Net> {
         Ok(Ipv4Net::new(
-            node.address,
-            self.segment_of(node)?.gateway.prefix_len(),
+            address,
+            self.segment(segment)?.gateway.prefix_len(),
         )?)
     }
 
@@ -178,13 +282,31 @@ impl Topology {
             .map(|i| Pod {
                 name: format!("{}-pod{i}", node.name),
                 node: node.name.clone(),
-                address: Ipv4Addr::from(u32::from(node.pod_cidr.network()) + 1 + u32::from(i)),
+                address: Ipv4Addr::from(u32::from(node.gateway()) + u32::from(i)),
             })
             .collect()
     }
 
     pub fn pods(&self) -> Vec<Pod> {
         self.nodes.iter().flat_map(|n| self.pods_of(n)).collect()
+    }
+
+    /// Every node and pod (each node followed by its pods), then the outside host.
+    pub fn hosts(&self) -> Vec<Host> {
+        let mut hosts = Vec::new();
+        for node in &self.nodes {
+            hosts.push(Host::from(node));
+            hosts.extend(self.pods_of(node).into_iter().map(Host::from));
+        }
+        hosts.push(Host::from(&self.outside));
+        hosts
+    }
+
+    /// The node that `host` is or runs on.
+    pub fn node_of(&self, host: &Host) -> Option<&Node> {
+        self.nodes
+            .iter()
+            .find(|n| Some(&n.name) == host.node.as_ref())
     }
 
     /// The nodes as `kubectl get nodes -o json` prints them (the fields the agent reads
@@ -253,7 +375,9 @@ mod tests {
             ]
         );
         assert_eq!(
-            t.node_address(t.node("w3").unwrap()).unwrap().to_string(),
+            t.address_on("remote", t.node("w3").unwrap().address)
+                .unwrap()
+                .to_string(),
             "172.19.0.2/24"
         );
     }
@@ -272,6 +396,30 @@ mod tests {
         let mut t = Topology::kind();
         t.nodes[2].segment = "nowhere".into();
         assert!(t.validate().is_err());
+        let mut t = Topology::kind();
+        t.outside.segment = "kind".into();
+        t.outside.address = [172, 18, 0, 99].into();
+        assert!(format!("{:#}", t.validate().unwrap_err()).contains("no node may be on it"));
+        let mut t = Topology::kind();
+        t.outside.address = [198, 51, 100, 1].into();
+        assert!(format!("{:#}", t.validate().unwrap_err()).contains("not a host address"));
+    }
+
+    #[test]
+    fn hosts_are_nodes_with_their_pods_then_the_outside() {
+        let t = Topology::kind();
+        let hosts = t.hosts();
+        let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(&names[..4], ["cp", "cp-pod1", "cp-pod2", "w1"]);
+        let outside = hosts.last().unwrap();
+        assert_eq!(
+            (outside.name.as_str(), outside.kind, outside.node.as_deref()),
+            ("outside", Kind::Outside, None)
+        );
+        assert_eq!(outside.address.to_string(), "198.51.100.10");
+        let pod = &hosts[1];
+        assert_eq!(t.node_of(pod).unwrap().name, "cp");
+        assert_eq!(t.node("w1").unwrap().gateway().to_string(), "10.244.1.1");
     }
 
     #[test]
