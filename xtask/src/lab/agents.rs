@@ -5,6 +5,8 @@ use std::{
     collections::BTreeSet,
     ffi::OsStr,
     fs::OpenOptions,
+    io::{Read as _, Write as _},
+    net::TcpStream,
     os::{
         fd::{AsFd as _, FromRawFd as _, OwnedFd},
         unix::{ffi::OsStrExt as _, process::CommandExt as _},
@@ -401,6 +403,12 @@ pub fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> {
         .map(|n| n.pod_cidr)
         .collect();
     let mut missing = Vec::new();
+    // The agent's own word first: the datapath outlives an agent, so after a restart
+    // the maps, routes and attachments below are there before the new agent has
+    // converged (say, on a masquerade setting that changed).
+    if !answers_ready(&ns) {
+        missing.push("/readyz".to_owned());
+    }
     if !subnet_file(lab, node).exists() {
         missing.push("subnet.env".to_owned());
     }
@@ -430,6 +438,23 @@ fn subnets(nodes_output: &str) -> BTreeSet<Ipv4Net> {
         .lines()
         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
         .collect()
+}
+
+/// Where the agent serves /readyz in its node's namespace (its default --http-addr).
+const AGENT_HTTP: &str = "127.0.0.1:9101";
+
+/// Whether the agent in `ns` answers 200 on /readyz.
+fn answers_ready(ns: &str) -> bool {
+    netns::enter(ns, || {
+        let timeout = Duration::from_millis(500);
+        let mut conn = TcpStream::connect_timeout(&AGENT_HTTP.parse()?, timeout)?;
+        conn.set_read_timeout(Some(timeout))?;
+        conn.write_all(b"GET /readyz HTTP/1.0\r\n\r\n")?;
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer)?;
+        Ok(answer.split_whitespace().nth(1) == Some("200"))
+    })
+    .unwrap_or(false)
 }
 
 /// `overlay-agent cleanup` in `node`'s namespace: programs, pins, routes, subnet.env.
