@@ -100,13 +100,18 @@ pub fn build(release: bool) -> Result<PathBuf> {
 /// unwaited, so that it outlives `lab up`. With `masquerade`, it runs with `--ip-masq`,
 /// as flannel's DaemonSet runs flanneld.
 pub fn start(lab: &LabState, node: &Node, masquerade: bool) -> Result<()> {
+    start_build(lab, node, masquerade, &lab.agent)
+}
+
+/// [`start`] with another build of the agent (an upgrade).
+pub fn start_build(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) -> Result<()> {
     let dir = lab.node_dir(&node.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log = OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_file(lab, node))?;
-    let mut child = netns::command(&lab.netns(&node.name), &lab.agent)
+    let mut child = netns::command(&lab.netns(&node.name), agent)
         .args(["run", "--node-name", &node.name])
         .arg("--nodes-file")
         .arg(lab.nodes_file())
@@ -167,6 +172,20 @@ fn subnet_file(lab: &LabState, node: &Node) -> PathBuf {
 
 fn node_bpffs(lab: &LabState, node: &Node) -> PathBuf {
     lab.bpffs().join(&node.name)
+}
+
+/// The directory of `node`'s pinned maps and links: the one layout version its agent
+/// pinned (`<bpffs>/overlay-ipip/v<N>`).
+pub fn pin_dir(lab: &LabState, node: &Node) -> Result<PathBuf> {
+    let base = node_bpffs(lab, node).join("overlay-ipip");
+    let mut versions = std::fs::read_dir(&base)
+        .with_context(|| format!("listing {}", base.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    match versions.len() {
+        1 => Ok(versions.remove(0)),
+        n => bail!("{} holds {n} layout versions, expected one", base.display()),
+    }
 }
 
 /// A running agent of the lab.
@@ -234,8 +253,27 @@ pub fn restart(lab: &LabState, masquerade: bool) -> Result<bool> {
 /// that does not in time. Returns how many ran. Their datapath stays in place (so that
 /// a restart loses nothing); [`cleanup`] removes it.
 pub fn stop_all(lab: &LabState) -> Result<usize> {
+    let agents = running(lab)?;
+    stop(lab, &agents, Signal::SIGTERM)?;
+    Ok(agents.len())
+}
+
+/// Stops `node`'s agent with `signal` (SIGTERM, or SIGKILL to see it die) and waits
+/// until it is gone.
+pub fn stop_node(lab: &LabState, node: &Node, signal: Signal) -> Result<()> {
+    let agents: Vec<Agent> = running(lab)?
+        .into_iter()
+        .filter(|a| a.node == node.name)
+        .collect();
+    if agents.is_empty() {
+        bail!("the agent of {} is not running", node.name);
+    }
+    stop(lab, &agents, signal)
+}
+
+fn stop(lab: &LabState, agents: &[Agent], signal: Signal) -> Result<()> {
     let mut stopping = Vec::new();
-    for agent in running(lab)? {
+    for agent in agents {
         // A pidfd pins the process: checked once more through it, a signal cannot hit
         // a process that took over the pid meanwhile.
         let Ok(pidfd) = pidfd_open(agent.pid) else {
@@ -244,7 +282,7 @@ pub fn stop_all(lab: &LabState) -> Result<usize> {
         if agent_of(lab, agent.pid).is_none() {
             continue;
         }
-        pidfd_signal(&pidfd, Signal::SIGTERM)?;
+        pidfd_signal(&pidfd, signal)?;
         stopping.push((agent, pidfd));
     }
     let deadline = Instant::now() + STOP_TIMEOUT;
@@ -252,7 +290,7 @@ pub fn stop_all(lab: &LabState) -> Result<usize> {
     for (agent, pidfd) in &stopping {
         if !wait_exit(pidfd, deadline.saturating_duration_since(Instant::now()))? {
             errors.push(format!(
-                "the agent of {} (pid {}) ignored SIGTERM for {STOP_TIMEOUT:?}: killed",
+                "the agent of {} (pid {}) ignored {signal} for {STOP_TIMEOUT:?}: killed",
                 agent.node, agent.pid
             ));
             pidfd_signal(pidfd, Signal::SIGKILL)?;
@@ -264,7 +302,7 @@ pub fn stop_all(lab: &LabState) -> Result<usize> {
     if !errors.is_empty() {
         bail!("{}", errors.join("; "));
     }
-    Ok(stopping.len())
+    Ok(())
 }
 
 fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {

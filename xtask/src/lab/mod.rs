@@ -28,6 +28,7 @@ mod netns;
 mod outside;
 mod parallel;
 mod probe;
+mod restart;
 mod router;
 mod rules;
 mod servers;
@@ -81,6 +82,11 @@ struct Checks {
     /// matrix and the wire proof. Without this flag it runs too, after them.
     #[arg(long)]
     masquerade: bool,
+    /// Also prove that restarts and upgrades lose nothing: numbered traffic through w1
+    /// while its agent is killed, restarted and replaced by another build (the other
+    /// build profile, built first) and by a build with another map layout.
+    #[arg(long)]
+    restart: bool,
 }
 
 #[derive(clap::Args)]
@@ -169,6 +175,8 @@ struct Report {
     masquerade: masquerade::Proof,
     /// None when the controls did not run.
     controls: Option<bool>,
+    /// What the restart proof found lost; None when it did not run.
+    restart: Option<Vec<String>>,
 }
 
 impl Report {
@@ -177,6 +185,7 @@ impl Report {
             && self.wire.is_empty()
             && self.masquerade.failures.is_empty()
             && self.controls != Some(false)
+            && self.restart.as_ref().is_none_or(Vec::is_empty)
     }
 
     fn verdict(self) -> Result<()> {
@@ -199,6 +208,9 @@ impl Report {
         }
         if self.controls == Some(false) {
             failed.push("the negative controls".to_owned());
+        }
+        if self.restart.as_ref().is_some_and(|r| !r.is_empty()) {
+            failed.push("the restart proof".to_owned());
         }
         bail!("FAIL: {}", failed.join(", "))
     }
@@ -296,6 +308,18 @@ fn check(lab: &LabState, checks: Checks) -> Result<Report> {
         println!("\n{}", masquerade::verdict("", &masquerade.failures));
     }
 
+    let restart = if checks.restart {
+        heading("Restarts and upgrades");
+        // The upgrade is to the other build profile: a different binary of this code.
+        let release = lab.agent.components().any(|c| c.as_os_str() == "release");
+        let other = agents::build(!release)?;
+        let proof = restart::run(lab, &other)?;
+        print!("{}", restart::render(&proof));
+        Some(proof.failures)
+    } else {
+        None
+    };
+
     let controls = if checks.controls {
         heading("Negative controls");
         let report = controls::run(lab)?;
@@ -310,6 +334,7 @@ fn check(lab: &LabState, checks: Checks) -> Result<Report> {
         wire,
         masquerade,
         controls,
+        restart,
     })
 }
 

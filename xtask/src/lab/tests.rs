@@ -22,6 +22,7 @@ fn lab_passes_masquerade_holds_controls_fail_and_nothing_remains() {
         Checks {
             controls: true,
             masquerade: false,
+            restart: true,
         },
     )
     .expect("the lab runs to its end");
@@ -56,6 +57,11 @@ fn lab_passes_masquerade_holds_controls_fail_and_nothing_remains() {
         report.controls,
         Some(true),
         "the negative controls did not come out as expected"
+    );
+    assert_eq!(
+        report.restart,
+        Some(vec![]),
+        "traffic was lost across restarts or upgrades"
     );
 
     // Checked from the outside, not through the teardown's own bookkeeping.
