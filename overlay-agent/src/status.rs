@@ -16,6 +16,18 @@ pub struct SourceHealth {
     pub errors_total: u64,
 }
 
+impl SourceHealth {
+    fn succeeded(&mut self) {
+        self.synced = true;
+        self.error = None;
+    }
+
+    fn failed(&mut self, error: String) {
+        self.error = Some(error);
+        self.errors_total += 1;
+    }
+}
+
 /// The last reconcile pass.
 #[derive(Debug, Clone)]
 pub struct Convergence {
@@ -31,19 +43,30 @@ pub struct Convergence {
 pub struct Status {
     source: Mutex<SourceHealth>,
     convergence: Mutex<Option<Convergence>>,
+    /// The flannel annotations on this node's Node (Kubernetes API source), which
+    /// tell the other nodes this node's tunnel address; `synced`: last seen in place.
+    annotations: Mutex<SourceHealth>,
 }
 
 impl Status {
     pub fn source_synced(&self) {
-        let mut s = self.source.lock().unwrap();
-        s.synced = true;
-        s.error = None;
+        self.source.lock().unwrap().succeeded();
     }
 
     pub fn source_failed(&self, error: String) {
-        let mut s = self.source.lock().unwrap();
-        s.error = Some(error);
-        s.errors_total += 1;
+        self.source.lock().unwrap().failed(error);
+    }
+
+    pub fn annotations_published(&self) {
+        self.annotations.lock().unwrap().succeeded();
+    }
+
+    pub fn annotations_failed(&self, error: String) {
+        self.annotations.lock().unwrap().failed(error);
+    }
+
+    pub fn annotations(&self) -> SourceHealth {
+        self.annotations.lock().unwrap().clone()
     }
 
     pub fn converged(&self, c: Convergence) {
