@@ -138,11 +138,16 @@ fn init_logging(format: LogFormat) {
 
 fn main() {
     single_malloc_arena();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .expect("starting the tokio runtime");
-    runtime.block_on(async_main());
+    {
+        Ok(runtime) => runtime.block_on(async_main()),
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// One malloc arena for the whole process instead of one per thread. The agent does
