@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 use overlay_common::Hook;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
@@ -18,8 +18,11 @@ use crate::{
     datapath::{Datapath, LoadOptions},
     host::{self, Host},
     masq,
-    nodes::{NodeSet, Source},
-    reconcile::{Desired, NodeSettings, Reconciler, Uplink},
+    nodes::{
+        NodeSet, OpenSource, Source,
+        address::{Interfaces, OwnAddress, Selection},
+    },
+    reconcile::{Desired, IPIP_OVERHEAD, NodeSettings, Reconciler, Uplink},
     status::{Convergence, Status},
 };
 
@@ -29,7 +32,8 @@ pub struct Options {
     pub node_name: String,
     pub source: Source,
     pub net_conf: PathBuf,
-    pub iface: String,
+    /// Which interface carries the tunnel, and the node's public address.
+    pub interface: Selection,
     pub bridge: String,
     pub subnet_file: PathBuf,
     pub bpffs: PathBuf,
@@ -70,7 +74,17 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
         masq::check_against_ephemeral(&opts.masq.ports, &masq::ephemeral_range()?)?;
     }
     let host = Host::connect()?;
-    let uplink = Uplink::find(&host, &opts.iface).await?;
+    let uplink = select_uplink(&opts.interface).await?;
+    let own_address = OwnAddress {
+        authority: opts.source.authority(),
+        public_ip: opts.interface.public_ip,
+        interface: uplink.address,
+    };
+    let source = opts
+        .source
+        .clone()
+        .open(&opts.node_name, own_address)
+        .await?;
     host::enable_forwarding()?;
     let pin_dir = bpffs::prepare(&opts.bpffs)?;
     let mut dp = Datapath::load(&LoadOptions {
@@ -78,8 +92,10 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
         conntrack_entries: opts.conntrack_entries,
         log_level: opts.bpf_log_level,
     })?;
-    info!(node = opts.node_name, uplink = uplink.name, mtu = uplink.mtu, network = %net_conf.network, pins = %pin_dir.display(), bpf_log_level = %opts.bpf_log_level, "datapath loaded");
+    info!(node = opts.node_name, uplink = uplink.name, address = %uplink.address, mtu = uplink.mtu, network = %net_conf.network, pins = %pin_dir.display(), bpf_log_level = %opts.bpf_log_level, "datapath loaded");
     let program_log = dp.take_log().map(|log| tokio::spawn(log.forward()));
+    let uplink_name = uplink.name.clone();
+    status.set_uplink(&uplink_name);
 
     let settings = NodeSettings {
         uplink,
@@ -89,7 +105,21 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
         masq: opts.masq.clone(),
     };
     let mut reconciler = Reconciler::new(host, settings);
-    let result = serve(&opts, &status, &mut shutdown, &mut dp, &mut reconciler).await;
+    let node = NodeIdentity {
+        name: &opts.node_name,
+        own_address: &own_address,
+        uplink: &uplink_name,
+    };
+    let result = serve(
+        &opts,
+        node,
+        source,
+        &status,
+        &mut shutdown,
+        &mut dp,
+        &mut reconciler,
+    )
+    .await;
     if let Some(task) = program_log {
         task.abort();
     }
@@ -99,15 +129,46 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
     result
 }
 
+/// The interface `selection` picks, as the uplink.
+async fn select_uplink(selection: &Selection) -> Result<Uplink> {
+    let selected = selection.select(&Interfaces::read().await?)?;
+    let iface = selected.interface;
+    // The pod MTU is the uplink's minus the outer header, and IPv4 needs 68.
+    if iface.mtu < IPIP_OVERHEAD + 68 {
+        bail!("MTU {} of {} is too small for IPIP", iface.mtu, iface.name);
+    }
+    info!(
+        iface = iface.name,
+        address = %selected.address,
+        "tunnel interface selected"
+    );
+    Ok(Uplink {
+        name: iface.name,
+        ifindex: iface.index,
+        mtu: iface.mtu,
+        address: selected.address,
+    })
+}
+
+/// Who this node is, as the run loop needs it.
+#[derive(Clone, Copy)]
+struct NodeIdentity<'a> {
+    name: &'a str,
+    own_address: &'a OwnAddress,
+    uplink: &'a str,
+}
+
 async fn serve(
     opts: &Options,
+    node: NodeIdentity<'_>,
+    source: OpenSource,
     status: &Arc<Status>,
     shutdown: &mut Shutdown,
     dp: &mut Datapath,
     rec: &mut Reconciler,
 ) -> Result<()> {
     let (tx, mut nodes) = watch::channel::<Option<NodeSet>>(None);
-    let source = tokio::spawn(opts.source.clone().run(tx, Arc::clone(status)));
+    let source = tokio::spawn(source.run(tx, Arc::clone(status)));
     let mut resync = tokio::time::interval(opts.resync);
     let mut bridge_check = tokio::time::interval(Duration::from_secs(1));
     let mut ct_sweep = tokio::time::interval(opts.ct_sweep);
@@ -138,13 +199,13 @@ async fn serve(
         }
         let set = nodes.borrow_and_update().clone();
         if let Some(set) = set
-            && converge(&opts.node_name, &set, status, dp, rec, &mut warned).await
+            && converge(node, &set, status, dp, rec, &mut warned).await
             && dp.attachment(Hook::UplinkIngress).is_none()
         {
             // Only now: the maps match the node set, so taking over the links an
             // earlier run left (or attaching for the first time) changes nothing for
             // traffic already flowing.
-            if let Err(e) = take_over_uplink(opts, dp) {
+            if let Err(e) = take_over_uplink(opts, node.uplink, dp) {
                 break Err(e);
             }
         }
@@ -153,14 +214,25 @@ async fn serve(
     result
 }
 
-fn take_over_uplink(opts: &Options, dp: &mut Datapath) -> Result<()> {
-    dp.attach(Hook::UplinkIngress, &opts.iface)?;
-    dp.attach(Hook::UplinkEgress, &opts.iface)?;
+fn take_over_uplink(opts: &Options, uplink: &str, dp: &mut Datapath) -> Result<()> {
+    dp.attach(Hook::UplinkIngress, uplink)?;
+    dp.attach(Hook::UplinkEgress, uplink)?;
     let pin_dir = bpffs::pin_dir(&opts.bpffs);
     for old in bpffs::remove_other_versions(&pin_dir)? {
         info!(pins = %old.display(), "removed the pins of another layout version");
     }
     Ok(())
+}
+
+/// Hands the memory freed since the last pass back to the kernel. A list of thousands
+/// of Nodes and a pass over as many routes leave holes in the heap that glibc keeps
+/// resident; for 5,000 nodes that was a third of the agent's RSS.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn sweep(dp: &mut Datapath, status: &Status) {
@@ -188,7 +260,7 @@ fn sweep(dp: &mut Datapath, status: &Status) {
 /// `warned` holds the skipped nodes already warned about, so that each resync does not
 /// repeat them.
 async fn converge(
-    node_name: &str,
+    node: NodeIdentity<'_>,
     set: &NodeSet,
     status: &Status,
     dp: &mut Datapath,
@@ -206,7 +278,7 @@ async fn converge(
             remote_subnets,
         });
     };
-    let desired = match Desired::compute(set, node_name) {
+    let desired = match Desired::compute(set, node.name, node.own_address) {
         Ok(d) => d,
         Err(e) => {
             error!(error = %e, "node set unusable; keeping the current state");
@@ -220,7 +292,9 @@ async fn converge(
         }
     }
     *warned = desired.skipped.iter().cloned().collect();
-    match rec.apply(dp, &desired).await {
+    let applied = rec.apply(dp, &desired).await;
+    release_freed_memory();
+    match applied {
         Ok(o) => {
             record(true, desired.remotes.len());
             if !(o.map_routes.is_empty() && o.map_peers.is_empty() && o.kernel_routes.is_empty()) {

@@ -15,10 +15,7 @@ use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{info, warn};
 
-use crate::{
-    metrics::{self, Interfaces},
-    status::Status,
-};
+use crate::{metrics, status::Status};
 
 /// The run loop turns at least once a second (its bridge check); this many seconds
 /// without a turn means it is stuck, and the process should be restarted.
@@ -65,13 +62,13 @@ pub async fn start(
     addr: SocketAddr,
     status: Arc<Status>,
     pin_dir: PathBuf,
-    interfaces: Interfaces,
+    bridge: String,
 ) -> Result<JoinHandle<()>> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr} (--http-addr)"))?;
     let endpoints = Endpoints {
-        metrics: Arc::new(metrics::registry(Arc::clone(&status), pin_dir, interfaces)),
+        metrics: Arc::new(metrics::registry(Arc::clone(&status), pin_dir, bridge)),
         status,
         stall_after: STALL_AFTER,
     };

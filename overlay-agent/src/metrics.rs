@@ -26,25 +26,11 @@ use crate::{
     status::Status,
 };
 
-/// The interfaces the hooks are attached to, for the `interface` label.
-#[derive(Debug, Clone)]
-pub struct Interfaces {
-    pub uplink: String,
-    pub bridge: String,
-}
-
-impl Interfaces {
-    fn of(&self, hook: Hook) -> &str {
-        match hook {
-            Hook::BridgeIngress => &self.bridge,
-            Hook::UplinkIngress | Hook::UplinkEgress => &self.uplink,
-        }
-    }
-}
-
 /// The agent's metrics: its health from `status`, the datapath from the maps pinned
 /// in `pin_dir`.
-pub fn registry(status: Arc<Status>, pin_dir: PathBuf, interfaces: Interfaces) -> Registry {
+/// `bridge` names the pod bridge for the `interface` label; the uplink's name comes
+/// from `status` once the agent has selected it.
+pub fn registry(status: Arc<Status>, pin_dir: PathBuf, bridge: String) -> Registry {
     let mut registry = Registry::with_prefix("overlay");
     registry.register(
         "build",
@@ -54,7 +40,7 @@ pub fn registry(status: Arc<Status>, pin_dir: PathBuf, interfaces: Interfaces) -
     registry.register_collector(Box::new(Exporter {
         status,
         pin_dir,
-        interfaces,
+        bridge,
     }));
     registry
 }
@@ -220,7 +206,7 @@ const PEER_BYTES: Family = Family::counter(
 struct Exporter {
     status: Arc<Status>,
     pin_dir: PathBuf,
-    interfaces: Interfaces,
+    bridge: String,
 }
 
 impl Collector for Exporter {
@@ -266,11 +252,16 @@ impl Exporter {
     }
 
     fn encode_datapath(&self, enc: &mut DescriptorEncoder, maps: &Maps) -> fmt::Result {
+        let uplink = self.status.uplink();
+        let interface = |hook: Hook| match hook {
+            Hook::BridgeIngress => self.bridge.as_str(),
+            Hook::UplinkIngress | Hook::UplinkEgress => uplink.as_str(),
+        };
         let counters = |value: fn(&Counter) -> u64| {
             maps.counters.iter().map(move |(hook, reason, c)| {
                 let labels = [
                     ("hook", hook.name()),
-                    ("interface", self.interfaces.of(*hook)),
+                    ("interface", interface(*hook)),
                     ("reason", reason.name()),
                     ("kind", outcome_kind(*reason)),
                 ];
@@ -363,12 +354,9 @@ mod tests {
     #[test]
     fn without_pins_the_agent_still_reports() {
         let status = Arc::new(Status::default());
-        let interfaces = Interfaces {
-            uplink: "eth0".into(),
-            bridge: "cni0".into(),
-        };
+        status.set_uplink("eth0");
         let pins = PathBuf::from("/nonexistent/overlay-ipip");
-        let body = encode(&registry(status, pins, interfaces)).unwrap();
+        let body = encode(&registry(status, pins, "cni0".into())).unwrap();
         for line in [
             "overlay_datapath_up 0",
             "overlay_ready 0",

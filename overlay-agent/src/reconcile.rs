@@ -8,7 +8,8 @@ use std::{
     path::PathBuf,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
+use futures::{StreamExt as _, TryStreamExt as _, stream};
 use ipnet::Ipv4Net;
 use overlay_common::{DatapathConfig, Hook, config::FLAG_MASQUERADE};
 use thiserror::Error;
@@ -18,12 +19,15 @@ use crate::{
     datapath::{Datapath, maps::Changes},
     host::{self, Host, OverlayRoute},
     masq,
-    nodes::{NodeError, NodeInfo, NodeSet},
+    nodes::{NodeError, NodeInfo, NodeSet, address::OwnAddress},
     subnet_env::SubnetEnv,
 };
 
 /// Outer IPv4 header overhead.
 pub const IPIP_OVERHEAD: u32 = 20;
+
+/// Netlink requests a pass keeps in flight at once.
+const NETLINK_IN_FLIGHT: usize = 64;
 
 /// What the node set asks of this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,21 +50,37 @@ pub enum DesiredError {
 }
 
 impl Desired {
-    pub fn compute(set: &NodeSet, own_name: &str) -> Result<Self, DesiredError> {
+    /// `own_address` decides this node's tunnel address (`own.tunnel_ip`), which the
+    /// datapath puts on the wire: the node object's may be stale or another NIC's.
+    pub fn compute(
+        set: &NodeSet,
+        own_name: &str,
+        own_address: &OwnAddress,
+    ) -> Result<Self, DesiredError> {
         if let Some(e) = set.errors.iter().find(|e| e.node() == Some(own_name)) {
             return Err(DesiredError::OwnInvalid(e.clone()));
         }
-        let own = set
+        let mut own = set
             .nodes
             .iter()
             .find(|n| n.name == own_name)
             .cloned()
             .ok_or_else(|| DesiredError::OwnMissing(own_name.to_owned()))?;
+        own.tunnel_ip = own_address.resolve(&own);
         let mut skipped: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
         let mut remotes = BTreeMap::new();
         let mut owners: BTreeMap<Ipv4Net, &str> = BTreeMap::new();
         // Nodes are sorted by name, so the first claim of a subnet wins deterministically.
         for node in set.nodes.iter().filter(|n| n.name != own_name) {
+            // As flanneld's route network: a node announcing another backend cannot
+            // decapsulate what we send it.
+            if let Some(backend) = &node.foreign_backend {
+                skipped.push(format!(
+                    "node {}: its agent runs flannel backend {backend:?}, not ipip",
+                    node.name
+                ));
+                continue;
+            }
             if node.pod_cidr.contains(&own.pod_cidr) || own.pod_cidr.contains(&node.pod_cidr) {
                 skipped.push(format!(
                     "node {}: podCIDR {} overlaps this node's {}",
@@ -101,29 +121,12 @@ pub struct Uplink {
     pub name: String,
     pub ifindex: u32,
     pub mtu: u32,
-    /// Its first IPv4 address: what masquerade translates pod traffic to (rule 5).
+    /// The address that selected it, else its first IPv4 address: what masquerade
+    /// translates pod traffic to (rule 5).
     pub address: Ipv4Addr,
 }
 
 impl Uplink {
-    pub async fn find(host: &Host, name: &str) -> Result<Self> {
-        let ifindex = host::ifindex_by_name(name).with_context(|| {
-            format!("uplink interface {name} does not exist in this network namespace (--iface)")
-        })?;
-        let mtu = host.mtu(ifindex).await?;
-        let address = *host
-            .addresses(Some(ifindex))
-            .await?
-            .first()
-            .with_context(|| format!("uplink interface {name} has no IPv4 address"))?;
-        Ok(Self {
-            name: name.to_owned(),
-            ifindex,
-            mtu,
-            address,
-        })
-    }
-
     /// MTU left for pods once the outer header is added.
     pub fn pod_mtu(&self) -> u32 {
         self.mtu - IPIP_OVERHEAD
@@ -246,22 +249,25 @@ impl Reconciler {
             .await?
             .contains(&gateway)
             .then_some(gateway);
+        // One lookup per node, many in flight: each is a netlink round trip, and
+        // 5,000 of them one after another took about a second.
+        let nodes: BTreeSet<Ipv4Addr> = desired.remotes.values().copied().collect();
+        let next_hops: BTreeMap<Ipv4Addr, Result<(Ipv4Addr, u32)>> = stream::iter(nodes)
+            .map(|node| async move { (node, self.host.next_hop(node).await) })
+            .buffer_unordered(NETLINK_IN_FLIGHT)
+            .collect()
+            .await;
         let mut want = BTreeMap::new();
         let mut unreachable = 0;
-        let mut next_hops = BTreeMap::new();
         for (subnet, node) in &desired.remotes {
-            let hop = match next_hops.get(node) {
-                Some(hop) => *hop,
-                None => match self.host.next_hop(*node).await {
-                    Ok(hop) => *next_hops.entry(*node).or_insert(hop),
-                    Err(e) => {
-                        warn!(node = %node, error = format!("{e:#}"), "no underlay route to a node; its pods are unreachable until there is");
-                        unreachable += 1;
-                        continue;
-                    }
-                },
+            let (via, oif) = match &next_hops[node] {
+                Ok(hop) => *hop,
+                Err(e) => {
+                    warn!(node = %node, error = format!("{e:#}"), "no underlay route to a node; its pods are unreachable until there is");
+                    unreachable += 1;
+                    continue;
+                }
             };
-            let (via, oif) = hop;
             want.insert(
                 *subnet,
                 OverlayRoute {
@@ -281,19 +287,54 @@ impl Reconciler {
             .map(|r| (r.dst, r))
             .collect();
         let mut changes = Changes::default();
+        let mut install = Vec::new();
         for (dst, route) in &want {
             match have.get(dst) {
                 Some(old) if old == route => continue,
                 Some(_) => changes.updated += 1,
                 None => changes.added += 1,
             }
-            self.host.replace_route(route).await?;
+            install.push(route);
         }
-        for route in have.values().filter(|r| !want.contains_key(&r.dst)) {
-            self.host.delete_route(route).await?;
-            changes.removed += 1;
+        let remove: Vec<&OverlayRoute> = have
+            .values()
+            .filter(|r| !want.contains_key(&r.dst))
+            .collect();
+        changes.removed = remove.len();
+        stream::iter(install)
+            .map(|route| self.host.replace_route(route))
+            .buffer_unordered(NETLINK_IN_FLIGHT)
+            .try_collect::<()>()
+            .await?;
+        stream::iter(remove)
+            .map(|route| self.host.delete_route(route))
+            .buffer_unordered(NETLINK_IN_FLIGHT)
+            .try_collect::<()>()
+            .await?;
+        if !changes.is_empty() {
+            self.warn_off_uplink(&want);
         }
         Ok((changes, unreachable))
+    }
+
+    /// Only the uplink has `uplink_egress`: the host's own packets routed out of
+    /// another interface leave unencapsulated. With several NICs, that is a node the
+    /// selected interface does not reach (calico's multi-NIC case): say so.
+    fn warn_off_uplink(&self, routes: &BTreeMap<Ipv4Net, OverlayRoute>) {
+        let uplink = &self.settings.uplink;
+        let off: Vec<Ipv4Addr> = routes
+            .values()
+            .filter(|r| r.oif != uplink.ifindex)
+            .map(|r| r.via)
+            .collect();
+        if let Some(first) = off.first() {
+            warn!(
+                uplink = uplink.name,
+                nodes = off.len(),
+                example_next_hop = %first,
+                "some nodes are reached through another interface than the uplink, where the host's own traffic to their pods is not encapsulated; pick the interface that reaches them (--iface, --iface-regex)"
+            );
+        }
     }
 
     /// Attaches to the pod bridge once it exists (the CNI bridge plugin creates it with
@@ -328,14 +369,27 @@ impl Reconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nodes::{
+        address::{Authority, OwnAddress},
+        annotations,
+    };
 
     fn node(name: &str, cidr: &str, ip: [u8; 4]) -> NodeInfo {
         NodeInfo {
             name: name.into(),
             pod_cidr: cidr.parse().unwrap(),
             tunnel_ip: ip.into(),
+            overwrite: None,
+            foreign_backend: None,
         }
     }
+
+    /// The file source's rule without --public-ip: the node list decides.
+    const AS_LISTED: OwnAddress = OwnAddress {
+        authority: Authority::NodeList,
+        public_ip: None,
+        interface: Ipv4Addr::UNSPECIFIED,
+    };
 
     fn set(nodes: Vec<NodeInfo>) -> NodeSet {
         let mut s = NodeSet {
@@ -353,7 +407,7 @@ mod tests {
             node("w1", "10.244.1.0/24", [172, 18, 0, 3]),
             node("w3", "10.244.3.0/24", [172, 19, 0, 2]),
         ]);
-        let d = Desired::compute(&s, "w1").unwrap();
+        let d = Desired::compute(&s, "w1", &AS_LISTED).unwrap();
         assert_eq!(d.own.name, "w1");
         assert_eq!(d.remotes.len(), 2);
         assert_eq!(
@@ -375,7 +429,7 @@ mod tests {
             node("me", "10.244.1.0/24", [172, 18, 0, 3]),
             node("twin", "10.244.9.0/24", [172, 18, 0, 3]),
         ]);
-        let d = Desired::compute(&s, "me").unwrap();
+        let d = Desired::compute(&s, "me", &AS_LISTED).unwrap();
         assert_eq!(
             d.remotes
                 .keys()
@@ -394,18 +448,78 @@ mod tests {
     fn own_node_problems_are_errors() {
         let s = set(vec![node("w1", "10.244.1.0/24", [172, 18, 0, 3])]);
         assert_eq!(
-            Desired::compute(&s, "w9"),
+            Desired::compute(&s, "w9", &AS_LISTED),
             Err(DesiredError::OwnMissing("w9".into()))
         );
         let mut s = s;
         s.errors.push(NodeError::NoPodCidr("w2".into()));
         assert!(
-            Desired::compute(&s, "w1").is_ok(),
+            Desired::compute(&s, "w1", &AS_LISTED).is_ok(),
             "another node's problem is not ours"
         );
         assert_eq!(
-            Desired::compute(&s, "w2"),
+            Desired::compute(&s, "w2", &AS_LISTED),
             Err(DesiredError::OwnInvalid(NodeError::NoPodCidr("w2".into())))
         );
+    }
+
+    #[test]
+    fn foreign_backends_are_skipped() {
+        let mut vxlan = node("vx", "10.244.7.0/24", [172, 18, 0, 7]);
+        vxlan.foreign_backend = Some("vxlan".into());
+        let s = set(vec![node("w1", "10.244.1.0/24", [172, 18, 0, 3]), vxlan]);
+        let d = Desired::compute(&s, "w1", &AS_LISTED).unwrap();
+        assert!(d.remotes.is_empty());
+        assert!(d.skipped[0].contains("vxlan"), "{:?}", d.skipped);
+    }
+
+    /// Calico's multi-NIC case: node2's Node still says 192.168.0.111 (an earlier run
+    /// on eth0), the agent now runs on eth1 with 192.168.3.111. What it publishes,
+    /// what it puts in outer headers and what it accepts must all be the new address.
+    #[tokio::test]
+    async fn published_and_encapsulated_addresses_agree() {
+        let own_address = OwnAddress {
+            authority: Authority::Agent,
+            public_ip: None,
+            interface: Ipv4Addr::new(192, 168, 3, 111),
+        };
+        let s = set(vec![
+            node("node2", "10.122.124.128/26", [192, 168, 0, 111]),
+            node("node4", "10.122.157.128/26", [192, 168, 3, 113]),
+            // Another node claiming the stale address is no longer our twin.
+            node("stale", "10.122.1.0/26", [192, 168, 0, 111]),
+        ]);
+        let d = Desired::compute(&s, "node2", &own_address).unwrap();
+        assert_eq!(d.own.tunnel_ip, own_address.interface);
+        assert_eq!(d.remotes.len(), 2, "{:?}", d.skipped);
+
+        let own_node = s.nodes.iter().find(|n| n.name == "node2").unwrap();
+        let published =
+            annotations::patch(&Default::default(), own_address.resolve(own_node)).unwrap();
+        let published: Ipv4Addr = published["metadata"]["annotations"][annotations::PUBLIC_IP]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+
+        let uplink = Uplink {
+            name: "eth1".into(),
+            ifindex: 3,
+            mtu: 1500,
+            address: own_address.interface,
+        };
+        let rec = Reconciler::new(
+            Host::connect().unwrap(),
+            NodeSettings {
+                uplink,
+                bridge: "cni0".into(),
+                network: "10.122.0.0/16".parse().unwrap(),
+                subnet_file: "/nonexistent/subnet.env".into(),
+                masq: masq::Settings::default(),
+            },
+        );
+        let on_the_wire = Ipv4Addr::from(rec.datapath_config(&d).node_ip);
+        assert_eq!(published, own_address.interface);
+        assert_eq!(on_the_wire, published);
     }
 }

@@ -25,6 +25,18 @@ pub struct SourceHealth {
     pub errors_total: u64,
 }
 
+impl SourceHealth {
+    fn succeeded(&mut self) {
+        self.synced = true;
+        self.error = None;
+    }
+
+    fn failed(&mut self, error: String) {
+        self.error = Some(error);
+        self.errors_total += 1;
+    }
+}
+
 /// The last reconcile pass.
 #[derive(Debug, Clone)]
 pub struct Convergence {
@@ -63,6 +75,11 @@ pub struct Status {
     reconciles: Mutex<ReconcileTotals>,
     reconcile_seconds: Histogram,
     sweeps: Mutex<SweepTotals>,
+    /// The flannel annotations on this node's Node (Kubernetes API source), which
+    /// tell the other nodes this node's tunnel address; `synced`: last seen in place.
+    annotations: Mutex<SourceHealth>,
+    /// The uplink the agent selected (empty until it has).
+    uplink: Mutex<String>,
 }
 
 impl Default for Status {
@@ -75,21 +92,39 @@ impl Default for Status {
             reconciles: Mutex::default(),
             reconcile_seconds: Histogram::new(RECONCILE_SECONDS_BUCKETS),
             sweeps: Mutex::default(),
+            annotations: Mutex::default(),
+            uplink: Mutex::default(),
         }
     }
 }
 
 impl Status {
     pub fn source_synced(&self) {
-        let mut s = self.source.lock().unwrap();
-        s.synced = true;
-        s.error = None;
+        self.source.lock().unwrap().succeeded();
     }
 
     pub fn source_failed(&self, error: String) {
-        let mut s = self.source.lock().unwrap();
-        s.error = Some(error);
-        s.errors_total += 1;
+        self.source.lock().unwrap().failed(error);
+    }
+
+    pub fn set_uplink(&self, name: &str) {
+        *self.uplink.lock().unwrap() = name.to_owned();
+    }
+
+    pub fn uplink(&self) -> String {
+        self.uplink.lock().unwrap().clone()
+    }
+
+    pub fn annotations_published(&self) {
+        self.annotations.lock().unwrap().succeeded();
+    }
+
+    pub fn annotations_failed(&self, error: String) {
+        self.annotations.lock().unwrap().failed(error);
+    }
+
+    pub fn annotations(&self) -> SourceHealth {
+        self.annotations.lock().unwrap().clone()
     }
 
     /// Records a reconcile pass.

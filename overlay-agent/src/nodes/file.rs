@@ -3,12 +3,11 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use k8s_openapi::api::core::v1::Node;
 use serde::Deserialize;
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use super::NodeSet;
+use super::{NodeSet, SlimNode};
 use crate::status::Status;
 
 /// How often the file is checked for changes.
@@ -23,7 +22,7 @@ pub fn parse(text: &[u8]) -> Result<NodeSet> {
     }
     #[derive(Deserialize)]
     struct List {
-        items: Vec<Node>,
+        items: Vec<SlimNode>,
     }
     let kind = serde_json::from_slice::<Kind>(text)
         .context("not a JSON object")?
@@ -31,11 +30,11 @@ pub fn parse(text: &[u8]) -> Result<NodeSet> {
     match kind.as_deref() {
         Some("List" | "NodeList") => {
             let list: List = serde_json::from_slice(text).context("not a list of Nodes")?;
-            Ok(list.items.into_iter().collect())
+            Ok(list.items.iter().collect())
         }
         Some("Node") => {
-            let node: Node = serde_json::from_slice(text).context("not a valid Node")?;
-            Ok(std::iter::once(node).collect())
+            let node: SlimNode = serde_json::from_slice(text).context("not a valid Node")?;
+            Ok(std::iter::once(&node).collect())
         }
         other => bail!(
             "expected kind List, NodeList or Node (kubectl get nodes -o json), found {other:?}"

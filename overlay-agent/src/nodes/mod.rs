@@ -1,26 +1,38 @@
 //! What the agent needs to know of a Kubernetes Node, and where Nodes come from.
 
+pub mod address;
+pub mod annotations;
 pub mod file;
+pub mod kube;
+pub mod slim;
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{net::Ipv4Addr, path::PathBuf, sync::Arc};
 
+use anyhow::Result;
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Node;
+use thiserror::Error;
+use tokio::sync::watch;
 
 use crate::status::Status;
-use thiserror::Error;
-
-/// flannel's annotation for the address other nodes reach this node's tunnel at.
-pub const PUBLIC_IP_ANNOTATION: &str = "flannel.alpha.coreos.com/public-ip";
+use address::{Authority, OwnAddress};
+pub use annotations::PUBLIC_IP as PUBLIC_IP_ANNOTATION;
+use annotations::{BACKEND, BACKEND_TYPE, PUBLIC_IP_OVERWRITE};
+pub use slim::SlimNode;
 
 /// A node as the overlay sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct NodeInfo {
     pub name: String,
-    /// `spec.podCIDR`.
+    /// Its IPv4 pod subnet: the IPv4 entry of `spec.podCIDRs`, else `spec.podCIDR`.
     pub pod_cidr: Ipv4Net,
     /// Outer address of its tunnel: the public-ip annotation, else its InternalIP.
     pub tunnel_ip: Ipv4Addr,
+    /// The public-ip-overwrite annotation: the address an operator set for the node's
+    /// own agent to publish (it only matters to that agent).
+    pub overwrite: Option<Ipv4Addr>,
+    /// The flannel backend the node announces when it is not ours (`ipip`): flanneld
+    /// ignores nodes of another backend type, and so do we.
+    pub foreign_backend: Option<String>,
 }
 
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -33,8 +45,12 @@ pub enum NodeError {
     NoPodCidr(String),
     #[error("node {node}: spec.podCIDR {value:?} is not an IPv4 CIDR")]
     BadPodCidr { node: String, value: String },
-    #[error("node {node}: annotation {PUBLIC_IP_ANNOTATION}={value:?} is not an IPv4 address")]
-    BadPublicIp { node: String, value: String },
+    #[error("node {node}: annotation {annotation}={value:?} is not an IPv4 address")]
+    BadAddress {
+        node: String,
+        annotation: &'static str,
+        value: String,
+    },
     #[error("node {0} has neither the {PUBLIC_IP_ANNOTATION} annotation nor an IPv4 InternalIP")]
     NoAddress(String),
 }
@@ -45,55 +61,73 @@ impl NodeError {
         match self {
             NodeError::NoName => None,
             NodeError::NoPodCidr(n) | NodeError::NoAddress(n) => Some(n),
-            NodeError::BadPodCidr { node, .. } | NodeError::BadPublicIp { node, .. } => Some(node),
+            NodeError::BadPodCidr { node, .. } | NodeError::BadAddress { node, .. } => Some(node),
         }
     }
 }
 
 impl NodeInfo {
-    pub fn from_node(node: &Node) -> Result<Self, NodeError> {
+    pub fn from_node(node: &SlimNode) -> Result<Self, NodeError> {
         let name = node.metadata.name.clone().ok_or(NodeError::NoName)?;
-        let value = node
-            .spec
-            .as_ref()
-            .and_then(|s| s.pod_cidr.clone())
-            .ok_or_else(|| NodeError::NoPodCidr(name.clone()))?;
-        let pod_cidr = value
-            .parse::<Ipv4Net>()
-            .map_err(|_| NodeError::BadPodCidr {
-                node: name.clone(),
-                value,
-            })?
-            .trunc();
-        let tunnel_ip = tunnel_ip(node, &name)?;
+        let pod_cidr = pod_cidr(node, &name)?;
+        let tunnel_ip = match annotation_address(node, &name, PUBLIC_IP_ANNOTATION)? {
+            Some(ip) => ip,
+            None => node
+                .internal_ips
+                .iter()
+                .find_map(|a| a.parse().ok())
+                .ok_or_else(|| NodeError::NoAddress(name.clone()))?,
+        };
+        let overwrite = annotation_address(node, &name, PUBLIC_IP_OVERWRITE)?;
+        let foreign_backend = node
+            .annotations
+            .get(BACKEND_TYPE)
+            .filter(|b| *b != BACKEND)
+            .map(str::to_owned);
         Ok(Self {
             name,
             pod_cidr,
             tunnel_ip,
+            overwrite,
+            foreign_backend,
         })
     }
 }
 
-fn tunnel_ip(node: &Node, name: &str) -> Result<Ipv4Addr, NodeError> {
-    if let Some(value) = node
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(PUBLIC_IP_ANNOTATION))
+fn annotation_address(
+    node: &SlimNode,
+    name: &str,
+    key: &'static str,
+) -> Result<Option<Ipv4Addr>, NodeError> {
+    node.annotations
+        .get(key)
+        .map(|value| {
+            value.parse().map_err(|_| NodeError::BadAddress {
+                node: name.to_owned(),
+                annotation: key,
+                value: value.to_owned(),
+            })
+        })
+        .transpose()
+}
+
+/// On a dual-stack node `spec.podCIDR` is the first of `spec.podCIDRs`, which may be
+/// the IPv6 one; the overlay carries IPv4, so it takes the IPv4 entry as flanneld does.
+fn pod_cidr(node: &SlimNode, name: &str) -> Result<Ipv4Net, NodeError> {
+    if let Some(net) = node
+        .pod_cidrs
+        .iter()
+        .find_map(|c| c.parse::<Ipv4Net>().ok())
     {
-        return value.parse().map_err(|_| NodeError::BadPublicIp {
+        return Ok(net.trunc());
+    }
+    match node.pod_cidrs.first() {
+        None => Err(NodeError::NoPodCidr(name.to_owned())),
+        Some(value) => Err(NodeError::BadPodCidr {
             node: name.to_owned(),
             value: value.clone(),
-        });
+        }),
     }
-    node.status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|a| a.type_ == "InternalIP")
-        .find_map(|a| a.address.parse().ok())
-        .ok_or_else(|| NodeError::NoAddress(name.to_owned()))
 }
 
 /// Where the agent learns the nodes from.
@@ -101,18 +135,50 @@ fn tunnel_ip(node: &Node, name: &str) -> Result<Ipv4Addr, NodeError> {
 pub enum Source {
     /// A file as `kubectl get nodes -o json` prints it, re-read on change.
     File(PathBuf),
+    /// The Kubernetes API (flanneld's `--kube-subnet-mgr`), in-cluster or through a
+    /// kubeconfig.
+    Kube { kubeconfig: Option<PathBuf> },
 }
 
 impl Source {
-    /// Publishes the node set on `tx` until the receiver goes away, reporting its
-    /// health in `status`.
-    pub async fn run(
-        self,
-        tx: tokio::sync::watch::Sender<Option<NodeSet>>,
-        status: std::sync::Arc<Status>,
-    ) {
+    /// Who has the last word on this node's tunnel address with this source.
+    pub fn authority(&self) -> Authority {
         match self {
-            Source::File(path) => file::watch_file(path, tx, &status).await,
+            Source::File(_) => Authority::NodeList,
+            Source::Kube { .. } => Authority::Agent,
+        }
+    }
+
+    /// Prepares the source. Connection settings are checked here, so that a missing
+    /// kubeconfig stops the agent before it touches the node.
+    pub async fn open(self, node_name: &str, own_address: OwnAddress) -> Result<OpenSource> {
+        Ok(match self {
+            Source::File(path) => OpenSource::File(path),
+            Source::Kube { kubeconfig } => {
+                let client = kube::client(kubeconfig.as_deref()).await?;
+                OpenSource::Kube(Box::new(kube::KubeSource::new(
+                    client,
+                    node_name,
+                    own_address,
+                )))
+            }
+        })
+    }
+}
+
+/// A source ready to run.
+pub enum OpenSource {
+    File(PathBuf),
+    Kube(Box<kube::KubeSource>),
+}
+
+impl OpenSource {
+    /// Publishes complete node sets on `tx` until the receiver goes away, reporting
+    /// the source's health in `status`.
+    pub async fn run(self, tx: watch::Sender<Option<NodeSet>>, status: Arc<Status>) {
+        match self {
+            OpenSource::File(path) => file::watch_file(path, tx, &status).await,
+            OpenSource::Kube(source) => source.run(tx, status).await,
         }
     }
 }
@@ -124,11 +190,17 @@ pub struct NodeSet {
     pub errors: Vec<NodeError>,
 }
 
-impl FromIterator<Node> for NodeSet {
-    fn from_iter<I: IntoIterator<Item = Node>>(iter: I) -> Self {
+impl<'a> FromIterator<&'a SlimNode> for NodeSet {
+    fn from_iter<I: IntoIterator<Item = &'a SlimNode>>(iter: I) -> Self {
+        iter.into_iter().map(NodeInfo::from_node).collect()
+    }
+}
+
+impl FromIterator<Result<NodeInfo, NodeError>> for NodeSet {
+    fn from_iter<I: IntoIterator<Item = Result<NodeInfo, NodeError>>>(iter: I) -> Self {
         let mut set = NodeSet::default();
         for node in iter {
-            match NodeInfo::from_node(&node) {
+            match node {
                 Ok(info) => set.nodes.push(info),
                 Err(e) => set.errors.push(e),
             }
@@ -202,6 +274,36 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn dual_stack_takes_the_ipv4_pod_subnet() {
+        let mut v = node_json("w1", Some("fd00:10:244:1::/64"), Some("172.18.0.3"), None);
+        v["spec"]["podCIDRs"] = serde_json::json!(["fd00:10:244:1::/64", "10.244.1.0/24"]);
+        assert_eq!(info(v).unwrap().pod_cidr, "10.244.1.0/24".parse().unwrap());
+        let v6_only = node_json("w1", Some("fd00:10:244:1::/64"), Some("172.18.0.3"), None);
+        assert!(matches!(info(v6_only), Err(NodeError::BadPodCidr { .. })));
+    }
+
+    #[test]
+    fn flannel_annotations_of_other_agents() {
+        let mut v = node_json("w1", Some("10.244.1.0/24"), Some("172.18.0.3"), None);
+        v["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-type"] = "vxlan".into();
+        v["metadata"]["annotations"]["flannel.alpha.coreos.com/public-ip-overwrite"] =
+            "203.0.113.3".into();
+        let n = info(v.clone()).unwrap();
+        assert_eq!(n.foreign_backend.as_deref(), Some("vxlan"));
+        assert_eq!(n.overwrite, Some(Ipv4Addr::new(203, 0, 113, 3)));
+        v["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-type"] = "ipip".into();
+        assert_eq!(info(v.clone()).unwrap().foreign_backend, None);
+        v["metadata"]["annotations"]["flannel.alpha.coreos.com/public-ip-overwrite"] = "x".into();
+        assert!(matches!(
+            info(v),
+            Err(NodeError::BadAddress {
+                annotation: PUBLIC_IP_OVERWRITE,
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn ipv6_internal_ip_is_skipped() {
         let mut v = node_json("w1", Some("10.244.1.0/24"), Some("172.18.0.3"), None);
         v["status"]["addresses"].as_array_mut().unwrap().insert(
@@ -233,10 +335,14 @@ pub(crate) mod tests {
             info(node_json("w1", Some("10.244.1.0/24"), None, None)),
             Err(NodeError::NoAddress("w1".into()))
         );
-        assert!(matches!(
+        assert_eq!(
             info(node_json("w1", Some("10.244.1.0/24"), None, Some("x"))),
-            Err(NodeError::BadPublicIp { .. })
-        ));
+            Err(NodeError::BadAddress {
+                node: "w1".into(),
+                annotation: PUBLIC_IP_ANNOTATION,
+                value: "x".into()
+            })
+        );
         assert!(NodeError::NoPodCidr("w1".into()).to_string().contains("w1"));
     }
 }

@@ -13,7 +13,7 @@ use std::{
 use overlay_agent::{
     conntrack::Collected,
     http::{self, Endpoints},
-    metrics::{self, Interfaces},
+    metrics,
     status::{Convergence, Status},
 };
 use overlay_common::{
@@ -55,11 +55,8 @@ fn with_server(
 }
 
 async fn serve(status: Arc<Status>, pin_dir: &Path, stall_after: Duration) -> SocketAddr {
-    let interfaces = Interfaces {
-        uplink: "eth0".into(),
-        bridge: "cni0".into(),
-    };
-    let registry = metrics::registry(Arc::clone(&status), pin_dir.to_owned(), interfaces);
+    status.set_uplink("eth0");
+    let registry = metrics::registry(Arc::clone(&status), pin_dir.to_owned(), "cni0".into());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
     let addr = listener.local_addr().unwrap();
     let endpoints = Endpoints {

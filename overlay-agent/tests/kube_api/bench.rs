@@ -1,0 +1,366 @@
+//! Figures, not a timed test: the real agent binary against the fake API serving
+//! 5,000 kind-sized Nodes (6 KB of JSON each), in a network namespace of its own.
+//! Prints the time from the node source's start to maps and routes converged, the
+//! agent's RSS, and its CPU use while idle. Needs root; run with
+//!
+//!     CARGO_TARGET_DIR=/work/target-kube cargo test --release -p overlay-agent \
+//!         --test kube_api -- --ignored --nocapture bench
+//!
+//! `OVERLAY_BENCH_NODES` (default 5000) and `OVERLAY_BENCH_IDLE_SECONDS` (30) change
+//! the size and the idle window; `OVERLAY_BENCH_LOG=1` shows the agent's log.
+//!
+//! The namespace is anonymous (`unshare(CLONE_NEWNET)` on the bench's own thread, which
+//! the fake server's threads and the agent inherit): it has only loopback and one veth
+//! pair, and disappears with the thread. The agent also gets a mount namespace of its
+//! own, so its bpffs mount never shows outside.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    os::unix::process::CommandExt as _,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use super::{fake::FakeApi, nodes};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_overlay-agent");
+const UPLINK: &str = "ovb0";
+const SELF_ADDRESS: u32 = u32::from_be_bytes([172, 20, 0, 1]);
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[test]
+#[ignore = "benchmark: needs root, takes a minute, prints figures"]
+fn bench_5000_nodes() {
+    let nodes = env_or("OVERLAY_BENCH_NODES", 5000) as u32;
+    let idle = Duration::from_secs(env_or("OVERLAY_BENCH_IDLE_SECONDS", 30));
+    std::thread::spawn(move || {
+        // SAFETY: plain syscall; only this thread moves.
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "unshare(CLONE_NEWNET) needs root"
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(run(nodes, idle));
+    })
+    .join()
+    .unwrap();
+}
+
+fn ip(args: &str) {
+    let status = Command::new("ip")
+        .args(args.split_whitespace())
+        .status()
+        .unwrap();
+    assert!(status.success(), "ip {args}");
+}
+
+fn address(i: u32) -> String {
+    std::net::Ipv4Addr::from(SELF_ADDRESS + i).to_string()
+}
+
+fn name(i: u32) -> String {
+    format!("node-{i:05}")
+}
+
+/// One JSON log line of the agent, with when it arrived.
+struct Line {
+    at: Instant,
+    json: Value,
+}
+
+impl Line {
+    fn message(&self) -> &str {
+        self.json["fields"]["message"].as_str().unwrap_or("")
+    }
+}
+
+struct Agent {
+    child: Child,
+    lines: mpsc::Receiver<Line>,
+}
+
+impl Agent {
+    fn wait_for(&mut self, what: &str, pred: impl Fn(&Line) -> bool) -> Line {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if pred(&line) => return line,
+                Ok(line) if line.json["level"] == "ERROR" => panic!("agent: {}", line.json),
+                Ok(_) => {}
+                Err(e) => panic!("waiting for {what}: {e}"),
+            }
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_agent(dir: &Path, url: &str) -> Agent {
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\nusers:\n- name: agent\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: agent\ncurrent-context: fake\n"
+        ),
+    )
+    .unwrap();
+    let net_conf = dir.join("net-conf.json");
+    std::fs::write(
+        &net_conf,
+        r#"{"Network": "10.0.0.0/8", "Backend": {"Type": "ipip"}}"#,
+    )
+    .unwrap();
+    let mut command = Command::new(AGENT);
+    command
+        .args(["--log-format", "json", "run", "--kube-subnet-mgr"])
+        .args([
+            "--node-name",
+            &name(0),
+            "--iface",
+            UPLINK,
+            "--bridge",
+            "ovbr0",
+        ])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--net-conf")
+        .arg(&net_conf)
+        .arg("--subnet-file")
+        .arg(dir.join("subnet.env"))
+        .arg("--bpffs")
+        .arg(dir.join("bpffs"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: async-signal-safe syscalls only, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    let echo = std::env::var_os("OVERLAY_BENCH_LOG").is_some();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if echo {
+                eprintln!("agent: {line}");
+            }
+            let at = Instant::now();
+            let json = serde_json::from_str(&line).unwrap_or(Value::String(line));
+            if tx.send(Line { at, json }).is_err() {
+                return;
+            }
+        }
+    });
+    Agent { child, lines }
+}
+
+/// A `Name:   123 kB` field of a /proc file, in KiB.
+fn proc_kib(path: &str, name: &str) -> u64 {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {path}"))
+}
+
+/// The agent's memory, in KiB.
+struct Memory {
+    rss: u64,
+    peak: u64,
+    /// Heap and other anonymous memory; the rest of RSS is mapped files (the binary).
+    anonymous: u64,
+}
+
+fn memory(pid: u32) -> Memory {
+    let status = format!("/proc/{pid}/status");
+    Memory {
+        rss: proc_kib(&status, "VmRSS:"),
+        peak: proc_kib(&status, "VmHWM:"),
+        anonymous: proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Anonymous:"),
+    }
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>8.1} MiB (anonymous {:.1}, files {:.1}; peak {:.1})",
+            mib(self.rss),
+            mib(self.anonymous),
+            mib(self.rss - self.anonymous),
+            mib(self.peak)
+        )
+    }
+}
+
+/// User plus system CPU time of the process, all threads.
+fn cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    let ticks = fields[11] + fields[12];
+    // SAFETY: plain sysconf.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_secs_f64(ticks as f64 / hz as f64)
+}
+
+fn overlay_routes() -> usize {
+    let out = Command::new("ip")
+        .args(["route", "show", "proto", "191"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().lines().count()
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+async fn run(count: u32, idle: Duration) {
+    ip("link set lo up");
+    ip(&format!("link add {UPLINK} type veth peer name ovb1"));
+    ip(&format!("addr add {}/16 dev {UPLINK}", address(0)));
+    ip(&format!("link set {UPLINK} up"));
+    ip("link set ovb1 up");
+
+    let api = FakeApi::start().await;
+    let mut bytes = 0;
+    for i in 0..count {
+        let cidr = format!("10.{}.{}.0/24", i >> 8, i & 0xff);
+        let node = if i == 0 {
+            // Ours, not annotated yet: the agent publishes it.
+            nodes::bare_node(&name(i), &cidr, &address(i))
+        } else {
+            nodes::flannel_node(&name(i), &cidr, &address(i), &address(i))
+        };
+        bytes += node.to_string().len();
+        api.apply(node);
+    }
+    println!(
+        "fake API: {count} Nodes, {:.1} MiB of JSON ({} bytes a node)",
+        bytes as f64 / 1048576.0,
+        bytes / count as usize
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let spawned = Instant::now();
+    let mut agent = spawn_agent(dir.path(), &api.url());
+    let source = agent.wait_for("the source to start", |l| {
+        l.message().starts_with("watching Nodes")
+    });
+    let listed = agent.wait_for("the node list", |l| l.message() == "node list complete");
+    let remote = u64::from(count - 1);
+    let converged = agent.wait_for("convergence", |l| {
+        l.message() == "converged" && l.json["fields"]["remote_subnets"].as_u64() == Some(remote)
+    });
+    let pass_ms = converged.json["fields"]["took_ms"].as_u64().unwrap();
+    let converged_memory = memory(agent.pid());
+
+    // Check, not trust: the kernel routes, and the maps through the agent's own
+    // inspection command inside its mount namespace.
+    let routes = overlay_routes();
+    assert_eq!(routes as u64, remote, "overlay routes installed");
+    let inspect = Command::new("nsenter")
+        .args([
+            "--target",
+            &agent.pid().to_string(),
+            "--mount",
+            "--",
+            AGENT,
+            "nodes",
+        ])
+        .arg("--bpffs")
+        .arg(dir.path().join("bpffs"))
+        .output()
+        .unwrap();
+    let inspect = String::from_utf8(inspect.stdout).unwrap();
+    assert!(
+        inspect.starts_with(&format!("this node: tunnel address {}", address(0))),
+        "{inspect}"
+    );
+    assert_eq!(inspect.lines().count() as u64 - 2, remote, "ROUTES entries");
+    let patches = api.patches().len();
+
+    let cpu_before = cpu(agent.pid());
+    tokio::time::sleep(idle).await;
+    let cpu_idle = cpu(agent.pid()) - cpu_before;
+    let idle_memory = memory(agent.pid());
+    drop(agent);
+    assert_eq!(overlay_routes(), 0, "the agent removes its routes on exit");
+
+    let from_source = converged.at - source.at;
+    println!("nodes                                   {count}");
+    println!(
+        "agent start -> source start             {:>8.0} ms  (datapath load, attach)",
+        (source.at - spawned).as_secs_f64() * 1e3
+    );
+    println!(
+        "source start -> node list complete      {:>8.0} ms",
+        (listed.at - source.at).as_secs_f64() * 1e3
+    );
+    println!(
+        "source start -> maps and routes converged {:>6.0} ms  (the pass itself: {pass_ms} ms)",
+        from_source.as_secs_f64() * 1e3
+    );
+    println!(
+        "routes / ROUTES entries                 {routes} / {remote}, annotation patches {patches}"
+    );
+    println!("RSS converged                           {converged_memory}");
+    println!(
+        "RSS after {:>3} s idle                    {idle_memory}",
+        idle.as_secs()
+    );
+    println!(
+        "CPU while idle                          {:>8.2} %  ({:.0} ms in {} s)",
+        cpu_idle.as_secs_f64() / idle.as_secs_f64() * 100.0,
+        cpu_idle.as_secs_f64() * 1e3,
+        idle.as_secs()
+    );
+}
