@@ -125,11 +125,9 @@ impl Peers {
     pub fn sync(&mut self, desired: &BTreeSet<Ipv4Addr>) -> Result<Changes> {
         let current: BTreeSet<Ipv4Addr> = self.stats()?.into_keys().collect();
         let mut changes = Changes::default();
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         for peer in desired.difference(&current) {
-            let zero = PerCpuValues::try_from(vec![
-                PeerStats::default();
-                aya::util::nr_cpus().map_err(|(_, e)| e)?
-            ])?;
+            let zero = PerCpuValues::try_from(vec![PeerStats::default(); cpus])?;
             self.0.insert(peer.octets(), zero, 0)?;
             changes.added += 1;
         }
