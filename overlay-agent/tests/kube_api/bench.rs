@@ -333,7 +333,22 @@ async fn run(count: u32, idle: Duration) {
     let cpu_idle = cpu(agent.pid()) - cpu_before;
     let idle_memory = memory(agent.pid());
     drop(agent);
-    assert_eq!(overlay_routes(), 0, "the agent removes its routes on exit");
+    // The datapath outlives the agent; `cleanup` is what removes it.
+    assert_eq!(
+        overlay_routes() as u64,
+        remote,
+        "the routes stay when the agent stops"
+    );
+    let cleaned = Command::new(AGENT)
+        .arg("cleanup")
+        .arg("--bpffs")
+        .arg(dir.path().join("bpffs"))
+        .arg("--subnet-file")
+        .arg(dir.path().join("subnet.env"))
+        .status()
+        .unwrap();
+    assert!(cleaned.success(), "overlay-agent cleanup");
+    assert_eq!(overlay_routes(), 0, "cleanup removes every route");
 
     let from_source = converged.at - source.at;
     println!("nodes                                   {count}");
