@@ -6,6 +6,7 @@ mod deps;
 mod lab;
 mod run;
 mod test;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -26,6 +27,9 @@ enum Command {
     /// Build overlay-agent and run it here as root (through sudo when not root), e.g.
     /// on a kind node: `cargo xtask run -- run --kube-subnet-mgr --ip-masq`.
     Run(run::RunArgs),
+    /// Run a command inside a VM booted with another kernel (Debian's, fetched and
+    /// cached), on this machine's root filesystem.
+    Vm(vm::VmArgs),
 }
 
 fn main() -> Result<()> {
@@ -33,5 +37,6 @@ fn main() -> Result<()> {
         Command::Lab(args) => lab::run(args),
         Command::Test(args) => test::run(args),
         Command::Run(args) => run::run(args),
+        Command::Vm(args) => vm::run(args),
     }
 }
