@@ -13,6 +13,7 @@ mod datapath {
     // Tests, one concern each.
     mod bpf_log;
     mod conntrack;
+    mod cost;
     mod decap;
     mod egress;
     mod encap;

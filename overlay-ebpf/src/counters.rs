@@ -16,7 +16,7 @@ use overlay_common::{
 
 use crate::{
     maps::{COUNTERS, NAT_EVENTS},
-    parse::{ETH_LEN, IPV4_LEN, load_exact},
+    parse::{ETH_LEN, load_exact},
 };
 
 const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
@@ -71,12 +71,22 @@ pub fn run(ctx: &TcContext, hook: Hook, f: impl FnOnce(&TcContext) -> Verdict) -
 /// Logs a dropped packet with the addresses of its IPv4 header as the program left it
 /// (the outer header for tunnelled packets). A copy, not `parse::frame`: logging must
 /// not reshape the packet (pull data) on its way out. Not inlined: the record is built
-/// on this function's own stack frame, not on the programs' (512 bytes in all).
+/// on this function's own stack frame, not on the programs' (512 bytes in all, and
+/// kernels before 6.4 round each frame up to 32 bytes: bridge_ingress' 368 + this
+/// frame must stay within 512 there, so only the bytes logged are copied).
 #[inline(never)]
 fn log_drop(ctx: &TcContext, hook: Hook, reason: Reason) {
-    let mut hdr = [0u8; ETH_LEN + IPV4_LEN];
-    if load_exact(ctx, 0, &mut hdr) && hdr[ETHERTYPE..ETHERTYPE + 2] == ETHERTYPE_IPV4 {
-        let addr = |at: usize| [hdr[at], hdr[at + 1], hdr[at + 2], hdr[at + 3]];
+    let mut ethertype = [0u8; 2];
+    // Protocol, checksum, source, destination.
+    let mut ip = [0u8; IP_DST + 4 - IP_PROTO];
+    if load_exact(ctx, ETHERTYPE, &mut ethertype)
+        && ethertype == ETHERTYPE_IPV4
+        && load_exact(ctx, IP_PROTO, &mut ip)
+    {
+        let addr = |at: usize| {
+            let at = at - IP_PROTO;
+            [ip[at], ip[at + 1], ip[at + 2], ip[at + 3]]
+        };
         let (src, dst) = (addr(IP_SRC), addr(IP_DST));
         debug!(
             ctx,
@@ -85,7 +95,7 @@ fn log_drop(ctx: &TcContext, hook: Hook, reason: Reason) {
             reason.name(),
             src,
             dst,
-            hdr[IP_PROTO]
+            ip[0]
         );
     } else {
         debug!(

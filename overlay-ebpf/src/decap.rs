@@ -64,13 +64,7 @@ fn uplink(ctx: &TcContext) -> Verdict {
         }
     }
 
-    // FIXED_GSO: the inner segments keep their size; DECAP_L3_IPV4 clears the IPIP
-    // GSO state so the skb is a plain TCP/UDP skb again.
-    let flags = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4);
-    if ctx
-        .adjust_room(-(IPV4_LEN as i32), BPF_ADJ_ROOM_MAC, flags)
-        .is_err()
-    {
+    if !pop_outer(ctx) {
         return drop(Reason::DropHelperError);
     }
     if outer_ce && !ipv4::set_ce(ctx) {
@@ -103,6 +97,30 @@ fn uplink(ctx: &TcContext) -> Verdict {
         // the host stack delivers, resolves or reports.
         _ => pass(Reason::DecapsulatedToStack),
     }
+}
+
+/// Removes the outer header. FIXED_GSO: the inner segments keep their size.
+/// DECAP_L3_IPV4 (kernel 6.3+) also clears the skb's IPIP GSO state, so that a GSO
+/// packet is a plain TCP/UDP one again; older kernels (Debian 12's 6.1) refuse the
+/// flag with EINVAL before touching the packet, and we remove the header without it.
+/// There the skb keeps SKB_GSO_IPXIP4 and its encapsulation mark: harmless for local
+/// delivery (TCP takes GSO packets whatever their type, the inner checksum offsets
+/// stay valid because the inner headers do not move) and for veth and bridge ports
+/// (which accept every encapsulation GSO type); a device without IPXIP4 offload
+/// segments it in software from the headers it finds (the helper marks a shrunk GSO
+/// skb DODGY, so they are checked and the segment count recomputed). The lab's TCP transfers and the
+/// benchmark's streams run over this path on 6.1.
+#[inline(always)]
+fn pop_outer(ctx: &TcContext) -> bool {
+    let shrink = -(IPV4_LEN as i32);
+    let fixed = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO);
+    ctx.adjust_room(
+        shrink,
+        BPF_ADJ_ROOM_MAC,
+        fixed | u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV4),
+    )
+    .is_ok()
+        || ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, fixed).is_ok()
 }
 
 /// Checks the tunnel header and returns the inner IPv4 header, or the verdict that

@@ -186,7 +186,11 @@ fn venv_tool(package: &str, version: &str, exe: &str) -> Result<PathBuf> {
         package,
     ]))
     .unwrap_or_default();
-    if exe.exists() && installed.lines().any(|l| l == format!("Version: {version}")) {
+    if exe.exists()
+        && installed
+            .lines()
+            .any(|l| l == format!("Version: {version}"))
+    {
         return Ok(exe);
     }
     eprintln!("installing {package} {version} into {}", venv.display());

@@ -30,6 +30,9 @@ enum Command {
     /// Run a command inside a VM booted with another kernel (Debian's, fetched and
     /// cached), on this machine's root filesystem.
     Vm(vm::VmArgs),
+    /// The kernel matrix: the packet tests, the lab and the interoperability test on
+    /// this machine's kernel, then inside a VM on each kernel of the matrix.
+    Kernels(test::KernelsArgs),
 }
 
 fn main() -> Result<()> {
@@ -38,5 +41,6 @@ fn main() -> Result<()> {
         Command::Test(args) => test::run(args),
         Command::Run(args) => run::run(args),
         Command::Vm(args) => vm::run(args),
+        Command::Kernels(args) => test::kernels(args),
     }
 }

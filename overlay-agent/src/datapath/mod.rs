@@ -13,7 +13,7 @@ use overlay_common::{
     maps::{CONNTRACK_ENTRIES, names},
 };
 
-pub use attach::{Attachment, link_pin};
+pub use attach::{Attachment, detach_filters, link_pin};
 pub use maps::{Config, Counters, NatEvents, Peers, Routes, outcome_kind};
 
 use crate::{

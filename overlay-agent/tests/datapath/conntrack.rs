@@ -455,8 +455,13 @@ fn collection_removes_expired_flows_and_orphans() {
             let lasting_nat = open(node, lasting, SYN, NODE_IP);
             // REPLY entries without a flow: one older than the agent's grace period, one
             // just claimed (its flow may be on its way).
+            // A freshly booted machine (the kernel matrix's VM) has no minute-old past:
+            // wait until the grace period (10 s) fits behind us.
+            while monotonic_ns() < 12_000_000_000 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
             let now = monotonic_ns();
-            let long_ago = now - 60_000_000_000;
+            let long_ago = now.saturating_sub(60_000_000_000);
             let old_orphan = claim(node, (OUTSIDE_2, 53), TWO_PORTS.0, long_ago);
             let new_orphan = claim(node, (OUTSIDE_2, 53), TWO_PORTS.1, now);
             // The live flow's own REPLY entry, made old: still owned, so kept. And an old

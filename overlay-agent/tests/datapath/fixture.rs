@@ -424,6 +424,29 @@ impl Node {
         })
     }
 
+    /// What one run of `hook`'s program on `frame` costs: the kernel runs it `repeat`
+    /// times in a row (each on a fresh copy of the frame) and reports the mean time of
+    /// one run, helpers included. Also returns the last run's return code.
+    pub fn cost(&self, hook: Hook, frame: &[u8], repeat: u32) -> (std::time::Duration, u32) {
+        let ctx = SkBuff {
+            ifindex: self.device(hook),
+            ..Default::default()
+        };
+        let mut data = vec![0u8; frame.len() + 256];
+        let result = self
+            .dp
+            .program(hook)
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut data),
+                ctx_in: Some(ctx.as_bytes()),
+                repeat,
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {}: {e:?}", hook.program()));
+        (result.duration, result.return_value)
+    }
+
     /// Runs `frame` through `hook` and checks the verdict: the return code, exactly one
     /// counter slot (`hook`, `reason`) up by one packet of `frame.len()` bytes, and the
     /// PEERS accounting (only decapsulated packets count, against their outer source).

@@ -54,7 +54,11 @@ pub fn spec(name: &str) -> Result<Spec> {
         Some(spec) => Ok(*spec),
         None => bail!(
             "no kernel {name:?}; known: {} (see docs/KERNELS.md to add one)",
-            KERNELS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+            KERNELS
+                .iter()
+                .map(|k| k.name)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -153,7 +157,10 @@ fn download(dir: &Path, package: &str) -> Result<PathBuf> {
             return Ok(path);
         }
     }
-    bail!("apt-get download {package} left no .deb in {}", dir.display())
+    bail!(
+        "apt-get download {package} left no .deb in {}",
+        dir.display()
+    )
 }
 
 /// The image package the metapackage depends on now.
@@ -176,10 +183,9 @@ fn resolve(dir: &Path, spec: &Spec) -> Result<String> {
 
 /// Extracts `deb` into `dir/ROOT` and records what it is.
 fn extract(dir: &Path, package: &str, deb: &Path) -> Result<Kernel> {
-    let version =
-        netns::run(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Version"))?
-            .trim()
-            .to_owned();
+    let version = netns::run(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Version"))?
+        .trim()
+        .to_owned();
     let partial = dir.join("ROOT.partial");
     let root = dir.join("ROOT");
     for stale in [&partial, &root] {

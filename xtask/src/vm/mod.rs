@@ -11,6 +11,7 @@
 //!
 //! `cargo xtask vm [--kernel 6.1] -- <command>` runs one command (a shell line).
 
+pub mod interop;
 pub mod kernel;
 
 use std::{
@@ -35,6 +36,8 @@ const SCRIPT: &str = "run.sh";
 const OUTPUT: &str = "output";
 const STATUS: &str = "status";
 const CONSOLE: &str = "console.log";
+/// How much longer the lab's timeouts are under emulation (see `interrupt::SLOWDOWN`).
+const SLOWDOWN_FACTOR: u32 = 5;
 
 #[derive(clap::Args)]
 pub struct VmArgs {
@@ -111,6 +114,7 @@ impl Vm {
              export HOME={home}\n\
              export VM_SHARED={shared}\n\
              export NO_COLOR=1\n\
+             export {slowdown}={SLOWDOWN_FACTOR}\n\
              cd {cwd}\n\
              ( echo \"== VM: kernel $(uname -r), $(uname -v), $(nproc) CPUs\"\n{command}\n) > {shared}/{OUTPUT} 2>&1 < /dev/null\n\
              echo $? > {shared}/{STATUS}.tmp && mv {shared}/{STATUS}.tmp {shared}/{STATUS}\n",
@@ -118,6 +122,7 @@ impl Vm {
             home = std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
             shared = shared.display(),
             cwd = workspace().display(),
+            slowdown = interrupt::SLOWDOWN,
         );
         std::fs::write(shared.join(SCRIPT), script)?;
         eprintln!(
@@ -129,7 +134,13 @@ impl Vm {
         let mut child = Command::new(&self.vng)
             .arg("--run")
             .arg(&self.kernel.image)
-            .args(["--disable-kvm", "--cpus", &CPUS.to_string(), "--memory", MEMORY])
+            .args([
+                "--disable-kvm",
+                "--cpus",
+                &CPUS.to_string(),
+                "--memory",
+                MEMORY,
+            ])
             .arg("--verbose")
             .arg("--rwdir")
             .arg(&shared)
@@ -246,7 +257,15 @@ pub fn has_ipip() -> bool {
     let made = crate::lab::netns::add(&ns).is_ok();
     let ok = made
         && crate::lab::netns::run(Command::new("ip").args([
-            "-n", &ns, "link", "add", "oprobe", "type", "ipip", "local", "192.0.2.1",
+            "-n",
+            &ns,
+            "link",
+            "add",
+            "oprobe",
+            "type",
+            "ipip",
+            "local",
+            "192.0.2.1",
         ]))
         .is_ok();
     if made {
