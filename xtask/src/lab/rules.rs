@@ -95,7 +95,7 @@ pub fn run(lab: &LabState, servers: &Servers) -> Result<RuleChecks> {
                 listed: Err("not read".into()),
             })
             .collect();
-        let table = NatTable::read(lab, &node.name)?;
+        let table = NatTable::read(lab, node)?;
         for row in &mut done {
             row.listed = row.check_table(&table);
         }
