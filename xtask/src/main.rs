@@ -2,6 +2,7 @@
 
 #[cfg(test)]
 mod deploy_check;
+mod bench;
 mod deps;
 mod lab;
 mod run;
@@ -33,6 +34,9 @@ enum Command {
     /// The kernel matrix: the packet tests, the lab and the interoperability test on
     /// this machine's kernel, then inside a VM on each kernel of the matrix.
     Kernels(test::KernelsArgs),
+    /// Our dataplane side by side with flannel's kernel backends (in a VM when this
+    /// kernel has no ipip); writes docs/BENCHMARKS.md and docs/benchmarks.png.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -42,5 +46,6 @@ fn main() -> Result<()> {
         Command::Run(args) => run::run(args),
         Command::Vm(args) => vm::run(args),
         Command::Kernels(args) => test::kernels(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -196,7 +196,7 @@ impl Suites {
 }
 
 /// The executable `cargo test --no-run <args>` builds.
-fn test_executable(args: &[&str]) -> Result<PathBuf> {
+pub(crate) fn test_executable(args: &[&str]) -> Result<PathBuf> {
     let out = crate::lab::netns::run(
         Command::new(env!("CARGO"))
             .current_dir(vm::workspace())

@@ -45,14 +45,6 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Ipip => "ipip",
-            Backend::Vxlan => "vxlan",
-            Backend::HostGw => "host-gw",
-        }
-    }
-
     /// FLANNEL_MTU: the uplink's less the encapsulation.
     pub fn mtu(self) -> u32 {
         match self {
