@@ -1,8 +1,8 @@
 //! Developer commands: `cargo xtask lab`, `cargo xtask test`, `cargo xtask run`.
 
+mod bench;
 #[cfg(test)]
 mod deploy_check;
-mod bench;
 mod deps;
 mod lab;
 mod run;

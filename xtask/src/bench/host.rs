@@ -74,9 +74,10 @@ pub fn offloads_off(lab: &LabState) -> Result<()> {
                 continue;
             }
             // Some devices fix some of these features; what can change, changes.
-            let _ = netns::run(netns::command(&ns, "ethtool").args([
-                "-K", name, "gso", "off", "gro", "off", "tso", "off",
-            ]));
+            let _ = netns::run(
+                netns::command(&ns, "ethtool")
+                    .args(["-K", name, "gso", "off", "gro", "off", "tso", "off"]),
+            );
         }
     }
     Ok(())

@@ -190,7 +190,8 @@ pub fn rr(ns: &str, server: SocketAddrV4, duration: Duration) -> Result<RrResult
             bail!("no transaction completed in {duration:?}");
         }
         latencies.sort_unstable();
-        let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize] as f64 / 1e3;
+        let at =
+            |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize] as f64 / 1e3;
         Ok(RrResult {
             transactions: latencies.len() as u64,
             p50_us: at(0.50),

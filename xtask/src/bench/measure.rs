@@ -136,11 +136,23 @@ impl Cluster {
     }
 }
 
-/// Builds every cluster, runs the plan, removes the clusters.
+/// The setups this kernel can run: all of them, less the kernel's ipip when it has no
+/// such module.
+pub fn available() -> Vec<Setup> {
+    let ipip = crate::vm::has_ipip();
+    Setup::PLANES
+        .into_iter()
+        .chain(Setup::SNAT)
+        .filter(|s| ipip || *s != Setup::Kernel(KernelBackend::Ipip))
+        .collect()
+}
+
+/// Builds a cluster for each setup this kernel can run, runs the plan, removes the
+/// clusters.
 pub fn run(agent: PathBuf, plan: Plan, quick: bool) -> Result<Results> {
     let mut results = Results::new(Machine::here(), plan, quick);
     let mut clusters = Vec::new();
-    for setup in Setup::PLANES.into_iter().chain(Setup::SNAT) {
+    for setup in available() {
         clusters.push(Cluster::create(setup, agent.clone())?);
     }
     let iptables_lab = clusters
@@ -175,7 +187,12 @@ pub fn run(agent: PathBuf, plan: Plan, quick: bool) -> Result<Results> {
     }
     drop(_rules);
     for c in clusters {
-        let Cluster { lab, servers, outside, .. } = c;
+        let Cluster {
+            lab,
+            servers,
+            outside,
+            ..
+        } = c;
         drop((servers, outside));
         lab.teardown()?;
     }
@@ -222,7 +239,12 @@ fn measure(c: &Cluster, plan: Plan, offloads: bool, run: usize) -> Result<Vec<Sa
     }
     let (rr, cpu) = with_cpu(|| load::rr(&client, c.servers.rr, duration))?;
     let tx = rr.transactions as f64;
-    out.push(sample(Measure::RrRate, tx / rr.elapsed.as_secs_f64(), cpu, tx));
+    out.push(sample(
+        Measure::RrRate,
+        tx / rr.elapsed.as_secs_f64(),
+        cpu,
+        tx,
+    ));
     out.push(sample(Measure::RrP50, rr.p50_us, cpu, tx));
     out.push(sample(Measure::RrP99, rr.p99_us, cpu, tx));
     let ((done, took), cpu) = with_cpu(|| load::crr(&client, c.servers.crr, duration))?;

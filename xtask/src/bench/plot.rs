@@ -8,7 +8,8 @@ use plotters::prelude::*;
 
 use super::{
     measure::{KernelBackend, Setup},
-    results::{Measure, Results},
+    report::Leg,
+    results::Measure,
 };
 
 /// Debian's fonts-dejavu-core (installed by `deps::ensure_vm`).
@@ -33,20 +34,23 @@ fn short(m: Measure) -> &'static str {
     }
 }
 
-pub fn draw(results: &Results, path: &Path, title: &str) -> Result<()> {
-    let font: &'static [u8] =
-        Box::leak(std::fs::read(FONT).with_context(|| format!("reading {FONT}"))?.into_boxed_slice());
+/// One row of panels per leg (kernel), offloads on and off side by side.
+pub fn draw(legs: &[Leg], path: &Path) -> Result<()> {
+    let font: &'static [u8] = Box::leak(
+        std::fs::read(FONT)
+            .with_context(|| format!("reading {FONT}"))?
+            .into_boxed_slice(),
+    );
     plotters::style::register_font("sans-serif", FontStyle::Normal, font)
         .map_err(|_| anyhow!("{FONT} is not a font plotters can use"))?;
-    let root = BitMapBackend::new(path, (1400, 900)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1800, 500 * legs.len().max(1) as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-    let root = root
-        .titled(title, ("sans-serif", 22))
-        .map_err(|e| anyhow!("{e}"))?;
-    let panels = root.split_evenly((2, 1));
+    let panels = root.split_evenly((legs.len().max(1), 2));
     let measures = Measure::PLANES;
     let host_gw = Setup::Kernel(KernelBackend::HostGw);
-    for (panel, offloads) in panels.iter().zip([true, false]) {
+    let cases = legs.iter().flat_map(|l| [(l, true), (l, false)]);
+    for (panel, (leg, offloads)) in panels.iter().zip(cases) {
+        let results = &leg.results;
         // Relative to host-gw; inverted for latencies so that higher is better.
         let rel = |s: Setup, m: Measure| -> Option<f64> {
             let r = results.ratio(s, host_gw, m, offloads)?;
@@ -60,7 +64,13 @@ pub fn draw(results: &Results, path: &Path, title: &str) -> Result<()> {
         let mut chart = ChartBuilder::on(panel)
             .caption(
                 format!(
-                    "offloads {} — relative to host-gw (= 1)",
+                    "{}{}, offloads {} — relative to host-gw (= 1)",
+                    results.machine.kernel,
+                    if leg.place.starts_with("a VM") {
+                        " (VM, emulated)"
+                    } else {
+                        ""
+                    },
                     if offloads { "on" } else { "off" }
                 ),
                 ("sans-serif", 18),
@@ -95,14 +105,19 @@ pub fn draw(results: &Results, path: &Path, title: &str) -> Result<()> {
                 .filter_map(|(i, m)| {
                     let v = rel(*setup, *m)?;
                     let x0 = i as f64 + 0.1 + j as f64 * width;
-                    Some(Rectangle::new([(x0, 0.0), (x0 + width * 0.9, v)], color.filled()))
+                    Some(Rectangle::new(
+                        [(x0, 0.0), (x0 + width * 0.9, v)],
+                        color.filled(),
+                    ))
                 })
                 .collect();
             chart
                 .draw_series(bars)
                 .map_err(|e| anyhow!("{e}"))?
                 .label(setup.name())
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled())
+                });
         }
         chart
             .draw_series(LineSeries::new(

@@ -11,11 +11,21 @@ use super::{
     results::{Cost, Measure, Results, Summary},
 };
 
-pub const BEGIN: &str = "<!-- bench:begin: written by `cargo xtask bench`; edit outside this block -->";
+pub const BEGIN: &str =
+    "<!-- bench:begin: written by `cargo xtask bench`; edit outside this block -->";
 pub const END: &str = "<!-- bench:end -->";
 
 const TUNL0: Setup = Setup::Kernel(KernelBackend::Ipip);
 const HOST_GW: Setup = Setup::Kernel(KernelBackend::HostGw);
+
+/// The dataplanes measured on one kernel.
+pub struct Leg {
+    /// Where: "a VM booted with ..." or "this machine".
+    pub place: String,
+    pub results: Results,
+    /// The microbenchmark on that kernel.
+    pub costs: Vec<Cost>,
+}
 
 /// Everything one run of the command produced.
 pub struct Report<'a> {
@@ -24,12 +34,7 @@ pub struct Report<'a> {
     pub minutes: f64,
     /// The machine the command ran on.
     pub host: Machine,
-    /// Where the dataplanes ran: "this machine" or the VM's kernel.
-    pub place: String,
-    pub results: &'a Results,
-    pub costs_host: &'a [Cost],
-    /// The microbenchmark in the VM (None when the dataplanes ran here).
-    pub costs_vm: Option<&'a [Cost]>,
+    pub legs: &'a [Leg],
     pub plot: &'a str,
 }
 
@@ -56,7 +61,11 @@ impl Target {
 pub fn targets(results: &Results) -> Vec<Target> {
     let mut out = Vec::new();
     for offloads in [true, false] {
-        let when = if offloads { "offloads on" } else { "offloads off" };
+        let when = if offloads {
+            "offloads on"
+        } else {
+            "offloads off"
+        };
         let ratio = |base, m| results.ratio(Setup::Ours, base, m, offloads);
         out.push(Target {
             what: format!("single-stream TCP ≥ 1.10× kernel tunl0 ({when})"),
@@ -91,6 +100,142 @@ pub fn targets(results: &Results) -> Vec<Target> {
     out
 }
 
+impl Leg {
+    fn markdown(&self, md: &mut String) {
+        let r = &self.results;
+        let _ = writeln!(
+            md,
+            "### On {}: kernel {}\n\n{} CPUs; kernel {} ({}).\n",
+            self.place,
+            r.machine.kernel,
+            r.machine.cpus,
+            r.machine.kernel,
+            r.machine.kernel_version
+        );
+        let targets = targets(r);
+        if targets.iter().any(|t| t.measured.is_some()) {
+            let _ = writeln!(
+                md,
+                "Targets:\n\n| target | ours ÷ baseline | met |\n|---|---|---|"
+            );
+            for t in targets {
+                let met = match t.met() {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "— (no baseline on this kernel)",
+                };
+                let _ = writeln!(md, "| {} | {} | {met} |", t.what, ratio(t.measured));
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\nPer-packet program cost (`BPF_PROG_TEST_RUN`, ns per packet; encap: a pod's \
+             64-byte TCP segment to a remote pod; decap: the reverse; snat: an established \
+             flow to the outside, translated; snat-reply: its reply; pass: underlay traffic \
+             that is not ours, the floor of entry, parsing, counters and the kernel's clock \
+             reads):\n\n| case | program | ns (median of rounds) | rounds |\n|---|---|---|---|"
+        );
+        for c in &self.costs {
+            let rounds: Vec<String> = c.rounds.iter().map(|v| num(*v)).collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                c.case,
+                c.program,
+                num(c.ns),
+                rounds.join(", ")
+            );
+        }
+        let planes: Vec<Setup> = Setup::PLANES
+            .into_iter()
+            .filter(|s| r.samples.iter().any(|x| x.setup == *s))
+            .collect();
+        for offloads in [true, false] {
+            let _ = writeln!(
+                md,
+                "\nPod to pod, offloads {}:\n",
+                if offloads {
+                    "on (GSO/GRO/TSO as the kernel sets them)"
+                } else {
+                    "off (GSO, GRO and TSO off on every link)"
+                }
+            );
+            let mut header = String::from("| measure | unit |");
+            for s in &planes {
+                let _ = write!(header, " {} |", s.name());
+            }
+            header.push_str(" ours ÷ tunl0 | ours ÷ host-gw |");
+            let _ = writeln!(md, "{header}\n|---|---|{}", "---|".repeat(planes.len() + 2));
+            for m in Measure::PLANES {
+                let _ = write!(md, "| {} | {} |", m.name(), m.unit());
+                for s in &planes {
+                    let _ = write!(md, " {} |", cell(r.summary(*s, m, offloads)));
+                }
+                let _ = writeln!(
+                    md,
+                    " {} | {} |",
+                    ratio(r.ratio(Setup::Ours, TUNL0, m, offloads)),
+                    ratio(r.ratio(Setup::Ours, HOST_GW, m, offloads))
+                );
+            }
+            let _ = writeln!(
+                md,
+                "\nCPU per unit of work (median), offloads {}:\n",
+                if offloads { "on" } else { "off" }
+            );
+            let mut header = String::from("| measure | unit |");
+            for s in &planes {
+                let _ = write!(header, " {} |", s.name());
+            }
+            let _ = writeln!(md, "{header}\n|---|---|{}", "---|".repeat(planes.len()));
+            for m in [
+                Measure::TcpStream,
+                Measure::TcpMulti,
+                Measure::RrRate,
+                Measure::ConnRate,
+                Measure::UdpRate,
+            ] {
+                let _ = write!(md, "| {} | {} |", m.name(), m.cpu_unit());
+                for s in &planes {
+                    let cpu = r
+                        .summary(*s, m, offloads)
+                        .map_or("—".into(), |s| num(s.cpu));
+                    let _ = write!(md, " {cpu} |");
+                }
+                md.push('\n');
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\nMasquerade, connections from a pod to the outside host one after another \
+             (connect, one byte each way, close): ours (`--ip-masq`) against flanneld's \
+             iptables rules (MASQUERADE --random-fully, the kernel's connection tracking):\n"
+        );
+        let _ = writeln!(
+            md,
+            "| offloads | ours --ip-masq (conn/s) | iptables MASQUERADE (conn/s) | ours ÷ iptables | CPU ours (µs/conn) | CPU iptables (µs/conn) |\n|---|---|---|---|---|---|"
+        );
+        for offloads in [true, false] {
+            let m = Measure::SnatConnRate;
+            let (a, b) = (
+                r.summary(Setup::SnatOurs, m, offloads),
+                r.summary(Setup::SnatIptables, m, offloads),
+            );
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                if offloads { "on" } else { "off" },
+                cell(a),
+                cell(b),
+                ratio(r.ratio(Setup::SnatOurs, Setup::SnatIptables, m, offloads)),
+                a.map_or("—".into(), |s| num(s.cpu)),
+                b.map_or("—".into(), |s| num(s.cpu)),
+            );
+        }
+        md.push('\n');
+    }
+}
+
 fn cell(s: Option<Summary>) -> String {
     match s {
         Some(s) => format!("{} ({}–{})", num(s.median), num(s.min), num(s.max)),
@@ -118,17 +263,17 @@ fn ratio(r: Option<f64>) -> String {
 
 impl Report<'_> {
     pub fn markdown(&self) -> String {
-        let r = self.results;
         let mut md = String::new();
         let _ = writeln!(md, "{BEGIN}");
         let _ = writeln!(md, "## Latest run\n");
+        let quick = self.legs.iter().any(|l| l.results.quick);
         let _ = writeln!(
             md,
             "- Command: `{}`, {} (took {:.0} min){}.",
             self.command,
             self.date,
             self.minutes,
-            if r.quick {
+            if quick {
                 "; **--quick: too few and too short runs to publish**"
             } else {
                 ""
@@ -139,142 +284,32 @@ impl Report<'_> {
             "- Machine: {} ({} CPUs), kernel {}.",
             self.host.cpu, self.host.cpus, self.host.kernel
         );
+        if let Some(r) = self.legs.first().map(|l| &l.results) {
+            let _ = writeln!(
+                md,
+                "- Each figure: the median of {} runs of {} s, with the lowest and highest in \
+                 brackets; the runs go round the dataplanes in turn. CPU: busy CPU time of the \
+                 whole machine the dataplanes ran on (both pods, both nodes, softirq included) \
+                 per unit of work, median over runs.",
+                r.runs, r.seconds
+            );
+        }
         let _ = writeln!(
             md,
-            "- Dataplanes measured on: {}: {} CPUs, kernel {} ({}).",
-            self.place, r.machine.cpus, r.machine.kernel, r.machine.kernel_version
-        );
-        let _ = writeln!(
-            md,
-            "- Each figure: the median of {} runs of {} s, with the lowest and highest in \
-             brackets. CPU: busy CPU time of the whole machine the dataplanes ran on (both \
-             pods, both nodes, softirq included) per unit of work, median over runs.",
-            r.runs, r.seconds
-        );
-        let _ = writeln!(
-            md,
-            "- **Caveat**: under emulation (QEMU TCG, no KVM) absolute numbers mean nothing \
+            "- **Caveats**: under emulation (QEMU TCG, no KVM) absolute numbers mean nothing \
              about real hardware; only ratios between dataplanes measured in the same run \
-             are the result. Emulation also inflates the cost of every instruction alike, \
-             kernel and BPF, so it neither favours nor hurts JIT-compiled BPF in particular.\n"
+             are the result. The machine has two cores, shared by both pods, both nodes and \
+             (in the VM) the emulator; other work on the machine during the run adds noise, \
+             which the interleaved runs spread over all dataplanes alike.\n"
         );
-
-        let _ = writeln!(md, "### Targets\n");
-        let _ = writeln!(md, "| target | ours ÷ baseline | met |\n|---|---|---|");
-        for t in targets(r) {
-            let met = match t.met() {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "—",
-            };
-            let _ = writeln!(md, "| {} | {} | {met} |", t.what, ratio(t.measured));
-        }
-
-        let _ = writeln!(
-            md,
-            "\n### Per-packet program cost (`BPF_PROG_TEST_RUN`, ns per packet)\n"
-        );
-        let vm = self.costs_vm.is_some();
-        let _ = writeln!(
-            md,
-            "| case | program | this machine ({}) |{}\n|---|---|---|{}",
-            self.host.kernel,
-            if vm {
-                format!(" VM ({}) |", r.machine.kernel)
-            } else {
-                String::new()
-            },
-            if vm { "---|" } else { "" }
-        );
-        for c in self.costs_host {
-            let in_vm = self
-                .costs_vm
-                .and_then(|v| v.iter().find(|v| v.case == c.case))
-                .map(|v| format!(" {} |", num(v.ns)))
-                .unwrap_or_default();
-            let _ = writeln!(md, "| {} | {} | {} |{in_vm}", c.case, c.program, num(c.ns));
+        for leg in self.legs {
+            leg.markdown(&mut md);
         }
         let _ = writeln!(
             md,
-            "\nencap: a pod's 64-byte TCP segment to a remote pod; decap: the reverse; snat: \
-             an established flow to the outside, translated; snat-reply: its reply; pass: \
-             underlay traffic that is not ours (the floor: program entry, parsing, counters, \
-             the kernel's clock reads)."
+            "![every dataplane relative to host-gw]({})\n",
+            self.plot
         );
-
-        for offloads in [true, false] {
-            let _ = writeln!(
-                md,
-                "\n### Pod to pod, offloads {}\n",
-                if offloads {
-                    "on (GSO/GRO/TSO as the kernel sets them)"
-                } else {
-                    "off (GSO, GRO and TSO off on every link)"
-                }
-            );
-            let mut header = String::from("| measure | unit |");
-            for s in Setup::PLANES {
-                let _ = write!(header, " {} |", s.name());
-            }
-            header.push_str(" ours ÷ tunl0 | ours ÷ host-gw |");
-            let _ = writeln!(md, "{header}\n|---|---|{}", "---|".repeat(Setup::PLANES.len() + 2));
-            for m in Measure::PLANES {
-                let _ = write!(md, "| {} | {} |", m.name(), m.unit());
-                for s in Setup::PLANES {
-                    let _ = write!(md, " {} |", cell(r.summary(s, m, offloads)));
-                }
-                let _ = writeln!(
-                    md,
-                    " {} | {} |",
-                    ratio(r.ratio(Setup::Ours, TUNL0, m, offloads)),
-                    ratio(r.ratio(Setup::Ours, HOST_GW, m, offloads))
-                );
-            }
-            let _ = writeln!(md, "\nCPU per unit of work (median):\n");
-            let mut header = String::from("| measure | unit |");
-            for s in Setup::PLANES {
-                let _ = write!(header, " {} |", s.name());
-            }
-            let _ = writeln!(md, "{header}\n|---|---|{}", "---|".repeat(Setup::PLANES.len()));
-            for m in [Measure::TcpStream, Measure::TcpMulti, Measure::RrRate, Measure::ConnRate, Measure::UdpRate] {
-                let _ = write!(md, "| {} | {} |", m.name(), m.cpu_unit());
-                for s in Setup::PLANES {
-                    let cpu = r.summary(s, m, offloads).map_or("—".into(), |s| num(s.cpu));
-                    let _ = write!(md, " {cpu} |");
-                }
-                md.push('\n');
-            }
-        }
-
-        let _ = writeln!(
-            md,
-            "\n### Masquerade: connections from a pod to the outside host\n\n\
-             One connection after another (connect, one byte each way, close) through the \
-             node's masquerade: ours (`--ip-masq`) against flanneld's iptables rules \
-             (MASQUERADE --random-fully, the kernel's connection tracking).\n"
-        );
-        let _ = writeln!(
-            md,
-            "| offloads | ours --ip-masq (conn/s) | iptables MASQUERADE (conn/s) | ours ÷ iptables | CPU ours (µs/conn) | CPU iptables (µs/conn) |\n|---|---|---|---|---|---|"
-        );
-        for offloads in [true, false] {
-            let m = Measure::SnatConnRate;
-            let (a, b) = (
-                r.summary(Setup::SnatOurs, m, offloads),
-                r.summary(Setup::SnatIptables, m, offloads),
-            );
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} | {} | {} | {} |",
-                if offloads { "on" } else { "off" },
-                cell(a),
-                cell(b),
-                ratio(r.ratio(Setup::SnatOurs, Setup::SnatIptables, m, offloads)),
-                a.map_or("—".into(), |s| num(s.cpu)),
-                b.map_or("—".into(), |s| num(s.cpu)),
-            );
-        }
-        let _ = writeln!(md, "\n![ratios to host-gw]({})\n", self.plot);
         let _ = writeln!(md, "{END}");
         md
     }

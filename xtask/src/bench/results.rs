@@ -152,7 +152,13 @@ impl Results {
     }
 
     /// `setup`'s median over `baseline`'s, oriented so that above 1 is better for us.
-    pub fn ratio(&self, setup: Setup, baseline: Setup, measure: Measure, offloads: bool) -> Option<f64> {
+    pub fn ratio(
+        &self,
+        setup: Setup,
+        baseline: Setup,
+        measure: Measure,
+        offloads: bool,
+    ) -> Option<f64> {
         let ours = self.summary(setup, measure, offloads)?.median;
         let theirs = self.summary(baseline, measure, offloads)?.median;
         (theirs > 0.0 && ours > 0.0).then_some(ours / theirs)
