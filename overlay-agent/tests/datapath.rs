@@ -26,5 +26,6 @@ mod datapath {
     mod nat;
     mod nat_icmp;
     mod passthrough;
+    mod pod_ports;
     mod slow_path;
 }

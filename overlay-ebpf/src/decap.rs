@@ -5,6 +5,7 @@ use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
+    helpers::generated::bpf_redirect_peer,
     programs::TcContext,
 };
 use network_types::ip::Ipv4Hdr;
@@ -15,7 +16,7 @@ use crate::{
     counters::{Verdict, drop, pass, run},
     fib::{self, Path},
     ipv4,
-    maps::{PEERS, config},
+    maps::{PEERS, POD_PORTS, config},
     nat,
     parse::{self, ETH_LEN, Frame, IPPROTO_IPIP, IPV4_LEN, ptr_at},
 };
@@ -91,11 +92,30 @@ fn uplink(ctx: &TcContext) -> Verdict {
             if !fib::set_macs(ctx, smac, dmac) || !ipv4::decrement_ttl(ctx) {
                 return drop(Reason::DropHelperError);
             }
-            (Reason::Decapsulated, fib::out(out, None))
+            (Reason::Decapsulated, to_pod(out, dmac))
         }
         // Local destination (the gateway), unresolved pod neighbour, or anything odd:
         // the host stack delivers, resolves or reports.
         _ => pass(Reason::DecapsulatedToStack),
+    }
+}
+
+/// Sends a decapsulated packet on its way to `out` (the FIB's device) for `dmac`.
+/// When that device is the pod bridge and the agent knows the pod's port
+/// (`POD_PORTS`, from the bridge's forwarding table), the packet goes straight into the
+/// pod's namespace through its veth (`bpf_redirect_peer`, allowed from an ingress
+/// hook): no bridge, no veth queue. Besides saving those hops, this keeps a GSO packet
+/// whole on kernels before 6.3, where it is still marked as encapsulated (see
+/// `pop_outer`) and the bridge, which has no offloads for encapsulated packets, would
+/// cut it into segments in software. Otherwise (a new pod the agent has not seen yet)
+/// the bridge delivers it.
+#[inline(always)]
+fn to_pod(out: u32, dmac: [u8; 6]) -> i32 {
+    match POD_PORTS.get_ptr(&dmac) {
+        Some(port) if unsafe { (*port).bridge } == out => unsafe {
+            bpf_redirect_peer((*port).ifindex, 0) as i32
+        },
+        _ => fib::out(out, None),
     }
 }
 
