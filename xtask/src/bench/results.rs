@@ -107,7 +107,8 @@ pub struct Cost {
 pub fn parse_costs(output: &str) -> Vec<Cost> {
     output
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("PROG_COST "))
+        // libtest may print the test's name on the same line, before the first one.
+        .filter_map(|l| l.split_once("PROG_COST ").map(|(_, json)| json))
         .filter_map(|json| serde_json::from_str(json).ok())
         .collect()
 }
@@ -212,7 +213,7 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
         let costs = parse_costs(
-            "noise\nPROG_COST {\"case\":\"encap\",\"program\":\"bridge_ingress\",\"ns\":188.5,\"rounds\":[188.5, 190.0]}\n",
+            "noise\ntest datapath::cost::cost_per_packet ... PROG_COST {\"case\":\"encap\",\"program\":\"bridge_ingress\",\"ns\":188.5,\"rounds\":[188.5, 190.0]}\n",
         );
         assert_eq!(costs.len(), 1);
         assert_eq!(costs[0].case, "encap");
