@@ -172,6 +172,9 @@ async fn serve(
     let mut resync = tokio::time::interval(opts.resync);
     let mut bridge_check = tokio::time::interval(Duration::from_secs(1));
     let mut ct_sweep = tokio::time::interval(opts.ct_sweep);
+    // The pods' ports on the bridge (POD_PORTS): the bridge learns a pod's address from
+    // its first frame; within a second its packets from other nodes skip the bridge.
+    let mut pod_ports = tokio::time::interval(Duration::from_secs(1));
     let mut warned = BTreeSet::new();
     let result = loop {
         // /healthz judges the loop by this: every branch below returns to it.
@@ -194,6 +197,14 @@ async fn serve(
             }
             _ = ct_sweep.tick() => {
                 sweep(dp, status);
+                continue;
+            }
+            _ = pod_ports.tick() => {
+                match dp.pod_ports.sync(&opts.bridge) {
+                    Ok(c) if !c.is_empty() => debug!(changes = %c, "pod ports synced"),
+                    Ok(_) => {}
+                    Err(e) => debug!(error = %e, "reading the bridge's forwarding table"),
+                }
                 continue;
             }
         }

@@ -7,7 +7,11 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::{Context as _, Result};
 use overlay_common::Hook;
 
-use crate::{bpffs, datapath::link_pin, host::Host};
+use crate::{
+    bpffs,
+    datapath::{detach_filters, link_pin},
+    host::Host,
+};
 
 /// Removes it all; returns what was removed, one line per item. Run it with the agent
 /// stopped, or it puts back what it needs at its next pass.
@@ -33,6 +37,10 @@ pub async fn run(bpffs_root: &Path, subnet_file: &Path) -> Result<String> {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
             writeln!(report, "removed pinned maps {}", dir.display())?;
         }
+    }
+    // Kernels without TCX: the filters the agent left (not pinned).
+    for filter in detach_filters()? {
+        writeln!(report, "detached {filter} (cls_bpf)")?;
     }
     if let Some(base) = version_dir.parent()
         && base.exists()

@@ -13,6 +13,7 @@ mod datapath {
     // Tests, one concern each.
     mod bpf_log;
     mod conntrack;
+    mod cost;
     mod decap;
     mod egress;
     mod encap;
@@ -25,5 +26,6 @@ mod datapath {
     mod nat;
     mod nat_icmp;
     mod passthrough;
+    mod pod_ports;
     mod slow_path;
 }

@@ -15,6 +15,23 @@ pub mod names {
     pub const CONNTRACK: &str = "CONNTRACK";
     /// `PerCpuArray<u64>` indexed by [`crate::counters::NatEvent`].
     pub const NAT_EVENTS: &str = "NAT_EVENTS";
+    /// `HashMap<[u8; 6], PodPort>`: a local pod's MAC address -> the host end of its
+    /// veth on the pod bridge. Not pinned: the agent fills it again within a second of
+    /// starting, from the bridge's forwarding table.
+    pub const POD_PORTS: &str = "POD_PORTS";
+}
+
+/// Capacity of `POD_PORTS`: pods on one node (Kubernetes allows 110 by default).
+pub const MAX_POD_PORTS: u32 = 1024;
+
+/// Value of `POD_PORTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodPort {
+    /// The host end of the pod's veth.
+    pub ifindex: u32,
+    /// The bridge it is a port of: used only when the FIB names that bridge.
+    pub bridge: u32,
 }
 
 /// Default capacity of `CONNTRACK` (two entries per translated flow); the agent can
@@ -45,6 +62,7 @@ pub struct PeerStats {
 mod pod {
     unsafe impl aya::Pod for super::Route {}
     unsafe impl aya::Pod for super::PeerStats {}
+    unsafe impl aya::Pod for super::PodPort {}
 }
 
 /// Version of the map layout (names, key and value types, sizes). Pinned maps live

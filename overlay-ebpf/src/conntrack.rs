@@ -178,7 +178,10 @@ pub fn create(
         match CONNTRACK.insert(&reply.key(DIR_REPLY), &value, u64::from(BPF_NOEXIST)) {
             Ok(()) => {}
             Err(e) if e == -E2BIG || e == -ENOMEM => return Err(CreateError::TableFull),
-            // Taken (by a live or not yet collected flow): try another port.
+            // Taken by a flow that is over: take the port over (the collector would
+            // free it only at its next sweep).
+            Err(_) if reclaim(&reply, &value, born) => {}
+            // Taken (by a live flow, or one being created): try another port.
             Err(_) => {
                 crate::counters::nat_event(NatEvent::PortCollision);
                 continue;
@@ -193,6 +196,56 @@ pub fn create(
         };
     }
     Err(CreateError::PortsExhausted)
+}
+
+/// A REPLY entry whose flow is gone may be a flow being created on another CPU (its
+/// REPLY entry comes first): only one older than this is an orphan.
+const ORPHAN_AGE_NS: u64 = 2 * NS_PER_SEC;
+
+/// Takes over the REPLY slot of `reply` for `value` when the flow holding it is over:
+/// expired (not collected yet), reset, or closed in both directions, or gone and the
+/// slot an old orphan. A closed TCP flow's port is reused at once, as the kernel's NAT
+/// reuses a tuple in TIME_WAIT: a connection rate to one destination is otherwise
+/// bound by ports ÷ (the closed timeout + the collector's interval), a few hundred per
+/// second. The old flow's ORIGINAL entry goes too, so that a late packet of it cannot
+/// be translated to the port's new owner.
+#[inline(always)]
+fn reclaim(reply: &Tuple, value: &CtEntry, now: u64) -> bool {
+    const TCP: u8 = 6;
+    let key = reply.key(DIR_REPLY);
+    let Some(old) = CONNTRACK.get_ptr(&key) else {
+        // Removed meanwhile: the next candidate port is as good.
+        return false;
+    };
+    let old = unsafe { *old };
+    let old_flow = Tuple {
+        src: old.addr,
+        dst: reply.src,
+        sport: old.port,
+        dport: reply.sport,
+        proto: reply.proto,
+    };
+    let old_key = old_flow.key(DIR_ORIGINAL);
+    let owner = CONNTRACK
+        .get_ptr(&old_key)
+        .map(|e| unsafe { *e })
+        .filter(|e| e.addr == reply.dst && e.port == reply.dport);
+    let over = match owner {
+        Some(e) => {
+            let closed = e.flags & flags::RST != 0
+                || e.flags & (flags::FIN_ORIGINAL | flags::FIN_REPLY)
+                    == flags::FIN_ORIGINAL | flags::FIN_REPLY;
+            e.expires_ns <= now || (reply.proto == TCP && closed)
+        }
+        None => now.saturating_sub(old.created_ns) > ORPHAN_AGE_NS,
+    };
+    if !over {
+        return false;
+    }
+    if owner.is_some() {
+        let _ = CONNTRACK.remove(&old_key);
+    }
+    CONNTRACK.insert(&key, value, 0).is_ok()
 }
 
 /// The tuple replies to `t` carry once its source is translated to `nat_ip:port`.

@@ -16,12 +16,11 @@ use overlay_common::{
 
 use crate::{
     maps::{COUNTERS, NAT_EVENTS},
-    parse::{ETH_LEN, IPV4_LEN, load_exact},
+    parse::{ETH_LEN, load_exact},
 };
 
-const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
+const ETH_P_IP: u16 = 0x0800;
 // Offsets in an Ethernet + IPv4 frame.
-const ETHERTYPE: usize = 12;
 const IP_PROTO: usize = ETH_LEN + 9;
 const IP_SRC: usize = ETH_LEN + 12;
 const IP_DST: usize = ETH_LEN + 16;
@@ -38,6 +37,21 @@ pub fn pass(reason: Reason) -> Verdict {
 #[inline(always)]
 pub fn drop(reason: Reason) -> Verdict {
     (reason, TC_ACT_SHOT as i32)
+}
+
+/// A verdict in one register, as a BPF subprogram returns it: the reason above, the
+/// action below.
+#[inline(always)]
+pub fn pack((reason, action): Verdict) -> u64 {
+    (u64::from(reason as u32) << 32) | u64::from(action as u32)
+}
+
+#[inline(always)]
+pub fn unpack(packed: u64) -> Verdict {
+    // SAFETY: `packed` comes from `pack`, whose upper half is a Reason's discriminant
+    // (`Reason` is `repr(u32)`).
+    let reason = unsafe { core::mem::transmute::<u32, Reason>((packed >> 32) as u32) };
+    (reason, packed as u32 as i32)
 }
 
 /// Records the verdict of one packet of `bytes` bytes and returns its action.
@@ -71,12 +85,23 @@ pub fn run(ctx: &TcContext, hook: Hook, f: impl FnOnce(&TcContext) -> Verdict) -
 /// Logs a dropped packet with the addresses of its IPv4 header as the program left it
 /// (the outer header for tunnelled packets). A copy, not `parse::frame`: logging must
 /// not reshape the packet (pull data) on its way out. Not inlined: the record is built
-/// on this function's own stack frame, not on the programs' (512 bytes in all).
+/// on this function's own stack frame, not on the programs' (512 bytes in all). Kernels
+/// before 6.4 count each frame of the deepest call chain rounded up to 32 bytes, at
+/// least 32: the program's frame + this one + the memcpy it calls must stay within
+/// 512 there (hence `icmp::frag_needed` has a frame of its own), and only the bytes
+/// logged are copied, the EtherType read from the context.
 #[inline(never)]
 fn log_drop(ctx: &TcContext, hook: Hook, reason: Reason) {
-    let mut hdr = [0u8; ETH_LEN + IPV4_LEN];
-    if load_exact(ctx, 0, &mut hdr) && hdr[ETHERTYPE..ETHERTYPE + 2] == ETHERTYPE_IPV4 {
-        let addr = |at: usize| [hdr[at], hdr[at + 1], hdr[at + 2], hdr[at + 3]];
+    // The EtherType from the context (no copy on the stack): `protocol` is in network
+    // byte order.
+    let ipv4 = unsafe { (*ctx.skb.skb).protocol } == u32::from(ETH_P_IP.to_be());
+    // Protocol, checksum, source, destination.
+    let mut ip = [0u8; IP_DST + 4 - IP_PROTO];
+    if ipv4 && load_exact(ctx, IP_PROTO, &mut ip) {
+        let addr = |at: usize| {
+            let at = at - IP_PROTO;
+            [ip[at], ip[at + 1], ip[at + 2], ip[at + 3]]
+        };
         let (src, dst) = (addr(IP_SRC), addr(IP_DST));
         debug!(
             ctx,
@@ -85,7 +110,7 @@ fn log_drop(ctx: &TcContext, hook: Hook, reason: Reason) {
             reason.name(),
             src,
             dst,
-            hdr[IP_PROTO]
+            ip[0]
         );
     } else {
         debug!(

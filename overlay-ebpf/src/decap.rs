@@ -5,6 +5,7 @@ use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
+    helpers::generated::bpf_redirect_peer,
     programs::TcContext,
 };
 use network_types::ip::Ipv4Hdr;
@@ -15,7 +16,7 @@ use crate::{
     counters::{Verdict, drop, pass, run},
     fib::{self, Path},
     ipv4,
-    maps::{PEERS, config},
+    maps::{PEERS, POD_PORTS, config},
     nat,
     parse::{self, ETH_LEN, Frame, IPPROTO_IPIP, IPV4_LEN, ptr_at},
 };
@@ -64,13 +65,7 @@ fn uplink(ctx: &TcContext) -> Verdict {
         }
     }
 
-    // FIXED_GSO: the inner segments keep their size; DECAP_L3_IPV4 clears the IPIP
-    // GSO state so the skb is a plain TCP/UDP skb again.
-    let flags = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4);
-    if ctx
-        .adjust_room(-(IPV4_LEN as i32), BPF_ADJ_ROOM_MAC, flags)
-        .is_err()
-    {
+    if !pop_outer(ctx) {
         return drop(Reason::DropHelperError);
     }
     if outer_ce && !ipv4::set_ce(ctx) {
@@ -97,12 +92,55 @@ fn uplink(ctx: &TcContext) -> Verdict {
             if !fib::set_macs(ctx, smac, dmac) || !ipv4::decrement_ttl(ctx) {
                 return drop(Reason::DropHelperError);
             }
-            (Reason::Decapsulated, fib::out(out, None))
+            (Reason::Decapsulated, to_pod(out, dmac))
         }
         // Local destination (the gateway), unresolved pod neighbour, or anything odd:
         // the host stack delivers, resolves or reports.
         _ => pass(Reason::DecapsulatedToStack),
     }
+}
+
+/// Sends a decapsulated packet on its way to `out` (the FIB's device) for `dmac`.
+/// When that device is the pod bridge and the agent knows the pod's port
+/// (`POD_PORTS`, from the bridge's forwarding table), the packet goes straight into the
+/// pod's namespace through its veth (`bpf_redirect_peer`, allowed from an ingress
+/// hook): no bridge, no veth queue. Besides saving those hops, this keeps a GSO packet
+/// whole on kernels before 6.3, where it is still marked as encapsulated (see
+/// `pop_outer`) and the bridge, which has no offloads for encapsulated packets, would
+/// cut it into segments in software. Otherwise (a new pod the agent has not seen yet)
+/// the bridge delivers it.
+#[inline(always)]
+fn to_pod(out: u32, dmac: [u8; 6]) -> i32 {
+    match POD_PORTS.get_ptr(&dmac) {
+        Some(port) if unsafe { (*port).bridge } == out => unsafe {
+            bpf_redirect_peer((*port).ifindex, 0) as i32
+        },
+        _ => fib::out(out, None),
+    }
+}
+
+/// Removes the outer header. FIXED_GSO: the inner segments keep their size.
+/// DECAP_L3_IPV4 (kernel 6.3+) also clears the skb's IPIP GSO state, so that a GSO
+/// packet is a plain TCP/UDP one again; older kernels (Debian 12's 6.1) refuse the
+/// flag with EINVAL before touching the packet, and we remove the header without it.
+/// There the skb keeps SKB_GSO_IPXIP4 and its encapsulation mark: harmless for local
+/// delivery (TCP takes GSO packets whatever their type, the inner checksum offsets
+/// stay valid because the inner headers do not move) and for veth and bridge ports
+/// (which accept every encapsulation GSO type); a device without IPXIP4 offload
+/// segments it in software from the headers it finds (the helper marks a shrunk GSO
+/// skb DODGY, so they are checked and the segment count recomputed). The lab's TCP transfers and the
+/// benchmark's streams run over this path on 6.1.
+#[inline(always)]
+fn pop_outer(ctx: &TcContext) -> bool {
+    let shrink = -(IPV4_LEN as i32);
+    let fixed = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO);
+    ctx.adjust_room(
+        shrink,
+        BPF_ADJ_ROOM_MAC,
+        fixed | u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV4),
+    )
+    .is_ok()
+        || ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, fixed).is_ok()
 }
 
 /// Checks the tunnel header and returns the inner IPv4 header, or the verdict that

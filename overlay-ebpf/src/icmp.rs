@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    bindings::{__sk_buff, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     helpers::generated::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
@@ -12,7 +12,7 @@ use overlay_common::{DatapathConfig, Reason};
 
 use crate::{
     checksum,
-    counters::{Verdict, drop},
+    counters::{Verdict, drop, pack, unpack},
     parse::{self, ETH_LEN, IPPROTO_ICMP, IPV4_LEN, ptr_at},
 };
 
@@ -32,6 +32,21 @@ const TTL: u8 = 64;
 /// it came in on. `mtu` is the next-hop MTU to announce.
 #[inline(always)]
 pub fn frag_needed(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr, mtu: u16) -> Verdict {
+    unpack(reply_frag_needed(ctx.skb.skb, cfg, ip.src_addr, mtu))
+}
+
+/// [`frag_needed`], as a function of its own (a BPF subprogram): its buffers (about 200
+/// bytes) stay off the stack frame of `bridge_ingress`, whose deepest call chain must
+/// fit in 512 bytes, each frame rounded up to 32 before 6.4 (see `counters::log_drop`).
+/// A subprogram returns one register: the verdict comes back packed.
+#[inline(never)]
+fn reply_frag_needed(skb: *mut __sk_buff, cfg: &DatapathConfig, src: [u8; 4], mtu: u16) -> u64 {
+    let ctx = &TcContext::new(skb);
+    pack(build_frag_needed(ctx, cfg, src, mtu))
+}
+
+#[inline(always)]
+fn build_frag_needed(ctx: &TcContext, cfg: &DatapathConfig, src: [u8; 4], mtu: u16) -> Verdict {
     let mut quoted = [0u8; IPV4_LEN + QUOTE_LEN];
     if !parse::load_exact(ctx, ETH_LEN, &mut quoted) {
         return drop(Reason::DropHelperError);
@@ -73,7 +88,7 @@ pub fn frag_needed(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr, mtu: u16
         check: [0; 2],
         // The pod's gateway is the router that refuses the packet.
         src_addr: cfg.gateway(),
-        dst_addr: ip.src_addr,
+        dst_addr: src,
     };
     hdr.check = checksum::finish(checksum::sum(parse::bytes(&hdr))).to_be_bytes();
     reply[..IPV4_LEN].copy_from_slice(parse::bytes(&hdr));

@@ -8,7 +8,7 @@ use overlay_common::{
     Counter, DatapathConfig, PeerStats, Route,
     conntrack::{CtEntry, CtKey},
     counters::{COUNTER_SLOTS, NAT_EVENT_SLOTS},
-    maps::{CONNTRACK_ENTRIES, MAX_NODES},
+    maps::{CONNTRACK_ENTRIES, MAX_NODES, MAX_POD_PORTS, PodPort},
 };
 
 #[map(name = "ROUTES")]
@@ -29,6 +29,9 @@ pub static CONNTRACK: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(CONNTR
 
 #[map(name = "NAT_EVENTS")]
 pub static NAT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NAT_EVENT_SLOTS, 0);
+
+#[map(name = "POD_PORTS")]
+pub static POD_PORTS: HashMap<[u8; 6], PodPort> = HashMap::with_max_entries(MAX_POD_PORTS, 0);
 
 /// This node's configuration, once the agent has written it.
 #[inline(always)]

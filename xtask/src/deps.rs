@@ -32,9 +32,20 @@ pub(crate) const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 const NIGHTLY: &str = "nightly";
 
+/// What running a second kernel takes (`cargo xtask test --kernel`, `kernels`, `bench`):
+/// QEMU (software emulation: nested KVM hangs on these machines), kmod (virtme-ng runs
+/// depmod on the kernel's modules), busybox (virtme-ng's initramfs), and the tools the
+/// benchmark drives inside the VM.
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static", "ethtool"];
+/// Boots a kernel on the host's own root filesystem (read-only, with writable overlays),
+/// so the binaries built here run inside unchanged.
+const VIRTME_NG_VERSION: &str = "1.42";
+/// The benchmark's plot: a font for its labels.
+const BENCH_PACKAGES: &[&str] = &["fonts-dejavu-core"];
+
 /// Makes sure everything is installed; does nothing when it already is.
 pub fn ensure() -> Result<()> {
-    ensure_packages()?;
+    ensure_packages(PACKAGES)?;
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     kubernetes_validate().map(drop)
@@ -51,7 +62,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Output of `cmd` if it ran and succeeded.
-fn output(cmd: &mut Command) -> Option<String> {
+pub fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
     out.status
         .success()
@@ -83,8 +94,17 @@ fn which(program: &str) -> Option<String> {
     )
 }
 
-fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+/// Everything [`ensure`] installs, plus what booting a kernel in a VM needs; returns
+/// the virtme-ng executable.
+pub fn ensure_vm() -> Result<PathBuf> {
+    ensure()?;
+    ensure_packages(VM_PACKAGES)?;
+    ensure_packages(BENCH_PACKAGES)?;
+    venv_tool("virtme-ng", VIRTME_NG_VERSION, "vng")
+}
+
+fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -144,32 +164,61 @@ fn ensure_bpf_linker() -> Result<()> {
         .env("LLVM_PREFIX", LLVM_PREFIX))
 }
 
-/// The kubernetes-validate executable, installed first if it is missing. It lives in a
-/// virtualenv of its own: Debian's Python refuses `pip install` outside one (PEP 668),
-/// and the version stays pinned whatever else the machine's Python has.
+/// The kubernetes-validate executable, installed first if it is missing.
 pub fn kubernetes_validate() -> Result<PathBuf> {
-    let home = std::env::var_os("HOME").context("HOME is not set")?;
-    let venv = PathBuf::from(home)
-        .join(".cache/overlay-xtask")
-        .join(format!("kubernetes-validate-{KUBERNETES_VALIDATE_VERSION}"));
-    let exe = venv.join("bin/kubernetes-validate");
-    let version = output(Command::new(&exe).arg("--version")).unwrap_or_default();
-    if version.trim() == KUBERNETES_VALIDATE_VERSION {
+    venv_tool(
+        "kubernetes-validate",
+        KUBERNETES_VALIDATE_VERSION,
+        "kubernetes-validate",
+    )
+}
+
+/// `exe` of the PyPI package `package` at `version`, installed first if it is missing.
+/// Each tool lives in a virtualenv of its own: Debian's Python refuses `pip install`
+/// outside one (PEP 668), and the version stays pinned whatever else the machine's
+/// Python has.
+fn venv_tool(package: &str, version: &str, exe: &str) -> Result<PathBuf> {
+    let venv = cache_dir()?.join(format!("{package}-{version}"));
+    let exe = venv.join("bin").join(exe);
+    let installed = output(Command::new(venv.join("bin/pip")).args([
+        "show",
+        "--disable-pip-version-check",
+        package,
+    ]))
+    .unwrap_or_default();
+    if exe.exists()
+        && installed
+            .lines()
+            .any(|l| l == format!("Version: {version}"))
+    {
         return Ok(exe);
     }
-    eprintln!(
-        "installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}",
-        venv.display()
-    );
+    eprintln!("installing {package} {version} into {}", venv.display());
     // --clear: a venv that an interrupted install left half-made starts over.
-    run(Command::new("python3")
+    // Debian's own python3 (not a pyenv shim that may shadow it on PATH).
+    let python = if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    run(Command::new(python)
         .args(["-m", "venv", "--clear"])
         .arg(&venv))?;
     run(Command::new(venv.join("bin/pip")).args([
         "install",
         "--quiet",
         "--disable-pip-version-check",
-        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+        &format!("{package}=={version}"),
     ]))?;
     Ok(exe)
+}
+
+/// The project's cache on this machine (`$XDG_CACHE_HOME/overlay-xtask`, else
+/// `~/.cache/overlay-xtask`): tools and kernels that outlive a clean of `target/`.
+pub fn cache_dir() -> Result<PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache"),
+    };
+    Ok(base.join("overlay-xtask"))
 }

@@ -4,7 +4,12 @@
 //! pins the links too: a program then stays attached when the agent exits or dies,
 //! and the next agent (the same build or another) swaps its program into that same
 //! link with `bpf_link_update`, atomically, so that no packet meets an empty hook.
-//! Without TCX, aya falls back to a clsact qdisc with a cls_bpf filter.
+//! Without TCX (kernels before 6.6, such as Debian 12's 6.1) the program is a cls_bpf
+//! filter on a clsact qdisc, at a fixed priority and handle: a later agent finds its
+//! predecessor's filter there and replaces the program in it (a netlink change of the
+//! filter, atomic for packets), rather than adding a second filter beside it. With
+//! pins (the agent) the filter stays when the agent exits, as a pinned TCX link does;
+//! `overlay-agent cleanup` removes it by name.
 
 use std::path::{Path, PathBuf};
 
@@ -12,8 +17,10 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     programs::{
         SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
-        tc::{self, SchedClassifierLink, SchedClassifierLinkId},
+        links::{FdLink, Link as _, PinnedLink},
+        tc::{
+            self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle,
+        },
     },
     util::KernelVersion,
 };
@@ -37,7 +44,15 @@ enum Handle {
     Owned(SchedClassifierLinkId),
     /// Pinned in bpffs: attached until the pin is removed.
     Pinned(PathBuf),
+    /// A cls_bpf filter left in place when the agent exits (no TCX), found again at
+    /// [`NL_PRIORITY`] and [`NL_HANDLE`].
+    Filter,
 }
+
+/// Where our cls_bpf filters sit on kernels without TCX. Priority 1 runs before any
+/// filter added with the kernel's default priority (49152 and down).
+const NL_PRIORITY: u16 = 1;
+const NL_HANDLE: TcHandle = TcHandle::new(0, 1);
 
 fn attach_type(hook: Hook) -> TcAttachType {
     match hook {
@@ -67,7 +82,9 @@ impl Attachment {
         let Some(ifindex) = ifindex_by_name(iface) else {
             bail!("interface {iface} does not exist in this network namespace");
         };
-        let pin_dir = pin_dir.filter(|_| has_tcx());
+        if !has_tcx() {
+            return Self::new_filter(prog, hook, iface, ifindex, pin_dir.is_some());
+        }
         let adopted = match pin_dir {
             Some(dir) => adopt(dir, hook, iface)?,
             None => None,
@@ -80,16 +97,9 @@ impl Attachment {
                     hook.program()
                 )
             })?,
-            None => {
-                // Only the legacy (pre-TCX) path needs the qdisc; it may exist already.
-                if !has_tcx()
-                    && let Err(e) = tc::qdisc_add_clsact(iface)
-                {
-                    debug!(iface, error = %e, "clsact qdisc not added (may exist)");
-                }
-                prog.attach(iface, attach_type(hook))
-                    .with_context(|| format!("attaching {} to {iface}", hook.program()))?
-            }
+            None => prog
+                .attach(iface, attach_type(hook))
+                .with_context(|| format!("attaching {} to {iface}", hook.program()))?,
         };
         let handle = match pin_dir {
             Some(dir) => {
@@ -112,12 +122,76 @@ impl Attachment {
         })
     }
 
+    /// The cls_bpf way (no TCX): replaces the program of the filter an earlier run left
+    /// at our priority and handle, or adds the filter. With `outlive`, the filter is
+    /// handed over to the kernel: it stays when the agent exits.
+    fn new_filter(
+        prog: &mut SchedClassifier,
+        hook: Hook,
+        iface: &str,
+        ifindex: u32,
+        outlive: bool,
+    ) -> Result<Self> {
+        // The qdisc may exist already (an earlier run, or another program's).
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            debug!(iface, error = %e, "clsact qdisc not added (may exist)");
+        }
+        let direction = attach_type(hook);
+        let earlier =
+            SchedClassifierLink::attached(iface, direction, NL_PRIORITY, NL_HANDLE, None)?;
+        // Without NLM_F_CREATE the kernel changes an existing filter and refuses
+        // (ENOENT) to make a new one: success means we replaced a predecessor.
+        let (link_id, replaced) = match prog.attach_to_link(earlier) {
+            Ok(id) => (id, true),
+            Err(_) => {
+                let options = TcAttachOptions::Netlink(NlOptions {
+                    priority: NL_PRIORITY,
+                    handle: NL_HANDLE,
+                    ..NlOptions::default()
+                });
+                let id = prog
+                    .attach_with_options(iface, direction, options)
+                    .with_context(|| format!("attaching {} to {iface}", hook.program()))?;
+                (id, false)
+            }
+        };
+        let handle = if outlive {
+            // aya detaches a link it owns when the link is dropped: taking it out of the
+            // program and forgetting it leaves the filter to the kernel.
+            std::mem::forget(prog.take_link(link_id)?);
+            Handle::Filter
+        } else {
+            Handle::Owned(link_id)
+        };
+        info!(
+            iface,
+            program = hook.program(),
+            replaced,
+            "attached (cls_bpf)"
+        );
+        Ok(Self {
+            hook,
+            iface: iface.to_owned(),
+            ifindex,
+            handle,
+        })
+    }
+
     /// Detaches the program. A device that vanished took the attachment with it, so
     /// failures are only logged.
     pub(super) fn detach(self, prog: &mut SchedClassifier) {
         let result = match self.handle {
             Handle::Owned(id) => prog.detach(id).map_err(anyhow::Error::from),
             Handle::Pinned(path) => std::fs::remove_file(&path).map_err(anyhow::Error::from),
+            Handle::Filter => SchedClassifierLink::attached(
+                &self.iface,
+                attach_type(self.hook),
+                NL_PRIORITY,
+                NL_HANDLE,
+                None,
+            )
+            .map_err(anyhow::Error::from)
+            .and_then(|link| link.detach().map_err(anyhow::Error::from)),
         };
         if let Err(e) = result {
             warn!(iface = self.iface, program = self.hook.program(), error = %e, "detach failed (device gone?)");
@@ -154,4 +228,25 @@ fn adopt(version_dir: &Path, hook: Hook, iface: &str) -> Result<Option<SchedClas
         }
     }
     Ok(adopted)
+}
+
+/// Removes our cls_bpf filters (kernels without TCX, where nothing is pinned) from every
+/// interface of this network namespace: `overlay-agent cleanup` knows no interface
+/// names. Returns "program on iface" for each one removed.
+pub fn detach_filters() -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    if has_tcx() {
+        return Ok(removed);
+    }
+    for entry in std::fs::read_dir("/sys/class/net").context("listing /sys/class/net")? {
+        let iface = entry?.file_name().to_string_lossy().into_owned();
+        for hook in Hook::ALL {
+            match tc::qdisc_detach_program(&iface, attach_type(hook), hook.program()) {
+                Ok(()) => removed.push(format!("{} on {iface}", hook.program())),
+                // No such filter, or no clsact qdisc at all.
+                Err(e) => debug!(iface, program = hook.program(), error = %e, "no filter removed"),
+            }
+        }
+    }
+    Ok(removed)
 }

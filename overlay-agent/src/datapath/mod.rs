@@ -3,6 +3,7 @@
 mod attach;
 pub mod layout;
 pub mod maps;
+pub mod ports;
 
 use std::path::PathBuf;
 
@@ -13,8 +14,9 @@ use overlay_common::{
     maps::{CONNTRACK_ENTRIES, names},
 };
 
-pub use attach::{Attachment, link_pin};
+pub use attach::{Attachment, detach_filters, link_pin};
 pub use maps::{Config, Counters, NatEvents, Peers, Routes, outcome_kind};
+pub use ports::PodPorts;
 
 use crate::{
     bpf_log::{BpfLogLevel, ProgramLog},
@@ -33,6 +35,7 @@ pub struct Datapath {
     pub counters: Counters,
     pub conntrack: Conntrack,
     pub nat_events: NatEvents,
+    pub pod_ports: PodPorts,
     attachments: Vec<Attachment>,
     pin_dir: Option<PathBuf>,
     /// The programs' log buffer while nobody has taken it (logging on only).
@@ -108,6 +111,8 @@ impl Datapath {
         let counters = Counters::new(take(names::COUNTERS)?)?;
         let conntrack = Conntrack::new(take(names::CONNTRACK)?)?;
         let nat_events = NatEvents::new(take(names::NAT_EVENTS)?)?;
+        // Not pinned: filled again from the bridge within a second of starting.
+        let pod_ports = PodPorts::new(take(names::POD_PORTS)?)?;
         let log = match options.log_level {
             BpfLogLevel::Off => None,
             _ => Some(ProgramLog::new(&mut ebpf)?),
@@ -120,6 +125,7 @@ impl Datapath {
             counters,
             conntrack,
             nat_events,
+            pod_ports,
             attachments: Vec::new(),
             pin_dir: options.pin_dir.clone(),
             log,

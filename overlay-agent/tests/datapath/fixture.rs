@@ -190,6 +190,27 @@ pub fn with_pinned_node(
     });
 }
 
+/// A sysfs showing this thread's network namespace (the machine's /sys shows the
+/// machine's), in a private mount namespace; unmounted when the guard drops.
+pub fn namespace_sysfs() -> (tempfile::TempDir, impl Drop) {
+    private_mounts();
+    let dir = tempfile::tempdir().expect("a directory for sysfs");
+    let path = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: plain syscall with NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            c"sysfs".as_ptr(),
+            path.as_ptr(),
+            c"sysfs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "mounting sysfs: {}", std::io::Error::last_os_error());
+    let unmount = Unmount(dir.path().to_owned());
+    (dir, unmount)
+}
+
 /// Moves this thread into a mount namespace of its own whose mounts do not propagate
 /// back to the machine's.
 fn private_mounts() {
@@ -328,7 +349,7 @@ fn ip_batch(commands: &[String]) {
     );
 }
 
-fn ifindex(name: &str) -> u32 {
+pub fn ifindex(name: &str) -> u32 {
     overlay_agent::host::ifindex_by_name(name).unwrap_or_else(|| panic!("{name} missing"))
 }
 
@@ -422,6 +443,29 @@ impl Node {
             peers: peer_increments(&peers_before, &self.peer_stats()),
             events: event_increments(&events_before, &self.nat_events()),
         })
+    }
+
+    /// What one run of `hook`'s program on `frame` costs: the kernel runs it `repeat`
+    /// times in a row (each on a fresh copy of the frame) and reports the mean time of
+    /// one run, helpers included. Also returns the last run's return code.
+    pub fn cost(&self, hook: Hook, frame: &[u8], repeat: u32) -> (std::time::Duration, u32) {
+        let ctx = SkBuff {
+            ifindex: self.device(hook),
+            ..Default::default()
+        };
+        let mut data = vec![0u8; frame.len() + 256];
+        let result = self
+            .dp
+            .program(hook)
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut data),
+                ctx_in: Some(ctx.as_bytes()),
+                repeat,
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {}: {e:?}", hook.program()));
+        (result.duration, result.return_value)
     }
 
     /// Runs `frame` through `hook` and checks the verdict: the return code, exactly one

@@ -54,9 +54,16 @@ const START_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an agent gets to detach and remove its routes after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Names an agent binary built beforehand, to use instead of building one.
+pub const PREBUILT_AGENT: &str = "OVERLAY_LAB_AGENT";
+
 /// Builds the agent (its build script builds and embeds the eBPF object) and returns
 /// the binary's path in the workspace's target directory.
 pub fn build(release: bool) -> Result<PathBuf> {
+    // Inside the kernel matrix's VM the workspace is read-only: the host built the agent.
+    if let Some(agent) = std::env::var_os(PREBUILT_AGENT) {
+        return Ok(PathBuf::from(agent));
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -138,7 +145,7 @@ pub fn start_build(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) 
     let pid = child.id();
     let started = interrupt::wait_briefly(
         &format!("the agent of {} to start", node.name),
-        START_TIMEOUT,
+        interrupt::scaled(START_TIMEOUT),
         || {
             if agent_of(lab, pid).is_some() {
                 return Ok(Wait::Done(()));
@@ -285,16 +292,18 @@ fn stop(lab: &LabState, agents: &[Agent], signal: Signal) -> Result<()> {
         pidfd_signal(&pidfd, signal)?;
         stopping.push((agent, pidfd));
     }
-    let deadline = Instant::now() + STOP_TIMEOUT;
+    let deadline = Instant::now() + interrupt::scaled(STOP_TIMEOUT);
     let mut errors = Vec::new();
     for (agent, pidfd) in &stopping {
         if !wait_exit(pidfd, deadline.saturating_duration_since(Instant::now()))? {
             errors.push(format!(
-                "the agent of {} (pid {}) ignored {signal} for {STOP_TIMEOUT:?}: killed",
-                agent.node, agent.pid
+                "the agent of {} (pid {}) ignored {signal} for {:?}: killed",
+                agent.node,
+                agent.pid,
+                interrupt::scaled(STOP_TIMEOUT)
             ));
             pidfd_signal(pidfd, Signal::SIGKILL)?;
-            wait_exit(pidfd, STOP_TIMEOUT)?;
+            wait_exit(pidfd, interrupt::scaled(STOP_TIMEOUT))?;
         }
         // Reap it if it is our child; ECHILD otherwise, which is fine.
         let _ = waitpid(Pid::from_raw(agent.pid as i32), Some(WaitPidFlag::WNOHANG));
@@ -382,7 +391,7 @@ pub fn wait_subnet_env(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
     let path = subnet_file(lab, node);
     interrupt::wait_until(
         &format!("{}'s subnet.env", node.name),
-        READY_TIMEOUT,
+        interrupt::scaled(READY_TIMEOUT),
         || {
             ensure_running(lab, node)?;
             match std::fs::read_to_string(&path) {
@@ -398,21 +407,31 @@ pub fn wait_subnet_env(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
 /// Waits until every node's agent has its programs attached (the bridge's too when
 /// `bridge`), all remote subnets in its maps and a route for each.
 pub fn wait_ready(lab: &LabState, bridge: bool) -> Result<()> {
-    interrupt::wait_until("the agents to be ready", READY_TIMEOUT, || {
-        let mut pending = Vec::new();
-        for node in &lab.topology.nodes {
-            ensure_running(lab, node)?;
-            let missing = missing(lab, node, bridge);
-            if !missing.is_empty() {
-                pending.push(format!("{}: {}", node.name, missing.join(", ")));
+    let nodes: Vec<&Node> = lab.topology.nodes.iter().collect();
+    wait_ready_on(lab, &nodes, bridge)
+}
+
+/// [`wait_ready`] for the agents of `nodes` only.
+pub fn wait_ready_on(lab: &LabState, nodes: &[&Node], bridge: bool) -> Result<()> {
+    interrupt::wait_until(
+        "the agents to be ready",
+        interrupt::scaled(READY_TIMEOUT),
+        || {
+            let mut pending = Vec::new();
+            for node in nodes {
+                ensure_running(lab, node)?;
+                let missing = missing(lab, node, bridge);
+                if !missing.is_empty() {
+                    pending.push(format!("{}: {}", node.name, missing.join(", ")));
+                }
             }
-        }
-        Ok(if pending.is_empty() {
-            Wait::Done(())
-        } else {
-            Wait::Pending(pending.join("; "))
-        })
-    })
+            Ok(if pending.is_empty() {
+                Wait::Done(())
+            } else {
+                Wait::Pending(pending.join("; "))
+            })
+        },
+    )
 }
 
 /// Fails, with the end of its log, if `node`'s agent is not running.
@@ -529,8 +548,12 @@ pub fn overlay_routes(ns: &str) -> Result<BTreeSet<Ipv4Net>> {
         .collect()
 }
 
-/// Names of the TCX programs attached to `iface` in `ns`.
+/// Names of the programs attached to `iface` in `ns`: TCX programs, or cls_bpf filters
+/// on kernels without TCX (before 6.6), where the agent attaches those.
 pub fn attached(ns: &str, iface: &str, direction: TcAttachType) -> Result<Vec<String>> {
+    if !has_tcx() {
+        return filters(ns, iface, direction);
+    }
     netns::enter(ns, || {
         let (_, programs) = SchedClassifier::query_tcx(iface, direction)?;
         Ok(programs
@@ -538,6 +561,33 @@ pub fn attached(ns: &str, iface: &str, direction: TcAttachType) -> Result<Vec<St
             .map(|p| p.name_as_str().unwrap_or("?").to_owned())
             .collect())
     })
+}
+
+fn has_tcx() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
+/// The programs of the cls_bpf filters on `iface`'s clsact hook, from `tc -json`.
+fn filters(ns: &str, iface: &str, direction: TcAttachType) -> Result<Vec<String>> {
+    let hook = match direction {
+        TcAttachType::Egress => "egress",
+        _ => "ingress",
+    };
+    let out = netns::run(
+        Command::new("tc").args(["-n", ns, "-json", "filter", "show", "dev", iface, hook]),
+    )?;
+    if out.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let filters: serde_json::Value =
+        serde_json::from_str(&out).context("parsing `tc -json filter show`")?;
+    Ok(filters
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["options"]["bpf_name"].as_str())
+        .map(|name| name.to_owned())
+        .collect())
 }
 
 /// Every program attached to the node's hooks, as "program on iface".

@@ -21,9 +21,43 @@ pub const ROUTER: &str = "router";
 /// A pod's interface, as the CNI plugin names it.
 const POD_IFACE: &str = "eth0";
 
+/// How the nodes of a lab carry pod traffic between them: our agents everywhere (the
+/// lab), or some nodes configured by other means (the benchmark's baselines, the
+/// interoperability test's flannel node).
+pub trait Dataplane {
+    /// Whether `node` runs the overlay agent.
+    fn runs_agent(&self, node: &Node) -> bool;
+    /// Sets up a node that runs no agent (its underlay is up, its pods are not) and
+    /// returns the subnet.env its network plugin would have written.
+    fn configure(&self, lab: &LabState, node: &Node) -> Result<SubnetEnv>;
+}
+
+/// The lab's dataplane: an agent on every node.
+struct Agents;
+
+impl Dataplane for Agents {
+    fn runs_agent(&self, _: &Node) -> bool {
+        true
+    }
+
+    fn configure(&self, _: &LabState, node: &Node) -> Result<SubnetEnv> {
+        anyhow::bail!("{} runs an agent", node.name)
+    }
+}
+
 /// Creates the lab and waits until the overlay is ready. On any failure (Ctrl-C
 /// included) the returned error comes after the guard removed everything.
 pub fn create(topology: Topology, agent: PathBuf, masquerade: bool) -> Result<LabGuard> {
+    create_with(topology, agent, masquerade, &Agents)
+}
+
+/// [`create`] with the nodes set up by `dataplane`.
+pub fn create_with(
+    topology: Topology,
+    agent: PathBuf,
+    masquerade: bool,
+    dataplane: &dyn Dataplane,
+) -> Result<LabGuard> {
     topology.validate()?;
     let started = Instant::now();
     let lab = LabState::create(topology, agent, masquerade)?;
@@ -44,15 +78,27 @@ pub fn create(topology: Topology, agent: PathBuf, masquerade: bool) -> Result<La
     write_json(lab.net_conf_file(), &lab.topology.net_conf())?;
 
     underlay(&lab)?;
-    for node in &lab.topology.nodes {
+    let with_agent: Vec<&Node> = lab
+        .topology
+        .nodes
+        .iter()
+        .filter(|n| dataplane.runs_agent(n))
+        .collect();
+    for node in &with_agent {
         interrupt::check()?;
         agents::start(&lab, node, lab.masquerade)?;
     }
     for node in &lab.topology.nodes {
-        let env = agents::wait_subnet_env(&lab, node)?;
+        let env = if dataplane.runs_agent(node) {
+            agents::wait_subnet_env(&lab, node)?
+        } else {
+            dataplane
+                .configure(&lab, node)
+                .with_context(|| format!("setting up {}", node.name))?
+        };
         pods(&lab, node, &env)?;
     }
-    agents::wait_ready(&lab, true)?;
+    agents::wait_ready_on(&lab, &with_agent, true)?;
     println!(
         "Lab {} ready in {:.1}s",
         lab.id,

@@ -50,6 +50,20 @@ pub fn install() -> Result<()> {
     Ok(result?)
 }
 
+/// Names a factor for every timeout of the lab: the kernel matrix's VM emulates its
+/// CPUs (no KVM), and everything there takes several times as long.
+pub const SLOWDOWN: &str = "OVERLAY_LAB_SLOWDOWN";
+
+/// `timeout` times the [`SLOWDOWN`] factor (1 when unset).
+pub fn scaled(timeout: Duration) -> Duration {
+    let factor = std::env::var(SLOWDOWN)
+        .ok()
+        .and_then(|f| f.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    timeout * factor
+}
+
 /// Fails with [`Interrupted`] once Ctrl-C was pressed.
 pub fn check() -> Result<()> {
     if requested() {

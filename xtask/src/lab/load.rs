@@ -318,7 +318,12 @@ async fn connect_all(jobs: Vec<(Job, Socket)>, server: SocketAddrV4) -> Vec<Resu
     for (job, socket) in jobs {
         set.spawn(async move {
             let socket = TcpSocket::from_std_stream(socket.into());
-            let stream = match timeout(CONNECT_TIMEOUT, socket.connect(server.into())).await {
+            let stream = match timeout(
+                interrupt::scaled(CONNECT_TIMEOUT),
+                socket.connect(server.into()),
+            )
+            .await
+            {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => return Err(format!("{}: connecting: {e}", job.pod)),
                 Err(_) => return Err(format!("{}: connecting timed out", job.pod)),
@@ -344,7 +349,7 @@ async fn exchange_all(open: Vec<Open>) -> Vec<Result<(), String>> {
                 stream.read_to_end(&mut answer).await?;
                 Ok::<_, std::io::Error>(answer)
             };
-            match timeout(EXCHANGE_TIMEOUT, exchange).await {
+            match timeout(interrupt::scaled(EXCHANGE_TIMEOUT), exchange).await {
                 Ok(Ok(answer)) => job.check(&answer),
                 Ok(Err(e)) => Err(format!("{}: {e}", job.pod)),
                 Err(_) => Err(format!("{}: the exchange timed out", job.pod)),
@@ -371,7 +376,7 @@ async fn udp_all(jobs: Vec<(Job, Socket)>, server: SocketAddrV4) -> Vec<Result<u
                     .send(&job.payload)
                     .await
                     .map_err(|e| format!("{}: {e}", job.pod))?;
-                match timeout(UDP_WAIT, socket.recv(&mut buf)).await {
+                match timeout(interrupt::scaled(UDP_WAIT), socket.recv(&mut buf)).await {
                     Ok(Ok(n)) => return job.check(&buf[..n]).map(|()| attempt),
                     Ok(Err(e)) => return Err(format!("{}: {e}", job.pod)),
                     Err(_) => {}

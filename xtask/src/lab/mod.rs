@@ -13,28 +13,29 @@
 //! router (routes put on the router on purpose), nat_table (`overlay-agent nat`),
 //! masquerade (the masquerade proof: outside, rules, load, iptables, equivalence).
 
-mod agents;
+pub(crate) mod agents;
 mod capture;
-mod cluster;
+pub(crate) mod cluster;
 mod controls;
 mod equivalence;
-mod interrupt;
-mod iptables;
+pub(crate) mod flannel;
+pub(crate) mod interrupt;
+pub(crate) mod iptables;
 mod load;
 mod masquerade;
 mod matrix;
 mod nat_table;
-mod netns;
+pub(crate) mod netns;
 mod outside;
 mod parallel;
-mod probe;
+pub(crate) mod probe;
 mod restart;
 mod router;
 mod rules;
-mod servers;
-mod state;
-mod table;
-mod topology;
+pub(crate) mod servers;
+pub(crate) mod state;
+pub(crate) mod table;
+pub(crate) mod topology;
 
 #[cfg(test)]
 mod tests;
@@ -224,7 +225,9 @@ fn heading(title: &str) {
 }
 
 fn build(create: CreateArgs) -> Result<PathBuf> {
-    crate::deps::ensure()?;
+    if std::env::var_os(agents::PREBUILT_AGENT).is_none() {
+        crate::deps::ensure()?;
+    }
     let started = Instant::now();
     let profile = if create.release { "release" } else { "debug" };
     println!("Building overlay-agent ({profile})");

@@ -57,7 +57,13 @@ pub fn delete(ns: &str) -> Result<()> {
 /// Namespaces whose name starts with `prefix`.
 pub fn list(prefix: &str) -> Result<Vec<String>> {
     let mut names = Vec::new();
-    for entry in std::fs::read_dir(NETNS_DIR).with_context(|| format!("listing {NETNS_DIR}"))? {
+    let entries = match std::fs::read_dir(NETNS_DIR) {
+        Ok(entries) => entries,
+        // No namespace was ever added on this machine (a freshly booted VM).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+        Err(e) => return Err(e).context(format!("listing {NETNS_DIR}")),
+    };
+    for entry in entries {
         let name = entry?.file_name().to_string_lossy().into_owned();
         if name.starts_with(prefix) {
             names.push(name);

@@ -12,7 +12,7 @@ use std::{
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::netns;
+use super::{interrupt, netns};
 
 /// Bytes sent each way per TCP probe: enough for full-size segments and several
 /// round trips of the window, so a wrong MTU or a broken checksum shows.
@@ -210,6 +210,17 @@ pub fn token() -> u64 {
 /// One ICMP echo from `client` to `to` carrying `token`: the round trip, or the ICMP
 /// error that came back instead. What the destination saw is for its recorder to say.
 pub fn ping(client: &Client, to: Ipv4Addr, token: u64) -> Result<Exchange, Failure> {
+    ping_sized(client, to, token, ECHO_PADDING)
+}
+
+/// [`ping`] with `padding` bytes after the token (more than the path's MTU makes the
+/// sender fragment the request).
+pub fn ping_sized(
+    client: &Client,
+    to: Ipv4Addr,
+    token: u64,
+    padding: usize,
+) -> Result<Exchange, Failure> {
     // Raw sockets see every ICMP message of the namespace (other probes run in
     // parallel): answers are matched on the identifier.
     static NEXT_ID: AtomicU16 = AtomicU16::new(0);
@@ -218,11 +229,15 @@ pub fn ping(client: &Client, to: Ipv4Addr, token: u64) -> Result<Exchange, Failu
     let socket = client.socket(Type::RAW, Protocol::ICMPV4)?;
     let started = Instant::now();
     socket
-        .send_to(&echo_request(id, token), &SocketAddrV4::new(to, 0).into())
+        .send_to(
+            &echo_request(id, token, padding),
+            &SocketAddrV4::new(to, 0).into(),
+        )
         .map_err(Failure::from_io)?;
-    let mut buf = [0u8; 1500];
+    // Room for a reassembled reply of any size.
+    let mut buf = vec![0u8; 65536];
     loop {
-        let left = ICMP_TIMEOUT.saturating_sub(started.elapsed());
+        let left = interrupt::scaled(ICMP_TIMEOUT).saturating_sub(started.elapsed());
         if left.is_zero() {
             return Err(Failure::Timeout);
         }
@@ -250,13 +265,13 @@ pub fn ping(client: &Client, to: Ipv4Addr, token: u64) -> Result<Exchange, Failu
 const ECHO_MARKER: &[u8; 8] = b"olab-tok";
 const ECHO_PADDING: usize = 40;
 
-fn echo_request(id: u16, token: u64) -> Vec<u8> {
+fn echo_request(id: u16, token: u64, padding: usize) -> Vec<u8> {
     let mut packet = vec![ICMP_ECHO_REQUEST, 0, 0, 0];
     packet.extend(id.to_be_bytes());
     packet.extend(1u16.to_be_bytes());
     packet.extend(ECHO_MARKER);
     packet.extend(token.to_be_bytes());
-    packet.extend((0..ECHO_PADDING as u8).map(|i| i.wrapping_mul(7)));
+    packet.extend((0..padding).map(|i| (i as u8).wrapping_mul(7)));
     let sum = checksum(&packet);
     packet[2..4].copy_from_slice(&sum.to_be_bytes());
     packet
@@ -344,23 +359,28 @@ fn read_answer(answer: &[u8], sent: &[u8]) -> Result<Ipv4Addr, Failure> {
 /// Connects from `client` to an echo server at `to`, sends [`TCP_BYTES`], and checks
 /// that they come back intact. The time covers the handshake and both transfers.
 pub fn tcp(client: &Client, to: SocketAddrV4) -> Result<Exchange, Failure> {
+    tcp_sized(client, to, TCP_BYTES)
+}
+
+/// [`tcp`] with `len` bytes each way.
+pub fn tcp_sized(client: &Client, to: SocketAddrV4, len: usize) -> Result<Exchange, Failure> {
     let socket = client.socket(Type::STREAM, Protocol::TCP)?;
     let started = Instant::now();
     socket
-        .connect_timeout(&to.into(), TCP_TIMEOUT)
+        .connect_timeout(&to.into(), interrupt::scaled(TCP_TIMEOUT))
         .map_err(Failure::from_io)?;
     let local = local_address(&socket)?;
     let mut stream = TcpStream::from(socket);
     stream
-        .set_read_timeout(Some(TCP_TIMEOUT))
+        .set_read_timeout(Some(interrupt::scaled(TCP_TIMEOUT)))
         .map_err(Failure::from_io)?;
     stream
-        .set_write_timeout(Some(TCP_TIMEOUT))
+        .set_write_timeout(Some(interrupt::scaled(TCP_TIMEOUT)))
         .map_err(Failure::from_io)?;
-    let payload: Vec<u8> = (0..TCP_BYTES).map(|i| (i % 251) as u8).collect();
+    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     stream.write_all(&payload).map_err(Failure::from_io)?;
     stream.shutdown(Shutdown::Write).map_err(Failure::from_io)?;
-    let mut answer = Vec::with_capacity(TCP_BYTES + 16);
+    let mut answer = Vec::with_capacity(len + 16);
     stream.read_to_end(&mut answer).map_err(Failure::from_io)?;
     let time = started.elapsed();
     let seen = read_answer(&answer, &payload)?;
@@ -376,16 +396,23 @@ pub fn tcp(client: &Client, to: SocketAddrV4) -> Result<Exchange, Failure> {
 /// and waits for its answer, asking again after each [`UDP_TIMEOUT`] (a datagram may
 /// be lost; a broken path stays broken).
 pub fn udp(client: &Client, to: SocketAddrV4) -> Result<Exchange, Failure> {
+    udp_sized(client, to, 0)
+}
+
+/// [`udp`] with a datagram of at least `len` bytes (more than the path's MTU makes the
+/// sender fragment it).
+pub fn udp_sized(client: &Client, to: SocketAddrV4, len: usize) -> Result<Exchange, Failure> {
     let socket = client.socket(Type::DGRAM, Protocol::UDP)?;
     // Connected: the kernel only hands us datagrams from `to`, and ICMP errors as errors.
     socket.connect(&to.into()).map_err(Failure::from_io)?;
     let local = local_address(&socket)?;
-    let payload = format!("olab udp {}", token()).into_bytes();
+    let mut payload = format!("olab udp {}", token()).into_bytes();
+    payload.extend((payload.len()..len).map(|i| (i % 251) as u8));
     socket
-        .set_read_timeout(Some(UDP_TIMEOUT))
+        .set_read_timeout(Some(interrupt::scaled(UDP_TIMEOUT)))
         .map_err(Failure::from_io)?;
     let started = Instant::now();
-    let mut buf = [0u8; 1500];
+    let mut buf = vec![0u8; 65536];
     for _ in 0..UDP_TRIES {
         socket.send(&payload).map_err(Failure::from_io)?;
         match (&socket).read(&mut buf) {
@@ -423,23 +450,27 @@ mod tests {
 
     #[test]
     fn echo_request_checksums_to_zero() {
-        let req = echo_request(0x1234, 99);
+        let req = echo_request(0x1234, 99, ECHO_PADDING);
         assert_eq!(checksum(&req), 0);
         assert_eq!(&req[4..6], &[0x12, 0x34]);
     }
 
     #[test]
     fn recorders_read_the_token_of_our_requests_only() {
-        let request = ipv4([172, 18, 0, 3], [10, 244, 2, 2], &echo_request(5, 0xfeed));
+        let request = ipv4(
+            [172, 18, 0, 3],
+            [10, 244, 2, 2],
+            &echo_request(5, 0xfeed, ECHO_PADDING),
+        );
         assert_eq!(
             echo_request_token(&request),
             Some((Ipv4Addr::new(172, 18, 0, 3), 0xfeed))
         );
-        let mut reply = echo_request(5, 0xfeed);
+        let mut reply = echo_request(5, 0xfeed, ECHO_PADDING);
         reply[0] = ICMP_ECHO_REPLY;
         assert_eq!(echo_request_token(&ipv4([1; 4], [2; 4], &reply)), None);
         // Someone else's ping (no marker) is not ours.
-        let mut foreign = echo_request(5, 0xfeed);
+        let mut foreign = echo_request(5, 0xfeed, ECHO_PADDING);
         foreign[8] ^= 0xff;
         assert_eq!(echo_request_token(&ipv4([1; 4], [2; 4], &foreign)), None);
         assert_eq!(echo_request_token(&request[..30]), None);
@@ -490,7 +521,7 @@ mod tests {
     #[test]
     fn answers_are_matched_on_source_and_id() {
         let target = Ipv4Addr::new(10, 244, 3, 2);
-        let mut reply = echo_request(7, 1);
+        let mut reply = echo_request(7, 1, ECHO_PADDING);
         reply[0] = ICMP_ECHO_REPLY;
         assert_eq!(
             answer(&ipv4(target.octets(), [10, 244, 0, 2], &reply), target, 7),
@@ -507,14 +538,22 @@ mod tests {
         // Someone else's request arriving at this namespace is not an answer.
         assert_eq!(
             answer(
-                &ipv4(target.octets(), [10, 244, 0, 2], &echo_request(7, 1)),
+                &ipv4(
+                    target.octets(),
+                    [10, 244, 0, 2],
+                    &echo_request(7, 1, ECHO_PADDING)
+                ),
                 target,
                 7
             ),
             None
         );
 
-        let quoted = ipv4([10, 244, 0, 2], target.octets(), &echo_request(7, 1)[..8]);
+        let quoted = ipv4(
+            [10, 244, 0, 2],
+            target.octets(),
+            &echo_request(7, 1, ECHO_PADDING)[..8],
+        );
         let mut error = vec![ICMP_UNREACHABLE, 0, 0, 0, 0, 0, 0, 0];
         error.extend(&quoted);
         let got = answer(&ipv4([172, 18, 0, 1], [10, 244, 0, 2], &error), target, 7);

@@ -79,9 +79,12 @@ pub fn run(lab: &LabState, servers: &Servers) -> Result<RuleChecks> {
             .into())
     };
     let mut rows = Vec::new();
+    // The node's table is read right after its exchanges: even closed TCP flows stay
+    // listed for seconds (tcp_closed, 10 s), but not for a whole step under emulation.
     let mut check = |rule, from: String, client: Client, to: Host, node: &Node, expected| {
-        for proto in Proto::ALL {
-            rows.push(Row {
+        let mut done: Vec<Row> = Proto::ALL
+            .into_iter()
+            .map(|proto| Row {
                 rule,
                 from: from.clone(),
                 to: to.clone(),
@@ -90,8 +93,14 @@ pub fn run(lab: &LabState, servers: &Servers) -> Result<RuleChecks> {
                 expected,
                 outcome: servers.exchange(&client, &to, proto),
                 listed: Err("not read".into()),
-            });
+            })
+            .collect();
+        let table = NatTable::read(lab, node)?;
+        for row in &mut done {
+            row.listed = row.check_table(&table);
         }
+        rows.extend(done);
+        anyhow::Ok(())
     };
 
     // 6a: each node to a pod of the next node.
@@ -106,7 +115,7 @@ pub fn run(lab: &LabState, servers: &Servers) -> Result<RuleChecks> {
             to,
             node,
             Expected::TranslatedTo(node.gateway()),
-        );
+        )?;
     }
 
     // 6b: the outside to a pod of the last node, entering through another node.
@@ -126,7 +135,7 @@ pub fn run(lab: &LabState, servers: &Servers) -> Result<RuleChecks> {
         first_pod(target)?,
         entry,
         Expected::TranslatedTo(entry.gateway()),
-    );
+    )?;
     drop(route);
 
     // 1: marked, left alone.
@@ -140,13 +149,8 @@ pub fn run(lab: &LabState, servers: &Servers) -> Result<RuleChecks> {
         first_pod(peer)?,
         node,
         Expected::Untranslated(node.address),
-    );
+    )?;
 
-    // Read right after the exchanges: even closed TCP flows stay listed for seconds.
-    for row in &mut rows {
-        let table = NatTable::read(lab, &row.node)?;
-        row.listed = row.check_table(&table);
-    }
     Ok(RuleChecks { rows, router_route })
 }
 

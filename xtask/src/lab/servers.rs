@@ -26,7 +26,7 @@ use tokio::{
 };
 
 use super::{
-    netns,
+    interrupt, netns,
     probe::{self, Client, Exchange, Failure, Proto},
     state::LabState,
     topology::Host,
@@ -140,7 +140,7 @@ impl Servers {
 
     /// The source of the echo request that carried `token`, once its recorder saw it.
     fn icmp_source(&self, token: u64) -> Option<Ipv4Addr> {
-        let deadline = Instant::now() + RECORD_WAIT;
+        let deadline = Instant::now() + interrupt::scaled(RECORD_WAIT);
         loop {
             let seen = self
                 .recorded

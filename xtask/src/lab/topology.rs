@@ -183,6 +183,15 @@ impl Topology {
         }
     }
 
+    /// Two workers of the kind cluster, one pod each, and the outside host beyond the
+    /// router: the benchmark's and the interoperability test's cluster.
+    pub fn pair() -> Self {
+        let mut t = Self::kind();
+        t.nodes.retain(|n| n.name == "w1" || n.name == "w2");
+        t.pods_per_node = 1;
+        t
+    }
+
     /// Catches what would otherwise surface as a confusing failure halfway through
     /// building the namespaces.
     pub fn validate(&self) -> Result<()> {

@@ -1,0 +1,118 @@
+//! `POD_PORTS`: where each local pod's veth plugs into the pod bridge, so that
+//! `uplink_ingress` can hand a decapsulated packet straight to the pod
+//! (`bpf_redirect_peer`) instead of to the bridge (see `overlay-ebpf/src/decap.rs`).
+//!
+//! The bridge's own forwarding table says it: each pod's MAC address, learned from its
+//! first frame, on the port of its veth. It is read from sysfs (`brforward`, `brif/`):
+//! no netlink request, and nothing the CNI plugin has to tell us. A pod the bridge has
+//! not learned yet, or that left, is simply not in the map, and the bridge delivers its
+//! packets as before.
+
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap, Map, MapData};
+use overlay_common::maps::{PodPort, names};
+
+use super::maps::Changes;
+
+/// `struct __fdb_entry` (linux/if_bridge.h), as `brforward` lists them.
+const FDB_ENTRY: usize = 16;
+
+pub struct PodPorts(HashMap<MapData, [u8; 6], PodPort>);
+
+impl PodPorts {
+    pub fn new(map: Map) -> Result<Self> {
+        Ok(Self(HashMap::try_from(map).context(names::POD_PORTS)?))
+    }
+
+    pub fn entries(&self) -> Result<BTreeMap<[u8; 6], PodPort>> {
+        Ok(self.0.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Makes the map hold the pods `bridge` has learned now (nothing when it does not
+    /// exist yet).
+    pub fn sync(&mut self, bridge: &str) -> Result<Changes> {
+        self.sync_from(Path::new("/sys/class/net"), bridge)
+    }
+
+    /// [`PodPorts::sync`] from the sysfs tree `net` (a sysfs mounted in this network
+    /// namespace shows its devices).
+    pub fn sync_from(&mut self, net: &Path, bridge: &str) -> Result<Changes> {
+        let desired = learned(net, bridge)?;
+        let current = self.entries()?;
+        let mut changes = Changes::default();
+        for (mac, port) in &desired {
+            match current.get(mac) {
+                Some(p) if p == port => continue,
+                Some(_) => changes.updated += 1,
+                None => changes.added += 1,
+            }
+            self.0.insert(mac, port, 0)?;
+        }
+        for mac in current.keys().filter(|m| !desired.contains_key(*m)) {
+            self.0.remove(mac)?;
+            changes.removed += 1;
+        }
+        Ok(changes)
+    }
+}
+
+fn read_u32(path: &Path) -> Result<u32> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = text.trim();
+    Ok(match text.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16)?,
+        None => text.parse()?,
+    })
+}
+
+/// The MAC addresses `bridge` has learned on its veth ports, with each port, from the
+/// sysfs tree `net` (`/sys/class/net`).
+pub fn learned(net: &Path, bridge: &str) -> Result<BTreeMap<[u8; 6], PodPort>> {
+    let dir = net.join(bridge);
+    let mut out = BTreeMap::new();
+    let Ok(ports) = std::fs::read_dir(dir.join("brif")) else {
+        return Ok(out);
+    };
+    let bridge_index = read_u32(&dir.join("ifindex"))?;
+    // Port number -> the host end of a veth (a device whose peer is another: `iflink`
+    // differs from `ifindex`); other kinds of ports cannot take a peer redirect.
+    let mut veths = BTreeMap::new();
+    for port in ports {
+        let name = port?.file_name();
+        let dev = net.join(&name);
+        let (Ok(number), Ok(ifindex), Ok(iflink)) = (
+            read_u32(&dir.join("brif").join(&name).join("port_no")),
+            read_u32(&dev.join("ifindex")),
+            read_u32(&dev.join("iflink")),
+        ) else {
+            // The port went away while we looked.
+            continue;
+        };
+        if iflink != ifindex {
+            veths.insert(number, ifindex);
+        }
+    }
+    let table = std::fs::read(dir.join("brforward"))
+        .with_context(|| format!("reading {}", dir.join("brforward").display()))?;
+    for entry in table.chunks_exact(FDB_ENTRY) {
+        let (mac, port_no, is_local, port_hi) = (&entry[..6], entry[6], entry[7], entry[12]);
+        if is_local != 0 {
+            continue;
+        }
+        let number = u32::from(port_hi) << 8 | u32::from(port_no);
+        if let Some(&ifindex) = veths.get(&number) {
+            let mac: [u8; 6] = mac.try_into().expect("six bytes");
+            out.insert(
+                mac,
+                PodPort {
+                    ifindex,
+                    bridge: bridge_index,
+                },
+            );
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,92 @@
+//! What one packet costs each program: a microbenchmark, not a test (ignored by
+//! default; `cargo xtask bench` runs it on this machine's kernel and in the VM's).
+//! The kernel times each run of the program on a fresh copy of the frame
+//! (`BPF_PROG_TEST_RUN`), helpers (FIB lookup, room adjustment, map lookups)
+//! included; the redirect itself is not performed. One run per call: with a repeat
+//! count the kernel would run the program again on the packet the previous run
+//! changed (already encapsulated, decapsulated or translated), which measures another
+//! path. The kernel's clock reads are in every figure alike (the `pass` case shows the
+//! floor).
+//!
+//! Prints one line per case: `PROG_COST {"case":...,"ns":...,"rounds":[...]}`, `ns`
+//! being the median over rounds of the mean per run. `PROG_COST_RUNS` sets the runs per
+//! round (default 20000), `PROG_COST_ROUNDS` the rounds (default 5).
+
+use std::net::Ipv4Addr;
+
+use etherparse::IpEcn;
+use overlay_agent::datapath::LoadOptions;
+use overlay_common::Hook::{self, BridgeIngress, UplinkEgress, UplinkIngress};
+
+use super::{
+    fixture::{Act, Node, masquerade, with_node_setup},
+    nat::{client, open, outgoing},
+    packet::{ACK, Proto, SYN, Transport, datagram, from_peer, from_underlay, ipv4, outbound},
+    topology::{NODE_IP, OUTSIDE, POD, W2},
+};
+
+/// Payload of the measured packets: a small TCP segment, where per-packet cost matters
+/// most.
+const PAYLOAD: usize = 64;
+
+fn env_or(name: &str, default: u32) -> u32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn measure(node: &Node, case: &str, hook: Hook, frame: &[u8], act: Act) {
+    let runs = env_or("PROG_COST_RUNS", 20_000);
+    let rounds = env_or("PROG_COST_ROUNDS", 5);
+    let mut ns: Vec<f64> = (0..rounds)
+        .map(|_| {
+            let total: u128 = (0..runs)
+                .map(|_| {
+                    let (took, rc) = node.cost(hook, frame, 1);
+                    assert_eq!(rc, act as u32, "{case}: the program's verdict");
+                    took.as_nanos()
+                })
+                .sum();
+            total as f64 / f64::from(runs)
+        })
+        .collect();
+    let rounds_json = format!("{ns:?}");
+    ns.sort_by(f64::total_cmp);
+    println!(
+        "PROG_COST {{\"case\":\"{case}\",\"program\":\"{}\",\"ns\":{},\"rounds\":{rounds_json}}}",
+        hook.program(),
+        ns[ns.len() / 2]
+    );
+}
+
+#[test]
+#[ignore = "a microbenchmark: cargo xtask bench runs it"]
+fn cost_per_packet() {
+    with_node_setup(LoadOptions::default(), masquerade, |node| {
+        // A pod's segment to a remote pod: encapsulated, redirected to the uplink.
+        let to_remote = outbound(BridgeIngress, W2.pod, Transport::Tcp, PAYLOAD, |_| {});
+        measure(node, "encap", BridgeIngress, &to_remote, Act::Redirect);
+        // A remote pod's segment to ours: decapsulated, redirected to the pod.
+        let from_remote = from_peer(
+            W2.node,
+            IpEcn::NotEct,
+            &datagram(ipv4(W2.pod, POD), Transport::Tcp, PAYLOAD),
+        );
+        measure(node, "decap", UplinkIngress, &from_remote, Act::Redirect);
+        // A pod's segment of an established connection to the outside: masqueraded.
+        let conn = client(Proto::Tcp, POD, OUTSIDE);
+        let translated = open(node, conn, SYN, NODE_IP);
+        measure(node, "snat", UplinkEgress, &outgoing(&conn, ACK), Act::Ok);
+        // Its reply: translated back to the pod.
+        let reply = from_underlay(&translated.reversed().datagram(ACK, PAYLOAD));
+        measure(node, "snat-reply", UplinkIngress, &reply, Act::Ok);
+        // Underlay traffic that is none of ours: what every other packet pays.
+        let other = from_underlay(&datagram(
+            ipv4(Ipv4Addr::new(172, 18, 0, 9), NODE_IP),
+            Transport::Tcp,
+            PAYLOAD,
+        ));
+        measure(node, "pass", UplinkIngress, &other, Act::Ok);
+    });
+}

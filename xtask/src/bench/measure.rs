@@ -1,0 +1,275 @@
+//! The measurements: every dataplane gets a cluster of its own (two nodes, one pod
+//! each, the outside host beyond the router), all built before the first run, and the
+//! runs go round the dataplanes in turn, so that a drift of the machine (emulation
+//! makes it drift) spreads over all of them alike. Offloads on (the kernel's defaults)
+//! first, then off on every link of every cluster.
+
+use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+
+use super::{
+    host::{self, Machine},
+    iperf,
+    load::{self, Servers},
+    results::{Measure, Results, Sample},
+};
+use crate::lab::{
+    agents::SubnetEnv,
+    cluster::{self, Dataplane},
+    flannel::Backend,
+    iptables::{FlannelRules, Variant},
+    state::{LabGuard, LabState},
+    topology::{Host, Node, Topology},
+};
+
+/// How the pods of a cluster reach each other (and the outside).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Setup {
+    /// Our agent on both nodes.
+    Ours,
+    /// flannel's kernel backends.
+    Kernel(KernelBackend),
+    /// Masquerade to the outside: our agent with `--ip-masq`.
+    SnatOurs,
+    /// Masquerade to the outside: our agent without it, flanneld's iptables rules.
+    SnatIptables,
+}
+
+/// [`Backend`], serializable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KernelBackend {
+    Ipip,
+    Vxlan,
+    HostGw,
+}
+
+impl KernelBackend {
+    fn backend(self) -> Backend {
+        match self {
+            KernelBackend::Ipip => Backend::Ipip,
+            KernelBackend::Vxlan => Backend::Vxlan,
+            KernelBackend::HostGw => Backend::HostGw,
+        }
+    }
+}
+
+impl Setup {
+    /// The pod-to-pod dataplanes, ours first.
+    pub const PLANES: [Setup; 4] = [
+        Setup::Ours,
+        Setup::Kernel(KernelBackend::Ipip),
+        Setup::Kernel(KernelBackend::Vxlan),
+        Setup::Kernel(KernelBackend::HostGw),
+    ];
+    pub const SNAT: [Setup; 2] = [Setup::SnatOurs, Setup::SnatIptables];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Setup::Ours => "ours (BPF IPIP)",
+            Setup::Kernel(KernelBackend::Ipip) => "kernel ipip (tunl0)",
+            Setup::Kernel(KernelBackend::Vxlan) => "kernel vxlan",
+            Setup::Kernel(KernelBackend::HostGw) => "host-gw",
+            Setup::SnatOurs => "ours --ip-masq",
+            Setup::SnatIptables => "iptables MASQUERADE",
+        }
+    }
+
+    fn masquerade(self) -> bool {
+        self == Setup::SnatOurs
+    }
+}
+
+impl Dataplane for Setup {
+    fn runs_agent(&self, _: &Node) -> bool {
+        !matches!(self, Setup::Kernel(_))
+    }
+
+    fn configure(&self, lab: &LabState, node: &Node) -> Result<SubnetEnv> {
+        match self {
+            Setup::Kernel(k) => k.backend().configure(lab, node),
+            _ => anyhow::bail!("{} runs our agent", node.name),
+        }
+    }
+}
+
+/// What to measure and how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub runs: usize,
+    pub seconds: u64,
+    /// Parallel streams of the multi-stream test.
+    pub streams: usize,
+}
+
+/// One cluster and its endpoints.
+struct Cluster {
+    setup: Setup,
+    lab: LabGuard,
+    client: Host,
+    server: Host,
+    servers: Servers,
+    outside: Servers,
+}
+
+impl Cluster {
+    fn create(setup: Setup, agent: PathBuf) -> Result<Self> {
+        println!("setting up {}", setup.name());
+        let lab = cluster::create_with(Topology::pair(), agent, setup.masquerade(), &setup)?;
+        let pod = |i: usize| Host::from(lab.topology.pods_of(&lab.topology.nodes[i]).remove(0));
+        let (client, server) = (pod(0), pod(1));
+        let servers = Servers::start(&lab.netns(&server.name), server.address)?;
+        let outside = &lab.topology.outside;
+        let outside = Servers::start(&lab.netns(&outside.name), outside.address)?;
+        Ok(Self {
+            setup,
+            lab,
+            client,
+            server,
+            servers,
+            outside,
+        })
+    }
+
+    fn client_ns(&self) -> String {
+        self.lab.netns(&self.client.name)
+    }
+}
+
+/// The setups this kernel can run: all of them, less the kernel's ipip when it has no
+/// such module.
+pub fn available() -> Vec<Setup> {
+    let ipip = crate::vm::has_ipip();
+    Setup::PLANES
+        .into_iter()
+        .chain(Setup::SNAT)
+        .filter(|s| ipip || *s != Setup::Kernel(KernelBackend::Ipip))
+        .collect()
+}
+
+/// Builds a cluster for each setup this kernel can run, runs the plan, removes the
+/// clusters.
+pub fn run(agent: PathBuf, plan: Plan, quick: bool) -> Result<Results> {
+    let mut results = Results::new(Machine::here(), plan, quick);
+    let mut clusters = Vec::new();
+    for setup in available() {
+        clusters.push(Cluster::create(setup, agent.clone())?);
+    }
+    let iptables_lab = clusters
+        .iter()
+        .find(|c| c.setup == Setup::SnatIptables)
+        .map(|c| &*c.lab)
+        .context("the iptables cluster")?;
+    let _rules = FlannelRules::install(iptables_lab, Variant::Flanneld)?;
+    for offloads in [true, false] {
+        if !offloads {
+            for c in &clusters {
+                host::offloads_off(&c.lab)?;
+            }
+        }
+        for run in 0..plan.runs {
+            println!(
+                "offloads {}, run {} of {}",
+                if offloads { "on" } else { "off" },
+                run + 1,
+                plan.runs
+            );
+            for c in &clusters {
+                crate::lab::interrupt::check()?;
+                for sample in measure(c, plan, offloads, run)
+                    .with_context(|| format!("measuring {}", c.setup.name()))?
+                {
+                    println!("  {:24} {}", c.setup.name(), sample.describe());
+                    results.samples.push(sample);
+                }
+            }
+        }
+    }
+    drop(_rules);
+    for c in clusters {
+        let Cluster {
+            lab,
+            servers,
+            outside,
+            ..
+        } = c;
+        drop((servers, outside));
+        lab.teardown()?;
+    }
+    Ok(results)
+}
+
+/// Runs `f`, and returns what it returned with the CPU seconds the machine spent.
+fn with_cpu<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let before = host::busy_seconds()?;
+    let value = f()?;
+    Ok((value, host::busy_seconds()? - before))
+}
+
+fn measure(c: &Cluster, plan: Plan, offloads: bool, run: usize) -> Result<Vec<Sample>> {
+    let duration = Duration::from_secs(plan.seconds);
+    let client = c.client_ns();
+    let sample = |measure: Measure, value: f64, cpu: f64, units: f64| Sample {
+        setup: c.setup,
+        offloads,
+        run,
+        measure,
+        value,
+        // CPU microseconds per unit of work (a transaction, a connection, a packet, a
+        // megabyte).
+        cpu_us_per_unit: cpu * 1e6 / units.max(1.0),
+    };
+    if matches!(c.setup, Setup::SnatOurs | Setup::SnatIptables) {
+        let ((done, took), cpu) = with_cpu(|| load::crr(&client, c.outside.crr, duration))?;
+        return Ok(vec![sample(
+            Measure::SnatConnRate,
+            done as f64 / took.as_secs_f64(),
+            cpu,
+            done as f64,
+        )]);
+    }
+    let server_ns = c.lab.netns(&c.server.name);
+    let mut out = Vec::new();
+    for (measure, streams) in [(Measure::TcpStream, 1), (Measure::TcpMulti, plan.streams)] {
+        let (bps, cpu) = with_cpu(|| {
+            iperf::throughput(&client, &server_ns, c.server.address, streams, plan.seconds)
+        })?;
+        let megabytes = bps / 8.0 * plan.seconds as f64 / 1e6;
+        out.push(sample(measure, bps / 1e9, cpu, megabytes));
+    }
+    let (rr, cpu) = with_cpu(|| load::rr(&client, c.servers.rr, duration))?;
+    let tx = rr.transactions as f64;
+    out.push(sample(
+        Measure::RrRate,
+        tx / rr.elapsed.as_secs_f64(),
+        cpu,
+        tx,
+    ));
+    out.push(sample(Measure::RrP50, rr.p50_us, cpu, tx));
+    out.push(sample(Measure::RrP99, rr.p99_us, cpu, tx));
+    let ((done, took), cpu) = with_cpu(|| load::crr(&client, c.servers.crr, duration))?;
+    out.push(sample(
+        Measure::ConnRate,
+        done as f64 / took.as_secs_f64(),
+        cpu,
+        done as f64,
+    ));
+    let (received, cpu) = with_cpu(|| udp(&client, c, duration))?;
+    out.push(sample(
+        Measure::UdpRate,
+        received as f64 / duration.as_secs_f64(),
+        cpu,
+        received as f64,
+    ));
+    Ok(out)
+}
+
+/// Datagrams the server received from a blast of `duration`.
+fn udp(client: &str, c: &Cluster, duration: Duration) -> Result<u64> {
+    let before = c.servers.received();
+    let target: SocketAddrV4 = c.servers.udp;
+    load::udp_blast(client, target, duration)?;
+    // Let the last datagrams in flight land.
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(c.servers.received() - before)
+}

@@ -1,0 +1,330 @@
+//! docs/BENCHMARKS.md: the command writes the block between the markers; everything
+//! outside it (the investigation notes) is kept as it is.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, Result};
+
+use super::{
+    host::Machine,
+    measure::{KernelBackend, Setup},
+    results::{Cost, Measure, Results, Summary},
+};
+
+pub const BEGIN: &str =
+    "<!-- bench:begin: written by `cargo xtask bench`; edit outside this block -->";
+pub const END: &str = "<!-- bench:end -->";
+
+const TUNL0: Setup = Setup::Kernel(KernelBackend::Ipip);
+const HOST_GW: Setup = Setup::Kernel(KernelBackend::HostGw);
+
+/// The dataplanes measured on one kernel.
+pub struct Leg {
+    /// Where: "a VM booted with ..." or "this machine".
+    pub place: String,
+    pub results: Results,
+    /// The microbenchmark on that kernel.
+    pub costs: Vec<Cost>,
+}
+
+/// Everything one run of the command produced.
+pub struct Report<'a> {
+    pub command: String,
+    pub date: String,
+    pub minutes: f64,
+    /// The machine the command ran on.
+    pub host: Machine,
+    pub legs: &'a [Leg],
+    pub plot: &'a str,
+}
+
+/// One target of issue 5 and how this run fared.
+pub struct Target {
+    pub what: String,
+    pub measured: Option<f64>,
+    pub bound: f64,
+    /// The measured ratio must be at least the bound (else at most).
+    pub at_least: bool,
+}
+
+impl Target {
+    pub fn met(&self) -> Option<bool> {
+        let m = self.measured?;
+        Some(if self.at_least {
+            m >= self.bound
+        } else {
+            m <= self.bound
+        })
+    }
+}
+
+pub fn targets(results: &Results) -> Vec<Target> {
+    let mut out = Vec::new();
+    for offloads in [true, false] {
+        let when = if offloads {
+            "offloads on"
+        } else {
+            "offloads off"
+        };
+        let ratio = |base, m| results.ratio(Setup::Ours, base, m, offloads);
+        out.push(Target {
+            what: format!("single-stream TCP ≥ 1.10× kernel tunl0 ({when})"),
+            measured: ratio(TUNL0, Measure::TcpStream),
+            bound: 1.10,
+            at_least: true,
+        });
+        out.push(Target {
+            what: format!("single-stream TCP ≥ 0.95× host-gw ({when})"),
+            measured: ratio(HOST_GW, Measure::TcpStream),
+            bound: 0.95,
+            at_least: true,
+        });
+        out.push(Target {
+            what: format!("request/response latency p50 ≤ 0.85× kernel tunl0 ({when})"),
+            measured: ratio(TUNL0, Measure::RrP50),
+            bound: 0.85,
+            at_least: false,
+        });
+        out.push(Target {
+            what: format!("SNAT connection rate ≥ 1.2× iptables MASQUERADE ({when})"),
+            measured: results.ratio(
+                Setup::SnatOurs,
+                Setup::SnatIptables,
+                Measure::SnatConnRate,
+                offloads,
+            ),
+            bound: 1.2,
+            at_least: true,
+        });
+    }
+    out
+}
+
+impl Leg {
+    fn markdown(&self, md: &mut String) {
+        let r = &self.results;
+        let _ = writeln!(
+            md,
+            "### On {}: kernel {}\n\n{} CPUs; kernel {} ({}).\n",
+            self.place,
+            r.machine.kernel,
+            r.machine.cpus,
+            r.machine.kernel,
+            r.machine.kernel_version
+        );
+        let targets = targets(r);
+        if targets.iter().any(|t| t.measured.is_some()) {
+            let _ = writeln!(
+                md,
+                "Targets:\n\n| target | ours ÷ baseline | met |\n|---|---|---|"
+            );
+            for t in targets {
+                let met = match t.met() {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "— (no baseline on this kernel)",
+                };
+                let _ = writeln!(md, "| {} | {} | {met} |", t.what, ratio(t.measured));
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\nPer-packet program cost (`BPF_PROG_TEST_RUN`, ns per packet; encap: a pod's \
+             64-byte TCP segment to a remote pod; decap: the reverse; snat: an established \
+             flow to the outside, translated; snat-reply: its reply; pass: underlay traffic \
+             that is not ours, the floor of entry, parsing, counters and the kernel's clock \
+             reads):\n\n| case | program | ns (median of rounds) | rounds |\n|---|---|---|---|"
+        );
+        for c in &self.costs {
+            let rounds: Vec<String> = c.rounds.iter().map(|v| num(*v)).collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                c.case,
+                c.program,
+                num(c.ns),
+                rounds.join(", ")
+            );
+        }
+        let planes: Vec<Setup> = Setup::PLANES
+            .into_iter()
+            .filter(|s| r.samples.iter().any(|x| x.setup == *s))
+            .collect();
+        for offloads in [true, false] {
+            let _ = writeln!(
+                md,
+                "\nPod to pod, offloads {}:\n",
+                if offloads {
+                    "on (GSO/GRO/TSO as the kernel sets them)"
+                } else {
+                    "off (GSO, GRO and TSO off on every link)"
+                }
+            );
+            let mut header = String::from("| measure | unit |");
+            for s in &planes {
+                let _ = write!(header, " {} |", s.name());
+            }
+            header.push_str(" ours ÷ tunl0 | ours ÷ host-gw |");
+            let _ = writeln!(md, "{header}\n|---|---|{}", "---|".repeat(planes.len() + 2));
+            for m in Measure::PLANES {
+                let _ = write!(md, "| {} | {} |", m.name(), m.unit());
+                for s in &planes {
+                    let _ = write!(md, " {} |", cell(r.summary(*s, m, offloads)));
+                }
+                let _ = writeln!(
+                    md,
+                    " {} | {} |",
+                    ratio(r.ratio(Setup::Ours, TUNL0, m, offloads)),
+                    ratio(r.ratio(Setup::Ours, HOST_GW, m, offloads))
+                );
+            }
+            let _ = writeln!(
+                md,
+                "\nCPU per unit of work (median), offloads {}:\n",
+                if offloads { "on" } else { "off" }
+            );
+            let mut header = String::from("| measure | unit |");
+            for s in &planes {
+                let _ = write!(header, " {} |", s.name());
+            }
+            let _ = writeln!(md, "{header}\n|---|---|{}", "---|".repeat(planes.len()));
+            for m in [
+                Measure::TcpStream,
+                Measure::TcpMulti,
+                Measure::RrRate,
+                Measure::ConnRate,
+                Measure::UdpRate,
+            ] {
+                let _ = write!(md, "| {} | {} |", m.name(), m.cpu_unit());
+                for s in &planes {
+                    let cpu = r
+                        .summary(*s, m, offloads)
+                        .map_or("—".into(), |s| num(s.cpu));
+                    let _ = write!(md, " {cpu} |");
+                }
+                md.push('\n');
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\nMasquerade, connections from a pod to the outside host one after another \
+             (connect, one byte each way, close): ours (`--ip-masq`) against flanneld's \
+             iptables rules (MASQUERADE --random-fully, the kernel's connection tracking):\n"
+        );
+        let _ = writeln!(
+            md,
+            "| offloads | ours --ip-masq (conn/s) | iptables MASQUERADE (conn/s) | ours ÷ iptables | CPU ours (µs/conn) | CPU iptables (µs/conn) |\n|---|---|---|---|---|---|"
+        );
+        for offloads in [true, false] {
+            let m = Measure::SnatConnRate;
+            let (a, b) = (
+                r.summary(Setup::SnatOurs, m, offloads),
+                r.summary(Setup::SnatIptables, m, offloads),
+            );
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                if offloads { "on" } else { "off" },
+                cell(a),
+                cell(b),
+                ratio(r.ratio(Setup::SnatOurs, Setup::SnatIptables, m, offloads)),
+                a.map_or("—".into(), |s| num(s.cpu)),
+                b.map_or("—".into(), |s| num(s.cpu)),
+            );
+        }
+        md.push('\n');
+    }
+}
+
+fn cell(s: Option<Summary>) -> String {
+    match s {
+        Some(s) => format!("{} ({}–{})", num(s.median), num(s.min), num(s.max)),
+        None => "—".into(),
+    }
+}
+
+/// Three significant digits, no exponent.
+fn num(v: f64) -> String {
+    let digits = if v.abs() >= 100.0 {
+        0
+    } else if v.abs() >= 10.0 {
+        1
+    } else if v.abs() >= 1.0 {
+        2
+    } else {
+        3
+    };
+    format!("{v:.digits$}")
+}
+
+fn ratio(r: Option<f64>) -> String {
+    r.map_or("—".into(), |r| format!("{r:.2}×"))
+}
+
+impl Report<'_> {
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "{BEGIN}");
+        let _ = writeln!(md, "## Latest run\n");
+        let quick = self.legs.iter().any(|l| l.results.quick);
+        let _ = writeln!(
+            md,
+            "- Command: `{}`, {} (took {:.0} min){}.",
+            self.command,
+            self.date,
+            self.minutes,
+            if quick {
+                "; **--quick: too few and too short runs to publish**"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            md,
+            "- Machine: {} ({} CPUs), kernel {}.",
+            self.host.cpu, self.host.cpus, self.host.kernel
+        );
+        if let Some(r) = self.legs.first().map(|l| &l.results) {
+            let _ = writeln!(
+                md,
+                "- Each figure: the median of {} runs of {} s, with the lowest and highest in \
+                 brackets; the runs go round the dataplanes in turn. CPU: busy CPU time of the \
+                 whole machine the dataplanes ran on (both pods, both nodes, softirq included) \
+                 per unit of work, median over runs.",
+                r.runs, r.seconds
+            );
+        }
+        let _ = writeln!(
+            md,
+            "- **Caveats**: under emulation (QEMU TCG, no KVM) absolute numbers mean nothing \
+             about real hardware; only ratios between dataplanes measured in the same run \
+             are the result. The machine has two cores, shared by both pods, both nodes and \
+             (in the VM) the emulator; other work on the machine during the run adds noise, \
+             which the interleaved runs spread over all dataplanes alike.\n"
+        );
+        for leg in self.legs {
+            leg.markdown(&mut md);
+        }
+        let _ = writeln!(
+            md,
+            "![every dataplane relative to host-gw]({})\n",
+            self.plot
+        );
+        let _ = writeln!(md, "{END}");
+        md
+    }
+
+    /// Writes the block into `path`, keeping what lies outside it.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let block = self.markdown();
+        let old = std::fs::read_to_string(path).unwrap_or_default();
+        let new = match (old.find(BEGIN), old.find(END)) {
+            (Some(b), Some(e)) if b < e => {
+                format!("{}{}{}", &old[..b], block.trim_end(), &old[e + END.len()..])
+            }
+            _ if old.is_empty() => format!("# Benchmarks\n\n{block}"),
+            _ => format!("{}\n\n{block}", old.trim_end()),
+        };
+        std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
+    }
+}

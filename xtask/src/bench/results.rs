@@ -1,0 +1,222 @@
+//! What a benchmark run found, as it travels from the VM to the report (JSON), and its
+//! summaries: medians and spreads over runs, ratios between dataplanes.
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    host::Machine,
+    measure::{Plan, Setup},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Measure {
+    TcpStream,
+    TcpMulti,
+    RrRate,
+    RrP50,
+    RrP99,
+    ConnRate,
+    UdpRate,
+    SnatConnRate,
+}
+
+impl Measure {
+    pub const PLANES: [Measure; 7] = [
+        Measure::TcpStream,
+        Measure::TcpMulti,
+        Measure::RrP50,
+        Measure::RrP99,
+        Measure::RrRate,
+        Measure::ConnRate,
+        Measure::UdpRate,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Measure::TcpStream => "TCP, 1 stream",
+            Measure::TcpMulti => "TCP, 4 streams",
+            Measure::RrRate => "request/response rate",
+            Measure::RrP50 => "request/response latency p50",
+            Measure::RrP99 => "request/response latency p99",
+            Measure::ConnRate => "connection rate",
+            Measure::UdpRate => "UDP 64-byte datagrams",
+            Measure::SnatConnRate => "connection rate to the outside",
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            Measure::TcpStream | Measure::TcpMulti => "Gbit/s",
+            Measure::RrRate => "trans/s",
+            Measure::RrP50 | Measure::RrP99 => "µs",
+            Measure::ConnRate | Measure::SnatConnRate => "conn/s",
+            Measure::UdpRate => "pkt/s",
+        }
+    }
+
+    /// What the CPU figure is per.
+    pub fn cpu_unit(self) -> &'static str {
+        match self {
+            Measure::TcpStream | Measure::TcpMulti => "µs/MB",
+            Measure::RrRate | Measure::RrP50 | Measure::RrP99 => "µs/trans",
+            Measure::ConnRate | Measure::SnatConnRate => "µs/conn",
+            Measure::UdpRate => "µs/pkt",
+        }
+    }
+
+    /// Latencies: smaller is better.
+    pub fn lower_is_better(self) -> bool {
+        matches!(self, Measure::RrP50 | Measure::RrP99)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    pub setup: Setup,
+    pub offloads: bool,
+    pub run: usize,
+    pub measure: Measure,
+    pub value: f64,
+    pub cpu_us_per_unit: f64,
+}
+
+impl Sample {
+    pub fn describe(&self) -> String {
+        format!(
+            "{:32} {:>12.3} {:8} (CPU {:.1} {})",
+            self.measure.name(),
+            self.value,
+            self.measure.unit(),
+            self.cpu_us_per_unit,
+            self.measure.cpu_unit()
+        )
+    }
+}
+
+/// One case of the program-cost microbenchmark.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cost {
+    pub case: String,
+    pub program: String,
+    /// Median over rounds of the mean ns per run.
+    pub ns: f64,
+    pub rounds: Vec<f64>,
+}
+
+/// Parses the `PROG_COST {...}` lines of the microbenchmark.
+pub fn parse_costs(output: &str) -> Vec<Cost> {
+    output
+        .lines()
+        // libtest may print the test's name on the same line, before the first one.
+        .filter_map(|l| l.split_once("PROG_COST ").map(|(_, json)| json))
+        .filter_map(|json| serde_json::from_str(json).ok())
+        .collect()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    /// Where the dataplanes ran.
+    pub machine: Machine,
+    pub runs: usize,
+    pub seconds: u64,
+    pub streams: usize,
+    pub quick: bool,
+    pub samples: Vec<Sample>,
+}
+
+impl Results {
+    pub fn new(machine: Machine, plan: Plan, quick: bool) -> Self {
+        Self {
+            machine,
+            runs: plan.runs,
+            seconds: plan.seconds,
+            streams: plan.streams,
+            quick,
+            samples: Vec::new(),
+        }
+    }
+
+    /// The values of one cell over its runs.
+    fn values(&self, setup: Setup, measure: Measure, offloads: bool) -> Vec<&Sample> {
+        self.samples
+            .iter()
+            .filter(|s| s.setup == setup && s.measure == measure && s.offloads == offloads)
+            .collect()
+    }
+
+    pub fn summary(&self, setup: Setup, measure: Measure, offloads: bool) -> Option<Summary> {
+        let samples = self.values(setup, measure, offloads);
+        Summary::of(
+            samples.iter().map(|s| s.value).collect(),
+            samples.iter().map(|s| s.cpu_us_per_unit).collect(),
+        )
+    }
+
+    /// `setup`'s median over `baseline`'s, oriented so that above 1 is better for us.
+    pub fn ratio(
+        &self,
+        setup: Setup,
+        baseline: Setup,
+        measure: Measure,
+        offloads: bool,
+    ) -> Option<f64> {
+        let ours = self.summary(setup, measure, offloads)?.median;
+        let theirs = self.summary(baseline, measure, offloads)?.median;
+        (theirs > 0.0 && ours > 0.0).then_some(ours / theirs)
+    }
+}
+
+/// Median and spread (min, max) of a cell, and the median CPU per unit.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub cpu: f64,
+}
+
+impl Summary {
+    fn of(values: Vec<f64>, cpu: Vec<f64>) -> Option<Self> {
+        if values.is_empty() {
+            return None;
+        }
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Some(Self {
+            median: median(values.clone()),
+            min,
+            max,
+            cpu: median(cpu),
+        })
+    }
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_cost_lines() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        let costs = parse_costs(
+            "noise\ntest datapath::cost::cost_per_packet ... PROG_COST {\"case\":\"encap\",\"program\":\"bridge_ingress\",\"ns\":188.5,\"rounds\":[188.5, 190.0]}\n",
+        );
+        assert_eq!(costs.len(), 1);
+        assert_eq!(costs[0].case, "encap");
+        assert_eq!(costs[0].ns, 188.5);
+    }
+}
