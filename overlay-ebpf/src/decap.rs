@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::ip::Ipv4Hdr;
-use overlay_common::{DatapathConfig, Hook, Reason};
+use overlay_common::{DatapathConfig, Hook, PeerStats, Reason};
 
 use crate::{
     checksum,
@@ -47,8 +47,8 @@ fn uplink(ctx: &TcContext) -> Verdict {
             Err(reason) => drop(reason),
         };
     }
-    let inner = match tunnel_payload(ctx, cfg, &outer) {
-        Ok(inner) => inner,
+    let (inner, peer) = match tunnel_payload(ctx, cfg, &outer) {
+        Ok(found) => found,
         Err(verdict) => return verdict,
     };
     // Congestion marked on the outside is carried inside (RFC 6040); a packet whose
@@ -57,12 +57,10 @@ fn uplink(ctx: &TcContext) -> Verdict {
     if outer_ce && inner.tos & ECN_MASK == 0 {
         return drop(Reason::DropCeOnNotEct);
     }
-    if let Some(stats) = PEERS.get_ptr_mut(&outer.src_addr) {
-        // Per-CPU value: no concurrent writer.
-        unsafe {
-            (*stats).rx_packets += 1;
-            (*stats).rx_bytes += u64::from(ctx.len());
-        }
+    // Per-CPU value: no concurrent writer.
+    unsafe {
+        (*peer).rx_packets += 1;
+        (*peer).rx_bytes += u64::from(ctx.len());
     }
 
     if !pop_outer(ctx) {
@@ -143,14 +141,14 @@ fn pop_outer(ctx: &TcContext) -> bool {
         || ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, fixed).is_ok()
 }
 
-/// Checks the tunnel header and returns the inner IPv4 header, or the verdict that
-/// refuses the packet.
+/// Checks the tunnel header and returns the inner IPv4 header and the sending peer's
+/// statistics, or the verdict that refuses the packet.
 #[inline(always)]
 fn tunnel_payload(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     outer: &Ipv4Hdr,
-) -> Result<Ipv4Hdr, Verdict> {
+) -> Result<(Ipv4Hdr, *mut PeerStats), Verdict> {
     if !parse::well_formed(outer, ctx.len() - ETH_LEN as u32) {
         return Err(drop(Reason::DropMalformed));
     }
@@ -165,9 +163,9 @@ fn tunnel_payload(
     if parse::is_fragment(outer) {
         return Err(drop(Reason::DropOuterFragment));
     }
-    if PEERS.get_ptr(&outer.src_addr).is_none() {
+    let Some(peer) = PEERS.get_ptr_mut(&outer.src_addr) else {
         return Err(drop(Reason::DropUnknownPeer));
-    }
+    };
     let inner_off = ETH_LEN + IPV4_LEN;
     if !parse::ensure_linear(ctx, inner_off + IPV4_LEN) {
         return Err(drop(Reason::DropMalformed));
@@ -187,5 +185,5 @@ fn tunnel_payload(
     if inner.proto == IPPROTO_IPIP {
         return Err(drop(Reason::DropNestedTunnel));
     }
-    Ok(inner)
+    Ok((inner, peer))
 }

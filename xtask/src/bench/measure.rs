@@ -93,6 +93,42 @@ impl Dataplane for Setup {
     }
 }
 
+/// A group of setups, to measure only some of them (`cargo xtask bench --only`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Group {
+    Ours,
+    Ipip,
+    Vxlan,
+    HostGw,
+    /// Both masquerades.
+    Snat,
+}
+
+impl Group {
+    fn includes(self, setup: Setup) -> bool {
+        match self {
+            Group::Ours => setup == Setup::Ours,
+            Group::Ipip => setup == Setup::Kernel(KernelBackend::Ipip),
+            Group::Vxlan => setup == Setup::Kernel(KernelBackend::Vxlan),
+            Group::HostGw => setup == Setup::Kernel(KernelBackend::HostGw),
+            Group::Snat => Setup::SNAT.contains(&setup),
+        }
+    }
+}
+
+/// A test of the pod-to-pod dataplanes, to run only some of them (`--tests`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Test {
+    /// Single- and multi-stream throughput.
+    Tcp,
+    /// Request/response.
+    Rr,
+    /// Connection rate.
+    Crr,
+    /// Small UDP datagrams.
+    Udp,
+}
+
 /// What to measure and how long.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
@@ -100,6 +136,19 @@ pub struct Plan {
     pub seconds: u64,
     /// Parallel streams of the multi-stream test.
     pub streams: usize,
+}
+
+/// Which setups and tests to run: all when empty.
+#[derive(Debug, Clone, Default)]
+pub struct Only {
+    pub groups: Vec<Group>,
+    pub tests: Vec<Test>,
+}
+
+impl Only {
+    fn runs(&self, test: Test) -> bool {
+        self.tests.is_empty() || self.tests.contains(&test)
+    }
 }
 
 /// One cluster and its endpoints.
@@ -136,31 +185,30 @@ impl Cluster {
     }
 }
 
-/// The setups this kernel can run: all of them, less the kernel's ipip when it has no
-/// such module.
-pub fn available() -> Vec<Setup> {
+/// The setups this kernel can run (all of them, less the kernel's ipip when it has no
+/// such module), of the groups in `only` (all when empty).
+pub fn available(only: &[Group]) -> Vec<Setup> {
     let ipip = crate::vm::has_ipip();
     Setup::PLANES
         .into_iter()
         .chain(Setup::SNAT)
         .filter(|s| ipip || *s != Setup::Kernel(KernelBackend::Ipip))
+        .filter(|s| only.is_empty() || only.iter().any(|g| g.includes(*s)))
         .collect()
 }
 
-/// Builds a cluster for each setup this kernel can run, runs the plan, removes the
-/// clusters.
-pub fn run(agent: PathBuf, plan: Plan, quick: bool) -> Result<Results> {
+/// Builds a cluster for each setup this kernel can run (of the groups in `only`), runs
+/// the plan, removes the clusters.
+pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Results> {
     let mut results = Results::new(Machine::here(), plan, quick);
     let mut clusters = Vec::new();
-    for setup in available() {
+    for setup in available(&only.groups) {
         clusters.push(Cluster::create(setup, agent.clone())?);
     }
-    let iptables_lab = clusters
-        .iter()
-        .find(|c| c.setup == Setup::SnatIptables)
-        .map(|c| &*c.lab)
-        .context("the iptables cluster")?;
-    let _rules = FlannelRules::install(iptables_lab, Variant::Flanneld)?;
+    let _rules = match clusters.iter().find(|c| c.setup == Setup::SnatIptables) {
+        Some(c) => Some(FlannelRules::install(&c.lab, Variant::Flanneld)?),
+        None => None,
+    };
     for offloads in [true, false] {
         if !offloads {
             for c in &clusters {
@@ -176,7 +224,7 @@ pub fn run(agent: PathBuf, plan: Plan, quick: bool) -> Result<Results> {
             );
             for c in &clusters {
                 crate::lab::interrupt::check()?;
-                for sample in measure(c, plan, offloads, run)
+                for sample in measure(c, plan, offloads, run, only)
                     .with_context(|| format!("measuring {}", c.setup.name()))?
                 {
                     println!("  {:24} {}", c.setup.name(), sample.describe());
@@ -206,7 +254,13 @@ fn with_cpu<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
     Ok((value, host::busy_seconds()? - before))
 }
 
-fn measure(c: &Cluster, plan: Plan, offloads: bool, run: usize) -> Result<Vec<Sample>> {
+fn measure(
+    c: &Cluster,
+    plan: Plan,
+    offloads: bool,
+    run: usize,
+    only: &Only,
+) -> Result<Vec<Sample>> {
     let duration = Duration::from_secs(plan.seconds);
     let client = c.client_ns();
     let sample = |measure: Measure, value: f64, cpu: f64, units: f64| Sample {
@@ -230,37 +284,45 @@ fn measure(c: &Cluster, plan: Plan, offloads: bool, run: usize) -> Result<Vec<Sa
     }
     let server_ns = c.lab.netns(&c.server.name);
     let mut out = Vec::new();
-    for (measure, streams) in [(Measure::TcpStream, 1), (Measure::TcpMulti, plan.streams)] {
-        let (bps, cpu) = with_cpu(|| {
-            iperf::throughput(&client, &server_ns, c.server.address, streams, plan.seconds)
-        })?;
-        let megabytes = bps / 8.0 * plan.seconds as f64 / 1e6;
-        out.push(sample(measure, bps / 1e9, cpu, megabytes));
+    if only.runs(Test::Tcp) {
+        for (measure, streams) in [(Measure::TcpStream, 1), (Measure::TcpMulti, plan.streams)] {
+            let (bps, cpu) = with_cpu(|| {
+                iperf::throughput(&client, &server_ns, c.server.address, streams, plan.seconds)
+            })?;
+            let megabytes = bps / 8.0 * plan.seconds as f64 / 1e6;
+            out.push(sample(measure, bps / 1e9, cpu, megabytes));
+        }
     }
-    let (rr, cpu) = with_cpu(|| load::rr(&client, c.servers.rr, duration))?;
-    let tx = rr.transactions as f64;
-    out.push(sample(
-        Measure::RrRate,
-        tx / rr.elapsed.as_secs_f64(),
-        cpu,
-        tx,
-    ));
-    out.push(sample(Measure::RrP50, rr.p50_us, cpu, tx));
-    out.push(sample(Measure::RrP99, rr.p99_us, cpu, tx));
-    let ((done, took), cpu) = with_cpu(|| load::crr(&client, c.servers.crr, duration))?;
-    out.push(sample(
-        Measure::ConnRate,
-        done as f64 / took.as_secs_f64(),
-        cpu,
-        done as f64,
-    ));
-    let (received, cpu) = with_cpu(|| udp(&client, c, duration))?;
-    out.push(sample(
-        Measure::UdpRate,
-        received as f64 / duration.as_secs_f64(),
-        cpu,
-        received as f64,
-    ));
+    if only.runs(Test::Rr) {
+        let (rr, cpu) = with_cpu(|| load::rr(&client, c.servers.rr, duration))?;
+        let tx = rr.transactions as f64;
+        out.push(sample(
+            Measure::RrRate,
+            tx / rr.elapsed.as_secs_f64(),
+            cpu,
+            tx,
+        ));
+        out.push(sample(Measure::RrP50, rr.p50_us, cpu, tx));
+        out.push(sample(Measure::RrP99, rr.p99_us, cpu, tx));
+    }
+    if only.runs(Test::Crr) {
+        let ((done, took), cpu) = with_cpu(|| load::crr(&client, c.servers.crr, duration))?;
+        out.push(sample(
+            Measure::ConnRate,
+            done as f64 / took.as_secs_f64(),
+            cpu,
+            done as f64,
+        ));
+    }
+    if only.runs(Test::Udp) {
+        let (received, cpu) = with_cpu(|| udp(&client, c, duration))?;
+        out.push(sample(
+            Measure::UdpRate,
+            received as f64 / duration.as_secs_f64(),
+            cpu,
+            received as f64,
+        ));
+    }
     Ok(out)
 }
 

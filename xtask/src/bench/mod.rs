@@ -42,11 +42,11 @@ use crate::{
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum Place {
-    /// In a VM when this machine's kernel has no ipip module, else here.
+    /// In a VM when this machine's kernel has no ipip module, and here.
     Auto,
-    /// On this machine's kernel (fails without the ipip module).
+    /// Only on this machine's kernel (without tunl0 when it has no ipip module).
     Here,
-    /// In a VM.
+    /// Only in a VM.
     Vm,
 }
 
@@ -67,6 +67,13 @@ pub struct BenchArgs {
     /// The VM's kernel (`cargo xtask kernels --list`).
     #[arg(long, default_value = "6.1")]
     kernel: String,
+    /// Only these setups (comma-separated): for development; the report is printed,
+    /// docs/ is left alone.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<measure::Group>,
+    /// Only these tests of the pod-to-pod setups (comma-separated); as --only.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    tests: Vec<measure::Test>,
     /// Print the report, but leave docs/ alone.
     #[arg(long)]
     no_write: bool,
@@ -74,6 +81,36 @@ pub struct BenchArgs {
     /// the command runs itself inside the VM.
     #[arg(long, hide = true)]
     measure_into: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    fn only(&self) -> measure::Only {
+        measure::Only {
+            groups: self.only.clone(),
+            tests: self.tests.clone(),
+        }
+    }
+
+    /// Whether only some setups or tests run.
+    fn partial(&self) -> bool {
+        !self.only.is_empty() || !self.tests.is_empty()
+    }
+
+    /// `--only` and `--tests` as given, for the run inside the VM.
+    fn partial_args(&self) -> String {
+        fn list<T: clap::ValueEnum>(flag: &str, values: &[T]) -> String {
+            if values.is_empty() {
+                return String::new();
+            }
+            let names: Vec<_> = values
+                .iter()
+                .filter_map(|v| v.to_possible_value())
+                .map(|v| v.get_name().to_owned())
+                .collect();
+            format!(" --{flag} {}", names.join(","))
+        }
+        list("only", &self.only) + &list("tests", &self.tests)
+    }
 }
 
 /// Parallel streams of the multi-stream throughput test.
@@ -96,7 +133,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     if let Some(out) = &args.measure_into {
         let agent = crate::lab::agents::build(true)?;
-        let results = measure::run(agent, plan, args.quick)?;
+        let results = measure::run(agent, plan, args.quick, &args.only())?;
         return std::fs::write(out, serde_json::to_vec_pretty(&results)?)
             .with_context(|| format!("writing {}", out.display()));
     }
@@ -126,13 +163,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     // This kernel too, with what it can run (no tunl0 without the ipip module): the
     // datapath on a current kernel (TCX, the DECAP flags of bpf_skb_adjust_room).
-    println!("━━ this machine's kernel");
-    let costs_here = costs(&staged.run_costs(COST_RUNS))?;
-    legs.push(Leg {
-        place: "this machine".to_owned(),
-        results: measure::run(staged.agent.clone(), plan, args.quick)?,
-        costs: costs_here,
-    });
+    if !matches!(args.on, Place::Vm) {
+        println!("━━ this machine's kernel");
+        let costs_here = costs(&staged.run_costs(COST_RUNS))?;
+        legs.push(Leg {
+            place: "this machine".to_owned(),
+            results: measure::run(staged.agent.clone(), plan, args.quick, &args.only())?,
+            costs: costs_here,
+        });
+    }
     let docs = vm::workspace().join("docs");
     let plot_name = "benchmarks.png";
     let report = report::Report {
@@ -151,7 +190,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let markdown = report.markdown();
     println!("\n{markdown}");
-    if args.no_write {
+    if args.no_write || args.partial() {
         return Ok(());
     }
     std::fs::create_dir_all(&docs)?;
@@ -237,13 +276,14 @@ fn in_the_vm(
         "echo '━━ program cost on this kernel'\n\
          {costs} > $VM_SHARED/costs.txt 2>&1; grep PROG_COST $VM_SHARED/costs.txt\n\
          env {PREBUILT_AGENT}={agent} {xtask} bench --measure-into $VM_SHARED/results.json \
-         --runs {runs} --seconds {seconds}{quick}\n",
+         --runs {runs} --seconds {seconds}{quick}{only}\n",
         costs = staged.run_costs(COST_RUNS_VM),
         agent = staged.agent.display(),
         xtask = staged.xtask.display(),
         runs = plan.runs,
         seconds = plan.seconds,
         quick = if args.quick { " --quick" } else { "" },
+        only = args.partial_args(),
     );
     let done = vm.run(&script, VM_TIMEOUT)?;
     if done.status != 0 {
