@@ -138,16 +138,42 @@ pub struct Plan {
     pub streams: usize,
 }
 
-/// Which setups and tests to run: all when empty.
-#[derive(Debug, Clone, Default)]
+/// Which setups and tests to run (`cargo xtask bench --only … --tests …`): all when
+/// empty. For development: a partial run prints its report but does not publish it.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Only {
+    /// Only these setups (comma-separated).
+    #[arg(long = "only", value_enum, value_delimiter = ',')]
     pub groups: Vec<Group>,
+    /// Only these tests of the pod-to-pod setups (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
     pub tests: Vec<Test>,
 }
 
 impl Only {
     fn runs(&self, test: Test) -> bool {
         self.tests.is_empty() || self.tests.contains(&test)
+    }
+
+    /// Whether only some setups or tests run.
+    pub fn partial(&self) -> bool {
+        !self.groups.is_empty() || !self.tests.is_empty()
+    }
+
+    /// The flags as given, for the same run inside the VM.
+    pub fn flags(&self) -> String {
+        fn list<T: clap::ValueEnum>(flag: &str, values: &[T]) -> String {
+            if values.is_empty() {
+                return String::new();
+            }
+            let names: Vec<_> = values
+                .iter()
+                .filter_map(|v| v.to_possible_value())
+                .map(|v| v.get_name().to_owned())
+                .collect();
+            format!(" --{flag} {}", names.join(","))
+        }
+        list("only", &self.groups) + &list("tests", &self.tests)
     }
 }
 
@@ -334,4 +360,31 @@ fn udp(client: &str, c: &Cluster, duration: Duration) -> Result<u64> {
     // Let the last datagrams in flight land.
     std::thread::sleep(Duration::from_millis(200));
     Ok(c.servers.received() - before)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        only: Only,
+    }
+
+    #[test]
+    fn partial_runs_pass_their_flags_on_to_the_vm() {
+        let cli = Cli::parse_from(["bench", "--only", "ours,host-gw", "--tests", "rr"]);
+        assert!(cli.only.partial());
+        assert_eq!(cli.only.flags(), " --only ours,host-gw --tests rr");
+        assert_eq!(
+            available(&cli.only.groups),
+            [Setup::Ours, Setup::Kernel(KernelBackend::HostGw)]
+        );
+        let full = Cli::parse_from(["bench"]);
+        assert!(!full.only.partial());
+        assert_eq!(full.only.flags(), "");
+    }
 }

@@ -67,13 +67,8 @@ pub struct BenchArgs {
     /// The VM's kernel (`cargo xtask kernels --list`).
     #[arg(long, default_value = "6.1")]
     kernel: String,
-    /// Only these setups (comma-separated): for development; the report is printed,
-    /// docs/ is left alone.
-    #[arg(long, value_enum, value_delimiter = ',')]
-    only: Vec<measure::Group>,
-    /// Only these tests of the pod-to-pod setups (comma-separated); as --only.
-    #[arg(long, value_enum, value_delimiter = ',')]
-    tests: Vec<measure::Test>,
+    #[command(flatten)]
+    only: measure::Only,
     /// Print the report, but leave docs/ alone.
     #[arg(long)]
     no_write: bool,
@@ -81,36 +76,6 @@ pub struct BenchArgs {
     /// the command runs itself inside the VM.
     #[arg(long, hide = true)]
     measure_into: Option<PathBuf>,
-}
-
-impl BenchArgs {
-    fn only(&self) -> measure::Only {
-        measure::Only {
-            groups: self.only.clone(),
-            tests: self.tests.clone(),
-        }
-    }
-
-    /// Whether only some setups or tests run.
-    fn partial(&self) -> bool {
-        !self.only.is_empty() || !self.tests.is_empty()
-    }
-
-    /// `--only` and `--tests` as given, for the run inside the VM.
-    fn partial_args(&self) -> String {
-        fn list<T: clap::ValueEnum>(flag: &str, values: &[T]) -> String {
-            if values.is_empty() {
-                return String::new();
-            }
-            let names: Vec<_> = values
-                .iter()
-                .filter_map(|v| v.to_possible_value())
-                .map(|v| v.get_name().to_owned())
-                .collect();
-            format!(" --{flag} {}", names.join(","))
-        }
-        list("only", &self.only) + &list("tests", &self.tests)
-    }
 }
 
 /// Parallel streams of the multi-stream throughput test.
@@ -133,7 +98,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     if let Some(out) = &args.measure_into {
         let agent = crate::lab::agents::build(true)?;
-        let results = measure::run(agent, plan, args.quick, &args.only())?;
+        let results = measure::run(agent, plan, args.quick, &args.only)?;
         return std::fs::write(out, serde_json::to_vec_pretty(&results)?)
             .with_context(|| format!("writing {}", out.display()));
     }
@@ -168,7 +133,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let costs_here = costs(&staged.run_costs(COST_RUNS))?;
         legs.push(Leg {
             place: "this machine".to_owned(),
-            results: measure::run(staged.agent.clone(), plan, args.quick, &args.only())?,
+            results: measure::run(staged.agent.clone(), plan, args.quick, &args.only)?,
             costs: costs_here,
         });
     }
@@ -190,7 +155,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let markdown = report.markdown();
     println!("\n{markdown}");
-    if args.no_write || args.partial() {
+    if args.no_write || args.only.partial() {
         return Ok(());
     }
     std::fs::create_dir_all(&docs)?;
@@ -283,7 +248,7 @@ fn in_the_vm(
         runs = plan.runs,
         seconds = plan.seconds,
         quick = if args.quick { " --quick" } else { "" },
-        only = args.partial_args(),
+        only = args.only.flags(),
     );
     let done = vm.run(&script, VM_TIMEOUT)?;
     if done.status != 0 {
