@@ -43,11 +43,9 @@ impl Flow {
         let f = self.flags;
         match self.proto {
             6 if f & flags::RST != 0 => "reset",
-            6 if f & (flags::FIN_ORIGINAL | flags::FIN_REPLY)
-                == flags::FIN_ORIGINAL | flags::FIN_REPLY =>
-            {
-                "closed"
-            }
+            // The outside closed first: it holds the tuple in TIME_WAIT.
+            6 if flags::fin_both(f) && f & flags::REPLY_CLOSED_FIRST != 0 => "time-wait",
+            6 if flags::fin_both(f) => "closed",
             6 if f & (flags::FIN_ORIGINAL | flags::FIN_REPLY) != 0 => "closing",
             _ if f & flags::SEEN_REPLY != 0 => "established",
             _ => "unreplied",

@@ -1,4 +1,10 @@
-use std::{io::IsTerminal as _, net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
@@ -90,8 +96,12 @@ impl InspectArgs {
         } else {
             Format::Table
         };
-        print!("{}", view?.render(format)?);
-        Ok(())
+        let text = view?.render(format)?;
+        match std::io::stdout().lock().write_all(text.as_bytes()) {
+            // The reader left early (`| head`): nothing more to do.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            written => written.context("writing to stdout"),
+        }
     }
 }
 
@@ -156,7 +166,7 @@ struct RunArgs {
     #[arg(long, default_value_t = overlay_common::maps::CONNTRACK_ENTRIES)]
     conntrack_size: u32,
     /// Override an idle timeout, NAME=SECONDS (tcp_syn, tcp_established, tcp_fin,
-    /// tcp_closed, udp, udp_assured, icmp); repeatable.
+    /// tcp_closed, tcp_time_wait, udp, udp_assured, icmp); repeatable.
     #[arg(long = "ct-timeout")]
     ct_timeouts: Vec<TimeoutOverride>,
     /// Seconds between sweeps of expired connections.

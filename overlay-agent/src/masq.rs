@@ -82,11 +82,12 @@ pub fn timeouts(overrides: &[TimeoutOverride]) -> Result<CtTimeouts> {
             "tcp_established" => &mut t.tcp_established,
             "tcp_fin" => &mut t.tcp_fin,
             "tcp_closed" => &mut t.tcp_closed,
+            "tcp_time_wait" => &mut t.tcp_time_wait,
             "udp" => &mut t.udp,
             "udp_assured" => &mut t.udp_assured,
             "icmp" => &mut t.icmp,
             other => bail!(
-                "unknown timeout {other:?}: use tcp_syn, tcp_established, tcp_fin, tcp_closed, udp, udp_assured or icmp"
+                "unknown timeout {other:?}: use tcp_syn, tcp_established, tcp_fin, tcp_closed, tcp_time_wait, udp, udp_assured or icmp"
             ),
         };
         *slot = *secs;

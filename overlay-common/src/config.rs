@@ -131,7 +131,7 @@ mod tests {
 
     #[test]
     fn layout_is_fixed() {
-        assert_eq!(core::mem::size_of::<DatapathConfig>(), 52);
+        assert_eq!(core::mem::size_of::<DatapathConfig>(), 56);
     }
 
     #[test]

@@ -33,6 +33,21 @@ pub mod flags {
     pub const FIN_ORIGINAL: u8 = 1 << 1;
     pub const FIN_REPLY: u8 = 1 << 2;
     pub const RST: u8 = 1 << 3;
+    /// A translated flow's outside end sent its FIN first: it holds the tuple in
+    /// TIME_WAIT once both directions are closed.
+    pub const REPLY_CLOSED_FIRST: u8 = 1 << 4;
+    /// The inside's last FIN carried a TCP timestamp (`CtEntry::fin_tsval`).
+    pub const FIN_TIMESTAMP: u8 = 1 << 5;
+
+    /// Both directions sent a FIN.
+    pub const fn fin_both(f: u8) -> bool {
+        f & (FIN_ORIGINAL | FIN_REPLY) == FIN_ORIGINAL | FIN_REPLY
+    }
+
+    /// A TCP flow that is over: reset, or closed both ways.
+    pub const fn closed(f: u8) -> bool {
+        f & RST != 0 || fin_both(f)
+    }
 }
 
 /// Value of the `CONNTRACK` map.
@@ -51,6 +66,12 @@ pub struct CtEntry {
     pub flags: u8,
     /// The `--ip-masq` rule that translated the flow ([`Rule`] as u8).
     pub rule: u8,
+    /// ORIGINAL entries of TCP flows: the sequence number just past the inside's last
+    /// FIN, and that FIN's timestamp (TSval). A TIME_WAIT the outside holds accepts a
+    /// new SYN on the tuple only if it is newer than these (see the datapath's
+    /// `nat::timewait`).
+    pub fin_seq_end: u32,
+    pub fin_tsval: u32,
 }
 
 /// Which of flanneld's `--ip-masq` rules decided a flow.
@@ -76,8 +97,12 @@ pub struct CtTimeouts {
     pub tcp_established: u32,
     /// TCP after a FIN in either direction.
     pub tcp_fin: u32,
-    /// TCP after a RST, or FINs in both directions.
+    /// TCP after a RST, or FINs in both directions with the inside's first.
     pub tcp_closed: u32,
+    /// TCP closed by the outside first: it holds the tuple in TIME_WAIT (60 s on
+    /// Linux, up to 240 s elsewhere), during which the port goes only to a SYN that
+    /// TIME_WAIT accepts.
+    pub tcp_time_wait: u32,
     /// UDP before the first reply.
     pub udp: u32,
     /// Two-way UDP.
@@ -94,6 +119,7 @@ impl CtTimeouts {
         tcp_established: 6 * 3600,
         tcp_fin: 120,
         tcp_closed: 10,
+        tcp_time_wait: 120,
         udp: 30,
         udp_assured: 180,
         icmp: 30,
@@ -104,9 +130,9 @@ impl CtTimeouts {
         use flags::*;
         match proto {
             6 => {
-                if flags & RST != 0
-                    || flags & (FIN_ORIGINAL | FIN_REPLY) == FIN_ORIGINAL | FIN_REPLY
-                {
+                if flags & RST == 0 && fin_both(flags) && flags & REPLY_CLOSED_FIRST != 0 {
+                    self.tcp_time_wait
+                } else if closed(flags) {
                     self.tcp_closed
                 } else if flags & (FIN_ORIGINAL | FIN_REPLY) != 0 {
                     self.tcp_fin
@@ -158,8 +184,8 @@ mod tests {
     #[test]
     fn layouts_are_fixed() {
         assert_eq!(core::mem::size_of::<CtKey>(), 16);
-        assert_eq!(core::mem::size_of::<CtEntry>(), 24);
-        assert_eq!(core::mem::size_of::<CtTimeouts>(), 28);
+        assert_eq!(core::mem::size_of::<CtEntry>(), 32);
+        assert_eq!(core::mem::size_of::<CtTimeouts>(), 32);
     }
 
     #[test]
@@ -172,7 +198,18 @@ mod tests {
             t.for_state(6, SEEN_REPLY | FIN_REPLY | FIN_ORIGINAL),
             t.tcp_closed
         );
+        assert_eq!(
+            t.for_state(
+                6,
+                SEEN_REPLY | FIN_REPLY | REPLY_CLOSED_FIRST | FIN_ORIGINAL
+            ),
+            t.tcp_time_wait
+        );
         assert_eq!(t.for_state(6, SEEN_REPLY | RST), t.tcp_closed);
+        assert_eq!(
+            t.for_state(6, SEEN_REPLY | FIN_REPLY | REPLY_CLOSED_FIRST | RST),
+            t.tcp_closed
+        );
         assert_eq!(t.for_state(17, 0), t.udp);
         assert_eq!(t.for_state(17, SEEN_REPLY), t.udp_assured);
         assert_eq!(t.for_state(1, SEEN_REPLY), t.icmp);

@@ -58,6 +58,8 @@ pub enum Reason {
     Masqueraded,
     /// A reply translated back to the flow's original source, handed to the stack.
     Unmasqueraded,
+    /// A reply translated back to a pod of this node and sent straight to it.
+    UnmasqueradedToPod,
 
     /// Not IPv4 (ARP, IPv6, VLAN, ...): not ours.
     PassNotIpv4,
@@ -131,6 +133,7 @@ impl Reason {
         Reason::FragNeededSent,
         Reason::Masqueraded,
         Reason::Unmasqueraded,
+        Reason::UnmasqueradedToPod,
         Reason::PassNotIpv4,
         Reason::PassNotOverlay,
         Reason::PassNotTunnel,
@@ -166,6 +169,7 @@ impl Reason {
             Reason::FragNeededSent => "frag_needed_sent",
             Reason::Masqueraded => "masqueraded",
             Reason::Unmasqueraded => "unmasqueraded",
+            Reason::UnmasqueradedToPod => "unmasqueraded_to_pod",
             Reason::PassNotIpv4 => "pass_not_ipv4",
             Reason::PassNotOverlay => "pass_not_overlay",
             Reason::PassNotTunnel => "pass_not_tunnel",
@@ -195,7 +199,7 @@ impl Reason {
 
     pub const fn kind(self) -> Kind {
         match self as u32 {
-            r if r <= Reason::Unmasqueraded as u32 => Kind::Forward,
+            r if r <= Reason::UnmasqueradedToPod as u32 => Kind::Forward,
             r if r <= Reason::PassForeignSource as u32 => Kind::Pass,
             _ => Kind::Drop,
         }

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use overlay_common::{
     DatapathConfig,
@@ -11,7 +11,10 @@ use overlay_common::{
     counters::NatEvent,
 };
 
-use crate::maps::CONNTRACK;
+use crate::{
+    maps::CONNTRACK,
+    nat::timewait::{self, Marks},
+};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// A deadline is rewritten only when it moves by more than this: keeps the hot path
@@ -65,9 +68,13 @@ pub enum CreateError {
     PortsExhausted,
 }
 
+/// CLOCK_MONOTONIC at the last tick: what the agent's CLOCK_MONOTONIC reads, at most
+/// a tick behind, which deadlines in seconds do not mind. It reads no clock source:
+/// per packet, a clock source read is costly (an emulated HPET takes microseconds),
+/// as the kernel's connection tracking avoids too (it counts in jiffies).
 #[inline(always)]
 fn now() -> u64 {
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The live ORIGINAL entry for `t` (expired entries count as absent; the agent's
@@ -106,10 +113,14 @@ pub fn reply(t: &Tuple) -> Option<(CtEntry, *mut CtEntry)> {
 /// the flow, in the reply direction if `is_reply`, and extends its deadline.
 #[inline(always)]
 pub fn touch(cfg: &DatapathConfig, entry: *mut CtEntry, proto: u8, tcp: u8, is_reply: bool) {
-    const FIN: u8 = 0x01;
-    const RST: u8 = 0x04;
+    use crate::parse::tcp::{ACK, FIN, RST, SYN};
     let old = unsafe { (*entry).flags };
     let mut new = old;
+    // A SYN from the inside on a tuple that is over opens a new connection on it (the
+    // pod reusing its port): it starts afresh, keeping its translation.
+    if !is_reply && tcp & (SYN | ACK) == SYN && flags::closed(old) {
+        new = 0;
+    }
     if is_reply {
         new |= flags::SEEN_REPLY;
     }
@@ -122,6 +133,14 @@ pub fn touch(cfg: &DatapathConfig, entry: *mut CtEntry, proto: u8, tcp: u8, is_r
         } else {
             flags::FIN_ORIGINAL
         };
+        // Only a translated flow's port is handed on; an untranslated one's TIME_WAIT
+        // is the pod's business.
+        if is_reply
+            && old & flags::FIN_ORIGINAL == 0
+            && unsafe { (*entry).rule } != Rule::Untranslated as u8
+        {
+            new |= flags::REPLY_CLOSED_FIRST;
+        }
     }
     let expires = now() + u64::from(cfg.ct_timeouts.for_state(proto, new)) * NS_PER_SEC;
     // Racing writers from other CPUs can only lose a refresh or a flag bit of the same
@@ -145,12 +164,14 @@ pub fn track_untranslated(cfg: &DatapathConfig, t: &Tuple) -> Result<*mut CtEntr
 
 /// Creates a translated flow for `t`: claims a REPLY key for a free port of the
 /// configured range on `nat_ip`, then the ORIGINAL entry. Returns the ORIGINAL entry.
+/// `syn`: the marks of the flow's first segment if it is a TCP SYN.
 #[inline(always)]
 pub fn create(
     cfg: &DatapathConfig,
     t: &Tuple,
     nat_ip: [u8; 4],
     rule: u8,
+    syn: Option<&Marks>,
 ) -> Result<*mut CtEntry, CreateError> {
     let span = u32::from(cfg.nat_port_max.saturating_sub(cfg.nat_port_min)) + 1;
     let start = unsafe { bpf_get_prandom_u32() } % span;
@@ -168,19 +189,18 @@ pub fn create(
         let port = port.to_be_bytes();
         let reply = reply_tuple(t, nat_ip, port);
         let value = CtEntry {
-            expires_ns: 0,
             created_ns: born,
             addr: t.src,
             port: t.sport,
-            flags: 0,
             rule,
+            ..CtEntry::default()
         };
         match CONNTRACK.insert(&reply.key(DIR_REPLY), &value, u64::from(BPF_NOEXIST)) {
             Ok(()) => {}
             Err(e) if e == -E2BIG || e == -ENOMEM => return Err(CreateError::TableFull),
             // Taken by a flow that is over: take the port over (the collector would
             // free it only at its next sweep).
-            Err(_) if reclaim(&reply, &value, born) => {}
+            Err(_) if reclaim(&reply, &value, born, syn) => {}
             // Taken (by a live flow, or one being created): try another port.
             Err(_) => {
                 crate::counters::nat_event(NatEvent::PortCollision);
@@ -203,14 +223,15 @@ pub fn create(
 const ORPHAN_AGE_NS: u64 = 2 * NS_PER_SEC;
 
 /// Takes over the REPLY slot of `reply` for `value` when the flow holding it is over:
-/// expired (not collected yet), reset, or closed in both directions, or gone and the
+/// expired (not collected yet), reset, closed in both directions (if the outside
+/// closed first, only for a SYN its TIME_WAIT accepts: [`timewait`]), or gone and the
 /// slot an old orphan. A closed TCP flow's port is reused at once, as the kernel's NAT
 /// reuses a tuple in TIME_WAIT: a connection rate to one destination is otherwise
 /// bound by ports ÷ (the closed timeout + the collector's interval), a few hundred per
 /// second. The old flow's ORIGINAL entry goes too, so that a late packet of it cannot
 /// be translated to the port's new owner.
 #[inline(always)]
-fn reclaim(reply: &Tuple, value: &CtEntry, now: u64) -> bool {
+fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> bool {
     const TCP: u8 = 6;
     let key = reply.key(DIR_REPLY);
     let Some(old) = CONNTRACK.get_ptr(&key) else {
@@ -232,10 +253,12 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64) -> bool {
         .filter(|e| e.addr == reply.dst && e.port == reply.dport);
     let over = match owner {
         Some(e) => {
-            let closed = e.flags & flags::RST != 0
-                || e.flags & (flags::FIN_ORIGINAL | flags::FIN_REPLY)
-                    == flags::FIN_ORIGINAL | flags::FIN_REPLY;
-            e.expires_ns <= now || (reply.proto == TCP && closed)
+            // Over, and the outside holds no TIME_WAIT the new flow's SYN would hit.
+            let free = flags::closed(e.flags)
+                && (e.flags & (flags::RST | flags::REPLY_CLOSED_FIRST)
+                    != flags::REPLY_CLOSED_FIRST
+                    || syn.is_some_and(|syn| timewait::accepts(&e, syn)));
+            e.expires_ns <= now || (reply.proto == TCP && free)
         }
         None => now.saturating_sub(old.created_ns) > ORPHAN_AGE_NS,
     };
@@ -275,8 +298,8 @@ fn insert_original(
         created_ns: born,
         addr,
         port,
-        flags: 0,
         rule,
+        ..CtEntry::default()
     };
     let key = t.key(DIR_ORIGINAL);
     match CONNTRACK.insert(&key, &value, 0) {

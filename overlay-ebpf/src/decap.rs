@@ -1,5 +1,6 @@
 //! Decapsulation: IPIP from a known node, for a pod of this node, loses its outer
-//! header and goes straight to the pod.
+//! header and goes straight to the pod; so do replies to masqueraded flows of this
+//! node's pods, once translated back.
 
 use aya_ebpf::{
     bindings::{
@@ -42,7 +43,7 @@ fn uplink(ctx: &TcContext) -> Verdict {
     if outer.proto != IPPROTO_IPIP || outer.dst_addr != cfg.node_ip {
         // Not our tunnel; it may be the reply to a masqueraded flow.
         return match nat::ingress(ctx, cfg, &outer) {
-            Ok(true) => pass(Reason::Unmasqueraded),
+            Ok(true) => unmasqueraded(ctx, cfg),
             Ok(false) => pass(Reason::PassNotTunnel),
             Err(reason) => drop(reason),
         };
@@ -72,16 +73,42 @@ fn uplink(ctx: &TcContext) -> Verdict {
     // Replies to flows masqueraded under rule 6 come back through the tunnel to our
     // pod gateway address.
     match nat::ingress(ctx, cfg, &inner) {
-        Ok(true) => return pass(Reason::Unmasqueraded),
+        Ok(true) => return unmasqueraded(ctx, cfg),
         Ok(false) => {}
         Err(reason) => return drop(reason),
     }
-    if inner.ttl <= 1 {
+    forward_to_pod(
+        ctx,
+        &inner,
+        Reason::Decapsulated,
+        Reason::DecapsulatedToStack,
+    )
+}
+
+/// A reply translated back to its flow's original source: straight to it when that
+/// is a pod of this node (rule 5), as a decapsulated packet goes; to the stack
+/// otherwise (the host or the outside, rule 6).
+#[inline(always)]
+fn unmasqueraded(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
+    match parse::frame(ctx) {
+        Frame::Ipv4(ip) if cfg.in_pod_subnet(ip.dst_addr) => {
+            forward_to_pod(ctx, &ip, Reason::UnmasqueradedToPod, Reason::Unmasqueraded)
+        }
+        _ => pass(Reason::Unmasqueraded),
+    }
+}
+
+/// Forwards a packet (IPv4 header `ip`, at the start of the frame's network layer) to
+/// a pod of this node in place of the host's router, counted as `fast`; when it
+/// cannot, hands it to the host stack, counted as `slow`.
+#[inline(always)]
+fn forward_to_pod(ctx: &TcContext, ip: &Ipv4Hdr, fast: Reason, slow: Reason) -> Verdict {
+    if ip.ttl <= 1 {
         // Let the stack answer with time-exceeded.
-        return pass(Reason::DecapsulatedToStack);
+        return pass(slow);
     }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match fib::lookup(ctx, ifindex, inner.src_addr, inner.dst_addr, 0) {
+    match fib::lookup(ctx, ifindex, ip.src_addr, ip.dst_addr, 0) {
         Path::Resolved {
             ifindex: out,
             smac,
@@ -90,11 +117,11 @@ fn uplink(ctx: &TcContext) -> Verdict {
             if !fib::set_macs(ctx, smac, dmac) || !ipv4::decrement_ttl(ctx) {
                 return drop(Reason::DropHelperError);
             }
-            (Reason::Decapsulated, to_pod(out, dmac))
+            (fast, to_pod(out, dmac))
         }
         // Local destination (the gateway), unresolved pod neighbour, or anything odd:
         // the host stack delivers, resolves or reports.
-        _ => pass(Reason::DecapsulatedToStack),
+        _ => pass(slow),
     }
 }
 

@@ -9,6 +9,10 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -24,15 +28,17 @@ use overlay_common::{
     config::{NAT_PORT_MAX, NAT_PORT_MIN},
     conntrack::{
         CtEntry, CtKey, CtTimeouts, DIR_ORIGINAL, DIR_REPLY, Rule,
-        flags::{FIN_ORIGINAL, FIN_REPLY, RST as RST_SEEN, SEEN_REPLY},
+        flags::{
+            FIN_ORIGINAL, FIN_REPLY, FIN_TIMESTAMP, REPLY_CLOSED_FIRST, RST as RST_SEEN, SEEN_REPLY,
+        },
     },
     counters::NatEvent,
 };
 
 use super::{
-    fixture::{Act, Node, masquerade, with_node_setup},
+    fixture::{Act, Node, assert_bytes_eq, check_verdict, masquerade, with_node_setup},
     nat::{
-        Tracked, assert_table, client, ct_key, incoming, open, outgoing, translate_back,
+        PAYLOAD, Tracked, assert_table, client, ct_key, incoming, open, outgoing, translate_back,
         translate_out, translation,
     },
     packet::{ACK, Conn, FIN, Proto, RST, SYN},
@@ -69,8 +75,8 @@ fn claim(node: &Node, server: (Ipv4Addr, u16), port: u16, created_ns: u64) -> Ct
         created_ns,
         addr: POD_UNRESOLVED.octets(),
         port: 5000u16.to_be_bytes(),
-        flags: 0,
         rule: Rule::PodToOutside as u8,
+        ..CtEntry::default()
     };
     node.conntrack_map()
         .insert(key, value, 0)
@@ -131,8 +137,8 @@ fn a_closed_tcp_connection_gives_its_port_at_once() {
             translate_back(node, first, nat, SYN | ACK);
             // While the first is open, the port is not given.
             refused(node, &second, Reason::DropNatPortsExhausted);
-            // Closed in both directions (the outside now in TIME_WAIT): the port is the
-            // second connection's, as the kernel's NAT reuses a TIME_WAIT tuple.
+            // Closed in both directions, the pod first (so the TIME_WAIT is the pod's,
+            // the outside holds none): the port is the second connection's at once.
             translate_out(node, first, FIN | ACK, NODE_IP);
             translate_back(node, first, nat, FIN | ACK);
             let reused = open(node, second, SYN, NODE_IP);
@@ -143,6 +149,166 @@ fn a_closed_tcp_connection_gives_its_port_at_once() {
             refused(node, &first, Reason::DropNatPortsExhausted);
         },
     );
+}
+
+/// Marks of the first connection in the TIME_WAIT tests: its FIN's sequence number
+/// and timestamp. The outside's TIME_WAIT expects a sequence number past the FIN.
+const FIN_SEQ: u32 = 0x8000_0000;
+const FIN_TSVAL: u32 = 0x7000_0000;
+const FIN_SEQ_END: u32 = FIN_SEQ + PAYLOAD as u32 + 1;
+
+/// One port, held by a connection the outside closed first (`fin_tsval`: whether the
+/// pod's FIN carried a timestamp), then a second connection's SYN with `syn`'s sequence
+/// number and timestamp: whether it got the port.
+fn after_outside_closed(fin_tsval: Option<u32>, syn: (u32, Option<u32>)) -> bool {
+    const ONE_PORT: (u16, u16) = (62000, 62000);
+    let given = Arc::new(AtomicBool::new(false));
+    let result = given.clone();
+    with_node_setup(
+        LoadOptions::default(),
+        setup(ONE_PORT, STATEFUL),
+        move |node| {
+            let server = (OUTSIDE, 80);
+            let first = Conn::new(Proto::Tcp, (POD, 40030), server).with_marks(FIN_SEQ, fin_tsval);
+            let second = Conn::new(Proto::Tcp, (POD, 40031), server).with_marks(syn.0, syn.1);
+            let nat = open(node, first, SYN, NODE_IP);
+            translate_back(node, first, nat, SYN | ACK);
+            translate_back(node, first, nat, FIN | ACK);
+            translate_out(node, first, ACK, NODE_IP);
+            assert_state(
+                node,
+                &first,
+                SEEN_REPLY | FIN_REPLY | REPLY_CLOSED_FIRST,
+                "closing",
+                STATEFUL.tcp_fin,
+            );
+            translate_out(node, first, FIN | ACK, NODE_IP);
+            let marked = fin_tsval.map_or(0, |_| FIN_TIMESTAMP);
+            let closed = SEEN_REPLY | FIN_REPLY | REPLY_CLOSED_FIRST | FIN_ORIGINAL | marked;
+            assert_state(node, &first, closed, "time-wait", STATEFUL.tcp_time_wait);
+            let key = ct_key(&first, DIR_ORIGINAL);
+            let entry = node
+                .conntrack_map()
+                .get(&key, 0)
+                .expect("the closed flow's entry");
+            assert_eq!(
+                (entry.fin_seq_end, entry.fin_tsval),
+                (FIN_SEQ_END, fin_tsval.unwrap_or(0)),
+                "marks of the pod's FIN"
+            );
+            let frame = outgoing(&second, SYN);
+            let out = node.run(UplinkEgress, &frame);
+            match translation(node, &second) {
+                Some(translated) => {
+                    // Given: the SYN leaves on the port, the first flow's entries are gone.
+                    assert_eq!(translated, (NODE_IP, ONE_PORT.0));
+                    check_verdict(UplinkEgress, &frame, &out, Act::Ok, Reason::Masqueraded);
+                    let expected = outgoing(&second.with_src(translated), SYN);
+                    assert_bytes_eq(&out.data, &expected, "the SYN on the handed-on port");
+                    assert!(!listed(node, &first), "the closed flow is still listed");
+                    result.store(true, Ordering::Relaxed);
+                }
+                None => {
+                    let dropped = Reason::DropNatPortsExhausted;
+                    check_verdict(UplinkEgress, &frame, &out, Act::Shot, dropped);
+                    assert!(
+                        listed(node, &first),
+                        "a refused SYN took the closed flow away"
+                    );
+                }
+            }
+        },
+    );
+    given.load(Ordering::Relaxed)
+}
+
+#[test]
+fn a_port_the_outside_holds_in_time_wait_goes_only_to_a_syn_it_accepts() {
+    let ts = Some(FIN_TSVAL);
+    let cases = [
+        // With timestamps: a newer TSval is accepted whatever the sequence number (a
+        // wrapped one included), an older or equal one refused whatever it (PAWS).
+        ("newer timestamp", ts, (0, Some(FIN_TSVAL + 1)), true),
+        (
+            "newer timestamp, across the wrap",
+            Some(u32::MAX - 5),
+            (0, Some(10)),
+            true,
+        ),
+        (
+            "same timestamp",
+            ts,
+            (FIN_SEQ_END + 1000, Some(FIN_TSVAL)),
+            false,
+        ),
+        (
+            "older timestamp",
+            ts,
+            (FIN_SEQ_END + 1000, Some(FIN_TSVAL - 1)),
+            false,
+        ),
+        // A SYN without timestamps, or a flow that had none: the sequence number must
+        // lie past the FIN.
+        (
+            "no timestamp, sequence past the FIN",
+            ts,
+            (FIN_SEQ_END + 1, None),
+            true,
+        ),
+        (
+            "no timestamp, sequence at the FIN's end",
+            ts,
+            (FIN_SEQ_END, None),
+            false,
+        ),
+        (
+            "old flow without timestamps, later sequence",
+            None,
+            (FIN_SEQ_END + 1, Some(1)),
+            true,
+        ),
+        (
+            "old flow without timestamps, earlier sequence",
+            None,
+            (FIN_SEQ - 1, Some(u32::MAX / 2)),
+            false,
+        ),
+    ];
+    for (case, fin_tsval, syn, accepted) in cases {
+        eprintln!("case: {case}");
+        assert_eq!(after_outside_closed(fin_tsval, syn), accepted, "{case}");
+    }
+}
+
+#[test]
+fn a_syn_on_a_closed_flow_reopens_it() {
+    // The pod reuses its port: the flow starts over with its translation.
+    with_node_setup(LoadOptions::default(), setup(ALL_PORTS, STATEFUL), |node| {
+        let conn = client(Proto::Tcp, POD, OUTSIDE);
+        let nat = open(node, conn, SYN, NODE_IP);
+        translate_back(node, conn, nat, SYN | ACK);
+        translate_back(node, conn, nat, FIN | ACK);
+        translate_out(node, conn, FIN | ACK, NODE_IP);
+        assert_eq!(translation(node, &conn), Some(nat.src));
+        let (again, events) = translate_out(node, conn, SYN, NODE_IP);
+        assert_eq!(
+            (again, events),
+            (nat, BTreeMap::new()),
+            "same translation, no new flow"
+        );
+        assert_state(node, &conn, 0, "unreplied", STATEFUL.tcp_syn);
+        // An ACK does not reopen a closed flow.
+        translate_back(node, conn, nat, FIN | ACK);
+        translate_out(node, conn, FIN | ACK, NODE_IP);
+        translate_out(node, conn, ACK, NODE_IP);
+        assert_state(
+            node,
+            &conn,
+            SEEN_REPLY | FIN_REPLY | REPLY_CLOSED_FIRST | FIN_ORIGINAL,
+            "time-wait",
+            STATEFUL.tcp_time_wait,
+        );
+    });
 }
 
 #[test]
@@ -291,6 +457,7 @@ const STATEFUL: CtTimeouts = CtTimeouts {
     tcp_established: 1000,
     tcp_fin: 300,
     tcp_closed: 30,
+    tcp_time_wait: 200,
     udp: 50,
     udp_assured: 500,
     icmp: 70,

@@ -123,6 +123,19 @@ pub fn decapsulated(input: &[u8], ttl_decrement: u8, l2: L2) -> Vec<u8> {
     .concat()
 }
 
+/// The frame `input` (a datagram from the underlay for the local pod) becomes when sent
+/// straight to the pod: to the pod's MAC from the bridge's, TTL lowered by one, and
+/// whatever trails the datagram kept.
+pub fn to_pod(input: &[u8]) -> Vec<u8> {
+    let (eth, ip, _) = split(input);
+    [
+        ethernet_for(TO_POD, &eth).to_bytes().as_slice(),
+        &rewritten(&ip, 1, None).to_bytes(),
+        &input[ETH_LEN + ip.header_len()..],
+    ]
+    .concat()
+}
+
 /// Bytes of the offending datagram quoted after its IP header.
 pub const QUOTE_LEN: usize = 64;
 

@@ -19,7 +19,7 @@ use overlay_common::{
 };
 
 use super::{
-    expect::{TO_POD, assert_checksums, decapsulated, encapsulated, towards},
+    expect::{TO_POD, assert_checksums, decapsulated, encapsulated, to_pod, towards},
     fixture::{
         Act, Node, SkBuff, assert_bytes_eq, check_verdict, masquerade, with_masquerading_node,
         with_node, with_node_setup,
@@ -153,6 +153,18 @@ pub fn open(node: &Node, conn: Conn, flags: u8, nat_ip: Ipv4Addr) -> Conn {
     translated
 }
 
+/// How a reply (or an error about a flow) translated back to `original` (the flow's
+/// source) leaves the uplink's ingress, and the frame it leaves as, given `back`: the
+/// frame translated back, as the host stack would receive it. A resolved pod of this
+/// node gets it straight; the stack delivers the rest.
+pub fn reply_outcome(original: Ipv4Addr, back: Vec<u8>) -> (Act, Reason, Vec<u8>) {
+    if original == POD {
+        (Act::Redirect, Reason::UnmasqueradedToPod, to_pod(&back))
+    } else {
+        (Act::Ok, Reason::Unmasqueraded, back)
+    }
+}
+
 /// Sends the reply to `translated` (the translation of `conn`) in through the uplink
 /// and checks that it reaches the stack addressed to `conn`'s source, exactly as the
 /// other end sent it otherwise. Returns the masquerade events of the run.
@@ -174,9 +186,10 @@ fn translate_back_with(
     change: HeaderChange,
 ) -> BTreeMap<NatEvent, u64> {
     let frame = incoming_with(&translated.reversed(), flags, change);
-    let out = node.expect_outcome(UplinkIngress, &frame, Act::Ok, Reason::Unmasqueraded);
     // Decapsulated if it came through the tunnel: the frame as the underlay brought it.
-    let expected = from_underlay(&conn.reversed().datagram_with(flags, PAYLOAD, change));
+    let back = from_underlay(&conn.reversed().datagram_with(flags, PAYLOAD, change));
+    let (act, reason, expected) = reply_outcome(conn.src.0, back);
+    let out = node.expect_outcome(UplinkIngress, &frame, act, reason);
     assert_bytes_eq(&out.data, &expected, "reply translated back");
     assert_checksums(&out.data);
     out.events

@@ -26,7 +26,7 @@ use overlay_common::{
 use super::{
     expect::{assert_checksums, encapsulated, towards},
     fixture::{Act, Node, assert_bytes_eq, with_masquerading_node},
-    nat::{PAYLOAD, client, incoming, open, translate_back},
+    nat::{PAYLOAD, client, incoming, open, reply_outcome, translate_back},
     packet::{
         ACK, Conn, IPV4_LEN, Proto, SYN, Transport, datagram, from_host, from_peer, from_underlay,
         icmp_message, ipv4, nest, tunnel_header,
@@ -60,8 +60,14 @@ fn quote_lengths(proto: Proto, datagram: &[u8]) -> Vec<usize> {
 
 /// Runs `frame` through `hook` and checks that it leaves as `expected` with `act` and
 /// `reason`, counted as one translated ICMP error.
-fn assert_translated_error(node: &Node, hook: Hook, frame: &[u8], reason: Reason, expected: &[u8]) {
-    let out = node.expect_outcome(hook, frame, Act::Ok, reason);
+fn assert_translated_error(
+    node: &Node,
+    hook: Hook,
+    frame: &[u8],
+    (act, reason): (Act, Reason),
+    expected: &[u8],
+) {
+    let out = node.expect_outcome(hook, frame, act, reason);
     assert_bytes_eq(&out.data, expected, "translated ICMP error");
     assert_checksums(&out.data);
     assert_eq!(
@@ -102,12 +108,14 @@ fn errors_about_masqueraded_packets_reach_their_pod() {
                             icmp_message(OUTSIDE_ROUTER, NODE_IP, icmp_type.clone(), &left[..len]);
                         let expected =
                             icmp_message(OUTSIDE_ROUTER, POD, icmp_type.clone(), &sent[..len]);
+                        let back = [from_underlay(&expected).as_slice(), trailer].concat();
+                        let (act, reason, expected) = reply_outcome(POD, back);
                         assert_translated_error(
                             node,
                             UplinkIngress,
                             &[from_underlay(&error).as_slice(), trailer].concat(),
-                            Reason::Unmasqueraded,
-                            &[from_underlay(&expected).as_slice(), trailer].concat(),
+                            (act, reason),
+                            &expected,
                         );
                     }
                 }
@@ -138,7 +146,13 @@ fn errors_pods_send_about_replies_leave_masqueraded() {
                 ));
                 let expected =
                     from_host(&icmp_message(NODE_IP, OUTSIDE, icmp_type, &replied[..len]));
-                assert_translated_error(node, UplinkEgress, &error, Reason::Masqueraded, &expected);
+                assert_translated_error(
+                    node,
+                    UplinkEgress,
+                    &error,
+                    (Act::Ok, Reason::Masqueraded),
+                    &expected,
+                );
             }
         }
     });
@@ -168,7 +182,7 @@ fn errors_of_host_traffic_to_remote_pods_are_translated_both_ways() {
                 node,
                 UplinkIngress,
                 &error,
-                Reason::Unmasqueraded,
+                (Act::Ok, Reason::Unmasqueraded),
                 &expected,
             );
 
@@ -178,7 +192,13 @@ fn errors_of_host_traffic_to_remote_pods_are_translated_both_ways() {
             let replied = translated.reversed().datagram(SYN | ACK, PAYLOAD);
             let translated_error = from_host(&icmp_message(GATEWAY, W2.pod, icmp_type, &replied));
             let expected = encapsulated(&translated_error, &W2, 0, towards(&W2));
-            assert_translated_error(node, UplinkEgress, &error, Reason::Encapsulated, &expected);
+            assert_translated_error(
+                node,
+                UplinkEgress,
+                &error,
+                (Act::Ok, Reason::Encapsulated),
+                &expected,
+            );
         }
     });
 }

@@ -134,9 +134,12 @@ pub const RST: u8 = 0x04;
 pub const PSH: u8 = 0x08;
 pub const ACK: u8 = 0x10;
 
+/// Sequence number of test segments, unless a test sets another.
+const TCP_SEQ: u32 = 0x0102_0304;
+
 /// The TCP header of test segments (fixed sequence numbers and window) with `flags`.
 fn tcp_header(sport: u16, dport: u16, flags: u8) -> TcpHeader {
-    let mut tcp = TcpHeader::new(sport, dport, 0x0102_0304, 64240);
+    let mut tcp = TcpHeader::new(sport, dport, TCP_SEQ, 64240);
     tcp.fin = flags & FIN != 0;
     tcp.syn = flags & SYN != 0;
     tcp.rst = flags & RST != 0;
@@ -237,6 +240,10 @@ pub struct Conn {
     pub dst: (Ipv4Addr, u16),
     /// The answering direction (for ICMP echo: replies, identifier in `dst`).
     pub answer: bool,
+    /// TCP: the sequence number of its segments, and the TSval of a timestamp option
+    /// they carry (SYNs with the options of a Linux SYN, others NOP, NOP, timestamp).
+    pub seq: u32,
+    pub tsval: Option<u32>,
 }
 
 impl Conn {
@@ -252,16 +259,18 @@ impl Conn {
             src,
             dst,
             answer: false,
+            seq: TCP_SEQ,
+            tsval: None,
         }
     }
 
     /// The other direction: what the destination sends back.
     pub fn reversed(self) -> Conn {
         Conn {
-            proto: self.proto,
             src: self.dst,
             dst: self.src,
             answer: !self.answer,
+            ..self
         }
     }
 
@@ -271,6 +280,11 @@ impl Conn {
 
     pub fn with_dst(self, dst: (Ipv4Addr, u16)) -> Conn {
         Conn { dst, ..self }
+    }
+
+    /// TCP segments with sequence number `seq` and a timestamp option `tsval`.
+    pub fn with_marks(self, seq: u32, tsval: Option<u32>) -> Conn {
+        Conn { seq, tsval, ..self }
     }
 
     /// A datagram of this direction with `payload_len` bytes of payload and, for TCP,
@@ -289,7 +303,29 @@ impl Conn {
     ) -> Vec<u8> {
         let (sport, dport) = (self.src.1, self.dst.1);
         let l4 = match self.proto {
-            Proto::Tcp => L4::Tcp(tcp_header(sport, dport, flags)),
+            Proto::Tcp => {
+                let mut tcp = tcp_header(sport, dport, flags);
+                tcp.sequence_number = self.seq;
+                if let Some(tsval) = self.tsval {
+                    let options: &[TcpOptionElement] = if tcp.syn {
+                        &[
+                            TcpOptionElement::MaximumSegmentSize(1460),
+                            TcpOptionElement::SelectiveAcknowledgementPermitted,
+                            TcpOptionElement::Timestamp(tsval, 0),
+                            TcpOptionElement::Noop,
+                            TcpOptionElement::WindowScale(7),
+                        ]
+                    } else {
+                        &[
+                            TcpOptionElement::Noop,
+                            TcpOptionElement::Noop,
+                            TcpOptionElement::Timestamp(tsval, 1),
+                        ]
+                    };
+                    tcp.set_options(options).expect("options fit");
+                }
+                L4::Tcp(tcp)
+            }
             Proto::Udp => L4::Udp {
                 sport,
                 dport,

@@ -12,6 +12,7 @@
 
 pub mod icmp_error;
 pub mod rewrite;
+pub mod timewait;
 pub mod tuple;
 
 use aya_ebpf::programs::TcContext;
@@ -84,10 +85,13 @@ pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<boo
             if !l4.opens_flow() {
                 return Ok(false);
             }
-            let entry = conntrack::create(cfg, &t, nat_ip, rule as u8).map_err(|e| match e {
-                CreateError::TableFull => Reason::DropNatTableFull,
-                CreateError::PortsExhausted => Reason::DropNatPortsExhausted,
-            })?;
+            let syn = timewait::syn(ctx, ip, &l4);
+            let entry = conntrack::create(cfg, &t, nat_ip, rule as u8, syn.as_ref()).map_err(
+                |e| match e {
+                    CreateError::TableFull => Reason::DropNatTableFull,
+                    CreateError::PortsExhausted => Reason::DropNatPortsExhausted,
+                },
+            )?;
             nat_event(NatEvent::FlowCreated);
             entry
         }
@@ -97,6 +101,7 @@ pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<boo
     if e.rule == Rule::Untranslated as u8 {
         return Ok(false);
     }
+    timewait::record_fin(ctx, ip, &l4, entry);
     rewrite::rewrite(
         ctx,
         ETH_LEN,
