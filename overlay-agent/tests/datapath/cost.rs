@@ -78,9 +78,9 @@ fn cost_per_packet() {
         let conn = client(Proto::Tcp, POD, OUTSIDE);
         let translated = open(node, conn, SYN, NODE_IP);
         measure(node, "snat", UplinkEgress, &outgoing(&conn, ACK), Act::Ok);
-        // Its reply: translated back to the pod.
+        // Its reply: translated back and redirected to the pod.
         let reply = from_underlay(&translated.reversed().datagram(ACK, PAYLOAD));
-        measure(node, "snat-reply", UplinkIngress, &reply, Act::Ok);
+        measure(node, "snat-reply", UplinkIngress, &reply, Act::Redirect);
         // Underlay traffic that is none of ours: what every other packet pays.
         let other = from_underlay(&datagram(
             ipv4(Ipv4Addr::new(172, 18, 0, 9), NODE_IP),
