@@ -44,7 +44,7 @@ impl Flow {
         match self.proto {
             6 if f & flags::RST != 0 => "reset",
             // The outside closed first: it holds the tuple in TIME_WAIT.
-            6 if flags::fin_both(f) && f & flags::REPLY_CLOSED_FIRST != 0 => "time-wait",
+            6 if flags::outside_time_wait(f) => "time-wait",
             6 if flags::fin_both(f) => "closed",
             6 if f & (flags::FIN_ORIGINAL | flags::FIN_REPLY) != 0 => "closing",
             _ if f & flags::SEEN_REPLY != 0 => "established",

@@ -48,6 +48,12 @@ pub mod flags {
     pub const fn closed(f: u8) -> bool {
         f & RST != 0 || fin_both(f)
     }
+
+    /// Closed both ways, the outside first and without a reset: the outside holds the
+    /// tuple in TIME_WAIT.
+    pub const fn outside_time_wait(f: u8) -> bool {
+        f & RST == 0 && fin_both(f) && f & REPLY_CLOSED_FIRST != 0
+    }
 }
 
 /// Value of the `CONNTRACK` map.
@@ -130,7 +136,7 @@ impl CtTimeouts {
         use flags::*;
         match proto {
             6 => {
-                if flags & RST == 0 && fin_both(flags) && flags & REPLY_CLOSED_FIRST != 0 {
+                if outside_time_wait(flags) {
                     self.tcp_time_wait
                 } else if closed(flags) {
                     self.tcp_closed

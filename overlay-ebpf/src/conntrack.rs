@@ -255,8 +255,7 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> boo
         Some(e) => {
             // Over, and the outside holds no TIME_WAIT the new flow's SYN would hit.
             let free = flags::closed(e.flags)
-                && (e.flags & (flags::RST | flags::REPLY_CLOSED_FIRST)
-                    != flags::REPLY_CLOSED_FIRST
+                && (!flags::outside_time_wait(e.flags)
                     || syn.is_some_and(|syn| timewait::accepts(&e, syn)));
             e.expires_ns <= now || (reply.proto == TCP && free)
         }
