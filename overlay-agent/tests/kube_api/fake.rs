@@ -327,7 +327,13 @@ async fn handle(socket: TcpStream, shared: Arc<Shared>) {
     };
     let which = request.which();
     let fault = shared.state.lock().unwrap().fault(which);
-    request.status = fault.unwrap_or(200);
+    // A patch is applied before it is recorded: a test that sees the patch can read
+    // the node it made (and a write of its own cannot land in between and be lost).
+    let patched =
+        (fault.is_none() && which == Some(Which::Patch)).then(|| patch(&shared, &request));
+    request.status = fault
+        .or(patched.as_ref().map(|(code, _)| *code))
+        .unwrap_or(200);
     shared.state.lock().unwrap().requests.push(request.clone());
     let socket = stream.get_mut();
     if let Some(code) = fault {
@@ -349,8 +355,9 @@ async fn handle(socket: TcpStream, shared: Arc<Shared>) {
             shared.open_watches.fetch_sub(1, Ordering::SeqCst);
         }
         Some(Which::Patch) => {
-            let (code, body) = patch(&shared, &request);
-            respond(socket, code, &body).await;
+            if let Some((code, body)) = patched {
+                respond(socket, code, &body).await;
+            }
         }
         None => {
             let body = status_body(404, "NotFound", "not served by the fake");
