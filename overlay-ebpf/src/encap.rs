@@ -86,6 +86,12 @@ fn host(ctx: &TcContext) -> Verdict {
         Ok(ip) => ip,
         Err(verdict) => return verdict,
     };
+    // What `bridge_ingress` encapsulated and redirected here (the egress hook runs
+    // again on it where there is no TCX): nothing more to do. Skipping masquerade and
+    // the route lookup cuts this run by a fifth (program cost `tunnelled`).
+    if ip.proto == IPPROTO_IPIP && ip.src_addr == cfg.node_ip && !cfg.in_cluster(ip.dst_addr) {
+        return pass(Reason::PassTunnelled);
+    }
     // Masquerade first: a translated packet may still be bound for a remote pod (rule 6).
     let (ip, masqueraded) = match nat::egress(ctx, cfg, &ip) {
         Ok(false) => (ip, false),

@@ -21,7 +21,10 @@ use overlay_common::Hook::{self, BridgeIngress, UplinkEgress, UplinkIngress};
 use super::{
     fixture::{Act, Node, masquerade, with_node_setup},
     nat::{client, open, outgoing},
-    packet::{ACK, Proto, SYN, Transport, datagram, from_peer, from_underlay, ipv4, outbound},
+    packet::{
+        ACK, Proto, SYN, Transport, datagram, from_host, from_peer, from_underlay, ipv4, nest,
+        outbound, tunnel_header,
+    },
     topology::{NODE_IP, OUTSIDE, POD, W2},
 };
 
@@ -81,6 +84,15 @@ fn cost_per_packet() {
         // Its reply: translated back and redirected to the pod.
         let reply = from_underlay(&translated.reversed().datagram(ACK, PAYLOAD));
         measure(node, "snat-reply", UplinkIngress, &reply, Act::Redirect);
+        // What `encap` made, as the uplink's egress hook sees it again where there is
+        // no TCX (6.1's cls_bpf runs it on every packet we redirect there).
+        let mut ours = tunnel_header(NODE_IP, IpEcn::NotEct);
+        ours.destination = W2.node.octets();
+        let tunnelled = from_host(&nest(
+            ours,
+            &datagram(ipv4(POD, W2.pod), Transport::Tcp, PAYLOAD),
+        ));
+        measure(node, "tunnelled", UplinkEgress, &tunnelled, Act::Ok);
         // Underlay traffic that is none of ours: what every other packet pays.
         let other = from_underlay(&datagram(
             ipv4(Ipv4Addr::new(172, 18, 0, 9), NODE_IP),
