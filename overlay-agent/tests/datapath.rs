@@ -24,6 +24,7 @@ mod datapath {
     mod malformed;
     mod mtu;
     mod nat;
+    mod nat_bridge;
     mod nat_icmp;
     mod passthrough;
     mod pod_ports;

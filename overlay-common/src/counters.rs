@@ -112,6 +112,11 @@ pub enum Reason {
     DropNatFragment,
     /// A protocol (or ICMP type) masquerade cannot translate.
     DropNatUnsupported,
+
+    // Reasons added later go last, so that pinned counters keep their slots.
+    /// A local pod's packet of a masqueraded flow, translated on the bridge and sent
+    /// straight out of the uplink.
+    MasqueradedToUplink,
 }
 
 /// How a reason reads for an operator.
@@ -123,7 +128,7 @@ pub enum Kind {
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DropNatUnsupported as u32 + 1;
+    pub const COUNT: u32 = Reason::MasqueradedToUplink as u32 + 1;
 
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Encapsulated,
@@ -158,6 +163,7 @@ impl Reason {
         Reason::DropNatPortsExhausted,
         Reason::DropNatFragment,
         Reason::DropNatUnsupported,
+        Reason::MasqueradedToUplink,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -194,12 +200,17 @@ impl Reason {
             Reason::DropNatPortsExhausted => "drop_nat_ports_exhausted",
             Reason::DropNatFragment => "drop_nat_fragment",
             Reason::DropNatUnsupported => "drop_nat_unsupported",
+            Reason::MasqueradedToUplink => "masqueraded_to_uplink",
         }
     }
 
     pub const fn kind(self) -> Kind {
         match self as u32 {
-            r if r <= Reason::UnmasqueradedToPod as u32 => Kind::Forward,
+            r if r <= Reason::UnmasqueradedToPod as u32
+                || r == Reason::MasqueradedToUplink as u32 =>
+            {
+                Kind::Forward
+            }
             r if r <= Reason::PassForeignSource as u32 => Kind::Pass,
             _ => Kind::Drop,
         }

@@ -42,25 +42,23 @@ fn bridge(ctx: &TcContext) -> Verdict {
     let Some(cfg) = config() else {
         return pass(Reason::PassNotConfigured);
     };
-    let (ip, peer) = match ipv4_frame(ctx).and_then(|ip| overlay_packet(ctx, ip)) {
-        Ok(found) => found,
+    let ip = match ipv4_frame(ctx) {
+        Ok(ip) => ip,
         Err(verdict) => return verdict,
     };
-    // Only this node's pods may use the fast path; anything else meets the host's
-    // own routing and reverse-path filter.
-    if !cfg.in_pod_subnet(ip.src_addr) {
-        return pass(Reason::PassForeignSource);
-    }
-    // The fast path takes plain datagrams only; the host stack handles the rest and
-    // routes it back to us through the uplink egress hook.
-    if ip.ihl() as usize != IPV4_LEN {
-        return pass(Reason::PassIpOptions);
-    }
-    if parse::is_fragment(&ip) {
-        return pass(Reason::PassFragment);
-    }
-    if ip.ttl <= 1 {
-        return pass(Reason::PassTtlExpired);
+    let (ip, peer) = match overlay_packet(ctx, ip) {
+        Ok(found) => found,
+        // Perhaps a packet of a masqueraded flow to the outside.
+        Err((Reason::PassNotOverlay, _)) => {
+            return match fast_path_allows(cfg, &ip) {
+                Ok(()) => nat::outbound::forward(ctx, cfg, &ip),
+                Err(_) => pass(Reason::PassNotOverlay),
+            };
+        }
+        Err(verdict) => return verdict,
+    };
+    if let Err(reason) = fast_path_allows(cfg, &ip) {
+        return pass(reason);
     }
     let path = match peer_path(ctx, cfg, &ip, peer) {
         Path::FragNeeded { mtu } if parse::dont_fragment(&ip) => {
@@ -117,6 +115,28 @@ fn host(ctx: &TcContext) -> Verdict {
         path => path,
     };
     push_outer(ctx, cfg, &ip, ip.ttl, peer, path, Some(ctx_ifindex(ctx)))
+}
+
+/// Whether a packet on the bridge may skip the host stack, else the reason it may not.
+#[inline(always)]
+fn fast_path_allows(cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<(), Reason> {
+    // Only this node's pods; anything else meets the host's own routing and
+    // reverse-path filter.
+    if !cfg.in_pod_subnet(ip.src_addr) {
+        return Err(Reason::PassForeignSource);
+    }
+    // Plain datagrams only; the host stack handles the rest and routes it back to us
+    // through the uplink egress hook.
+    if ip.ihl() as usize != IPV4_LEN {
+        return Err(Reason::PassIpOptions);
+    }
+    if parse::is_fragment(ip) {
+        return Err(Reason::PassFragment);
+    }
+    if ip.ttl <= 1 {
+        return Err(Reason::PassTtlExpired);
+    }
+    Ok(())
 }
 
 /// The IPv4 header of an IPv4 frame; anything else ends here with its verdict.

@@ -20,10 +20,10 @@ use overlay_common::Hook::{self, BridgeIngress, UplinkEgress, UplinkIngress};
 
 use super::{
     fixture::{Act, Node, masquerade, with_node_setup},
-    nat::{client, open, outgoing},
+    nat::{self, client, open, outgoing},
     packet::{
-        ACK, Proto, SYN, Transport, datagram, from_host, from_peer, from_underlay, ipv4, nest,
-        outbound, tunnel_header,
+        ACK, Proto, SYN, Transport, datagram, from_host, from_peer, from_pod, from_underlay, ipv4,
+        nest, outbound, tunnel_header,
     },
     topology::{NODE_IP, OUTSIDE, POD, W2},
 };
@@ -81,6 +81,15 @@ fn cost_per_packet() {
         let conn = client(Proto::Tcp, POD, OUTSIDE);
         let translated = open(node, conn, SYN, NODE_IP);
         measure(node, "snat", UplinkEgress, &outgoing(&conn, ACK), Act::Ok);
+        // The same segment as the pod sends it: translated on the bridge, to the uplink.
+        let from_the_pod = from_pod(&conn.datagram(ACK, nat::PAYLOAD));
+        measure(
+            node,
+            "snat-bridge",
+            BridgeIngress,
+            &from_the_pod,
+            Act::Redirect,
+        );
         // Its reply: translated back and redirected to the pod.
         let reply = from_underlay(&translated.reversed().datagram(ACK, PAYLOAD));
         measure(node, "snat-reply", UplinkIngress, &reply, Act::Redirect);

@@ -127,9 +127,16 @@ pub fn decapsulated(input: &[u8], ttl_decrement: u8, l2: L2) -> Vec<u8> {
 /// straight to the pod: to the pod's MAC from the bridge's, TTL lowered by one, and
 /// whatever trails the datagram kept.
 pub fn to_pod(input: &[u8]) -> Vec<u8> {
+    forwarded(input, TO_POD)
+}
+
+/// The frame `input` becomes when forwarded unencapsulated in place of the host's
+/// router: Ethernet header as `l2` says, TTL lowered by one, whatever trails the
+/// datagram kept.
+pub fn forwarded(input: &[u8], l2: L2) -> Vec<u8> {
     let (eth, ip, _) = split(input);
     [
-        ethernet_for(TO_POD, &eth).to_bytes().as_slice(),
+        ethernet_for(l2, &eth).to_bytes().as_slice(),
         &rewritten(&ip, 1, None).to_bytes(),
         &input[ETH_LEN + ip.header_len()..],
     ]

@@ -308,6 +308,8 @@ fn build_topology() {
         // A locked MTU: the FIB reports it (an unlocked route MTU would be ignored in
         // favour of the device's when forwarding).
         format!("route add {BEHIND_ROUTER} via {ROUTER} dev eth0 mtu lock {BEHIND_ROUTER_MTU}"),
+        // The outside server, through the same router (OUTSIDE_2 and W5 have no route).
+        format!("route add {OUTSIDE}/32 via {ROUTER} dev eth0"),
         format!("link add cni0 address {CNI0_MAC} type bridge"),
         format!(
             "link add pod0 address {POD_PORT_MAC} type veth peer name pod0-peer address {POD_MAC}"

@@ -8,9 +8,11 @@
 //!    replies come back through the overlay.
 //!
 //! Translation happens on the uplink's egress, the reverse on its ingress (after
-//! decapsulation for rule 6), with our own connection table.
+//! decapsulation for rule 6), with our own connection table; packets of flows the
+//! table knows are translated on the pod bridge already (`outbound`).
 
 pub mod icmp_error;
+pub mod outbound;
 pub mod rewrite;
 pub mod timewait;
 pub mod tuple;
@@ -20,15 +22,18 @@ use network_types::ip::Ipv4Hdr;
 use overlay_common::{
     DatapathConfig, Reason,
     config::{KUBE_PROXY_MASQ_MARK, is_multicast},
-    conntrack::Rule,
+    conntrack::{CtEntry, Rule},
     counters::NatEvent,
 };
 
-use self::{rewrite::End, tuple::Kind};
+use self::{
+    rewrite::End,
+    tuple::{Kind, L4},
+};
 use crate::{
     conntrack::{self, CreateError},
     counters::nat_event,
-    parse::{self, ETH_LEN},
+    parse::{self, ETH_LEN, tcp},
 };
 
 /// The rule that masquerades a packet from `src` to `dst`, and the address it takes.
@@ -96,16 +101,59 @@ pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<boo
             entry
         }
     };
+    translate(ctx, cfg, ip, &l4, entry)
+}
+
+/// The transport view and the table entry of a local pod's packet (IPv4 header `ip` at
+/// `ETH_LEN`, well-formed, not a fragment) to the outside, when the table already
+/// translates its flow (rule 5). Only
+/// such packets may skip the host: a flow's first packet must pass through it, where
+/// kube-proxy may change its destination before the uplink's egress creates the flow.
+/// SYNs (which may reopen a closed flow or start one on a port the outside holds in
+/// TIME_WAIT) and ICMP errors take that path too.
+#[inline(always)]
+pub fn known_outbound(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    ip: &Ipv4Hdr,
+) -> Option<(L4, *mut CtEntry)> {
+    if !cfg.masquerade()
+        || !matches!(
+            rule(cfg, ip.src_addr, ip.dst_addr),
+            Some((Rule::PodToOutside, _))
+        )
+    {
+        return None;
+    }
+    let l4 = tuple::parse(ctx, ip, ETH_LEN, false).ok()?;
+    if l4.kind == Kind::IcmpError || l4.tcp_flags & tcp::SYN != 0 {
+        return None;
+    }
+    let entry = conntrack::original(&l4.tuple)?;
+    (unsafe { (*entry).rule } == Rule::PodToOutside as u8).then_some((l4, entry))
+}
+
+/// Tracks a packet of `entry`'s flow in its original direction and translates its
+/// source as the entry says; false for a flow kept untranslated.
+#[inline(always)]
+pub fn translate(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    ip: &Ipv4Hdr,
+    l4: &L4,
+    entry: *mut CtEntry,
+) -> Result<bool, Reason> {
+    let t = l4.tuple;
     conntrack::touch(cfg, entry, t.proto, l4.tcp_flags, false);
     let e = unsafe { *entry };
     if e.rule == Rule::Untranslated as u8 {
         return Ok(false);
     }
-    timewait::record_fin(ctx, ip, &l4, entry);
+    timewait::record_fin(ctx, ip, l4, entry);
     rewrite::rewrite(
         ctx,
         ETH_LEN,
-        &l4,
+        l4,
         End::Source,
         (t.src, t.sport),
         (e.addr, e.port),

@@ -131,7 +131,8 @@ impl Leg {
             md,
             "\nPer-packet program cost (`BPF_PROG_TEST_RUN`, ns per packet; encap: a pod's \
              64-byte TCP segment to a remote pod; decap: the reverse; snat: an established \
-             flow to the outside, translated; snat-reply: its reply; tunnelled: an encap \
+             flow to the outside, translated on the uplink; snat-bridge: the same, as the pod \
+             sends it, translated on the bridge; snat-reply: its reply; tunnelled: an encap \
              result met again by the uplink's egress hook, as without TCX; pass: underlay \
              traffic that is not ours, the floor of entry, parsing, counters and the kernel's clock \
              reads):\n\n| case | program | ns (median of rounds) | rounds |\n|---|---|---|---|"

@@ -1,0 +1,54 @@
+//! The masquerade fast path: a local pod's packet of a flow to the outside that the
+//! connection table already translates is translated on the pod bridge and sent out
+//! of the uplink in place of the host's router, as decapsulation sends replies
+//! straight to the pod. A flow's first packet still goes through the host (see
+//! `known_outbound`), so the host's rules, kube-proxy's included, decide every new
+//! flow; like the other fast paths, the packets that follow skip its FORWARD chain.
+
+use aya_ebpf::programs::TcContext;
+use network_types::ip::Ipv4Hdr;
+use overlay_common::{DatapathConfig, Reason};
+
+use crate::{
+    counters::{Verdict, drop, pass},
+    fib::{self, Path},
+    ipv4,
+    nat::{known_outbound, translate},
+    parse::{self, ETH_LEN},
+};
+
+/// Forwards a plain datagram from a local pod (checked by the caller) that is for no
+/// remote pod: translated and out of the uplink when its flow is known, else to the
+/// host stack as any such packet.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Verdict {
+    let untouched = pass(Reason::PassNotOverlay);
+    if !parse::well_formed(ip, ctx.len() - ETH_LEN as u32) {
+        return untouched;
+    }
+    let Some((l4, entry)) = known_outbound(ctx, cfg, ip) else {
+        return untouched;
+    };
+    // Routed as the host would route it (from the bridge, with the pod's address);
+    // the packet is left as it is unless it can leave at once: a neighbour to resolve,
+    // a route MTU to report or a local destination are the host's business.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let tot_len = parse::wire_len(ctx, ip);
+    let Path::Resolved {
+        ifindex: out,
+        smac,
+        dmac,
+    } = fib::lookup(ctx, ifindex, ip.src_addr, ip.dst_addr, tot_len)
+    else {
+        return untouched;
+    };
+    match translate(ctx, cfg, ip, &l4, entry) {
+        Ok(true) => {}
+        Ok(false) => return untouched,
+        Err(reason) => return drop(reason),
+    }
+    if !fib::set_macs(ctx, smac, dmac) || !ipv4::decrement_ttl(ctx) {
+        return drop(Reason::DropHelperError);
+    }
+    (Reason::MasqueradedToUplink, fib::out(out, None))
+}
