@@ -42,19 +42,10 @@ fn bridge(ctx: &TcContext) -> Verdict {
     let Some(cfg) = config() else {
         return pass(Reason::PassNotConfigured);
     };
-    let ip = match ipv4_frame(ctx) {
-        Ok(ip) => ip,
-        Err(verdict) => return verdict,
-    };
-    let (ip, peer) = match overlay_packet(ctx, ip) {
+    let (ip, peer) = match ipv4_frame(ctx).and_then(|ip| overlay_packet(ctx, ip)) {
         Ok(found) => found,
         // Perhaps a packet of a masqueraded flow to the outside.
-        Err((Reason::PassNotOverlay, _)) => {
-            return match fast_path_allows(cfg, &ip) {
-                Ok(()) => nat::outbound::forward(ctx, cfg, &ip),
-                Err(_) => pass(Reason::PassNotOverlay),
-            };
-        }
+        Err((Reason::PassNotOverlay, _)) => return nat::outbound::forward(ctx, cfg),
         Err(verdict) => return verdict,
     };
     if let Err(reason) = fast_path_allows(cfg, &ip) {
@@ -119,7 +110,7 @@ fn host(ctx: &TcContext) -> Verdict {
 
 /// Whether a packet on the bridge may skip the host stack, else the reason it may not.
 #[inline(always)]
-fn fast_path_allows(cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<(), Reason> {
+pub fn fast_path_allows(cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<(), Reason> {
     // Only this node's pods; anything else meets the host's own routing and
     // reverse-path filter.
     if !cfg.in_pod_subnet(ip.src_addr) {

@@ -5,25 +5,45 @@
 //! `known_outbound`), so the host's rules, kube-proxy's included, decide every new
 //! flow; like the other fast paths, the packets that follow skip its FORWARD chain.
 
-use aya_ebpf::programs::TcContext;
-use network_types::ip::Ipv4Hdr;
+use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use overlay_common::{DatapathConfig, Reason};
 
 use crate::{
-    counters::{Verdict, drop, pass},
+    counters::{Verdict, drop, pack, pass, unpack},
+    encap,
     fib::{self, Path},
     ipv4,
     nat::{known_outbound, translate},
-    parse::{self, ETH_LEN},
+    parse::{self, ETH_LEN, Frame},
 };
 
-/// Forwards a plain datagram from a local pod (checked by the caller) that is for no
-/// remote pod: translated and out of the uplink when its flow is known, else to the
-/// host stack as any such packet.
+/// Forwards an IPv4 packet on the bridge that is for no remote pod: translated and
+/// out of the uplink when it is a plain datagram from a local pod of a known flow,
+/// else to the host stack as any such packet.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Verdict {
+pub fn forward(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
+    unpack(forward_known(ctx.skb.skb, cfg))
+}
+
+/// [`forward`] as a BPF subprogram, like `icmp::reply_frag_needed`: its lookups' state
+/// (the FIB parameters, the flow's tuple) stays off `bridge_ingress`'s frame, which
+/// must fit 6.1's 512-byte limit with the ICMP subprogram's. The header is read again
+/// here for the same reason.
+#[inline(never)]
+fn forward_known(skb: *mut __sk_buff, cfg: &DatapathConfig) -> u64 {
+    pack(translate_and_send(&TcContext::new(skb), cfg))
+}
+
+#[inline(always)]
+fn translate_and_send(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
     let untouched = pass(Reason::PassNotOverlay);
-    if !parse::well_formed(ip, ctx.len() - ETH_LEN as u32) {
+    let Frame::Ipv4(ip) = parse::frame(ctx) else {
+        return untouched;
+    };
+    let ip = &ip;
+    if encap::fast_path_allows(cfg, ip).is_err()
+        || !parse::well_formed(ip, ctx.len() - ETH_LEN as u32)
+    {
         return untouched;
     }
     let Some((l4, entry)) = known_outbound(ctx, cfg, ip) else {
