@@ -4,7 +4,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        __sk_buff, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     maps::lpm_trie::Key,
     programs::TcContext,
@@ -14,7 +15,7 @@ use overlay_common::{DatapathConfig, Hook, Reason};
 
 use crate::{
     checksum,
-    counters::{Verdict, drop, pass, run},
+    counters::{Verdict, drop, pack, pass, run, unpack},
     fib::{self, Path},
     icmp, ipv4,
     maps::{ROUTES, config},
@@ -35,7 +36,18 @@ pub fn from_bridge(ctx: &TcContext) -> i32 {
 /// `uplink_egress`: packets the host stack routes out of the uplink.
 #[inline(always)]
 pub fn from_host(ctx: &TcContext) -> i32 {
-    run(ctx, Hook::UplinkEgress, host)
+    run(ctx, Hook::UplinkEgress, |ctx| {
+        unpack(host_subprogram(ctx.skb.skb))
+    })
+}
+
+/// `host` as a BPF subprogram: masquerade and encapsulation together need a large
+/// frame, and before 6.4 the verifier adds the program's frame to those of aya-log's
+/// `log_drop` and the copy it calls, each rounded up to 32 bytes, against 512. With
+/// the work in a subprogram the program's own frame (accounting, logging) is small.
+#[inline(never)]
+fn host_subprogram(skb: *mut __sk_buff) -> u64 {
+    pack(host(&TcContext::new(skb)))
 }
 
 fn bridge(ctx: &TcContext) -> Verdict {
@@ -82,12 +94,10 @@ fn host(ctx: &TcContext) -> Verdict {
         return pass(Reason::PassTunnelled);
     }
     // Masquerade first: a translated packet may still be bound for a remote pod (rule 6).
-    let (ip, masqueraded) = match nat::egress(ctx, cfg, &ip) {
-        Ok(false) => (ip, false),
-        Ok(true) => match parse::frame(ctx) {
-            Frame::Ipv4(ip) => (ip, true),
-            _ => return drop(Reason::DropHelperError),
-        },
+    // Translation changes only the source (and checksums) of the header: `ip` still
+    // holds all that encapsulation reads.
+    let masqueraded = match nat::egress(ctx, cfg, &ip) {
+        Ok(translated) => translated,
         Err(reason) => return drop(reason),
     };
     let (ip, peer) = match overlay_packet(ctx, ip) {
