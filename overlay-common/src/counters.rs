@@ -204,15 +204,42 @@ impl Reason {
         }
     }
 
+    /// Every reason is listed (no wildcard): a new one must be classified here.
     pub const fn kind(self) -> Kind {
-        match self as u32 {
-            r if r <= Reason::UnmasqueradedToPod as u32
-                || r == Reason::MasqueradedToUplink as u32 =>
-            {
-                Kind::Forward
-            }
-            r if r <= Reason::PassForeignSource as u32 => Kind::Pass,
-            _ => Kind::Drop,
+        match self {
+            Reason::Encapsulated
+            | Reason::EncapsulatedNeighResolve
+            | Reason::Decapsulated
+            | Reason::DecapsulatedToStack
+            | Reason::FragNeededSent
+            | Reason::Masqueraded
+            | Reason::Unmasqueraded
+            | Reason::UnmasqueradedToPod
+            | Reason::MasqueradedToUplink => Kind::Forward,
+            Reason::PassNotIpv4
+            | Reason::PassNotOverlay
+            | Reason::PassNotTunnel
+            | Reason::PassTunnelled
+            | Reason::PassIpOptions
+            | Reason::PassFragment
+            | Reason::PassTtlExpired
+            | Reason::PassFragmentationNeeded
+            | Reason::PassNotConfigured
+            | Reason::PassForeignSource => Kind::Pass,
+            Reason::DropMalformed
+            | Reason::DropUnknownPeer
+            | Reason::DropNotForThisNode
+            | Reason::DropNestedTunnel
+            | Reason::DropOuterFragment
+            | Reason::DropOuterOptions
+            | Reason::DropCeOnNotEct
+            | Reason::DropTooBig
+            | Reason::DropNoRouteToPeer
+            | Reason::DropHelperError
+            | Reason::DropNatTableFull
+            | Reason::DropNatPortsExhausted
+            | Reason::DropNatFragment
+            | Reason::DropNatUnsupported => Kind::Drop,
         }
     }
 }

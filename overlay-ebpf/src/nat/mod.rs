@@ -106,11 +106,10 @@ pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<boo
 
 /// The transport view and the table entry of a local pod's packet (IPv4 header `ip` at
 /// `ETH_LEN`, well-formed, not a fragment) to the outside, when the table already
-/// translates its flow (rule 5). Only
-/// such packets may skip the host: a flow's first packet must pass through it, where
-/// kube-proxy may change its destination before the uplink's egress creates the flow.
-/// SYNs (which may reopen a closed flow or start one on a port the outside holds in
-/// TIME_WAIT) and ICMP errors take that path too.
+/// translates its flow (rule 5). Only such packets may skip the host: a flow's first
+/// packet must pass through it, where kube-proxy may change its destination before
+/// the uplink's egress creates the flow. SYNs (which may reopen a closed flow or start
+/// one on a port the outside holds in TIME_WAIT) and ICMP errors take that path too.
 #[inline(always)]
 pub fn known_outbound(
     ctx: &TcContext,
