@@ -176,6 +176,9 @@ async fn serve(
     // its first frame; within a second its packets from other nodes skip the bridge.
     let mut pod_ports = tokio::time::interval(Duration::from_secs(1));
     let mut warned = BTreeSet::new();
+    // The bridge's addresses at the last check: the CNI plugin gives the bridge its
+    // gateway address after creating it.
+    let mut bridge_addresses = Vec::new();
     let result = loop {
         // /healthz judges the loop by this: every branch below returns to it.
         status.heartbeat();
@@ -187,13 +190,19 @@ async fn serve(
                 }
             }
             _ = resync.tick() => {}
-            // The CNI plugin creates the bridge with the first pod: a full pass as soon
-            // as it appears attaches to it and sources host traffic from its gateway.
+            // The CNI plugin creates the bridge with the first pod and then gives it the
+            // gateway address: a full pass as soon as either happens attaches to the
+            // bridge and sources host traffic from the gateway.
             _ = bridge_check.tick() => {
-                let appeared = dp.attachment(Hook::BridgeIngress).is_none() && host::ifindex_by_name(&opts.bridge).is_some();
-                if !appeared {
+                let Some(bridge) = host::ifindex_by_name(&opts.bridge) else {
+                    continue;
+                };
+                let addresses = rec.host.addresses(Some(bridge)).await.unwrap_or_default();
+                let appeared = dp.attachment(Hook::BridgeIngress).is_none();
+                if !appeared && addresses == bridge_addresses {
                     continue;
                 }
+                bridge_addresses = addresses;
             }
             _ = ct_sweep.tick() => {
                 sweep(dp, status);

@@ -2,11 +2,11 @@
 //! readiness, inspection, and stopping them.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     ffi::OsStr,
     fs::OpenOptions,
     io::{Read as _, Write as _},
-    net::TcpStream,
+    net::{Ipv4Addr, TcpStream},
     os::{
         fd::{AsFd as _, FromRawFd as _, OwnedFd},
         unix::{ffi::OsStrExt as _, process::CommandExt as _},
@@ -51,6 +51,8 @@ const HOOKS: [(&str, TcAttachType, &str); 3] = [
 ];
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const START_TIMEOUT: Duration = Duration::from_secs(5);
+/// The agent looks at the bridge every second; its full pass comes every 30.
+const GATEWAY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an agent gets to detach and remove its routes after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -449,6 +451,52 @@ fn ensure_running(lab: &LabState, node: &Node) -> Result<()> {
     )
 }
 
+/// Waits until `program` is attached to `iface`'s `direction` hook in `ns`.
+pub fn wait_attached(ns: &str, iface: &str, direction: TcAttachType, program: &str) -> Result<()> {
+    interrupt::wait_until(
+        &format!("{program} on {iface} in {ns}"),
+        interrupt::scaled(READY_TIMEOUT),
+        || {
+            Ok(
+                if attached(ns, iface, direction)?.iter().any(|n| n == program) {
+                    Wait::Done(())
+                } else {
+                    Wait::Pending(format!("{program} not attached"))
+                },
+            )
+        },
+    )
+}
+
+/// The pod gateway of `node`: the first address of its pod subnet, on the bridge.
+fn gateway(node: &Node) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(node.pod_cidr.network()) + 1)
+}
+
+/// Whether every route of the agent's sends the host's own packets from the pod
+/// gateway, as they leave from flanneld's tunnel address.
+fn from_gateway(node: &Node, routes: &BTreeMap<Ipv4Net, Option<Ipv4Addr>>) -> bool {
+    routes.values().all(|src| *src == Some(gateway(node)))
+}
+
+/// Waits, briefly, until `node`'s agent sources its routes from the gateway that the
+/// bridge has just been given: well before its periodic full pass would.
+pub fn wait_gateway_source(lab: &LabState, node: &Node) -> Result<()> {
+    let ns = lab.netns(&node.name);
+    interrupt::wait_until(
+        &format!("the agent of {} to route from {}", node.name, gateway(node)),
+        interrupt::scaled(GATEWAY_TIMEOUT),
+        || {
+            let routes = overlay_route_sources(&ns)?;
+            Ok(if from_gateway(node, &routes) {
+                Wait::Done(())
+            } else {
+                Wait::Pending(format!("routes: {routes:?}"))
+            })
+        },
+    )
+}
+
 /// What `node` lacks to carry overlay traffic: empty when it is ready.
 pub fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> {
     let ns = lab.netns(&node.name);
@@ -474,8 +522,12 @@ pub fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> {
         Ok(_) => missing.push("remote subnets in its maps".to_owned()),
         Err(_) => missing.push("pinned maps".to_owned()),
     }
-    match overlay_routes(&ns) {
-        Ok(routes) if routes == remote => {}
+    match overlay_route_sources(&ns) {
+        Ok(routes) if routes.keys().eq(remote.iter()) => {
+            if bridge && !from_gateway(node, &routes) {
+                missing.push(format!("routes with source {}", gateway(node)));
+            }
+        }
         _ => missing.push("routes".to_owned()),
     }
     for (iface, direction, program) in HOOKS
@@ -538,13 +590,22 @@ pub fn inspect(lab: &LabState, node: &Node, what: &str) -> Result<String> {
 
 /// Destinations of the agent's routes (`proto 191`) in `ns`.
 pub fn overlay_routes(ns: &str) -> Result<BTreeSet<Ipv4Net>> {
+    Ok(overlay_route_sources(ns)?.into_keys().collect())
+}
+
+/// The agent's routes (`proto 191`) in `ns`: destination and preferred source.
+fn overlay_route_sources(ns: &str) -> Result<BTreeMap<Ipv4Net, Option<Ipv4Addr>>> {
     let routes = netns::ip_json(ns, &["route", "show", "proto", ROUTE_PROTO])?;
     let routes = routes
         .as_array()
         .context("ip -json route printed no list")?;
     routes
         .iter()
-        .map(|r| Ok(r["dst"].as_str().context("a route without dst")?.parse()?))
+        .map(|r| {
+            let dst = r["dst"].as_str().context("a route without dst")?.parse()?;
+            let src = r["prefsrc"].as_str().map(str::parse).transpose()?;
+            Ok((dst, src))
+        })
         .collect()
 }
 

@@ -4,6 +4,7 @@
 use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result, ensure};
+use aya::programs::tc::TcAttachType;
 use ipnet::Ipv4Net;
 use nix::mount::{MsFlags, mount};
 
@@ -96,7 +97,7 @@ pub fn create_with(
                 .configure(&lab, node)
                 .with_context(|| format!("setting up {}", node.name))?
         };
-        pods(&lab, node, &env)?;
+        pods(&lab, node, &env, dataplane.runs_agent(node))?;
     }
     agents::wait_ready_on(&lab, &with_agent, true)?;
     println!(
@@ -215,8 +216,10 @@ fn uplink(
 
 /// What the CNI bridge plugin does for each pod, configured from the agent's
 /// subnet.env: `cni0` with the gateway address from FLANNEL_SUBNET, and a veth per pod,
-/// all with FLANNEL_MTU.
-fn pods(lab: &LabState, node: &Node, env: &SubnetEnv) -> Result<()> {
+/// all with FLANNEL_MTU. The plugin creates the bridge before it gives it the address;
+/// with an `agent`, the address comes only once the agent has attached to the bridge,
+/// so every lab sees the agent take in a gateway that appears later.
+fn pods(lab: &LabState, node: &Node, env: &SubnetEnv, agent: bool) -> Result<()> {
     ensure!(
         env.subnet.trunc() == node.pod_cidr,
         "the agent of {} wrote FLANNEL_SUBNET={}, but its podCIDR is {}",
@@ -225,9 +228,12 @@ fn pods(lab: &LabState, node: &Node, env: &SubnetEnv) -> Result<()> {
         node.pod_cidr
     );
     let ns = lab.netns(&node.name);
+    Script::new(&ns).bridge(BRIDGE, Some(env.mtu))?.apply()?;
+    if agent {
+        agents::wait_attached(&ns, BRIDGE, TcAttachType::Ingress, "bridge_ingress")?;
+    }
     let mut host = Script::new(&ns);
-    host.bridge(BRIDGE, Some(env.mtu))?
-        .address(env.subnet, BRIDGE);
+    host.address(env.subnet, BRIDGE);
     let mut inside = Vec::new();
     for pod in lab.topology.pods_of(node) {
         interrupt::check()?;
@@ -247,5 +253,8 @@ fn pods(lab: &LabState, node: &Node, env: &SubnetEnv) -> Result<()> {
         inside.push(script);
     }
     host.apply()?;
+    if agent {
+        agents::wait_gateway_source(lab, node)?;
+    }
     inside.iter().try_for_each(Script::apply)
 }

@@ -177,7 +177,10 @@ impl Vm {
         })
     }
 
-    /// Streams the output file to our stdout until the VM exits.
+    /// Streams the output file to our stdout until the VM exits. The guest may grow
+    /// the shared file before its data lands, so a read can end in NUL bytes that are
+    /// not output yet: while the VM runs, a read stops at the first NUL and reads
+    /// there again next time.
     fn follow(
         &self,
         child: &mut Child,
@@ -192,6 +195,11 @@ impl Vm {
                 file.seek(SeekFrom::Start(offset))?;
                 let mut new = Vec::new();
                 file.read_to_end(&mut new)?;
+                if exited.is_none()
+                    && let Some(nul) = new.iter().position(|&b| b == 0)
+                {
+                    new.truncate(nul);
+                }
                 offset += new.len() as u64;
                 let mut out = std::io::stdout().lock();
                 out.write_all(&new)?;
