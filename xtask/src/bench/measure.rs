@@ -15,7 +15,7 @@ use super::{
     results::{Measure, Results, Sample},
 };
 use crate::lab::{
-    agents::SubnetEnv,
+    agents::{self, SubnetEnv},
     cluster::{self, Dataplane},
     flannel::Backend,
     iptables::{FlannelRules, Variant},
@@ -206,6 +206,21 @@ impl Cluster {
         })
     }
 
+    /// Our agents' counters, for the report of a failed measurement (nothing for
+    /// the kernel's dataplanes).
+    fn counters(&self) -> String {
+        let topology = &self.lab.topology;
+        topology
+            .nodes
+            .iter()
+            .filter(|n| self.setup.runs_agent(n))
+            .map(|n| match agents::inspect(&self.lab, n, "counters") {
+                Ok(text) => format!("\n{}'s counters:\n{text}", n.name),
+                Err(e) => format!("\n{}'s counters: {e:#}", n.name),
+            })
+            .collect()
+    }
+
     fn client_ns(&self) -> String {
         self.lab.netns(&self.client.name)
     }
@@ -250,9 +265,9 @@ pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Resul
             );
             for c in &clusters {
                 crate::lab::interrupt::check()?;
-                for sample in measure(c, plan, offloads, run, only)
-                    .with_context(|| format!("measuring {}", c.setup.name()))?
-                {
+                let samples = measure(c, plan, offloads, run, only)
+                    .with_context(|| format!("measuring {}{}", c.setup.name(), c.counters()))?;
+                for sample in samples {
                     println!("  {:24} {}", c.setup.name(), sample.describe());
                     results.samples.push(sample);
                 }
