@@ -64,6 +64,9 @@ pub struct Collected {
 
 pub struct Conntrack(HashMap<MapData, CtKey, CtEntry>);
 
+/// The entries of the table at the start of a collection pass.
+pub struct Snapshot(Vec<(CtKey, CtEntry)>);
+
 fn reply_key_of(k: &CtKey, v: &CtEntry) -> CtKey {
     CtKey {
         src: k.dst,
@@ -127,9 +130,24 @@ impl Conntrack {
     /// Removes expired flows (both of their entries) and REPLY entries that lost
     /// their flow.
     pub fn collect(&mut self) -> Result<Collected> {
+        let snapshot = self.snapshot()?;
+        self.sweep(snapshot)
+    }
+
+    /// The table as a collection pass starts from.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        Ok(Snapshot(self.entries()?))
+    }
+
+    /// The removals of a collection pass over `snapshot`. The datapath goes on meanwhile:
+    /// a new flow may take over the port of an entry the snapshot shows expired or
+    /// orphaned (the REPLY key is the port). So every entry is read again just before
+    /// it goes, and stays if it changed: removing a new flow's REPLY entry would leave
+    /// its replies untranslated, and the connection would time out.
+    pub fn sweep(&mut self, snapshot: Snapshot) -> Result<Collected> {
         let now = monotonic_ns();
-        let entries = self.entries()?;
-        let (originals, replies): (Vec<_>, Vec<_>) = entries
+        let (originals, replies): (Vec<_>, Vec<_>) = snapshot
+            .0
             .into_iter()
             .partition(|(k, _)| k.dir == DIR_ORIGINAL);
         let mut done = Collected::default();
@@ -147,7 +165,12 @@ impl Conntrack {
             let _ = self.0.remove(&k);
             if v.rule != Rule::Untranslated as u8 {
                 let reply = reply_key_of(&k, &v);
-                let _ = self.0.remove(&reply);
+                // Still this flow's: it leads back to it, and is no younger than it.
+                if self.0.get(&reply, 0).is_ok_and(|r| {
+                    r.addr == k.src && r.port == k.sport && r.created_ns <= v.created_ns
+                }) {
+                    let _ = self.0.remove(&reply);
+                }
                 gone.insert(reply);
             }
             done.expired += 1;
@@ -159,7 +182,11 @@ impl Conntrack {
             let owned = live
                 .get(&original_key_of(&k, &v))
                 .is_some_and(|o: &CtEntry| o.addr == k.dst && o.port == k.dport);
-            if !owned && now.saturating_sub(v.created_ns) > ORPHAN_GRACE.as_nanos() as u64 {
+            let unchanged = || self.0.get(&k, 0).is_ok_and(|now_v| now_v == v);
+            if !owned
+                && now.saturating_sub(v.created_ns) > ORPHAN_GRACE.as_nanos() as u64
+                && unchanged()
+            {
                 let _ = self.0.remove(&k);
                 done.orphans += 1;
             }

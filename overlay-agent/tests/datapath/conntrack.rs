@@ -649,13 +649,8 @@ fn collection_removes_expired_flows_and_orphans() {
             let lasting_nat = open(node, lasting, SYN, NODE_IP);
             // REPLY entries without a flow: one older than the agent's grace period, one
             // just claimed (its flow may be on its way).
-            // A freshly booted machine (the kernel matrix's VM) has no minute-old past:
-            // wait until the grace period (10 s) fits behind us.
-            while monotonic_ns() < 12_000_000_000 {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
+            let long_ago = past_the_grace_period();
             let now = monotonic_ns();
-            let long_ago = now.saturating_sub(60_000_000_000);
             let old_orphan = claim(node, (OUTSIDE_2, 53), TWO_PORTS.0, long_ago);
             let new_orphan = claim(node, (OUTSIDE_2, 53), TWO_PORTS.1, now);
             // The live flow's own REPLY entry, made old: still owned, so kept. And an old
@@ -706,4 +701,78 @@ fn collection_removes_expired_flows_and_orphans() {
             );
         },
     );
+}
+
+/// A time further back than the agent's grace period for orphans (10 s). A freshly
+/// booted machine (the kernel matrix's VM) has no such past yet: waits for it.
+fn past_the_grace_period() -> u64 {
+    while monotonic_ns() < 12_000_000_000 {
+        thread::sleep(Duration::from_millis(100));
+    }
+    monotonic_ns().saturating_sub(11_000_000_000)
+}
+
+/// How a port was left free for the datapath to give to a new flow.
+#[derive(Debug, Clone, Copy)]
+enum Freed {
+    /// Its flow expired (not collected yet).
+    Expired,
+    /// Its REPLY entry lost its flow long ago.
+    Orphaned,
+}
+
+#[test]
+fn a_port_taken_over_during_a_collection_stays_with_its_new_flow() {
+    // The collector decides from a snapshot of the table; the datapath goes on
+    // meanwhile. A port the snapshot shows free may belong to a new flow by the time
+    // the collector removes its REPLY entry: that entry must stay, or the new flow's
+    // replies go untranslated and its connection times out.
+    for freed in [Freed::Expired, Freed::Orphaned] {
+        eprintln!("case: {freed:?}");
+        with_node_setup(
+            LoadOptions::default(),
+            setup(TWO_PORTS, SHORT_UDP),
+            move |node| {
+                let server = (OUTSIDE, 443);
+                // Another pod's live flow holds the second port of the range.
+                let (free, held) = TWO_PORTS;
+                let other = Conn::new(Proto::Udp, (POD_UNRESOLVED, 5000), server);
+                let live = CtEntry {
+                    expires_ns: u64::MAX,
+                    created_ns: monotonic_ns(),
+                    addr: NODE_IP.octets(),
+                    port: held.to_be_bytes(),
+                    rule: Rule::PodToOutside as u8,
+                    ..CtEntry::default()
+                };
+                let mut map = node.conntrack_map();
+                map.insert(ct_key(&other, DIR_ORIGINAL), live, 0)
+                    .expect("another pod's flow");
+                claim(node, server, held, live.created_ns);
+                let expired = match freed {
+                    Freed::Expired => {
+                        let old = udp(40000, server);
+                        assert_eq!(open(node, old, 0, NODE_IP).src.1, free);
+                        wait_for_expiry(node, &[old]);
+                        1
+                    }
+                    Freed::Orphaned => {
+                        claim(node, server, free, past_the_grace_period());
+                        0
+                    }
+                };
+                let snapshot = node.dp.conntrack.snapshot().expect("a snapshot");
+                let conn = udp(40001, server);
+                let new = open(node, conn, 0, NODE_IP);
+                assert_eq!(new.src.1, free, "the new flow takes the freed port");
+                let collected = node.dp.conntrack.sweep(snapshot).expect("collecting");
+                assert_eq!(
+                    (collected.expired, collected.orphans),
+                    (expired, 0),
+                    "removed from the snapshot"
+                );
+                translate_back(node, conn, new, 0);
+            },
+        );
+    }
 }
