@@ -270,6 +270,24 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> boo
     CONNTRACK.insert(&key, value, 0).is_ok()
 }
 
+/// Puts back the REPLY entry of the translated flow `entry` (`t` its original tuple)
+/// if it is missing. Called for a SYN sent again: its flow is made whole even if the
+/// agent's collector removed that entry in the instant its port changed hands, where
+/// the SYN would otherwise go out again and again with no way for its answer back.
+#[inline(always)]
+pub fn restore_reply(t: &Tuple, entry: &CtEntry) {
+    let reply = reply_tuple(t, entry.addr, entry.port);
+    let value = CtEntry {
+        created_ns: now(),
+        addr: t.src,
+        port: t.sport,
+        rule: entry.rule,
+        ..CtEntry::default()
+    };
+    // Taken (its own entry, or a port that moved on meanwhile): left as it is.
+    let _ = CONNTRACK.insert(&reply.key(DIR_REPLY), &value, u64::from(BPF_NOEXIST));
+}
+
 /// The tuple replies to `t` carry once its source is translated to `nat_ip:port`.
 #[inline(always)]
 fn reply_tuple(t: &Tuple, nat_ip: [u8; 4], port: [u8; 2]) -> Tuple {

@@ -776,3 +776,30 @@ fn a_port_taken_over_during_a_collection_stays_with_its_new_flow() {
         );
     }
 }
+
+#[test]
+fn a_syn_sent_again_restores_its_flows_reply_entry() {
+    // What the collector can still do in the instant between reading an entry and
+    // removing it (see above): a flow loses its REPLY entry. Its next SYN puts it back.
+    with_node_setup(
+        LoadOptions::default(),
+        setup(ALL_PORTS, CtTimeouts::DEFAULT),
+        |node| {
+            let conn = client(Proto::Tcp, POD, OUTSIDE);
+            let translated = open(node, conn, SYN, NODE_IP);
+            let reply = ct_key(&translated.reversed(), DIR_REPLY);
+            node.conntrack_map()
+                .remove(&reply)
+                .expect("removing the REPLY entry");
+            // The answer finds no flow: it is left to the host.
+            node.expect_untouched(
+                UplinkIngress,
+                &incoming(&translated.reversed(), SYN | ACK),
+                Reason::PassNotTunnel,
+            );
+            let (again, _) = translate_out(node, conn, SYN, NODE_IP);
+            assert_eq!(again, translated, "the SYN again, on the same translation");
+            translate_back(node, conn, translated, SYN | ACK);
+        },
+    );
+}

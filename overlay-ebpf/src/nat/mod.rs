@@ -80,7 +80,15 @@ pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<boo
     }
     let t = l4.tuple;
     let entry = match conntrack::original(&t) {
-        Some(entry) => entry,
+        Some(entry) => {
+            let e = unsafe { &*entry };
+            if l4.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN
+                && e.rule != Rule::Untranslated as u8
+            {
+                conntrack::restore_reply(&t, e);
+            }
+            entry
+        }
         None => {
             // A reply of a flow that started on the outside is never translated.
             if let Some(entry) = conntrack::original(&t.reversed()) {
