@@ -197,7 +197,13 @@ async fn serve(
                 let Some(bridge) = host::ifindex_by_name(&opts.bridge) else {
                     continue;
                 };
-                let addresses = rec.host.addresses(Some(bridge)).await.unwrap_or_default();
+                let addresses = match rec.host.addresses(Some(bridge)).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        debug!(error = format!("{e:#}"), "reading the bridge's addresses");
+                        continue;
+                    }
+                };
                 let appeared = dp.attachment(Hook::BridgeIngress).is_none();
                 if !appeared && addresses == bridge_addresses {
                     continue;
