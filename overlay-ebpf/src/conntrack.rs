@@ -188,13 +188,7 @@ pub fn create(
         let port = (cfg.nat_port_min as u32 + (start + i * stride) % span) as u16;
         let port = port.to_be_bytes();
         let reply = reply_tuple(t, nat_ip, port);
-        let value = CtEntry {
-            created_ns: born,
-            addr: t.src,
-            port: t.sport,
-            rule,
-            ..CtEntry::default()
-        };
+        let value = reply_entry(t, rule, born);
         match CONNTRACK.insert(&reply.key(DIR_REPLY), &value, u64::from(BPF_NOEXIST)) {
             Ok(()) => {}
             Err(e) if e == -E2BIG || e == -ENOMEM => return Err(CreateError::TableFull),
@@ -277,15 +271,22 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> boo
 #[inline(always)]
 pub fn restore_reply(t: &Tuple, entry: &CtEntry) {
     let reply = reply_tuple(t, entry.addr, entry.port);
-    let value = CtEntry {
-        created_ns: now(),
-        addr: t.src,
-        port: t.sport,
-        rule: entry.rule,
-        ..CtEntry::default()
-    };
+    let value = reply_entry(t, entry.rule, now());
     // Taken (its own entry, or a port that moved on meanwhile): left as it is.
     let _ = CONNTRACK.insert(&reply.key(DIR_REPLY), &value, u64::from(BPF_NOEXIST));
+}
+
+/// The REPLY entry of a flow with original tuple `t`, created at `born`: it leads
+/// replies back to the original source.
+#[inline(always)]
+fn reply_entry(t: &Tuple, rule: u8, born: u64) -> CtEntry {
+    CtEntry {
+        created_ns: born,
+        addr: t.src,
+        port: t.sport,
+        rule,
+        ..CtEntry::default()
+    }
 }
 
 /// The tuple replies to `t` carry once its source is translated to `nat_ip:port`.

@@ -468,15 +468,10 @@ pub fn wait_attached(ns: &str, iface: &str, direction: TcAttachType, program: &s
     )
 }
 
-/// The pod gateway of `node`: the first address of its pod subnet, on the bridge.
-fn gateway(node: &Node) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(node.pod_cidr.network()) + 1)
-}
-
 /// Whether every route of the agent's sends the host's own packets from the pod
 /// gateway, as they leave from flanneld's tunnel address.
 fn from_gateway(node: &Node, routes: &BTreeMap<Ipv4Net, Option<Ipv4Addr>>) -> bool {
-    routes.values().all(|src| *src == Some(gateway(node)))
+    routes.values().all(|src| *src == Some(node.gateway()))
 }
 
 /// Waits, briefly, until `node`'s agent sources its routes from the gateway that the
@@ -484,7 +479,11 @@ fn from_gateway(node: &Node, routes: &BTreeMap<Ipv4Net, Option<Ipv4Addr>>) -> bo
 pub fn wait_gateway_source(lab: &LabState, node: &Node) -> Result<()> {
     let ns = lab.netns(&node.name);
     interrupt::wait_until(
-        &format!("the agent of {} to route from {}", node.name, gateway(node)),
+        &format!(
+            "the agent of {} to route from {}",
+            node.name,
+            node.gateway()
+        ),
         interrupt::scaled(GATEWAY_TIMEOUT),
         || {
             let routes = overlay_route_sources(&ns)?;
@@ -525,7 +524,7 @@ pub fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> {
     match overlay_route_sources(&ns) {
         Ok(routes) if routes.keys().eq(remote.iter()) => {
             if bridge && !from_gateway(node, &routes) {
-                missing.push(format!("routes with source {}", gateway(node)));
+                missing.push(format!("routes with source {}", node.gateway()));
             }
         }
         _ => missing.push("routes".to_owned()),
