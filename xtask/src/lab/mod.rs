@@ -11,7 +11,9 @@
 //! on disk and its removal), cluster (building it), agents, servers, probe, parallel
 //! and matrix (connectivity), capture (wire proof), controls (negative controls),
 //! router (routes put on the router on purpose), nat_table (`overlay-agent nat`),
-//! masquerade (the masquerade proof: outside, rules, load, iptables, equivalence).
+//! masquerade (the masquerade proof: outside, rules, load, iptables, equivalence),
+//! restart (restarts and upgrades lose nothing) and kernel_drops (what the kernel
+//! dropped, to place a loss).
 
 pub(crate) mod agents;
 mod capture;
@@ -21,6 +23,7 @@ mod equivalence;
 pub(crate) mod flannel;
 pub(crate) mod interrupt;
 pub(crate) mod iptables;
+mod kernel_drops;
 mod load;
 mod masquerade;
 mod matrix;

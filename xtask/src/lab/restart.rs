@@ -25,7 +25,9 @@ use nix::sys::{
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::{agents, netns, state::LabState, table::Table, topology::Node};
+use super::{
+    agents, kernel_drops::KernelDrops, netns, state::LabState, table::Table, topology::Node,
+};
 
 /// Datagrams per second on each stream: dense enough that a gap of a millisecond
 /// shows, light enough for two cores.
@@ -34,6 +36,8 @@ const RATE: u32 = 2000;
 const MARGIN: Duration = Duration::from_millis(500);
 /// How long a datagram in flight may take to arrive once senders stop.
 const DRAIN: Duration = Duration::from_millis(300);
+/// How far behind its schedule a sender may fall and still catch up (see `pace`).
+const CATCH_UP: Duration = Duration::from_millis(10);
 const PORT: u16 = 7700;
 const RECEIVE_BUFFER: usize = 16 << 20;
 const PAYLOAD: usize = 64;
@@ -131,20 +135,28 @@ impl Stream {
 /// Sends numbered datagrams at `RATE` until stopped; returns how many went out.
 fn send(socket: &UdpSocket, stop: &AtomicBool) -> Result<u64> {
     let interval = Duration::from_secs(1) / RATE;
-    let started = Instant::now();
+    let mut next = Instant::now();
     let mut seq = 0u64;
     let mut payload = [0u8; PAYLOAD];
     while !stop.load(Ordering::Relaxed) {
         payload[..8].copy_from_slice(&seq.to_be_bytes());
         socket.send(&payload).context("sending")?;
         seq += 1;
-        // Paced against the start, so that a late wake-up does not lower the rate.
-        let next = started + interval * seq as u32;
+        next = pace(next, interval, Instant::now());
         if let Some(wait) = next.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
     }
     Ok(seq)
+}
+
+/// When to send after a datagram due at `due`: a late wake-up is made up for by
+/// sending the next ones at once, but at most `CATCH_UP`'s worth. A sender stalled
+/// for seconds (a starved VM) that made up all of it would send thousands of
+/// datagrams in one burst and overflow the kernel's input queues, a loss of the
+/// test's own making, not the node's.
+fn pace(due: Instant, interval: Duration, now: Instant) -> Instant {
+    (due + interval).max(now.checked_sub(CATCH_UP).unwrap_or(now))
 }
 
 /// Collects sequence numbers until stopped, then for `DRAIN` more.
@@ -213,8 +225,9 @@ impl Event {
 pub struct Proof {
     pub rows: Vec<(String, Duration, Count)>,
     /// Per event: packets the node's datapath dropped meanwhile (every hook, every
-    /// drop reason), so that a loss can be told apart from one elsewhere.
-    pub datapath_drops: Vec<(String, u64)>,
+    /// drop reason) and what the kernel dropped in the lab, so that a loss can be
+    /// placed.
+    pub drops: Vec<(String, u64, KernelDrops)>,
     pub failures: Vec<String>,
 }
 
@@ -236,14 +249,15 @@ pub fn run(lab: &LabState, other_build: &Path) -> Result<Proof> {
     let node = lab.topology.node(NODE)?.clone();
     let mut proof = Proof {
         rows: Vec::new(),
-        datapath_drops: Vec::new(),
+        drops: Vec::new(),
         failures: Vec::new(),
     };
     for event in Event::ALL {
         let drops_before = datapath_drops(lab, &node)?;
+        let kernel_before = KernelDrops::read(lab)?;
         let streams = start_streams(lab, &node)?;
         std::thread::sleep(MARGIN);
-        let took = disturb(lab, &node, event, other_build)?;
+        let disturbed = disturb(lab, &node, event, other_build)?;
         std::thread::sleep(MARGIN);
         for stream in streams {
             let count = stream.finish()?;
@@ -257,14 +271,18 @@ pub fn run(lab: &LabState, other_build: &Path) -> Result<Proof> {
                     count.sent
                 ));
             }
-            proof.rows.push((event.describe().to_owned(), took, count));
+            proof
+                .rows
+                .push((event.describe().to_owned(), disturbed.took, count));
         }
-        // Pinned counters survive every event but the layout change, which starts
-        // them from zero.
-        let drops = datapath_drops(lab, &node)?.checked_sub(drops_before);
+        let kernel = KernelDrops::read(lab)?.since(&kernel_before);
+        // Pinned counters survive every event but the layout change, whose datapath
+        // starts from zero: then the replaced one's count is added.
+        let drops = datapath_drops(lab, &node)? + disturbed.replaced_drops.unwrap_or(drops_before)
+            - drops_before;
         proof
-            .datapath_drops
-            .push((event.describe().to_owned(), drops.unwrap_or(0)));
+            .drops
+            .push((event.describe().to_owned(), drops, kernel));
     }
     // Leave the lab with its own build again.
     agents::stop_node(lab, &node, Signal::SIGTERM)?;
@@ -292,10 +310,18 @@ fn start_streams(lab: &LabState, node: &Node) -> Result<Vec<Stream>> {
     ])
 }
 
-/// Does `event` to the node's agent and waits until the new one is ready; returns how
-/// long the node ran without a ready agent.
-fn disturb(lab: &LabState, node: &Node, event: Event, other_build: &Path) -> Result<Duration> {
+struct Disturbed {
+    /// How long the node ran without a ready agent.
+    took: Duration,
+    /// The drops of a datapath whose counters the event replaced, read last after its
+    /// agent stopped.
+    replaced_drops: Option<u64>,
+}
+
+/// Does `event` to the node's agent and waits until the new one is ready.
+fn disturb(lab: &LabState, node: &Node, event: Event, other_build: &Path) -> Result<Disturbed> {
     let started = Instant::now();
+    let mut replaced = None;
     match event {
         Event::Kill => {
             agents::stop_node(lab, node, Signal::SIGKILL)?;
@@ -311,6 +337,7 @@ fn disturb(lab: &LabState, node: &Node, event: Event, other_build: &Path) -> Res
         }
         Event::LayoutUpgrade => {
             agents::stop_node(lab, node, Signal::SIGTERM)?;
+            let drops = datapath_drops(lab, node)?;
             // What a build with another layout finds: the running datapath's pins in
             // a directory of another version.
             let pins = agents::pin_dir(lab, node)?;
@@ -318,18 +345,23 @@ fn disturb(lab: &LabState, node: &Node, event: Event, other_build: &Path) -> Res
             std::fs::rename(&pins, &older)
                 .with_context(|| format!("moving {} aside", pins.display()))?;
             agents::start(lab, node, lab.masquerade)?;
-            agents::wait_ready(lab, true)?;
-            if older.exists() || !pins.exists() {
-                bail!(
-                    "the agent did not take over from the other layout's pins ({} is still there)",
-                    older.display()
-                );
-            }
-            return Ok(started.elapsed());
+            replaced = Some((drops, pins, older));
         }
     }
     agents::wait_ready(lab, true)?;
-    Ok(started.elapsed())
+    let took = started.elapsed();
+    if let Some((_, pins, older)) = &replaced
+        && (older.exists() || !pins.exists())
+    {
+        bail!(
+            "the agent did not take over from the other layout's pins ({} is still there)",
+            older.display()
+        );
+    }
+    Ok(Disturbed {
+        took,
+        replaced_drops: replaced.map(|(drops, ..)| drops),
+    })
 }
 
 pub fn render(proof: &Proof) -> String {
@@ -357,9 +389,9 @@ pub fn render(proof: &Proof) -> String {
         ]);
     }
     let mut out = table.to_string();
-    for (event, drops) in &proof.datapath_drops {
+    for (event, drops, kernel) in &proof.drops {
         out.push_str(&format!(
-            "  {event}: w1's datapath dropped {drops} packets meanwhile\n"
+            "  {event}: w1's datapath dropped {drops} packets meanwhile; the kernel dropped {kernel}\n"
         ));
     }
     out.push_str(&if proof.failures.is_empty() {
@@ -368,4 +400,29 @@ pub fn render(proof: &Proof) -> String {
         format!("  ✗ {}\n", proof.failures.join("\n  ✗ "))
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sender_catches_up_a_short_delay_but_not_a_stall() {
+        let interval = Duration::from_millis(1);
+        let t0 = Instant::now();
+        // On time, or a little late: the schedule holds, the missed datagrams go at once.
+        assert_eq!(pace(t0, interval, t0), t0 + interval);
+        assert_eq!(pace(t0, interval, t0 + CATCH_UP), t0 + interval);
+        // Stalled for two seconds: at most CATCH_UP's worth is sent at once.
+        let late = t0 + Duration::from_secs(2);
+        assert_eq!(pace(t0, interval, late), late - CATCH_UP);
+        let burst = (1..)
+            .scan(t0, |due, _| {
+                *due = pace(*due, interval, late);
+                Some(*due)
+            })
+            .take_while(|due| *due <= late)
+            .count();
+        assert_eq!(burst as u128, CATCH_UP.as_millis() + 1);
+    }
 }
