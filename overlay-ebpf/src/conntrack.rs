@@ -110,9 +110,16 @@ pub fn reply(t: &Tuple) -> Option<(CtEntry, *mut CtEntry)> {
 }
 
 /// Records that a packet with TCP flags `tcp` (0 for other protocols) went through
-/// the flow, in the reply direction if `is_reply`, and extends its deadline.
+/// the flow, in the reply direction if `is_reply`, and extends its deadline. Returns
+/// whether the entry was written (at most about once a second on a steady flow).
 #[inline(always)]
-pub fn touch(cfg: &DatapathConfig, entry: *mut CtEntry, proto: u8, tcp: u8, is_reply: bool) {
+pub fn touch(
+    cfg: &DatapathConfig,
+    entry: *mut CtEntry,
+    proto: u8,
+    tcp: u8,
+    is_reply: bool,
+) -> bool {
     use crate::parse::tcp::{ACK, FIN, RST, SYN};
     let old = unsafe { (*entry).flags };
     let mut new = old;
@@ -150,9 +157,11 @@ pub fn touch(cfg: &DatapathConfig, entry: *mut CtEntry, proto: u8, tcp: u8, is_r
             (*entry).flags = new;
         }
         let current = (*entry).expires_ns;
-        if new != old || expires > current + REFRESH_SLACK_NS || expires < current {
+        let refresh = new != old || expires > current + REFRESH_SLACK_NS || expires < current;
+        if refresh {
             (*entry).expires_ns = expires;
         }
+        refresh
     }
 }
 
@@ -265,9 +274,11 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> boo
 }
 
 /// Puts back the REPLY entry of the translated flow `entry` (`t` its original tuple)
-/// if it is missing. Called for a SYN sent again: its flow is made whole even if the
-/// agent's collector removed that entry in the instant its port changed hands, where
-/// the SYN would otherwise go out again and again with no way for its answer back.
+/// if it is missing: the agent's collector may remove it in the instant the flow's
+/// port changes hands, and the flow's answers would then find no way back. Called for
+/// a SYN sent again (the connection then costs one retry) and whenever an outgoing
+/// packet refreshes a flow's deadline (a datagram flow, which has no SYN, recovers
+/// within about a second).
 #[inline(always)]
 pub fn restore_reply(t: &Tuple, entry: &CtEntry) {
     let reply = reply_tuple(t, entry.addr, entry.port);

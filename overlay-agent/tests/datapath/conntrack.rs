@@ -803,3 +803,30 @@ fn a_syn_sent_again_restores_its_flows_reply_entry() {
         },
     );
 }
+
+#[test]
+fn a_datagram_flow_gets_its_reply_entry_back_when_its_deadline_moves() {
+    // The same loss on a flow without SYNs: its packets put the entry back when they
+    // refresh the flow's deadline, which they do at most about once a second.
+    with_node_setup(
+        LoadOptions::default(),
+        setup(ALL_PORTS, CtTimeouts::DEFAULT),
+        |node| {
+            let conn = udp(40002, (OUTSIDE, 53));
+            let translated = open(node, conn, 0, NODE_IP);
+            let reply = ct_key(&translated.reversed(), DIR_REPLY);
+            node.conntrack_map()
+                .remove(&reply)
+                .expect("removing the REPLY entry");
+            node.expect_untouched(
+                UplinkIngress,
+                &incoming(&translated.reversed(), 0),
+                Reason::PassNotTunnel,
+            );
+            thread::sleep(Duration::from_millis(1100));
+            let (again, _) = translate_out(node, conn, 0, NODE_IP);
+            assert_eq!(again, translated, "the same translation, a second later");
+            translate_back(node, conn, translated, 0);
+        },
+    );
+}

@@ -80,15 +80,7 @@ pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<boo
     }
     let t = l4.tuple;
     let entry = match conntrack::original(&t) {
-        Some(entry) => {
-            let e = unsafe { &*entry };
-            if l4.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN
-                && e.rule != Rule::Untranslated as u8
-            {
-                conntrack::restore_reply(&t, e);
-            }
-            entry
-        }
+        Some(entry) => entry,
         None => {
             // A reply of a flow that started on the outside is never translated.
             if let Some(entry) = conntrack::original(&t.reversed()) {
@@ -151,10 +143,14 @@ pub fn translate(
     entry: *mut CtEntry,
 ) -> Result<bool, Reason> {
     let t = l4.tuple;
-    conntrack::touch(cfg, entry, t.proto, l4.tcp_flags, false);
+    let refreshed = conntrack::touch(cfg, entry, t.proto, l4.tcp_flags, false);
     let e = unsafe { *entry };
     if e.rule == Rule::Untranslated as u8 {
         return Ok(false);
+    }
+    // A SYN sent again, or a flow's periodic refresh: see `restore_reply`.
+    if refreshed || l4.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN {
+        conntrack::restore_reply(&t, &e);
     }
     timewait::record_fin(ctx, ip, l4, entry);
     rewrite::rewrite(
