@@ -786,17 +786,7 @@ fn a_syn_sent_again_restores_its_flows_reply_entry() {
         setup(ALL_PORTS, CtTimeouts::DEFAULT),
         |node| {
             let conn = client(Proto::Tcp, POD, OUTSIDE);
-            let translated = open(node, conn, SYN, NODE_IP);
-            let reply = ct_key(&translated.reversed(), DIR_REPLY);
-            node.conntrack_map()
-                .remove(&reply)
-                .expect("removing the REPLY entry");
-            // The answer finds no flow: it is left to the host.
-            node.expect_untouched(
-                UplinkIngress,
-                &incoming(&translated.reversed(), SYN | ACK),
-                Reason::PassNotTunnel,
-            );
+            let translated = open_and_lose_reply_entry(node, conn, SYN, SYN | ACK);
             let (again, _) = translate_out(node, conn, SYN, NODE_IP);
             assert_eq!(again, translated, "the SYN again, on the same translation");
             translate_back(node, conn, translated, SYN | ACK);
@@ -813,20 +803,27 @@ fn a_datagram_flow_gets_its_reply_entry_back_when_its_deadline_moves() {
         setup(ALL_PORTS, CtTimeouts::DEFAULT),
         |node| {
             let conn = udp(40002, (OUTSIDE, 53));
-            let translated = open(node, conn, 0, NODE_IP);
-            let reply = ct_key(&translated.reversed(), DIR_REPLY);
-            node.conntrack_map()
-                .remove(&reply)
-                .expect("removing the REPLY entry");
-            node.expect_untouched(
-                UplinkIngress,
-                &incoming(&translated.reversed(), 0),
-                Reason::PassNotTunnel,
-            );
+            let translated = open_and_lose_reply_entry(node, conn, 0, 0);
             thread::sleep(Duration::from_millis(1100));
             let (again, _) = translate_out(node, conn, 0, NODE_IP);
             assert_eq!(again, translated, "the same translation, a second later");
             translate_back(node, conn, translated, 0);
         },
     );
+}
+
+/// Opens `conn` with a packet of TCP flags `flags`, then removes its REPLY entry as the
+/// collector can: an answer with flags `answer` then finds no flow and is left to the
+/// host. Returns the translated tuple.
+fn open_and_lose_reply_entry(node: &Node, conn: Conn, flags: u8, answer: u8) -> Conn {
+    let translated = open(node, conn, flags, NODE_IP);
+    node.conntrack_map()
+        .remove(&ct_key(&translated.reversed(), DIR_REPLY))
+        .expect("removing the REPLY entry");
+    node.expect_untouched(
+        UplinkIngress,
+        &incoming(&translated.reversed(), answer),
+        Reason::PassNotTunnel,
+    );
+    translated
 }
