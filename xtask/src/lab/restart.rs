@@ -278,8 +278,9 @@ pub fn run(lab: &LabState, other_build: &Path) -> Result<Proof> {
         let kernel = KernelDrops::read(lab)?.since(&kernel_before);
         // Pinned counters survive every event but the layout change, whose datapath
         // starts from zero: then the replaced one's count is added.
-        let drops = datapath_drops(lab, &node)? + disturbed.replaced_drops.unwrap_or(drops_before)
-            - drops_before;
+        let drops = (datapath_drops(lab, &node)?
+            + disturbed.replaced_drops.unwrap_or(drops_before))
+        .saturating_sub(drops_before);
         proof
             .drops
             .push((event.describe().to_owned(), drops, kernel));
