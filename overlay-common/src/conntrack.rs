@@ -62,7 +62,8 @@ pub mod flags {
 pub struct CtEntry {
     /// CLOCK_MONOTONIC nanoseconds after which the flow is dead (ORIGINAL entries).
     pub expires_ns: u64,
-    /// When the flow was created (CLOCK_MONOTONIC ns), for inspection.
+    /// When the flow was created (CLOCK_MONOTONIC ns; both entries of a flow alike):
+    /// tells a flow's entries from those of a newer flow on the same port.
     pub created_ns: u64,
     /// ORIGINAL: the translated source address; REPLY: the original source address.
     pub addr: [u8; 4],

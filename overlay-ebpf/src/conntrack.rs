@@ -168,7 +168,7 @@ pub fn touch(
 /// Tracks a flow that is not translated (so that its replies are not either).
 #[inline(always)]
 pub fn track_untranslated(cfg: &DatapathConfig, t: &Tuple) -> Result<*mut CtEntry, CreateError> {
-    insert_original(cfg, t, t.src, t.sport, Rule::Untranslated as u8)
+    insert_original(cfg, t, t.src, t.sport, Rule::Untranslated as u8, now())
 }
 
 /// Creates a translated flow for `t`: claims a REPLY key for a free port of the
@@ -210,7 +210,7 @@ pub fn create(
                 continue;
             }
         }
-        return match insert_original(cfg, t, nat_ip, port, rule) {
+        return match insert_original(cfg, t, nat_ip, port, rule, born) {
             Ok(entry) => Ok(entry),
             Err(e) => {
                 let _ = CONNTRACK.remove(&reply.key(DIR_REPLY));
@@ -282,7 +282,8 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> boo
 #[inline(always)]
 pub fn restore_reply(t: &Tuple, entry: &CtEntry) {
     let reply = reply_tuple(t, entry.addr, entry.port);
-    let value = reply_entry(t, entry.rule, now());
+    // Born with its flow, as at creation: the collector removes it with the flow.
+    let value = reply_entry(t, entry.rule, entry.created_ns);
     // Taken (its own entry, or a port that moved on meanwhile): left as it is.
     let _ = CONNTRACK.insert(&reply.key(DIR_REPLY), &value, u64::from(BPF_NOEXIST));
 }
@@ -319,8 +320,8 @@ fn insert_original(
     addr: [u8; 4],
     port: [u8; 2],
     rule: u8,
+    born: u64,
 ) -> Result<*mut CtEntry, CreateError> {
-    let born = now();
     let expires = born + u64::from(cfg.ct_timeouts.for_state(t.proto, 0)) * NS_PER_SEC;
     let value = CtEntry {
         expires_ns: expires,

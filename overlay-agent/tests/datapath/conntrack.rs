@@ -786,9 +786,10 @@ fn a_syn_sent_again_restores_its_flows_reply_entry() {
         setup(ALL_PORTS, CtTimeouts::DEFAULT),
         |node| {
             let conn = client(Proto::Tcp, POD, OUTSIDE);
-            let translated = open_and_lose_reply_entry(node, conn, SYN, SYN | ACK);
+            let (translated, lost) = open_and_lose_reply_entry(node, conn, SYN, SYN | ACK);
             let (again, _) = translate_out(node, conn, SYN, NODE_IP);
             assert_eq!(again, translated, "the SYN again, on the same translation");
+            assert_restored(node, translated, lost);
             translate_back(node, conn, translated, SYN | ACK);
         },
     );
@@ -803,10 +804,11 @@ fn a_datagram_flow_gets_its_reply_entry_back_when_its_deadline_moves() {
         setup(ALL_PORTS, CtTimeouts::DEFAULT),
         |node| {
             let conn = udp(40002, (OUTSIDE, 53));
-            let translated = open_and_lose_reply_entry(node, conn, 0, 0);
+            let (translated, lost) = open_and_lose_reply_entry(node, conn, 0, 0);
             thread::sleep(Duration::from_millis(1100));
             let (again, _) = translate_out(node, conn, 0, NODE_IP);
             assert_eq!(again, translated, "the same translation, a second later");
+            assert_restored(node, translated, lost);
             translate_back(node, conn, translated, 0);
         },
     );
@@ -814,16 +816,24 @@ fn a_datagram_flow_gets_its_reply_entry_back_when_its_deadline_moves() {
 
 /// Opens `conn` with a packet of TCP flags `flags`, then removes its REPLY entry as the
 /// collector can: an answer with flags `answer` then finds no flow and is left to the
-/// host. Returns the translated tuple.
-fn open_and_lose_reply_entry(node: &Node, conn: Conn, flags: u8, answer: u8) -> Conn {
+/// host. Returns the translated tuple and the entry removed.
+fn open_and_lose_reply_entry(node: &Node, conn: Conn, flags: u8, answer: u8) -> (Conn, CtEntry) {
     let translated = open(node, conn, flags, NODE_IP);
-    node.conntrack_map()
-        .remove(&ct_key(&translated.reversed(), DIR_REPLY))
-        .expect("removing the REPLY entry");
+    let key = ct_key(&translated.reversed(), DIR_REPLY);
+    let mut map = node.conntrack_map();
+    let lost = map.get(&key, 0).expect("the REPLY entry creation made");
+    map.remove(&key).expect("removing the REPLY entry");
     node.expect_untouched(
         UplinkIngress,
         &incoming(&translated.reversed(), answer),
         Reason::PassNotTunnel,
     );
-    translated
+    (translated, lost)
+}
+
+/// The REPLY entry of `translated` is back as creation made it (`lost`): born with its
+/// flow, so that the collector removes it with the flow.
+fn assert_restored(node: &Node, translated: Conn, lost: CtEntry) {
+    let key = ct_key(&translated.reversed(), DIR_REPLY);
+    assert_eq!(node.conntrack_map().get(&key, 0).ok(), Some(lost));
 }
