@@ -3,6 +3,7 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
+use crate::datapath::batch;
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, Map, MapData};
 use overlay_common::{
@@ -97,8 +98,7 @@ impl Conntrack {
     }
 
     fn entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        // Entries can vanish while we walk (the datapath or another collector): skip those.
-        Ok(self.0.iter().filter_map(Result::ok).collect())
+        batch::entries(&self.0).context("reading the connection table")
     }
 
     /// Live flows (ORIGINAL entries), oldest first.
@@ -146,6 +146,13 @@ impl Conntrack {
     /// its replies untranslated, and the connection would time out.
     pub fn sweep(&mut self, snapshot: Snapshot) -> Result<Collected> {
         let now = monotonic_ns();
+        let listed = snapshot.0.len();
+        let mut removed = 0;
+        let mut remove = |map: &mut HashMap<MapData, CtKey, CtEntry>, k: &CtKey| {
+            if map.remove(k).is_ok() {
+                removed += 1;
+            }
+        };
         let (originals, replies): (Vec<_>, Vec<_>) = snapshot
             .0
             .into_iter()
@@ -162,14 +169,14 @@ impl Conntrack {
             if self.0.get(&k, 0).is_ok_and(|now_v| now_v.expires_ns > now) {
                 continue;
             }
-            let _ = self.0.remove(&k);
+            remove(&mut self.0, &k);
             if v.rule != Rule::Untranslated as u8 {
                 let reply = reply_key_of(&k, &v);
                 // Still this flow's: it leads back to it, and is no younger than it.
                 if self.0.get(&reply, 0).is_ok_and(|r| {
                     r.addr == k.src && r.port == k.sport && r.created_ns <= v.created_ns
                 }) {
-                    let _ = self.0.remove(&reply);
+                    remove(&mut self.0, &reply);
                 }
                 gone.insert(reply);
             }
@@ -187,11 +194,12 @@ impl Conntrack {
                 && now.saturating_sub(v.created_ns) > ORPHAN_GRACE.as_nanos() as u64
                 && unchanged()
             {
-                let _ = self.0.remove(&k);
+                remove(&mut self.0, &k);
                 done.orphans += 1;
             }
         }
-        done.remaining = self.0.keys().count();
+        // As the snapshot showed the table, less what went: no walk of the table again.
+        done.remaining = listed.saturating_sub(removed);
         Ok(done)
     }
 }

@@ -1,6 +1,7 @@
 //! The eBPF side as seen from userspace: the embedded object, its programs and maps.
 
 mod attach;
+pub mod batch;
 pub mod layout;
 pub mod maps;
 pub mod ports;

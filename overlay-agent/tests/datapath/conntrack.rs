@@ -19,7 +19,7 @@ use std::{
 
 use overlay_agent::{
     conntrack::{Collected, monotonic_ns},
-    datapath::LoadOptions,
+    datapath::{LoadOptions, batch},
 };
 use overlay_common::{
     DatapathConfig,
@@ -836,4 +836,45 @@ fn open_and_lose_reply_entry(node: &Node, conn: Conn, flags: u8, answer: u8) -> 
 fn assert_restored(node: &Node, translated: Conn, lost: CtEntry) {
     let key = ct_key(&translated.reversed(), DIR_REPLY);
     assert_eq!(node.conntrack_map().get(&key, 0).ok(), Some(lost));
+}
+
+#[test]
+fn the_agent_reads_the_whole_table_in_batches() {
+    with_node_setup(
+        LoadOptions::default(),
+        setup(ALL_PORTS, CtTimeouts::DEFAULT),
+        |node| {
+            // More entries than one call returns, spread over two servers.
+            let mut map = node.conntrack_map();
+            for i in 0..10_000u32 {
+                let server = if i % 2 == 0 {
+                    (OUTSIDE, 443)
+                } else {
+                    (OUTSIDE_2, 53)
+                };
+                let port = 10_000 + (i / 2) as u16;
+                let key = ct_key(&Conn::new(Proto::Udp, server, (NODE_IP, port)), DIR_REPLY);
+                let value = CtEntry {
+                    created_ns: u64::from(i),
+                    port: port.to_be_bytes(),
+                    ..CtEntry::default()
+                };
+                map.insert(key, value, 0).expect("filling the table");
+            }
+            let walked = node.conntrack_entries();
+            assert_eq!(walked.len(), 10_000);
+            // Asking for one entry at a time also meets buckets of more than one (ENOSPC),
+            // and must grow its request rather than fail or skip them.
+            for first_request in [batch::BATCH, 1] {
+                let read: BTreeMap<CtKey, CtEntry> = batch::entries_asking(&map, first_request)
+                    .expect("reading in batches")
+                    .into_iter()
+                    .collect();
+                assert!(
+                    read == walked,
+                    "batches of {first_request} read what a walk reads"
+                );
+            }
+        },
+    );
 }

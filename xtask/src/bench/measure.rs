@@ -19,6 +19,7 @@ use crate::lab::{
     cluster::{self, Dataplane},
     flannel::Backend,
     iptables::{FlannelRules, Variant},
+    router::RouterRoutes,
     state::{LabGuard, LabState},
     topology::{Host, Node, Topology},
 };
@@ -34,6 +35,10 @@ pub enum Setup {
     SnatOurs,
     /// Masquerade to the outside: our agent without it, flanneld's iptables rules.
     SnatIptables,
+    /// No translation: our agent without `--ip-masq`, and the router routes the pod
+    /// subnets back to their nodes. What the same connections cost without any NAT,
+    /// to tell the translation's share from the rest of the path.
+    SnatRouted,
 }
 
 /// [`Backend`], serializable.
@@ -62,7 +67,7 @@ impl Setup {
         Setup::Kernel(KernelBackend::Vxlan),
         Setup::Kernel(KernelBackend::HostGw),
     ];
-    pub const SNAT: [Setup; 2] = [Setup::SnatOurs, Setup::SnatIptables];
+    pub const SNAT: [Setup; 3] = [Setup::SnatOurs, Setup::SnatIptables, Setup::SnatRouted];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -72,6 +77,7 @@ impl Setup {
             Setup::Kernel(KernelBackend::HostGw) => "host-gw",
             Setup::SnatOurs => "ours --ip-masq",
             Setup::SnatIptables => "iptables MASQUERADE",
+            Setup::SnatRouted => "routed, no NAT",
         }
     }
 
@@ -100,7 +106,7 @@ pub enum Group {
     Ipip,
     Vxlan,
     HostGw,
-    /// Both masquerades.
+    /// Both masquerades, and the same connections routed without translation.
     Snat,
 }
 
@@ -250,6 +256,10 @@ pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Resul
         Some(c) => Some(FlannelRules::install(&c.lab, Variant::Flanneld)?),
         None => None,
     };
+    let _routes = match clusters.iter().find(|c| c.setup == Setup::SnatRouted) {
+        Some(c) => Some(RouterRoutes::to_pods(&c.lab)?),
+        None => None,
+    };
     for offloads in [true, false] {
         if !offloads {
             for c in &clusters {
@@ -274,7 +284,7 @@ pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Resul
             }
         }
     }
-    drop(_rules);
+    drop((_rules, _routes));
     for c in clusters {
         let Cluster {
             lab,
@@ -314,7 +324,7 @@ fn measure(
         // megabyte).
         cpu_us_per_unit: cpu * 1e6 / units.max(1.0),
     };
-    if matches!(c.setup, Setup::SnatOurs | Setup::SnatIptables) {
+    if Setup::SNAT.contains(&c.setup) {
         let ((done, took), cpu) = with_cpu(|| load::crr(&client, c.outside.crr, duration))?;
         return Ok(vec![sample(
             Measure::SnatConnRate,

@@ -15,10 +15,9 @@
 //! subnet on the router, no iptables rules), also when a step fails or on Ctrl-C; the
 //! last section checks that it is.
 
-use std::{net::Ipv4Addr, time::Instant};
+use std::time::Instant;
 
 use anyhow::Result;
-use ipnet::Ipv4Net;
 
 use super::{
     agents,
@@ -143,13 +142,8 @@ fn proof(lab: &LabState, done: &mut Proof) -> Result<()> {
     let ours = compare(1, "the BPF masquerade", "BPF")?;
 
     restart(lab, false)?;
-    let return_routes: Vec<(Ipv4Net, Ipv4Addr)> = topology
-        .nodes
-        .iter()
-        .map(|n| (n.pod_cidr, n.address))
-        .collect();
     done.step(OFF, || {
-        let routes = RouterRoutes::install(lab, &return_routes)?;
+        let routes = RouterRoutes::to_pods(lab)?;
         println!(
             "Router, for this check only: {} (so that replies find the pods)",
             routes.describe()

@@ -33,7 +33,7 @@ mod outside;
 mod parallel;
 pub(crate) mod probe;
 mod restart;
-mod router;
+pub(crate) mod router;
 mod rules;
 pub(crate) mod servers;
 pub(crate) mod state;

@@ -33,6 +33,18 @@ impl<'a> RouterRoutes<'a> {
         Ok(installed)
     }
 
+    /// Routes every node's pod subnet via the node: the outside reaches pods without
+    /// translation.
+    pub fn to_pods(lab: &'a LabState) -> Result<Self> {
+        let routes: Vec<_> = lab
+            .topology
+            .nodes
+            .iter()
+            .map(|n| (n.pod_cidr, n.address))
+            .collect();
+        Self::install(lab, &routes)
+    }
+
     /// "10.244.2.0/24 via 172.18.0.3, ..."
     pub fn describe(&self) -> String {
         let routes: Vec<String> = self
