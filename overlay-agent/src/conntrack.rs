@@ -3,13 +3,14 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use crate::datapath::batch;
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, Map, MapData};
 use overlay_common::{
     conntrack::{CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, Rule, flags},
     maps::names,
 };
+
+use crate::datapath::batch;
 
 /// A REPLY entry whose flow is missing is only collected after this long: the
 /// datapath inserts the REPLY entry of a new flow just before its ORIGINAL entry.

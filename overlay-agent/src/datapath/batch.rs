@@ -1,8 +1,6 @@
 //! Reading a whole BPF hash map in a few system calls (`BPF_MAP_LOOKUP_BATCH`, Linux
 //! 5.6+). aya's iterator makes two per entry (next key, then lookup): for a connection
-//! table of 100,000 entries, swept every ten seconds, that is 200,000 calls a sweep,
-//! and under emulation the sweep's share of the CPU showed in the masquerade's
-//! connection rate.
+//! table of 100,000 entries, swept every ten seconds, that is 200,000 calls a sweep.
 
 use std::{
     io,
