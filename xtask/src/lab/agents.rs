@@ -140,9 +140,9 @@ pub fn start_build(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) 
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting the agent of {}", node.name))?;
-    // While `ip netns exec` execs the agent, the command line reads empty for a moment,
-    // and `running` cannot see the agent: wait for it, so that what follows never
-    // mistakes it for dead. Not interruptible: this also runs when restoring the lab
+    // Until `ip netns exec` has exec'd the agent, `running` cannot see it (the wrapper
+    // does not count, and the command line reads empty during the exec): wait for it,
+    // so that what follows never mistakes it for dead. Not interruptible: this also runs when restoring the lab
     // after Ctrl-C, and a child we gave up on must not stay behind.
     let pid = child.id();
     let started = interrupt::wait_briefly(
@@ -225,13 +225,25 @@ pub fn running(lab: &LabState) -> Result<Vec<Agent>> {
 fn agent_of(lab: &LabState, pid: u32) -> Option<Agent> {
     // Unreadable: the process is gone (or a zombie, whose cmdline is empty).
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    agent_in(&lab.bpffs(), pid, &cmdline)
+}
+
+/// The agent whose command line (`/proc/<pid>/cmdline`) is `cmdline`, if it keeps its
+/// pins under `bpffs`.
+fn agent_in(bpffs: &Path, pid: u32, cmdline: &[u8]) -> Option<Agent> {
     let args: Vec<&Path> = cmdline
         .split(|&b| b == 0)
         .map(|a| Path::new(OsStr::from_bytes(a)))
         .collect();
+    // `ip netns exec` holds the agent's arguments too until it execs the agent; only
+    // the agent itself (its subcommand right after the program) counts, or a check
+    // could pass on the wrapper and fail in the instant of the exec.
+    if args.get(1) != Some(&Path::new("run")) {
+        return None;
+    }
     let at = args.iter().position(|a| *a == Path::new("--bpffs"))?;
     let pins = args.get(at + 1)?;
-    if pins.parent()? != lab.bpffs() {
+    if pins.parent()? != bpffs {
         return None;
     }
     Some(Agent {
@@ -682,6 +694,32 @@ mod tests {
             }
         );
         assert!(SubnetEnv::parse("FLANNEL_SUBNET=10.244.1.1/24\n").is_err());
+    }
+
+    #[test]
+    fn an_agent_is_seen_once_exec_d_not_in_its_netns_wrapper() {
+        let bpffs = Path::new("/run/overlay-lab/ab12/bpffs");
+        let agent = "/x/overlay-agent\0run\0--node-name\0w1\0--bpffs\0/run/overlay-lab/ab12/bpffs/w1\0--ip-masq\0";
+        let wrapper = format!("ip\0netns\0exec\0olab-ab12-w1\0{agent}");
+        assert_eq!(
+            agent_in(bpffs, 7, agent.as_bytes()),
+            Some(Agent {
+                pid: 7,
+                node: "w1".into(),
+                masquerade: true
+            })
+        );
+        assert_eq!(agent_in(bpffs, 7, wrapper.as_bytes()), None);
+        // In the instant of the exec.
+        assert_eq!(agent_in(bpffs, 7, b""), None);
+        assert_eq!(
+            agent_in(
+                Path::new("/run/overlay-lab/cd34/bpffs"),
+                7,
+                agent.as_bytes()
+            ),
+            None
+        );
     }
 
     #[test]
