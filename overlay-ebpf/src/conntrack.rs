@@ -281,11 +281,15 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> boo
 /// within about a second).
 #[inline(always)]
 pub fn restore_reply(t: &Tuple, entry: &CtEntry) {
-    let reply = reply_tuple(t, entry.addr, entry.port);
+    let key = reply_tuple(t, entry.addr, entry.port).key(DIR_REPLY);
+    // Taken (its own entry, or a port that moved on meanwhile): left as it is. Almost
+    // always so; a lookup sees it without the bucket lock a refused insert takes.
+    if CONNTRACK.get_ptr(&key).is_some() {
+        return;
+    }
     // Born with its flow, as at creation: the collector removes it with the flow.
     let value = reply_entry(t, entry.rule, entry.created_ns);
-    // Taken (its own entry, or a port that moved on meanwhile): left as it is.
-    let _ = CONNTRACK.insert(&reply.key(DIR_REPLY), &value, u64::from(BPF_NOEXIST));
+    let _ = CONNTRACK.insert(&key, &value, u64::from(BPF_NOEXIST));
 }
 
 /// The REPLY entry of a flow with original tuple `t`, created at `born`: it leads
