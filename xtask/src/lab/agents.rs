@@ -142,8 +142,9 @@ pub fn start_build(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) 
         .with_context(|| format!("starting the agent of {}", node.name))?;
     // Until `ip netns exec` has exec'd the agent, `running` cannot see it (the wrapper
     // does not count, and the command line reads empty during the exec): wait for it,
-    // so that what follows never mistakes it for dead. Not interruptible: this also runs when restoring the lab
-    // after Ctrl-C, and a child we gave up on must not stay behind.
+    // so that what follows never mistakes it for dead. Not interruptible: this also
+    // runs when restoring the lab after Ctrl-C, and a child we gave up on must not stay
+    // behind.
     let pid = child.id();
     let started = interrupt::wait_briefly(
         &format!("the agent of {} to start", node.name),
