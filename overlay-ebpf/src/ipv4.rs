@@ -25,6 +25,27 @@ fn edit_word(ctx: &TcContext, word: impl FnOnce(&mut Ipv4Hdr) -> (u16, u16)) -> 
     true
 }
 
+/// Replaces the source address (`source`) or the destination address with `addr`.
+/// False if the header is not linear.
+#[inline(always)]
+pub fn set_address(ctx: &TcContext, source: bool, addr: [u8; 4]) -> bool {
+    let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        return false;
+    };
+    unsafe {
+        let field = if source {
+            &mut (*hdr).src_addr
+        } else {
+            &mut (*hdr).dst_addr
+        };
+        let old = *field;
+        *field = addr;
+        (*hdr).check =
+            checksum::replace4(u16::from_be_bytes((*hdr).check), old, addr).to_be_bytes();
+    }
+    true
+}
+
 /// One forwarding hop: TTL minus one.
 #[inline(always)]
 pub fn decrement_ttl(ctx: &TcContext) -> bool {

@@ -153,15 +153,7 @@ pub fn translate(
         conntrack::restore_reply(&t, &e);
     }
     timewait::record_fin(ctx, ip, l4, entry);
-    rewrite::rewrite(
-        ctx,
-        ETH_LEN,
-        l4,
-        End::Source,
-        (t.src, t.sport),
-        (e.addr, e.port),
-    )
-    .map_err(|_| Reason::DropHelperError)?;
+    rewrite::rewrite(ctx, l4, End::Source, (t.src, t.sport), (e.addr, e.port))?;
     Ok(true)
 }
 
@@ -194,13 +186,11 @@ pub fn ingress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<bo
         conntrack::touch(cfg, entry, t.proto, l4.tcp_flags, true);
         rewrite::rewrite(
             ctx,
-            ETH_LEN,
             &l4,
             End::Destination,
             (t.dst, t.dport),
             (rev.addr, rev.port),
-        )
-        .map_err(|_| Reason::DropHelperError)?;
+        )?;
         return Ok(true);
     }
     if from_outside_to_pod {

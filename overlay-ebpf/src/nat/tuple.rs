@@ -7,7 +7,7 @@ use overlay_common::Reason;
 
 use crate::{
     conntrack::Tuple,
-    parse::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, load_exact},
+    parse::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, ensure_linear, load_exact, ptr_at},
 };
 
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -86,10 +86,16 @@ pub fn parse(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize, quoted: bool) -> Result<L
             return Err(Reason::DropMalformed);
         }
     }
-    let mut head = [0u8; 8];
-    if !load_exact(ctx, off, &mut head) {
+    // Read in place (a copy helper per field cost more): the ports or ICMP
+    // identifier, and a TCP header's flags at byte 13.
+    let flags_read = ip.proto == IPPROTO_TCP && !quoted;
+    if !ensure_linear(ctx, off + if flags_read { 14 } else { 8 }) {
         return Err(Reason::DropMalformed);
     }
+    let Some(head) = ptr_at::<[u8; 8]>(ctx, off) else {
+        return Err(Reason::DropMalformed);
+    };
+    let head = unsafe { *head };
     let kind = match (ip.proto, head[0]) {
         (IPPROTO_TCP, _) => Kind::Tcp,
         (IPPROTO_UDP, _) => Kind::Udp,
@@ -123,12 +129,11 @@ pub fn parse(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize, quoted: bool) -> Result<L
         Kind::IcmpError => {}
     }
     let mut tcp_flags = 0;
-    if kind == Kind::Tcp && !quoted {
-        let mut flags = [0u8; 1];
-        if !load_exact(ctx, off + 13, &mut flags) {
+    if flags_read {
+        let Some(flags) = ptr_at::<u8>(ctx, off + 13) else {
             return Err(Reason::DropMalformed);
-        }
-        tcp_flags = flags[0];
+        };
+        tcp_flags = unsafe { *flags };
     }
     Ok(L4 {
         kind,
