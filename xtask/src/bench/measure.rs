@@ -33,7 +33,9 @@ pub enum Setup {
     Kernel(KernelBackend),
     /// Masquerade to the outside: our agent with `--ip-masq`.
     SnatOurs,
-    /// Masquerade to the outside: our agent without it, flanneld's iptables rules.
+    /// Masquerade to the outside as a flannel node does it: flanneld's iptables rules
+    /// on nodes that run no BPF at all (host-gw routes between them; a pod's
+    /// connection to the outside takes no tunnel in any flannel backend).
     SnatIptables,
     /// No translation: our agent without `--ip-masq`, and the router routes the pod
     /// subnets back to their nodes. What the same connections cost without any NAT,
@@ -88,12 +90,13 @@ impl Setup {
 
 impl Dataplane for Setup {
     fn runs_agent(&self, _: &Node) -> bool {
-        !matches!(self, Setup::Kernel(_))
+        !matches!(self, Setup::Kernel(_) | Setup::SnatIptables)
     }
 
     fn configure(&self, lab: &LabState, node: &Node) -> Result<SubnetEnv> {
         match self {
             Setup::Kernel(k) => k.backend().configure(lab, node),
+            Setup::SnatIptables => Backend::HostGw.configure(lab, node),
             _ => anyhow::bail!("{} runs our agent", node.name),
         }
     }

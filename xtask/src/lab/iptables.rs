@@ -1,6 +1,7 @@
 //! flanneld's masquerade rules, installed with iptables (nft backend) in every node's
-//! namespace: the baseline the BPF masquerade is compared with, on agents that run
-//! without `--ip-masq`.
+//! namespace: the baseline the BPF masquerade is compared with, on nodes with no BPF
+//! (the benchmark) or on agents that run without `--ip-masq` (the lab's equivalence
+//! test).
 //!
 //! The rules and their order are those of flanneld's `masqRules()`
 //! (flannel-io/flannel, pkg/trafficmngr/iptables/iptables.go at commit 5c96864f, with
