@@ -11,57 +11,50 @@ use crate::{
 
 const ECN_CE: u8 = 0x03;
 
-/// Applies `word`, which edits one 16-bit word of the header and returns its old and
-/// new value, and updates the checksum. False if the header is not linear.
+/// Applies `edit`, which changes fields of the header and returns the checksum
+/// updated from the one it is given. False if the header is not linear.
 #[inline(always)]
-fn edit_word(ctx: &TcContext, word: impl FnOnce(&mut Ipv4Hdr) -> (u16, u16)) -> bool {
+fn edit(ctx: &TcContext, edit: impl FnOnce(&mut Ipv4Hdr, u16) -> u16) -> bool {
     let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
         return false;
     };
     unsafe {
-        let (old, new) = word(&mut *hdr);
-        (*hdr).check = checksum::replace(u16::from_be_bytes((*hdr).check), old, new).to_be_bytes();
+        let check = edit(&mut *hdr, u16::from_be_bytes((*hdr).check));
+        (*hdr).check = check.to_be_bytes();
     }
     true
 }
 
 /// Replaces the source address (`source`) or the destination address with `addr`.
-/// False if the header is not linear.
 #[inline(always)]
 pub fn set_address(ctx: &TcContext, source: bool, addr: [u8; 4]) -> bool {
-    let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
-        return false;
-    };
-    unsafe {
+    edit(ctx, |h, check| {
         let field = if source {
-            &mut (*hdr).src_addr
+            &mut h.src_addr
         } else {
-            &mut (*hdr).dst_addr
+            &mut h.dst_addr
         };
-        let old = *field;
-        *field = addr;
-        (*hdr).check =
-            checksum::replace4(u16::from_be_bytes((*hdr).check), old, addr).to_be_bytes();
-    }
-    true
+        let old = core::mem::replace(field, addr);
+        checksum::replace4(check, old, addr)
+    })
 }
 
 /// One forwarding hop: TTL minus one.
 #[inline(always)]
 pub fn decrement_ttl(ctx: &TcContext) -> bool {
-    edit_word(ctx, |h| {
+    edit(ctx, |h, check| {
         let old = u16::from_be_bytes([h.ttl, h.proto]);
         h.ttl = h.ttl.wrapping_sub(1);
-        (old, u16::from_be_bytes([h.ttl, h.proto]))
+        checksum::replace(check, old, u16::from_be_bytes([h.ttl, h.proto]))
     })
 }
 
 /// Marks congestion experienced (ECN CE).
 #[inline(always)]
 pub fn set_ce(ctx: &TcContext) -> bool {
-    edit_word(ctx, |h| {
+    edit(ctx, |h, check| {
         let old = u16::from_be_bytes([h.vihl, h.tos]);
         h.tos |= ECN_CE;
-        (old, u16::from_be_bytes([h.vihl, h.tos]))
+        checksum::replace(check, old, u16::from_be_bytes([h.vihl, h.tos]))
     })
 }

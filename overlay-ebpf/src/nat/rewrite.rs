@@ -14,10 +14,7 @@ use aya_ebpf::{
 use overlay_common::Reason;
 
 use super::tuple::{Kind, L4};
-use crate::{
-    ipv4,
-    parse::{ensure_linear, ptr_at},
-};
+use crate::{ipv4, parse::ptr_at};
 
 /// Which end of the packet.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -46,13 +43,6 @@ pub fn rewrite(
     (old_addr, old_port): ([u8; 4], [u8; 2]),
     (addr, port): ([u8; 4], [u8; 2]),
 ) -> Result<(), Reason> {
-    let port_off = match end {
-        End::Source => l4.sport_off(),
-        End::Destination => l4.dport_off(),
-    };
-    if !ensure_linear(ctx, port_off + 2) {
-        return Err(Reason::DropHelperError);
-    }
     let csum = l4.csum_off();
     let udp = if l4.kind == Kind::Udp {
         u64::from(BPF_F_MARK_MANGLED_0)
@@ -78,7 +68,12 @@ pub fn rewrite(
         return Err(Reason::DropHelperError);
     }
     if l4.kind != Kind::IcmpError {
-        // The helpers above moved the data: the pointer is taken after them.
+        let port_off = match end {
+            End::Source => l4.sport_off(),
+            End::Destination => l4.dport_off(),
+        };
+        // Linear since `tuple::parse` read it; the pointer is taken after the helpers,
+        // which invalidate packet pointers.
         let Some(p) = ptr_at::<[u8; 2]>(ctx, port_off) else {
             return Err(Reason::DropHelperError);
         };

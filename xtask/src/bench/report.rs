@@ -212,9 +212,10 @@ impl Leg {
             "\nMasquerade, connections from a pod to the outside host one after another \
              (connect, one byte each way, close): ours (`--ip-masq`) against a flannel \
              node's masquerade (flanneld's iptables rules: MASQUERADE --random-fully, the \
-             kernel's connection tracking; no BPF on those nodes), and the same connections with no translation at all (our agent without \
-             `--ip-masq`, the router routing the pod subnets back to their nodes), which \
-             shows the part of each connection's time that translation can take:\n"
+             kernel's connection tracking; no BPF on those nodes), and the same \
+             connections with no translation at all (our agent without `--ip-masq`, the \
+             router routing the pod subnets back to their nodes), which shows the part \
+             of each connection's time that translation can take:\n"
         );
         let _ = writeln!(
             md,
