@@ -1,7 +1,12 @@
 //! The agent's life: set the node up, load and attach the datapath, converge on the
 //! node set as it changes, and leave the node clean on the way out.
 
-use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Result, anyhow, bail};
 use overlay_common::Hook;
@@ -176,9 +181,9 @@ async fn serve(
     // its first frame; within a second its packets from other nodes skip the bridge.
     let mut pod_ports = tokio::time::interval(Duration::from_secs(1));
     let mut warned = BTreeSet::new();
-    // The bridge's addresses at the last check: the CNI plugin gives the bridge its
-    // gateway address after creating it.
-    let mut bridge_addresses = Vec::new();
+    // The bridge's addresses and MAC at the last check: the CNI plugin gives the bridge
+    // its gateway address after creating it.
+    let mut bridge_seen = (Vec::new(), None);
     let result = loop {
         // /healthz judges the loop by this: every branch below returns to it.
         status.heartbeat();
@@ -204,11 +209,13 @@ async fn serve(
                         continue;
                     }
                 };
+                // Its MAC address is the pods' gateway, which `pod_ingress` looks for.
+                let seen = (addresses, host::mac_by_name(&opts.bridge));
                 let appeared = dp.attachment(Hook::BridgeIngress).is_none();
-                if !appeared && addresses == bridge_addresses {
+                if !appeared && seen == bridge_seen {
                     continue;
                 }
-                bridge_addresses = addresses;
+                bridge_seen = seen;
             }
             _ = ct_sweep.tick() => {
                 sweep(dp, status);
@@ -219,6 +226,12 @@ async fn serve(
                     Ok(c) if !c.is_empty() => debug!(changes = %c, "pod ports synced"),
                     Ok(_) => {}
                     Err(e) => debug!(error = %e, "reading the bridge's forwarding table"),
+                }
+                let net = Path::new("/sys/class/net");
+                match dp.sync_pod_hooks(&rec.host, net, &opts.bridge).await {
+                    Ok(c) if !c.is_empty() => info!(changes = %c, "pod veths synced"),
+                    Ok(_) => {}
+                    Err(e) => debug!(error = %e, "reading the bridge's ports"),
                 }
                 continue;
             }

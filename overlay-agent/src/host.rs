@@ -15,6 +15,7 @@ use rtnetlink::{
         route::{
             RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
         },
+        tc::TcAttribute,
     },
 };
 
@@ -30,6 +31,18 @@ pub fn ifindex_by_name(name: &str) -> Option<u32> {
         0 => None,
         i => Some(i),
     }
+}
+
+/// The MAC address of `name` in this network namespace (sysfs), if it has one.
+pub fn mac_by_name(name: &str) -> Option<[u8; 6]> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).ok()?;
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    bytes.try_into().ok()
 }
 
 /// A route for a remote pod subnet, as this agent installs it.
@@ -58,6 +71,28 @@ impl Host {
         let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
         tokio::spawn(conn);
         Ok(Self { handle })
+    }
+
+    /// The tc filters on what `ifindex` receives (of its clsact or ingress qdisc), each
+    /// as (priority, kind); none without such a qdisc.
+    pub async fn ingress_filters(&self, ifindex: u32) -> Result<Vec<(u16, String)>> {
+        let mut dump = self
+            .handle
+            .clone()
+            .traffic_filter(ifindex as i32)
+            .get()
+            .ingress()
+            .execute();
+        let mut out = Vec::new();
+        while let Some(msg) = dump.try_next().await.context("listing tc filters")? {
+            let kind = msg.attributes.iter().find_map(|a| match a {
+                TcAttribute::Kind(k) => Some(k.clone()),
+                _ => None,
+            });
+            // tcm_info holds the priority above the protocol.
+            out.push(((msg.header.info >> 16) as u16, kind.unwrap_or_default()));
+        }
+        Ok(out)
     }
 
     pub async fn mtu(&self, ifindex: u32) -> Result<u32> {

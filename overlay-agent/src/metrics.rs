@@ -256,6 +256,7 @@ impl Exporter {
         let interface = |hook: Hook| match hook {
             Hook::BridgeIngress => self.bridge.as_str(),
             Hook::UplinkIngress | Hook::UplinkEgress => uplink.as_str(),
+            Hook::PodIngress => "pod veths",
         };
         let counters = |value: fn(&Counter) -> u64| {
             maps.counters.iter().map(move |(hook, reason, c)| {

@@ -184,6 +184,10 @@ impl Reconciler {
             nat_port_min: *s.masq.ports.start(),
             nat_port_max: *s.masq.ports.end(),
             ct_timeouts: s.masq.timeouts,
+            // Until the CNI plugin creates the bridge: zero, and `pod_ingress` (not
+            // attached anywhere yet either) takes nothing.
+            bridge_mac: host::mac_by_name(&s.bridge).unwrap_or_default(),
+            _pad2: [0; 2],
         }
     }
 

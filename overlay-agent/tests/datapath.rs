@@ -27,6 +27,7 @@ mod datapath {
     mod nat_bridge;
     mod nat_icmp;
     mod passthrough;
+    mod pod_ingress;
     mod pod_ports;
     mod slow_path;
 }

@@ -40,6 +40,10 @@ pub struct DatapathConfig {
     pub nat_port_min: u16,
     pub nat_port_max: u16,
     pub ct_timeouts: CtTimeouts,
+    /// The pod bridge's MAC address, the pods' gateway: `pod_ingress` takes only frames
+    /// addressed to it. Zero while unknown.
+    pub bridge_mac: [u8; 6],
+    pub _pad2: [u8; 2],
 }
 
 impl Default for DatapathConfig {
@@ -56,6 +60,8 @@ impl Default for DatapathConfig {
             nat_port_min: NAT_PORT_MIN,
             nat_port_max: NAT_PORT_MAX,
             ct_timeouts: CtTimeouts::DEFAULT,
+            bridge_mac: [0; 6],
+            _pad2: [0; 2],
         }
     }
 }
@@ -131,7 +137,7 @@ mod tests {
 
     #[test]
     fn layout_is_fixed() {
-        assert_eq!(core::mem::size_of::<DatapathConfig>(), 56);
+        assert_eq!(core::mem::size_of::<DatapathConfig>(), 64);
     }
 
     #[test]

@@ -14,16 +14,25 @@ pub enum Hook {
     UplinkIngress = 1,
     /// Egress of the uplink: packets the host stack routes out.
     UplinkEgress = 2,
+    /// Ingress of a local pod's veth (its host end, a port of the bridge): the work of
+    /// `BridgeIngress`, done before the bridge sees the frame.
+    PodIngress = 3,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 3] = [Hook::BridgeIngress, Hook::UplinkIngress, Hook::UplinkEgress];
+    pub const ALL: [Hook; 4] = [
+        Hook::BridgeIngress,
+        Hook::UplinkIngress,
+        Hook::UplinkEgress,
+        Hook::PodIngress,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
             Hook::BridgeIngress => "bridge_ingress",
             Hook::UplinkIngress => "uplink_ingress",
             Hook::UplinkEgress => "uplink_egress",
+            Hook::PodIngress => "pod_ingress",
         }
     }
 
@@ -33,6 +42,7 @@ impl Hook {
             Hook::BridgeIngress => "bridge_ingress",
             Hook::UplinkIngress => "uplink_ingress",
             Hook::UplinkEgress => "uplink_egress",
+            Hook::PodIngress => "pod_ingress",
         }
     }
 }
@@ -117,6 +127,10 @@ pub enum Reason {
     /// A local pod's packet of a masqueraded flow, translated on the bridge and sent
     /// straight out of the uplink.
     MasqueradedToUplink,
+    /// On a pod's veth: a frame not addressed to the bridge (for another pod of this
+    /// node), or the agent has not told the programs the bridge's address yet; the
+    /// bridge delivers it as it would without us.
+    PassNotForGateway,
 }
 
 /// How a reason reads for an operator.
@@ -128,7 +142,7 @@ pub enum Kind {
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::MasqueradedToUplink as u32 + 1;
+    pub const COUNT: u32 = Reason::PassNotForGateway as u32 + 1;
 
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Encapsulated,
@@ -164,6 +178,7 @@ impl Reason {
         Reason::DropNatFragment,
         Reason::DropNatUnsupported,
         Reason::MasqueradedToUplink,
+        Reason::PassNotForGateway,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -201,6 +216,7 @@ impl Reason {
             Reason::DropNatFragment => "drop_nat_fragment",
             Reason::DropNatUnsupported => "drop_nat_unsupported",
             Reason::MasqueradedToUplink => "masqueraded_to_uplink",
+            Reason::PassNotForGateway => "pass_not_for_gateway",
         }
     }
 
@@ -225,7 +241,8 @@ impl Reason {
             | Reason::PassTtlExpired
             | Reason::PassFragmentationNeeded
             | Reason::PassNotConfigured
-            | Reason::PassForeignSource => Kind::Pass,
+            | Reason::PassForeignSource
+            | Reason::PassNotForGateway => Kind::Pass,
             Reason::DropMalformed
             | Reason::DropUnknownPeer
             | Reason::DropNotForThisNode

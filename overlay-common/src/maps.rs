@@ -68,4 +68,4 @@ mod pod {
 /// Version of the map layout (names, key and value types, sizes). Pinned maps live
 /// under a directory named after it, so a build with another layout never picks up
 /// maps it cannot read.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;

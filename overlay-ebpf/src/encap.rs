@@ -33,6 +33,13 @@ pub fn from_bridge(ctx: &TcContext) -> i32 {
     run(ctx, Hook::BridgeIngress, bridge)
 }
 
+/// `pod_ingress`: packets from one local pod, on its veth before the bridge, which
+/// then sees only what this program leaves to it.
+#[inline(always)]
+pub fn from_pod(ctx: &TcContext) -> i32 {
+    run(ctx, Hook::PodIngress, pod)
+}
+
 /// `uplink_egress`: packets the host stack routes out of the uplink.
 #[inline(always)]
 pub fn from_host(ctx: &TcContext) -> i32 {
@@ -54,6 +61,27 @@ fn bridge(ctx: &TcContext) -> Verdict {
     let Some(cfg) = config() else {
         return pass(Reason::PassNotConfigured);
     };
+    from_local_pod(ctx, cfg)
+}
+
+fn pod(ctx: &TcContext) -> Verdict {
+    let Some(cfg) = config() else {
+        return pass(Reason::PassNotConfigured);
+    };
+    // Only what the pod sends to its gateway, as the bridge would hand it to the
+    // bridge's own hook; a frame for another pod of this node (which may route it on)
+    // is the bridge's to deliver.
+    match ptr_at::<[u8; 6]>(ctx, 0) {
+        Some(dst) if cfg.bridge_mac != [0; 6] && unsafe { *dst } == cfg.bridge_mac => {
+            from_local_pod(ctx, cfg)
+        }
+        _ => pass(Reason::PassNotForGateway),
+    }
+}
+
+/// A frame from a local pod to its gateway, at the bridge or before it.
+#[inline(always)]
+fn from_local_pod(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
     let (ip, peer) = match ipv4_frame(ctx).and_then(|ip| overlay_packet(ctx, ip)) {
         Ok(found) => found,
         // Perhaps a packet of a masqueraded flow to the outside.

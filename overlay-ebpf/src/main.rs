@@ -3,6 +3,8 @@
 //! Packet path (see README):
 //! - `bridge_ingress` (pod bridge, ingress): a local pod's packet for a remote pod
 //!   subnet is encapsulated and sent straight out of the uplink.
+//! - `pod_ingress` (each local pod's veth, ingress): the same, before the bridge; the
+//!   agent attaches it to the veths nobody else filters.
 //! - `uplink_egress` (uplink, egress): what the host stack itself routes to a remote pod
 //!   subnet (host -> pod, slow-path packets, service traffic) is encapsulated on its way out.
 //! - `uplink_ingress` (uplink, ingress): IPIP from a known node for a local pod is
@@ -28,6 +30,11 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 #[classifier]
 pub fn bridge_ingress(ctx: TcContext) -> i32 {
     encap::from_bridge(&ctx)
+}
+
+#[classifier]
+pub fn pod_ingress(ctx: TcContext) -> i32 {
+    encap::from_pod(&ctx)
 }
 
 #[classifier]

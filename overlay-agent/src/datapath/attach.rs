@@ -25,7 +25,7 @@ use aya::{
     util::KernelVersion,
 };
 use overlay_common::Hook;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::{bpffs, host::ifindex_by_name};
 
@@ -51,17 +51,17 @@ enum Handle {
 
 /// Where our cls_bpf filters sit on kernels without TCX. Priority 1 runs before any
 /// filter added with the kernel's default priority (49152 and down).
-const NL_PRIORITY: u16 = 1;
+pub(super) const NL_PRIORITY: u16 = 1;
 const NL_HANDLE: TcHandle = TcHandle::new(0, 1);
 
 fn attach_type(hook: Hook) -> TcAttachType {
     match hook {
-        Hook::BridgeIngress | Hook::UplinkIngress => TcAttachType::Ingress,
+        Hook::BridgeIngress | Hook::UplinkIngress | Hook::PodIngress => TcAttachType::Ingress,
         Hook::UplinkEgress => TcAttachType::Egress,
     }
 }
 
-fn has_tcx() -> bool {
+pub(super) fn has_tcx() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
@@ -178,9 +178,9 @@ impl Attachment {
     }
 
     /// Detaches the program. A device that vanished took the attachment with it, so
-    /// failures are only logged.
-    pub(super) fn detach(self, prog: &mut SchedClassifier) {
-        let result = match self.handle {
+    /// callers only log failures.
+    pub(super) fn detach(self, prog: &mut SchedClassifier) -> Result<()> {
+        match self.handle {
             Handle::Owned(id) => prog.detach(id).map_err(anyhow::Error::from),
             Handle::Pinned(path) => std::fs::remove_file(&path).map_err(anyhow::Error::from),
             Handle::Filter => SchedClassifierLink::attached(
@@ -192,9 +192,6 @@ impl Attachment {
             )
             .map_err(anyhow::Error::from)
             .and_then(|link| link.detach().map_err(anyhow::Error::from)),
-        };
-        if let Err(e) = result {
-            warn!(iface = self.iface, program = self.hook.program(), error = %e, "detach failed (device gone?)");
         }
     }
 }

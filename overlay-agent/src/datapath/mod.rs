@@ -5,8 +5,9 @@ pub mod batch;
 pub mod layout;
 pub mod maps;
 pub mod ports;
+pub mod veths;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
@@ -14,14 +15,17 @@ use overlay_common::{
     Hook,
     maps::{CONNTRACK_ENTRIES, names},
 };
+use tracing::warn;
 
 pub use attach::{Attachment, detach_filters, link_pin};
 pub use maps::{Config, Counters, NatEvents, Peers, Routes, outcome_kind};
 pub use ports::PodPorts;
+pub use veths::PodHooks;
 
 use crate::{
     bpf_log::{BpfLogLevel, ProgramLog},
     conntrack::Conntrack,
+    host::Host,
 };
 
 /// The compiled datapath, built by this crate's build.rs.
@@ -38,9 +42,19 @@ pub struct Datapath {
     pub nat_events: NatEvents,
     pub pod_ports: PodPorts,
     attachments: Vec<Attachment>,
+    /// `pod_ingress` on the pods' veths.
+    pub pod_hooks: PodHooks,
     pin_dir: Option<PathBuf>,
     /// The programs' log buffer while nobody has taken it (logging on only).
     log: Option<ProgramLog>,
+}
+
+/// `hook`'s program in `ebpf` (a field of its own, so that it can be borrowed beside
+/// the datapath's other fields).
+fn program_of(ebpf: &mut Ebpf, hook: Hook) -> &mut SchedClassifier {
+    ebpf.program_mut(hook.program())
+        .and_then(|p| p.try_into().ok())
+        .expect("programs are checked at load")
 }
 
 /// Names of all maps, in the order they are pinned and checked.
@@ -128,6 +142,7 @@ impl Datapath {
             nat_events,
             pod_ports,
             attachments: Vec::new(),
+            pod_hooks: PodHooks::default(),
             pin_dir: options.pin_dir.clone(),
             log,
         })
@@ -148,10 +163,7 @@ impl Datapath {
     }
 
     fn program_mut(&mut self, hook: Hook) -> &mut SchedClassifier {
-        self.ebpf
-            .program_mut(hook.program())
-            .and_then(|p| p.try_into().ok())
-            .expect("programs are checked at load")
+        program_of(&mut self.ebpf, hook)
     }
 
     /// Attaches `hook`'s program to `iface`, replacing an earlier attachment of it
@@ -169,7 +181,10 @@ impl Datapath {
     pub fn detach(&mut self, hook: Hook) {
         if let Some(pos) = self.attachments.iter().position(|a| a.hook == hook) {
             let attachment = self.attachments.swap_remove(pos);
-            attachment.detach(self.program_mut(hook));
+            let iface = attachment.iface.clone();
+            if let Err(e) = attachment.detach(self.program_mut(hook)) {
+                warn!(iface, program = hook.program(), error = %e, "detach failed (device gone?)");
+            }
         }
     }
 
@@ -178,7 +193,21 @@ impl Datapath {
         self.attachments.iter().find(|a| a.hook == hook)
     }
 
+    /// Puts `pod_ingress` on the veths of `bridge` that nobody else filters (see
+    /// [`veths`]), from the sysfs tree `net` (`/sys/class/net`).
+    pub async fn sync_pod_hooks(
+        &mut self,
+        host: &Host,
+        net: &Path,
+        bridge: &str,
+    ) -> Result<veths::Changes> {
+        let prog = program_of(&mut self.ebpf, Hook::PodIngress);
+        self.pod_hooks.sync(prog, host, net, bridge).await
+    }
+
     pub fn detach_all(&mut self) {
+        self.pod_hooks
+            .detach_all(program_of(&mut self.ebpf, Hook::PodIngress));
         for hook in Hook::ALL {
             self.detach(hook);
         }

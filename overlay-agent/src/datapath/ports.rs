@@ -68,18 +68,23 @@ fn read_u32(path: &Path) -> Result<u32> {
     })
 }
 
-/// The MAC addresses `bridge` has learned on its veth ports, with each port, from the
-/// sysfs tree `net` (`/sys/class/net`).
-pub fn learned(net: &Path, bridge: &str) -> Result<BTreeMap<[u8; 6], PodPort>> {
+/// A veth plugged into the bridge: the host end of a pod's link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VethPort {
+    /// The bridge's number for the port (`brif/<name>/port_no`).
+    pub number: u32,
+    pub ifindex: u32,
+    pub name: String,
+}
+
+/// The veth ports of `bridge`, from the sysfs tree `net` (none when the bridge does not
+/// exist). Other kinds of ports can take neither a peer redirect nor a pod's packets.
+pub fn veth_ports(net: &Path, bridge: &str) -> Result<Vec<VethPort>> {
     let dir = net.join(bridge);
-    let mut out = BTreeMap::new();
+    let mut out = Vec::new();
     let Ok(ports) = std::fs::read_dir(dir.join("brif")) else {
         return Ok(out);
     };
-    let bridge_index = read_u32(&dir.join("ifindex"))?;
-    // Port number -> the host end of a veth (a device whose peer is another: `iflink`
-    // differs from `ifindex`); other kinds of ports cannot take a peer redirect.
-    let mut veths = BTreeMap::new();
     for port in ports {
         let name = port?.file_name();
         let dev = net.join(&name);
@@ -91,10 +96,31 @@ pub fn learned(net: &Path, bridge: &str) -> Result<BTreeMap<[u8; 6], PodPort>> {
             // The port went away while we looked.
             continue;
         };
+        // A veth's peer is another device: `iflink` differs from `ifindex`.
         if iflink != ifindex {
-            veths.insert(number, ifindex);
+            out.push(VethPort {
+                number,
+                ifindex,
+                name: name.to_string_lossy().into_owned(),
+            });
         }
     }
+    Ok(out)
+}
+
+/// The MAC addresses `bridge` has learned on its veth ports, with each port, from the
+/// sysfs tree `net` (`/sys/class/net`).
+pub fn learned(net: &Path, bridge: &str) -> Result<BTreeMap<[u8; 6], PodPort>> {
+    let mut out = BTreeMap::new();
+    let veths: BTreeMap<u32, u32> = veth_ports(net, bridge)?
+        .into_iter()
+        .map(|p| (p.number, p.ifindex))
+        .collect();
+    if veths.is_empty() {
+        return Ok(out);
+    }
+    let dir = net.join(bridge);
+    let bridge_index = read_u32(&dir.join("ifindex"))?;
     let table = std::fs::read(dir.join("brforward"))
         .with_context(|| format!("reading {}", dir.join("brforward").display()))?;
     for entry in table.chunks_exact(FDB_ENTRY) {

@@ -1,8 +1,11 @@
-//! `bridge_ingress`: a local pod's packet for a remote pod subnet leaves encapsulated,
-//! straight towards the owning node.
+//! `bridge_ingress` (and `pod_ingress`, the same work on the pod's veth): a local pod's
+//! packet for a remote pod subnet leaves encapsulated, straight towards the owning node.
 
 use etherparse::IpEcn;
-use overlay_common::{Hook::BridgeIngress, Reason};
+use overlay_common::{
+    Hook::{BridgeIngress, PodIngress},
+    Reason,
+};
 
 use super::{
     expect::{encapsulated, towards},
@@ -13,7 +16,7 @@ use super::{
 
 /// Sends a pod's datagram to a pod of `remote` (header adjusted by `change`) and checks
 /// that it leaves exactly as the spec builds it: one TTL hop less inside, outer header
-/// to `remote`, MACs from the FIB.
+/// to `remote`, MACs from the FIB; on the bridge and on the pod's veth alike.
 fn assert_encapsulated(
     node: &Node,
     remote: &Remote,
@@ -27,7 +30,9 @@ fn assert_encapsulated(
         None => Reason::EncapsulatedNeighResolve,
     };
     let expected = encapsulated(&frame, remote, 1, towards(remote));
-    node.expect_frame(BridgeIngress, &frame, Act::Redirect, reason, &expected);
+    for hook in [BridgeIngress, PodIngress] {
+        node.expect_frame(hook, &frame, Act::Redirect, reason, &expected);
+    }
 }
 
 #[test]

@@ -133,6 +133,8 @@ pub struct Node {
     pub eth0: u32,
     /// ifindex of the pod bridge.
     pub cni0: u32,
+    /// ifindex of the pod's veth (the bridge's port).
+    pub pod0: u32,
     /// What CONFIG holds.
     pub config: DatapathConfig,
 }
@@ -363,6 +365,7 @@ impl Node {
             dp,
             eth0: ifindex("eth0"),
             cni0: ifindex("cni0"),
+            pod0: ifindex("pod0"),
             config: DatapathConfig::default(),
         }
     }
@@ -377,6 +380,7 @@ impl Node {
             cluster_net: CLUSTER.network().octets(),
             cluster_prefix_len: CLUSTER.prefix_len(),
             masq_ip: NODE_IP.octets(),
+            bridge_mac: CNI0_MAC.0,
             ..DatapathConfig::default()
         };
         adjust(&mut config);
@@ -394,6 +398,7 @@ impl Node {
         match hook {
             Hook::BridgeIngress => self.cni0,
             Hook::UplinkIngress | Hook::UplinkEgress => self.eth0,
+            Hook::PodIngress => self.pod0,
         }
     }
 

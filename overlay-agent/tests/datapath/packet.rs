@@ -406,7 +406,7 @@ pub fn outbound(
     change: impl FnOnce(&mut Ipv4Header),
 ) -> Vec<u8> {
     let (src, frame) = match hook {
-        Hook::BridgeIngress => (POD, from_pod as Framing),
+        Hook::BridgeIngress | Hook::PodIngress => (POD, from_pod as Framing),
         Hook::UplinkEgress => (NODE_IP, from_host as Framing),
         Hook::UplinkIngress => panic!("uplink_ingress encapsulates nothing"),
     };

@@ -12,7 +12,7 @@ use super::{
         Transport, arp, datagram, from_host, from_peer, from_pod, from_underlay, ipv4, ipv6_udp,
         nest, outbound, tunnel_header, vlan_tagged,
     },
-    topology::{GATEWAY, NODE_IP, OUTSIDE, POD, POD_UNRESOLVED, STRANGER, W2},
+    topology::{CNI0_MAC, GATEWAY, NODE_IP, OUTSIDE, POD, POD_UNRESOLVED, STRANGER, W2},
 };
 
 /// A TCP datagram from a pod of w2 to a pod here.
@@ -27,7 +27,13 @@ fn non_ipv4_passes_every_hook() {
         let tagged = vlan_tagged(&datagram(ipv4(POD, W2.pod), Transport::Tcp, 20));
         for hook in Hook::ALL {
             for frame in [arp(), ipv6_udp(), tagged.clone()] {
-                node.expect_untouched(hook, &frame, Reason::PassNotIpv4);
+                // A pod's veth looks no further than a frame not for the gateway (ARP
+                // is broadcast).
+                let reason = match hook {
+                    Hook::PodIngress if frame[..6] != CNI0_MAC.0 => Reason::PassNotForGateway,
+                    _ => Reason::PassNotIpv4,
+                };
+                node.expect_untouched(hook, &frame, reason);
             }
         }
     });

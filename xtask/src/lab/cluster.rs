@@ -235,6 +235,7 @@ fn pods(lab: &LabState, node: &Node, env: &SubnetEnv, agent: bool) -> Result<()>
     let mut host = Script::new(&ns);
     host.address(env.subnet, BRIDGE);
     let mut inside = Vec::new();
+    let mut host_ends = Vec::new();
     for pod in lab.topology.pods_of(node) {
         interrupt::check()?;
         let pod_ns = lab.netns(&pod.name);
@@ -242,6 +243,7 @@ fn pods(lab: &LabState, node: &Node, env: &SubnetEnv, agent: bool) -> Result<()>
         let host_end = format!("{}-{}", lab.id, pod.name);
         host.veth(&host_end, None, POD_IFACE, &pod_ns, Some(env.mtu))?
             .attach(&host_end, BRIDGE);
+        host_ends.push(host_end);
         let mut script = Script::new(&pod_ns);
         script
             .address(
@@ -255,6 +257,11 @@ fn pods(lab: &LabState, node: &Node, env: &SubnetEnv, agent: bool) -> Result<()>
     host.apply()?;
     if agent {
         agents::wait_gateway_source(lab, node)?;
+        // Every pod's packets leave through `pod_ingress` on its veth (nothing else
+        // filters them here), as on a node with no traffic shaping.
+        for host_end in &host_ends {
+            agents::wait_attached(&ns, host_end, TcAttachType::Ingress, "pod_ingress")?;
+        }
     }
     inside.iter().try_for_each(Script::apply)
 }

@@ -1,0 +1,164 @@
+//! `pod_ingress`: on a pod's veth, the bridge's work done before the bridge, for frames
+//! the pod sends to its gateway; and the agent's choice of the veths that carry it.
+
+use std::{path::Path, process::Command};
+
+use overlay_agent::{
+    datapath::{Datapath, LoadOptions},
+    host::Host,
+};
+use overlay_common::{DatapathConfig, Hook, Reason};
+use tokio::runtime::Runtime;
+
+use super::{
+    fixture::{Act, Node, assert_bytes_eq, ifindex, namespace_sysfs, with_node, with_node_setup},
+    packet::{Transport, datagram, ethernet, from_pod, ipv4},
+    topology::{CNI0_MAC, POD, POD_MAC, POD_PORT_MAC, W2, W3},
+};
+
+#[test]
+fn a_pods_veth_forwards_as_the_bridge_does() {
+    with_node(|node| {
+        for (to, transport) in [
+            (W2.pod, Transport::Tcp),
+            (W2.pod, Transport::Udp),
+            (W3.pod, Transport::Icmp),
+        ] {
+            let frame = from_pod(&datagram(ipv4(POD, to), transport, 300));
+            let bridge = node.expect_outcome(
+                Hook::BridgeIngress,
+                &frame,
+                Act::Redirect,
+                Reason::Encapsulated,
+            );
+            let veth = node.expect_outcome(
+                Hook::PodIngress,
+                &frame,
+                Act::Redirect,
+                Reason::Encapsulated,
+            );
+            // The encapsulated bytes are checked against the wire format in `encap`.
+            assert_bytes_eq(&veth.data, &bridge.data, "pod_ingress output");
+        }
+    });
+}
+
+#[test]
+fn only_frames_for_the_gateway_are_taken() {
+    with_node(|node| {
+        let packet = datagram(ipv4(POD, W2.pod), Transport::Udp, 40);
+        // To another pod of this node (which may route it on): the bridge's to deliver.
+        let frame = ethernet(POD_PORT_MAC, POD_MAC, etherparse::EtherType::IPV4, &packet);
+        node.expect_untouched(Hook::PodIngress, &frame, Reason::PassNotForGateway);
+        // The same frame to the gateway is encapsulated.
+        node.expect(
+            Hook::PodIngress,
+            &from_pod(&packet),
+            Act::Redirect,
+            Reason::Encapsulated,
+        );
+    });
+}
+
+#[test]
+fn nothing_is_taken_before_the_bridge_address_is_known() {
+    let unknown = |c: &mut DatapathConfig| c.bridge_mac = [0; 6];
+    with_node_setup(LoadOptions::default(), unknown, |node| {
+        let frame = from_pod(&datagram(ipv4(POD, W2.pod), Transport::Udp, 40));
+        assert_eq!(&frame[..6], &CNI0_MAC.0);
+        node.expect_untouched(Hook::PodIngress, &frame, Reason::PassNotForGateway);
+    });
+}
+
+/// `cmd args` in this thread's namespace; panics if it fails.
+fn run(cmd: &str, args: &str) {
+    let out = Command::new(cmd)
+        .args(args.split_whitespace())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The veths that carry `pod_ingress` after one pass of the agent's sync, by name.
+fn sync(rt: &Runtime, dp: &mut Datapath, host: &Host, net: &Path) -> Vec<String> {
+    rt.block_on(dp.sync_pod_hooks(host, net, "cni0"))
+        .expect("syncing the pod veths");
+    let mut names: Vec<String> = dp.pod_hooks.attached().map(|(_, n)| n.to_owned()).collect();
+    names.sort();
+    names
+}
+
+/// Whether the kernel shows `pod_ingress` on `veth`'s ingress (TCX or a tc filter).
+fn kernel_shows_it(rt: &Runtime, host: &Host, veth: &str) -> bool {
+    let tcx = aya::programs::SchedClassifier::query_tcx(veth, aya::programs::TcAttachType::Ingress)
+        .map(|(_, progs)| {
+            progs
+                .iter()
+                .any(|p| p.name_as_str() == Some(Hook::PodIngress.program()))
+        })
+        .unwrap_or(false);
+    let filters = rt
+        .block_on(host.ingress_filters(ifindex(veth)))
+        .expect("listing filters");
+    tcx || filters
+        .iter()
+        .any(|(prio, kind)| *prio == 1 && kind == "bpf")
+}
+
+#[test]
+fn the_agent_takes_the_veths_nobody_else_filters() {
+    with_node(|node: &mut Node| {
+        let (sys, _unmount) = namespace_sysfs();
+        let net = sys.path().join("class/net");
+        // Two more pods; pod2's egress is filtered the way the CNI bandwidth plugin
+        // shapes it: an ingress qdisc on the host end, with a u32 filter (the plugin's
+        // sends packets to an ifb device).
+        for pod in ["pod1", "pod2"] {
+            run(
+                "ip",
+                &format!("link add {pod} type veth peer name {pod}-peer"),
+            );
+            run("ip", &format!("link set {pod} master cni0 up"));
+        }
+        run("tc", "qdisc add dev pod2 ingress");
+        run(
+            "tc",
+            "filter add dev pod2 parent ffff: prio 5 protocol all u32 match u32 0 0",
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let _guard = rt.enter();
+        let host = Host::connect().expect("rtnetlink");
+        let dp = &mut node.dp;
+        // New veths wait a pass, for the CNI plugins chained after the bridge's.
+        assert!(sync(&rt, dp, &host, &net).is_empty());
+        assert_eq!(sync(&rt, dp, &host, &net), ["pod0", "pod1"]);
+        assert!(kernel_shows_it(&rt, &host, "pod0") && kernel_shows_it(&rt, &host, "pod1"));
+        assert!(!kernel_shows_it(&rt, &host, "pod2"));
+        // A pass changes nothing that is right already.
+        assert_eq!(sync(&rt, dp, &host, &net), ["pod0", "pod1"]);
+        // A filter appears on pod1 after we took it: it goes back to the bridge. (The
+        // qdisc is there already without TCX: our filter's.)
+        let _ = Command::new("tc")
+            .args(["qdisc", "add", "dev", "pod1", "clsact"])
+            .output();
+        run(
+            "tc",
+            "filter add dev pod1 ingress prio 5 protocol all u32 match u32 0 0",
+        );
+        assert_eq!(sync(&rt, dp, &host, &net), ["pod0"]);
+        assert!(!kernel_shows_it(&rt, &host, "pod1"));
+        // The shaping goes from pod2: it is taken.
+        run("tc", "qdisc del dev pod2 ingress");
+        assert_eq!(sync(&rt, dp, &host, &net), ["pod0", "pod2"]);
+        // A pod leaves.
+        run("ip", "link del pod0");
+        assert_eq!(sync(&rt, dp, &host, &net), ["pod2"]);
+    });
+}
