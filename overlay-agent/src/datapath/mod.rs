@@ -204,12 +204,4 @@ impl Datapath {
         let prog = program_of(&mut self.ebpf, Hook::PodIngress);
         self.pod_hooks.sync(prog, host, net, bridge).await
     }
-
-    pub fn detach_all(&mut self) {
-        self.pod_hooks
-            .detach_all(program_of(&mut self.ebpf, Hook::PodIngress));
-        for hook in Hook::ALL {
-            self.detach(hook);
-        }
-    }
 }

@@ -75,9 +75,9 @@ pub struct PodHooks {
 }
 
 impl PodHooks {
-    /// The veths carrying the program: (ifindex, name).
-    pub fn attached(&self) -> impl Iterator<Item = (u32, &str)> {
-        self.attached.iter().map(|(i, a)| (*i, a.iface.as_str()))
+    /// The names of the veths carrying the program.
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.attached.values().map(|a| a.iface.as_str())
     }
 
     /// Makes the program sit on every veth of `bridge` (seen in the sysfs tree `net`)
@@ -158,27 +158,17 @@ impl PodHooks {
         }
         Ok(changes)
     }
-
-    /// Detaches from every veth.
-    pub fn detach_all(&mut self, prog: &mut SchedClassifier) {
-        for (_, a) in std::mem::take(&mut self.attached) {
-            let iface = a.iface.clone();
-            if let Err(e) = a.detach(prog) {
-                debug!(veth = iface, error = %e, "detaching from a pod's veth");
-            }
-        }
-    }
 }
 
 /// Whether anything but our program filters what `iface` receives: a tc filter other
 /// than ours (a bpf filter at our priority, on kernels without TCX), or another TCX
 /// program (`ours` is our program's id).
 async fn others_filter(host: &Host, iface: &str, ifindex: u32, ours: Option<u32>) -> Result<bool> {
-    let filters = host.ingress_filters(ifindex).await?;
-    if !only_ours(&filters, has_tcx()) {
+    let tcx = has_tcx();
+    if !only_ours(&host.ingress_filters(ifindex).await?, tcx) {
         return Ok(true);
     }
-    if !has_tcx() {
+    if !tcx {
         return Ok(false);
     }
     let (_, programs) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress)?;

@@ -87,7 +87,7 @@ fn run(cmd: &str, args: &str) {
 fn sync(rt: &Runtime, dp: &mut Datapath, host: &Host, net: &Path) -> Vec<String> {
     rt.block_on(dp.sync_pod_hooks(host, net, "cni0"))
         .expect("syncing the pod veths");
-    let mut names: Vec<String> = dp.pod_hooks.attached().map(|(_, n)| n.to_owned()).collect();
+    let mut names: Vec<String> = dp.pod_hooks.attached().map(str::to_owned).collect();
     names.sort();
     names
 }
