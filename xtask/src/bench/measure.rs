@@ -1,8 +1,10 @@
 //! The measurements: every dataplane gets a cluster of its own (two nodes, one pod
 //! each, the outside host beyond the router), all built before the first run, and the
 //! runs go round the dataplanes in turn, so that a drift of the machine (emulation
-//! makes it drift) spreads over all of them alike. Offloads on (the kernel's defaults)
-//! first, then off on every link of every cluster.
+//! makes it drift) spreads over all of them alike. Each run starts one dataplane
+//! further on, so no dataplane is always measured first (the first measurement after
+//! the clusters are built comes out low). Offloads on (the kernel's defaults) first,
+//! then off on every link of every cluster.
 
 use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
 
@@ -276,7 +278,7 @@ pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Resul
                 run + 1,
                 plan.runs
             );
-            for c in &clusters {
+            for c in rotated(&clusters, run) {
                 crate::lab::interrupt::check()?;
                 let samples = measure(c, plan, offloads, run, only)
                     .with_context(|| format!("measuring {}{}", c.setup.name(), c.counters()))?;
@@ -299,6 +301,13 @@ pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Resul
         lab.teardown()?;
     }
     Ok(results)
+}
+
+/// `items` in order, starting at the `run`-th (wrapping round): over as many runs as
+/// items, each item takes each place once.
+fn rotated<T>(items: &[T], run: usize) -> impl Iterator<Item = &T> {
+    let start = run % items.len().max(1);
+    items[start..].iter().chain(&items[..start])
 }
 
 /// Runs `f`, and returns what it returned with the CPU seconds the machine spent.
@@ -400,6 +409,17 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         only: Only,
+    }
+
+    #[test]
+    fn each_run_starts_one_setup_further_on() {
+        let setups = ["ours", "ipip", "host-gw"];
+        let order = |run| rotated(&setups, run).copied().collect::<Vec<_>>();
+        assert_eq!(order(0), ["ours", "ipip", "host-gw"]);
+        assert_eq!(order(1), ["ipip", "host-gw", "ours"]);
+        assert_eq!(order(2), ["host-gw", "ours", "ipip"]);
+        assert_eq!(order(3), order(0));
+        assert_eq!(rotated(&[] as &[u8], 4).count(), 0);
     }
 
     #[test]

@@ -296,7 +296,8 @@ impl Report<'_> {
             let _ = writeln!(
                 md,
                 "- Each figure: the median of {} runs of {} s, with the lowest and highest in \
-                 brackets; the runs go round the dataplanes in turn. CPU: busy CPU time of the \
+                 brackets; the runs go round the dataplanes in turn, each run starting one \
+                 dataplane further on. CPU: busy CPU time of the \
                  whole machine the dataplanes ran on (both pods, both nodes, softirq included) \
                  per unit of work, median over runs.",
                 r.runs, r.seconds
