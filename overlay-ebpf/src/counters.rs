@@ -2,7 +2,7 @@
 //! logged (aya-log) when the agent turned program logging up to debug.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     programs::TcContext,
 };
 use aya_log_ebpf::{
@@ -28,10 +28,12 @@ const IP_DST: usize = ETH_LEN + 16;
 /// An outcome and the TC action that realises it.
 pub type Verdict = (Reason, i32);
 
-/// Leave the packet to the kernel, unchanged.
+/// Leave the packet to the kernel. TC_ACT_UNSPEC (TCX_NEXT) rather than TC_ACT_OK:
+/// the filters and TCX programs after ours on the same hook (someone's monitoring,
+/// shaping or firewall) still see it; TC_ACT_OK would end the hook's chain here.
 #[inline(always)]
 pub fn pass(reason: Reason) -> Verdict {
-    (reason, TC_ACT_OK as i32)
+    (reason, TC_ACT_UNSPEC)
 }
 
 #[inline(always)]

@@ -4,7 +4,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
-        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_UNSPEC, bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -112,11 +112,12 @@ pub fn set_macs(ctx: &TcContext, smac: [u8; 6], dmac: [u8; 6]) -> bool {
 }
 
 /// Sends the packet out of `ifindex`; from `current` (an egress hook's own device) the
-/// packet simply continues, which avoids running the egress hook a second time.
+/// packet simply continues, which avoids running the egress hook a second time (and
+/// lets the filters after ours on that hook see it, as [`crate::counters::pass`] does).
 #[inline(always)]
 pub fn out(ifindex: u32, current: Option<u32>) -> i32 {
     if current == Some(ifindex) {
-        TC_ACT_OK as i32
+        TC_ACT_UNSPEC
     } else {
         unsafe { bpf_redirect(ifindex, 0) as i32 }
     }

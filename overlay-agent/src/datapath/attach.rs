@@ -61,7 +61,8 @@ fn attach_type(hook: Hook) -> TcAttachType {
     }
 }
 
-pub(super) fn has_tcx() -> bool {
+/// Whether programs attach through TCX links (6.6+) rather than cls_bpf filters.
+pub fn has_tcx() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 

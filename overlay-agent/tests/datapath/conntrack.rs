@@ -202,7 +202,7 @@ fn after_outside_closed(fin_tsval: Option<u32>, syn: (u32, Option<u32>)) -> bool
                 Some(translated) => {
                     // Given: the SYN leaves on the port, the first flow's entries are gone.
                     assert_eq!(translated, (NODE_IP, ONE_PORT.0));
-                    check_verdict(UplinkEgress, &frame, &out, Act::Ok, Reason::Masqueraded);
+                    check_verdict(UplinkEgress, &frame, &out, Act::Next, Reason::Masqueraded);
                     let expected = outgoing(&second.with_src(translated), SYN);
                     assert_bytes_eq(&out.data, &expected, "the SYN on the handed-on port");
                     assert!(!listed(node, &first), "the closed flow is still listed");
@@ -626,7 +626,7 @@ fn expired_flows_are_ignored_and_replaced() {
             let out = node.expect_outcome(
                 UplinkEgress,
                 &outgoing(&reply, 0),
-                Act::Ok,
+                Act::Next,
                 Reason::Masqueraded,
             );
             assert_eq!(out.events[&NatEvent::FlowCreated], 1);

@@ -80,7 +80,7 @@ fn cost_per_packet() {
         // A pod's segment of an established connection to the outside: masqueraded.
         let conn = client(Proto::Tcp, POD, OUTSIDE);
         let translated = open(node, conn, SYN, NODE_IP);
-        measure(node, "snat", UplinkEgress, &outgoing(&conn, ACK), Act::Ok);
+        measure(node, "snat", UplinkEgress, &outgoing(&conn, ACK), Act::Next);
         // The same segment as the pod sends it: translated on the bridge, to the uplink.
         let from_the_pod = from_pod(&conn.datagram(ACK, nat::PAYLOAD));
         measure(
@@ -101,13 +101,13 @@ fn cost_per_packet() {
             ours,
             &datagram(ipv4(POD, W2.pod), Transport::Tcp, PAYLOAD),
         ));
-        measure(node, "tunnelled", UplinkEgress, &tunnelled, Act::Ok);
+        measure(node, "tunnelled", UplinkEgress, &tunnelled, Act::Next);
         // Underlay traffic that is none of ours: what every other packet pays.
         let other = from_underlay(&datagram(
             ipv4(Ipv4Addr::new(172, 18, 0, 9), NODE_IP),
             Transport::Tcp,
             PAYLOAD,
         ));
-        measure(node, "pass", UplinkIngress, &other, Act::Ok);
+        measure(node, "pass", UplinkIngress, &other, Act::Next);
     });
 }

@@ -116,7 +116,7 @@ fn what_cannot_go_straight_to_a_pod_goes_to_the_stack() {
             node.expect_frame(
                 UplinkIngress,
                 &frame,
-                Act::Ok,
+                Act::Next,
                 Reason::DecapsulatedToStack,
                 &expected,
             );

@@ -15,7 +15,7 @@ use super::{
 /// The uplink's own egress: a resolved next hop on it needs no redirect.
 fn assert_encapsulated(node: &Node, frame: &[u8], remote: &Remote) {
     let (act, reason) = match remote.next_hop_mac {
-        Some(_) => (Act::Ok, Reason::Encapsulated),
+        Some(_) => (Act::Next, Reason::Encapsulated),
         None => (Act::Redirect, Reason::EncapsulatedNeighResolve),
     };
     let expected = encapsulated(frame, remote, 0, towards(remote));

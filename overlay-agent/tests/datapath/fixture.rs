@@ -35,8 +35,10 @@ use super::{expect, topology};
 
 /// TC verdicts (`linux/pkt_cls.h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
 pub enum Act {
-    Ok = 0,
+    /// TC_ACT_UNSPEC (TCX_NEXT): on to the next filter, else the kernel's path.
+    Next = -1,
     Shot = 2,
     Redirect = 7,
 }
@@ -505,10 +507,10 @@ impl Node {
         }
     }
 
-    /// [`Node::expect`] for packets the program must leave alone: TC_ACT_OK, and the
-    /// bytes out are the bytes in.
+    /// [`Node::expect`] for packets the program must leave alone: TC_ACT_UNSPEC, and
+    /// the bytes out are the bytes in.
     pub fn expect_untouched(&self, hook: Hook, frame: &[u8], reason: Reason) {
-        let out = self.expect(hook, frame, Act::Ok, reason);
+        let out = self.expect(hook, frame, Act::Next, reason);
         assert_bytes_eq(&out, frame, "packet must pass untouched");
     }
 

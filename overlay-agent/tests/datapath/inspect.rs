@@ -70,7 +70,7 @@ fn nat_as_json() {
     with_pinned_node(masquerade, |node, pins| {
         let conn = client(Proto::Udp, POD, OUTSIDE);
         let frame = outgoing(&conn, 0);
-        node.expect(Hook::UplinkEgress, &frame, Act::Ok, Reason::Masqueraded);
+        node.expect(Hook::UplinkEgress, &frame, Act::Next, Reason::Masqueraded);
 
         let nat = json(inspect::nat(pins).unwrap());
         let flows = nat["flows"].as_array().unwrap();

@@ -129,7 +129,7 @@ fn gso_segment_one_byte_too_big_is_answered() {
 fn gso_segment_one_byte_too_big_without_df_is_left_to_the_stack() {
     with_node(|node| {
         for transport in GSO_TRANSPORTS {
-            let verdict = (Act::Ok, Reason::PassFragmentationNeeded);
+            let verdict = (Act::Next, Reason::PassFragmentationNeeded);
             let (frame, out) = run_gso(
                 node,
                 BridgeIngress,

@@ -134,7 +134,7 @@ fn translate_out_with(
         }
         None => (Reason::Masqueraded, sent),
     };
-    check_verdict(UplinkEgress, &frame, &out, Act::Ok, reason);
+    check_verdict(UplinkEgress, &frame, &out, Act::Next, reason);
     assert_bytes_eq(&out.data, &expected, "masqueraded packet");
     assert_checksums(&out.data);
     (translated, out.events)
@@ -161,7 +161,7 @@ pub fn reply_outcome(original: Ipv4Addr, back: Vec<u8>) -> (Act, Reason, Vec<u8>
     if original == POD {
         (Act::Redirect, Reason::UnmasqueradedToPod, to_pod(&back))
     } else {
-        (Act::Ok, Reason::Unmasqueraded, back)
+        (Act::Next, Reason::Unmasqueraded, back)
     }
 }
 
@@ -288,7 +288,7 @@ fn assert_encapsulated_as_is(node: &Node, frame: &[u8]) {
     node.expect_frame(
         UplinkEgress,
         frame,
-        Act::Ok,
+        Act::Next,
         Reason::Encapsulated,
         &expected,
     );
@@ -298,7 +298,7 @@ fn assert_encapsulated_as_is(node: &Node, frame: &[u8]) {
 /// flow.
 fn assert_left_alone(node: &Node, frame: &[u8], reason: Reason) {
     let out = node.run(UplinkEgress, frame);
-    check_verdict(UplinkEgress, frame, &out, Act::Ok, reason);
+    check_verdict(UplinkEgress, frame, &out, Act::Next, reason);
     assert_bytes_eq(&out.data, frame, "untranslated");
     assert_eq!(out.events, BTreeMap::new(), "masquerade events");
 }
@@ -458,7 +458,7 @@ fn kube_proxy_marked_packets_are_left_to_kube_proxy() {
                 UplinkEgress,
                 &to_outside,
                 &out,
-                Act::Ok,
+                Act::Next,
                 Reason::PassNotOverlay,
             );
             assert_bytes_eq(&out.data, &to_outside, "marked packet to the outside");
@@ -468,7 +468,7 @@ fn kube_proxy_marked_packets_are_left_to_kube_proxy() {
                 UplinkEgress,
                 &to_remote_pod,
                 &out,
-                Act::Ok,
+                Act::Next,
                 Reason::Encapsulated,
             );
             assert_bytes_eq(
@@ -490,7 +490,7 @@ fn kube_proxy_marked_packets_are_left_to_kube_proxy() {
             UplinkEgress,
             &to_outside,
             &out,
-            Act::Ok,
+            Act::Next,
             Reason::Masqueraded,
         );
         assert!(
@@ -544,7 +544,7 @@ fn outside_clients_of_local_pods_are_not_translated_nor_their_replies() {
             let out = node.expect_outcome(
                 UplinkIngress,
                 &incoming(&conn, SYN),
-                Act::Ok,
+                Act::Next,
                 Reason::PassNotTunnel,
             );
             assert_bytes_eq(&out.data, &incoming(&conn, SYN), "client's packet");
@@ -617,7 +617,7 @@ fn unrelated_traffic_is_untouched_and_untracked() {
         node.expect_frame(
             UplinkIngress,
             &tunnelled,
-            Act::Ok,
+            Act::Next,
             Reason::DecapsulatedToStack,
             &decapsulated(&tunnelled, 0, super::expect::L2::Kept),
         );

@@ -80,7 +80,7 @@ fn assert_translated_error(
 /// Runs `frame` through `hook` and checks that it passes untouched with `reason`,
 /// translating nothing.
 fn assert_untranslated_error(node: &Node, hook: Hook, frame: &[u8], reason: Reason) {
-    let out = node.expect_outcome(hook, frame, Act::Ok, reason);
+    let out = node.expect_outcome(hook, frame, Act::Next, reason);
     assert_bytes_eq(&out.data, frame, "untranslated ICMP error");
     assert_eq!(out.events, BTreeMap::new(), "events");
 }
@@ -150,7 +150,7 @@ fn errors_pods_send_about_replies_leave_masqueraded() {
                     node,
                     UplinkEgress,
                     &error,
-                    (Act::Ok, Reason::Masqueraded),
+                    (Act::Next, Reason::Masqueraded),
                     &expected,
                 );
             }
@@ -182,7 +182,7 @@ fn errors_of_host_traffic_to_remote_pods_are_translated_both_ways() {
                 node,
                 UplinkIngress,
                 &error,
-                (Act::Ok, Reason::Unmasqueraded),
+                (Act::Next, Reason::Unmasqueraded),
                 &expected,
             );
 
@@ -196,7 +196,7 @@ fn errors_of_host_traffic_to_remote_pods_are_translated_both_ways() {
                 node,
                 UplinkEgress,
                 &error,
-                (Act::Ok, Reason::Encapsulated),
+                (Act::Next, Reason::Encapsulated),
                 &expected,
             );
         }
