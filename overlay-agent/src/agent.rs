@@ -5,7 +5,7 @@ use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Result, anyhow, bail};
@@ -21,7 +21,7 @@ use crate::{
     bpffs,
     config::NetConf,
     datapath::{Datapath, LoadOptions},
-    host::{self, Host},
+    host::{self, Host, events::HostEvents},
     masq,
     nodes::{
         NodeSet, OpenSource, Source,
@@ -175,15 +175,24 @@ async fn serve(
     let (tx, mut nodes) = watch::channel::<Option<NodeSet>>(None);
     let source = tokio::spawn(source.run(tx, Arc::clone(status)));
     let mut resync = tokio::time::interval(opts.resync);
-    let mut bridge_check = tokio::time::interval(Duration::from_secs(1));
     let mut ct_sweep = tokio::time::interval(opts.ct_sweep);
-    // The pods' ports on the bridge (POD_PORTS): the bridge learns a pod's address from
-    // its first frame; within a second its packets from other nodes skip the bridge.
-    let mut pod_ports = tokio::time::interval(Duration::from_secs(1));
+    let mut events = match HostEvents::subscribe() {
+        Ok(events) => Some(events),
+        Err(e) => {
+            warn!(
+                error = format!("{e:#}"),
+                "no rtnetlink notifications; looking at the pods' side of the node every second instead"
+            );
+            None
+        }
+    };
+    // The pods' side of the node (see `look_at_pods`), looked at after notifications and
+    // anyway at this pace; the first tick is at once.
+    let mut look = tokio::time::interval(if events.is_some() { LOOK_ANYWAY } else { POLL });
+    // A look due before the next tick: after notifications, or when a new veth settles.
+    let mut look_soon: Option<Instant> = None;
     let mut warned = BTreeSet::new();
-    // The bridge's addresses and MAC at the last check: the CNI plugin gives the bridge
-    // its gateway address after creating it.
-    let mut bridge_seen = (Vec::new(), None);
+    let mut bridge_seen = BridgeSeen::default();
     let result = loop {
         // /healthz judges the loop by this: every branch below returns to it.
         status.heartbeat();
@@ -195,45 +204,29 @@ async fn serve(
                 }
             }
             _ = resync.tick() => {}
-            // The CNI plugin creates the bridge with the first pod and then gives it the
-            // gateway address: a full pass as soon as either happens attaches to the
-            // bridge and sources host traffic from the gateway.
-            _ = bridge_check.tick() => {
-                let Some(bridge) = host::ifindex_by_name(&opts.bridge) else {
-                    continue;
-                };
-                let addresses = match rec.host.addresses(Some(bridge)).await {
-                    Ok(a) => a,
-                    Err(e) => {
-                        debug!(error = format!("{e:#}"), "reading the bridge's addresses");
-                        continue;
-                    }
-                };
-                // Its MAC address is the pods' gateway, which `pod_ingress` looks for.
-                let seen = (addresses, host::mac_by_name(&opts.bridge));
-                let appeared = dp.attachment(Hook::BridgeIngress).is_none();
-                if !appeared && seen == bridge_seen {
-                    continue;
-                }
-                bridge_seen = seen;
-            }
             _ = ct_sweep.tick() => {
                 sweep(dp, status);
                 continue;
             }
-            _ = pod_ports.tick() => {
-                match dp.pod_ports.sync(&opts.bridge) {
-                    Ok(c) if !c.is_empty() => debug!(changes = %c, "pod ports synced"),
-                    Ok(_) => {}
-                    Err(e) => debug!(error = %e, "reading the bridge's forwarding table"),
+            changed = next_change(&mut events) => {
+                if let Err(e) = changed {
+                    warn!(error = format!("{e:#}"), "rtnetlink notifications failed; looking at the pods' side of the node every second instead");
+                    events = None;
+                    look = tokio::time::interval(POLL);
                 }
-                let net = Path::new("/sys/class/net");
-                match dp.sync_pod_hooks(&rec.host, net, &opts.bridge).await {
-                    Ok(c) if !c.is_empty() => info!(changes = %c, "pod veths synced"),
-                    Ok(_) => {}
-                    Err(e) => debug!(error = %e, "reading the bridge's ports"),
-                }
+                look_soon = earliest(look_soon, Instant::now() + AFTER_NOTIFICATION);
                 continue;
+            }
+            _ = until(look_soon) => {
+                look_soon = None;
+                if !look_at_pods(opts, dp, rec, &mut bridge_seen, &mut look_soon).await {
+                    continue;
+                }
+            }
+            _ = look.tick() => {
+                if !look_at_pods(opts, dp, rec, &mut bridge_seen, &mut look_soon).await {
+                    continue;
+                }
             }
         }
         let set = nodes.borrow_and_update().clone();
@@ -251,6 +244,86 @@ async fn serve(
     };
     source.abort();
     result
+}
+
+/// How long the agent lets notifications gather before it looks: a pod's start is a
+/// burst of them (veth created, plugged into the bridge, up, its MAC learned).
+const AFTER_NOTIFICATION: Duration = Duration::from_millis(100);
+/// How often the agent looks at the pods' side of the node when nothing told it to: for
+/// what sends no notification (another program attached to a veth through TCX).
+const LOOK_ANYWAY: Duration = Duration::from_secs(10);
+/// The pace without notifications.
+const POLL: Duration = Duration::from_secs(1);
+
+/// The bridge's addresses and MAC at the last look: the CNI plugin gives the bridge
+/// its gateway address after creating it, and its MAC is the pods' gateway, which
+/// `pod_ingress` looks for.
+type BridgeSeen = (Vec<std::net::Ipv4Addr>, Option<[u8; 6]>);
+
+/// The next notification that concerns the pods' side of the node; never, without
+/// notifications.
+async fn next_change(events: &mut Option<HostEvents>) -> Result<()> {
+    match events {
+        Some(events) => events.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits until `at`; forever when there is nothing to wait for.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Instant) -> Option<Instant> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
+/// Looks at the pods' side of the node: the pods' ports on the bridge (`POD_PORTS`)
+/// and `pod_ingress` on their veths follow at once, and `look_soon` is brought forward
+/// to when the next new veth settles. Returns whether the bridge appeared or changed
+/// its addresses or MAC, which takes a full pass: it attaches to the bridge and sources
+/// host traffic from the gateway.
+async fn look_at_pods(
+    opts: &Options,
+    dp: &mut Datapath,
+    rec: &Reconciler,
+    bridge_seen: &mut BridgeSeen,
+    look_soon: &mut Option<Instant>,
+) -> bool {
+    match dp.pod_ports.sync(&opts.bridge) {
+        Ok(c) if !c.is_empty() => debug!(changes = %c, "pod ports synced"),
+        Ok(_) => {}
+        Err(e) => debug!(error = %e, "reading the bridge's forwarding table"),
+    }
+    let net = Path::new("/sys/class/net");
+    match (dp.sync_pod_hooks(&rec.host, net, &opts.bridge, Instant::now())).await {
+        Ok(c) if !c.is_empty() => info!(changes = %c, "pod veths synced"),
+        Ok(_) => {}
+        Err(e) => debug!(error = %e, "reading the bridge's ports"),
+    }
+    if let Some(at) = dp.pod_hooks.next_settled() {
+        *look_soon = earliest(*look_soon, at);
+    }
+    let Some(bridge) = host::ifindex_by_name(&opts.bridge) else {
+        return false;
+    };
+    let addresses = match rec.host.addresses(Some(bridge)).await {
+        Ok(a) => a,
+        Err(e) => {
+            debug!(error = format!("{e:#}"), "reading the bridge's addresses");
+            return false;
+        }
+    };
+    let seen = (addresses, host::mac_by_name(&opts.bridge));
+    let appeared = dp.attachment(Hook::BridgeIngress).is_none();
+    if !appeared && seen == *bridge_seen {
+        return false;
+    }
+    *bridge_seen = seen;
+    true
 }
 
 fn take_over_uplink(opts: &Options, uplink: &str, dp: &mut Datapath) -> Result<()> {

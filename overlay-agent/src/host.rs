@@ -3,6 +3,8 @@
 //! uplink (where `uplink_egress` encapsulates it). All through rtnetlink, in the
 //! network namespace the agent runs in.
 
+pub mod events;
+
 use std::{ffi::CString, net::Ipv4Addr};
 
 use anyhow::{Context as _, Result, bail};

@@ -18,6 +18,7 @@ mod datapath {
     mod decap;
     mod egress;
     mod encap;
+    mod host_events;
     mod http;
     mod icmp;
     mod inspect;

@@ -126,7 +126,7 @@ impl Datapath {
         let counters = Counters::new(take(names::COUNTERS)?)?;
         let conntrack = Conntrack::new(take(names::CONNTRACK)?)?;
         let nat_events = NatEvents::new(take(names::NAT_EVENTS)?)?;
-        // Not pinned: filled again from the bridge within a second of starting.
+        // Not pinned: filled again from the bridge as the agent starts.
         let pod_ports = PodPorts::new(take(names::POD_PORTS)?)?;
         let log = match options.log_level {
             BpfLogLevel::Off => None,
@@ -193,15 +193,17 @@ impl Datapath {
         self.attachments.iter().find(|a| a.hook == hook)
     }
 
-    /// Puts `pod_ingress` on the veths of `bridge` that nobody else filters (see
-    /// [`veths`]), from the sysfs tree `net` (`/sys/class/net`).
+    /// Puts `pod_ingress` on the veths of `bridge` that nobody else filters and that
+    /// have settled at `now` (see [`veths`]), from the sysfs tree `net`
+    /// (`/sys/class/net`).
     pub async fn sync_pod_hooks(
         &mut self,
         host: &Host,
         net: &Path,
         bridge: &str,
+        now: std::time::Instant,
     ) -> Result<veths::Changes> {
         let prog = program_of(&mut self.ebpf, Hook::PodIngress);
-        self.pod_hooks.sync(prog, host, net, bridge).await
+        self.pod_hooks.sync(prog, host, net, bridge, now).await
     }
 }

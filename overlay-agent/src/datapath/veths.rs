@@ -9,14 +9,14 @@
 //! packet redirected by our program would skip the shaping. Such a veth is left to the
 //! bridge, and one where such filters appear later is given back to it.
 //!
-//! A veth is taken only once it was there at the previous pass (a second earlier): the
-//! CNI plugins chained after the bridge plugin (bandwidth among them) have set it up
-//! by then. Without TCX, our clsact qdisc on the veth would make the bandwidth
-//! plugin's ingress qdisc fail, and with it the pod's creation.
+//! A veth is taken only once it has been there for [`SETTLE`]: the CNI plugins chained
+//! after the bridge plugin (bandwidth among them) have set it up by then. Without TCX,
+//! our clsact qdisc on the veth would make the bandwidth plugin's ingress qdisc fail,
+//! and with it the pod's creation.
 //!
 //! These attachments are not pinned: they end with the agent, and traffic flows
-//! through the bridge's pinned attachment until the next agent puts them back (at
-//! most a second after it starts). Without TCX (Debian 12's 6.1) a filter an agent
+//! through the bridge's pinned attachment until the next agent puts them back (a
+//! second after it starts). Without TCX (Debian 12's 6.1) a filter an agent
 //! killed outright left behind is replaced in place, as on the bridge, and
 //! `overlay-agent cleanup` removes it.
 
@@ -24,6 +24,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     path::Path,
+    time::{Duration, Instant},
 };
 
 use anyhow::Result;
@@ -33,12 +34,16 @@ use tracing::{debug, info, warn};
 
 use super::{
     attach::{Attachment, NL_PRIORITY, has_tcx},
-    ports::veth_ports,
+    ports::{VethPort, veth_ports},
 };
 use crate::host::Host;
 
 /// The kind of tc filter aya attaches.
 const FILTER_KIND: &str = "bpf";
+
+/// How long a new veth is left to the bridge, for the CNI plugins chained after the
+/// bridge plugin.
+pub const SETTLE: Duration = Duration::from_secs(1);
 
 /// What a [`PodHooks::sync`] pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -70,8 +75,10 @@ pub struct PodHooks {
     attached: BTreeMap<u32, Attachment>,
     /// Veths left to the bridge (others' filters, or attaching failed): said once.
     reported: BTreeSet<u32>,
-    /// The veths the previous pass saw.
-    previous: BTreeSet<u32>,
+    /// When each veth of the bridge was first seen.
+    first_seen: BTreeMap<u32, Instant>,
+    /// The time the last pass went by.
+    last_pass: Option<Instant>,
 }
 
 impl PodHooks {
@@ -80,14 +87,27 @@ impl PodHooks {
         self.attached.values().map(|a| a.iface.as_str())
     }
 
+    /// When the next veth that the last pass found still waiting for [`SETTLE`] may be
+    /// taken, if any waits. (A veth the last pass could not check is not waiting: the
+    /// next notification or periodic pass takes it up.)
+    pub fn next_settled(&self) -> Option<Instant> {
+        let last = self.last_pass?;
+        (self.first_seen.values())
+            .map(|seen| *seen + SETTLE)
+            .filter(|at| *at > last)
+            .min()
+    }
+
     /// Makes the program sit on every veth of `bridge` (seen in the sysfs tree `net`)
-    /// that nobody else filters, and on no other.
+    /// that nobody else filters and that has been there for [`SETTLE`] at `now`, and on
+    /// no other.
     pub async fn sync(
         &mut self,
         prog: &mut SchedClassifier,
         host: &Host,
         net: &Path,
         bridge: &str,
+        now: Instant,
     ) -> Result<Changes> {
         let ports = veth_ports(net, bridge)?;
         let present: BTreeSet<u32> = ports.iter().map(|p| p.ifindex).collect();
@@ -104,9 +124,19 @@ impl PodHooks {
             }
         }
         self.reported.retain(|i| present.contains(i));
-        let previous = std::mem::replace(&mut self.previous, present);
+        self.last_pass = Some(now);
+        self.first_seen.retain(|i, _| present.contains(i));
+        for &ifindex in &present {
+            self.first_seen.entry(ifindex).or_insert(now);
+        }
+        let settled = |p: &VethPort| {
+            self.first_seen
+                .get(&p.ifindex)
+                .is_some_and(|seen| now.saturating_duration_since(*seen) >= SETTLE)
+        };
+        let settled: Vec<_> = ports.into_iter().filter(settled).collect();
         let ours = prog.info().ok().map(|i| i.id());
-        for port in ports.into_iter().filter(|p| previous.contains(&p.ifindex)) {
+        for port in settled {
             let others = match others_filter(host, &port.name, port.ifindex, ours).await {
                 Ok(others) => others,
                 Err(e) => {

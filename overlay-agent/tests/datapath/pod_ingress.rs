@@ -1,10 +1,10 @@
 //! `pod_ingress`: on a pod's veth, the bridge's work done before the bridge, for frames
 //! the pod sends to its gateway; and the agent's choice of the veths that carry it.
 
-use std::{path::Path, process::Command};
+use std::{path::Path, process::Command, time::Instant};
 
 use overlay_agent::{
-    datapath::{Datapath, LoadOptions},
+    datapath::{Datapath, LoadOptions, veths::SETTLE},
     host::Host,
 };
 use overlay_common::{DatapathConfig, Hook, Reason};
@@ -83,9 +83,10 @@ fn run(cmd: &str, args: &str) {
     );
 }
 
-/// The veths that carry `pod_ingress` after one pass of the agent's sync, by name.
-fn sync(rt: &Runtime, dp: &mut Datapath, host: &Host, net: &Path) -> Vec<String> {
-    rt.block_on(dp.sync_pod_hooks(host, net, "cni0"))
+/// The veths that carry `pod_ingress` after one pass of the agent's sync at `now`, by
+/// name.
+fn sync(rt: &Runtime, dp: &mut Datapath, host: &Host, net: &Path, now: Instant) -> Vec<String> {
+    rt.block_on(dp.sync_pod_hooks(host, net, "cni0", now))
         .expect("syncing the pod veths");
     let mut names: Vec<String> = dp.pod_hooks.attached().map(str::to_owned).collect();
     names.sort();
@@ -136,13 +137,21 @@ fn the_agent_takes_the_veths_nobody_else_filters() {
         let _guard = rt.enter();
         let host = Host::connect().expect("rtnetlink");
         let dp = &mut node.dp;
-        // New veths wait a pass, for the CNI plugins chained after the bridge's.
-        assert!(sync(&rt, dp, &host, &net).is_empty());
-        assert_eq!(sync(&rt, dp, &host, &net), ["pod0", "pod1"]);
+        // New veths wait a while, for the CNI plugins chained after the bridge's; the
+        // agent is told when to look again.
+        let t0 = Instant::now();
+        assert!(sync(&rt, dp, &host, &net, t0).is_empty());
+        assert_eq!(dp.pod_hooks.next_settled(), Some(t0 + SETTLE));
+        assert!(sync(&rt, dp, &host, &net, t0 + SETTLE / 2).is_empty());
+        let mut now = t0 + SETTLE;
+        assert_eq!(sync(&rt, dp, &host, &net, now), ["pod0", "pod1"]);
+        // pod2 is left to the bridge: nothing is left to wait for.
+        assert_eq!(dp.pod_hooks.next_settled(), None);
         assert!(kernel_shows_it(&rt, &host, "pod0") && kernel_shows_it(&rt, &host, "pod1"));
         assert!(!kernel_shows_it(&rt, &host, "pod2"));
         // A pass changes nothing that is right already.
-        assert_eq!(sync(&rt, dp, &host, &net), ["pod0", "pod1"]);
+        now += SETTLE;
+        assert_eq!(sync(&rt, dp, &host, &net, now), ["pod0", "pod1"]);
         // A filter appears on pod1 after we took it: it goes back to the bridge. (The
         // qdisc is there already without TCX: our filter's.)
         let _ = Command::new("tc")
@@ -152,13 +161,13 @@ fn the_agent_takes_the_veths_nobody_else_filters() {
             "tc",
             "filter add dev pod1 ingress prio 5 protocol all u32 match u32 0 0",
         );
-        assert_eq!(sync(&rt, dp, &host, &net), ["pod0"]);
+        assert_eq!(sync(&rt, dp, &host, &net, now), ["pod0"]);
         assert!(!kernel_shows_it(&rt, &host, "pod1"));
         // The shaping goes from pod2: it is taken.
         run("tc", "qdisc del dev pod2 ingress");
-        assert_eq!(sync(&rt, dp, &host, &net), ["pod0", "pod2"]);
+        assert_eq!(sync(&rt, dp, &host, &net, now), ["pod0", "pod2"]);
         // A pod leaves.
         run("ip", "link del pod0");
-        assert_eq!(sync(&rt, dp, &host, &net), ["pod2"]);
+        assert_eq!(sync(&rt, dp, &host, &net, now), ["pod2"]);
     });
 }

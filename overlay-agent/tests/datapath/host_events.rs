@@ -1,0 +1,102 @@
+//! The rtnetlink notifications the agent looks at the pods' side of the node on
+//! (`overlay_agent::host::events`): what a pod's start and its shaping change wakes
+//! it, the node's ARP churn does not.
+
+use std::{process::Command, time::Duration};
+
+use overlay_agent::host::events::HostEvents;
+use tokio::{runtime::Runtime, time::timeout};
+
+use super::fixture::with_node;
+
+/// `ip`, `tc` or `bridge` with `args`, in this thread's namespace; panics if it fails.
+fn run(cmd: &str, args: &str) {
+    let out = Command::new(cmd)
+        .args(args.split_whitespace())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Longer than the kernel's link watcher takes to report a carrier change (up to a
+/// second), so that no late notification of one step is taken for the next one's.
+const QUIET: Duration = Duration::from_millis(1200);
+
+/// Whether a notification that concerns the pods comes within `wait`; the ones after
+/// it, up to a [`QUIET`] spell, are read too, so that each step starts afresh.
+fn woken(rt: &Runtime, events: &mut HostEvents, wait: Duration) -> bool {
+    rt.block_on(async {
+        let woken = match timeout(wait, events.changed()).await {
+            Ok(r) => {
+                r.expect("reading notifications");
+                true
+            }
+            Err(_) => false,
+        };
+        while let Ok(r) = timeout(QUIET, events.changed()).await {
+            r.expect("reading notifications");
+        }
+        woken
+    })
+}
+
+#[test]
+fn a_pods_start_and_its_shaping_wake_the_agent_arp_churn_does_not() {
+    with_node(|_| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let mut events = rt
+            .block_on(async { HostEvents::subscribe() })
+            .expect("subscribing");
+        let wait = Duration::from_secs(2);
+        // What the topology's links report once up.
+        woken(&rt, &mut events, QUIET);
+        let quiet = Duration::from_millis(500);
+
+        // The node's neighbours come and go all the time: not ours to look at.
+        run(
+            "ip",
+            "neigh add 172.18.0.99 lladdr 02:00:00:00:00:99 dev eth0",
+        );
+        run(
+            "ip",
+            "neigh change 172.18.0.99 lladdr 02:00:00:00:00:98 dev eth0",
+        );
+        run("ip", "neigh del 172.18.0.99 dev eth0");
+        assert!(!woken(&rt, &mut events, quiet), "woken by ARP entries");
+
+        // A pod starts: its veth, plugged into the bridge.
+        run("ip", "link add podx type veth peer name podx-peer");
+        assert!(woken(&rt, &mut events, wait), "a new veth");
+        run("ip", "link set podx master cni0 up");
+        assert!(
+            woken(&rt, &mut events, wait),
+            "a veth plugged into the bridge"
+        );
+        // The bridge learns the pod's MAC on that port.
+        run("bridge", "fdb add 02:00:00:00:00:77 dev podx master");
+        assert!(woken(&rt, &mut events, wait), "a forwarding entry");
+        // The bandwidth plugin shapes it.
+        run("tc", "qdisc add dev podx ingress");
+        assert!(woken(&rt, &mut events, wait), "a qdisc");
+        run(
+            "tc",
+            "filter add dev podx parent ffff: prio 5 protocol all u32 match u32 0 0",
+        );
+        assert!(woken(&rt, &mut events, wait), "a filter");
+        run("tc", "qdisc del dev podx ingress");
+        assert!(woken(&rt, &mut events, wait), "the shaping gone");
+        // The bridge gets a gateway address.
+        run("ip", "addr add 10.99.0.1/24 dev cni0");
+        assert!(woken(&rt, &mut events, wait), "a bridge address");
+        // The pod leaves.
+        run("ip", "link del podx");
+        assert!(woken(&rt, &mut events, wait), "a veth gone");
+    });
+}
