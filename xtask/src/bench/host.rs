@@ -36,6 +36,8 @@ pub struct Machine {
     pub cpus: usize,
     pub kernel: String,
     pub kernel_version: String,
+    /// The kernel's TCP congestion control where nothing sets one.
+    pub congestion_default: String,
 }
 
 impl Machine {
@@ -57,9 +59,16 @@ impl Machine {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             kernel: uname("-r"),
             kernel_version: uname("-v"),
+            congestion_default: std::fs::read_to_string(CONGESTION)
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|_| "unknown".into()),
         }
     }
 }
+
+/// The TCP congestion control of sockets that set none; new namespaces take the
+/// initial one's.
+const CONGESTION: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
 
 /// Turns GSO, GRO and TSO off on every link of the lab's namespaces (veths, bridges,
 /// tunnel devices): every packet then crosses every hop on its own.

@@ -25,12 +25,14 @@ impl Drop for Server {
     }
 }
 
-/// Bits per second received over `streams` parallel connections for `seconds`.
+/// Bits per second received over `streams` parallel connections for `seconds`, sent
+/// with the TCP congestion control `congestion`, from `client_ns` to `server` in
+/// `server_ns`.
 pub fn throughput(
     client_ns: &str,
-    server_ns: &str,
-    server: Ipv4Addr,
+    (server_ns, server): (&str, Ipv4Addr),
     streams: usize,
+    congestion: &str,
     seconds: u64,
 ) -> Result<f64> {
     let addr = server.to_string();
@@ -48,7 +50,7 @@ pub fn throughput(
     for _ in 0..STARTS {
         let out = netns::command(client_ns, "iperf3")
             .args(["-c", &addr, "-p", PORT, "-J", "-t", &seconds.to_string()])
-            .args(["-P", &streams.to_string()])
+            .args(["-P", &streams.to_string(), "-C", congestion])
             .stdin(Stdio::null())
             .output()
             .context("running iperf3 -c")?;

@@ -3,6 +3,8 @@
 //! rate (TCP_CRR: connect, one byte each way, close), and small-packet UDP rate. Each
 //! side runs on a thread that entered its namespace (`netns::enter`), so the whole
 //! exchange is between two pods of the lab; a server lives as long as its handle.
+//! Every TCP socket, both ends, runs the congestion control it is given (a namespace's
+//! default cannot be set to one outside the machine's allowed list).
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -40,7 +42,9 @@ pub struct Servers {
 }
 
 impl Servers {
-    pub fn start(ns: &str, address: Ipv4Addr) -> Result<Self> {
+    /// Servers on `address` in `ns`, whose connections run `congestion` (the
+    /// listeners pass it on to what they accept).
+    pub fn start(ns: &str, address: Ipv4Addr, congestion: &str) -> Result<Self> {
         let (rr, crr, udp) = netns::enter(ns, || {
             let any = SocketAddrV4::new(address, 0);
             let udp = UdpSocket::bind(any)?;
@@ -63,8 +67,12 @@ impl Servers {
             threads: Vec::new(),
         };
         for listener in [&rr, &crr] {
+            let socket = socket2::SockRef::from(listener);
             // accept() honours the receive timeout: the loops can see the stop flag.
-            socket2::SockRef::from(listener).set_read_timeout(Some(TICK))?;
+            socket.set_read_timeout(Some(TICK))?;
+            socket
+                .set_tcp_congestion(congestion.as_bytes())
+                .with_context(|| format!("TCP congestion control {congestion}"))?;
         }
         udp.set_read_timeout(Some(TICK))?;
         let stop = servers.stop.clone();
@@ -94,6 +102,20 @@ impl Drop for Servers {
             let _ = t.join();
         }
     }
+}
+
+/// A connection to `server` that runs `congestion`, connected within `timeout`.
+fn connect(server: SocketAddrV4, congestion: &str, timeout: Duration) -> Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket
+        .set_tcp_congestion(congestion.as_bytes())
+        .with_context(|| format!("TCP congestion control {congestion}"))?;
+    socket.connect_timeout(&server.into(), timeout)?;
+    let stream: TcpStream = socket.into();
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(stream)
 }
 
 fn would_block(e: &std::io::Error) -> bool {
@@ -171,11 +193,14 @@ pub struct RrResult {
     pub elapsed: Duration,
 }
 
-pub fn rr(ns: &str, server: SocketAddrV4, duration: Duration) -> Result<RrResult> {
+pub fn rr(
+    ns: &str,
+    server: SocketAddrV4,
+    congestion: &str,
+    duration: Duration,
+) -> Result<RrResult> {
     netns::enter(ns, || {
-        let mut conn = TcpStream::connect(server)?;
-        conn.set_nodelay(true)?;
-        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut conn = connect(server, congestion, Duration::from_secs(5))?;
         let mut latencies = Vec::with_capacity(1 << 16);
         let mut byte = [1u8; 1];
         let started = Instant::now();
@@ -203,15 +228,18 @@ pub fn rr(ns: &str, server: SocketAddrV4, duration: Duration) -> Result<RrResult
 
 /// Connections completed (connect, one byte each way, close) in `duration`, one after
 /// another.
-pub fn crr(ns: &str, server: SocketAddrV4, duration: Duration) -> Result<(u64, Duration)> {
+pub fn crr(
+    ns: &str,
+    server: SocketAddrV4,
+    congestion: &str,
+    duration: Duration,
+) -> Result<(u64, Duration)> {
     netns::enter(ns, || {
         let mut done = 0u64;
         let started = Instant::now();
         while started.elapsed() < duration {
-            let mut conn = TcpStream::connect_timeout(&server.into(), Duration::from_secs(5))
+            let mut conn = connect(server, congestion, Duration::from_secs(5))
                 .with_context(|| format!("connection {} to {server}", done + 1))?;
-            conn.set_nodelay(true)?;
-            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
             conn.write_all(&[1])?;
             let mut byte = [0u8; 1];
             conn.read_exact(&mut byte)?;

@@ -147,6 +147,29 @@ pub struct Plan {
     pub seconds: u64,
     /// Parallel streams of the multi-stream test.
     pub streams: usize,
+    pub congestion: Congestion,
+}
+
+/// The TCP congestion control of every connection the bench makes, both ends. Kernels
+/// differ in their default (Linux's is cubic; a kernel may be built with bbr), and the
+/// legs of one run must not: the bench sets it on each socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Congestion {
+    /// Linux's default, and what distributions' nodes run.
+    Cubic,
+    /// Paces every connection (TCP's own pacing timer without an fq qdisc).
+    Bbr,
+    Reno,
+}
+
+impl Congestion {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cubic => "cubic",
+            Self::Bbr => "bbr",
+            Self::Reno => "reno",
+        }
+    }
 }
 
 /// Which setups and tests to run (`cargo xtask bench --only … --tests …`): all when
@@ -199,14 +222,15 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn create(setup: Setup, agent: PathBuf) -> Result<Self> {
+    fn create(setup: Setup, agent: PathBuf, congestion: Congestion) -> Result<Self> {
         println!("setting up {}", setup.name());
         let lab = cluster::create_with(Topology::pair(), agent, setup.masquerade(), &setup)?;
         let pod = |i: usize| Host::from(lab.topology.pods_of(&lab.topology.nodes[i]).remove(0));
         let (client, server) = (pod(0), pod(1));
-        let servers = Servers::start(&lab.netns(&server.name), server.address)?;
+        let cc = congestion.name();
+        let servers = Servers::start(&lab.netns(&server.name), server.address, cc)?;
         let outside = &lab.topology.outside;
-        let outside = Servers::start(&lab.netns(&outside.name), outside.address)?;
+        let outside = Servers::start(&lab.netns(&outside.name), outside.address, cc)?;
         Ok(Self {
             setup,
             lab,
@@ -255,7 +279,7 @@ pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Resul
     let mut results = Results::new(Machine::here(), plan, quick);
     let mut clusters = Vec::new();
     for setup in available(&only.groups) {
-        clusters.push(Cluster::create(setup, agent.clone())?);
+        clusters.push(Cluster::create(setup, agent.clone(), plan.congestion)?);
     }
     let _rules = match clusters.iter().find(|c| c.setup == Setup::SnatIptables) {
         Some(c) => Some(FlannelRules::install(&c.lab, Variant::Flanneld)?),
@@ -326,6 +350,7 @@ fn measure(
 ) -> Result<Vec<Sample>> {
     let duration = Duration::from_secs(plan.seconds);
     let client = c.client_ns();
+    let cc = plan.congestion.name();
     let sample = |measure: Measure, value: f64, cpu: f64, units: f64| Sample {
         setup: c.setup,
         offloads,
@@ -337,7 +362,7 @@ fn measure(
         cpu_us_per_unit: cpu * 1e6 / units.max(1.0),
     };
     if Setup::SNAT.contains(&c.setup) {
-        let ((done, took), cpu) = with_cpu(|| load::crr(&client, c.outside.crr, duration))?;
+        let ((done, took), cpu) = with_cpu(|| load::crr(&client, c.outside.crr, cc, duration))?;
         return Ok(vec![sample(
             Measure::SnatConnRate,
             done as f64 / took.as_secs_f64(),
@@ -350,14 +375,15 @@ fn measure(
     if only.runs(Test::Tcp) {
         for (measure, streams) in [(Measure::TcpStream, 1), (Measure::TcpMulti, plan.streams)] {
             let (bps, cpu) = with_cpu(|| {
-                iperf::throughput(&client, &server_ns, c.server.address, streams, plan.seconds)
+                let to = (server_ns.as_str(), c.server.address);
+                iperf::throughput(&client, to, streams, cc, plan.seconds)
             })?;
             let megabytes = bps / 8.0 * plan.seconds as f64 / 1e6;
             out.push(sample(measure, bps / 1e9, cpu, megabytes));
         }
     }
     if only.runs(Test::Rr) {
-        let (rr, cpu) = with_cpu(|| load::rr(&client, c.servers.rr, duration))?;
+        let (rr, cpu) = with_cpu(|| load::rr(&client, c.servers.rr, cc, duration))?;
         let tx = rr.transactions as f64;
         out.push(sample(
             Measure::RrRate,
@@ -369,7 +395,7 @@ fn measure(
         out.push(sample(Measure::RrP99, rr.p99_us, cpu, tx));
     }
     if only.runs(Test::Crr) {
-        let ((done, took), cpu) = with_cpu(|| load::crr(&client, c.servers.crr, duration))?;
+        let ((done, took), cpu) = with_cpu(|| load::crr(&client, c.servers.crr, cc, duration))?;
         out.push(sample(
             Measure::ConnRate,
             done as f64 / took.as_secs_f64(),

@@ -67,6 +67,9 @@ pub struct BenchArgs {
     /// The VM's kernel (`cargo xtask kernels --list`).
     #[arg(long, default_value = "6.1")]
     kernel: String,
+    /// TCP congestion control in every namespace of the clusters, on both kernels.
+    #[arg(long = "tcp-cc", value_enum, default_value = "cubic")]
+    congestion: measure::Congestion,
     #[command(flatten)]
     only: measure::Only,
     /// Print the report, but leave docs/ alone.
@@ -95,6 +98,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         runs: args.runs.unwrap_or(if args.quick { 2 } else { 5 }),
         seconds: args.seconds.unwrap_or(if args.quick { 1 } else { 2 }),
         streams: STREAMS,
+        congestion: args.congestion,
     };
     if let Some(out) = &args.measure_into {
         let agent = crate::lab::agents::build(true)?;
@@ -241,12 +245,13 @@ fn in_the_vm(
         "echo '━━ program cost on this kernel'\n\
          {costs} > $VM_SHARED/costs.txt 2>&1; grep PROG_COST $VM_SHARED/costs.txt\n\
          env {PREBUILT_AGENT}={agent} {xtask} bench --measure-into $VM_SHARED/results.json \
-         --runs {runs} --seconds {seconds}{quick}{only}\n",
+         --runs {runs} --seconds {seconds} --tcp-cc {cc}{quick}{only}\n",
         costs = staged.run_costs(COST_RUNS_VM),
         agent = staged.agent.display(),
         xtask = staged.xtask.display(),
         runs = plan.runs,
         seconds = plan.seconds,
+        cc = plan.congestion.name(),
         quick = if args.quick { " --quick" } else { "" },
         only = args.only.flags(),
     );

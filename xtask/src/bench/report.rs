@@ -105,12 +105,15 @@ impl Leg {
         let r = &self.results;
         let _ = writeln!(
             md,
-            "### On {}: kernel {}\n\n{} CPUs; kernel {} ({}).\n",
+            "### On {}: kernel {}\n\n{} CPUs; kernel {} ({}). TCP congestion control: {} \
+             on every connection, both ends (this kernel's default: {}).\n",
             self.place,
             r.machine.kernel,
             r.machine.cpus,
             r.machine.kernel,
-            r.machine.kernel_version
+            r.machine.kernel_version,
+            r.congestion,
+            r.machine.congestion_default
         );
         let targets = targets(r);
         if targets.iter().any(|t| t.measured.is_some()) {

@@ -120,6 +120,8 @@ pub struct Results {
     pub runs: usize,
     pub seconds: u64,
     pub streams: usize,
+    /// The TCP congestion control every connection ran.
+    pub congestion: String,
     pub quick: bool,
     pub samples: Vec<Sample>,
 }
@@ -131,6 +133,7 @@ impl Results {
             runs: plan.runs,
             seconds: plan.seconds,
             streams: plan.streams,
+            congestion: plan.congestion.name().to_owned(),
             quick,
             samples: Vec::new(),
         }
