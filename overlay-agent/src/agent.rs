@@ -189,8 +189,7 @@ async fn serve(
     // The pods' side of the node (see `look_at_pods`), looked at after notifications and
     // anyway at this pace; the first tick is at once.
     let mut look = tokio::time::interval(if events.is_some() { LOOK_ANYWAY } else { POLL });
-    // A look due before the next tick: after notifications, or when a new veth settles.
-    let mut look_soon: Option<Instant> = None;
+    let mut looks = Looks::default();
     let mut warned = BTreeSet::new();
     let mut bridge_seen = BridgeSeen::default();
     let result = loop {
@@ -214,17 +213,16 @@ async fn serve(
                     events = None;
                     look = tokio::time::interval(POLL);
                 }
-                look_soon = earliest(look_soon, Instant::now() + AFTER_NOTIFICATION);
+                looks.notified(Instant::now());
                 continue;
             }
-            _ = until(look_soon) => {
-                look_soon = None;
-                if !look_at_pods(opts, dp, rec, &mut bridge_seen, &mut look_soon).await {
+            _ = until(looks.soon) => {
+                if !look_at_pods(opts, dp, rec, &mut bridge_seen, &mut looks).await {
                     continue;
                 }
             }
             _ = look.tick() => {
-                if !look_at_pods(opts, dp, rec, &mut bridge_seen, &mut look_soon).await {
+                if !look_at_pods(opts, dp, rec, &mut bridge_seen, &mut looks).await {
                     continue;
                 }
             }
@@ -249,6 +247,9 @@ async fn serve(
 /// How long the agent lets notifications gather before it looks: a pod's start is a
 /// burst of them (veth created, plugged into the bridge, up, its MAC learned).
 const AFTER_NOTIFICATION: Duration = Duration::from_millis(100);
+/// The least time between two looks that notifications ask for: a node whose devices
+/// or filters keep changing costs no more than polling did.
+const LOOK_SPACING: Duration = Duration::from_secs(1);
 /// How often the agent looks at the pods' side of the node when nothing told it to: for
 /// what sends no notification (another program attached to a veth through TCX).
 const LOOK_ANYWAY: Duration = Duration::from_secs(10);
@@ -277,13 +278,40 @@ async fn until(at: Option<Instant>) {
     }
 }
 
-fn earliest(a: Option<Instant>, b: Instant) -> Option<Instant> {
-    Some(a.map_or(b, |a| a.min(b)))
+/// When to look at the pods' side of the node before the next periodic tick.
+#[derive(Debug, Default)]
+struct Looks {
+    /// The look due: after notifications, or when a new veth settles.
+    soon: Option<Instant>,
+    /// When the last look began.
+    last: Option<Instant>,
+}
+
+impl Looks {
+    /// Notifications arrived at `now`: a look once they have gathered, and not sooner
+    /// than [`LOOK_SPACING`] after the last one.
+    fn notified(&mut self, now: Instant) {
+        let gathered = now + AFTER_NOTIFICATION;
+        self.by(self
+            .last
+            .map_or(gathered, |l| gathered.max(l + LOOK_SPACING)));
+    }
+
+    /// A look at `at` at the latest.
+    fn by(&mut self, at: Instant) {
+        self.soon = Some(self.soon.map_or(at, |s| s.min(at)));
+    }
+
+    /// A look begins at `now`.
+    fn begin(&mut self, now: Instant) {
+        self.soon = None;
+        self.last = Some(now);
+    }
 }
 
 /// Looks at the pods' side of the node: the pods' ports on the bridge (`POD_PORTS`)
-/// and `pod_ingress` on their veths follow at once, and `look_soon` is brought forward
-/// to when the next new veth settles. Returns whether the bridge appeared or changed
+/// and `pod_ingress` on their veths follow at once, and the next look is brought
+/// forward to when the next new veth settles. Returns whether the bridge appeared or changed
 /// its addresses or MAC, which takes a full pass: it attaches to the bridge and sources
 /// host traffic from the gateway.
 async fn look_at_pods(
@@ -291,8 +319,9 @@ async fn look_at_pods(
     dp: &mut Datapath,
     rec: &Reconciler,
     bridge_seen: &mut BridgeSeen,
-    look_soon: &mut Option<Instant>,
+    looks: &mut Looks,
 ) -> bool {
+    looks.begin(Instant::now());
     match dp.pod_ports.sync(&opts.bridge) {
         Ok(c) if !c.is_empty() => debug!(changes = %c, "pod ports synced"),
         Ok(_) => {}
@@ -305,7 +334,7 @@ async fn look_at_pods(
         Err(e) => debug!(error = %e, "reading the bridge's ports"),
     }
     if let Some(at) = dp.pod_hooks.next_settled() {
-        *look_soon = earliest(*look_soon, at);
+        looks.by(at);
     }
     let Some(bridge) = host::ifindex_by_name(&opts.bridge) else {
         return false;
@@ -428,5 +457,34 @@ async fn converge(
             error!(error = format!("{e:#}"), "reconcile failed; will retry");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_gather_and_looks_keep_their_spacing() {
+        let t0 = Instant::now();
+        let mut looks = Looks::default();
+        // The first notifications: a look once they have gathered.
+        looks.notified(t0);
+        looks.notified(t0 + Duration::from_millis(50));
+        assert_eq!(looks.soon, Some(t0 + AFTER_NOTIFICATION));
+        looks.begin(t0 + AFTER_NOTIFICATION);
+        assert_eq!(looks.soon, None);
+        // More right after that look: not before the spacing is over.
+        let t1 = t0 + Duration::from_millis(200);
+        looks.notified(t1);
+        assert_eq!(looks.soon, Some(t0 + AFTER_NOTIFICATION + LOOK_SPACING));
+        // A veth settling earlier brings it forward.
+        looks.by(t0 + Duration::from_millis(500));
+        assert_eq!(looks.soon, Some(t0 + Duration::from_millis(500)));
+        // Long after the last look, only the gathering delay is left.
+        looks.begin(t1);
+        let t2 = t1 + Duration::from_secs(5);
+        looks.notified(t2);
+        assert_eq!(looks.soon, Some(t2 + AFTER_NOTIFICATION));
     }
 }
