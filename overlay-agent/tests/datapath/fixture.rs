@@ -355,6 +355,19 @@ fn ip_batch(commands: &[String]) {
     );
 }
 
+/// `cmd args` (`ip`, `tc`, `bridge`) in this thread's namespace; panics if it fails.
+pub fn run_tool(cmd: &str, args: &str) {
+    let out = Command::new(cmd)
+        .args(args.split_whitespace())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn ifindex(name: &str) -> u32 {
     overlay_agent::host::ifindex_by_name(name).unwrap_or_else(|| panic!("{name} missing"))
 }

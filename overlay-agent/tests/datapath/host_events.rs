@@ -2,25 +2,12 @@
 //! (`overlay_agent::host::events`): what a pod's start and its shaping change wakes
 //! it, the node's ARP churn does not.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use overlay_agent::host::events::HostEvents;
 use tokio::{runtime::Runtime, time::timeout};
 
-use super::fixture::with_node;
-
-/// `ip`, `tc` or `bridge` with `args`, in this thread's namespace; panics if it fails.
-fn run(cmd: &str, args: &str) {
-    let out = Command::new(cmd)
-        .args(args.split_whitespace())
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use super::fixture::{run_tool as run, with_node};
 
 /// Longer than the kernel's link watcher takes to report a carrier change (up to a
 /// second), so that no late notification of one step is taken for the next one's.

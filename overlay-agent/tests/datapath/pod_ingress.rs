@@ -11,7 +11,10 @@ use overlay_common::{DatapathConfig, Hook, Reason};
 use tokio::runtime::Runtime;
 
 use super::{
-    fixture::{Act, Node, assert_bytes_eq, ifindex, namespace_sysfs, with_node, with_node_setup},
+    fixture::{
+        Act, Node, assert_bytes_eq, ifindex, namespace_sysfs, run_tool as run, with_node,
+        with_node_setup,
+    },
     packet::{Transport, datagram, ethernet, from_pod, ipv4},
     topology::{CNI0_MAC, POD, POD_MAC, POD_PORT_MAC, W2, W3},
 };
@@ -68,19 +71,6 @@ fn nothing_is_taken_before_the_bridge_address_is_known() {
         assert_eq!(&frame[..6], &CNI0_MAC.0);
         node.expect_untouched(Hook::PodIngress, &frame, Reason::PassNotForGateway);
     });
-}
-
-/// `cmd args` in this thread's namespace; panics if it fails.
-fn run(cmd: &str, args: &str) {
-    let out = Command::new(cmd)
-        .args(args.split_whitespace())
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The veths that carry `pod_ingress` after one pass of the agent's sync at `now`, by
