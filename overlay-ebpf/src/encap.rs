@@ -115,9 +115,10 @@ fn host(ctx: &TcContext) -> Verdict {
         Ok(ip) => ip,
         Err(verdict) => return verdict,
     };
-    // What `bridge_ingress` encapsulated and redirected here (the egress hook runs
-    // again on it where there is no TCX): nothing more to do. Skipping masquerade and
-    // the route lookup cuts this run by a fifth (program cost `tunnelled`).
+    // What `bridge_ingress` or `pod_ingress` encapsulated and redirected here (a
+    // redirect to a device's egress goes through its queueing, where this hook sits,
+    // with TCX as with cls_bpf): nothing more to do. Skipping masquerade and the route
+    // lookup cuts this run by a fifth (program cost `tunnelled`).
     if ip.proto == IPPROTO_IPIP && ip.src_addr == cfg.node_ip && !cfg.in_cluster(ip.dst_addr) {
         return pass(Reason::PassTunnelled);
     }
