@@ -311,9 +311,9 @@ impl Looks {
 
 /// Looks at the pods' side of the node: the pods' ports on the bridge (`POD_PORTS`)
 /// and `pod_ingress` on their veths follow at once, and the next look is brought
-/// forward to when the next new veth settles. Returns whether the bridge appeared or changed
-/// its addresses or MAC, which takes a full pass: it attaches to the bridge and sources
-/// host traffic from the gateway.
+/// forward to when the next new veth settles. Returns whether the bridge appeared or
+/// changed its addresses or MAC, which takes a full pass: it attaches to the bridge
+/// and sources host traffic from the gateway.
 async fn look_at_pods(
     opts: &Options,
     dp: &mut Datapath,
@@ -321,14 +321,15 @@ async fn look_at_pods(
     bridge_seen: &mut BridgeSeen,
     looks: &mut Looks,
 ) -> bool {
-    looks.begin(Instant::now());
+    let now = Instant::now();
+    looks.begin(now);
     match dp.pod_ports.sync(&opts.bridge) {
         Ok(c) if !c.is_empty() => debug!(changes = %c, "pod ports synced"),
         Ok(_) => {}
         Err(e) => debug!(error = %e, "reading the bridge's forwarding table"),
     }
     let net = Path::new("/sys/class/net");
-    match (dp.sync_pod_hooks(&rec.host, net, &opts.bridge, Instant::now())).await {
+    match dp.sync_pod_hooks(&rec.host, net, &opts.bridge, now).await {
         Ok(c) if !c.is_empty() => info!(changes = %c, "pod veths synced"),
         Ok(_) => {}
         Err(e) => debug!(error = %e, "reading the bridge's ports"),

@@ -26,11 +26,11 @@ impl Drop for Server {
 }
 
 /// Bits per second received over `streams` parallel connections for `seconds`, sent
-/// with the TCP congestion control `congestion`, from `client_ns` to `server` in
-/// `server_ns`.
+/// with the TCP congestion control `congestion`.
 pub fn throughput(
     client_ns: &str,
-    (server_ns, server): (&str, Ipv4Addr),
+    server_ns: &str,
+    server: Ipv4Addr,
     streams: usize,
     congestion: &str,
     seconds: u64,

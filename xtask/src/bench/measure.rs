@@ -375,8 +375,8 @@ fn measure(
     if only.runs(Test::Tcp) {
         for (measure, streams) in [(Measure::TcpStream, 1), (Measure::TcpMulti, plan.streams)] {
             let (bps, cpu) = with_cpu(|| {
-                let to = (server_ns.as_str(), c.server.address);
-                iperf::throughput(&client, to, streams, cc, plan.seconds)
+                let to = c.server.address;
+                iperf::throughput(&client, &server_ns, to, streams, cc, plan.seconds)
             })?;
             let megabytes = bps / 8.0 * plan.seconds as f64 / 1e6;
             out.push(sample(measure, bps / 1e9, cpu, megabytes));
