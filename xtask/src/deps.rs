@@ -16,7 +16,6 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "tcpdump",
-    "iperf3",
     // kubernetes-validate goes into a virtualenv (below); Debian's python3 needs this
     // package for `python3 -m venv`.
     "python3-venv",

@@ -1,10 +1,16 @@
-//! Load generators where no packaged tool fits (netperf is not packaged): request /
-//! response latency and rate over one TCP connection (netperf's TCP_RR), connection
-//! rate (TCP_CRR: connect, one byte each way, close), and small-packet UDP rate. Each
-//! side runs on a thread that entered its namespace (`netns::enter`), so the whole
-//! exchange is between two pods of the lab; a server lives as long as its handle.
-//! Every TCP socket, both ends, runs the congestion control it is given (a namespace's
-//! default cannot be set to one outside the machine's allowed list).
+//! The benchmark's load generators: bulk TCP streams (iperf3's TCP test), request /
+//! response latency and rate over one TCP connection (netperf's TCP_RR; netperf is not
+//! packaged), connection rate (TCP_CRR: connect, one byte each way, close), and
+//! small-packet UDP rate. Each side runs on a thread that entered its namespace
+//! (`netns::enter`), so the whole exchange is between two pods of the lab; a server
+//! lives as long as its handle.
+//!
+//! Every TCP socket, both ends, runs the congestion control it is given, chosen before
+//! the connection exists: on the client before `connect`, on the listener for what it
+//! accepts. A namespace's default cannot be set to one outside the machine's allowed
+//! list, and choosing after the handshake (as iperf3 does, on both ends) is too late:
+//! the kernel's default has been initialised by then, and a BBR default leaves TCP's
+//! own pacing on under whatever comes after it.
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -28,13 +34,19 @@ const TICK: Duration = Duration::from_millis(100);
 pub const UDP_PAYLOAD: usize = 64;
 /// Room in the receive buffer for bursts (root may exceed rmem_max).
 const UDP_BUFFER: usize = 8 << 20;
+/// What a bulk stream writes and reads per call (iperf3's default for TCP).
+const STREAM_BLOCK: usize = 128 << 10;
 
-/// The servers of one pod: request/response, connect/request/response/close, and a UDP
-/// sink. Stopped (and their sockets closed) when dropped.
+/// The servers of one pod: a sink for bulk streams, request/response,
+/// connect/request/response/close, and a UDP sink. Stopped (and their sockets closed)
+/// when dropped.
 pub struct Servers {
+    pub stream: SocketAddrV4,
     pub rr: SocketAddrV4,
     pub crr: SocketAddrV4,
     pub udp: SocketAddrV4,
+    /// Bytes the stream sink read so far, all connections together.
+    streamed: Arc<AtomicU64>,
     /// Datagrams the UDP sink received so far.
     received: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -45,11 +57,12 @@ impl Servers {
     /// Servers on `address` in `ns`, whose connections run `congestion` (the
     /// listeners pass it on to what they accept).
     pub fn start(ns: &str, address: Ipv4Addr, congestion: &str) -> Result<Self> {
-        let (rr, crr, udp) = netns::enter(ns, || {
+        let (stream, rr, crr, udp) = netns::enter(ns, || {
             let any = SocketAddrV4::new(address, 0);
             let udp = UdpSocket::bind(any)?;
             setsockopt(&udp, RcvBufForce, &UDP_BUFFER)?;
-            Ok((TcpListener::bind(any)?, TcpListener::bind(any)?, udp))
+            let tcp = || TcpListener::bind(any);
+            Ok((tcp()?, tcp()?, tcp()?, udp))
         })
         .with_context(|| format!("opening the benchmark's servers in {ns}"))?;
         let addr = |a: std::io::Result<std::net::SocketAddr>| -> Result<SocketAddrV4> {
@@ -59,14 +72,16 @@ impl Servers {
             }
         };
         let mut servers = Self {
+            stream: addr(stream.local_addr())?,
             rr: addr(rr.local_addr())?,
             crr: addr(crr.local_addr())?,
             udp: addr(udp.local_addr())?,
+            streamed: Arc::default(),
             received: Arc::default(),
             stop: Arc::default(),
             threads: Vec::new(),
         };
-        for listener in [&rr, &crr] {
+        for listener in [&stream, &rr, &crr] {
             let socket = socket2::SockRef::from(listener);
             // accept() honours the receive timeout: the loops can see the stop flag.
             socket.set_read_timeout(Some(TICK))?;
@@ -75,10 +90,14 @@ impl Servers {
                 .with_context(|| format!("TCP congestion control {congestion}"))?;
         }
         udp.set_read_timeout(Some(TICK))?;
+        let (stop, streamed) = (servers.stop.clone(), servers.streamed.clone());
+        servers.threads.push(std::thread::spawn(move || {
+            serve_each(stream, stop, move |conn, stop| drain(conn, stop, &streamed))
+        }));
         let stop = servers.stop.clone();
         servers
             .threads
-            .push(std::thread::spawn(move || serve_rr(rr, stop)));
+            .push(std::thread::spawn(move || serve_each(rr, stop, echo)));
         let stop = servers.stop.clone();
         servers
             .threads
@@ -92,6 +111,10 @@ impl Servers {
 
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
+    }
+
+    pub fn streamed(&self) -> u64 {
+        self.streamed.load(Ordering::Relaxed)
     }
 }
 
@@ -122,32 +145,57 @@ fn would_block(e: &std::io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
 }
 
-/// Each connection: echo every byte until the client closes.
-fn serve_rr(listener: TcpListener, stop: Arc<AtomicBool>) {
+/// Each connection on a thread of its own, running `serve` until the client closes or
+/// the servers stop.
+fn serve_each<F>(listener: TcpListener, stop: Arc<AtomicBool>, serve: F)
+where
+    F: Fn(TcpStream, &AtomicBool) + Clone + Send + 'static,
+{
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
-            Ok((mut conn, _)) => {
-                let stop = stop.clone();
+            Ok((conn, _)) => {
+                let (stop, serve) = (stop.clone(), serve.clone());
                 std::thread::spawn(move || {
                     let _ = conn.set_nodelay(true);
-                    let _ = conn.set_read_timeout(Some(TICK));
-                    let mut byte = [0u8; 1];
-                    while !stop.load(Ordering::Relaxed) {
-                        match conn.read(&mut byte) {
-                            Ok(0) => return,
-                            Ok(_) => {
-                                if conn.write_all(&byte).is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e) if would_block(&e) => {}
-                            Err(_) => return,
-                        }
+                    if conn.set_read_timeout(Some(TICK)).is_ok() {
+                        serve(conn, &stop);
                     }
                 });
             }
             Err(e) if would_block(&e) => {}
             Err(_) => std::thread::sleep(TICK),
+        }
+    }
+}
+
+/// Echoes every byte.
+fn echo(mut conn: TcpStream, stop: &AtomicBool) {
+    let mut byte = [0u8; 1];
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut byte) {
+            Ok(0) => return,
+            Ok(_) => {
+                if conn.write_all(&byte).is_err() {
+                    return;
+                }
+            }
+            Err(e) if would_block(&e) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Reads and counts everything.
+fn drain(mut conn: TcpStream, stop: &AtomicBool, streamed: &AtomicU64) {
+    let mut block = vec![0u8; STREAM_BLOCK];
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut block) {
+            Ok(0) => return,
+            Ok(n) => {
+                streamed.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if would_block(&e) => {}
+            Err(_) => return,
         }
     }
 }
@@ -182,6 +230,54 @@ fn sink(socket: UdpSocket, stop: Arc<AtomicBool>, received: Arc<AtomicU64>) {
             Err(_) => std::thread::sleep(TICK),
         }
     }
+}
+
+/// Bulk TCP from `ns`: `streams` connections to `servers`' stream sink, each writing
+/// as fast as it can. Returns the bytes the sink read in a window of `duration` that
+/// opens once every connection is up, and the window's length.
+pub fn stream(
+    ns: &str,
+    servers: &Servers,
+    streams: usize,
+    congestion: &str,
+    duration: Duration,
+) -> Result<(u64, Duration)> {
+    let conns = netns::enter(ns, || {
+        (0..streams)
+            .map(|_| connect(servers.stream, congestion, Duration::from_secs(5)))
+            .collect::<Result<Vec<_>>>()
+    })
+    .with_context(|| format!("connecting to {}", servers.stream))?;
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let writers: Vec<_> = conns
+            .into_iter()
+            .map(|mut conn| {
+                let stop = &stop;
+                s.spawn(move || -> Result<()> {
+                    // Nagle on, as in iperf3; a path that stops moving fails the run
+                    // instead of hanging it.
+                    conn.set_nodelay(false)?;
+                    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+                    let block = vec![0x5a; STREAM_BLOCK];
+                    while !stop.load(Ordering::Relaxed) {
+                        conn.write_all(&block)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let (before, started) = (servers.streamed(), Instant::now());
+        std::thread::sleep(duration);
+        let (after, window) = (servers.streamed(), started.elapsed());
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                .with_context(|| format!("streaming to {}", servers.stream))?;
+        }
+        Ok((after - before, window))
+    })
 }
 
 /// Request/response over one connection for `duration`.
@@ -274,4 +370,94 @@ pub fn udp_blast(ns: &str, server: SocketAddrV4, duration: Duration) -> Result<(
         }
         Ok((sent, started.elapsed()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two namespaces joined by a veth pair, 10.99.0.1 and .2, deleted when dropped.
+    struct Pair([String; 2]);
+
+    impl Pair {
+        fn new(tag: &str) -> Result<Self> {
+            let names = ["a", "b"].map(|end| format!("oxl-{}-{tag}-{end}", std::process::id()));
+            let pair = Self(names);
+            let [a, b] = &pair.0;
+            netns::add(a)?;
+            netns::add(b)?;
+            netns::run(netns::command(a, "ip").args([
+                "link", "add", "v", "type", "veth", "peer", "name", "v", "netns", b,
+            ]))?;
+            for (ns, addr) in [(a, "10.99.0.1/24"), (b, "10.99.0.2/24")] {
+                netns::run(netns::command(ns, "ip").args(["addr", "add", addr, "dev", "v"]))?;
+                for dev in ["v", "lo"] {
+                    netns::run(netns::command(ns, "ip").args(["link", "set", dev, "up"]))?;
+                }
+            }
+            Ok(pair)
+        }
+    }
+
+    impl Drop for Pair {
+        fn drop(&mut self) {
+            for ns in &self.0 {
+                let _ = netns::delete(ns);
+            }
+        }
+    }
+
+    /// A congestion control other than the one `ns` gives new connections, so that
+    /// they must be told: reno, which every kernel has, or cubic where reno is the
+    /// default.
+    fn not_the_default(ns: &str) -> &'static str {
+        let default = netns::enter(ns, || {
+            Ok(std::fs::read_to_string(
+                "/proc/sys/net/ipv4/tcp_congestion_control",
+            )?)
+        })
+        .unwrap();
+        if default.trim() == "reno" {
+            "cubic"
+        } else {
+            "reno"
+        }
+    }
+
+    #[test]
+    fn streams_are_counted_at_the_sink_over_the_window() {
+        let pair = Pair::new("stream").unwrap();
+        let [client, server] = &pair.0;
+        let cc = not_the_default(client);
+        let servers = Servers::start(server, "10.99.0.2".parse().unwrap(), cc).unwrap();
+        let window = Duration::from_millis(300);
+        let (bytes, took) = stream(client, &servers, 2, cc, window).unwrap();
+        assert!(took >= window, "{took:?}");
+        // A veth pair moves far more than a megabyte in 300 ms.
+        assert!(bytes > 1 << 20, "{bytes} bytes");
+        // The window's bytes are part of what the sink read in all.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(servers.streamed() >= bytes);
+    }
+
+    #[test]
+    fn both_ends_run_the_congestion_control_they_are_given() {
+        let pair = Pair::new("cc").unwrap();
+        let [client, server] = &pair.0;
+        let cc = not_the_default(client);
+        let listener = netns::enter(server, || Ok(TcpListener::bind("10.99.0.2:0")?)).unwrap();
+        socket2::SockRef::from(&listener)
+            .set_tcp_congestion(cc.as_bytes())
+            .unwrap();
+        let to = match listener.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            other => panic!("{other}"),
+        };
+        let conn = netns::enter(client, || connect(to, cc, Duration::from_secs(1))).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        for end in [&conn, &accepted] {
+            let got = socket2::SockRef::from(end).tcp_congestion().unwrap();
+            assert_eq!(String::from_utf8_lossy(&got).trim_end_matches('\0'), cc);
+        }
+    }
 }

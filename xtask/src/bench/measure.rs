@@ -12,7 +12,6 @@ use anyhow::{Context as _, Result};
 
 use super::{
     host::{self, Machine},
-    iperf,
     load::{self, Servers},
     results::{Measure, Results, Sample},
 };
@@ -216,7 +215,6 @@ struct Cluster {
     setup: Setup,
     lab: LabGuard,
     client: Host,
-    server: Host,
     servers: Servers,
     outside: Servers,
 }
@@ -235,7 +233,6 @@ impl Cluster {
             setup,
             lab,
             client,
-            server,
             servers,
             outside,
         })
@@ -370,16 +367,13 @@ fn measure(
             done as f64,
         )]);
     }
-    let server_ns = c.lab.netns(&c.server.name);
     let mut out = Vec::new();
     if only.runs(Test::Tcp) {
         for (measure, streams) in [(Measure::TcpStream, 1), (Measure::TcpMulti, plan.streams)] {
-            let (bps, cpu) = with_cpu(|| {
-                let to = c.server.address;
-                iperf::throughput(&client, &server_ns, to, streams, cc, plan.seconds)
-            })?;
-            let megabytes = bps / 8.0 * plan.seconds as f64 / 1e6;
-            out.push(sample(measure, bps / 1e9, cpu, megabytes));
+            let ((bytes, took), cpu) =
+                with_cpu(|| load::stream(&client, &c.servers, streams, cc, duration))?;
+            let bps = bytes as f64 * 8.0 / took.as_secs_f64();
+            out.push(sample(measure, bps / 1e9, cpu, bytes as f64 / 1e6));
         }
     }
     if only.runs(Test::Rr) {

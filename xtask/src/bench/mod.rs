@@ -9,12 +9,11 @@
 //! and then again on this kernel, less tunl0 (the datapath on a current kernel); the
 //! microbenchmark runs on both.
 //!
-//! Layout: measure (clusters and the run plan), load (request/response, connection and
-//! UDP generators), iperf (throughput), host (CPU time, machine, offloads), results
+//! Layout: measure (clusters and the run plan), load (the generators: bulk streams,
+//! request/response, connections, UDP), host (CPU time, machine, offloads), results
 //! (samples and summaries), report (the markdown), plot (the image).
 
 mod host;
-mod iperf;
 mod load;
 mod measure;
 mod plot;
