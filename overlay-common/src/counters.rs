@@ -56,7 +56,7 @@ pub enum Reason {
     /// Encapsulated; the next hop's neighbour entry was missing, so the kernel resolves
     /// it (`bpf_redirect_neigh`).
     EncapsulatedNeighResolve,
-    /// Decapsulated and sent straight to the pod.
+    /// Decapsulated and sent straight to the pod (into its namespace, past the bridge).
     Decapsulated,
     /// Decapsulated and handed to the host stack (local destination, TTL about to
     /// expire, or no resolved path to the pod).
@@ -131,6 +131,13 @@ pub enum Reason {
     /// node), or the agent has not told the programs the bridge's address yet; the
     /// bridge delivers it as it would without us.
     PassNotForGateway,
+    /// Decapsulated and handed to the pod bridge, which delivers it: the agent does not
+    /// know the pod's port on the bridge yet (a pod that has just started), or the
+    /// route's device is not the bridge the pod hangs on.
+    DecapsulatedToBridge,
+    /// A reply translated back to a pod of this node, handed to the pod bridge (as
+    /// `DecapsulatedToBridge`).
+    UnmasqueradedToBridge,
 }
 
 /// How a reason reads for an operator.
@@ -142,7 +149,7 @@ pub enum Kind {
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::PassNotForGateway as u32 + 1;
+    pub const COUNT: u32 = Reason::UnmasqueradedToBridge as u32 + 1;
 
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Encapsulated,
@@ -179,6 +186,8 @@ impl Reason {
         Reason::DropNatUnsupported,
         Reason::MasqueradedToUplink,
         Reason::PassNotForGateway,
+        Reason::DecapsulatedToBridge,
+        Reason::UnmasqueradedToBridge,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -217,6 +226,8 @@ impl Reason {
             Reason::DropNatUnsupported => "drop_nat_unsupported",
             Reason::MasqueradedToUplink => "masqueraded_to_uplink",
             Reason::PassNotForGateway => "pass_not_for_gateway",
+            Reason::DecapsulatedToBridge => "decapsulated_to_bridge",
+            Reason::UnmasqueradedToBridge => "unmasqueraded_to_bridge",
         }
     }
 
@@ -231,7 +242,9 @@ impl Reason {
             | Reason::Masqueraded
             | Reason::Unmasqueraded
             | Reason::UnmasqueradedToPod
-            | Reason::MasqueradedToUplink => Kind::Forward,
+            | Reason::MasqueradedToUplink
+            | Reason::DecapsulatedToBridge
+            | Reason::UnmasqueradedToBridge => Kind::Forward,
             Reason::PassNotIpv4
             | Reason::PassNotOverlay
             | Reason::PassNotTunnel

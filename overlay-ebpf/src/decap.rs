@@ -80,7 +80,7 @@ fn uplink(ctx: &TcContext) -> Verdict {
     forward_to_pod(
         ctx,
         &inner,
-        Reason::Decapsulated,
+        [Reason::Decapsulated, Reason::DecapsulatedToBridge],
         Reason::DecapsulatedToStack,
     )
 }
@@ -91,18 +91,22 @@ fn uplink(ctx: &TcContext) -> Verdict {
 #[inline(always)]
 fn unmasqueraded(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
     match parse::frame(ctx) {
-        Frame::Ipv4(ip) if cfg.in_pod_subnet(ip.dst_addr) => {
-            forward_to_pod(ctx, &ip, Reason::UnmasqueradedToPod, Reason::Unmasqueraded)
-        }
+        Frame::Ipv4(ip) if cfg.in_pod_subnet(ip.dst_addr) => forward_to_pod(
+            ctx,
+            &ip,
+            [Reason::UnmasqueradedToPod, Reason::UnmasqueradedToBridge],
+            Reason::Unmasqueraded,
+        ),
         _ => pass(Reason::Unmasqueraded),
     }
 }
 
 /// Forwards a packet (IPv4 header `ip`, at the start of the frame's network layer) to
-/// a pod of this node in place of the host's router, counted as `fast`; when it
-/// cannot, hands it to the host stack, counted as `slow`.
+/// a pod of this node in place of the host's router, counted as `fast[0]` when it goes
+/// straight into the pod and `fast[1]` when the bridge delivers it; when it cannot,
+/// hands it to the host stack, counted as `slow`.
 #[inline(always)]
-fn forward_to_pod(ctx: &TcContext, ip: &Ipv4Hdr, fast: Reason, slow: Reason) -> Verdict {
+fn forward_to_pod(ctx: &TcContext, ip: &Ipv4Hdr, fast: [Reason; 2], slow: Reason) -> Verdict {
     if ip.ttl <= 1 {
         // Let the stack answer with time-exceeded.
         return pass(slow);
@@ -117,7 +121,7 @@ fn forward_to_pod(ctx: &TcContext, ip: &Ipv4Hdr, fast: Reason, slow: Reason) -> 
             if !fib::set_macs(ctx, smac, dmac) || !ipv4::decrement_ttl(ctx) {
                 return drop(Reason::DropHelperError);
             }
-            (fast, to_pod(out, dmac))
+            to_pod(out, dmac, fast)
         }
         // Local destination (the gateway), unresolved pod neighbour, or anything odd:
         // the host stack delivers, resolves or reports.
@@ -129,18 +133,19 @@ fn forward_to_pod(ctx: &TcContext, ip: &Ipv4Hdr, fast: Reason, slow: Reason) -> 
 /// When that device is the pod bridge and the agent knows the pod's port
 /// (`POD_PORTS`, from the bridge's forwarding table), the packet goes straight into the
 /// pod's namespace through its veth (`bpf_redirect_peer`, allowed from an ingress
-/// hook): no bridge, no veth queue. Besides saving those hops, this keeps a GSO packet
-/// whole on kernels before 6.3, where it is still marked as encapsulated (see
-/// `pop_outer`) and the bridge, which has no offloads for encapsulated packets, would
-/// cut it into segments in software. Otherwise (a new pod the agent has not seen yet)
-/// the bridge delivers it.
+/// hook), counted as `reasons[0]`: no bridge, no veth queue. Besides saving those hops,
+/// this keeps a GSO packet whole on kernels before 6.3, where it is still marked as
+/// encapsulated (see `pop_outer`) and the bridge, which has no offloads for
+/// encapsulated packets, would cut it into segments in software. Otherwise (a new pod
+/// the agent has not seen yet) the bridge delivers it, counted as `reasons[1]`.
 #[inline(always)]
-fn to_pod(out: u32, dmac: [u8; 6]) -> i32 {
+fn to_pod(out: u32, dmac: [u8; 6], reasons: [Reason; 2]) -> Verdict {
     match POD_PORTS.get_ptr(&dmac) {
-        Some(port) if unsafe { (*port).bridge } == out => unsafe {
-            bpf_redirect_peer((*port).ifindex, 0) as i32
-        },
-        _ => fib::out(out, None),
+        Some(port) if unsafe { (*port).bridge } == out => {
+            let peer = unsafe { (*port).ifindex };
+            (reasons[0], unsafe { bpf_redirect_peer(peer, 0) } as i32)
+        }
+        _ => (reasons[1], fib::out(out, None)),
     }
 }
 

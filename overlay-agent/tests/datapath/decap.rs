@@ -34,7 +34,7 @@ fn assert_to_pod(node: &Node, frame: &[u8]) {
         UplinkIngress,
         frame,
         Act::Redirect,
-        Reason::Decapsulated,
+        Reason::DecapsulatedToBridge,
         &decapsulated(frame, 1, TO_POD),
     );
 }

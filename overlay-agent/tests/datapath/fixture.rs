@@ -608,8 +608,13 @@ pub fn check_verdict(hook: Hook, frame: &[u8], out: &Outcome, act: Act, reason: 
     let tunnelled =
         frame.get(23) == Some(&4) && frame.get(30..34) == Some(&topology::NODE_IP.octets()[..]);
     let decapsulated = hook == Hook::UplinkIngress
-        && (matches!(reason, Reason::Decapsulated | Reason::DecapsulatedToStack)
-            || matches!(reason, Reason::Unmasqueraded | Reason::UnmasqueradedToPod) && tunnelled);
+        && (matches!(
+            reason,
+            Reason::Decapsulated | Reason::DecapsulatedToBridge | Reason::DecapsulatedToStack
+        ) || matches!(
+            reason,
+            Reason::Unmasqueraded | Reason::UnmasqueradedToPod | Reason::UnmasqueradedToBridge
+        ) && tunnelled);
     let want_peers: BTreeMap<Ipv4Addr, PeerStats> = if decapsulated {
         // The outer source address, read straight from the frame we sent.
         let outer_src = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);

@@ -250,7 +250,7 @@ fn metrics_report_packets_maps_and_the_agent() {
         let encapsulated = outcome(Hook::BridgeIngress, Reason::Encapsulated);
         expect(packets, &encapsulated, 1.0);
         expect(bytes, &encapsulated, to_w2.len() as f64);
-        let decapsulated = outcome(Hook::UplinkIngress, Reason::Decapsulated);
+        let decapsulated = outcome(Hook::UplinkIngress, Reason::DecapsulatedToBridge);
         expect(packets, &decapsulated, 1.0);
         expect(bytes, &decapsulated, from_w2.len() as f64);
         let dropped = outcome(Hook::UplinkIngress, Reason::DropUnknownPeer);

@@ -35,10 +35,10 @@ fn counters_and_nodes_as_json() {
                 json!({"counters": [
                     {"hook": "bridge_ingress", "reason": "encapsulated", "kind": "forward",
                      "packets": 1, "bytes": to_w2.len()},
-                    {"hook": "uplink_ingress", "reason": "decapsulated", "kind": "forward",
-                     "packets": 1, "bytes": from_w2.len()},
                     {"hook": "uplink_ingress", "reason": "drop_unknown_peer", "kind": "drop",
                      "packets": 1, "bytes": spoofed.len()},
+                    {"hook": "uplink_ingress", "reason": "decapsulated_to_bridge", "kind": "forward",
+                     "packets": 1, "bytes": from_w2.len()},
                 ]})
             );
             let all = json(inspect::counters(pins, true).unwrap());

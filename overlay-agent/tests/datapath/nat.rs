@@ -159,7 +159,7 @@ pub fn open(node: &Node, conn: Conn, flags: u8, nat_ip: Ipv4Addr) -> Conn {
 /// node gets it straight; the stack delivers the rest.
 pub fn reply_outcome(original: Ipv4Addr, back: Vec<u8>) -> (Act, Reason, Vec<u8>) {
     if original == POD {
-        (Act::Redirect, Reason::UnmasqueradedToPod, to_pod(&back))
+        (Act::Redirect, Reason::UnmasqueradedToBridge, to_pod(&back))
     } else {
         (Act::Next, Reason::Unmasqueraded, back)
     }
@@ -516,7 +516,7 @@ fn pod_to_pod_traffic_is_not_translated() {
             UplinkIngress,
             &from_remote,
             Act::Redirect,
-            Reason::Decapsulated,
+            Reason::DecapsulatedToBridge,
             &to_pod,
         );
         let mdns = outgoing(

@@ -35,7 +35,7 @@ pub fn exchange(node: &Node) -> Exchange {
         Hook::UplinkIngress,
         &from_w2,
         Act::Redirect,
-        Reason::Decapsulated,
+        Reason::DecapsulatedToBridge,
     );
     let spoofed = tunnelled_tcp(STRANGER, W2.pod, POD, 40);
     node.expect(

@@ -210,6 +210,10 @@ impl Only {
     }
 }
 
+/// How long [`Cluster::warm_up`] lasts: past our agents' next look at the node (at most
+/// a second after a change).
+const WARM_UP: Duration = Duration::from_secs(2);
+
 /// One cluster and its endpoints.
 struct Cluster {
     setup: Setup,
@@ -256,6 +260,21 @@ impl Cluster {
     fn client_ns(&self) -> String {
         self.lab.netns(&self.client.name)
     }
+
+    /// Traffic before the first run, not counted, so that no measurement times a
+    /// cluster's start: our agents learn a pod's port on the bridge from the bridge's
+    /// forwarding table, after the pod's first frame, and until then decapsulated
+    /// packets for it go through the bridge (`decapsulated_to_bridge`).
+    fn warm_up(&self, congestion: Congestion) -> Result<()> {
+        let to = if Setup::SNAT.contains(&self.setup) {
+            self.outside.rr
+        } else {
+            self.servers.rr
+        };
+        load::rr(&self.client_ns(), to, congestion.name(), WARM_UP)
+            .with_context(|| format!("warming up {}{}", self.setup.name(), self.counters()))
+            .map(drop)
+    }
 }
 
 /// The setups this kernel can run (all of them, less the kernel's ipip when it has no
@@ -286,6 +305,9 @@ pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Resul
         Some(c) => Some(RouterRoutes::to_pods(&c.lab)?),
         None => None,
     };
+    for c in &clusters {
+        c.warm_up(plan.congestion)?;
+    }
     for offloads in [true, false] {
         if !offloads {
             for c in &clusters {
