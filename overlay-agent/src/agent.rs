@@ -21,7 +21,10 @@ use crate::{
     bpffs,
     config::NetConf,
     datapath::{Datapath, LoadOptions},
-    host::{self, Host, events::HostEvents},
+    host::{
+        self, Host,
+        events::{Change, HostEvents},
+    },
     masq,
     nodes::{
         NodeSet, OpenSource, Source,
@@ -208,12 +211,21 @@ async fn serve(
                 continue;
             }
             changed = next_change(&mut events) => {
-                if let Err(e) = changed {
-                    warn!(error = format!("{e:#}"), "rtnetlink notifications failed; looking at the pods' side of the node every second instead");
-                    events = None;
-                    look = tokio::time::interval(POLL);
+                match changed {
+                    Ok(Change::Forwarding) => looks.forwarding(Instant::now()),
+                    Ok(Change::Node) => looks.notified(Instant::now()),
+                    Err(e) => {
+                        warn!(error = format!("{e:#}"), "rtnetlink notifications failed; looking at the pods' side of the node every second instead");
+                        events = None;
+                        look = tokio::time::interval(POLL);
+                        looks.notified(Instant::now());
+                    }
                 }
-                looks.notified(Instant::now());
+                continue;
+            }
+            _ = until(looks.ports) => {
+                looks.ports = None;
+                sync_pod_ports(opts, dp);
                 continue;
             }
             _ = until(looks.soon) => {
@@ -263,7 +275,7 @@ type BridgeSeen = (Vec<std::net::Ipv4Addr>, Option<[u8; 6]>);
 
 /// The next notification that concerns the pods' side of the node; never, without
 /// notifications.
-async fn next_change(events: &mut Option<HostEvents>) -> Result<()> {
+async fn next_change(events: &mut Option<HostEvents>) -> Result<Change> {
     match events {
         Some(events) => events.changed().await,
         None => std::future::pending().await,
@@ -285,9 +297,19 @@ struct Looks {
     soon: Option<Instant>,
     /// When the last look began.
     last: Option<Instant>,
+    /// A read of the bridge's forwarding table alone, due after notifications of it
+    /// only: not held back by the spacing between looks, as it costs one file read,
+    /// and a new pod's packets take the bridge until its port is known.
+    ports: Option<Instant>,
 }
 
 impl Looks {
+    /// Notifications of the bridge's forwarding table alone arrived at `now`: its
+    /// entries are read once they have gathered.
+    fn forwarding(&mut self, now: Instant) {
+        self.ports.get_or_insert(now + AFTER_NOTIFICATION);
+    }
+
     /// Notifications arrived at `now`: a look once they have gathered, and not sooner
     /// than [`LOOK_SPACING`] after the last one.
     fn notified(&mut self, now: Instant) {
@@ -302,9 +324,10 @@ impl Looks {
         self.soon = Some(self.soon.map_or(at, |s| s.min(at)));
     }
 
-    /// A look begins at `now`.
+    /// A look (which reads the forwarding table too) begins at `now`.
     fn begin(&mut self, now: Instant) {
         self.soon = None;
+        self.ports = None;
         self.last = Some(now);
     }
 }
@@ -323,11 +346,7 @@ async fn look_at_pods(
 ) -> bool {
     let now = Instant::now();
     looks.begin(now);
-    match dp.pod_ports.sync(&opts.bridge) {
-        Ok(c) if !c.is_empty() => debug!(changes = %c, "pod ports synced"),
-        Ok(_) => {}
-        Err(e) => debug!(error = %e, "reading the bridge's forwarding table"),
-    }
+    sync_pod_ports(opts, dp);
     let net = Path::new("/sys/class/net");
     match dp.sync_pod_hooks(&rec.host, net, &opts.bridge, now).await {
         Ok(c) if !c.is_empty() => info!(changes = %c, "pod veths synced"),
@@ -354,6 +373,15 @@ async fn look_at_pods(
     }
     *bridge_seen = seen;
     true
+}
+
+/// The pods' ports on the bridge (`POD_PORTS`) from its forwarding table.
+fn sync_pod_ports(opts: &Options, dp: &mut Datapath) {
+    match dp.pod_ports.sync(&opts.bridge) {
+        Ok(c) if !c.is_empty() => debug!(changes = %c, "pod ports synced"),
+        Ok(_) => {}
+        Err(e) => debug!(error = %e, "reading the bridge's forwarding table"),
+    }
 }
 
 fn take_over_uplink(opts: &Options, uplink: &str, dp: &mut Datapath) -> Result<()> {
@@ -487,5 +515,22 @@ mod tests {
         let t2 = t1 + Duration::from_secs(5);
         looks.notified(t2);
         assert_eq!(looks.soon, Some(t2 + AFTER_NOTIFICATION));
+    }
+
+    #[test]
+    fn forwarding_entries_are_read_without_waiting_for_the_spacing() {
+        let t0 = Instant::now();
+        let mut looks = Looks::default();
+        looks.begin(t0);
+        // A pod's MAC learned right after a look: its port is read once the
+        // notifications have gathered, not a second after the look.
+        let t1 = t0 + Duration::from_millis(10);
+        looks.forwarding(t1);
+        looks.forwarding(t1 + Duration::from_millis(50));
+        assert_eq!(looks.ports, Some(t1 + AFTER_NOTIFICATION));
+        assert_eq!(looks.soon, None, "no full look for a forwarding entry");
+        // A full look reads the table as well.
+        looks.begin(t1 + Duration::from_millis(20));
+        assert_eq!(looks.ports, None);
     }
 }

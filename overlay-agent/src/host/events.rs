@@ -9,7 +9,9 @@
 //! reads the state itself, so a message this crate's parsers would not know costs
 //! nothing. Nothing tells of another program attached through TCX; the agent's slow
 //! periodic look covers that, and a full receive buffer (messages lost) counts as a
-//! change.
+//! change. A change to the bridge's forwarding table alone is told apart: reading that
+//! table is cheap, and until the agent has a new pod's port, packets for the pod go
+//! through the bridge.
 
 use std::io;
 
@@ -24,6 +26,16 @@ use rtnetlink::{
 const RECEIVE_BUFFER: usize = 1 << 20;
 /// Multicast datagrams carry at most a page or two of messages.
 const DATAGRAM: usize = 64 * 1024;
+
+/// What notifications told of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Change {
+    /// Only the bridge's forwarding table: a pod's MAC learned on its port, moved or
+    /// forgotten.
+    Forwarding,
+    /// Devices, addresses, tc qdiscs or filters, or notifications lost.
+    Node,
+}
 
 /// The notifications of this network namespace that concern the pods' side of the node.
 pub struct HostEvents {
@@ -54,14 +66,17 @@ impl HostEvents {
 
     /// Waits for a notification that may change what the agent sees of the bridge, its
     /// ports or their filters. An error means the socket is unusable.
-    pub async fn changed(&mut self) -> Result<()> {
+    pub async fn changed(&mut self) -> Result<Change> {
         loop {
             self.buf.clear();
             match self.socket.recv(&mut self.buf).await {
-                Ok(()) if concerns_pods(&self.buf) => return Ok(()),
-                Ok(()) => {}
-                // The kernel dropped notifications: something may have changed.
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(()),
+                Ok(()) => {
+                    if let Some(change) = what_changed(&self.buf) {
+                        return Ok(change);
+                    }
+                }
+                // The kernel dropped notifications: anything may have changed.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(Change::Node),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e).context("reading rtnetlink notifications"),
             }
@@ -69,27 +84,31 @@ impl HostEvents {
     }
 }
 
-/// Whether the netlink messages in `datagram` tell of a change to devices, addresses,
-/// bridge forwarding entries or tc qdiscs and filters. IPv4 and IPv6 neighbour entries
-/// (ARP and NDP, which change all the time on a busy node) do not.
-pub fn concerns_pods(datagram: &[u8]) -> bool {
+/// What the netlink messages in `datagram` tell of that concerns the pods: a change
+/// to devices, addresses, tc qdiscs and filters ([`Change::Node`]), or to the bridge's
+/// forwarding entries alone ([`Change::Forwarding`]). IPv4 and IPv6 neighbour entries
+/// (ARP and NDP, which change all the time on a busy node) tell of nothing.
+pub fn what_changed(datagram: &[u8]) -> Option<Change> {
+    let mut told = None;
     let mut rest = datagram;
     while let Ok(msg) = NetlinkBuffer::new_checked(rest) {
-        let kind = msg.message_type();
-        let relevant = match kind {
-            libc::RTM_NEWLINK | libc::RTM_DELLINK => true,
-            libc::RTM_NEWADDR | libc::RTM_DELADDR => true,
-            libc::RTM_NEWQDISC | libc::RTM_DELQDISC => true,
-            libc::RTM_NEWTFILTER | libc::RTM_DELTFILTER => true,
+        let change = match msg.message_type() {
+            libc::RTM_NEWLINK | libc::RTM_DELLINK => Some(Change::Node),
+            libc::RTM_NEWADDR | libc::RTM_DELADDR => Some(Change::Node),
+            libc::RTM_NEWQDISC | libc::RTM_DELQDISC => Some(Change::Node),
+            libc::RTM_NEWTFILTER | libc::RTM_DELTFILTER => Some(Change::Node),
             // The first byte of `struct ndmsg` is its family.
-            libc::RTM_NEWNEIGH | libc::RTM_DELNEIGH => {
-                msg.payload().first() == Some(&(libc::AF_BRIDGE as u8))
+            libc::RTM_NEWNEIGH | libc::RTM_DELNEIGH
+                if msg.payload().first() == Some(&(libc::AF_BRIDGE as u8)) =>
+            {
+                Some(Change::Forwarding)
             }
-            NLMSG_OVERRUN => true,
-            _ => false,
+            NLMSG_OVERRUN => Some(Change::Node),
+            _ => None,
         };
-        if relevant {
-            return true;
+        told = told.max(change);
+        if told == Some(Change::Node) {
+            break;
         }
         // Messages are aligned to 4 bytes within a datagram.
         let next = (msg.length() as usize).next_multiple_of(4);
@@ -98,7 +117,7 @@ pub fn concerns_pods(datagram: &[u8]) -> bool {
         }
         rest = &rest[next..];
     }
-    false
+    told
 }
 
 #[cfg(test)]
@@ -118,7 +137,7 @@ mod tests {
     }
 
     #[test]
-    fn devices_addresses_and_tc_changes_concern_pods() {
+    fn devices_addresses_and_tc_changes_are_the_nodes() {
         for kind in [
             libc::RTM_NEWLINK,
             libc::RTM_DELLINK,
@@ -129,8 +148,9 @@ mod tests {
             libc::RTM_NEWTFILTER,
             libc::RTM_DELTFILTER,
         ] {
-            assert!(
-                concerns_pods(&message(kind, libc::AF_INET as u8, 16)),
+            assert_eq!(
+                what_changed(&message(kind, libc::AF_INET as u8, 16)),
+                Some(Change::Node),
                 "{kind}"
             );
         }
@@ -139,9 +159,10 @@ mod tests {
     #[test]
     fn only_the_bridges_neighbour_entries_concern_pods() {
         for kind in [libc::RTM_NEWNEIGH, libc::RTM_DELNEIGH] {
-            assert!(concerns_pods(&message(kind, libc::AF_BRIDGE as u8, 12)));
-            assert!(!concerns_pods(&message(kind, libc::AF_INET as u8, 12)));
-            assert!(!concerns_pods(&message(kind, libc::AF_INET6 as u8, 12)));
+            let bridge = message(kind, libc::AF_BRIDGE as u8, 12);
+            assert_eq!(what_changed(&bridge), Some(Change::Forwarding));
+            assert_eq!(what_changed(&message(kind, libc::AF_INET as u8, 12)), None);
+            assert_eq!(what_changed(&message(kind, libc::AF_INET6 as u8, 12)), None);
         }
     }
 
@@ -149,19 +170,23 @@ mod tests {
     fn every_message_of_a_datagram_is_looked_at() {
         let mut datagram = message(libc::RTM_NEWNEIGH, libc::AF_INET as u8, 13);
         datagram.extend(message(libc::RTM_NEWROUTE, libc::AF_INET as u8, 12));
-        assert!(!concerns_pods(&datagram));
+        assert_eq!(what_changed(&datagram), None);
+        datagram.extend(message(libc::RTM_NEWNEIGH, libc::AF_BRIDGE as u8, 12));
+        assert_eq!(what_changed(&datagram), Some(Change::Forwarding));
+        // Whatever else the node tells of outweighs the forwarding entries.
         datagram.extend(message(libc::RTM_NEWTFILTER, 0, 20));
-        assert!(concerns_pods(&datagram));
+        datagram.extend(message(libc::RTM_NEWNEIGH, libc::AF_BRIDGE as u8, 12));
+        assert_eq!(what_changed(&datagram), Some(Change::Node));
     }
 
     #[test]
     fn a_truncated_or_empty_datagram_concerns_nothing() {
-        assert!(!concerns_pods(&[]));
+        assert_eq!(what_changed(&[]), None);
         let m = message(libc::RTM_NEWLINK, 0, 16);
-        assert!(!concerns_pods(&m[..10]));
+        assert_eq!(what_changed(&m[..10]), None);
         // A header that claims more than the datagram holds.
         let mut m = message(libc::RTM_NEWLINK, 0, 16);
         m[0] = 200;
-        assert!(!concerns_pods(&m));
+        assert_eq!(what_changed(&m), None);
     }
 }

@@ -1,10 +1,13 @@
 //! The rtnetlink notifications the agent looks at the pods' side of the node on
 //! (`overlay_agent::host::events`): what a pod's start and its shaping change wakes
-//! it, the node's ARP churn does not.
+//! it, the node's ARP churn does not, and a forwarding entry alone is told apart.
 
 use std::time::Duration;
 
-use overlay_agent::host::events::HostEvents;
+use overlay_agent::host::events::{
+    Change::{self, Forwarding, Node},
+    HostEvents,
+};
 use tokio::{runtime::Runtime, time::timeout};
 
 use super::fixture::{run_tool as run, with_node};
@@ -13,21 +16,19 @@ use super::fixture::{run_tool as run, with_node};
 /// second), so that no late notification of one step is taken for the next one's.
 const QUIET: Duration = Duration::from_millis(1200);
 
-/// Whether a notification that concerns the pods comes within `wait`; the ones after
-/// it, up to a [`QUIET`] spell, are read too, so that each step starts afresh.
-fn woken(rt: &Runtime, events: &mut HostEvents, wait: Duration) -> bool {
+/// What the notifications that concern the pods told of, if one comes within `wait`;
+/// the ones after it, up to a [`QUIET`] spell, are read too (and count), so that each
+/// step starts afresh.
+fn woken(rt: &Runtime, events: &mut HostEvents, wait: Duration) -> Option<Change> {
     rt.block_on(async {
-        let woken = match timeout(wait, events.changed()).await {
-            Ok(r) => {
-                r.expect("reading notifications");
-                true
-            }
-            Err(_) => false,
+        let mut told = match timeout(wait, events.changed()).await {
+            Ok(r) => Some(r.expect("reading notifications")),
+            Err(_) => None,
         };
         while let Ok(r) = timeout(QUIET, events.changed()).await {
-            r.expect("reading notifications");
+            told = told.max(Some(r.expect("reading notifications")));
         }
-        woken
+        told
     })
 }
 
@@ -56,34 +57,47 @@ fn a_pods_start_and_its_shaping_wake_the_agent_arp_churn_does_not() {
             "neigh change 172.18.0.99 lladdr 02:00:00:00:00:98 dev eth0",
         );
         run("ip", "neigh del 172.18.0.99 dev eth0");
-        assert!(!woken(&rt, &mut events, quiet), "woken by ARP entries");
+        assert_eq!(woken(&rt, &mut events, quiet), None, "woken by ARP entries");
 
         // A pod starts: its veth, plugged into the bridge.
         run("ip", "link add podx type veth peer name podx-peer");
-        assert!(woken(&rt, &mut events, wait), "a new veth");
+        assert_eq!(woken(&rt, &mut events, wait), Some(Node), "a new veth");
         run("ip", "link set podx master cni0 up");
-        assert!(
+        assert_eq!(
             woken(&rt, &mut events, wait),
+            Some(Node),
             "a veth plugged into the bridge"
         );
         // The bridge learns the pod's MAC on that port.
         run("bridge", "fdb add 02:00:00:00:00:77 dev podx master");
-        assert!(woken(&rt, &mut events, wait), "a forwarding entry");
+        assert_eq!(
+            woken(&rt, &mut events, wait),
+            Some(Forwarding),
+            "a forwarding entry"
+        );
         // The bandwidth plugin shapes it.
         run("tc", "qdisc add dev podx ingress");
-        assert!(woken(&rt, &mut events, wait), "a qdisc");
+        assert_eq!(woken(&rt, &mut events, wait), Some(Node), "a qdisc");
         run(
             "tc",
             "filter add dev podx parent ffff: prio 5 protocol all u32 match u32 0 0",
         );
-        assert!(woken(&rt, &mut events, wait), "a filter");
+        assert_eq!(woken(&rt, &mut events, wait), Some(Node), "a filter");
         run("tc", "qdisc del dev podx ingress");
-        assert!(woken(&rt, &mut events, wait), "the shaping gone");
+        assert_eq!(
+            woken(&rt, &mut events, wait),
+            Some(Node),
+            "the shaping gone"
+        );
         // The bridge gets a gateway address.
         run("ip", "addr add 10.99.0.1/24 dev cni0");
-        assert!(woken(&rt, &mut events, wait), "a bridge address");
+        assert_eq!(
+            woken(&rt, &mut events, wait),
+            Some(Node),
+            "a bridge address"
+        );
         // The pod leaves.
         run("ip", "link del podx");
-        assert!(woken(&rt, &mut events, wait), "a veth gone");
+        assert_eq!(woken(&rt, &mut events, wait), Some(Node), "a veth gone");
     });
 }
