@@ -5,6 +5,8 @@ use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, Result};
 
+use crate::lab::flannel::Backend;
+
 use super::{
     host::Machine,
     measure::{KernelBackend, Setup},
@@ -312,7 +314,14 @@ impl Report<'_> {
              about real hardware; only ratios between dataplanes measured in the same run \
              are the result. The machine has two cores, shared by both pods, both nodes and \
              (in the VM) the emulator; other work on the machine during the run adds noise, \
-             which the interleaved runs spread over all dataplanes alike.\n"
+             which the interleaved runs spread over all dataplanes alike. Pods have the MTU \
+             flannel gives them: {} behind IPIP (ours and tunl0), {} behind VXLAN, {} behind \
+             host-gw; at a smaller MTU a stream takes more packets per byte, which is the \
+             encapsulation's cost, not the datapath's (docs/BENCHMARKS.md, \"the MTU behind \
+             the gap to host-gw\").\n",
+            Backend::Ipip.mtu(),
+            Backend::Vxlan.mtu(),
+            Backend::HostGw.mtu(),
         );
         for leg in self.legs {
             leg.markdown(&mut md);
