@@ -210,7 +210,8 @@ impl Only {
     }
 }
 
-/// How long [`Cluster::warm_up`] lasts: past our agents' next look at the node (at most
+/// How long [`Cluster::warm_up`] lasts: well past our agents' read of a new pod's port
+/// (100 ms after the bridge learns its MAC), and past a full look at the node (at most
 /// a second after a change).
 const WARM_UP: Duration = Duration::from_secs(2);
 
