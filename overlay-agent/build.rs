@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
             root_dir: root.as_str(),
             ..Default::default()
         }],
-        aya_build::Toolchain::default(),
+        // Pinned: bpf-linker must read the LLVM bitcode this nightly writes.
+        aya_build::Toolchain::Custom(include_str!("../overlay-ebpf/rust-toolchain").trim()),
     )
 }

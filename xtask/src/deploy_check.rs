@@ -830,6 +830,11 @@ fn dockerfile_uses_the_toolchain_deps_installs() {
             "the Dockerfile lacks `{expected}`"
         );
     }
+    let nightly = format!("NIGHTLY={}", deps::nightly());
+    assert!(
+        instructions("ARG ").contains(&nightly),
+        "the Dockerfile's nightly is not overlay-ebpf/rust-toolchain's `{nightly}`"
+    );
 }
 
 // ---------------------------------------------------------------------------------

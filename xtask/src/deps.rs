@@ -1,6 +1,6 @@
 //! Installs what a fresh machine lacks to build and test the dataplane: Debian
-//! packages, the nightly toolchain's rust-src, bpf-linker built against Debian's
-//! LLVM (see shared/ENVIRONMENT.md for why each piece and version), and
+//! packages, the eBPF crate's pinned nightly with rust-src, bpf-linker built against
+//! Debian's LLVM (see shared/ENVIRONMENT.md for why each piece and version), and
 //! kubernetes-validate for the deploy manifests.
 
 use std::{path::PathBuf, process::Command};
@@ -29,7 +29,13 @@ pub(crate) const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Validates the deploy manifests against the Kubernetes OpenAPI schemas, offline: it
 /// carries the schemas of Kubernetes 1.25 to 1.37.
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
-const NIGHTLY: &str = "nightly";
+/// The nightly the eBPF crate builds with (`overlay-ebpf/rust-toolchain`, which the
+/// agent's build script hands to aya-build): pinned, because bpf-linker reads the
+/// LLVM bitcode rustc writes, and a newer nightly's LLVM (23 from late 2026) is one
+/// bpf-linker built against Debian's LLVM 22 cannot read ("Invalid record").
+pub(crate) fn nightly() -> &'static str {
+    include_str!("../../overlay-ebpf/rust-toolchain").trim()
+}
 
 /// What running a second kernel takes (`cargo xtask test --kernel`, `kernels`, `bench`):
 /// QEMU (software emulation: nested KVM hangs on these machines), kmod (virtme-ng runs
@@ -128,17 +134,17 @@ fn ensure_rust_src() -> Result<()> {
         "list",
         "--installed",
         "--toolchain",
-        NIGHTLY,
+        nightly(),
     ]))
     .unwrap_or_default();
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
-    eprintln!("installing rust-src for the {NIGHTLY} toolchain");
+    eprintln!("installing the {} toolchain with rust-src", nightly());
     run(Command::new("rustup").args([
         "toolchain",
         "install",
-        NIGHTLY,
+        nightly(),
         "--profile",
         "minimal",
         "--component",
