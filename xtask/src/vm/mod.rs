@@ -132,6 +132,9 @@ impl Vm {
         );
         let console = std::fs::File::create(shared.join(CONSOLE))?;
         let mut child = Command::new(&self.vng)
+            // vng starts its sibling `virtme-run` by name: the virtualenv's bin directory
+            // must be on the path.
+            .env("PATH", with_dir_of(&self.vng)?)
             .arg("--run")
             .arg(&self.kernel.image)
             .args([
@@ -233,6 +236,16 @@ fn tail(path: &Path, lines: usize) -> String {
 }
 
 /// A fresh directory to share with a VM run.
+/// This process's `PATH` with the directory of `exe` in front.
+fn with_dir_of(exe: &Path) -> Result<std::ffi::OsString> {
+    let dir = exe
+        .parent()
+        .with_context(|| format!("{} has no directory", exe.display()))?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::join_paths(std::iter::once(dir.to_path_buf()).chain(std::env::split_paths(&path)))
+        .context("building PATH")
+}
+
 fn new_run_dir() -> Result<PathBuf> {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let dir = deps::cache_dir()?.join("vm-runs").join(format!(
