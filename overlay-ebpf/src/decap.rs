@@ -151,27 +151,45 @@ fn to_pod(out: u32, dmac: [u8; 6], reasons: [Reason; 2]) -> Verdict {
 
 /// Removes the outer header. FIXED_GSO: the inner segments keep their size.
 /// DECAP_L3_IPV4 (kernel 6.3+) also clears the skb's IPIP GSO state, so that a GSO
-/// packet is a plain TCP/UDP one again; older kernels (Debian 12's 6.1) refuse the
-/// flag with EINVAL before touching the packet, and we remove the header without it.
-/// There the skb keeps SKB_GSO_IPXIP4 and its encapsulation mark: harmless for local
-/// delivery (TCP takes GSO packets whatever their type, the inner checksum offsets
-/// stay valid because the inner headers do not move) and for veth and bridge ports
-/// (which accept every encapsulation GSO type); a device without IPXIP4 offload
-/// segments it in software from the headers it finds (the helper marks a shrunk GSO
-/// skb DODGY, so they are checked and the segment count recomputed). The lab's TCP transfers and the
-/// benchmark's streams run over this path on 6.1.
+/// packet is a plain TCP/UDP one again; older kernels (Debian 12's 6.1, Ubuntu 22.04's
+/// 5.15) refuse the flag with EINVAL before touching the packet, and we remove the
+/// header without it. There the skb keeps SKB_GSO_IPXIP4 and its encapsulation mark:
+/// harmless for local delivery (TCP takes GSO packets whatever their type, the inner
+/// checksum offsets stay valid because the inner headers do not move) and for veth and
+/// bridge ports (which accept every encapsulation GSO type); a device without IPXIP4
+/// offload segments it in software from the headers it finds (the helper marks a
+/// shrunk GSO skb DODGY, so they are checked and the segment count recomputed). The
+/// lab's TCP transfers and the benchmark's streams run over this path on 6.1.
 #[inline(always)]
 fn pop_outer(ctx: &TcContext) -> bool {
     let shrink = -(IPV4_LEN as i32);
     let fixed = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO);
-    ctx.adjust_room(
-        shrink,
-        BPF_ADJ_ROOM_MAC,
-        fixed | u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV4),
-    )
-    .is_ok()
-        || ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, fixed).is_ok()
+    let refused = &raw mut DECAP_FLAG_REFUSED;
+    // SAFETY: a global of this program's own; a race between CPUs can only write the
+    // same value twice.
+    if !unsafe { refused.read_volatile() } {
+        let decap = u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV4);
+        if ctx
+            .adjust_room(shrink, BPF_ADJ_ROOM_MAC, fixed | decap)
+            .is_ok()
+        {
+            return true;
+        }
+        // The flag adds only a minimum inner length, which a checked packet has: if
+        // the call without it succeeds, the kernel refused the flag itself.
+        if ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, fixed).is_err() {
+            return false;
+        }
+        unsafe { refused.write_volatile(true) };
+        return true;
+    }
+    ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, fixed).is_ok()
 }
+
+/// Set once this kernel refused BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (before 6.3): from then
+/// on a decapsulation makes the one helper call that works, not a refused one first.
+/// A global (`.bss`), learned anew by each load of the programs.
+static mut DECAP_FLAG_REFUSED: bool = false;
 
 /// Checks the tunnel header and returns the inner IPv4 header and the sending peer's
 /// statistics, or the verdict that refuses the packet.

@@ -3,6 +3,7 @@
 
 use std::net::Ipv4Addr;
 
+use aya::util::KernelVersion;
 use etherparse::{IpEcn, Ipv4Header};
 use overlay_common::{Hook::UplinkIngress, Reason};
 
@@ -48,6 +49,22 @@ fn tcp_udp_and_icmp_go_straight_to_the_pod() {
                 assert_to_pod(node, &from_peer(peer, IpEcn::NotEct, &inner));
             }
         }
+    });
+}
+
+#[test]
+fn a_kernel_that_refuses_the_decap_flag_is_asked_only_once() {
+    // 6.3 added BPF_F_ADJ_ROOM_DECAP_L3_IPV4; an older kernel refuses it, and from then
+    // on the header is removed without asking again.
+    let refuses = KernelVersion::current().expect("kernel version") < KernelVersion::new(6, 3, 0);
+    with_node(move |node| {
+        assert!(!node.decap_flag_refused(), "learned before any packet");
+        let frame = tunnelled(POD, Transport::Tcp, IpEcn::NotEct, |_| {});
+        assert_to_pod(node, &frame);
+        assert_eq!(node.decap_flag_refused(), refuses);
+        // Once learned, the packet comes out the same.
+        assert_to_pod(node, &frame);
+        assert_eq!(node.decap_flag_refused(), refuses);
     });
 }
 

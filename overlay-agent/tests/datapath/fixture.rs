@@ -18,7 +18,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, Map, MapData, MapInfo},
+    maps::{Array, HashMap, Map, MapData, MapInfo},
     programs::{ProgramError, TestRun as _, TestRunOptions},
 };
 use ipnet::Ipv4Net;
@@ -560,26 +560,37 @@ impl Node {
     }
 
     /// The CONNTRACK map of this node's datapath, opened on its own (the agent's
-    /// `Conntrack` only lists and collects): found among the maps the programs use, so
-    /// that the maps of tests running in parallel are never confused.
+    /// `Conntrack` only lists and collects).
     pub fn conntrack_map(&self) -> HashMap<MapData, CtKey, CtEntry> {
+        HashMap::try_from(self.map_of(Hook::UplinkEgress, names::CONNTRACK))
+            .expect("CONNTRACK is a hash map")
+    }
+
+    /// Whether `uplink_ingress` has found the kernel refusing the flag that clears a
+    /// decapsulated packet's tunnel GSO state (`DECAP_FLAG_REFUSED`, the programs'
+    /// only zero-initialised global, so the whole of `.bss`).
+    pub fn decap_flag_refused(&self) -> bool {
+        let bss: Array<MapData, u8> = Array::try_from(self.map_of(Hook::UplinkIngress, ".bss"))
+            .expect(".bss is an array of one byte");
+        bss.get(&0, 0).expect("reading .bss") != 0
+    }
+
+    /// The map `name` that `hook`'s program uses, opened on its own: found among that
+    /// program's maps, so that the maps of tests running in parallel are never confused.
+    fn map_of(&self, hook: Hook, name: &str) -> Map {
         let ids = self
             .dp
-            .program(Hook::UplinkEgress)
+            .program(hook)
             .info()
             .expect("program info")
             .map_ids()
-            .expect("map ids of uplink_egress")
+            .expect("map ids")
             .expect("the kernel reports map ids");
         let id = ids
             .into_iter()
-            .find(|id| {
-                MapInfo::from_id(*id).expect("map info").name_as_str() == Some(names::CONNTRACK)
-            })
-            .expect("uplink_egress uses CONNTRACK");
-        let map = Map::from_map_data(MapData::from_id(id).expect("opening CONNTRACK by id"))
-            .expect("CONNTRACK");
-        HashMap::try_from(map).expect("CONNTRACK is a hash map")
+            .find(|id| MapInfo::from_id(*id).expect("map info").name_as_str() == Some(name))
+            .unwrap_or_else(|| panic!("{} uses no map {name}", hook.program()));
+        Map::from_map_data(MapData::from_id(id).expect("opening the map by id")).expect(name)
     }
 
     /// Every entry of CONNTRACK.

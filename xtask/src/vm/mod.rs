@@ -292,3 +292,17 @@ pub fn has_ipip() -> bool {
     }
     ok
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    #[test]
+    fn the_tools_directory_goes_in_front_of_the_path() {
+        let path = super::with_dir_of(Path::new("/opt/venv/bin/vng")).unwrap();
+        let dirs: Vec<_> = std::env::split_paths(&path).collect();
+        let before = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).count();
+        assert_eq!(dirs[0], Path::new("/opt/venv/bin"));
+        assert_eq!(dirs.len(), before + 1);
+    }
+}
