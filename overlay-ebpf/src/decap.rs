@@ -167,23 +167,24 @@ fn pop_outer(ctx: &TcContext) -> bool {
     let refused = &raw mut DECAP_FLAG_REFUSED;
     // SAFETY: a global of this program's own; a race between CPUs can only write the
     // same value twice.
-    if !unsafe { refused.read_volatile() } {
-        let decap = u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV4);
-        if ctx
+    let ask = !unsafe { refused.read_volatile() };
+    let decap = u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV4);
+    if ask
+        && ctx
             .adjust_room(shrink, BPF_ADJ_ROOM_MAC, fixed | decap)
             .is_ok()
-        {
-            return true;
-        }
-        // The flag adds only a minimum inner length, which a checked packet has: if
-        // the call without it succeeds, the kernel refused the flag itself.
-        if ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, fixed).is_err() {
-            return false;
-        }
-        unsafe { refused.write_volatile(true) };
+    {
         return true;
     }
-    ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, fixed).is_ok()
+    if ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, fixed).is_err() {
+        return false;
+    }
+    // The flag adds only a minimum inner length, which a checked packet has: the call
+    // without it succeeding means the kernel refused the flag itself.
+    if ask {
+        unsafe { refused.write_volatile(true) };
+    }
+    true
 }
 
 /// Set once this kernel refused BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (before 6.3): from then
