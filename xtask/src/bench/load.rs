@@ -36,6 +36,8 @@ pub const UDP_PAYLOAD: usize = 64;
 const UDP_BUFFER: usize = 8 << 20;
 /// What a bulk stream writes and reads per call (iperf3's default for TCP).
 const STREAM_BLOCK: usize = 128 << 10;
+/// How long a client waits for its connection to be accepted.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The servers of one pod: a sink for bulk streams, request/response,
 /// connect/request/response/close, and a UDP sink. Stopped (and their sockets closed)
@@ -127,8 +129,14 @@ impl Drop for Servers {
     }
 }
 
-/// A connection to `server` that runs `congestion`, connected within `timeout`.
-fn connect(server: SocketAddrV4, congestion: &str, timeout: Duration) -> Result<TcpStream> {
+/// A connection to `server` that runs `congestion`, connected within `timeout`, with
+/// Nagle's algorithm off when `nodelay`.
+fn connect(
+    server: SocketAddrV4,
+    congestion: &str,
+    timeout: Duration,
+    nodelay: bool,
+) -> Result<TcpStream> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket
@@ -136,7 +144,7 @@ fn connect(server: SocketAddrV4, congestion: &str, timeout: Duration) -> Result<
         .with_context(|| format!("TCP congestion control {congestion}"))?;
     socket.connect_timeout(&server.into(), timeout)?;
     let stream: TcpStream = socket.into();
-    stream.set_nodelay(true)?;
+    stream.set_nodelay(nodelay)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     Ok(stream)
 }
@@ -244,7 +252,8 @@ pub fn stream(
 ) -> Result<(u64, Duration)> {
     let conns = netns::enter(ns, || {
         (0..streams)
-            .map(|_| connect(servers.stream, congestion, Duration::from_secs(5)))
+            // Nagle on, as in iperf3.
+            .map(|_| connect(servers.stream, congestion, CONNECT_TIMEOUT, false))
             .collect::<Result<Vec<_>>>()
     })
     .with_context(|| format!("connecting to {}", servers.stream))?;
@@ -255,9 +264,7 @@ pub fn stream(
             .map(|mut conn| {
                 let stop = &stop;
                 s.spawn(move || -> Result<()> {
-                    // Nagle on, as in iperf3; a path that stops moving fails the run
-                    // instead of hanging it.
-                    conn.set_nodelay(false)?;
+                    // A path that stops moving fails the run instead of hanging it.
                     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
                     let block = vec![0x5a; STREAM_BLOCK];
                     while !stop.load(Ordering::Relaxed) {
@@ -296,7 +303,7 @@ pub fn rr(
     duration: Duration,
 ) -> Result<RrResult> {
     netns::enter(ns, || {
-        let mut conn = connect(server, congestion, Duration::from_secs(5))?;
+        let mut conn = connect(server, congestion, CONNECT_TIMEOUT, true)?;
         let mut latencies = Vec::with_capacity(1 << 16);
         let mut byte = [1u8; 1];
         let started = Instant::now();
@@ -322,28 +329,61 @@ pub fn rr(
     })
 }
 
-/// Connections completed (connect, one byte each way, close) in `duration`, one after
-/// another.
-pub fn crr(
-    ns: &str,
-    server: SocketAddrV4,
-    congestion: &str,
-    duration: Duration,
-) -> Result<(u64, Duration)> {
+/// What a connection-rate run did.
+#[derive(Debug)]
+pub struct Crr {
+    /// Connections completed.
+    pub done: u64,
+    /// Connections that failed (not connected within [`CONNECT_TIMEOUT`], reset, or no
+    /// answer within the read timeout): counted and gone past, their time included in
+    /// the run's. One such connection is news about the path, not a reason to throw
+    /// away the run (two full benchmarks were once lost that way).
+    pub failed: u64,
+    /// What went wrong with the first of them.
+    pub first_failure: Option<String>,
+    pub elapsed: Duration,
+}
+
+/// Connections (connect, one byte each way, close) one after another for `duration`.
+/// Fails only when none completes.
+pub fn crr(ns: &str, server: SocketAddrV4, congestion: &str, duration: Duration) -> Result<Crr> {
+    let one = || -> Result<()> {
+        let mut conn = connect(server, congestion, CONNECT_TIMEOUT, true)?;
+        conn.write_all(&[1])?;
+        let mut byte = [0u8; 1];
+        conn.read_exact(&mut byte)?;
+        // Wait for the server's close.
+        let _ = conn.read(&mut byte);
+        Ok(())
+    };
     netns::enter(ns, || {
-        let mut done = 0u64;
+        let mut run = Crr {
+            done: 0,
+            failed: 0,
+            first_failure: None,
+            elapsed: Duration::ZERO,
+        };
         let started = Instant::now();
         while started.elapsed() < duration {
-            let mut conn = connect(server, congestion, Duration::from_secs(5))
-                .with_context(|| format!("connection {} to {server}", done + 1))?;
-            conn.write_all(&[1])?;
-            let mut byte = [0u8; 1];
-            conn.read_exact(&mut byte)?;
-            // Wait for the server's close.
-            let _ = conn.read(&mut byte);
-            done += 1;
+            match one() {
+                Ok(()) => run.done += 1,
+                Err(e) => {
+                    run.failed += 1;
+                    let n = run.done + run.failed;
+                    run.first_failure
+                        .get_or_insert_with(|| format!("connection {n} to {server}: {e:#}"));
+                }
+            }
         }
-        Ok((done, started.elapsed()))
+        run.elapsed = started.elapsed();
+        if run.done == 0 {
+            bail!(
+                "no connection to {server} completed in {:?}; the first: {}",
+                run.elapsed,
+                run.first_failure.as_deref().unwrap_or("none tried")
+            );
+        }
+        Ok(run)
     })
 }
 
@@ -386,14 +426,14 @@ mod tests {
             let [a, b] = &pair.0;
             netns::add(a)?;
             netns::add(b)?;
-            netns::run(netns::command(a, "ip").args([
-                "link", "add", "v", "type", "veth", "peer", "name", "v", "netns", b,
-            ]))?;
+            netns::Script::new(a)
+                .veth("v", None, "v", b, None)?
+                .apply()?;
             for (ns, addr) in [(a, "10.99.0.1/24"), (b, "10.99.0.2/24")] {
-                netns::run(netns::command(ns, "ip").args(["addr", "add", addr, "dev", "v"]))?;
-                for dev in ["v", "lo"] {
-                    netns::run(netns::command(ns, "ip").args(["link", "set", dev, "up"]))?;
-                }
+                netns::Script::new(ns)
+                    .address(addr.parse()?, "v")
+                    .up("v")
+                    .apply()?;
             }
             Ok(pair)
         }
@@ -440,6 +480,71 @@ mod tests {
         assert!(servers.streamed() >= bytes);
     }
 
+    fn v4(addr: std::io::Result<std::net::SocketAddr>) -> SocketAddrV4 {
+        match addr.unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn a_failed_connection_is_counted_and_the_run_goes_on() {
+        let pair = Pair::new("crr").unwrap();
+        let [client, server] = &pair.0;
+        let cc = not_the_default(client);
+        let listener = netns::enter(server, || Ok(TcpListener::bind("10.99.0.2:0")?)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let to = v4(listener.local_addr());
+        // Answers the odd connections; closes the even ones unanswered.
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut accepted = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((mut conn, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    };
+                    accepted += 1;
+                    conn.set_nonblocking(false).unwrap();
+                    let mut byte = [0u8; 1];
+                    if accepted % 2 == 1 && conn.read_exact(&mut byte).is_ok() {
+                        let _ = conn.write_all(&byte);
+                    }
+                }
+            }
+        });
+        let run = crr(client, to, cc, Duration::from_millis(300)).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap();
+        assert!(run.done > 0 && run.failed > 0, "{run:?}");
+        assert!(run.done.abs_diff(run.failed) <= 1, "{run:?}");
+        let first = run.first_failure.as_deref().unwrap();
+        assert!(
+            first.starts_with(&format!("connection 2 to {to}: ")),
+            "{first}"
+        );
+    }
+
+    #[test]
+    fn a_connection_rate_run_with_no_connection_completed_fails() {
+        let pair = Pair::new("crr0").unwrap();
+        let client = &pair.0[0];
+        // Nothing listens there: every connection is refused.
+        let to = "10.99.0.2:9".parse().unwrap();
+        let err = crr(client, to, "reno", Duration::from_millis(200)).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.starts_with("no connection to 10.99.0.2:9 completed in "),
+            "{err}"
+        );
+        assert!(
+            err.contains("the first: connection 1 to 10.99.0.2:9: "),
+            "{err}"
+        );
+    }
+
     #[test]
     fn both_ends_run_the_congestion_control_they_are_given() {
         let pair = Pair::new("cc").unwrap();
@@ -449,11 +554,8 @@ mod tests {
         socket2::SockRef::from(&listener)
             .set_tcp_congestion(cc.as_bytes())
             .unwrap();
-        let to = match listener.local_addr().unwrap() {
-            std::net::SocketAddr::V4(a) => a,
-            other => panic!("{other}"),
-        };
-        let conn = netns::enter(client, || connect(to, cc, Duration::from_secs(1))).unwrap();
+        let to = v4(listener.local_addr());
+        let conn = netns::enter(client, || connect(to, cc, Duration::from_secs(1), true)).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         for end in [&conn, &accepted] {
             let got = socket2::SockRef::from(end).tcp_congestion().unwrap();

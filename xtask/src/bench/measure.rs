@@ -380,15 +380,27 @@ fn measure(
         // CPU microseconds per unit of work (a transaction, a connection, a packet, a
         // megabyte).
         cpu_us_per_unit: cpu * 1e6 / units.max(1.0),
+        failed: 0,
+    };
+    let conn_rate = |measure: Measure, server: SocketAddrV4| -> Result<Sample> {
+        let (crr, cpu) = with_cpu(|| load::crr(&client, server, cc, duration))?;
+        if let Some(first) = &crr.first_failure {
+            eprintln!(
+                "  {}: {} of {} connections failed; the first: {first}{}",
+                c.setup.name(),
+                crr.failed,
+                crr.done + crr.failed,
+                c.counters()
+            );
+        }
+        let done = crr.done as f64;
+        Ok(Sample {
+            failed: crr.failed,
+            ..sample(measure, done / crr.elapsed.as_secs_f64(), cpu, done)
+        })
     };
     if Setup::SNAT.contains(&c.setup) {
-        let ((done, took), cpu) = with_cpu(|| load::crr(&client, c.outside.crr, cc, duration))?;
-        return Ok(vec![sample(
-            Measure::SnatConnRate,
-            done as f64 / took.as_secs_f64(),
-            cpu,
-            done as f64,
-        )]);
+        return Ok(vec![conn_rate(Measure::SnatConnRate, c.outside.crr)?]);
     }
     let mut out = Vec::new();
     if only.runs(Test::Tcp) {
@@ -412,13 +424,7 @@ fn measure(
         out.push(sample(Measure::RrP99, rr.p99_us, cpu, tx));
     }
     if only.runs(Test::Crr) {
-        let ((done, took), cpu) = with_cpu(|| load::crr(&client, c.servers.crr, cc, duration))?;
-        out.push(sample(
-            Measure::ConnRate,
-            done as f64 / took.as_secs_f64(),
-            cpu,
-            done as f64,
-        ));
+        out.push(conn_rate(Measure::ConnRate, c.servers.crr)?);
     }
     if only.runs(Test::Udp) {
         let (received, cpu) = with_cpu(|| udp(&client, c, duration))?;

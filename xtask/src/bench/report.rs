@@ -245,7 +245,36 @@ impl Leg {
                 cpu(Setup::SnatRouted),
             );
         }
-        md.push('\n');
+        let _ = writeln!(md, "\n{}\n", failures(r));
+    }
+}
+
+/// The connections that failed in the leg's runs, where and when: each is counted
+/// apart from the rate and its time stays in its run (the bench's log has the first
+/// error of each run and our agents' counters).
+fn failures(r: &Results) -> String {
+    let failed: Vec<String> = r
+        .samples
+        .iter()
+        .filter(|s| s.failed > 0)
+        .map(|s| {
+            format!(
+                "{} {} with offloads {}, run {}: {}",
+                s.setup.name(),
+                s.measure.name(),
+                if s.offloads { "on" } else { "off" },
+                s.run + 1,
+                s.failed
+            )
+        })
+        .collect();
+    if failed.is_empty() {
+        "Failed connections: none.".into()
+    } else {
+        format!(
+            "Failed connections (not in the rates; their time is): {}.",
+            failed.join("; ")
+        )
     }
 }
 
@@ -347,5 +376,47 @@ impl Report<'_> {
             _ => format!("{}\n\n{block}", old.trim_end()),
         };
         std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::results::Sample;
+
+    #[test]
+    fn failed_connections_are_reported_where_and_when() {
+        use crate::bench::measure::{Congestion, Plan};
+        let plan = Plan {
+            runs: 5,
+            seconds: 2,
+            streams: 4,
+            congestion: Congestion::Cubic,
+        };
+        let mut r = Results::new(Machine::here(), plan, true);
+        let sample = |setup, offloads, run, failed| Sample {
+            setup,
+            offloads,
+            run,
+            measure: Measure::SnatConnRate,
+            value: 400.0,
+            cpu_us_per_unit: 2000.0,
+            failed,
+        };
+        r.samples.push(sample(Setup::SnatOurs, true, 0, 0));
+        assert_eq!(failures(&r), "Failed connections: none.");
+        r.samples.push(sample(Setup::SnatIptables, false, 2, 3));
+        r.samples.push(sample(Setup::SnatOurs, true, 4, 1));
+        assert_eq!(
+            failures(&r),
+            format!(
+                "Failed connections (not in the rates; their time is): {} {} with offloads \
+                 off, run 3: 3; {} {} with offloads on, run 5: 1.",
+                Setup::SnatIptables.name(),
+                Measure::SnatConnRate.name(),
+                Setup::SnatOurs.name(),
+                Measure::SnatConnRate.name(),
+            )
+        );
     }
 }

@@ -78,12 +78,20 @@ pub struct Sample {
     pub measure: Measure,
     pub value: f64,
     pub cpu_us_per_unit: f64,
+    /// Units of work that failed and are not in `value` (connections, for the
+    /// connection rates).
+    #[serde(default)]
+    pub failed: u64,
 }
 
 impl Sample {
     pub fn describe(&self) -> String {
+        let failed = match self.failed {
+            0 => String::new(),
+            n => format!(", {n} failed"),
+        };
         format!(
-            "{:32} {:>12.3} {:8} (CPU {:.1} {})",
+            "{:32} {:>12.3} {:8} (CPU {:.1} {}{failed})",
             self.measure.name(),
             self.value,
             self.measure.unit(),
