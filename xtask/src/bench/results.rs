@@ -163,7 +163,7 @@ impl Results {
         )
     }
 
-    /// `setup`'s median over `baseline`'s, oriented so that above 1 is better for us.
+    /// `setup`'s median over `baseline`'s.
     pub fn ratio(
         &self,
         setup: Setup,
@@ -174,6 +174,25 @@ impl Results {
         let ours = self.summary(setup, measure, offloads)?.median;
         let theirs = self.summary(baseline, measure, offloads)?.median;
         (theirs > 0.0 && ours > 0.0).then_some(ours / theirs)
+    }
+
+    /// `setup`'s value over `baseline`'s in each run that measured both, in the order
+    /// of the runs.
+    pub fn run_ratios(
+        &self,
+        setup: Setup,
+        baseline: Setup,
+        measure: Measure,
+        offloads: bool,
+    ) -> Vec<f64> {
+        let theirs = self.values(baseline, measure, offloads);
+        self.values(setup, measure, offloads)
+            .into_iter()
+            .filter_map(|ours| {
+                let base = theirs.iter().find(|t| t.run == ours.run)?;
+                (base.value > 0.0 && ours.value > 0.0).then_some(ours.value / base.value)
+            })
+            .collect()
     }
 }
 
