@@ -480,9 +480,11 @@ mod tests {
         assert!(servers.streamed() >= bytes);
     }
 
-    fn v4(addr: std::io::Result<std::net::SocketAddr>) -> SocketAddrV4 {
-        match addr.unwrap() {
-            std::net::SocketAddr::V4(a) => a,
+    /// A listener of the pair's server end, and its address.
+    fn listen(server: &str) -> (TcpListener, SocketAddrV4) {
+        let listener = netns::enter(server, || Ok(TcpListener::bind("10.99.0.2:0")?)).unwrap();
+        match listener.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => (listener, a),
             other => panic!("{other}"),
         }
     }
@@ -492,9 +494,8 @@ mod tests {
         let pair = Pair::new("crr").unwrap();
         let [client, server] = &pair.0;
         let cc = not_the_default(client);
-        let listener = netns::enter(server, || Ok(TcpListener::bind("10.99.0.2:0")?)).unwrap();
+        let (listener, to) = listen(server);
         listener.set_nonblocking(true).unwrap();
-        let to = v4(listener.local_addr());
         // Answers the odd connections; closes the even ones unanswered.
         let stop = Arc::new(AtomicBool::new(false));
         let server = std::thread::spawn({
@@ -550,11 +551,10 @@ mod tests {
         let pair = Pair::new("cc").unwrap();
         let [client, server] = &pair.0;
         let cc = not_the_default(client);
-        let listener = netns::enter(server, || Ok(TcpListener::bind("10.99.0.2:0")?)).unwrap();
+        let (listener, to) = listen(server);
         socket2::SockRef::from(&listener)
             .set_tcp_congestion(cc.as_bytes())
             .unwrap();
-        let to = v4(listener.local_addr());
         let conn = netns::enter(client, || connect(to, cc, Duration::from_secs(1), true)).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         for end in [&conn, &accepted] {

@@ -2,7 +2,8 @@
 //! as flanneld sets it up, VXLAN, host-gw) and, for masquerade, with flanneld's iptables
 //! rules, on the same two-node cluster, one after another in one run; plus the
 //! per-packet cost of each program from `BPF_PROG_TEST_RUN`. Writes the tables into
-//! docs/BENCHMARKS.md and a plot into docs/benchmarks.png.
+//! docs/BENCHMARKS.md, a plot into docs/benchmarks.png and every sample into
+//! docs/benchmarks.json (`--redraw` writes the first two again from it).
 //!
 //! A kernel without the ipip module (this machine's) cannot give the tunl0 baseline:
 //! then every dataplane runs inside a VM with Debian's kernel (`vm`), automatically,
@@ -74,6 +75,10 @@ pub struct BenchArgs {
     /// Print the report, but leave docs/ alone.
     #[arg(long)]
     no_write: bool,
+    /// Measure nothing: write the report and the plot again from the last full run's
+    /// results (docs/benchmarks.json), as the code now writes them.
+    #[arg(long, conflicts_with_all = ["quick", "runs", "seconds", "no_write", "measure_into"])]
+    redraw: bool,
     /// Run the measurements on this kernel and write the results (JSON) there: how
     /// the command runs itself inside the VM.
     #[arg(long, hide = true)]
@@ -106,6 +111,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .with_context(|| format!("writing {}", out.display()));
     }
 
+    let docs = vm::workspace().join("docs");
+    if args.redraw {
+        let saved = docs.join(RESULTS);
+        let text = std::fs::read_to_string(&saved)
+            .with_context(|| format!("reading {}", saved.display()))?;
+        let report = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a saved run", saved.display()))?;
+        return publish(&report, &docs);
+    }
     let started = Instant::now();
     deps::ensure()?;
     let in_vm = match args.on {
@@ -140,8 +154,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             costs: costs_here,
         });
     }
-    let docs = vm::workspace().join("docs");
-    let plot_name = "benchmarks.png";
     let report = report::Report {
         command: std::iter::once("cargo xtask bench".to_owned())
             .chain(std::env::args().skip(2))
@@ -153,22 +165,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .to_owned(),
         minutes: started.elapsed().as_secs_f64() / 60.0,
         host: host::Machine::here(),
-        legs: &legs,
-        plot: plot_name,
+        legs,
+        plot: "benchmarks.png".to_owned(),
     };
-    let markdown = report.markdown();
-    println!("\n{markdown}");
     if args.no_write || args.only.partial() {
+        println!("\n{}", report.markdown());
         return Ok(());
     }
     std::fs::create_dir_all(&docs)?;
-    report.write(&docs.join("BENCHMARKS.md"))?;
-    plot::draw(&legs, &docs.join(plot_name))?;
-    println!(
-        "wrote {} and {}",
-        docs.join("BENCHMARKS.md").display(),
-        docs.join(plot_name).display()
-    );
+    let saved = docs.join(RESULTS);
+    std::fs::write(&saved, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", saved.display()))?;
+    println!("wrote {}", saved.display());
+    publish(&report, &docs)
+}
+
+/// The full run's results, beside its report.
+const RESULTS: &str = "benchmarks.json";
+
+/// Prints the report and writes it, with its plot, into `docs`.
+fn publish(report: &report::Report, docs: &Path) -> Result<()> {
+    println!("\n{}", report.markdown());
+    let (md, plot) = (docs.join("BENCHMARKS.md"), docs.join(&report.plot));
+    report.write(&md)?;
+    plot::draw(&report.legs, &plot)?;
+    println!("wrote {} and {}", md.display(), plot.display());
     Ok(())
 }
 

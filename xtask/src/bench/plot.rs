@@ -56,11 +56,13 @@ pub fn draw(legs: &[Leg], path: &Path) -> Result<()> {
             let r = results.ratio(s, host_gw, m, offloads)?;
             Some(if m.lower_is_better() { 1.0 / r } else { r })
         };
+        // Room above the tallest bar for the legend (four entries in the upper right,
+        // about a quarter of the panel's height).
         let ymax = measures
             .iter()
             .flat_map(|m| Setup::PLANES.iter().filter_map(move |s| rel(*s, *m)))
             .fold(1.2_f64, f64::max)
-            * 1.1;
+            * 1.4;
         let mut chart = ChartBuilder::on(panel)
             .caption(
                 format!(

@@ -4,6 +4,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
 
 use crate::lab::flannel::Backend;
 
@@ -21,6 +22,7 @@ const TUNL0: Setup = Setup::Kernel(KernelBackend::Ipip);
 const HOST_GW: Setup = Setup::Kernel(KernelBackend::HostGw);
 
 /// The dataplanes measured on one kernel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Leg {
     /// Where: "a VM booted with ..." or "this machine".
     pub place: String,
@@ -29,15 +31,18 @@ pub struct Leg {
     pub costs: Vec<Cost>,
 }
 
-/// Everything one run of the command produced.
-pub struct Report<'a> {
+/// Everything one run of the command produced: kept beside the report as JSON, from
+/// which `--redraw` writes the report and the plot again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
     pub command: String,
     pub date: String,
     pub minutes: f64,
     /// The machine the command ran on.
     pub host: Machine,
-    pub legs: &'a [Leg],
-    pub plot: &'a str,
+    pub legs: Vec<Leg>,
+    /// The plot's file name, beside the report.
+    pub plot: String,
 }
 
 /// One target of issue 5 and how this run fared.
@@ -342,7 +347,7 @@ fn ratio(r: Option<f64>) -> String {
     r.map_or("—".into(), |r| format!("{r:.2}×"))
 }
 
-impl Report<'_> {
+impl Report {
     pub fn markdown(&self) -> String {
         let mut md = String::new();
         let _ = writeln!(md, "{BEGIN}");
@@ -391,7 +396,7 @@ impl Report<'_> {
             Backend::Vxlan.mtu(),
             Backend::HostGw.mtu(),
         );
-        for leg in self.legs {
+        for leg in &self.legs {
             leg.markdown(&mut md);
         }
         let _ = writeln!(
@@ -469,6 +474,37 @@ mod tests {
                 Setup::SnatOurs.name(),
                 Measure::SnatConnRate.name(),
             )
+        );
+    }
+
+    #[test]
+    fn a_saved_run_gives_the_same_report_again() {
+        let mut r = results();
+        r.samples
+            .push(sample(Setup::Ours, Measure::RrP50, true, 0, 80.0));
+        r.samples
+            .push(sample(TUNL0, Measure::RrP50, true, 0, 100.0));
+        let report = Report {
+            command: "cargo xtask bench".into(),
+            date: "2026-11-22 15:00 UTC".into(),
+            minutes: 21.0,
+            host: Machine::here(),
+            legs: vec![Leg {
+                place: "this machine".into(),
+                results: r,
+                costs: crate::bench::results::parse_costs(
+                    "PROG_COST {\"case\":\"encap\",\"program\":\"bridge_ingress\",\"ns\":597.0,\"rounds\":[589.0,597.0]}",
+                ),
+            }],
+            plot: "benchmarks.png".into(),
+        };
+        let saved = serde_json::to_string(&report).unwrap();
+        let again: Report = serde_json::from_str(&saved).unwrap();
+        assert_eq!(again.markdown(), report.markdown());
+        assert!(
+            report
+                .markdown()
+                .contains("| 0.80× | 0.80×–0.80× (1 of 1) | yes |")
         );
     }
 
