@@ -94,6 +94,16 @@ const COST_RUNS: u32 = 20_000;
 const COST_RUNS_VM: u32 = 4_000;
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    let docs = vm::workspace().join("docs");
+    // Measures nothing: needs no privileges.
+    if args.redraw {
+        let saved = docs.join(RESULTS);
+        let text = std::fs::read_to_string(&saved)
+            .with_context(|| format!("reading {}", saved.display()))?;
+        let report = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a saved run", saved.display()))?;
+        return publish(&report, &docs);
+    }
     if !deps::is_root() {
         bail!("the benchmark loads BPF programs and creates network namespaces: run it as root");
     }
@@ -111,15 +121,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .with_context(|| format!("writing {}", out.display()));
     }
 
-    let docs = vm::workspace().join("docs");
-    if args.redraw {
-        let saved = docs.join(RESULTS);
-        let text = std::fs::read_to_string(&saved)
-            .with_context(|| format!("reading {}", saved.display()))?;
-        let report = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a saved run", saved.display()))?;
-        return publish(&report, &docs);
-    }
     let started = Instant::now();
     deps::ensure()?;
     let in_vm = match args.on {
