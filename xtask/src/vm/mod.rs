@@ -235,7 +235,6 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// A fresh directory to share with a VM run.
 /// This process's `PATH` with the directory of `exe` in front.
 fn with_dir_of(exe: &Path) -> Result<std::ffi::OsString> {
     let dir = exe
@@ -246,6 +245,7 @@ fn with_dir_of(exe: &Path) -> Result<std::ffi::OsString> {
         .context("building PATH")
 }
 
+/// A fresh directory to share with a VM run.
 fn new_run_dir() -> Result<PathBuf> {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let dir = deps::cache_dir()?.join("vm-runs").join(format!(
