@@ -8,7 +8,8 @@
 
 use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
+use ipnet::Ipv4Net;
 
 use super::{
     host::{self, Machine},
@@ -20,6 +21,7 @@ use crate::lab::{
     cluster::{self, Dataplane},
     flannel::Backend,
     iptables::{FlannelRules, Variant},
+    netns,
     router::RouterRoutes,
     state::{LabGuard, LabState},
     topology::{Host, Node, Topology},
@@ -42,6 +44,10 @@ pub enum Setup {
     /// subnets back to their nodes. What the same connections cost without any NAT,
     /// to tell the translation's share from the rest of the path.
     SnatRouted,
+    /// No dataplane: the two pods joined by one veth, no node between them. What the
+    /// machine, the kernel's TCP and UDP and the load generators take on their own,
+    /// to which every dataplane adds its part.
+    Floor,
 }
 
 /// [`Backend`], serializable.
@@ -81,6 +87,7 @@ impl Setup {
             Setup::SnatOurs => "ours --ip-masq",
             Setup::SnatIptables => "iptables MASQUERADE",
             Setup::SnatRouted => "routed, no NAT",
+            Setup::Floor => "no dataplane (one veth)",
         }
     }
 
@@ -91,7 +98,7 @@ impl Setup {
 
 impl Dataplane for Setup {
     fn runs_agent(&self, _: &Node) -> bool {
-        !matches!(self, Setup::Kernel(_) | Setup::SnatIptables)
+        !matches!(self, Setup::Kernel(_) | Setup::SnatIptables | Setup::Floor)
     }
 
     fn configure(&self, lab: &LabState, node: &Node) -> Result<SubnetEnv> {
@@ -112,6 +119,8 @@ pub enum Group {
     HostGw,
     /// Both masquerades, and the same connections routed without translation.
     Snat,
+    /// The two pods joined by one veth: no dataplane.
+    Floor,
 }
 
 impl Group {
@@ -122,6 +131,7 @@ impl Group {
             Group::Vxlan => setup == Setup::Kernel(KernelBackend::Vxlan),
             Group::HostGw => setup == Setup::Kernel(KernelBackend::HostGw),
             Group::Snat => Setup::SNAT.contains(&setup),
+            Group::Floor => setup == Setup::Floor,
         }
     }
 }
@@ -221,19 +231,34 @@ struct Cluster {
     lab: LabGuard,
     client: Host,
     servers: Servers,
-    outside: Servers,
+    /// On the outside host, beyond the router (none on the floor).
+    outside: Option<Servers>,
 }
 
 impl Cluster {
     fn create(setup: Setup, agent: PathBuf, congestion: Congestion) -> Result<Self> {
         println!("setting up {}", setup.name());
-        let lab = cluster::create_with(Topology::pair(), agent, setup.masquerade(), &setup)?;
+        let lab = match setup {
+            Setup::Floor => floor(agent)?,
+            _ => cluster::create_with(Topology::pair(), agent, setup.masquerade(), &setup)?,
+        };
         let pod = |i: usize| Host::from(lab.topology.pods_of(&lab.topology.nodes[i]).remove(0));
         let (client, server) = (pod(0), pod(1));
         let cc = congestion.name();
         let servers = Servers::start(&lab.netns(&server.name), server.address, cc)?;
-        let outside = &lab.topology.outside;
-        let outside = Servers::start(&lab.netns(&outside.name), outside.address, cc)?;
+        // The floor has no outside host: its pods' connections are the floor of the
+        // masquerade's too.
+        let outside = match setup {
+            Setup::Floor => None,
+            _ => {
+                let outside = &lab.topology.outside;
+                Some(Servers::start(
+                    &lab.netns(&outside.name),
+                    outside.address,
+                    cc,
+                )?)
+            }
+        };
         Ok(Self {
             setup,
             lab,
@@ -258,6 +283,15 @@ impl Cluster {
             .collect()
     }
 
+    /// The servers the client's traffic goes to: the outside host's for the
+    /// masquerades, the other pod's otherwise.
+    fn target(&self) -> &Servers {
+        match &self.outside {
+            Some(outside) if Setup::SNAT.contains(&self.setup) => outside,
+            _ => &self.servers,
+        }
+    }
+
     fn client_ns(&self) -> String {
         self.lab.netns(&self.client.name)
     }
@@ -267,15 +301,40 @@ impl Cluster {
     /// forwarding table, after the pod's first frame, and until then decapsulated
     /// packets for it go through the bridge (`decapsulated_to_bridge`).
     fn warm_up(&self, congestion: Congestion) -> Result<()> {
-        let to = if Setup::SNAT.contains(&self.setup) {
-            self.outside.rr
-        } else {
-            self.servers.rr
-        };
-        load::rr(&self.client_ns(), to, congestion.name(), WARM_UP)
-            .with_context(|| format!("warming up {}{}", self.setup.name(), self.counters()))
-            .map(drop)
+        load::rr(
+            &self.client_ns(),
+            self.target().rr,
+            congestion.name(),
+            WARM_UP,
+        )
+        .with_context(|| format!("warming up {}{}", self.setup.name(), self.counters()))
+        .map(drop)
     }
+}
+
+/// The floor's cluster: a lab of its own (so that it is removed like any lab, also by
+/// `lab down` after a crash) holding only the pair topology's two pods, joined by one
+/// veth at the MTU of host-gw's pods: no node, bridge, router or program between them.
+fn floor(agent: PathBuf) -> Result<LabGuard> {
+    let lab = LabState::create(Topology::pair(), agent, false)?;
+    let pods = lab.topology.pods();
+    let [a, b] = pods.as_slice() else {
+        bail!("the pair topology has {} pods, not two", pods.len());
+    };
+    let (ns_a, ns_b) = (lab.netns(&a.name), lab.netns(&b.name));
+    netns::add(&ns_a)?;
+    netns::add(&ns_b)?;
+    netns::Script::new(&ns_a)
+        .veth("eth0", None, "eth0", &ns_b, Some(Backend::HostGw.mtu()))?
+        .apply()?;
+    for (ns, me, peer) in [(&ns_a, a, b), (&ns_b, b, a)] {
+        netns::Script::new(ns)
+            .address(Ipv4Net::from(me.address), "eth0")
+            .up("eth0")
+            .route(Ipv4Net::from(peer.address), "eth0")
+            .apply()?;
+    }
+    Ok(lab)
 }
 
 /// The setups this kernel can run (all of them, less the kernel's ipip when it has no
@@ -284,6 +343,7 @@ pub fn available(only: &[Group]) -> Vec<Setup> {
     let ipip = crate::vm::has_ipip();
     Setup::PLANES
         .into_iter()
+        .chain([Setup::Floor])
         .chain(Setup::SNAT)
         .filter(|s| ipip || *s != Setup::Kernel(KernelBackend::Ipip))
         .filter(|s| only.is_empty() || only.iter().any(|g| g.includes(*s)))
@@ -318,7 +378,7 @@ pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Resul
         for run in 0..plan.runs {
             println!(
                 "offloads {}, run {} of {}",
-                if offloads { "on" } else { "off" },
+                super::report::on_off(offloads),
                 run + 1,
                 plan.runs
             );
@@ -400,7 +460,7 @@ fn measure(
         })
     };
     if Setup::SNAT.contains(&c.setup) {
-        return Ok(vec![conn_rate(Measure::SnatConnRate, c.outside.crr)?]);
+        return Ok(vec![conn_rate(Measure::SnatConnRate, c.target().crr)?]);
     }
     let mut out = Vec::new();
     if only.runs(Test::Tcp) {

@@ -73,7 +73,7 @@ pub fn draw(legs: &[Leg], path: &Path) -> Result<()> {
                     } else {
                         ""
                     },
-                    if offloads { "on" } else { "off" }
+                    super::report::on_off(offloads)
                 ),
                 ("sans-serif", 18),
             )

@@ -71,6 +71,19 @@ impl Target {
         self.measured.map(|m| self.meets(m))
     }
 
+    /// A ratio to two decimals, or as many more (up to four) as it takes not to round
+    /// it onto the bound and hide which side it is on (1.197× is not 1.20×).
+    fn shown(&self, r: f64) -> String {
+        let mut decimals = 2;
+        while decimals < 4
+            && r != self.bound
+            && format!("{r:.decimals$}") == format!("{:.decimals$}", self.bound)
+        {
+            decimals += 1;
+        }
+        format!("{r:.decimals$}×")
+    }
+
     /// The runs' ratios, lowest to highest, and how many runs meet the target.
     fn runs(&self) -> String {
         let Some(low) = self.each_run.iter().copied().reduce(f64::min) else {
@@ -80,8 +93,8 @@ impl Target {
         let meeting = self.each_run.iter().filter(|r| self.meets(**r)).count();
         format!(
             "{}–{} ({meeting} of {})",
-            ratio(Some(low)),
-            ratio(Some(high)),
+            self.shown(low),
+            self.shown(high),
             self.each_run.len()
         )
     }
@@ -171,7 +184,7 @@ impl Leg {
                     md,
                     "| {} | {} | {} | {met} |",
                     t.what,
-                    ratio(t.measured),
+                    t.measured.map_or("—".into(), |m| t.shown(m)),
                     t.runs()
                 );
             }
@@ -199,6 +212,7 @@ impl Leg {
         }
         let planes: Vec<Setup> = Setup::PLANES
             .into_iter()
+            .chain([Setup::Floor])
             .filter(|s| r.samples.iter().any(|x| x.setup == *s))
             .collect();
         for offloads in [true, false] {
@@ -232,7 +246,7 @@ impl Leg {
             let _ = writeln!(
                 md,
                 "\nCPU per unit of work (median), offloads {}:\n",
-                if offloads { "on" } else { "off" }
+                on_off(offloads)
             );
             let mut header = String::from("| measure | unit |");
             for s in &planes {
@@ -278,7 +292,7 @@ impl Leg {
             let _ = writeln!(
                 md,
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                if offloads { "on" } else { "off" },
+                on_off(offloads),
                 cell(summary(Setup::SnatOurs)),
                 cell(summary(Setup::SnatIptables)),
                 cell(summary(Setup::SnatRouted)),
@@ -289,8 +303,125 @@ impl Leg {
                 cpu(Setup::SnatRouted),
             );
         }
+        above_floor(r, &planes, md);
         let _ = writeln!(md, "\n{}\n", failures(r));
     }
+}
+
+/// The measures whose time per unit of work is set against the floor's.
+const OVER_THE_FLOOR: [Measure; 5] = [
+    Measure::TcpStream,
+    Measure::RrP50,
+    Measure::RrRate,
+    Measure::ConnRate,
+    Measure::UdpRate,
+];
+
+/// What each dataplane adds to the floor's time per unit of work, and ours' addition
+/// against the kernel's: the part of each figure a dataplane can change at all.
+fn above_floor(r: &Results, planes: &[Setup], md: &mut String) {
+    if !planes.contains(&Setup::Floor) {
+        return;
+    }
+    let planes: Vec<Setup> = planes
+        .iter()
+        .copied()
+        .filter(|s| *s != Setup::Floor)
+        .collect();
+    let _ = writeln!(
+        md,
+        "\nWhat each dataplane adds to the floor, the two pods joined by one veth with \
+         nothing between them ({}): time per unit of work over the floor's (from the \
+         medians, so a small addition carries the noise of both), and ours' addition \
+         against the kernel's. Where the floor is most of a figure, no dataplane can move \
+         that figure much:\n",
+        Setup::Floor.name()
+    );
+    let mut header = String::from("| measure | unit | offloads | floor |");
+    for s in &planes {
+        let _ = write!(header, " {} |", s.name());
+    }
+    header.push_str(" ours' ÷ tunl0's | ours' ÷ host-gw's |");
+    let _ = writeln!(
+        md,
+        "{header}\n|---|---|---|---|{}",
+        "---|".repeat(planes.len() + 2)
+    );
+    for m in OVER_THE_FLOOR {
+        for offloads in [true, false] {
+            let Some(floor) = r.summary(Setup::Floor, m, offloads) else {
+                continue;
+            };
+            let _ = write!(
+                md,
+                "| {} | {} | {} | {} |",
+                m.name(),
+                m.cpu_unit(),
+                on_off(offloads),
+                num(m.time_per_unit(floor.median))
+            );
+            for s in &planes {
+                let _ = write!(md, " {} |", added(r.above_floor(*s, m, offloads)));
+            }
+            let _ = writeln!(
+                md,
+                " {} | {} |",
+                ratio(added_ratio(r, Setup::Ours, TUNL0, m, offloads)),
+                ratio(added_ratio(r, Setup::Ours, HOST_GW, m, offloads))
+            );
+        }
+    }
+    let m = Measure::SnatConnRate;
+    let _ = writeln!(
+        md,
+        "\nThe same for the masquerade's connections to the outside (µs per connection \
+         over the floor's connections between the pods):\n\n\
+         | offloads | ours --ip-masq | iptables MASQUERADE | routed, no NAT | ours' ÷ iptables' |\n\
+         |---|---|---|---|---|"
+    );
+    for offloads in [true, false] {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            on_off(offloads),
+            added(r.above_floor(Setup::SnatOurs, m, offloads)),
+            added(r.above_floor(Setup::SnatIptables, m, offloads)),
+            added(r.above_floor(Setup::SnatRouted, m, offloads)),
+            ratio(added_ratio(
+                r,
+                Setup::SnatOurs,
+                Setup::SnatIptables,
+                m,
+                offloads
+            ))
+        );
+    }
+}
+
+/// `setup`'s addition to the floor over `baseline`'s, when both add something.
+fn added_ratio(
+    r: &Results,
+    setup: Setup,
+    baseline: Setup,
+    m: Measure,
+    offloads: bool,
+) -> Option<f64> {
+    let ours = r.above_floor(setup, m, offloads)?;
+    let theirs = r.above_floor(baseline, m, offloads)?;
+    (ours > 0.0 && theirs > 0.0).then_some(ours / theirs)
+}
+
+/// An addition to the floor, signed: below the floor is noise showing.
+fn added(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v < 0.0 => format!("−{}", num(-v)),
+        Some(v) => format!("+{}", num(v)),
+        None => "—".into(),
+    }
+}
+
+pub fn on_off(offloads: bool) -> &'static str {
+    if offloads { "on" } else { "off" }
 }
 
 /// The connections that failed in the leg's runs, where and when: each is counted
@@ -306,7 +437,7 @@ fn failures(r: &Results) -> String {
                 "{} {} with offloads {}, run {}: {}",
                 s.setup.name(),
                 s.measure.name(),
-                if s.offloads { "on" } else { "off" },
+                on_off(s.offloads),
                 s.run + 1,
                 s.failed
             )
@@ -533,5 +664,49 @@ mod tests {
         assert_eq!(target.met(), Some(true));
         // At most 0.85: two of the three runs meet it.
         assert_eq!(target.runs(), "0.80×–0.90× (2 of 3)");
+        // Near the bound, the side it is on shows.
+        assert_eq!(target.shown(0.8504), "0.8504×");
+        assert_eq!(target.shown(0.8496), "0.8496×");
+        assert_eq!(target.shown(0.847), "0.847×");
+        assert_eq!(target.shown(0.85), "0.85×");
+        assert_eq!(target.shown(0.8449), "0.84×");
+    }
+
+    #[test]
+    fn each_dataplane_is_set_against_the_floor() {
+        let mut r = results();
+        let put = |r: &mut Results, setup, m, value| {
+            for offloads in [true, false] {
+                r.samples.push(sample(setup, m, offloads, 0, value));
+            }
+        };
+        // Latencies add as they are; rates as time per unit (1e6 / rate).
+        put(&mut r, Setup::Floor, Measure::RrP50, 500.0);
+        put(&mut r, Setup::Ours, Measure::RrP50, 540.0);
+        put(&mut r, TUNL0, Measure::RrP50, 640.0);
+        put(&mut r, HOST_GW, Measure::RrP50, 480.0);
+        put(&mut r, Setup::Floor, Measure::ConnRate, 400.0);
+        put(&mut r, Setup::SnatOurs, Measure::SnatConnRate, 250.0);
+        put(&mut r, Setup::SnatIptables, Measure::SnatConnRate, 200.0);
+        assert_eq!(r.above_floor(Setup::Ours, Measure::RrP50, true), Some(40.0));
+        let conn = |s| r.above_floor(s, Measure::SnatConnRate, false);
+        assert_eq!(conn(Setup::SnatOurs), Some(1500.0));
+        assert_eq!(conn(Setup::SnatIptables), Some(2500.0));
+        assert_eq!(conn(Setup::SnatRouted), None);
+        let planes = [Setup::Ours, TUNL0, HOST_GW, Setup::Floor];
+        let mut md = String::new();
+        above_floor(&r, &planes, &mut md);
+        // Host-gw below the floor shows as such, and gives no ratio.
+        assert!(
+            md.contains(
+                "| request/response latency p50 | µs/trans | on | 500 | +40.0 | +140 | −20.0 | 0.29× | — |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| off | +1500 | +2500 | — | 0.60× |"), "{md}");
+        // Without the floor there is nothing to set against.
+        let mut none = String::new();
+        above_floor(&r, &planes[..3], &mut none);
+        assert!(none.is_empty());
     }
 }

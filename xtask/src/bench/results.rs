@@ -64,6 +64,20 @@ impl Measure {
         }
     }
 
+    /// The time one unit of work took (µs per megabyte, transaction, connection or
+    /// datagram: the CPU figure's unit), from a figure of this measure: a latency is
+    /// one already, a rate is inverted.
+    pub fn time_per_unit(self, value: f64) -> f64 {
+        match self {
+            Measure::RrP50 | Measure::RrP99 => value,
+            // 8e6 bits at `value` Gbit/s.
+            Measure::TcpStream | Measure::TcpMulti => 8e3 / value,
+            Measure::RrRate | Measure::ConnRate | Measure::UdpRate | Measure::SnatConnRate => {
+                1e6 / value
+            }
+        }
+    }
+
     /// Latencies: smaller is better.
     pub fn lower_is_better(self) -> bool {
         matches!(self, Measure::RrP50 | Measure::RrP99)
@@ -174,6 +188,21 @@ impl Results {
         let ours = self.summary(setup, measure, offloads)?.median;
         let theirs = self.summary(baseline, measure, offloads)?.median;
         (theirs > 0.0 && ours > 0.0).then_some(ours / theirs)
+    }
+
+    /// What `setup` adds to the floor's time per unit of work (of the medians): the
+    /// dataplane's own part of the figure. A masquerade's connections to the outside
+    /// are set against the floor's connections between the pods.
+    pub fn above_floor(&self, setup: Setup, measure: Measure, offloads: bool) -> Option<f64> {
+        let floor_measure = match measure {
+            Measure::SnatConnRate => Measure::ConnRate,
+            m => m,
+        };
+        let time = |s: Setup, m: Measure| {
+            let median = self.summary(s, m, offloads)?.median;
+            (median > 0.0).then(|| m.time_per_unit(median))
+        };
+        Some(time(setup, measure)? - time(Setup::Floor, floor_measure)?)
     }
 
     /// `setup`'s value over `baseline`'s in each run that measured both, in the order

@@ -182,6 +182,11 @@ impl Script {
         self.line(format!("address add {address} dev {dev}"))
     }
 
+    /// `to` on the link of `dev` (no gateway).
+    pub fn route(&mut self, to: Ipv4Net, dev: &str) -> &mut Self {
+        self.line(format!("route add {to} dev {dev}"))
+    }
+
     pub fn default_route(&mut self, via: Ipv4Addr) -> &mut Self {
         self.line(format!("route add default via {via}"))
     }
