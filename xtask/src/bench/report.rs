@@ -330,12 +330,11 @@ fn above_floor(r: &Results, planes: &[Setup], md: &mut String) {
         .collect();
     let _ = writeln!(
         md,
-        "\nWhat each dataplane adds to the floor, the two pods joined by one veth with \
-         nothing between them ({}): time per unit of work over the floor's (from the \
+        "\nWhat each dataplane adds to the floor (no dataplane: the two pods joined by one \
+         veth, nothing between them): time per unit of work over the floor's (from the \
          medians, so a small addition carries the noise of both), and ours' addition \
          against the kernel's. Where the floor is most of a figure, no dataplane can move \
-         that figure much:\n",
-        Setup::Floor.name()
+         that figure much:\n"
     );
     let mut header = String::from("| measure | unit | offloads | floor |");
     for s in &planes {
