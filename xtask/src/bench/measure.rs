@@ -44,6 +44,10 @@ pub enum Setup {
     /// subnets back to their nodes. What the same connections cost without any NAT,
     /// to tell the translation's share from the rest of the path.
     SnatRouted,
+    /// host-gw with its pods at IPIP's MTU (1480), as if it paid a tunnel's 20 bytes a
+    /// packet: ours against it is the datapath alone, without the encapsulation's smaller
+    /// packets (docs/BENCHMARKS.md, "the MTU behind the gap to host-gw").
+    HostGwAtIpipMtu,
     /// No dataplane: the two pods joined by one veth, no node between them. What the
     /// machine, the kernel's TCP and UDP and the load generators take on their own,
     /// to which every dataplane adds its part.
@@ -77,6 +81,9 @@ impl Setup {
         Setup::Kernel(KernelBackend::HostGw),
     ];
     pub const SNAT: [Setup; 3] = [Setup::SnatOurs, Setup::SnatIptables, Setup::SnatRouted];
+    /// Pod to pod like the dataplanes, for what the dataplanes' figures are made of; a
+    /// column of the tables, not of the plot.
+    pub const REFERENCES: [Setup; 2] = [Setup::HostGwAtIpipMtu, Setup::Floor];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -87,6 +94,7 @@ impl Setup {
             Setup::SnatOurs => "ours --ip-masq",
             Setup::SnatIptables => "iptables MASQUERADE",
             Setup::SnatRouted => "routed, no NAT",
+            Setup::HostGwAtIpipMtu => "host-gw at MTU 1480",
             Setup::Floor => "no dataplane (one veth)",
         }
     }
@@ -98,13 +106,20 @@ impl Setup {
 
 impl Dataplane for Setup {
     fn runs_agent(&self, _: &Node) -> bool {
-        !matches!(self, Setup::Kernel(_) | Setup::SnatIptables | Setup::Floor)
+        !matches!(
+            self,
+            Setup::Kernel(_) | Setup::SnatIptables | Setup::HostGwAtIpipMtu | Setup::Floor
+        )
     }
 
     fn configure(&self, lab: &LabState, node: &Node) -> Result<SubnetEnv> {
         match self {
             Setup::Kernel(k) => k.backend().configure(lab, node),
             Setup::SnatIptables => Backend::HostGw.configure(lab, node),
+            Setup::HostGwAtIpipMtu => Ok(SubnetEnv {
+                mtu: Backend::Ipip.mtu(),
+                ..Backend::HostGw.configure(lab, node)?
+            }),
             _ => anyhow::bail!("{} runs our agent", node.name),
         }
     }
@@ -119,6 +134,8 @@ pub enum Group {
     HostGw,
     /// Both masquerades, and the same connections routed without translation.
     Snat,
+    /// host-gw with its pods at IPIP's MTU.
+    HostGwAtIpipMtu,
     /// The two pods joined by one veth: no dataplane.
     Floor,
 }
@@ -131,6 +148,7 @@ impl Group {
             Group::Vxlan => setup == Setup::Kernel(KernelBackend::Vxlan),
             Group::HostGw => setup == Setup::Kernel(KernelBackend::HostGw),
             Group::Snat => Setup::SNAT.contains(&setup),
+            Group::HostGwAtIpipMtu => setup == Setup::HostGwAtIpipMtu,
             Group::Floor => setup == Setup::Floor,
         }
     }
@@ -343,7 +361,7 @@ pub fn available(only: &[Group]) -> Vec<Setup> {
     let ipip = crate::vm::has_ipip();
     Setup::PLANES
         .into_iter()
-        .chain([Setup::Floor])
+        .chain(Setup::REFERENCES)
         .chain(Setup::SNAT)
         .filter(|s| ipip || *s != Setup::Kernel(KernelBackend::Ipip))
         .filter(|s| only.is_empty() || only.iter().any(|g| g.includes(*s)))

@@ -20,6 +20,7 @@ pub const END: &str = "<!-- bench:end -->";
 
 const TUNL0: Setup = Setup::Kernel(KernelBackend::Ipip);
 const HOST_GW: Setup = Setup::Kernel(KernelBackend::HostGw);
+const EQUAL_MTU: Setup = Setup::HostGwAtIpipMtu;
 
 /// The dataplanes measured on one kernel.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -212,7 +213,7 @@ impl Leg {
         }
         let planes: Vec<Setup> = Setup::PLANES
             .into_iter()
-            .chain([Setup::Floor])
+            .chain(Setup::REFERENCES)
             .filter(|s| r.samples.iter().any(|x| x.setup == *s))
             .collect();
         for offloads in [true, false] {
@@ -229,8 +230,12 @@ impl Leg {
             for s in &planes {
                 let _ = write!(header, " {} |", s.name());
             }
-            header.push_str(" ours ÷ tunl0 | ours ÷ host-gw |");
-            let _ = writeln!(md, "{header}\n|---|---|{}", "---|".repeat(planes.len() + 2));
+            let _ = write!(
+                header,
+                " ours ÷ tunl0 | ours ÷ host-gw | ours ÷ {} |",
+                EQUAL_MTU.name()
+            );
+            let _ = writeln!(md, "{header}\n|---|---|{}", "---|".repeat(planes.len() + 3));
             for m in Measure::PLANES {
                 let _ = write!(md, "| {} | {} |", m.name(), m.unit());
                 for s in &planes {
@@ -238,9 +243,10 @@ impl Leg {
                 }
                 let _ = writeln!(
                     md,
-                    " {} | {} |",
+                    " {} | {} | {} |",
                     ratio(r.ratio(Setup::Ours, TUNL0, m, offloads)),
-                    ratio(r.ratio(Setup::Ours, HOST_GW, m, offloads))
+                    ratio(r.ratio(Setup::Ours, HOST_GW, m, offloads)),
+                    ratio(r.ratio(Setup::Ours, EQUAL_MTU, m, offloads))
                 );
             }
             let _ = writeln!(
@@ -521,10 +527,12 @@ impl Report {
              flannel gives them: {} behind IPIP (ours and tunl0), {} behind VXLAN, {} behind \
              host-gw; at a smaller MTU a stream takes more packets per byte, which is the \
              encapsulation's cost, not the datapath's (docs/BENCHMARKS.md, \"the MTU behind \
-             the gap to host-gw\").\n",
+             the gap to host-gw\"). {} is host-gw with its pods at IPIP's MTU: ours against \
+             it is the datapath without that cost.\n",
             Backend::Ipip.mtu(),
             Backend::Vxlan.mtu(),
             Backend::HostGw.mtu(),
+            EQUAL_MTU.name(),
         );
         for leg in &self.legs {
             leg.markdown(&mut md);
@@ -607,6 +615,24 @@ mod tests {
         );
     }
 
+    /// A report of one leg on this machine.
+    fn report(results: Results) -> Report {
+        Report {
+            command: "cargo xtask bench".into(),
+            date: "2026-11-22 15:00 UTC".into(),
+            minutes: 21.0,
+            host: Machine::here(),
+            legs: vec![Leg {
+                place: "this machine".into(),
+                results,
+                costs: crate::bench::results::parse_costs(
+                    "PROG_COST {\"case\":\"encap\",\"program\":\"bridge_ingress\",\"ns\":597.0,\"rounds\":[589.0,597.0]}",
+                ),
+            }],
+            plot: "benchmarks.png".into(),
+        }
+    }
+
     #[test]
     fn a_saved_run_gives_the_same_report_again() {
         let mut r = results();
@@ -614,20 +640,7 @@ mod tests {
             .push(sample(Setup::Ours, Measure::RrP50, true, 0, 80.0));
         r.samples
             .push(sample(TUNL0, Measure::RrP50, true, 0, 100.0));
-        let report = Report {
-            command: "cargo xtask bench".into(),
-            date: "2026-11-22 15:00 UTC".into(),
-            minutes: 21.0,
-            host: Machine::here(),
-            legs: vec![Leg {
-                place: "this machine".into(),
-                results: r,
-                costs: crate::bench::results::parse_costs(
-                    "PROG_COST {\"case\":\"encap\",\"program\":\"bridge_ingress\",\"ns\":597.0,\"rounds\":[589.0,597.0]}",
-                ),
-            }],
-            plot: "benchmarks.png".into(),
-        };
+        let report = report(r);
         let saved = serde_json::to_string(&report).unwrap();
         let again: Report = serde_json::from_str(&saved).unwrap();
         assert_eq!(again.markdown(), report.markdown());
@@ -669,6 +682,34 @@ mod tests {
         assert_eq!(target.shown(0.847), "0.847×");
         assert_eq!(target.shown(0.85), "0.85×");
         assert_eq!(target.shown(0.8449), "0.84×");
+    }
+
+    #[test]
+    fn ours_is_set_against_host_gw_at_its_own_mtu_too() {
+        let mut r = results();
+        let stream = Measure::TcpStream;
+        for (setup, gbits) in [(Setup::Ours, 0.9), (HOST_GW, 1.0), (EQUAL_MTU, 0.9)] {
+            r.samples.push(sample(setup, stream, true, 0, gbits));
+        }
+        // The column is named after the MTU the setup gives its pods.
+        assert!(
+            EQUAL_MTU
+                .name()
+                .ends_with(&format!("MTU {}", Backend::Ipip.mtu()))
+        );
+        let md = report(r).markdown();
+        assert!(
+            md.contains(&format!(
+                "| host-gw | {} | ours ÷ tunl0 | ours ÷ host-gw | ours ÷ {} |",
+                EQUAL_MTU.name(),
+                EQUAL_MTU.name()
+            )),
+            "{md}"
+        );
+        assert!(
+            md.contains("| TCP, 1 stream | Gbit/s | 0.900 (0.900–0.900) | 1.00 (1.00–1.00) | 0.900 (0.900–0.900) | — | 0.90× | 1.00× |"),
+            "{md}"
+        );
     }
 
     #[test]
