@@ -248,9 +248,9 @@ struct Cluster {
     setup: Setup,
     lab: LabGuard,
     client: Host,
+    /// What the client's traffic goes to: the outside host's servers for the
+    /// masquerades, the other pod's otherwise.
     servers: Servers,
-    /// On the outside host, beyond the router (none on the floor).
-    outside: Option<Servers>,
 }
 
 impl Cluster {
@@ -261,28 +261,20 @@ impl Cluster {
             _ => cluster::create_with(Topology::pair(), agent, setup.masquerade(), &setup)?,
         };
         let pod = |i: usize| Host::from(lab.topology.pods_of(&lab.topology.nodes[i]).remove(0));
-        let (client, server) = (pod(0), pod(1));
-        let cc = congestion.name();
-        let servers = Servers::start(&lab.netns(&server.name), server.address, cc)?;
-        // The floor has no outside host: its pods' connections are the floor of the
-        // masquerade's too.
-        let outside = match setup {
-            Setup::Floor => None,
-            _ => {
-                let outside = &lab.topology.outside;
-                Some(Servers::start(
-                    &lab.netns(&outside.name),
-                    outside.address,
-                    cc,
-                )?)
-            }
+        let client = pod(0);
+        let (server, address) = if Setup::SNAT.contains(&setup) {
+            let outside = &lab.topology.outside;
+            (outside.name.clone(), outside.address)
+        } else {
+            let pod = pod(1);
+            (pod.name, pod.address)
         };
+        let servers = Servers::start(&lab.netns(&server), address, congestion.name())?;
         Ok(Self {
             setup,
             lab,
             client,
             servers,
-            outside,
         })
     }
 
@@ -301,15 +293,6 @@ impl Cluster {
             .collect()
     }
 
-    /// The servers the client's traffic goes to: the outside host's for the
-    /// masquerades, the other pod's otherwise.
-    fn target(&self) -> &Servers {
-        match &self.outside {
-            Some(outside) if Setup::SNAT.contains(&self.setup) => outside,
-            _ => &self.servers,
-        }
-    }
-
     fn client_ns(&self) -> String {
         self.lab.netns(&self.client.name)
     }
@@ -321,7 +304,7 @@ impl Cluster {
     fn warm_up(&self, congestion: Congestion) -> Result<()> {
         load::rr(
             &self.client_ns(),
-            self.target().rr,
+            self.servers.rr,
             congestion.name(),
             WARM_UP,
         )
@@ -413,13 +396,8 @@ pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Resul
     }
     drop((_rules, _routes));
     for c in clusters {
-        let Cluster {
-            lab,
-            servers,
-            outside,
-            ..
-        } = c;
-        drop((servers, outside));
+        let Cluster { lab, servers, .. } = c;
+        drop(servers);
         lab.teardown()?;
     }
     Ok(results)
@@ -478,7 +456,7 @@ fn measure(
         })
     };
     if Setup::SNAT.contains(&c.setup) {
-        return Ok(vec![conn_rate(Measure::SnatConnRate, c.target().crr)?]);
+        return Ok(vec![conn_rate(Measure::SnatConnRate, c.servers.crr)?]);
     }
     let mut out = Vec::new();
     if only.runs(Test::Tcp) {
