@@ -46,7 +46,7 @@ pub enum Setup {
     SnatRouted,
     /// host-gw with its pods at IPIP's MTU (1480), as if it paid a tunnel's 20 bytes a
     /// packet: ours against it is the datapath alone, without the encapsulation's smaller
-    /// packets (docs/BENCHMARKS.md, "the MTU behind the gap to host-gw").
+    /// packets (docs/BENCHMARKS.md, "one stream at IPIP's MTU").
     HostGwAtIpipMtu,
     /// No dataplane: the two pods joined by one veth, no node between them. What the
     /// machine, the kernel's TCP and UDP and the load generators take on their own,

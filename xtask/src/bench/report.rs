@@ -525,10 +525,11 @@ impl Report {
              (in the VM) the emulator; other work on the machine during the run adds noise, \
              which the interleaved runs spread over all dataplanes alike. Pods have the MTU \
              flannel gives them: {} behind IPIP (ours and tunl0), {} behind VXLAN, {} behind \
-             host-gw; at a smaller MTU a stream takes more packets per byte, which is the \
-             encapsulation's cost, not the datapath's (docs/BENCHMARKS.md, \"the MTU behind \
-             the gap to host-gw\"). {} is host-gw with its pods at IPIP's MTU: ours against \
-             it is the datapath without that cost.\n",
+             host-gw; at a smaller MTU a stream takes more packets per byte (with offloads \
+             on, mostly at the end of each write, whose tail Nagle's algorithm may split), \
+             which is the encapsulation's cost, not the datapath's (docs/BENCHMARKS.md, \
+             \"one stream at IPIP's MTU\"). {} is host-gw with its pods at IPIP's MTU: ours \
+             against it is the datapath without that cost.\n",
             Backend::Ipip.mtu(),
             Backend::Vxlan.mtu(),
             Backend::HostGw.mtu(),
