@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use ipnet::Ipv4Net;
 
 use super::{
-    host::{self, Machine},
+    host::{self, Busy, CpuTimes, Machine},
     load::{self, Servers},
     results::{Measure, Results, Sample},
 };
@@ -410,11 +410,11 @@ fn rotated<T>(items: &[T], run: usize) -> impl Iterator<Item = &T> {
     items[start..].iter().chain(&items[..start])
 }
 
-/// Runs `f`, and returns what it returned with the CPU seconds the machine spent.
-fn with_cpu<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
-    let before = host::busy_seconds()?;
+/// Runs `f`, and returns what it returned with the CPU time the machine spent.
+fn with_cpu<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Busy)> {
+    let before = CpuTimes::read()?;
     let value = f()?;
-    Ok((value, host::busy_seconds()? - before))
+    Ok((value, CpuTimes::read()?.since(&before)))
 }
 
 fn measure(
@@ -427,7 +427,7 @@ fn measure(
     let duration = Duration::from_secs(plan.seconds);
     let client = c.client_ns();
     let cc = plan.congestion.name();
-    let sample = |measure: Measure, value: f64, cpu: f64, units: f64| Sample {
+    let sample = |measure: Measure, value: f64, cpu: Busy, units: f64| Sample {
         setup: c.setup,
         offloads,
         run,
@@ -435,7 +435,8 @@ fn measure(
         value,
         // CPU microseconds per unit of work (a transaction, a connection, a packet, a
         // megabyte).
-        cpu_us_per_unit: cpu * 1e6 / units.max(1.0),
+        cpu_us_per_unit: cpu.seconds * 1e6 / units.max(1.0),
+        busiest_cpu: Some(cpu.busiest),
         failed: 0,
     };
     let conn_rate = |measure: Measure, server: SocketAddrV4| -> Result<Sample> {

@@ -249,9 +249,16 @@ impl Leg {
                     ratio(r.ratio(Setup::Ours, EQUAL_MTU, m, offloads))
                 );
             }
+            // Runs saved before the busiest CPU was measured have no brackets.
+            let busiest = if r.samples.iter().any(|s| s.busiest_cpu.is_some()) {
+                "; in brackets, how busy the busiest CPU was (median): near 100 %, one CPU \
+                 bounds the figure, whatever the others have to spare"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 md,
-                "\nCPU per unit of work (median), offloads {}:\n",
+                "\nCPU per unit of work (median), offloads {}{busiest}:\n",
                 on_off(offloads)
             );
             let mut header = String::from("| measure | unit |");
@@ -268,9 +275,12 @@ impl Leg {
             ] {
                 let _ = write!(md, "| {} | {} |", m.name(), m.cpu_unit());
                 for s in &planes {
-                    let cpu = r
-                        .summary(*s, m, offloads)
-                        .map_or("—".into(), |s| num(s.cpu));
+                    let cpu =
+                        r.summary(*s, m, offloads)
+                            .map_or("—".into(), |s| match s.busiest_cpu {
+                                Some(b) => format!("{} ({:.0} %)", num(s.cpu), b * 100.0),
+                                None => num(s.cpu),
+                            });
                     let _ = write!(md, " {cpu} |");
                 }
                 md.push('\n');
@@ -588,6 +598,7 @@ mod tests {
             measure,
             value,
             cpu_us_per_unit: 2000.0,
+            busiest_cpu: None,
             failed: 0,
         }
     }
@@ -709,6 +720,31 @@ mod tests {
         );
         assert!(
             md.contains("| TCP, 1 stream | Gbit/s | 0.900 (0.900–0.900) | 1.00 (1.00–1.00) | 0.900 (0.900–0.900) | — | 0.90× | 1.00× |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn the_cpu_table_shows_how_busy_the_busiest_cpu_was_where_it_was_measured() {
+        let mut r = results();
+        let stream = Measure::TcpStream;
+        // A run saved before the busiest CPU was measured: no brackets, no word of them.
+        r.samples.push(sample(HOST_GW, stream, true, 0, 22.0));
+        let before = report(r.clone()).markdown();
+        assert!(!before.contains("busiest"), "{before}");
+        for (run, busiest) in [(0, 0.98), (1, 1.0), (2, 0.5)] {
+            r.samples.push(Sample {
+                busiest_cpu: Some(busiest),
+                ..sample(Setup::Ours, stream, true, run, 20.0)
+            });
+        }
+        let md = report(r).markdown();
+        assert!(
+            md.contains("in brackets, how busy the busiest CPU was"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| TCP, 1 stream | µs/MB | 2000 (98 %) | 2000 |"),
             "{md}"
         );
     }

@@ -92,6 +92,10 @@ pub struct Sample {
     pub measure: Measure,
     pub value: f64,
     pub cpu_us_per_unit: f64,
+    /// The busiest CPU's busy share of the measurement (0–1); absent from runs saved
+    /// before it was measured.
+    #[serde(default)]
+    pub busiest_cpu: Option<f64>,
     /// Units of work that failed and are not in `value` (connections, for the
     /// connection rates).
     #[serde(default)]
@@ -104,8 +108,11 @@ impl Sample {
             0 => String::new(),
             n => format!(", {n} failed"),
         };
+        let busiest = self.busiest_cpu.map_or(String::new(), |b| {
+            format!(", busiest CPU {:.0} %", b * 100.0)
+        });
         format!(
-            "{:32} {:>12.3} {:8} (CPU {:.1} {}{failed})",
+            "{:32} {:>12.3} {:8} (CPU {:.1} {}{busiest}{failed})",
             self.measure.name(),
             self.value,
             self.measure.unit(),
@@ -174,6 +181,7 @@ impl Results {
         Summary::of(
             samples.iter().map(|s| s.value).collect(),
             samples.iter().map(|s| s.cpu_us_per_unit).collect(),
+            samples.iter().filter_map(|s| s.busiest_cpu).collect(),
         )
     }
 
@@ -225,17 +233,19 @@ impl Results {
     }
 }
 
-/// Median and spread (min, max) of a cell, and the median CPU per unit.
+/// Median and spread (min, max) of a cell, the median CPU per unit, and the median
+/// busy share of the busiest CPU (where the runs measured it).
 #[derive(Debug, Clone, Copy)]
 pub struct Summary {
     pub median: f64,
     pub min: f64,
     pub max: f64,
     pub cpu: f64,
+    pub busiest_cpu: Option<f64>,
 }
 
 impl Summary {
-    fn of(values: Vec<f64>, cpu: Vec<f64>) -> Option<Self> {
+    fn of(values: Vec<f64>, cpu: Vec<f64>, busiest: Vec<f64>) -> Option<Self> {
         if values.is_empty() {
             return None;
         }
@@ -246,6 +256,7 @@ impl Summary {
             min,
             max,
             cpu: median(cpu),
+            busiest_cpu: (!busiest.is_empty()).then(|| median(busiest)),
         })
     }
 }
