@@ -155,6 +155,9 @@ pub fn targets(results: &Results) -> Vec<Target> {
 impl Leg {
     fn markdown(&self, md: &mut String) {
         let r = &self.results;
+        // Runs saved before the busiest CPU was measured have no brackets, and no word of
+        // them.
+        let busiest_measured = r.samples.iter().any(|s| s.busiest_cpu.is_some());
         let _ = writeln!(
             md,
             "### On {}: kernel {}\n\n{} CPUs; kernel {} ({}). TCP congestion control: {} \
@@ -249,8 +252,7 @@ impl Leg {
                     ratio(r.ratio(Setup::Ours, EQUAL_MTU, m, offloads))
                 );
             }
-            // Runs saved before the busiest CPU was measured have no brackets.
-            let busiest = if r.samples.iter().any(|s| s.busiest_cpu.is_some()) {
+            let busiest = if busiest_measured {
                 "; in brackets, how busy the busiest CPU was (median): near 100 %, one CPU \
                  bounds the figure, whatever the others have to spare"
             } else {
@@ -275,13 +277,7 @@ impl Leg {
             ] {
                 let _ = write!(md, "| {} | {} |", m.name(), m.cpu_unit());
                 for s in &planes {
-                    let cpu =
-                        r.summary(*s, m, offloads)
-                            .map_or("—".into(), |s| match s.busiest_cpu {
-                                Some(b) => format!("{} ({:.0} %)", num(s.cpu), b * 100.0),
-                                None => num(s.cpu),
-                            });
-                    let _ = write!(md, " {cpu} |");
+                    let _ = write!(md, " {} |", cpu_cell(r.summary(*s, m, offloads)));
                 }
                 md.push('\n');
             }
@@ -294,7 +290,12 @@ impl Leg {
              kernel's connection tracking; no BPF on those nodes), and the same \
              connections with no translation at all (our agent without `--ip-masq`, the \
              router routing the pod subnets back to their nodes), which shows the part \
-             of each connection's time that translation can take:\n"
+             of each connection's time that translation can take{}:\n",
+            if busiest_measured {
+                "; in brackets beside the CPU, how busy the busiest CPU was (median)"
+            } else {
+                ""
+            }
         );
         let _ = writeln!(
             md,
@@ -303,7 +304,7 @@ impl Leg {
         let m = Measure::SnatConnRate;
         for offloads in [true, false] {
             let summary = |s| r.summary(s, m, offloads);
-            let cpu = |s| summary(s).map_or("—".into(), |s| num(s.cpu));
+            let cpu = |s| cpu_cell(summary(s));
             let vs_iptables = |s| ratio(r.ratio(s, Setup::SnatIptables, m, offloads));
             let _ = writeln!(
                 md,
@@ -466,6 +467,14 @@ fn failures(r: &Results) -> String {
             failed.join("; ")
         )
     }
+}
+
+/// CPU per unit of work, with how busy the busiest CPU was where the runs measured it.
+fn cpu_cell(s: Option<Summary>) -> String {
+    s.map_or("—".into(), |s| match s.busiest_cpu {
+        Some(b) => format!("{} ({:.0} %)", num(s.cpu), b * 100.0),
+        None => num(s.cpu),
+    })
 }
 
 fn cell(s: Option<Summary>) -> String {
@@ -738,9 +747,22 @@ mod tests {
                 ..sample(Setup::Ours, stream, true, run, 20.0)
             });
         }
+        let snat = Measure::SnatConnRate;
+        r.samples.push(Sample {
+            busiest_cpu: Some(0.61),
+            ..sample(Setup::SnatOurs, snat, true, 0, 400.0)
+        });
+        r.samples
+            .push(sample(Setup::SnatIptables, snat, true, 0, 300.0));
         let md = report(r).markdown();
         assert!(
             md.contains("in brackets, how busy the busiest CPU was"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| on | 400 (400–400) | 300 (300–300) | — | 1.33× | — | 2000 (61 %) | 2000 | — |"
+            ),
             "{md}"
         );
         assert!(
