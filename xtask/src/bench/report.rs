@@ -636,6 +636,12 @@ mod tests {
         );
     }
 
+    /// Asserts that `md` holds `part`, showing all of `md` when it does not.
+    #[track_caller]
+    fn assert_shows(md: &str, part: &str) {
+        assert!(md.contains(part), "{md}");
+    }
+
     /// A report of one leg on this machine.
     fn report(results: Results) -> Report {
         Report {
@@ -719,17 +725,17 @@ mod tests {
                 .ends_with(&format!("MTU {}", Backend::Ipip.mtu()))
         );
         let md = report(r).markdown();
-        assert!(
-            md.contains(&format!(
+        assert_shows(
+            &md,
+            &format!(
                 "| host-gw | {} | ours ÷ tunl0 | ours ÷ host-gw | ours ÷ {} |",
                 EQUAL_MTU.name(),
                 EQUAL_MTU.name()
-            )),
-            "{md}"
+            ),
         );
-        assert!(
-            md.contains("| TCP, 1 stream | Gbit/s | 0.900 (0.900–0.900) | 1.00 (1.00–1.00) | 0.900 (0.900–0.900) | — | 0.90× | 1.00× |"),
-            "{md}"
+        assert_shows(
+            &md,
+            "| TCP, 1 stream | Gbit/s | 0.900 (0.900–0.900) | 1.00 (1.00–1.00) | 0.900 (0.900–0.900) | — | 0.90× | 1.00× |",
         );
     }
 
@@ -755,20 +761,12 @@ mod tests {
         r.samples
             .push(sample(Setup::SnatIptables, snat, true, 0, 300.0));
         let md = report(r).markdown();
-        assert!(
-            md.contains("in brackets, how busy the busiest CPU was"),
-            "{md}"
+        assert_shows(&md, "in brackets, how busy the busiest CPU was");
+        assert_shows(
+            &md,
+            "| on | 400 (400–400) | 300 (300–300) | — | 1.33× | — | 2000 (61 %) | 2000 | — |",
         );
-        assert!(
-            md.contains(
-                "| on | 400 (400–400) | 300 (300–300) | — | 1.33× | — | 2000 (61 %) | 2000 | — |"
-            ),
-            "{md}"
-        );
-        assert!(
-            md.contains("| TCP, 1 stream | µs/MB | 2000 (98 %) | 2000 |"),
-            "{md}"
-        );
+        assert_shows(&md, "| TCP, 1 stream | µs/MB | 2000 (98 %) | 2000 |");
     }
 
     #[test]
@@ -796,13 +794,11 @@ mod tests {
         let mut md = String::new();
         above_floor(&r, &planes, &mut md);
         // Host-gw below the floor shows as such, and gives no ratio.
-        assert!(
-            md.contains(
-                "| request/response latency p50 | µs/trans | on | 500 | +40.0 | +140 | −20.0 | 0.29× | — |"
-            ),
-            "{md}"
+        assert_shows(
+            &md,
+            "| request/response latency p50 | µs/trans | on | 500 | +40.0 | +140 | −20.0 | 0.29× | — |",
         );
-        assert!(md.contains("| off | +1500 | +2500 | — | 0.60× |"), "{md}");
+        assert_shows(&md, "| off | +1500 | +2500 | — | 0.60× |");
         // Without the floor there is nothing to set against.
         let mut none = String::new();
         above_floor(&r, &planes[..3], &mut none);
