@@ -21,6 +21,7 @@ use crate::{
     bpffs,
     config::NetConf,
     datapath::{Datapath, LoadOptions},
+    fast_path::{self, Driver},
     host::{
         self, Host,
         events::{Change, HostEvents},
@@ -50,6 +51,8 @@ pub struct Options {
     pub conntrack_entries: u32,
     pub ct_sweep: Duration,
     pub bpf_log_level: BpfLogLevel,
+    /// `--fast-path`.
+    pub fast_path: fast_path::Mode,
 }
 
 /// Signals that end the run.
@@ -195,6 +198,9 @@ async fn serve(
     let mut looks = Looks::default();
     let mut warned = BTreeSet::new();
     let mut bridge_seen = BridgeSeen::default();
+    let mut fast = Driver::start(opts.fast_path);
+    switch_fast_path(&fast, status, dp, rec)?;
+    let mut admission = tokio::time::interval(fast_path::PASS_EVERY);
     let result = loop {
         // /healthz judges the loop by this: every branch below returns to it.
         status.heartbeat();
@@ -208,6 +214,29 @@ async fn serve(
             _ = resync.tick() => {}
             _ = ct_sweep.tick() => {
                 sweep(dp, status);
+                continue;
+            }
+            event = fast.next_event() => {
+                if matches!(event, Ok(fast_path::netfilter::Event::Committed)) {
+                    status.ruleset_changed();
+                }
+                if fast.handle(event, &mut dp.flows)
+                    && let Err(e) = switch_fast_path(&fast, status, dp, rec)
+                {
+                    break Err(e);
+                }
+                continue;
+            }
+            _ = admission.tick() => {
+                if fast.check_legacy()
+                    && let Err(e) = switch_fast_path(&fast, status, dp, rec)
+                {
+                    break Err(e);
+                }
+                match fast.pass(&mut dp.flows, crate::conntrack::monotonic_ns()) {
+                    Ok(pass) => status.admission(pass),
+                    Err(e) => warn!(error = format!("{e:#}"), "fast path admission failed; retrying"),
+                }
                 continue;
             }
             changed = next_change(&mut events) => {
@@ -254,6 +283,20 @@ async fn serve(
     };
     source.abort();
     result
+}
+
+/// Tells the programs (and the status) whether the fast path is on, and under which
+/// ruleset generation. A failure to write the configuration ends the run: the
+/// programs would go on trusting rules the host has changed.
+fn switch_fast_path(
+    fast: &Driver,
+    status: &Status,
+    dp: &mut Datapath,
+    rec: &mut Reconciler,
+) -> Result<()> {
+    let state = fast.state();
+    status.fast_path_switched(state.on(), state.blocked());
+    rec.set_fast_path(dp, state.switch())
 }
 
 /// How long the agent lets notifications gather before it looks: a pod's start is a

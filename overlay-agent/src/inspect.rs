@@ -12,7 +12,9 @@ use serde::Serialize;
 
 use crate::{
     conntrack::{Conntrack, Flow},
-    datapath::{Config, Counters, NatEvents, Peers, Routes, maps::open_pinned, outcome_kind},
+    datapath::{
+        Config, Counters, Flows, NatEvents, Peers, Routes, maps::open_pinned, outcome_kind,
+    },
 };
 
 /// How a view is printed.
@@ -273,6 +275,104 @@ impl View for NatView {
         for (event, n) in &self.events {
             writeln!(out, "{event:<24} {n:>12}")?;
         }
+        Ok(out)
+    }
+}
+
+/// One direction of the fast path's flow table.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FastFlowRow {
+    pub proto: String,
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    /// What the fast path makes of it: `fast` (admitted, seen under the current
+    /// ruleset), `admitted-unseen` (admitted, to be seen again under the current
+    /// ruleset), `stale` (its admission ran out), `closing`, `refused` (the host
+    /// translates it), `host` (not admitted yet).
+    pub state: &'static str,
+    pub host_packets: u32,
+    /// Seconds since the fast path last carried it; None: never.
+    pub fast_seconds_ago: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FastFlowsView {
+    /// Whether the programs may take admitted flows at all.
+    pub fast_path_on: bool,
+    pub ruleset_generation: u32,
+    pub flows: Vec<FastFlowRow>,
+}
+
+/// The fast path's flow table, busiest directions first.
+pub fn flows(pin_dir: &Path) -> Result<FastFlowsView> {
+    use overlay_common::flows::{CLOSING, REFUSED};
+    let config = Config::new(open_pinned(pin_dir, names::CONFIG)?)?.get()?;
+    let now = crate::conntrack::monotonic_ns();
+    let mut flows: Vec<FastFlowRow> = Flows::new(open_pinned(pin_dir, names::FLOWS)?)?
+        .entries()?
+        .into_iter()
+        .map(|(k, s)| {
+            let state = if s.flags & REFUSED != 0 {
+                "refused"
+            } else if s.flags & CLOSING != 0 {
+                "closing"
+            } else if s.admitted == 0 {
+                "host"
+            } else if s.stale(now) {
+                "stale"
+            } else if s.seen_gen != config.ruleset_gen {
+                "admitted-unseen"
+            } else {
+                "fast"
+            };
+            FastFlowRow {
+                proto: proto_name(k.proto),
+                src: (Ipv4Addr::from(k.src), u16::from_be_bytes(k.sport)).into(),
+                dst: (Ipv4Addr::from(k.dst), u16::from_be_bytes(k.dport)).into(),
+                state,
+                host_packets: s.host_packets,
+                fast_seconds_ago: (s.last_fast_ns != 0)
+                    .then(|| now.saturating_sub(s.last_fast_ns) / 1_000_000_000),
+            }
+        })
+        .collect();
+    flows.sort_by_key(|f| std::cmp::Reverse(f.host_packets));
+    Ok(FastFlowsView {
+        fast_path_on: config.fast_path(),
+        ruleset_generation: config.ruleset_gen,
+        flows,
+    })
+}
+
+impl View for FastFlowsView {
+    fn table(&self) -> Result<String> {
+        let mut out = format!(
+            "fast path {}, ruleset generation {}\n{:<5} {:<22} {:<22} {:<16} {:>12} {:>10}\n",
+            if self.fast_path_on { "on" } else { "off" },
+            self.ruleset_generation,
+            "PROTO",
+            "SOURCE",
+            "DESTINATION",
+            "STATE",
+            "HOST PKTS",
+            "FAST AGO"
+        );
+        for f in &self.flows {
+            let ago = f
+                .fast_seconds_ago
+                .map_or("-".to_owned(), |s| format!("{s}s"));
+            writeln!(
+                out,
+                "{:<5} {:<22} {:<22} {:<16} {:>12} {:>10}",
+                f.proto,
+                f.src.to_string(),
+                f.dst.to_string(),
+                f.state,
+                f.host_packets,
+                ago
+            )?;
+        }
+        writeln!(out, "{} directions", self.flows.len())?;
         Ok(out)
     }
 }

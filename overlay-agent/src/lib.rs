@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;
+pub mod fast_path;
 pub mod host;
 pub mod http;
 pub mod inspect;

@@ -11,7 +11,7 @@ use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use overlay_agent::{
     agent,
     bpf_log::BpfLogLevel,
-    bpffs, cleanup, http,
+    bpffs, cleanup, fast_path, http,
     inspect::{self, Format, View},
     masq::{self, PortRange, TimeoutOverride},
     nodes::{
@@ -59,6 +59,12 @@ enum Command {
     },
     /// Print the masquerade connection table and its events.
     Nat {
+        #[command(flatten)]
+        inspect: InspectArgs,
+    },
+    /// Print the fast path's flow table: which flows skip the host stack, and why the
+    /// others do not.
+    Flows {
         #[command(flatten)]
         inspect: InspectArgs,
     },
@@ -179,6 +185,15 @@ struct RunArgs {
     /// the datapath nothing. Their records are log events with target `bpf`.
     #[arg(long, value_enum, default_value_t = BpfLogLevel::Off)]
     bpf_log_level: BpfLogLevel,
+    /// Which flows may skip the host stack. `established`: established flows the host
+    /// forwarded unchanged under its current netfilter ruleset (everything else, and
+    /// every flow while the legacy iptables backend holds tables, goes through it).
+    /// `off`: every packet goes through the host stack, as with flanneld's kernel
+    /// tunnel; for hosts whose netfilter rules decide on more than a flow's first
+    /// packets and its conntrack state (per-packet rate or size limits, ipset
+    /// blocklists without a conntrack accept before them).
+    #[arg(long, value_enum, default_value_t = fast_path::Mode::Established)]
+    fast_path: fast_path::Mode,
 }
 
 fn init_logging(format: LogFormat) {
@@ -233,6 +248,7 @@ async fn async_main() {
         }
         Command::Nodes { inspect } => inspect.print(inspect::nodes(&inspect.pin_dir())),
         Command::Nat { inspect } => inspect.print(inspect::nat(&inspect.pin_dir())),
+        Command::Flows { inspect } => inspect.print(inspect::flows(&inspect.pin_dir())),
         Command::Cleanup { pins, subnet_file } => cleanup::run(&pins.bpffs, &subnet_file)
             .await
             .map(|t| print!("{t}")),
@@ -287,6 +303,7 @@ async fn run(args: RunArgs) -> Result<()> {
             conntrack_entries: args.conntrack_size,
             ct_sweep: Duration::from_secs(args.ct_gc_seconds.max(1)),
             bpf_log_level: args.bpf_log_level,
+            fast_path: args.fast_path,
         },
         status,
     )

@@ -172,6 +172,19 @@ const CONNTRACK_REMOVED: Family = Family::counter(
     "Connection-table entries removed by sweeps: expired flows, and reply entries that lost their flow",
 );
 
+const FAST_PATH_ON: Family = Family::gauge(
+    "fast_path_on",
+    "The programs may take admitted flows past the host stack (0: every packet goes through it)",
+);
+const RULESET_CHANGES: Family = Family::counter(
+    "ruleset_changes",
+    "Commits of the host's netfilter ruleset seen: each sends every flow through the host again",
+);
+const FAST_PATH_FLOWS: Family = Family::counter(
+    "fast_path_flows",
+    "Flow directions by what admission did: admitted, refused (translated by the host), refreshed (conntrack entry kept alive), forgotten (the host no longer tracks it)",
+);
+
 // The datapath.
 const DATAPATH_UP: Family = Family::gauge(
     "datapath_up",
@@ -242,6 +255,19 @@ impl Exporter {
         RECONCILE_PASSES.counter_value(enc, totals.passes)?;
         RECONCILE_FAILURES.counter_value(enc, totals.failures)?;
         RECONCILE_DURATION.one(enc, s.reconcile_seconds())?;
+        let fast = s.fast_path();
+        FAST_PATH_ON.gauge_value(enc, fast.on.into())?;
+        RULESET_CHANGES.counter_value(enc, fast.ruleset_changes)?;
+        let admission = [
+            ("admitted", fast.admitted),
+            ("refused", fast.refused),
+            ("refreshed", fast.refreshed),
+            ("forgotten", fast.forgotten),
+        ];
+        FAST_PATH_FLOWS.rows(
+            enc,
+            admission.map(|(what, n)| ([("action", what)], ConstCounter::new(n))),
+        )?;
         let sweeps = s.sweeps();
         CONNTRACK_SWEEPS.counter_value(enc, sweeps.sweeps)?;
         let removed = [("expired", sweeps.expired), ("orphan", sweeps.orphans)];
@@ -254,7 +280,7 @@ impl Exporter {
     fn encode_datapath(&self, enc: &mut DescriptorEncoder, maps: &Maps) -> fmt::Result {
         let uplink = self.status.uplink();
         let interface = |hook: Hook| match hook {
-            Hook::BridgeIngress => self.bridge.as_str(),
+            Hook::BridgeIngress | Hook::BridgeEgress => self.bridge.as_str(),
             Hook::UplinkIngress | Hook::UplinkEgress => uplink.as_str(),
             Hook::PodIngress => "pod veths",
         };

@@ -11,12 +11,16 @@ use std::{
 use anyhow::Result;
 use futures::{StreamExt as _, TryStreamExt as _, stream};
 use ipnet::Ipv4Net;
-use overlay_common::{DatapathConfig, Hook, config::FLAG_MASQUERADE};
+use overlay_common::{
+    DatapathConfig, Hook,
+    config::{FLAG_FAST_PATH, FLAG_MASQUERADE},
+};
 use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::{
     datapath::{Datapath, maps::Changes},
+    fast_path,
     host::{self, Host, OverlayRoute},
     masq,
     nodes::{NodeError, NodeInfo, NodeSet, address::OwnAddress},
@@ -133,6 +137,15 @@ impl Uplink {
     }
 }
 
+fn with_fast_path(mut config: DatapathConfig, switch: fast_path::Switch) -> DatapathConfig {
+    config.flags &= !FLAG_FAST_PATH;
+    if switch.on {
+        config.flags |= FLAG_FAST_PATH;
+    }
+    config.ruleset_gen = switch.generation;
+    config
+}
+
 /// What one pass changed.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -157,6 +170,7 @@ pub struct Reconciler {
     pub settings: NodeSettings,
     subnet_env: Option<SubnetEnv>,
     config: Option<DatapathConfig>,
+    fast_path: fast_path::Switch,
 }
 
 impl Reconciler {
@@ -166,13 +180,27 @@ impl Reconciler {
             settings,
             subnet_env: None,
             config: None,
+            fast_path: fast_path::Switch::default(),
         }
+    }
+
+    /// Turns the fast path on or off and moves its ruleset generation, in the
+    /// programs' configuration at once when there is one already: until they see a new
+    /// generation, admitted flows keep skipping rules the host just changed.
+    pub fn set_fast_path(&mut self, dp: &mut Datapath, switch: fast_path::Switch) -> Result<()> {
+        self.fast_path = switch;
+        if let Some(config) = self.config {
+            let config = with_fast_path(config, switch);
+            dp.config.set(config)?;
+            self.config = Some(config);
+        }
+        Ok(())
     }
 
     /// The datapath configuration for `desired` under these settings.
     pub fn datapath_config(&self, desired: &Desired) -> DatapathConfig {
         let s = &self.settings;
-        DatapathConfig {
+        let config = DatapathConfig {
             node_ip: desired.own.tunnel_ip.octets(),
             pod_subnet: desired.own.pod_cidr.network().octets(),
             pod_prefix_len: desired.own.pod_cidr.prefix_len(),
@@ -188,7 +216,10 @@ impl Reconciler {
             // attached anywhere yet either) takes nothing.
             bridge_mac: host::mac_by_name(&s.bridge).unwrap_or_default(),
             _pad2: [0; 2],
-        }
+            ruleset_gen: 0,
+            _pad3: 0,
+        };
+        with_fast_path(config, self.fast_path)
     }
 
     /// One pass: datapath maps first (so encapsulation is ready before routes steer
@@ -341,9 +372,11 @@ impl Reconciler {
         }
     }
 
-    /// Attaches to the pod bridge once it exists (the CNI bridge plugin creates it with
-    /// the first pod) and again if it is recreated. Returns whether it is attached.
+    /// Attaches to the pod bridge (both ways) once it exists (the CNI bridge plugin
+    /// creates it with the first pod) and again if it is recreated. Returns whether it
+    /// is attached.
     async fn sync_bridge(&self, dp: &mut Datapath) -> Result<bool> {
+        const HOOKS: [Hook; 2] = [Hook::BridgeIngress, Hook::BridgeEgress];
         let (bridge, pod_mtu) = (&self.settings.bridge, self.settings.uplink.pod_mtu());
         let Some(ifindex) = host::ifindex_by_name(bridge) else {
             if dp.attachment(Hook::BridgeIngress).is_some() {
@@ -351,20 +384,23 @@ impl Reconciler {
                     bridge,
                     "pod bridge disappeared; waiting for it to come back"
                 );
-                dp.detach(Hook::BridgeIngress);
             }
+            HOOKS.into_iter().for_each(|hook| dp.detach(hook));
             return Ok(false);
         };
-        if dp
-            .attachment(Hook::BridgeIngress)
-            .is_some_and(|a| a.ifindex == ifindex)
-        {
+        let attached =
+            |dp: &Datapath, hook| dp.attachment(hook).is_some_and(|a| a.ifindex == ifindex);
+        if HOOKS.iter().all(|hook| attached(dp, *hook)) {
             return Ok(true);
         }
         if self.host.mtu(ifindex).await? != pod_mtu {
             self.host.set_mtu(ifindex, pod_mtu).await?;
         }
-        dp.attach(Hook::BridgeIngress, bridge)?;
+        for hook in HOOKS {
+            if !attached(dp, hook) {
+                dp.attach(hook, bridge)?;
+            }
+        }
         info!(bridge, mtu = pod_mtu, "attached to the pod bridge");
         Ok(true)
     }

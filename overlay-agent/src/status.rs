@@ -8,7 +8,7 @@ use std::{
 
 use prometheus_client::metrics::histogram::Histogram;
 
-use crate::conntrack::Collected;
+use crate::{conntrack::Collected, fast_path::Pass};
 
 /// Upper bounds of the reconcile duration histogram, in seconds: a pass that only
 /// compares takes milliseconds, one that rewrites thousands of routes seconds.
@@ -66,6 +66,21 @@ pub struct SweepTotals {
     pub entries: Option<usize>,
 }
 
+/// The fast path as the agent runs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FastPathReport {
+    /// The programs may take admitted flows.
+    pub on: bool,
+    /// Why it is off although asked for (`--fast-path=established`).
+    pub blocked: Option<String>,
+    /// Changes of the host's ruleset seen.
+    pub ruleset_changes: u64,
+    pub admitted: u64,
+    pub refused: u64,
+    pub refreshed: u64,
+    pub forgotten: u64,
+}
+
 #[derive(Debug)]
 pub struct Status {
     source: Mutex<SourceHealth>,
@@ -80,6 +95,7 @@ pub struct Status {
     annotations: Mutex<SourceHealth>,
     /// The uplink the agent selected (empty until it has).
     uplink: Mutex<String>,
+    fast_path: Mutex<FastPathReport>,
 }
 
 impl Default for Status {
@@ -94,6 +110,7 @@ impl Default for Status {
             sweeps: Mutex::default(),
             annotations: Mutex::default(),
             uplink: Mutex::default(),
+            fast_path: Mutex::default(),
         }
     }
 }
@@ -150,6 +167,30 @@ impl Status {
         s.expired += c.expired as u64;
         s.orphans += c.orphans as u64;
         s.entries = Some(c.remaining);
+    }
+
+    /// The fast path is on, or off and why.
+    pub fn fast_path_switched(&self, on: bool, blocked: Option<&str>) {
+        let mut f = self.fast_path.lock().unwrap();
+        f.on = on;
+        f.blocked = blocked.map(str::to_owned);
+    }
+
+    pub fn ruleset_changed(&self) {
+        self.fast_path.lock().unwrap().ruleset_changes += 1;
+    }
+
+    /// Records an admission pass.
+    pub fn admission(&self, pass: Pass) {
+        let mut f = self.fast_path.lock().unwrap();
+        f.admitted += pass.admitted as u64;
+        f.refused += pass.refused as u64;
+        f.refreshed += pass.refreshed as u64;
+        f.forgotten += pass.forgotten as u64;
+    }
+
+    pub fn fast_path(&self) -> FastPathReport {
+        self.fast_path.lock().unwrap().clone()
     }
 
     pub fn source(&self) -> SourceHealth {

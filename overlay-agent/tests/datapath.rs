@@ -11,6 +11,7 @@ mod datapath {
     mod traffic;
 
     // Tests, one concern each.
+    mod admission;
     mod bpf_log;
     mod chain;
     mod conntrack;
@@ -18,6 +19,7 @@ mod datapath {
     mod decap;
     mod egress;
     mod encap;
+    mod fast_path;
     mod host_events;
     mod http;
     mod icmp;

@@ -8,6 +8,9 @@ pub const KUBE_PROXY_MASQ_MARK: u32 = 0x4000;
 
 /// `DatapathConfig::flags`: masquerade is on (flanneld `--ip-masq`).
 pub const FLAG_MASQUERADE: u8 = 1 << 0;
+/// `DatapathConfig::flags`: the fast path may take flows the agent admitted (see
+/// [`crate::flows`]). Clear, every packet goes through the host stack.
+pub const FLAG_FAST_PATH: u8 = 1 << 1;
 
 /// Default range of translated source ports: above Linux's default ephemeral range
 /// (32768-60999), so the node's own connections never pick them.
@@ -44,6 +47,10 @@ pub struct DatapathConfig {
     /// addressed to it. Zero while unknown.
     pub bridge_mac: [u8; 6],
     pub _pad2: [u8; 2],
+    /// The host's netfilter ruleset generation as the agent last saw it: a flow is on
+    /// the fast path only while the host forwarded it under this one.
+    pub ruleset_gen: u32,
+    pub _pad3: u32,
 }
 
 impl Default for DatapathConfig {
@@ -62,6 +69,8 @@ impl Default for DatapathConfig {
             ct_timeouts: CtTimeouts::DEFAULT,
             bridge_mac: [0; 6],
             _pad2: [0; 2],
+            ruleset_gen: 0,
+            _pad3: 0,
         }
     }
 }
@@ -84,6 +93,10 @@ impl DatapathConfig {
 
     pub const fn masquerade(&self) -> bool {
         self.flags & FLAG_MASQUERADE != 0
+    }
+
+    pub const fn fast_path(&self) -> bool {
+        self.flags & FLAG_FAST_PATH != 0
     }
 
     /// The pod subnet's gateway (first address): the bridge address pods route through,
@@ -137,7 +150,7 @@ mod tests {
 
     #[test]
     fn layout_is_fixed() {
-        assert_eq!(core::mem::size_of::<DatapathConfig>(), 64);
+        assert_eq!(core::mem::size_of::<DatapathConfig>(), 72);
     }
 
     #[test]

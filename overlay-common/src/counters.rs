@@ -17,14 +17,18 @@ pub enum Hook {
     /// Ingress of a local pod's veth (its host end, a port of the bridge): the work of
     /// `BridgeIngress`, done before the bridge sees the frame.
     PodIngress = 3,
+    /// Egress of the pod bridge: what the host stack forwarded to local pods, recorded
+    /// for the fast path.
+    BridgeEgress = 4,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 4] = [
+    pub const ALL: [Hook; 5] = [
         Hook::BridgeIngress,
         Hook::UplinkIngress,
         Hook::UplinkEgress,
         Hook::PodIngress,
+        Hook::BridgeEgress,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -33,6 +37,7 @@ impl Hook {
             Hook::UplinkIngress => "uplink_ingress",
             Hook::UplinkEgress => "uplink_egress",
             Hook::PodIngress => "pod_ingress",
+            Hook::BridgeEgress => "bridge_egress",
         }
     }
 
@@ -43,6 +48,7 @@ impl Hook {
             Hook::UplinkIngress => "uplink_ingress",
             Hook::UplinkEgress => "uplink_egress",
             Hook::PodIngress => "pod_ingress",
+            Hook::BridgeEgress => "bridge_egress",
         }
     }
 }
@@ -138,6 +144,18 @@ pub enum Reason {
     /// A reply translated back to a pod of this node, handed to the pod bridge (as
     /// `DecapsulatedToBridge`).
     UnmasqueradedToBridge,
+    /// From a local pod to a remote pod or the outside, of a flow not on the fast path:
+    /// the host stack routes it (its netfilter and connection tracking decide), and
+    /// `uplink_egress` then encapsulates or masquerades it.
+    PassToHost,
+    /// Decapsulated and handed to the host stack, which forwards it to the pod: its
+    /// flow is not on the fast path.
+    DecapsulatedToHost,
+    /// On the pod bridge's egress: a packet the host forwarded to a local pod, recorded
+    /// in the fast path's flow table.
+    PassFlowRecorded,
+    /// On the pod bridge's egress: nothing recorded, the fast path is off.
+    PassFastPathOff,
 }
 
 /// How a reason reads for an operator.
@@ -149,7 +167,7 @@ pub enum Kind {
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::UnmasqueradedToBridge as u32 + 1;
+    pub const COUNT: u32 = Reason::PassFastPathOff as u32 + 1;
 
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Encapsulated,
@@ -188,6 +206,10 @@ impl Reason {
         Reason::PassNotForGateway,
         Reason::DecapsulatedToBridge,
         Reason::UnmasqueradedToBridge,
+        Reason::PassToHost,
+        Reason::DecapsulatedToHost,
+        Reason::PassFlowRecorded,
+        Reason::PassFastPathOff,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -228,6 +250,10 @@ impl Reason {
             Reason::PassNotForGateway => "pass_not_for_gateway",
             Reason::DecapsulatedToBridge => "decapsulated_to_bridge",
             Reason::UnmasqueradedToBridge => "unmasqueraded_to_bridge",
+            Reason::PassToHost => "pass_to_host",
+            Reason::DecapsulatedToHost => "decapsulated_to_host",
+            Reason::PassFlowRecorded => "pass_flow_recorded",
+            Reason::PassFastPathOff => "pass_fast_path_off",
         }
     }
 
@@ -244,7 +270,8 @@ impl Reason {
             | Reason::UnmasqueradedToPod
             | Reason::MasqueradedToUplink
             | Reason::DecapsulatedToBridge
-            | Reason::UnmasqueradedToBridge => Kind::Forward,
+            | Reason::UnmasqueradedToBridge
+            | Reason::DecapsulatedToHost => Kind::Forward,
             Reason::PassNotIpv4
             | Reason::PassNotOverlay
             | Reason::PassNotTunnel
@@ -255,7 +282,10 @@ impl Reason {
             | Reason::PassFragmentationNeeded
             | Reason::PassNotConfigured
             | Reason::PassForeignSource
-            | Reason::PassNotForGateway => Kind::Pass,
+            | Reason::PassNotForGateway
+            | Reason::PassToHost
+            | Reason::PassFlowRecorded
+            | Reason::PassFastPathOff => Kind::Pass,
             Reason::DropMalformed
             | Reason::DropUnknownPeer
             | Reason::DropNotForThisNode

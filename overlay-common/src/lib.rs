@@ -9,6 +9,7 @@
 pub mod config;
 pub mod conntrack;
 pub mod counters;
+pub mod flows;
 pub mod maps;
 
 pub use config::DatapathConfig;

@@ -19,6 +19,9 @@ pub mod names {
     /// veth on the pod bridge. Not pinned: the agent fills it again within a second of
     /// starting, from the bridge's forwarding table.
     pub const POD_PORTS: &str = "POD_PORTS";
+    /// `LruHashMap<FlowKey, FlowState>`: the fast path's flow table
+    /// ([`crate::flows`]). Pinned, so that flows stay on the fast path across restarts.
+    pub const FLOWS: &str = "FLOWS";
 }
 
 /// Capacity of `POD_PORTS`: pods on one node (Kubernetes allows 110 by default).
@@ -68,4 +71,4 @@ mod pod {
 /// Version of the map layout (names, key and value types, sizes). Pinned maps live
 /// under a directory named after it, so a build with another layout never picks up
 /// maps it cannot read.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;

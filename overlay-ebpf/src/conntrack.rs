@@ -9,6 +9,7 @@ use overlay_common::{
     DatapathConfig,
     conntrack::{CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, Rule, flags},
     counters::NatEvent,
+    flows::FlowKey,
 };
 
 use crate::{
@@ -47,6 +48,18 @@ impl Tuple {
             proto: self.proto,
             dir,
             _pad: [0; 2],
+        }
+    }
+
+    /// The same direction as a key of the fast path's flow table.
+    pub fn flow_key(&self) -> FlowKey {
+        FlowKey {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
         }
     }
 

@@ -16,7 +16,7 @@ use crate::{
     checksum,
     counters::{Verdict, drop, pass, run},
     fib::{self, Path},
-    ipv4,
+    flows, ipv4,
     maps::{PEERS, POD_PORTS, config},
     nat,
     parse::{self, ETH_LEN, Frame, IPPROTO_IPIP, IPV4_LEN, ptr_at},
@@ -79,9 +79,11 @@ fn uplink(ctx: &TcContext) -> Verdict {
     }
     forward_to_pod(
         ctx,
+        cfg,
         &inner,
         [Reason::Decapsulated, Reason::DecapsulatedToBridge],
         Reason::DecapsulatedToStack,
+        Reason::DecapsulatedToHost,
     )
 }
 
@@ -93,8 +95,10 @@ fn unmasqueraded(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
     match parse::frame(ctx) {
         Frame::Ipv4(ip) if cfg.in_pod_subnet(ip.dst_addr) => forward_to_pod(
             ctx,
+            cfg,
             &ip,
             [Reason::UnmasqueradedToPod, Reason::UnmasqueradedToBridge],
+            Reason::Unmasqueraded,
             Reason::Unmasqueraded,
         ),
         _ => pass(Reason::Unmasqueraded),
@@ -104,12 +108,24 @@ fn unmasqueraded(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
 /// Forwards a packet (IPv4 header `ip`, at the start of the frame's network layer) to
 /// a pod of this node in place of the host's router, counted as `fast[0]` when it goes
 /// straight into the pod and `fast[1]` when the bridge delivers it; when it cannot,
-/// hands it to the host stack, counted as `slow`.
+/// hands it to the host stack, counted as `slow`, and when its flow is not on the fast
+/// path, counted as `host`: the host's netfilter and connection tracking then decide
+/// it (and undo kube-proxy's DNAT of a reply) as they would without us.
 #[inline(always)]
-fn forward_to_pod(ctx: &TcContext, ip: &Ipv4Hdr, fast: [Reason; 2], slow: Reason) -> Verdict {
+fn forward_to_pod(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    ip: &Ipv4Hdr,
+    fast: [Reason; 2],
+    slow: Reason,
+    host: Reason,
+) -> Verdict {
     if ip.ttl <= 1 {
         // Let the stack answer with time-exceeded.
         return pass(slow);
+    }
+    if !flows::admits(ctx, cfg, ip) {
+        return pass(host);
     }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     match fib::lookup(ctx, ifindex, ip.src_addr, ip.dst_addr, 0) {

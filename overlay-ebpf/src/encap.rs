@@ -17,7 +17,7 @@ use crate::{
     checksum,
     counters::{Verdict, drop, pack, pass, run, unpack},
     fib::{self, Path},
-    icmp, ipv4,
+    flows, icmp, ipv4,
     maps::{ROUTES, config},
     nat,
     parse::{self, ETH_LEN, Frame, IPPROTO_IPIP, IPV4_LEN, ptr_at},
@@ -91,6 +91,12 @@ fn from_local_pod(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
     if let Err(reason) = fast_path_allows(cfg, &ip) {
         return pass(reason);
     }
+    // The host decides every flow it has not been seen to forward unchanged: kube-proxy,
+    // policy engines, firewalls and its conntrack see such packets as they would
+    // without us, and `uplink_egress` encapsulates what it routes to the overlay.
+    if !flows::admits(ctx, cfg, &ip) {
+        return pass(Reason::PassToHost);
+    }
     let path = match peer_path(ctx, cfg, &ip, peer) {
         Path::FragNeeded { mtu } if parse::dont_fragment(&ip) => {
             return icmp::frag_needed(ctx, cfg, &ip, mtu.saturating_sub(IPV4_LEN as u16));
@@ -122,6 +128,7 @@ fn host(ctx: &TcContext) -> Verdict {
     if ip.proto == IPPROTO_IPIP && ip.src_addr == cfg.node_ip && !cfg.in_cluster(ip.dst_addr) {
         return pass(Reason::PassTunnelled);
     }
+    flows::record_forwarded(ctx, cfg, &ip);
     // Masquerade first: a translated packet may still be bound for a remote pod (rule 6).
     // Translation changes only the source (and checksums) of the header: `ip` still
     // holds all that encapsulation reads.

@@ -2,12 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use overlay_common::{
     Counter, DatapathConfig, PeerStats, Route,
     conntrack::{CtEntry, CtKey},
     counters::{COUNTER_SLOTS, NAT_EVENT_SLOTS},
+    flows::{FLOW_ENTRIES, FlowKey, FlowState},
     maps::{CONNTRACK_ENTRIES, MAX_NODES, MAX_POD_PORTS, PodPort},
 };
 
@@ -32,6 +33,9 @@ pub static NAT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NAT_EVEN
 
 #[map(name = "POD_PORTS")]
 pub static POD_PORTS: HashMap<[u8; 6], PodPort> = HashMap::with_max_entries(MAX_POD_PORTS, 0);
+
+#[map(name = "FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(FLOW_ENTRIES, 0);
 
 /// This node's configuration, once the agent has written it.
 #[inline(always)]

@@ -22,6 +22,15 @@ const PACKAGES: &[&str] = &[
     // The masquerade proof's baseline: flanneld's rules, with the nft backend.
     "iptables",
     "nftables",
+    // The lab's pods: the real CNI plugins (bridge, host-local, portmap, loopback in
+    // /usr/lib/cni), run as containerd runs them with flannel's delegate.
+    "containernetworking-plugins",
+    // The lab's cluster DNS: a real DNS server in a pod.
+    "dnsmasq-base",
+    // The NetworkPolicy engines: kube-router's ipsets, and kube-network-policies'
+    // strict mode, which ends conntrack entries its policies no longer admit.
+    "ipset",
+    "conntrack",
 ];
 // Visible to the deploy checks, which hold deploy/Dockerfile to the same toolchain.
 pub(crate) const BPF_LINKER_VERSION: &str = "0.13";
@@ -40,8 +49,16 @@ pub(crate) fn nightly() -> &'static str {
 /// What running a second kernel takes (`cargo xtask test --kernel`, `kernels`, `bench`):
 /// QEMU (software emulation: nested KVM hangs on these machines), kmod (virtme-ng runs
 /// depmod on the kernel's modules), busybox (virtme-ng's initramfs), and the tools the
-/// benchmark drives inside the VM.
-const VM_PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static", "ethtool"];
+/// benchmark drives inside the VM; ipvsadm and ipset for kube-proxy's IPVS mode, which
+/// needs the VM's kernel (this machine's has no ip_vs).
+const VM_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "kmod",
+    "busybox-static",
+    "ethtool",
+    "ipvsadm",
+    "ipset",
+];
 /// Boots a kernel on the host's own root filesystem (read-only, with writable overlays),
 /// so the binaries built here run inside unchanged.
 const VIRTME_NG_VERSION: &str = "1.42";

@@ -57,7 +57,7 @@ const NL_HANDLE: TcHandle = TcHandle::new(0, 1);
 fn attach_type(hook: Hook) -> TcAttachType {
     match hook {
         Hook::BridgeIngress | Hook::UplinkIngress | Hook::PodIngress => TcAttachType::Ingress,
-        Hook::UplinkEgress => TcAttachType::Egress,
+        Hook::UplinkEgress | Hook::BridgeEgress => TcAttachType::Egress,
     }
 }
 

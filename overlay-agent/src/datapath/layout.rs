@@ -11,6 +11,7 @@ use overlay_common::{
     Counter, DatapathConfig, PeerStats, Route,
     conntrack::{CtEntry, CtKey},
     counters::{COUNTER_SLOTS, NAT_EVENT_SLOTS},
+    flows::{FLOW_ENTRIES, FlowKey, FlowState},
     maps::{MAX_NODES, names},
 };
 
@@ -29,7 +30,7 @@ const fn size<T>() -> u32 {
 }
 
 /// Every map of the datapath as this build defines it.
-pub fn expected(conntrack_entries: u32) -> [MapLayout; 6] {
+pub fn expected(conntrack_entries: u32) -> [MapLayout; 7] {
     let map = |name, map_type, key_size, value_size, max_entries| MapLayout {
         name,
         map_type,
@@ -80,6 +81,13 @@ pub fn expected(conntrack_entries: u32) -> [MapLayout; 6] {
             4,
             8,
             NAT_EVENT_SLOTS,
+        ),
+        map(
+            names::FLOWS,
+            MapType::LruHash,
+            size::<FlowKey>(),
+            size::<FlowState>(),
+            FLOW_ENTRIES,
         ),
     ]
 }
@@ -138,14 +146,15 @@ mod tests {
         assert_eq!(
             (LAYOUT_VERSION, fingerprint),
             (
-                4,
+                5,
                 vec![
                     (8, 4, 16384),
                     (4, 16, 16384),
-                    (4, 64, 1),
-                    (4, 16, 256),
+                    (4, 72, 1),
+                    (4, 16, 320),
                     (16, 32, 1),
-                    (4, 8, 16)
+                    (4, 8, 16),
+                    (16, 32, 65536)
                 ]
             ),
             "the map layout changed: bump overlay_common::maps::LAYOUT_VERSION and update this test"

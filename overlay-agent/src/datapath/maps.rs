@@ -8,15 +8,18 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{
-    Array, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnet::Ipv4Net;
 use overlay_common::{
     Counter, DatapathConfig, Hook, PeerStats, Reason, Route,
     counters::{Kind, NatEvent, index},
+    flows::{FlowKey, FlowState},
     maps::names,
 };
+
+use super::batch;
 
 /// Opens a pinned map of the datapath by name.
 pub fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -209,6 +212,77 @@ impl NatEvents {
             .iter()
             .map(|e| Ok((*e, self.0.get(&(*e as u32), 0)?.iter().sum())))
             .collect()
+    }
+}
+
+/// `FLOWS`: the fast path's flow table (`overlay_common::flows`).
+pub struct Flows(HashMap<MapData, FlowKey, FlowState>);
+
+impl Flows {
+    pub fn new(map: Map) -> Result<Self> {
+        Ok(Self(HashMap::try_from(map).context(names::FLOWS)?))
+    }
+
+    /// Every entry, as the kernel walks the table (the datapath changes it meanwhile).
+    pub fn entries(&self) -> Result<Vec<(FlowKey, FlowState)>> {
+        batch::entries(&self.0).context("reading the flow table")
+    }
+
+    /// Writes `new` for `key` if the entry still reads `old`, leaving what the
+    /// datapath wrote since (a FIN, a new connection) in place. A write can still meet
+    /// a packet's in the instant between: it then loses that packet's count or a
+    /// generation, which sends the flow's next packet through the host, never one past
+    /// it. Returns whether it wrote.
+    pub fn update_if_unchanged(
+        &mut self,
+        key: &FlowKey,
+        old: &FlowState,
+        new: FlowState,
+    ) -> Result<bool> {
+        let current = match self.0.get(key, 0) {
+            Ok(v) => v,
+            Err(e) if absent(&e) => return Ok(false),
+            Err(e) => return Err(e).context("reading a flow"),
+        };
+        // The datapath's own bookkeeping may move on; the state that decides may not.
+        let same = current.admitted == old.admitted
+            && current.flags == old.flags
+            && current.seen_gen == old.seen_gen;
+        if !same {
+            return Ok(false);
+        }
+        let new = FlowState {
+            host_packets: current.host_packets,
+            last_fast_ns: current.last_fast_ns,
+            ..new
+        };
+        // EXIST: an entry the table evicted meanwhile stays evicted.
+        match self
+            .0
+            .insert(key, new, u64::from(aya_obj::generated::BPF_EXIST))
+        {
+            Ok(()) => Ok(true),
+            Err(e) if absent(&e) => Ok(false),
+            Err(e) => Err(e).context("writing a flow"),
+        }
+    }
+
+    /// Removes `key`'s entry; returns whether there was one.
+    pub fn remove(&mut self, key: &FlowKey) -> Result<bool> {
+        match self.0.remove(key) {
+            Ok(()) => Ok(true),
+            Err(e) if absent(&e) => Ok(false),
+            Err(e) => Err(e).context("removing a flow"),
+        }
+    }
+}
+
+/// Whether a map operation failed only because the key is not there.
+fn absent(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 

@@ -18,7 +18,7 @@ use overlay_common::{
 use tracing::warn;
 
 pub use attach::{Attachment, detach_filters, has_tcx, link_pin};
-pub use maps::{Config, Counters, NatEvents, Peers, Routes, outcome_kind};
+pub use maps::{Config, Counters, Flows, NatEvents, Peers, Routes, outcome_kind};
 pub use ports::PodPorts;
 pub use veths::PodHooks;
 
@@ -41,6 +41,7 @@ pub struct Datapath {
     pub conntrack: Conntrack,
     pub nat_events: NatEvents,
     pub pod_ports: PodPorts,
+    pub flows: Flows,
     attachments: Vec<Attachment>,
     /// `pod_ingress` on the pods' veths.
     pub pod_hooks: PodHooks,
@@ -58,13 +59,14 @@ fn program_of(ebpf: &mut Ebpf, hook: Hook) -> &mut SchedClassifier {
 }
 
 /// Names of all maps, in the order they are pinned and checked.
-pub const MAP_NAMES: [&str; 6] = [
+pub const MAP_NAMES: [&str; 7] = [
     names::ROUTES,
     names::PEERS,
     names::CONFIG,
     names::COUNTERS,
     names::CONNTRACK,
     names::NAT_EVENTS,
+    names::FLOWS,
 ];
 
 /// How to load the datapath.
@@ -128,6 +130,7 @@ impl Datapath {
         let nat_events = NatEvents::new(take(names::NAT_EVENTS)?)?;
         // Not pinned: filled again from the bridge as the agent starts.
         let pod_ports = PodPorts::new(take(names::POD_PORTS)?)?;
+        let flows = Flows::new(take(names::FLOWS)?)?;
         let log = match options.log_level {
             BpfLogLevel::Off => None,
             _ => Some(ProgramLog::new(&mut ebpf)?),
@@ -141,6 +144,7 @@ impl Datapath {
             conntrack,
             nat_events,
             pod_ports,
+            flows,
             attachments: Vec::new(),
             pod_hooks: PodHooks::default(),
             pin_dir: options.pin_dir.clone(),

@@ -148,6 +148,12 @@ fn logging_code_is_removed_below_debug() {
     assert_eq!(program_sizes(BpfLogLevel::Info), off);
     let debug = program_sizes(BpfLogLevel::Debug);
     for (i, hook) in Hook::ALL.iter().enumerate() {
+        // `bridge_egress` only records what the host forwarded: it drops nothing, so it
+        // has no drop to log.
+        if *hook == Hook::BridgeEgress {
+            assert_eq!(debug[i], off[i], "bridge_egress logs nothing");
+            continue;
+        }
         assert!(
             debug[i] > off[i],
             "{}: {} bytes logging at debug, {} off",

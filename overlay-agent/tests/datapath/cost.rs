@@ -11,6 +11,10 @@
 //! Prints one line per case: `PROG_COST {"case":...,"ns":...,"rounds":[...]}`, `ns`
 //! being the median over rounds of the mean per run. `PROG_COST_RUNS` sets the runs per
 //! round (default 20000), `PROG_COST_ROUNDS` the rounds (default 5).
+//!
+//! The forwarding cases are of flows the fast path admitted. What its check costs each
+//! packet is `check` less `check-off`: the same segment of a flow the host decides, with
+//! the fast path on (its key read and looked up, not found) and off.
 
 use std::net::Ipv4Addr;
 
@@ -19,7 +23,7 @@ use overlay_agent::datapath::LoadOptions;
 use overlay_common::Hook::{self, BridgeIngress, UplinkEgress, UplinkIngress};
 
 use super::{
-    fixture::{Act, Node, masquerade, with_node_setup},
+    fixture::{Act, Node, masquerade, no_fast_path, with_node_setup},
     nat::{self, client, open, outgoing},
     packet::{
         ACK, Proto, SYN, Transport, datagram, from_host, from_peer, from_pod, from_underlay, ipv4,
@@ -67,8 +71,11 @@ fn measure(node: &Node, case: &str, hook: Hook, frame: &[u8], act: Act) {
 #[ignore = "a microbenchmark: cargo xtask bench runs it"]
 fn cost_per_packet() {
     with_node_setup(LoadOptions::default(), masquerade, |node| {
-        // A pod's segment to a remote pod: encapsulated, redirected to the uplink.
+        // A pod's segment to a remote pod: the host decides it (the fast path's check
+        // finds nothing), then, admitted, encapsulated and redirected to the uplink.
         let to_remote = outbound(BridgeIngress, W2.pod, Transport::Tcp, PAYLOAD, |_| {});
+        measure(node, "check", BridgeIngress, &to_remote, Act::Next);
+        node.admit(&to_remote);
         measure(node, "encap", BridgeIngress, &to_remote, Act::Redirect);
         // A remote pod's segment to ours: decapsulated, redirected to the pod.
         let from_remote = from_peer(
@@ -76,6 +83,7 @@ fn cost_per_packet() {
             IpEcn::NotEct,
             &datagram(ipv4(W2.pod, POD), Transport::Tcp, PAYLOAD),
         );
+        node.admit(&from_remote);
         measure(node, "decap", UplinkIngress, &from_remote, Act::Redirect);
         // A pod's segment of an established connection to the outside: masqueraded.
         let conn = client(Proto::Tcp, POD, OUTSIDE);
@@ -83,6 +91,7 @@ fn cost_per_packet() {
         measure(node, "snat", UplinkEgress, &outgoing(&conn, ACK), Act::Next);
         // The same segment as the pod sends it: translated on the bridge, to the uplink.
         let from_the_pod = from_pod(&conn.datagram(ACK, nat::PAYLOAD));
+        node.admit(&from_the_pod);
         measure(
             node,
             "snat-bridge",
@@ -92,6 +101,7 @@ fn cost_per_packet() {
         );
         // Its reply: translated back and redirected to the pod.
         let reply = from_underlay(&translated.reversed().datagram(ACK, PAYLOAD));
+        node.admit(&from_underlay(&conn.reversed().datagram(ACK, PAYLOAD)));
         measure(node, "snat-reply", UplinkIngress, &reply, Act::Redirect);
         // What `encap` made, as the uplink's egress hook sees it again where there is
         // no TCX (6.1's cls_bpf runs it on every packet we redirect there).
@@ -109,5 +119,8 @@ fn cost_per_packet() {
             PAYLOAD,
         ));
         measure(node, "pass", UplinkIngress, &other, Act::Next);
+        // `check`'s segment with the fast path off: no key read, no lookup.
+        node.reconfigure(no_fast_path);
+        measure(node, "check-off", BridgeIngress, &to_remote, Act::Next);
     });
 }

@@ -1,5 +1,6 @@
 //! `uplink_ingress`: IPIP from a known node for a pod of this node loses its outer
-//! header and goes straight to the pod, or to the host stack when it cannot.
+//! header and goes straight to the pod when the fast path admits its flow, else to the
+//! host stack, which forwards it as it would without us.
 
 use std::net::Ipv4Addr;
 
@@ -30,7 +31,9 @@ fn tunnelled(
     from_peer(W2.node, outer_ecn, &datagram(ip, transport, 90))
 }
 
+/// Admits `frame`'s flow and checks that it goes straight to the pod.
 fn assert_to_pod(node: &Node, frame: &[u8]) {
+    node.admit(frame);
     node.expect_frame(
         UplinkIngress,
         frame,
@@ -40,14 +43,35 @@ fn assert_to_pod(node: &Node, frame: &[u8]) {
     );
 }
 
+/// Checks that `frame` reaches the host stack decapsulated, inner packet untouched.
+fn assert_to_host(node: &Node, frame: &[u8]) {
+    node.expect_frame(
+        UplinkIngress,
+        frame,
+        Act::Next,
+        Reason::DecapsulatedToHost,
+        &decapsulated(frame, 0, L2::Kept),
+    );
+}
+
 #[test]
-fn tcp_udp_and_icmp_go_straight_to_the_pod() {
+fn admitted_tcp_and_udp_go_straight_to_the_pod() {
     with_node(|node| {
-        for transport in [Transport::Tcp, Transport::Udp, Transport::Icmp] {
+        for transport in [Transport::Tcp, Transport::Udp] {
             for peer in [W2.node, W3.node] {
                 let inner = datagram(ipv4(W2.pod, POD), transport, 90);
                 assert_to_pod(node, &from_peer(peer, IpEcn::NotEct, &inner));
             }
+        }
+    });
+}
+
+#[test]
+fn flows_not_admitted_and_icmp_go_to_the_host() {
+    with_node(|node| {
+        for transport in [Transport::Tcp, Transport::Udp, Transport::Icmp] {
+            let inner = datagram(ipv4(W2.pod, POD), transport, 90);
+            assert_to_host(node, &from_peer(W2.node, IpEcn::NotEct, &inner));
         }
     });
 }
@@ -69,11 +93,18 @@ fn a_kernel_that_refuses_the_decap_flag_is_asked_only_once() {
 }
 
 #[test]
-fn inner_options_and_fragments_go_straight_to_the_pod() {
-    // Only the outer header must be plain: the inner one is the pod's business.
+fn inner_options_go_straight_to_the_pod_and_fragments_to_the_host() {
+    // Only the outer header must be plain: the inner one is the pod's business. A
+    // fragment carries no ports to find its flow by.
     with_node(|node| {
-        for change in [add_router_alert, first_fragment, last_fragment] {
-            assert_to_pod(node, &tunnelled(POD, Transport::Udp, IpEcn::NotEct, change));
+        assert_to_pod(
+            node,
+            &tunnelled(POD, Transport::Udp, IpEcn::NotEct, add_router_alert),
+        );
+        for change in [first_fragment, last_fragment] {
+            let frame = tunnelled(POD, Transport::Udp, IpEcn::NotEct, change);
+            node.admit(&frame);
+            assert_to_host(node, &frame);
         }
     });
 }
@@ -100,7 +131,8 @@ fn congestion_experienced_is_carried_inside() {
 #[test]
 fn what_cannot_go_straight_to_a_pod_goes_to_the_stack() {
     // The stack gets the inner packet as it came (TTL untouched, CE carried inside) in
-    // the frame it came in: it answers time-exceeded, delivers locally, or resolves.
+    // the frame it came in: it answers time-exceeded, delivers locally, or resolves;
+    // also for an admitted flow.
     use IpEcn::*;
     let cases: [(&str, Ipv4Addr, u8, IpEcn, IpEcn); 6] = [
         ("ttl 1", POD, 1, NotEct, NotEct),
@@ -125,10 +157,11 @@ fn what_cannot_go_straight_to_a_pod_goes_to_the_stack() {
     with_node(move |node| {
         for (what, dst, ttl, outer_ecn, inner_ecn) in cases {
             eprintln!("case: {what}");
-            let frame = tunnelled(dst, Transport::Icmp, outer_ecn, |ip| {
+            let frame = tunnelled(dst, Transport::Tcp, outer_ecn, |ip| {
                 ip.time_to_live = ttl;
                 ip.ecn = inner_ecn;
             });
+            node.admit(&frame);
             let expected = decapsulated(&frame, 0, L2::Kept);
             node.expect_frame(
                 UplinkIngress,

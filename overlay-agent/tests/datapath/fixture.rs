@@ -25,9 +25,10 @@ use ipnet::Ipv4Net;
 use overlay_agent::datapath::{Datapath, LoadOptions};
 use overlay_common::{
     Counter, DatapathConfig, Hook, PeerStats, Reason,
-    config::FLAG_MASQUERADE,
+    config::{FLAG_FAST_PATH, FLAG_MASQUERADE},
     conntrack::{CtEntry, CtKey},
     counters::NatEvent,
+    flows::{FlowKey, FlowState},
     maps::names,
 };
 
@@ -156,6 +157,14 @@ pub fn with_masquerading_node(test: impl FnOnce(&mut Node) + Send + 'static) {
 pub fn masquerade(config: &mut DatapathConfig) {
     config.flags |= FLAG_MASQUERADE;
 }
+
+/// Turns the fast path off in `config` (`--fast-path=off`).
+pub fn no_fast_path(config: &mut DatapathConfig) {
+    config.flags &= !FLAG_FAST_PATH;
+}
+
+/// The ruleset generation the suite's nodes start with.
+pub const GENERATION: u32 = 1;
 
 /// [`with_node`], with the datapath loaded with `options` and the configuration the agent
 /// would write changed by `adjust`.
@@ -396,6 +405,9 @@ impl Node {
             cluster_prefix_len: CLUSTER.prefix_len(),
             masq_ip: NODE_IP.octets(),
             bridge_mac: CNI0_MAC.0,
+            // As the agent runs by default: the fast path on, for flows admitted.
+            flags: FLAG_FAST_PATH,
+            ruleset_gen: GENERATION,
             ..DatapathConfig::default()
         };
         adjust(&mut config);
@@ -411,10 +423,50 @@ impl Node {
     /// The device a hook's program sees packets on.
     pub fn device(&self, hook: Hook) -> u32 {
         match hook {
-            Hook::BridgeIngress => self.cni0,
+            Hook::BridgeIngress | Hook::BridgeEgress => self.cni0,
             Hook::UplinkIngress | Hook::UplinkEgress => self.eth0,
             Hook::PodIngress => self.pod0,
         }
+    }
+
+    /// Writes CONFIG anew, as the agent does when the fast path switches or the host's
+    /// ruleset changes.
+    pub fn reconfigure(&mut self, adjust: impl FnOnce(&mut DatapathConfig)) {
+        adjust(&mut self.config);
+        self.dp.config.set(self.config).expect("writing CONFIG");
+    }
+
+    /// Admits the flow of `frame` (its inner packet, if it is IPIP) to the fast path, as
+    /// the agent does once the host forwarded it unchanged and tracks it established:
+    /// seen under the current generation, admitted just now.
+    pub fn admit(&self, frame: &[u8]) {
+        self.set_flow(
+            flow_key(frame),
+            FlowState {
+                seen_gen: self.config.ruleset_gen,
+                host_packets: 1,
+                refreshed_ns: overlay_agent::conntrack::monotonic_ns(),
+                admitted: 1,
+                ..FlowState::default()
+            },
+        );
+    }
+
+    /// Writes `state` for `key` in FLOWS.
+    pub fn set_flow(&self, key: FlowKey, state: FlowState) {
+        self.flows_map()
+            .insert(key, state, 0)
+            .expect("writing FLOWS");
+    }
+
+    /// The FLOWS entry of `key`, if any.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowState> {
+        self.flows_map().get(key, 0).ok()
+    }
+
+    fn flows_map(&self) -> HashMap<MapData, FlowKey, FlowState> {
+        HashMap::try_from(self.map_of(Hook::UplinkEgress, names::FLOWS))
+            .expect("FLOWS is an LRU hash map")
     }
 
     /// Runs `hook`'s program on `frame` as if it arrived on the hook's device.
@@ -602,6 +654,26 @@ impl Node {
     }
 }
 
+/// The flow key of a TCP or UDP frame (of its inner packet, if it is IPIP).
+pub fn flow_key(frame: &[u8]) -> FlowKey {
+    const ETH: usize = 14;
+    let ihl = |at: usize| usize::from(frame[at] & 0x0f) * 4;
+    let mut l3 = ETH;
+    if frame[l3 + 9] == 4 {
+        l3 += ihl(l3);
+    }
+    let l4 = l3 + ihl(l3);
+    let at = |range: std::ops::Range<usize>| frame[range].to_vec();
+    FlowKey {
+        src: at(l3 + 12..l3 + 16).try_into().unwrap(),
+        dst: at(l3 + 16..l3 + 20).try_into().unwrap(),
+        sport: at(l4..l4 + 2).try_into().unwrap(),
+        dport: at(l4 + 2..l4 + 4).try_into().unwrap(),
+        proto: frame[l3 + 9],
+        _pad: [0; 3],
+    }
+}
+
 /// Asserts what [`Node::expect`] promises about `out`.
 pub fn check_verdict(hook: Hook, frame: &[u8], out: &Outcome, act: Act, reason: Reason) {
     let want = vec![(
@@ -621,7 +693,10 @@ pub fn check_verdict(hook: Hook, frame: &[u8], out: &Outcome, act: Act, reason: 
     let decapsulated = hook == Hook::UplinkIngress
         && (matches!(
             reason,
-            Reason::Decapsulated | Reason::DecapsulatedToBridge | Reason::DecapsulatedToStack
+            Reason::Decapsulated
+                | Reason::DecapsulatedToBridge
+                | Reason::DecapsulatedToStack
+                | Reason::DecapsulatedToHost
         ) || matches!(
             reason,
             Reason::Unmasqueraded | Reason::UnmasqueradedToPod | Reason::UnmasqueradedToBridge

@@ -6,7 +6,7 @@ use overlay_common::{Hook, Reason};
 use serde_json::{Value, json};
 
 use super::{
-    fixture::{Act, masquerade, with_pinned_node},
+    fixture::{Act, GENERATION, masquerade, with_pinned_node},
     nat::{client, outgoing},
     packet::Proto,
     topology::{NODE_IP, OUTSIDE, POD, POD_SUBNET, REMOTES, W2},
@@ -99,4 +99,36 @@ fn nat_as_json() {
         );
         assert!(table.contains("1 flows"), "{table}");
     });
+}
+
+#[test]
+fn flows_as_json() {
+    with_pinned_node(
+        |_| {},
+        |node, pins| {
+            let Exchange { to_w2, .. } = exchange(node);
+            // A direction the host forwarded once, besides the admitted ones.
+            let host = super::packet::from_pod(&super::packet::datagram(
+                super::packet::ipv4(POD, W2.pod),
+                super::packet::Transport::Tcp,
+                10,
+            ));
+            node.expect(Hook::UplinkEgress, &host, Act::Next, Reason::Encapsulated);
+            let view = json(inspect::flows(pins).unwrap());
+            assert_eq!(view["fast_path_on"], true);
+            assert_eq!(view["ruleset_generation"], GENERATION);
+            let flows = view["flows"].as_array().unwrap();
+            let state = |sport: u16, proto: &str| {
+                flows
+                    .iter()
+                    .find(|f| f["src"]["port"] == sport && f["proto"] == proto)
+                    .map(|f| f["state"].clone())
+                    .unwrap_or_else(|| panic!("no {proto} flow from port {sport}: {view}"))
+            };
+            // `exchange`'s UDP flow to w2, admitted and just carried by the fast path.
+            let udp_sport = u16::from_be_bytes([to_w2[34], to_w2[35]]);
+            assert_eq!(state(udp_sport, "udp"), "fast");
+            assert_eq!(state(40000, "tcp"), "host");
+        },
+    );
 }

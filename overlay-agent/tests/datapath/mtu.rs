@@ -1,7 +1,7 @@
-//! Size decisions: what fits the uplink once encapsulated is sent; what does not is
-//! answered with ICMP (DF, see `icmp`), left to the stack to fragment (no DF), or
-//! dropped (host traffic). For GSO packets the size that counts is that of one segment
-//! on the wire.
+//! Size decisions on the fast path (flows admitted): what fits the uplink once
+//! encapsulated is sent; what does not is answered with ICMP (DF, see `icmp`), left to
+//! the stack to fragment (no DF), or dropped (host traffic). For GSO packets the size
+//! that counts is that of one segment on the wire.
 
 use overlay_common::{
     Hook::{self, BridgeIngress, UplinkEgress},
@@ -29,6 +29,7 @@ fn largest_fitting_packet_is_encapsulated() {
     with_node(|node| {
         for remote in [W2, W3] {
             let frame = sized(BridgeIngress, &remote, 0, true);
+            node.admit(&frame);
             let expected = encapsulated(&frame, &remote, 1, towards(&remote));
             node.expect_frame(
                 BridgeIngress,
@@ -45,11 +46,9 @@ fn largest_fitting_packet_is_encapsulated() {
 fn too_big_without_df_is_left_to_the_stack_to_fragment() {
     with_node(|node| {
         for remote in [W2, W3] {
-            node.expect_untouched(
-                BridgeIngress,
-                &sized(BridgeIngress, &remote, 1, false),
-                Reason::PassFragmentationNeeded,
-            );
+            let frame = sized(BridgeIngress, &remote, 1, false);
+            node.admit(&frame);
+            node.expect_untouched(BridgeIngress, &frame, Reason::PassFragmentationNeeded);
         }
     });
 }
@@ -86,6 +85,7 @@ fn run_gso(
     verdict: (Act, Reason),
 ) -> (Vec<u8>, Outcome) {
     let frame = outbound(hook, W2.pod, transport, 3000, |ip| ip.dont_fragment = df);
+    node.admit(&frame);
     let ctx = SkBuff {
         ifindex: node.device(hook),
         gso_size,

@@ -19,7 +19,7 @@ use overlay_common::{
 };
 
 use super::{
-    expect::{TO_POD, assert_checksums, decapsulated, encapsulated, to_pod, towards},
+    expect::{assert_checksums, decapsulated, encapsulated, towards},
     fixture::{
         Act, Node, SkBuff, assert_bytes_eq, check_verdict, masquerade, with_masquerading_node,
         with_node, with_node_setup,
@@ -30,7 +30,8 @@ use super::{
         first_fragment, from_host, from_peer, from_underlay, ipv4, last_fragment,
     },
     topology::{
-        GATEWAY, NODE_IP, OUTSIDE, OUTSIDE_2, POD, POD_UNRESOLVED, REMOTES, Remote, W2, W3,
+        GATEWAY, NODE_IP, NODE_OTHER_IP, OUTSIDE, OUTSIDE_2, POD, POD_UNRESOLVED, REMOTES, Remote,
+        W2, W3,
     },
 };
 
@@ -153,16 +154,11 @@ pub fn open(node: &Node, conn: Conn, flags: u8, nat_ip: Ipv4Addr) -> Conn {
     translated
 }
 
-/// How a reply (or an error about a flow) translated back to `original` (the flow's
-/// source) leaves the uplink's ingress, and the frame it leaves as, given `back`: the
-/// frame translated back, as the host stack would receive it. A resolved pod of this
-/// node gets it straight; the stack delivers the rest.
-pub fn reply_outcome(original: Ipv4Addr, back: Vec<u8>) -> (Act, Reason, Vec<u8>) {
-    if original == POD {
-        (Act::Redirect, Reason::UnmasqueradedToBridge, to_pod(&back))
-    } else {
-        (Act::Next, Reason::Unmasqueraded, back)
-    }
+/// How a reply (or an error about a flow) translated back leaves the uplink's ingress
+/// when its flow is not on the fast path, and the frame it leaves as, given `back`: the
+/// frame translated back, as the host stack receives it to forward or deliver.
+pub fn reply_outcome(back: Vec<u8>) -> (Act, Reason, Vec<u8>) {
+    (Act::Next, Reason::Unmasqueraded, back)
 }
 
 /// Sends the reply to `translated` (the translation of `conn`) in through the uplink
@@ -188,7 +184,7 @@ fn translate_back_with(
     let frame = incoming_with(&translated.reversed(), flags, change);
     // Decapsulated if it came through the tunnel: the frame as the underlay brought it.
     let back = from_underlay(&conn.reversed().datagram_with(flags, PAYLOAD, change));
-    let (act, reason, expected) = reply_outcome(conn.src.0, back);
+    let (act, reason, expected) = reply_outcome(back);
     let out = node.expect_outcome(UplinkIngress, &frame, act, reason);
     assert_bytes_eq(&out.data, &expected, "reply translated back");
     assert_checksums(&out.data);
@@ -348,7 +344,25 @@ fn host_traffic_to_remote_pods_comes_from_the_gateway() {
     // Rule 6: translated to this node's pod gateway, encapsulated; the reply comes back
     // through the tunnel to the gateway and is decapsulated and translated back.
     with_masquerading_node(|node| {
-        round_trip_every_protocol(node, NODE_IP, W2.pod, GATEWAY, Rule::OutsideToRemotePod)
+        round_trip_every_protocol(
+            node,
+            NODE_OTHER_IP,
+            W2.pod,
+            GATEWAY,
+            Rule::OutsideToRemotePod,
+        )
+    });
+}
+
+#[test]
+fn what_leaves_from_the_uplinks_own_address_is_the_hosts() {
+    // A socket bound to it, or the host's own masquerade (kube-proxy's, whose mark is
+    // cleared by then): no second translation, and no flow opened.
+    with_masquerading_node(|node| {
+        for proto in [Proto::Tcp, Proto::Udp, Proto::Echo] {
+            assert_encapsulated_as_is(node, &outgoing(&client(proto, NODE_IP, W2.pod), SYN));
+        }
+        assert_table(node, &[]);
     });
 }
 
@@ -356,7 +370,7 @@ fn host_traffic_to_remote_pods_comes_from_the_gateway() {
 fn transport_headers_are_found_after_ip_options() {
     // Rules 5 and 6, both ways, with a router alert option in every header.
     with_masquerading_node(|node| {
-        for (src, dst, nat_ip) in [(POD, OUTSIDE, NODE_IP), (NODE_IP, W2.pod, GATEWAY)] {
+        for (src, dst, nat_ip) in [(POD, OUTSIDE, NODE_IP), (NODE_OTHER_IP, W2.pod, GATEWAY)] {
             for proto in Proto::ALL {
                 eprintln!("case: {proto:?} {src} -> {dst}");
                 let conn = client(proto, src, dst);
@@ -441,7 +455,7 @@ fn kube_proxy_marked_packets_are_left_to_kube_proxy() {
     // Rule 1: the 0x4000 bit, whatever else the mark holds.
     with_masquerading_node(|node| {
         let to_outside = outgoing(&client(Proto::Tcp, POD, OUTSIDE), SYN);
-        let to_remote_pod = outgoing(&client(Proto::Tcp, NODE_IP, W2.pod), SYN);
+        let to_remote_pod = outgoing(&client(Proto::Tcp, NODE_OTHER_IP, W2.pod), SYN);
         for mark in [
             KUBE_PROXY_MASQ_MARK,
             KUBE_PROXY_MASQ_MARK | 0x8001,
@@ -511,13 +525,12 @@ fn pod_to_pod_traffic_is_not_translated() {
             assert_encapsulated_as_is(node, &outgoing(&client(Proto::Udp, src, W2.pod), 0));
         }
         let from_remote = incoming(&client(Proto::Udp, W2.pod, POD), 0);
-        let to_pod = decapsulated(&from_remote, 1, TO_POD);
         node.expect_frame(
             UplinkIngress,
             &from_remote,
-            Act::Redirect,
-            Reason::DecapsulatedToBridge,
-            &to_pod,
+            Act::Next,
+            Reason::DecapsulatedToHost,
+            &decapsulated(&from_remote, 0, super::expect::L2::Kept),
         );
         let mdns = outgoing(
             &Conn::new(
@@ -618,7 +631,7 @@ fn unrelated_traffic_is_untouched_and_untracked() {
             UplinkIngress,
             &tunnelled,
             Act::Next,
-            Reason::DecapsulatedToStack,
+            Reason::DecapsulatedToHost,
             &decapsulated(&tunnelled, 0, super::expect::L2::Kept),
         );
         assert_table(node, &[]);
@@ -631,7 +644,7 @@ fn fragments_of_flows_to_translate_are_dropped() {
     // Without reassembly a fragment's ports are unknown (or absent).
     with_masquerading_node(|node| {
         for change in [first_fragment, last_fragment] {
-            for (src, dst) in [(POD, OUTSIDE), (NODE_IP, W2.pod)] {
+            for (src, dst) in [(POD, OUTSIDE), (NODE_OTHER_IP, W2.pod)] {
                 let mut ip = ipv4(src, dst);
                 change(&mut ip);
                 let frame = from_host(&datagram(ip, Transport::Udp, 100));
@@ -665,7 +678,11 @@ fn protocols_masquerade_cannot_translate_are_dropped() {
             ),
             (
                 "gre",
-                datagram(ipv4(NODE_IP, W2.pod), Transport::Raw(IpNumber::GRE), 40),
+                datagram(
+                    ipv4(NODE_OTHER_IP, W2.pod),
+                    Transport::Raw(IpNumber::GRE),
+                    40,
+                ),
             ),
             (
                 "icmp timestamp",

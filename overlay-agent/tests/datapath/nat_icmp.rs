@@ -31,7 +31,7 @@ use super::{
         ACK, Conn, IPV4_LEN, Proto, SYN, Transport, datagram, from_host, from_peer, from_underlay,
         icmp_message, ipv4, nest, tunnel_header,
     },
-    topology::{GATEWAY, NODE_IP, OUTSIDE, OUTSIDE_ROUTER, POD, W2},
+    topology::{GATEWAY, NODE_IP, NODE_OTHER_IP, OUTSIDE, OUTSIDE_ROUTER, POD, W2},
 };
 
 fn port_unreachable() -> Icmpv4Type {
@@ -109,7 +109,7 @@ fn errors_about_masqueraded_packets_reach_their_pod() {
                         let expected =
                             icmp_message(OUTSIDE_ROUTER, POD, icmp_type.clone(), &sent[..len]);
                         let back = [from_underlay(&expected).as_slice(), trailer].concat();
-                        let (act, reason, expected) = reply_outcome(POD, back);
+                        let (act, reason, expected) = reply_outcome(back);
                         assert_translated_error(
                             node,
                             UplinkIngress,
@@ -166,7 +166,7 @@ fn errors_of_host_traffic_to_remote_pods_are_translated_both_ways() {
     with_masquerading_node(|node| {
         for proto in Proto::ALL {
             eprintln!("case: {proto:?}");
-            let conn = client(proto, NODE_IP, W2.pod);
+            let conn = client(proto, NODE_OTHER_IP, W2.pod);
             let translated = open(node, conn, SYN, GATEWAY);
             let icmp_type = port_unreachable();
 
@@ -177,7 +177,12 @@ fn errors_of_host_traffic_to_remote_pods_are_translated_both_ways() {
                 &icmp_message(W2.pod, GATEWAY, icmp_type.clone(), &left),
             );
             let sent = conn.datagram(SYN, PAYLOAD);
-            let expected = from_underlay(&icmp_message(W2.pod, NODE_IP, icmp_type.clone(), &sent));
+            let expected = from_underlay(&icmp_message(
+                W2.pod,
+                NODE_OTHER_IP,
+                icmp_type.clone(),
+                &sent,
+            ));
             assert_translated_error(
                 node,
                 UplinkIngress,
@@ -188,7 +193,12 @@ fn errors_of_host_traffic_to_remote_pods_are_translated_both_ways() {
 
             translate_back(node, conn, translated, SYN | ACK);
             let received = conn.reversed().datagram(SYN | ACK, PAYLOAD);
-            let error = from_host(&icmp_message(NODE_IP, W2.pod, icmp_type.clone(), &received));
+            let error = from_host(&icmp_message(
+                NODE_OTHER_IP,
+                W2.pod,
+                icmp_type.clone(),
+                &received,
+            ));
             let replied = translated.reversed().datagram(SYN | ACK, PAYLOAD);
             let translated_error = from_host(&icmp_message(GATEWAY, W2.pod, icmp_type, &replied));
             let expected = encapsulated(&translated_error, &W2, 0, towards(&W2));

@@ -408,7 +408,9 @@ pub fn outbound(
     let (src, frame) = match hook {
         Hook::BridgeIngress | Hook::PodIngress => (POD, from_pod as Framing),
         Hook::UplinkEgress => (NODE_IP, from_host as Framing),
-        Hook::UplinkIngress => panic!("uplink_ingress encapsulates nothing"),
+        Hook::UplinkIngress | Hook::BridgeEgress => {
+            panic!("{} encapsulates nothing", hook.name())
+        }
     };
     let mut ip = ipv4(src, dst);
     change(&mut ip);

@@ -25,9 +25,10 @@ fn a_pods_veth_forwards_as_the_bridge_does() {
         for (to, transport) in [
             (W2.pod, Transport::Tcp),
             (W2.pod, Transport::Udp),
-            (W3.pod, Transport::Icmp),
+            (W3.pod, Transport::Tcp),
         ] {
             let frame = from_pod(&datagram(ipv4(POD, to), transport, 300));
+            node.admit(&frame);
             let bridge = node.expect_outcome(
                 Hook::BridgeIngress,
                 &frame,
@@ -54,6 +55,7 @@ fn only_frames_for_the_gateway_are_taken() {
         let frame = ethernet(POD_PORT_MAC, POD_MAC, etherparse::EtherType::IPV4, &packet);
         node.expect_untouched(Hook::PodIngress, &frame, Reason::PassNotForGateway);
         // The same frame to the gateway is encapsulated.
+        node.admit(&from_pod(&packet));
         node.expect(
             Hook::PodIngress,
             &from_pod(&packet),

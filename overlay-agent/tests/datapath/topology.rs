@@ -20,6 +20,9 @@ impl std::fmt::Display for Mac {
 
 /// This node's tunnel address, on the uplink eth0.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 3);
+/// Another address of this node (a second IP of a host process's): rule 6 translates
+/// what leaves from it, as from any source but the uplink's own.
+pub const NODE_OTHER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 3);
 pub const ETH0_MAC: Mac = Mac([0x02, 0x00, 0xac, 0x12, 0x00, 0x03]);
 /// The other end of the uplink's veth (never addressed; it only gives eth0 a carrier).
 pub const UNDERLAY_PEER_MAC: Mac = Mac([0x02, 0x00, 0xac, 0x12, 0xff, 0xff]);

@@ -20,9 +20,11 @@ pub struct Exchange {
     pub spoofed: Vec<u8>,
 }
 
-/// Runs the frames of an [`Exchange`] through `node`, checking each verdict.
+/// Runs the frames of an [`Exchange`] through `node`, checking each verdict. The flow
+/// is admitted to the fast path first.
 pub fn exchange(node: &Node) -> Exchange {
     let to_w2 = from_pod(&datagram(ipv4(POD, W2.pod), Transport::Udp, 50));
+    node.admit(&to_w2);
     node.expect(
         Hook::BridgeIngress,
         &to_w2,
@@ -31,6 +33,7 @@ pub fn exchange(node: &Node) -> Exchange {
     );
     let answer = datagram(ipv4(W2.pod, POD), Transport::Udp, 70);
     let from_w2 = from_peer(W2.node, IpEcn::NotEct, &answer);
+    node.admit(&from_w2);
     node.expect(
         Hook::UplinkIngress,
         &from_w2,

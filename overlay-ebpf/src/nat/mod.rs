@@ -5,7 +5,8 @@
 //! 5. pod -> outside the cluster network (not multicast): source becomes the uplink's
 //!    address;
 //! 6. host/outside -> a remote pod: source becomes this node's pod gateway, so that
-//!    replies come back through the overlay.
+//!    replies come back through the overlay; not from the uplink's own address, which
+//!    the host chose (a socket bound to it, or its own masquerade: see `rule`).
 //!
 //! Translation happens on the uplink's egress, the reverse on its ingress (after
 //! decapsulation for rule 6), with our own connection table; packets of flows the
@@ -47,7 +48,12 @@ pub fn rule(cfg: &DatapathConfig, src: [u8; 4], dst: [u8; 4]) -> Option<(Rule, [
     if src_pod && !is_multicast(dst) {
         return Some((Rule::PodToOutside, cfg.masq_ip));
     }
-    if !src_pod && dst_pod {
+    // A packet from the uplink's own address is the host's: one of its sockets, or its
+    // own masquerade (kube-proxy's, for NodePorts and the node's Service traffic, which
+    // clears its mark before it masquerades, so only the address tells). Translating
+    // it again would be a second NAT, where flanneld's rules compose with the host's
+    // to one.
+    if !src_pod && dst_pod && src != cfg.masq_ip {
         return Some((Rule::OutsideToRemotePod, cfg.gateway()));
     }
     None

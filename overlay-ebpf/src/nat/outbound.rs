@@ -1,9 +1,8 @@
 //! The masquerade fast path: a local pod's packet of a flow to the outside that the
-//! connection table already translates is translated on the pod bridge and sent out
-//! of the uplink in place of the host's router, as decapsulation sends replies
-//! straight to the pod. A flow's first packet still goes through the host (see
-//! `known_outbound`), so the host's rules, kube-proxy's included, decide every new
-//! flow; like the other fast paths, the packets that follow skip its FORWARD chain.
+//! connection table already translates, and that the fast path admits (`flows`), is
+//! translated on the pod bridge and sent out of the uplink in place of the host's
+//! router, as decapsulation sends replies straight to the pod. Every other packet goes
+//! through the host, whose rules, kube-proxy's included, decide it.
 
 use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use overlay_common::{DatapathConfig, Reason};
@@ -12,7 +11,7 @@ use crate::{
     counters::{Verdict, drop, pack, pass, unpack},
     encap,
     fib::{self, Path},
-    ipv4,
+    flows, ipv4,
     nat::{known_outbound, translate},
     parse::{self, ETH_LEN, Frame},
 };
@@ -49,6 +48,11 @@ fn translate_and_send(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
     let Some((l4, entry)) = known_outbound(ctx, cfg, ip) else {
         return untouched;
     };
+    // Like every fast path, only for a flow the host forwarded unchanged.
+    let key = l4.tuple.flow_key();
+    if !flows::admitted(cfg, &key, l4.tcp_flags) {
+        return pass(Reason::PassToHost);
+    }
     // Routed as the host would route it (from the bridge, with the pod's address);
     // the packet is left as it is unless it can leave at once: a neighbour to resolve,
     // a route MTU to report or a local destination are the host's business.

@@ -317,7 +317,7 @@ impl Cluster {
 /// `lab down` after a crash) holding only the pair topology's two pods, joined by one
 /// veth at the MTU of host-gw's pods: no node, bridge, router or program between them.
 fn floor(agent: PathBuf) -> Result<LabGuard> {
-    let lab = LabState::create(Topology::pair(), agent, false)?;
+    let lab = LabState::create(Topology::pair(), agent, false, true)?;
     let pods = lab.topology.pods();
     let [a, b] = pods.as_slice() else {
         bail!("the pair topology has {} pods, not two", pods.len());

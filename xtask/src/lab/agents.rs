@@ -132,6 +132,11 @@ pub fn start_build(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) 
         .arg("--bpffs")
         .arg(node_bpffs(lab, node))
         .args(masquerade.then_some(IP_MASQ))
+        .args(if lab.fast_path {
+            &[][..]
+        } else {
+            &["--fast-path", "off"]
+        })
         // The log is a file: no terminal colours in it.
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -372,12 +377,18 @@ fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> Result<bool> {
     }
 }
 
-/// flannel's subnet.env as the CNI plugin reads it.
+/// flannel's subnet.env as the CNI plugin reads it (flannel-io/cni-plugin flannel.go,
+/// `loadFlannelSubnetEnv`): every key it needs for an IPv4 pod network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubnetEnv {
+    /// FLANNEL_NETWORK: the cluster's pod network (the pods' route into it).
+    pub network: Ipv4Net,
     /// FLANNEL_SUBNET: the gateway address with the node subnet's prefix length.
     pub subnet: Ipv4Net,
     pub mtu: u32,
+    /// FLANNEL_IPMASQ: whether flanneld masquerades (`--ip-masq`); when it does not,
+    /// the CNI plugin has the bridge plugin do it.
+    pub ipmasq: bool,
 }
 
 impl SubnetEnv {
@@ -385,17 +396,17 @@ impl SubnetEnv {
         let value = |key: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .map(str::trim)
                 .with_context(|| format!("subnet.env has no {key}"))
         };
         Ok(Self {
-            subnet: value("FLANNEL_SUBNET")?
-                .trim()
+            network: value("FLANNEL_NETWORK")?
                 .parse()
-                .context("FLANNEL_SUBNET")?,
-            mtu: value("FLANNEL_MTU")?
-                .trim()
-                .parse()
-                .context("FLANNEL_MTU")?,
+                .context("FLANNEL_NETWORK")?,
+            subnet: value("FLANNEL_SUBNET")?.parse().context("FLANNEL_SUBNET")?,
+            mtu: value("FLANNEL_MTU")?.parse().context("FLANNEL_MTU")?,
+            // The plugin takes anything but "true" for false.
+            ipmasq: value("FLANNEL_IPMASQ")? == "true",
         })
     }
 }
@@ -600,6 +611,18 @@ pub fn inspect(lab: &LabState, node: &Node, what: &str) -> Result<String> {
     )
 }
 
+/// [`inspect`] with `--json`, parsed.
+pub fn inspect_json(lab: &LabState, node: &Node, what: &str) -> Result<serde_json::Value> {
+    let out = netns::run(
+        netns::command(&lab.netns(&node.name), &lab.agent)
+            .arg(what)
+            .arg("--json")
+            .arg("--bpffs")
+            .arg(node_bpffs(lab, node)),
+    )?;
+    serde_json::from_str(&out).with_context(|| format!("parsing `overlay-agent {what} --json`"))
+}
+
 /// Destinations of the agent's routes (`proto 191`) in `ns`.
 pub fn overlay_routes(ns: &str) -> Result<BTreeSet<Ipv4Net>> {
     Ok(overlay_route_sources(ns)?.into_keys().collect())
@@ -683,18 +706,33 @@ mod tests {
 
     #[test]
     fn subnet_env_as_the_cni_plugin_reads_it() {
-        let env = SubnetEnv::parse(
-            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1480\nFLANNEL_IPMASQ=false\n",
-        )
-        .unwrap();
+        const TEXT: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1480\nFLANNEL_IPMASQ=false\n";
         assert_eq!(
-            env,
+            SubnetEnv::parse(TEXT).unwrap(),
             SubnetEnv {
+                network: "10.244.0.0/16".parse().unwrap(),
                 subnet: "10.244.1.1/24".parse().unwrap(),
-                mtu: 1480
+                mtu: 1480,
+                ipmasq: false,
             }
         );
-        assert!(SubnetEnv::parse("FLANNEL_SUBNET=10.244.1.1/24\n").is_err());
+        let masq = TEXT.replace("IPMASQ=false", "IPMASQ=true");
+        assert!(SubnetEnv::parse(&masq).unwrap().ipmasq);
+        // flannel's plugin refuses a file that lacks any of them.
+        for key in [
+            "FLANNEL_NETWORK",
+            "FLANNEL_SUBNET",
+            "FLANNEL_MTU",
+            "FLANNEL_IPMASQ",
+        ] {
+            let text: String = TEXT
+                .lines()
+                .filter(|l| !l.starts_with(key))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let err = SubnetEnv::parse(&text).unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Builds a lab from its topology: the switch and router, the nodes with their agents
-//! and the outside host, then the pods, the way kubelet and the flannel CNI plugin would.
+//! and the outside host, then the pods, the way kubelet, containerd and the flannel CNI
+//! plugin would (`cni`).
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
 
@@ -10,7 +11,7 @@ use nix::mount::{MsFlags, mount};
 
 use super::{
     agents::{self, BRIDGE, SubnetEnv, UPLINK},
-    interrupt,
+    cni, interrupt,
     netns::{self, Script, docker_mac},
     state::{LabGuard, LabState},
     topology::{Node, Segment, Topology},
@@ -19,8 +20,6 @@ use super::{
 /// Host names of the underlay's own namespaces.
 pub const SWITCH: &str = "switch";
 pub const ROUTER: &str = "router";
-/// A pod's interface, as the CNI plugin names it.
-const POD_IFACE: &str = "eth0";
 
 /// How the nodes of a lab carry pod traffic between them: our agents everywhere (the
 /// lab), or some nodes configured by other means (the benchmark's baselines, the
@@ -31,10 +30,17 @@ pub trait Dataplane {
     /// Sets up a node that runs no agent (its underlay is up, its pods are not) and
     /// returns the subnet.env its network plugin would have written.
     fn configure(&self, lab: &LabState, node: &Node) -> Result<SubnetEnv>;
+    /// Whether the agents run with the fast path (their default) rather than
+    /// `--fast-path off`.
+    fn fast_path(&self) -> bool {
+        true
+    }
 }
 
 /// The lab's dataplane: an agent on every node.
-struct Agents;
+struct Agents {
+    fast_path: bool,
+}
 
 impl Dataplane for Agents {
     fn runs_agent(&self, _: &Node) -> bool {
@@ -44,12 +50,21 @@ impl Dataplane for Agents {
     fn configure(&self, _: &LabState, node: &Node) -> Result<SubnetEnv> {
         anyhow::bail!("{} runs an agent", node.name)
     }
+
+    fn fast_path(&self) -> bool {
+        self.fast_path
+    }
 }
 
 /// Creates the lab and waits until the overlay is ready. On any failure (Ctrl-C
 /// included) the returned error comes after the guard removed everything.
-pub fn create(topology: Topology, agent: PathBuf, masquerade: bool) -> Result<LabGuard> {
-    create_with(topology, agent, masquerade, &Agents)
+pub fn create(
+    topology: Topology,
+    agent: PathBuf,
+    masquerade: bool,
+    fast_path: bool,
+) -> Result<LabGuard> {
+    create_with(topology, agent, masquerade, &Agents { fast_path })
 }
 
 /// [`create`] with the nodes set up by `dataplane`.
@@ -61,7 +76,7 @@ pub fn create_with(
 ) -> Result<LabGuard> {
     topology.validate()?;
     let started = Instant::now();
-    let lab = LabState::create(topology, agent, masquerade)?;
+    let lab = LabState::create(topology, agent, masquerade, dataplane.fast_path())?;
     println!("Creating lab {} in {}", lab.id, lab.dir().display());
 
     // The agents run in mount namespaces of their own (`ip netns exec`), where a bpffs
@@ -214,11 +229,13 @@ fn uplink(
     Ok(())
 }
 
-/// What the CNI bridge plugin does for each pod, configured from the agent's
-/// subnet.env: `cni0` with the gateway address from FLANNEL_SUBNET, and a veth per pod,
-/// all with FLANNEL_MTU. The plugin creates the bridge before it gives it the address;
-/// with an `agent`, the address comes only once the agent has attached to the bridge,
-/// so every lab sees the agent take in a gateway that appears later.
+/// The pods of `node`, started as kubelet has containerd start them: each pod's
+/// namespace, then CNI ADD with flannel's conflist and the delegate flannel's CNI
+/// plugin builds from the node's subnet.env (`cni`). The first ADD creates `cni0` with
+/// its gateway address and the first veth at once; with an `agent`, the lab waits
+/// after it until the agent has attached to the bridge, and after the last until the
+/// agent sources its routes from the gateway and has put `pod_ingress` on every pod's
+/// veth. host-local must hand out the addresses the topology gives the pods.
 fn pods(lab: &LabState, node: &Node, env: &SubnetEnv, agent: bool) -> Result<()> {
     ensure!(
         env.subnet.trunc() == node.pod_cidr,
@@ -228,40 +245,31 @@ fn pods(lab: &LabState, node: &Node, env: &SubnetEnv, agent: bool) -> Result<()>
         node.pod_cidr
     );
     let ns = lab.netns(&node.name);
-    Script::new(&ns).bridge(BRIDGE, Some(env.mtu))?.apply()?;
-    if agent {
-        agents::wait_attached(&ns, BRIDGE, TcAttachType::Ingress, "bridge_ingress")?;
-    }
-    let mut host = Script::new(&ns);
-    host.address(env.subnet, BRIDGE);
-    let mut inside = Vec::new();
-    let mut host_ends = Vec::new();
+    let mut host_veths = Vec::new();
     for pod in lab.topology.pods_of(node) {
         interrupt::check()?;
-        let pod_ns = lab.netns(&pod.name);
-        netns::add(&pod_ns)?;
-        let host_end = format!("{}-{}", lab.id, pod.name);
-        host.veth(&host_end, None, POD_IFACE, &pod_ns, Some(env.mtu))?
-            .attach(&host_end, BRIDGE);
-        host_ends.push(host_end);
-        let mut script = Script::new(&pod_ns);
-        script
-            .address(
-                Ipv4Net::new(pod.address, env.subnet.prefix_len())?,
-                POD_IFACE,
-            )
-            .up(POD_IFACE)
-            .default_route(env.subnet.addr());
-        inside.push(script);
+        netns::add(&lab.netns(&pod.name))?;
+        let attached = cni::add(lab, node, &pod, env)?;
+        let expected = Ipv4Net::new(pod.address, env.subnet.prefix_len())?;
+        ensure!(
+            attached.address == expected,
+            "host-local gave {} the address {}, but the lab's topology has {expected} \
+             (its pods take .2, .3, ... in order)",
+            pod.name,
+            attached.address
+        );
+        if agent && host_veths.is_empty() {
+            agents::wait_attached(&ns, BRIDGE, TcAttachType::Ingress, "bridge_ingress")?;
+        }
+        host_veths.push(attached.host_veth);
     }
-    host.apply()?;
     if agent {
         agents::wait_gateway_source(lab, node)?;
         // Every pod's packets leave through `pod_ingress` on its veth (nothing else
         // filters them here), as on a node with no traffic shaping.
-        for host_end in &host_ends {
-            agents::wait_attached(&ns, host_end, TcAttachType::Ingress, "pod_ingress")?;
+        for host_veth in &host_veths {
+            agents::wait_attached(&ns, host_veth, TcAttachType::Ingress, "pod_ingress")?;
         }
     }
-    inside.iter().try_for_each(Script::apply)
+    Ok(())
 }

@@ -109,7 +109,7 @@ fn controls(lab: &LabState) -> Result<Controls> {
     );
 
     println!("(b) installing host-gw routes instead");
-    let (installed, refused) = install_host_gw(lab)?;
+    let (installed, refused) = install_host_gw(lab, false)?;
     report.rows.push(Row {
         step: "(b) host-gw routes",
         what: "podCIDR via nodeIP".into(),
@@ -146,21 +146,27 @@ fn controls(lab: &LabState) -> Result<Controls> {
 }
 
 /// flannel host-gw: on every node, a route to every other node's pod subnet via that
-/// node's address. Returns how many the kernel took, and its errors for the others.
-fn install_host_gw(lab: &LabState) -> Result<(usize, Vec<String>)> {
+/// node's address; with `from_gateway`, leaving from the node's pod gateway as the
+/// agent's routes do (the source a masquerade of the host's picks). Returns how many
+/// the kernel took, and its errors for the others.
+pub(crate) fn install_host_gw(lab: &LabState, from_gateway: bool) -> Result<(usize, Vec<String>)> {
     let mut installed = 0;
     let mut refused = Vec::new();
     for node in &lab.topology.nodes {
+        let gateway = node.gateway().to_string();
         for peer in lab.topology.nodes.iter().filter(|p| p.name != node.name) {
-            let route = [
-                &peer.pod_cidr.to_string(),
-                "via",
-                &peer.address.to_string(),
-                "dev",
-                UPLINK,
-                "proto",
-                HOST_GW_PROTO,
+            let mut route = vec![
+                peer.pod_cidr.to_string(),
+                "via".into(),
+                peer.address.to_string(),
+                "dev".into(),
+                UPLINK.into(),
+                "proto".into(),
+                HOST_GW_PROTO.into(),
             ];
+            if from_gateway {
+                route.extend(["src".into(), gateway.clone()]);
+            }
             match netns::run(
                 Command::new("ip")
                     .args(["-n", &lab.netns(&node.name), "route", "add"])
@@ -184,7 +190,7 @@ fn install_host_gw(lab: &LabState) -> Result<(usize, Vec<String>)> {
     Ok((installed, refused))
 }
 
-fn remove_host_gw(lab: &LabState) -> Result<()> {
+pub(crate) fn remove_host_gw(lab: &LabState) -> Result<()> {
     for node in &lab.topology.nodes {
         netns::run(Command::new("ip").args([
             "-n",

@@ -494,6 +494,7 @@ mod tests {
             id: "test".into(),
             agent: "overlay-agent".into(),
             masquerade: true,
+            fast_path: true,
             topology: Topology::kind(),
         }
     }

@@ -120,8 +120,13 @@ impl Backend {
         // Like the agent, flanneld's hosts forward; the lab's nodes do already.
         netns::enable_forwarding(&ns)?;
         Ok(SubnetEnv {
+            network: lab.topology.pod_network,
             subnet: ipnet::Ipv4Net::new(node.gateway(), node.pod_cidr.prefix_len())?,
             mtu: self.mtu(),
+            // As flannel's DaemonSet runs flanneld (kube-flannel.yml: --ip-masq), so
+            // that the bridge plugin adds no masquerade of its own; where flanneld's
+            // rules matter, they are installed as such (`iptables`).
+            ipmasq: true,
         })
     }
 

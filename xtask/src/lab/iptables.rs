@@ -23,15 +23,13 @@
 //! packets to remote pods leave through `flannel.ipip`, which holds the node's pod
 //! subnet address as a /32, so rule 6 gives them a source inside the pod network and the
 //! remote pod answers through the tunnel. Here there is no tunnel device (the datapath
-//! encapsulates on `eth0`): MASQUERADE would take `eth0`'s node address instead, the
-//! remote pod would answer outside the tunnel, and its own node, whose netfilter never
-//! saw the request (the BPF decapsulation hands it straight to the pod), would
-//! masquerade the answer again under rule 5: the first UDP answer, or the first TCP
-//! packet after the SYN-ACK (which conntrack picks up mid-stream); the requester then
-//! resets the connection or ignores the datagram. Only ICMP echo gets through. [`Variant::Flanneld`] therefore gives rule
-//! 6 the address flanneld's device would give it, our datapath's equivalent: the pod
-//! gateway (`SNAT --to-source`). [`Variant::Verbatim`] keeps MASQUERADE, to show what
-//! that difference does.
+//! encapsulates on `eth0`): MASQUERADE takes `eth0`'s node address instead.
+//! [`Variant::Flanneld`] therefore gives rule 6 the address flanneld's device would give
+//! it, our datapath's equivalent: the pod gateway (`SNAT --to-source`); and, as our
+//! datapath does, it leaves alone what already leaves from the node's own address (a
+//! socket bound to it, or the host's own masquerade: translating that again would be a
+//! second NAT), with a RETURN before rule 6. [`Variant::Verbatim`] keeps flanneld's
+//! rules word for word, to show what those differences do.
 
 use anyhow::{Context as _, Result};
 
@@ -93,7 +91,7 @@ pub fn rules(node: &Node, network: &str, variant: Variant) -> Vec<Vec<String>> {
         .chain(&["-j", CHAIN])
         .map(|s| (*s).to_owned())
         .collect();
-    vec![
+    let mut rules = vec![
         vec!["-N".to_owned(), CHAIN.to_owned()],
         jump,
         rule(&["-m", "mark", "--mark", KUBE_PROXY_MARK], &["RETURN"]),
@@ -104,8 +102,13 @@ pub fn rules(node: &Node, network: &str, variant: Variant) -> Vec<Vec<String>> {
             &["-s", network, "!", "-d", MULTICAST],
             &["MASQUERADE", "--random-fully"],
         ),
-        rule(&["!", "-s", network, "-d", network], &rule6_target),
-    ]
+    ];
+    if variant == Variant::Flanneld {
+        let own = format!("{}/32", node.address);
+        rules.push(rule(&["-s", &own, "-d", network], &["RETURN"]));
+    }
+    rules.push(rule(&["!", "-s", network, "-d", network], &rule6_target));
+    rules
 }
 
 /// flanneld's rules in every node's namespace, removed when dropped.
@@ -182,12 +185,19 @@ fn nat_table_exists(lab: &LabState, node: &Node) -> bool {
         .is_ok()
 }
 
-/// Nodes that still have a nat table (none after the comparison).
+/// Nodes that still have flanneld's rules (none after the comparison). The nat table
+/// itself stays: portmap's chains for the pods' hostPorts (`cni`) live there.
 pub fn leftovers(lab: &LabState) -> Vec<String> {
     lab.topology
         .nodes
         .iter()
-        .filter(|n| nat_table_exists(lab, n))
+        .filter(|n| {
+            netns::run(
+                netns::command(&lab.netns(&n.name), "nft")
+                    .args(["list", "chain", "ip", "nat", CHAIN]),
+            )
+            .is_ok()
+        })
         .map(|n| n.name.clone())
         .collect()
 }
@@ -218,6 +228,7 @@ mod tests {
                 format!(
                     "-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 {c} -j MASQUERADE --random-fully"
                 ),
+                format!("-A FLANNEL-POSTRTG -s 172.18.0.3/32 -d 10.244.0.0/16 {c} -j RETURN"),
                 format!(
                     "-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 {c} -j SNAT --to-source 10.244.1.1 --random-fully"
                 ),

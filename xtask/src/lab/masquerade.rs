@@ -96,7 +96,7 @@ impl Proof {
 }
 
 pub const OUTSIDE: &str = "Masquerade: pods to the outside";
-pub const RULES: &str = "Masquerade: rules 6 and 1";
+pub const RULES: &str = "Masquerade: rule 6";
 pub const LOAD: &str = "Masquerade under load";
 pub const OFF: &str = "Masquerade off";
 pub const EQUIVALENCE: &str = "Masquerade: equivalence with flanneld's iptables rules";
@@ -214,7 +214,7 @@ impl Cleanup {
                 routes.is_empty(),
             ),
             (
-                "nodes: iptables nat tables".to_owned(),
+                "nodes: flanneld's iptables rules".to_owned(),
                 if nat_tables.is_empty() {
                     "none".to_owned()
                 } else {

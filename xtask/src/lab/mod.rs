@@ -8,9 +8,10 @@
 //! overlay the same paths fail.
 //!
 //! Layout: topology (the cluster as data), netns (namespaces and links), state (a lab
-//! on disk and its removal), cluster (building it), agents, servers, probe, parallel
-//! and matrix (connectivity), capture (wire proof), controls (negative controls),
-//! router (routes put on the router on purpose), nat_table (`overlay-agent nat`),
+//! on disk and its removal), cluster (building it), cni (its pods, through the real
+//! CNI plugins), agents, servers, probe, parallel and matrix (connectivity), capture
+//! (wire proof), controls (negative controls), router (routes put on the router on
+//! purpose), nat_table (`overlay-agent nat`),
 //! masquerade (the masquerade proof: outside, rules, load, iptables, equivalence),
 //! restart (restarts and upgrades lose nothing) and kernel_drops (what the kernel
 //! dropped, to place a loss).
@@ -18,12 +19,16 @@
 pub(crate) mod agents;
 mod capture;
 pub(crate) mod cluster;
+pub(crate) mod cni;
 mod controls;
+pub(crate) mod dns;
 mod equivalence;
 pub(crate) mod flannel;
 pub(crate) mod interrupt;
 pub(crate) mod iptables;
 mod kernel_drops;
+pub(crate) mod kube_proxy;
+mod kubernetes;
 mod load;
 mod masquerade;
 mod matrix;
@@ -31,6 +36,7 @@ mod nat_table;
 pub(crate) mod netns;
 mod outside;
 mod parallel;
+pub(crate) mod policy;
 pub(crate) mod probe;
 mod restart;
 pub(crate) mod router;
@@ -74,6 +80,9 @@ struct CreateArgs {
     /// Run the agents without `--ip-masq` (pods then cannot reach the outside host).
     #[arg(long)]
     no_masq: bool,
+    /// Run the agents with `--fast-path off`: every packet goes through the host stack.
+    #[arg(long)]
+    no_fast_path: bool,
 }
 
 #[derive(clap::Args, Clone, Copy)]
@@ -91,6 +100,11 @@ struct Checks {
     /// build profile, built first) and by a build with another map layout.
     #[arg(long)]
     restart: bool,
+    /// Run only the Kubernetes section (kube-proxy's rules in each mode, Services,
+    /// cluster DNS, hostPort and NetworkPolicy, each against kernel forwarding). Without
+    /// this flag it runs too, after the masquerade proof.
+    #[arg(long, conflicts_with = "masquerade")]
+    kubernetes: bool,
 }
 
 #[derive(clap::Args)]
@@ -181,6 +195,9 @@ struct Report {
     controls: Option<bool>,
     /// What the restart proof found lost; None when it did not run.
     restart: Option<Vec<String>>,
+    /// The Kubernetes section's kube-proxy modes and what it found wrong; None when it
+    /// did not run.
+    kubernetes: Option<(Vec<kube_proxy::Mode>, Vec<String>)>,
 }
 
 impl Report {
@@ -190,6 +207,7 @@ impl Report {
             && self.masquerade.failures.is_empty()
             && self.controls != Some(false)
             && self.restart.as_ref().is_none_or(Vec::is_empty)
+            && self.kubernetes.as_ref().is_none_or(|(_, f)| f.is_empty())
     }
 
     fn verdict(self) -> Result<()> {
@@ -215,6 +233,9 @@ impl Report {
         }
         if self.restart.as_ref().is_some_and(|r| !r.is_empty()) {
             failed.push("the restart proof".to_owned());
+        }
+        if let Some((_, k)) = self.kubernetes.as_ref().filter(|(_, k)| !k.is_empty()) {
+            failed.push(format!("{} Kubernetes checks", k.len()));
         }
         bail!("FAIL: {}", failed.join(", "))
     }
@@ -247,7 +268,12 @@ fn build(create: CreateArgs) -> Result<PathBuf> {
 fn full_run(create: CreateArgs, checks: Checks) -> Result<Report> {
     let started = Instant::now();
     let agent = build(create)?;
-    let lab = cluster::create(Topology::kind(), agent, !create.no_masq)?;
+    let lab = cluster::create(
+        Topology::kind(),
+        agent,
+        !create.no_masq,
+        !create.no_fast_path,
+    )?;
     let report = check(&lab, checks)?;
     heading("Teardown");
     let teardown = Instant::now();
@@ -263,7 +289,13 @@ fn full_run(create: CreateArgs, checks: Checks) -> Result<Report> {
 
 fn up(create: CreateArgs) -> Result<()> {
     let agent = build(create)?;
-    let lab = cluster::create(Topology::kind(), agent, !create.no_masq)?.keep();
+    let lab = cluster::create(
+        Topology::kind(),
+        agent,
+        !create.no_masq,
+        !create.no_fast_path,
+    )?
+    .keep();
     status(&lab)?;
     let pod = |node: usize| lab.topology.pods_of(&lab.topology.nodes[node]).remove(0);
     let (local, remote) = (pod(0), pod(lab.topology.nodes.len() - 1));
@@ -285,7 +317,7 @@ fn up(create: CreateArgs) -> Result<()> {
 /// if asked) against a running lab.
 fn check(lab: &LabState, checks: Checks) -> Result<Report> {
     let (mut matrix, mut wire) = (Vec::new(), Vec::new());
-    if !checks.masquerade {
+    if !(checks.masquerade || checks.kubernetes) {
         heading("Connectivity");
         let found = matrix::run(lab, PROBES_IN_FLIGHT, lab.masquerade)?;
         print!("{}", found.render());
@@ -309,10 +341,28 @@ fn check(lab: &LabState, checks: Checks) -> Result<Report> {
         }
     }
 
-    let masquerade = masquerade::run(lab)?;
-    if !masquerade.failures.is_empty() {
-        println!("\n{}", masquerade::verdict("", &masquerade.failures));
-    }
+    let masquerade = if checks.kubernetes {
+        masquerade::Proof::default()
+    } else {
+        let proof = masquerade::run(lab)?;
+        if !proof.failures.is_empty() {
+            println!("\n{}", masquerade::verdict("", &proof.failures));
+        }
+        proof
+    };
+
+    let kubernetes = if checks.masquerade {
+        None
+    } else {
+        heading(kubernetes::SECTION);
+        let proof = kubernetes::run(lab)?;
+        print!("{}", proof.render());
+        let failures = proof.failures();
+        for f in &failures {
+            println!("  ✗ {f}");
+        }
+        Some((proof.modes(), failures))
+    };
 
     let restart = if checks.restart {
         heading("Restarts and upgrades");
@@ -341,6 +391,7 @@ fn check(lab: &LabState, checks: Checks) -> Result<Report> {
         masquerade,
         controls,
         restart,
+        kubernetes,
     })
 }
 

@@ -192,30 +192,60 @@ impl Script {
     }
 
     pub fn apply(&self) -> Result<()> {
-        let mut child = Command::new("ip")
-            .args(["-n", &self.ns, "-batch", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting ip -batch")?;
         let script = self.lines.join("\n") + "\n";
-        child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(script.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            // ip names the failing line ("Command failed -:3"): show the script with it.
-            bail!(
-                "ip -n {} -batch failed: {}\n{script}",
-                self.ns,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        run_with_input(
+            Command::new("ip").args(["-n", &self.ns, "-batch", "-"]),
+            &script,
+        )
+        .map(drop)
     }
+}
+
+/// Runs `cmd` with `input` on its standard input (a script for `ip -batch`, `nft -f -`,
+/// `iptables-restore`, `ipset restore`); a failure carries the tool's message and the
+/// input line it names.
+pub fn run_with_input(cmd: &mut Command, input: &str) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {shown}"))?;
+    let mut stdin = child.stdin.take().context("stdin is piped")?;
+    // A tool that fails early closes its input: its stderr says why, not the pipe.
+    let written = stdin.write_all(input.as_bytes());
+    drop(stdin);
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let line = failing_line(&stderr)
+            .and_then(|n| input.lines().nth(n - 1))
+            .map(|l| format!("\nthat line: {l}"))
+            .unwrap_or_default();
+        bail!("{shown} failed ({}): {stderr}{line}", out.status);
+    }
+    written.with_context(|| format!("writing to {shown}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The input line a tool's error names: iptables-restore says "line 12 failed", nft
+/// "/dev/stdin:12:1-5: Error", ip -batch "Command failed -:12".
+fn failing_line(stderr: &str) -> Option<usize> {
+    let digits = |s: &str| -> Option<usize> {
+        let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        s[..end].parse().ok().filter(|&n| n > 0)
+    };
+    if let Some(at) = stderr.find("line ") {
+        return digits(&stderr[at + 5..]);
+    }
+    [("/dev/stdin:", 11), ("failed -:", 9)]
+        .iter()
+        .find_map(|(marker, len)| {
+            stderr
+                .find(marker)
+                .and_then(|at| digits(&stderr[at + len..]))
+        })
 }
 
 fn check_ifname(name: &str) -> Result<()> {
@@ -235,4 +265,39 @@ fn format_mac(mac: [u8; 6]) -> String {
 pub fn docker_mac(address: Ipv4Addr) -> [u8; 6] {
     let [a, b, c, d] = address.octets();
     [0x02, 0x42, a, b, c, d]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_errors_name_the_failing_line() {
+        assert_eq!(failing_line("iptables-restore: line 12 failed"), Some(12));
+        assert_eq!(
+            failing_line("/dev/stdin:7:1-3: Error: syntax error"),
+            Some(7)
+        );
+        assert_eq!(
+            failing_line("ipset v7.17: Error in line 3: Set cannot be created"),
+            Some(3)
+        );
+        assert_eq!(
+            failing_line("RTNETLINK answers: File exists\nCommand failed -:4"),
+            Some(4)
+        );
+        assert_eq!(failing_line("permission denied"), None);
+    }
+
+    #[test]
+    fn a_failing_tool_names_the_line_it_failed_on() {
+        let e = run_with_input(
+            Command::new("sh").args(["-c", "cat >/dev/null; echo 'line 2 failed' >&2; exit 1"]),
+            "first\nsecond\n",
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("that line: second"), "{e:#}");
+        let out = run_with_input(&mut Command::new("cat"), "echoed").unwrap();
+        assert_eq!(out, "echoed");
+    }
 }

@@ -90,30 +90,20 @@ pub fn millis(d: Duration) -> String {
 }
 
 /// Where a probe starts: a namespace and, for the masquerade checks, a source address
-/// to bind (a node's own address: rule 6) and a socket mark (kube-proxy's: rule 1).
+/// to bind (a node's own address: rule 6).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Client {
     pub ns: String,
     pub bind: Option<Ipv4Addr>,
-    pub mark: Option<u32>,
 }
 
 impl Client {
     pub fn new(ns: String) -> Self {
-        Self {
-            ns,
-            bind: None,
-            mark: None,
-        }
+        Self { ns, bind: None }
     }
 
     pub fn bound(mut self, address: Ipv4Addr) -> Self {
         self.bind = Some(address);
-        self
-    }
-
-    pub fn marked(mut self, mark: u32) -> Self {
-        self.mark = Some(mark);
         self
     }
 
@@ -122,9 +112,6 @@ impl Client {
             Ok(Socket::new(Domain::IPV4, ty, Some(protocol))?)
         })
         .map_err(|e| Failure::Other(format!("{e:#}")))?;
-        if let Some(mark) = self.mark {
-            socket.set_mark(mark).map_err(Failure::from_io)?;
-        }
         if let Some(address) = self.bind {
             socket
                 .bind(&SocketAddrV4::new(address, 0).into())
@@ -134,7 +121,7 @@ impl Client {
     }
 
     /// The source address the kernel picks for this client's packets to `to`: a UDP
-    /// socket's, connected without sending anything (same route, bind and mark).
+    /// socket's, connected without sending anything (same route and bind).
     fn source_for(&self, to: Ipv4Addr) -> Result<Ipv4Addr, Failure> {
         let socket = self.socket(Type::DGRAM, Protocol::UDP)?;
         socket
@@ -362,21 +349,27 @@ pub fn tcp(client: &Client, to: SocketAddrV4) -> Result<Exchange, Failure> {
     tcp_sized(client, to, TCP_BYTES)
 }
 
-/// [`tcp`] with `len` bytes each way.
-pub fn tcp_sized(client: &Client, to: SocketAddrV4, len: usize) -> Result<Exchange, Failure> {
+/// A connection from `client` to `to`, with the probes' timeouts, and its local end.
+fn connect(client: &Client, to: SocketAddrV4) -> Result<(TcpStream, SocketAddrV4), Failure> {
     let socket = client.socket(Type::STREAM, Protocol::TCP)?;
-    let started = Instant::now();
     socket
         .connect_timeout(&to.into(), interrupt::scaled(TCP_TIMEOUT))
         .map_err(Failure::from_io)?;
     let local = local_address(&socket)?;
-    let mut stream = TcpStream::from(socket);
+    let stream = TcpStream::from(socket);
     stream
         .set_read_timeout(Some(interrupt::scaled(TCP_TIMEOUT)))
         .map_err(Failure::from_io)?;
     stream
         .set_write_timeout(Some(interrupt::scaled(TCP_TIMEOUT)))
         .map_err(Failure::from_io)?;
+    Ok((stream, local))
+}
+
+/// [`tcp`] with `len` bytes each way.
+pub fn tcp_sized(client: &Client, to: SocketAddrV4, len: usize) -> Result<Exchange, Failure> {
+    let started = Instant::now();
+    let (mut stream, local) = connect(client, to)?;
     let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     stream.write_all(&payload).map_err(Failure::from_io)?;
     stream.shutdown(Shutdown::Write).map_err(Failure::from_io)?;
@@ -390,6 +383,55 @@ pub fn tcp_sized(client: &Client, to: SocketAddrV4, len: usize) -> Result<Exchan
         remote: to,
         seen: Some(seen),
     })
+}
+
+/// A TCP connection held open to an echo server (which sends the address it saw, then
+/// echoes what comes): messages go back and forth over time, as a long-lived flow's.
+pub struct Session {
+    stream: TcpStream,
+    /// The connection's own end.
+    pub local: SocketAddrV4,
+    /// The source address the server saw.
+    pub seen: Ipv4Addr,
+    sent: u64,
+}
+
+impl Session {
+    pub fn open(client: &Client, to: SocketAddrV4) -> Result<Self, Failure> {
+        let (mut stream, local) = connect(client, to)?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while byte[0] != b'\n' {
+            stream.read_exact(&mut byte).map_err(Failure::from_io)?;
+            line.push(byte[0]);
+        }
+        let seen = read_answer(&line, &[])?;
+        Ok(Self {
+            stream,
+            local,
+            seen,
+            sent: 0,
+        })
+    }
+
+    /// One message there and back (each a new one, so that a stale echo shows).
+    pub fn exchange(&mut self) -> Result<(), Failure> {
+        self.sent += 1;
+        let message = format!("olab message {:08}\n", self.sent).into_bytes();
+        self.stream.write_all(&message).map_err(Failure::from_io)?;
+        let mut back = vec![0u8; message.len()];
+        self.stream
+            .read_exact(&mut back)
+            .map_err(Failure::from_io)?;
+        if back != message {
+            return Err(Failure::Mismatch(format!(
+                "echoed {:?}, not {:?}",
+                String::from_utf8_lossy(&back),
+                String::from_utf8_lossy(&message)
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Sends one datagram with a unique payload from `client` to a UDP echo server at `to`

@@ -19,7 +19,7 @@ use anyhow::{Context as _, Result};
 use nix::sys::socket::{setsockopt, sockopt::RcvBufForce};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::AsyncWriteExt as _,
     io::{Interest, unix::AsyncFd},
     net::{TcpListener, TcpStream, UdpSocket},
     runtime::Runtime,
@@ -61,6 +61,12 @@ impl Servers {
     /// Starts the servers on every host of `hosts`, each on the host's address with
     /// ports the kernel picks (concurrent checks never collide).
     pub fn start(lab: &LabState, hosts: &[Host]) -> Result<Self> {
+        Self::start_on(lab, hosts, 0)
+    }
+
+    /// [`Servers::start`] on `port` (TCP and UDP; 0: the kernel picks): a Service's
+    /// endpoints, whose target port the rules name.
+    pub fn start_on(lab: &LabState, hosts: &[Host], port: u16) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(RUNTIME_THREADS)
             .thread_name("lab-servers")
@@ -73,11 +79,11 @@ impl Servers {
             let (tcp, udp, icmp) = netns::enter(&lab.netns(&host.name), || {
                 let tcp = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
                 tcp.set_reuse_address(true)?;
-                tcp.bind(&SocketAddrV4::new(host.address, 0).into())?;
+                tcp.bind(&SocketAddrV4::new(host.address, port).into())?;
                 tcp.listen(BACKLOG)?;
                 let udp = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
                 setsockopt(&udp, RcvBufForce, &UDP_BUFFER)?;
-                udp.bind(&SocketAddrV4::new(host.address, 0).into())?;
+                udp.bind(&SocketAddrV4::new(host.address, port).into())?;
                 let icmp = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
                 for s in [&tcp, &udp, &icmp] {
                     s.set_nonblocking(true)?;
@@ -168,8 +174,10 @@ fn v4(addr: Option<SocketAddr>) -> Result<SocketAddrV4> {
     }
 }
 
-/// Each connection: everything up to the client's end of stream, answered with the
-/// peer address it came from, a newline, and the same bytes.
+/// Each connection: the peer address it came from and a newline, then every byte the
+/// client sends, sent back as it comes, until the client's end of stream. A probe sends
+/// its bytes and reads the answer to the end; a connection held open (the policy
+/// checks) exchanges messages over time.
 async fn serve_tcp(listener: TcpListener) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
@@ -183,12 +191,12 @@ async fn serve_tcp(listener: TcpListener) {
 }
 
 async fn echo(mut stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
-    let mut data = Vec::new();
-    stream.read_to_end(&mut data).await?;
-    let mut answer = format!("{}\n", peer.ip()).into_bytes();
-    answer.extend(data);
-    stream.write_all(&answer).await?;
-    stream.shutdown().await
+    stream
+        .write_all(format!("{}\n", peer.ip()).as_bytes())
+        .await?;
+    let (mut reader, mut writer) = stream.split();
+    tokio::io::copy(&mut reader, &mut writer).await?;
+    writer.shutdown().await
 }
 
 /// Each datagram is answered with the peer address, a newline, and the datagram.

@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use nix::mount::{MntFlags, umount2};
 use serde::{Deserialize, Serialize};
 
-use super::{agents, netns, topology::Topology};
+use super::{agents, cni, netns, topology::Topology};
 
 const ROOT: &str = "/run/overlay-lab";
 const STATE_FILE: &str = "state.json";
@@ -29,6 +29,10 @@ pub struct LabState {
     pub agent: PathBuf,
     /// Whether the agents run with `--ip-masq` (checks that switch it put it back).
     pub masquerade: bool,
+    /// Whether the agents may take flows past the host stack (`--fast-path
+    /// established`, their default) or send every packet through it (`off`).
+    #[serde(default = "fast_path_default")]
+    pub fast_path: bool,
     pub topology: Topology,
 }
 
@@ -63,13 +67,19 @@ impl LabState {
     }
 
     /// Claims a fresh id and records the lab before anything of it exists.
-    pub fn create(topology: Topology, agent: PathBuf, masquerade: bool) -> Result<LabGuard> {
+    pub fn create(
+        topology: Topology,
+        agent: PathBuf,
+        masquerade: bool,
+        fast_path: bool,
+    ) -> Result<LabGuard> {
         std::fs::create_dir_all(ROOT).with_context(|| format!("creating {ROOT}"))?;
         loop {
             let lab = LabState {
                 id: random_id()?,
                 agent: agent.clone(),
                 masquerade,
+                fast_path,
                 topology: topology.clone(),
             };
             // Skip ids still used by namespaces of a lab whose directory is gone.
@@ -134,14 +144,19 @@ impl LabState {
         Ok(ids)
     }
 
-    /// Stops the agents (they detach their programs and remove their routes), deletes
-    /// the namespaces, unmounts the bpffs and removes the directory. Goes on after a
-    /// failure, so that one stuck piece does not keep the rest alive; the directory (and
-    /// with it the state) is only removed when everything else is gone, so that
-    /// `lab down` can try again.
+    /// Deletes the pods' networks (CNI DEL, as the runtime tears a sandbox down; best
+    /// effort: what fails is reported, and deleting the namespaces removes it anyway),
+    /// stops the agents (they detach their programs and remove their routes), deletes
+    /// the namespaces, unmounts the bpffs and removes the directory, the nodes' CNI
+    /// state with it. Goes on after a failure, so that one stuck piece does not keep the
+    /// rest alive; the directory (and with it the state) is only removed when everything
+    /// else is gone, so that `lab down` can try again.
     pub fn teardown(&self) -> Result<Removed> {
         let mut removed = Removed::default();
         let mut errors = Vec::new();
+        let deleted = cni::del_all(self);
+        removed.pods = deleted.pods;
+        removed.cni_failures = deleted.failures;
         match agents::stop_all(self) {
             Ok(n) => removed.agents = n,
             Err(e) => errors.push(format!("stopping agents: {e:#}")),
@@ -181,9 +196,19 @@ impl LabState {
     }
 }
 
+/// Labs saved before the setting ran their agents with the fast path (the agent's
+/// default).
+fn fast_path_default() -> bool {
+    true
+}
+
 /// What a teardown removed.
 #[derive(Debug, Default)]
 pub struct Removed {
+    /// Pods whose networks CNI DEL removed.
+    pub pods: usize,
+    /// The pods whose CNI DEL failed, and why.
+    pub cni_failures: Vec<String>,
     pub agents: usize,
     pub namespaces: usize,
     pub bpffs: bool,
@@ -193,11 +218,14 @@ impl fmt::Display for Removed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} agents stopped, {} namespaces deleted",
-            self.agents, self.namespaces
+            "{} pods deleted through CNI, {} agents stopped, {} namespaces deleted",
+            self.pods, self.agents, self.namespaces
         )?;
         if self.bpffs {
             f.write_str(", bpffs unmounted")?;
+        }
+        for failure in &self.cni_failures {
+            write!(f, "\n  CNI DEL failed for {failure}")?;
         }
         Ok(())
     }

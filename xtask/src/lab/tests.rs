@@ -1,7 +1,9 @@
-//! The whole lab, end to end, as `cargo xtask lab --controls` runs it: the matrix, the
-//! wire proof, the full masquerade proof (outside host, rules 6 and 1, masquerade off,
-//! thousands of connections, equivalence with flanneld's iptables rules) and the
-//! negative controls. Needs root (namespaces, BPF), like the lab itself.
+//! The whole lab, end to end, as `cargo xtask lab --controls --restart` runs it: the
+//! matrix, the wire proof, the full masquerade proof (outside host, rules 6 and 1,
+//! masquerade off, thousands of connections, equivalence with flanneld's iptables
+//! rules), the Kubernetes section (every kube-proxy mode this kernel has, against
+//! kernel forwarding), restarts and upgrades, and the negative controls. Needs root
+//! (namespaces, BPF), like the lab itself.
 
 use std::{path::Path, process::Command};
 
@@ -18,11 +20,13 @@ fn lab_passes_masquerade_holds_controls_fail_and_nothing_remains() {
         CreateArgs {
             release: false,
             no_masq: false,
+            no_fast_path: false,
         },
         Checks {
             controls: true,
             masquerade: false,
             restart: true,
+            kubernetes: false,
         },
     )
     .expect("the lab runs to its end");
@@ -52,6 +56,24 @@ fn lab_passes_masquerade_holds_controls_fail_and_nothing_remains() {
         report.masquerade.failures.is_empty(),
         "the masquerade proof does not hold: {:#?}",
         report.masquerade.failures
+    );
+    let (modes, kubernetes) = report
+        .kubernetes
+        .as_ref()
+        .expect("the Kubernetes section ran");
+    assert!(
+        modes.contains(&kube_proxy::Mode::Iptables) && modes.contains(&kube_proxy::Mode::Nftables),
+        "kube-proxy's iptables and nftables modes run on every kernel of the matrix: {modes:?}"
+    );
+    if kube_proxy::available(kube_proxy::Mode::Ipvs).is_ok() {
+        assert!(
+            modes.contains(&kube_proxy::Mode::Ipvs),
+            "this kernel has IPVS"
+        );
+    }
+    assert!(
+        kubernetes.is_empty(),
+        "the Kubernetes section does not hold: {kubernetes:#?}"
     );
     assert_eq!(
         report.controls,
