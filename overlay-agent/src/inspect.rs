@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fmt, fmt::Write as _, net::Ipv4Addr, path::Path
 
 use anyhow::Result;
 use ipnet::Ipv4Net;
-use overlay_common::maps::names;
+use overlay_common::{flows::FILTER_WORDS, maps::names};
 use serde::Serialize;
 
 use crate::{
@@ -287,8 +287,10 @@ pub struct FastFlowRow {
     pub dst: Endpoint,
     /// What the fast path makes of it: `fast` (admitted, seen under the current
     /// ruleset), `admitted-unseen` (admitted, to be seen again under the current
-    /// ruleset), `stale` (its admission ran out), `closing`, `refused` (the host
-    /// translates it), `host` (not admitted yet).
+    /// ruleset), `unfiltered` (admitted, but its bit in the filter is clear, so the
+    /// programs do not see it: the agent sets it at its next pass), `stale` (its
+    /// admission ran out), `closing`, `refused` (the host translates it), `host` (not
+    /// admitted yet).
     pub state: &'static str,
     pub host_packets: u32,
     /// Seconds since the fast path last carried it; None: never.
@@ -300,15 +302,23 @@ pub struct FastFlowsView {
     /// Whether the programs may take admitted flows at all.
     pub fast_path_on: bool,
     pub ruleset_generation: u32,
+    /// Bits set in the filter the programs read before a lookup (of
+    /// `overlay_common::flows::FILTER_WORDS` × 64).
+    pub filter_bits_set: u32,
     pub flows: Vec<FastFlowRow>,
 }
 
 /// The fast path's flow table, busiest directions first.
 pub fn flows(pin_dir: &Path) -> Result<FastFlowsView> {
     use overlay_common::flows::{CLOSING, REFUSED};
+
     let config = Config::new(open_pinned(pin_dir, names::CONFIG)?)?.get()?;
     let now = crate::conntrack::monotonic_ns();
-    let mut flows: Vec<FastFlowRow> = Flows::new(open_pinned(pin_dir, names::FLOWS)?)?
+    let table = Flows::new(
+        open_pinned(pin_dir, names::FLOWS)?,
+        open_pinned(pin_dir, names::FLOW_FILTER)?,
+    )?;
+    let mut flows: Vec<FastFlowRow> = table
         .entries()?
         .into_iter()
         .map(|(k, s)| {
@@ -322,6 +332,8 @@ pub fn flows(pin_dir: &Path) -> Result<FastFlowsView> {
                 "stale"
             } else if s.seen_gen != config.ruleset_gen {
                 "admitted-unseen"
+            } else if !table.in_filter(&k) {
+                "unfiltered"
             } else {
                 "fast"
             };
@@ -340,6 +352,7 @@ pub fn flows(pin_dir: &Path) -> Result<FastFlowsView> {
     Ok(FastFlowsView {
         fast_path_on: config.fast_path(),
         ruleset_generation: config.ruleset_gen,
+        filter_bits_set: table.filter_bits_set(),
         flows,
     })
 }
@@ -347,9 +360,12 @@ pub fn flows(pin_dir: &Path) -> Result<FastFlowsView> {
 impl View for FastFlowsView {
     fn table(&self) -> Result<String> {
         let mut out = format!(
-            "fast path {}, ruleset generation {}\n{:<5} {:<22} {:<22} {:<16} {:>12} {:>10}\n",
+            "fast path {}, ruleset generation {}, {} of {} filter bits set\n\
+             {:<5} {:<22} {:<22} {:<16} {:>12} {:>10}\n",
             if self.fast_path_on { "on" } else { "off" },
             self.ruleset_generation,
+            self.filter_bits_set,
+            FILTER_WORDS * 64,
             "PROTO",
             "SOURCE",
             "DESTINATION",

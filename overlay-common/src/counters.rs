@@ -104,7 +104,8 @@ pub enum Reason {
     DropMalformed,
     /// IPIP from an address that is not a known node (spoofing; flannel issue #961).
     DropUnknownPeer,
-    /// IPIP whose inner destination is outside this node's pod subnet.
+    /// IPIP whose inner destination is neither in this node's pod subnet nor this
+    /// node's own address.
     DropNotForThisNode,
     /// IPIP inside IPIP.
     DropNestedTunnel,
@@ -156,6 +157,10 @@ pub enum Reason {
     PassFlowRecorded,
     /// On the pod bridge's egress: nothing recorded, the fast path is off.
     PassFastPathOff,
+    /// Decapsulated and handed to the host stack: a remote pod's packet for this node's
+    /// own address (a reply to a flow the host masqueraded to it), which the host's
+    /// connection tracking translates back.
+    DecapsulatedToNode,
 }
 
 /// How a reason reads for an operator.
@@ -167,7 +172,7 @@ pub enum Kind {
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::PassFastPathOff as u32 + 1;
+    pub const COUNT: u32 = Reason::DecapsulatedToNode as u32 + 1;
 
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Encapsulated,
@@ -210,6 +215,7 @@ impl Reason {
         Reason::DecapsulatedToHost,
         Reason::PassFlowRecorded,
         Reason::PassFastPathOff,
+        Reason::DecapsulatedToNode,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -254,6 +260,7 @@ impl Reason {
             Reason::DecapsulatedToHost => "decapsulated_to_host",
             Reason::PassFlowRecorded => "pass_flow_recorded",
             Reason::PassFastPathOff => "pass_fast_path_off",
+            Reason::DecapsulatedToNode => "decapsulated_to_node",
         }
     }
 
@@ -271,7 +278,8 @@ impl Reason {
             | Reason::MasqueradedToUplink
             | Reason::DecapsulatedToBridge
             | Reason::UnmasqueradedToBridge
-            | Reason::DecapsulatedToHost => Kind::Forward,
+            | Reason::DecapsulatedToHost
+            | Reason::DecapsulatedToNode => Kind::Forward,
             Reason::PassNotIpv4
             | Reason::PassNotOverlay
             | Reason::PassNotTunnel

@@ -47,6 +47,32 @@ impl FlowKey {
     }
 }
 
+impl FlowKey {
+    /// The bit of `FLOW_FILTER` of this direction's address pair: see [`filter_bit`].
+    pub const fn filter_bit(&self) -> (u32, u64) {
+        filter_bit(self.src, self.dst)
+    }
+}
+
+/// The bit of `FLOW_FILTER` of the directions from `src` to `dst`, as its word and the
+/// mask within: a multiplicative hash of the two addresses, the same for the programs
+/// and the agent (read little-endian on either side). By addresses, not ports: the
+/// programs test it before they read a packet's transport header.
+pub const fn filter_bit(src: [u8; 4], dst: [u8; 4]) -> (u32, u64) {
+    const K: u32 = 0x9e37_79b1;
+    let h = (u32::from_le_bytes(src).wrapping_mul(K) ^ u32::from_le_bytes(dst)).wrapping_mul(K);
+    let slot = h >> (32 - FILTER_BITS_LOG2);
+    (slot >> 6, 1 << (slot & 63))
+}
+
+/// `FLOW_FILTER` holds 2^this bits.
+pub const FILTER_BITS_LOG2: u32 = 20;
+/// Capacity of `FLOW_FILTER`, in 64-bit words (128 KiB): even with a full table of
+/// [`FLOW_ENTRIES`] admitted directions, each between other addresses, one bit in 16
+/// is set, so that a packet of a pair of addresses with no admitted direction is looked
+/// up in `FLOWS` about once in 16.
+pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
+
 /// [`FlowState::flags`]: a FIN or RST went by; the rest of the flow goes through the
 /// host, whose connection tracking must see it close.
 pub const CLOSING: u8 = 1 << 0;
@@ -164,6 +190,20 @@ mod tests {
             admitted.fast(7, 0x10, now - 2_000_000_000),
             "refreshed by a clock a tick ahead"
         );
+    }
+
+    #[test]
+    fn filter_bits_spread_over_the_filter() {
+        // 65,536 pairs of pods on two nodes with a /16 each.
+        let mut words = [0u64; FILTER_WORDS as usize];
+        for (a, b) in (0..=u16::MAX).map(|i| (i as u8, (i >> 8) as u8)) {
+            let (word, mask) = filter_bit([10, 244, 1, a], [10, 245, b, 7]);
+            assert_eq!(mask.count_ones(), 1);
+            words[word as usize] |= mask;
+        }
+        let set: u32 = words.iter().map(|w| w.count_ones()).sum();
+        // Random slots would leave 65,536 × (1 − e^(−1/16)) ≈ 63,500 bits set.
+        assert!(set > 60_000, "{set} bits set: the hash clusters");
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub mod names {
     /// `LruHashMap<FlowKey, FlowState>`: the fast path's flow table
     /// ([`crate::flows`]). Pinned, so that flows stay on the fast path across restarts.
     pub const FLOWS: &str = "FLOWS";
+    /// `Array<u64>` of [`crate::flows::FILTER_WORDS`]: a bit per hash slot of the flows
+    /// the agent admitted ([`crate::flows::FlowKey::filter_bit`]). Pinned with `FLOWS`.
+    pub const FLOW_FILTER: &str = "FLOW_FILTER";
 }
 
 /// Capacity of `POD_PORTS`: pods on one node (Kubernetes allows 110 by default).
@@ -71,4 +74,4 @@ mod pod {
 /// Version of the map layout (names, key and value types, sizes). Pinned maps live
 /// under a directory named after it, so a build with another layout never picks up
 /// maps it cannot read.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;

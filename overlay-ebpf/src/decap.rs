@@ -1,6 +1,7 @@
 //! Decapsulation: IPIP from a known node, for a pod of this node, loses its outer
 //! header and goes straight to the pod; so do replies to masqueraded flows of this
-//! node's pods, once translated back.
+//! node's pods, once translated back. IPIP for this node's own address (a remote pod's
+//! reply to a flow the host masqueraded) goes to the host stack.
 
 use aya_ebpf::{
     bindings::{
@@ -76,6 +77,9 @@ fn uplink(ctx: &TcContext) -> Verdict {
         Ok(true) => return unmasqueraded(ctx, cfg),
         Ok(false) => {}
         Err(reason) => return drop(reason),
+    }
+    if inner.dst_addr == cfg.node_ip {
+        return pass(Reason::DecapsulatedToNode);
     }
     forward_to_pod(
         ctx,
@@ -246,7 +250,9 @@ fn tunnel_payload(
     {
         return Err(drop(Reason::DropMalformed));
     }
-    if !cfg.in_pod_subnet(inner.dst_addr) {
+    // A pod's reply to a flow the host masqueraded to this node's address also comes
+    // through the tunnel (see `encap::overlay_packet`).
+    if !cfg.in_pod_subnet(inner.dst_addr) && inner.dst_addr != cfg.node_ip {
         return Err(drop(Reason::DropNotForThisNode));
     }
     if inner.proto == IPPROTO_IPIP {

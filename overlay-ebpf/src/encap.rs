@@ -18,7 +18,7 @@ use crate::{
     counters::{Verdict, drop, pack, pass, run, unpack},
     fib::{self, Path},
     flows, icmp, ipv4,
-    maps::{ROUTES, config},
+    maps::{PEERS, ROUTES, config},
     nat,
     parse::{self, ETH_LEN, Frame, IPPROTO_IPIP, IPV4_LEN, ptr_at},
 };
@@ -82,7 +82,9 @@ fn pod(ctx: &TcContext) -> Verdict {
 /// A frame from a local pod to its gateway, at the bridge or before it.
 #[inline(always)]
 fn from_local_pod(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
-    let (ip, peer) = match ipv4_frame(ctx).and_then(|ip| overlay_packet(ctx, ip)) {
+    // Node addresses are left out here: a pod's packet for a node's own address may
+    // belong to a flow this node masquerades, which `uplink_egress` translates first.
+    let (ip, peer) = match ipv4_frame(ctx).and_then(|ip| overlay_packet(ctx, cfg, ip, false)) {
         Ok(found) => found,
         // Perhaps a packet of a masqueraded flow to the outside.
         Err((Reason::PassNotOverlay, _)) => return nat::outbound::forward(ctx, cfg),
@@ -136,7 +138,9 @@ fn host(ctx: &TcContext) -> Verdict {
         Ok(translated) => translated,
         Err(reason) => return drop(reason),
     };
-    let (ip, peer) = match overlay_packet(ctx, ip) {
+    // `ip` is the header as it came (the source before translation): a masqueraded
+    // packet is no pod's any more.
+    let (ip, peer) = match overlay_packet(ctx, cfg, ip, !masqueraded) {
         Ok(found) => found,
         // Translated for the outside: it leaves unencapsulated.
         Err(_) if masqueraded => return pass(Reason::Masqueraded),
@@ -186,18 +190,34 @@ fn ipv4_frame(ctx: &TcContext) -> Result<Ipv4Hdr, Verdict> {
     }
 }
 
-/// The peer node of a well-formed packet for a remote pod subnet; anything else ends
-/// here with its verdict.
+/// The peer node of a well-formed packet for a remote pod subnet, or, with
+/// `node_addresses`, of a local pod's packet for a peer node's own address; anything
+/// else ends here with its verdict.
+///
+/// A pod's packet for another node's address is the reply to a flow that node's host
+/// masqueraded to its address (kube-proxy for a NodePort or an external client, the
+/// bridge plugin when flannel's CNI asks it to): it is tunnelled to that node like any
+/// pod traffic, so that no pod address crosses the underlay unencapsulated (a cloud's
+/// anti-spoofing check would drop it), as flannel's tunnel device carries replies to
+/// its own address.
 #[inline(always)]
-fn overlay_packet(ctx: &TcContext, ip: Ipv4Hdr) -> Result<(Ipv4Hdr, [u8; 4]), Verdict> {
-    let Some(route) = ROUTES.get(Key::new(32, ip.dst_addr)) else {
+fn overlay_packet(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    ip: Ipv4Hdr,
+    node_addresses: bool,
+) -> Result<(Ipv4Hdr, [u8; 4]), Verdict> {
+    let peer = match ROUTES.get(Key::new(32, ip.dst_addr)) {
+        Some(route) => route.node_ip,
+        None if node_addresses
+            && cfg.in_pod_subnet(ip.src_addr)
+            && PEERS.get_ptr(&ip.dst_addr).is_some() =>
+        {
+            ip.dst_addr
+        }
         // IPIP to a node address: our own encapsulated packets passing the uplink.
-        let reason = if ip.proto == IPPROTO_IPIP {
-            Reason::PassTunnelled
-        } else {
-            Reason::PassNotOverlay
-        };
-        return Err(pass(reason));
+        None if ip.proto == IPPROTO_IPIP => return Err(pass(Reason::PassTunnelled)),
+        None => return Err(pass(Reason::PassNotOverlay)),
     };
     if !parse::well_formed(&ip, ctx.len() - ETH_LEN as u32) {
         return Err(drop(Reason::DropMalformed));
@@ -205,7 +225,7 @@ fn overlay_packet(ctx: &TcContext, ip: Ipv4Hdr) -> Result<(Ipv4Hdr, [u8; 4]), Ve
     if ip.proto == IPPROTO_IPIP {
         return Err(drop(Reason::DropNestedTunnel));
     }
-    Ok((ip, route.node_ip))
+    Ok((ip, peer))
 }
 
 #[inline(always)]

@@ -9,12 +9,12 @@ use aya_ebpf::{
 use network_types::ip::Ipv4Hdr;
 use overlay_common::{
     DatapathConfig, Hook, Reason,
-    flows::{CLOSING, FlowKey, FlowState, TCP_CLOSE},
+    flows::{CLOSING, FlowKey, FlowState, TCP_CLOSE, filter_bit},
 };
 
 use crate::{
     counters::{Verdict, pass, run},
-    maps::{FLOWS, config},
+    maps::{FLOW_FILTER, FLOWS, config},
     parse::{self, ETH_LEN, Frame, IPPROTO_TCP, IPPROTO_UDP, ensure_linear, is_fragment, ptr_at},
 };
 
@@ -90,19 +90,34 @@ fn record_delivered(ctx: &TcContext) -> Verdict {
 }
 
 /// Whether the fast path may take the packet whose IPv4 header `ip` starts the frame's
-/// network layer.
+/// network layer. Most packets checked here belong to flows the host decides: for an
+/// address pair with no admitted direction, the filter answers from the header alone.
 #[inline(always)]
 pub fn admits(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> bool {
-    cfg.fast_path() && admits_subprogram(ctx.skb.skb, cfg, ip)
+    cfg.fast_path()
+        && may_be_admitted(ip.src_addr, ip.dst_addr)
+        && admits_subprogram(ctx.skb.skb, cfg)
 }
 
-/// The lookup of [`admits`] as a BPF subprogram: its key and the copy of the entry stay
-/// off the calling program's frame, which with the ICMP subprogram must fit 512 bytes
-/// (see `counters::log_drop`).
+/// Whether the agent may have admitted a direction from `src` to `dst`
+/// (`FLOW_FILTER`); false means it certainly did not.
+#[inline(always)]
+fn may_be_admitted(src: [u8; 4], dst: [u8; 4]) -> bool {
+    let (word, mask) = filter_bit(src, dst);
+    FLOW_FILTER.get(word).is_some_and(|bits| bits & mask != 0)
+}
+
+/// The lookup of [`admits`] as a BPF subprogram: its key, the copy of the entry and of
+/// the header it reads again stay off the calling program's frame, which with the ICMP
+/// subprogram must fit 512 bytes on kernels before 6.4 (see `counters::log_drop`);
+/// passing the caller's copy of the header would pin that copy to the caller's stack.
 #[inline(never)]
-fn admits_subprogram(skb: *mut __sk_buff, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> bool {
+fn admits_subprogram(skb: *mut __sk_buff, cfg: &DatapathConfig) -> bool {
     let ctx = TcContext::new(skb);
-    key(&ctx, ip, ETH_LEN).is_some_and(|(key, flags)| admitted(cfg, &key, flags))
+    let parse::Frame::Ipv4(ip) = parse::frame(&ctx) else {
+        return false;
+    };
+    key(&ctx, &ip, ETH_LEN).is_some_and(|(key, flags)| in_table(cfg, &key, flags))
 }
 
 /// Records a local pod's packet the host routed to the uplink (`uplink_egress`, before
@@ -128,9 +143,12 @@ pub fn record_forwarded(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) {
 /// admitted flow sends the rest of the flow, both directions, through the host.
 #[inline(always)]
 pub fn admitted(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) -> bool {
-    if !cfg.fast_path() {
-        return false;
-    }
+    cfg.fast_path() && may_be_admitted(key.src, key.dst) && in_table(cfg, key, tcp_flags)
+}
+
+/// [`admitted`] once the filter let the key through: its entry in the table decides.
+#[inline(always)]
+fn in_table(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) -> bool {
     let Some(state) = FLOWS.get_ptr_mut(key) else {
         return false;
     };

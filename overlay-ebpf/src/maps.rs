@@ -8,7 +8,7 @@ use overlay_common::{
     Counter, DatapathConfig, PeerStats, Route,
     conntrack::{CtEntry, CtKey},
     counters::{COUNTER_SLOTS, NAT_EVENT_SLOTS},
-    flows::{FLOW_ENTRIES, FlowKey, FlowState},
+    flows::{FILTER_WORDS, FLOW_ENTRIES, FlowKey, FlowState},
     maps::{CONNTRACK_ENTRIES, MAX_NODES, MAX_POD_PORTS, PodPort},
 };
 
@@ -36,6 +36,9 @@ pub static POD_PORTS: HashMap<[u8; 6], PodPort> = HashMap::with_max_entries(MAX_
 
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(FLOW_ENTRIES, 0);
+
+#[map(name = "FLOW_FILTER")]
+pub static FLOW_FILTER: Array<u64> = Array::with_max_entries(FILTER_WORDS, 0);
 
 /// This node's configuration, once the agent has written it.
 #[inline(always)]

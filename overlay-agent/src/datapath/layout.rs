@@ -11,7 +11,7 @@ use overlay_common::{
     Counter, DatapathConfig, PeerStats, Route,
     conntrack::{CtEntry, CtKey},
     counters::{COUNTER_SLOTS, NAT_EVENT_SLOTS},
-    flows::{FLOW_ENTRIES, FlowKey, FlowState},
+    flows::{FILTER_WORDS, FLOW_ENTRIES, FlowKey, FlowState},
     maps::{MAX_NODES, names},
 };
 
@@ -30,7 +30,7 @@ const fn size<T>() -> u32 {
 }
 
 /// Every map of the datapath as this build defines it.
-pub fn expected(conntrack_entries: u32) -> [MapLayout; 7] {
+pub fn expected(conntrack_entries: u32) -> [MapLayout; 8] {
     let map = |name, map_type, key_size, value_size, max_entries| MapLayout {
         name,
         map_type,
@@ -89,6 +89,7 @@ pub fn expected(conntrack_entries: u32) -> [MapLayout; 7] {
             size::<FlowState>(),
             FLOW_ENTRIES,
         ),
+        map(names::FLOW_FILTER, MapType::Array, 4, 8, FILTER_WORDS),
     ]
 }
 
@@ -146,7 +147,7 @@ mod tests {
         assert_eq!(
             (LAYOUT_VERSION, fingerprint),
             (
-                5,
+                6,
                 vec![
                     (8, 4, 16384),
                     (4, 16, 16384),
@@ -154,7 +155,8 @@ mod tests {
                     (4, 16, 320),
                     (16, 32, 1),
                     (4, 8, 16),
-                    (16, 32, 65536)
+                    (16, 32, 65536),
+                    (4, 8, 16384)
                 ]
             ),
             "the map layout changed: bump overlay_common::maps::LAYOUT_VERSION and update this test"

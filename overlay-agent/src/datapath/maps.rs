@@ -215,17 +215,83 @@ impl NatEvents {
     }
 }
 
-/// `FLOWS`: the fast path's flow table (`overlay_common::flows`).
-pub struct Flows(HashMap<MapData, FlowKey, FlowState>);
+/// `FLOWS` and `FLOW_FILTER`: the fast path's flow table and the filter the programs
+/// read before they look a flow up in it (`overlay_common::flows`).
+pub struct Flows {
+    table: HashMap<MapData, FlowKey, FlowState>,
+    filter: Array<MapData, u64>,
+    /// What `filter` holds: the agent is its only writer.
+    bits: Vec<u64>,
+}
 
 impl Flows {
-    pub fn new(map: Map) -> Result<Self> {
-        Ok(Self(HashMap::try_from(map).context(names::FLOWS)?))
+    pub fn new(table: Map, filter: Map) -> Result<Self> {
+        let table = HashMap::try_from(table).context(names::FLOWS)?;
+        let filter = Array::try_from(filter).context(names::FLOW_FILTER)?;
+        // Pinned: an earlier agent's bits stand for the flows it admitted.
+        let bits = (0..filter.len())
+            .map(|i| filter.get(&i, 0))
+            .collect::<Result<_, _>>()
+            .context("reading the flow filter")?;
+        Ok(Self {
+            table,
+            filter,
+            bits,
+        })
+    }
+
+    /// Bits set in the filter.
+    pub fn filter_bits_set(&self) -> u32 {
+        self.bits.iter().map(|w| w.count_ones()).sum()
+    }
+
+    /// Whether `key`'s bit is set in the filter.
+    pub fn in_filter(&self, key: &FlowKey) -> bool {
+        let (word, mask) = key.filter_bit();
+        self.bits[word as usize] & mask != 0
+    }
+
+    /// Sets `key`'s bit in the filter.
+    fn mark(&mut self, key: &FlowKey) -> Result<()> {
+        let (word, mask) = key.filter_bit();
+        let held = self.bits[word as usize];
+        if held & mask == 0 {
+            self.write_word(word, held | mask)?;
+        }
+        Ok(())
+    }
+
+    fn write_word(&mut self, word: u32, value: u64) -> Result<()> {
+        self.filter
+            .set(word, value, 0)
+            .context("writing the flow filter")?;
+        self.bits[word as usize] = value;
+        Ok(())
+    }
+
+    /// Leaves in the filter the bits of `admitted` (every direction still admitted),
+    /// and no other: what a direction the table no longer admits needed goes. Returns
+    /// how many words changed.
+    pub fn keep_filter_to(&mut self, admitted: &[FlowKey]) -> Result<usize> {
+        let mut want = vec![0u64; self.bits.len()];
+        for key in admitted {
+            let (word, mask) = key.filter_bit();
+            want[word as usize] |= mask;
+        }
+        let mut changed = 0;
+        for (word, value) in want.into_iter().enumerate() {
+            if self.bits[word] != value {
+                // Lossless: the filter has FILTER_WORDS words.
+                self.write_word(word as u32, value)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
     }
 
     /// Every entry, as the kernel walks the table (the datapath changes it meanwhile).
     pub fn entries(&self) -> Result<Vec<(FlowKey, FlowState)>> {
-        batch::entries(&self.0).context("reading the flow table")
+        batch::entries(&self.table).context("reading the flow table")
     }
 
     /// Writes `new` for `key` if the entry still reads `old`, leaving what the
@@ -239,7 +305,7 @@ impl Flows {
         old: &FlowState,
         new: FlowState,
     ) -> Result<bool> {
-        let current = match self.0.get(key, 0) {
+        let current = match self.table.get(key, 0) {
             Ok(v) => v,
             Err(e) if absent(&e) => return Ok(false),
             Err(e) => return Err(e).context("reading a flow"),
@@ -256,9 +322,13 @@ impl Flows {
             last_fast_ns: current.last_fast_ns,
             ..new
         };
+        // The filter first: the programs must find the bit of an admitted direction.
+        if new.admitted != 0 {
+            self.mark(key)?;
+        }
         // EXIST: an entry the table evicted meanwhile stays evicted.
         match self
-            .0
+            .table
             .insert(key, new, u64::from(aya_obj::generated::BPF_EXIST))
         {
             Ok(()) => Ok(true),
@@ -267,9 +337,18 @@ impl Flows {
         }
     }
 
+    /// Writes `state` for `key` whatever the entry holds (an admitted direction's bit
+    /// set first).
+    pub fn insert(&mut self, key: &FlowKey, state: FlowState) -> Result<()> {
+        if state.admitted != 0 {
+            self.mark(key)?;
+        }
+        self.table.insert(key, state, 0).context("writing a flow")
+    }
+
     /// Removes `key`'s entry; returns whether there was one.
     pub fn remove(&mut self, key: &FlowKey) -> Result<bool> {
-        match self.0.remove(key) {
+        match self.table.remove(key) {
             Ok(()) => Ok(true),
             Err(e) if absent(&e) => Ok(false),
             Err(e) => Err(e).context("removing a flow"),

@@ -59,7 +59,7 @@ fn program_of(ebpf: &mut Ebpf, hook: Hook) -> &mut SchedClassifier {
 }
 
 /// Names of all maps, in the order they are pinned and checked.
-pub const MAP_NAMES: [&str; 7] = [
+pub const MAP_NAMES: [&str; 8] = [
     names::ROUTES,
     names::PEERS,
     names::CONFIG,
@@ -67,6 +67,7 @@ pub const MAP_NAMES: [&str; 7] = [
     names::CONNTRACK,
     names::NAT_EVENTS,
     names::FLOWS,
+    names::FLOW_FILTER,
 ];
 
 /// How to load the datapath.
@@ -130,7 +131,7 @@ impl Datapath {
         let nat_events = NatEvents::new(take(names::NAT_EVENTS)?)?;
         // Not pinned: filled again from the bridge as the agent starts.
         let pod_ports = PodPorts::new(take(names::POD_PORTS)?)?;
-        let flows = Flows::new(take(names::FLOWS)?)?;
+        let flows = Flows::new(take(names::FLOWS)?, take(names::FLOW_FILTER)?)?;
         let log = match options.log_level {
             BpfLogLevel::Off => None,
             _ => Some(ProgramLog::new(&mut ebpf)?),

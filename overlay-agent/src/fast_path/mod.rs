@@ -10,7 +10,8 @@
 //! out ([`Tracker::refresh`] every [`REFRESH_EVERY`], which also renews the admission
 //! for `FAST_FOR_NS`); one the host no longer tracks leaves the table. An idle flow's
 //! admission runs out, and its next packets meet the host (which demotes it, to be
-//! asked about again).
+//! asked about again). Each pass leaves in the programs' filter the bits of the
+//! directions still admitted (a bit is set before its direction is admitted).
 
 pub mod conntrack;
 pub mod netfilter;
@@ -206,6 +207,8 @@ impl FastPath {
             return Ok(done);
         }
         let mut forgotten = HashSet::new();
+        // Every direction admitted after this pass: the filter keeps their bits.
+        let mut directions = Vec::new();
         self.admitted.clear();
         for (key, state) in flows.entries()? {
             if forgotten.contains(&key) {
@@ -213,6 +216,7 @@ impl FastPath {
             }
             if state.admitted != 0 {
                 self.admitted.insert(canonical(&key));
+                directions.push(key);
             }
             let mut forget = |flows: &mut Flows, keys: &[FlowKey]| -> Result<()> {
                 for key in keys {
@@ -243,6 +247,7 @@ impl FastPath {
                                 "admitted to the fast path"
                             );
                             self.admitted.insert(canonical(&key));
+                            directions.push(key);
                             done.admitted += 1;
                         }
                     }
@@ -273,6 +278,8 @@ impl FastPath {
                 },
             }
         }
+        directions.retain(|key| !forgotten.contains(key));
+        flows.keep_filter_to(&directions)?;
         Ok(done)
     }
 }

@@ -12,7 +12,7 @@ use overlay_common::flows::{ADMIT_AFTER_PACKETS, FlowKey, FlowState, REFUSED};
 
 use super::{
     fixture::{GENERATION, Node, with_node},
-    topology::{POD, W2},
+    topology::{POD, W2, W3},
 };
 
 const TCP: u8 = 6;
@@ -85,7 +85,7 @@ fn tracked(key: &FlowKey) -> String {
 }
 
 /// A direction the host forwarded often enough to be asked about.
-fn busy(node: &Node, key: FlowKey) {
+fn busy(node: &mut Node, key: FlowKey) {
     node.set_flow(
         key,
         FlowState {
@@ -127,10 +127,34 @@ fn established_untranslated_flows_are_admitted_and_made_liberal() {
             let state = node.flow(&k).unwrap();
             assert_eq!(state.admitted, 1, "{k:?}");
             assert!(!state.stale(monotonic_ns()), "admitted just now");
+            assert!(node.in_filter(&k), "the programs look {k:?} up");
         }
         let entry = Ctnetlink::open().unwrap().get(&tcp).unwrap().unwrap();
         assert!(entry.liberal, "the host no longer checks the TCP windows");
         assert!(entry.admissible());
+    });
+}
+
+#[test]
+fn an_admission_sets_the_filter_bit_before_the_entry() {
+    // Not at the end of the pass: the admitted flow's next packet already skips the host.
+    with_node(|node| {
+        let k = key(TCP, 40005);
+        busy(node, k);
+        let state = node.flow(&k).unwrap();
+        let admitted = FlowState {
+            admitted: 1,
+            refreshed_ns: monotonic_ns(),
+            ..state
+        };
+        assert!(!node.in_filter(&k));
+        assert!(
+            node.dp
+                .flows
+                .update_if_unchanged(&k, &state, admitted)
+                .unwrap()
+        );
+        assert!(node.in_filter(&k));
     });
 }
 
@@ -166,6 +190,9 @@ fn translated_and_unestablished_flows_are_not_admitted() {
         );
         assert_eq!(node.flow(&untracked), None, "the host tracks nothing of it");
         assert_eq!(node.flow(&quiet).unwrap().admitted, 0);
+        for k in [nat, syn, untracked, quiet] {
+            assert!(!node.in_filter(&k), "{k:?} in the filter");
+        }
     });
 }
 
@@ -173,7 +200,12 @@ fn translated_and_unestablished_flows_are_not_admitted() {
 fn flows_in_use_keep_their_conntrack_entry_and_gone_ones_leave() {
     with_node(|node| {
         let now = monotonic_ns();
-        let (kept, gone) = (key(UDP, 40020), key(TCP, 40021));
+        let kept = key(UDP, 40020);
+        // Between other pods: the filter has a bit per address pair.
+        let gone = FlowKey {
+            dst: W3.pod.octets(),
+            ..key(TCP, 40021)
+        };
         track(&kept, &[]);
         let in_use = FlowState {
             seen_gen: GENERATION,
@@ -195,6 +227,9 @@ fn flows_in_use_keep_their_conntrack_entry_and_gone_ones_leave() {
         assert!(node.flow(&kept).unwrap().refreshed_ns >= now);
         assert_eq!(node.flow(&gone), None);
         assert_eq!(node.flow(&gone.reversed()), None, "both directions");
+        // The filter follows: what the flow that left needed goes, the kept one stays.
+        assert!(node.in_filter(&kept));
+        assert!(!node.in_filter(&gone) && !node.in_filter(&gone.reversed()));
     });
 }
 

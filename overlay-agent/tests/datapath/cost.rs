@@ -14,20 +14,26 @@
 //!
 //! The forwarding cases are of flows the fast path admitted. What its check costs each
 //! packet is `check` less `check-off`: the same segment of a flow the host decides, with
-//! the fast path on (its key read and looked up, not found) and off.
+//! the fast path on and off, their rounds taken in turn. With the fast path on, the
+//! filter answers when no flow between the two pods is admitted (`check`); when one is,
+//! the flow table is looked up too (`check-lookup`).
 
 use std::net::Ipv4Addr;
 
 use etherparse::IpEcn;
 use overlay_agent::datapath::LoadOptions;
-use overlay_common::Hook::{self, BridgeIngress, UplinkEgress, UplinkIngress};
+use overlay_common::{
+    Hook::{self, BridgeIngress, UplinkEgress, UplinkIngress},
+    config::FLAG_FAST_PATH,
+    flows::FlowState,
+};
 
 use super::{
-    fixture::{Act, Node, masquerade, no_fast_path, with_node_setup},
+    fixture::{Act, Node, flow_key, masquerade, no_fast_path, with_node_setup},
     nat::{self, client, open, outgoing},
     packet::{
-        ACK, Proto, SYN, Transport, datagram, from_host, from_peer, from_pod, from_underlay, ipv4,
-        nest, outbound, tunnel_header,
+        ACK, Conn, Proto, SYN, Transport, datagram, from_host, from_peer, from_pod, from_underlay,
+        ipv4, nest, outbound, tunnel_header,
     },
     topology::{NODE_IP, OUTSIDE, POD, W2},
 };
@@ -43,21 +49,24 @@ fn env_or(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-fn measure(node: &Node, case: &str, hook: Hook, frame: &[u8], act: Act) {
+/// The mean cost of one run of `hook` on `frame` over one round of runs.
+fn round(node: &Node, case: &str, hook: Hook, frame: &[u8], act: Act) -> f64 {
     let runs = env_or("PROG_COST_RUNS", 20_000);
-    let rounds = env_or("PROG_COST_ROUNDS", 5);
-    let mut ns: Vec<f64> = (0..rounds)
+    let total: u128 = (0..runs)
         .map(|_| {
-            let total: u128 = (0..runs)
-                .map(|_| {
-                    let (took, rc) = node.cost(hook, frame, 1);
-                    assert_eq!(rc, act as u32, "{case}: the program's verdict");
-                    took.as_nanos()
-                })
-                .sum();
-            total as f64 / f64::from(runs)
+            let (took, rc) = node.cost(hook, frame, 1);
+            assert_eq!(rc, act as u32, "{case}: the program's verdict");
+            took.as_nanos()
         })
-        .collect();
+        .sum();
+    total as f64 / f64::from(runs)
+}
+
+fn rounds() -> u32 {
+    env_or("PROG_COST_ROUNDS", 5)
+}
+
+fn report(case: &str, hook: Hook, mut ns: Vec<f64>) {
     let rounds_json = format!("{ns:?}");
     ns.sort_by(f64::total_cmp);
     println!(
@@ -67,6 +76,54 @@ fn measure(node: &Node, case: &str, hook: Hook, frame: &[u8], act: Act) {
     );
 }
 
+fn measure(node: &Node, case: &str, hook: Hook, frame: &[u8], act: Act) {
+    let ns = (0..rounds())
+        .map(|_| round(node, case, hook, frame, act))
+        .collect();
+    report(case, hook, ns);
+}
+
+/// The check's cases, their rounds taken in turn, so that the machine's drift between
+/// rounds falls on all alike and their differences per round are the check's: `check`
+/// (no direction between the two pods admitted: the filter answers), `check-lookup`
+/// (another flow between them admitted: the filter lets the lookup run, which finds
+/// nothing) and `check-off` (the fast path off).
+fn measure_check(node: &mut Node, frame: &[u8], sibling: &[u8]) {
+    let sibling = flow_key(sibling);
+    node.set_flow(
+        sibling,
+        FlowState {
+            admitted: 1,
+            ..FlowState::default()
+        },
+    );
+    let (mut alone, mut beside, mut off) = (Vec::new(), Vec::new(), Vec::new());
+    let case = |node: &mut Node, filter: &[_], fast_path: bool, name, into: &mut Vec<f64>| {
+        node.dp
+            .flows
+            .keep_filter_to(filter)
+            .expect("writing the filter");
+        node.reconfigure(|c| {
+            if fast_path {
+                c.flags |= FLAG_FAST_PATH;
+            } else {
+                no_fast_path(c);
+            }
+        });
+        into.push(round(node, name, BridgeIngress, frame, Act::Next));
+    };
+    for _ in 0..rounds() {
+        case(node, &[], true, "check", &mut alone);
+        case(node, &[sibling], true, "check-lookup", &mut beside);
+        case(node, &[], false, "check-off", &mut off);
+    }
+    node.reconfigure(|c| c.flags |= FLAG_FAST_PATH);
+    node.dp.flows.remove(&sibling).expect("removing a flow");
+    report("check", BridgeIngress, alone);
+    report("check-lookup", BridgeIngress, beside);
+    report("check-off", BridgeIngress, off);
+}
+
 #[test]
 #[ignore = "a microbenchmark: cargo xtask bench runs it"]
 fn cost_per_packet() {
@@ -74,7 +131,9 @@ fn cost_per_packet() {
         // A pod's segment to a remote pod: the host decides it (the fast path's check
         // finds nothing), then, admitted, encapsulated and redirected to the uplink.
         let to_remote = outbound(BridgeIngress, W2.pod, Transport::Tcp, PAYLOAD, |_| {});
-        measure(node, "check", BridgeIngress, &to_remote, Act::Next);
+        let sibling =
+            from_pod(&Conn::new(Proto::Tcp, (POD, 40001), (W2.pod, 80)).datagram(ACK, PAYLOAD));
+        measure_check(node, &to_remote, &sibling);
         node.admit(&to_remote);
         measure(node, "encap", BridgeIngress, &to_remote, Act::Redirect);
         // A remote pod's segment to ours: decapsulated, redirected to the pod.
@@ -119,8 +178,5 @@ fn cost_per_packet() {
             PAYLOAD,
         ));
         measure(node, "pass", UplinkIngress, &other, Act::Next);
-        // `check`'s segment with the fast path off: no key read, no lookup.
-        node.reconfigure(no_fast_path);
-        measure(node, "check-off", BridgeIngress, &to_remote, Act::Next);
     });
 }

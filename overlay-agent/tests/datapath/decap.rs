@@ -15,7 +15,7 @@ use super::{
         Transport, add_router_alert, datagram, first_fragment, from_peer, ipv4, last_fragment,
         tunnelled_tcp,
     },
-    topology::{GATEWAY, POD, POD_UNRESOLVED, STRANGER, W2, W3, W4},
+    topology::{GATEWAY, NODE_IP, POD, POD_UNRESOLVED, STRANGER, W2, W3, W4},
 };
 
 /// A frame from w2 around `transport` from a pod of w2 to `dst`, with outer ECN
@@ -32,7 +32,7 @@ fn tunnelled(
 }
 
 /// Admits `frame`'s flow and checks that it goes straight to the pod.
-fn assert_to_pod(node: &Node, frame: &[u8]) {
+fn assert_to_pod(node: &mut Node, frame: &[u8]) {
     node.admit(frame);
     node.expect_frame(
         UplinkIngress,
@@ -199,6 +199,25 @@ fn inner_destination_outside_this_node_is_dropped() {
                 &tunnelled_tcp(W2.node, W2.pod, dst, 40),
                 Act::Shot,
                 Reason::DropNotForThisNode,
+            );
+        }
+    });
+}
+
+#[test]
+fn a_remote_pods_packet_for_this_nodes_address_goes_to_the_host() {
+    // A reply to a flow this node's host masqueraded: its conntrack translates it back,
+    // whether or not the flow is on the fast path.
+    with_node(|node| {
+        for transport in [Transport::Tcp, Transport::Udp, Transport::Icmp] {
+            let frame = tunnelled(NODE_IP, transport, IpEcn::NotEct, |_| {});
+            node.admit(&frame);
+            node.expect_frame(
+                UplinkIngress,
+                &frame,
+                Act::Next,
+                Reason::DecapsulatedToNode,
+                &decapsulated(&frame, 0, L2::Kept),
             );
         }
     });

@@ -6,10 +6,12 @@ use overlay_common::{Hook::UplinkEgress, Reason};
 
 use super::{
     expect::{encapsulated, towards},
-    fixture::{Act, Node, SkBuff, assert_bytes_eq, check_verdict, with_node},
-    packet::{HeaderChange, Transport, outbound},
+    fixture::{
+        Act, Node, SkBuff, assert_bytes_eq, check_verdict, with_masquerading_node, with_node,
+    },
+    packet::{HeaderChange, Transport, datagram, from_host, from_pod, ipv4, outbound},
     slow_path::slow_path_headers,
-    topology::{Remote, W2, W3, W4, W5},
+    topology::{POD, Remote, W2, W3, W4, W5},
 };
 
 /// The uplink's own egress: a resolved next hop on it needs no redirect.
@@ -85,5 +87,47 @@ fn peer_without_an_underlay_route_is_dropped() {
     with_node(|node| {
         let frame = from_host_to(&W5, Transport::Tcp, |_| {});
         node.expect(UplinkEgress, &frame, Act::Shot, Reason::DropNoRouteToPeer);
+    });
+}
+
+#[test]
+fn a_pods_reply_to_a_peer_nodes_own_address_is_tunnelled_to_it() {
+    // The reply to a flow that node's host masqueraded (a NodePort client, the bridge
+    // plugin's masquerade): no pod address crosses the underlay unencapsulated.
+    with_node(|node| {
+        for remote in [W2, W3] {
+            for transport in [Transport::Tcp, Transport::Udp, Transport::Icmp] {
+                let frame = from_host(&datagram(ipv4(POD, remote.node), transport, 120));
+                assert_encapsulated(node, &frame, &remote);
+            }
+        }
+        // An address that is no peer's (w4 may not send us IPIP) stays as it is.
+        let frame = from_host(&datagram(ipv4(POD, W4.node), Transport::Tcp, 120));
+        node.expect(UplinkEgress, &frame, Act::Next, Reason::PassNotOverlay);
+    });
+}
+
+#[test]
+fn a_pods_new_flow_to_a_peer_node_is_masqueraded_not_tunnelled() {
+    // With masquerade on, a node address is outside the pod network (rule 5): the flow
+    // leaves from this node's address, translated first.
+    with_masquerading_node(|node| {
+        let frame = from_host(&datagram(ipv4(POD, W2.node), Transport::Udp, 120));
+        node.expect(UplinkEgress, &frame, Act::Next, Reason::Masqueraded);
+    });
+}
+
+#[test]
+fn the_bridge_leaves_a_pods_packet_for_a_node_address_to_the_host() {
+    // Even on the fast path: the host may have to masquerade it first.
+    with_node(|node| {
+        let frame = from_pod(&datagram(ipv4(POD, W2.node), Transport::Tcp, 120));
+        node.admit(&frame);
+        node.expect(
+            overlay_common::Hook::BridgeIngress,
+            &frame,
+            Act::Next,
+            Reason::PassNotOverlay,
+        );
     });
 }

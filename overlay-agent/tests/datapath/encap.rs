@@ -20,7 +20,7 @@ use super::{
 /// inside, outer header to `remote`, MACs from the FIB; on the bridge and on the pod's
 /// veth alike.
 fn assert_encapsulated(
-    node: &Node,
+    node: &mut Node,
     remote: &Remote,
     transport: Transport,
     payload_len: usize,

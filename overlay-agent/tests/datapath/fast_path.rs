@@ -125,14 +125,21 @@ fn the_gateways_own_traffic_and_other_destinations_are_not_recorded() {
     });
 }
 
+/// `to_w2`, admitted both ways: the connection, a segment the pod sends and one of the
+/// reply through the tunnel.
+fn admitted_both_ways(node: &mut Node) -> (Conn, Vec<u8>, Vec<u8>) {
+    let conn = to_w2();
+    let out = pod_sends(&conn, ACK | PSH);
+    let back = tunnelled(&conn.reversed(), ACK);
+    node.admit(&out);
+    node.admit(&back);
+    (conn, out, back)
+}
+
 #[test]
 fn an_admitted_flow_skips_the_host_both_ways_until_the_ruleset_changes() {
     with_node(|node| {
-        let conn = to_w2();
-        let out = pod_sends(&conn, ACK | PSH);
-        let back = tunnelled(&conn.reversed(), ACK);
-        node.admit(&out);
-        node.admit(&back);
+        let (conn, out, back) = admitted_both_ways(node);
         for hook in [PodIngress, BridgeIngress] {
             node.expect(hook, &out, Act::Redirect, Reason::Encapsulated);
         }
@@ -161,6 +168,18 @@ fn an_admitted_flow_skips_the_host_both_ways_until_the_ruleset_changes() {
             Act::Redirect,
             Reason::DecapsulatedToBridge,
         );
+    });
+}
+
+#[test]
+fn an_admitted_flow_whose_filter_bit_is_clear_goes_through_the_host() {
+    // The programs look a flow up only when the agent set its slot's bit: without it,
+    // as for every flow the agent never admitted, the host decides.
+    with_node(|node| {
+        let (_, out, back) = admitted_both_ways(node);
+        node.dp.flows.keep_filter_to(&[]).unwrap();
+        node.expect_untouched(BridgeIngress, &out, Reason::PassToHost);
+        node.expect(UplinkIngress, &back, Act::Next, Reason::DecapsulatedToHost);
     });
 }
 

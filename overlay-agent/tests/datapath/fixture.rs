@@ -439,7 +439,7 @@ impl Node {
     /// Admits the flow of `frame` (its inner packet, if it is IPIP) to the fast path, as
     /// the agent does once the host forwarded it unchanged and tracks it established:
     /// seen under the current generation, admitted just now.
-    pub fn admit(&self, frame: &[u8]) {
+    pub fn admit(&mut self, frame: &[u8]) {
         self.set_flow(
             flow_key(frame),
             FlowState {
@@ -453,10 +453,25 @@ impl Node {
     }
 
     /// Writes `state` for `key` in FLOWS.
-    pub fn set_flow(&self, key: FlowKey, state: FlowState) {
-        self.flows_map()
-            .insert(key, state, 0)
-            .expect("writing FLOWS");
+    /// Writes `key`'s entry through the agent's table, which sets an admitted
+    /// direction's bit in the filter first, as the agent admits.
+    pub fn set_flow(&mut self, key: FlowKey, state: FlowState) {
+        self.dp.flows.insert(&key, state).expect("writing FLOWS");
+    }
+
+    /// Whether `key`'s bit is set in the filter.
+    pub fn in_filter(&self, key: &FlowKey) -> bool {
+        let (word, mask) = key.filter_bit();
+        self.filter_map()
+            .get(&word, 0)
+            .expect("reading FLOW_FILTER")
+            & mask
+            != 0
+    }
+
+    fn filter_map(&self) -> Array<MapData, u64> {
+        Array::try_from(self.map_of(Hook::BridgeIngress, names::FLOW_FILTER))
+            .expect("FLOW_FILTER is an array")
     }
 
     /// The FLOWS entry of `key`, if any.
@@ -697,6 +712,7 @@ pub fn check_verdict(hook: Hook, frame: &[u8], out: &Outcome, act: Act, reason: 
                 | Reason::DecapsulatedToBridge
                 | Reason::DecapsulatedToStack
                 | Reason::DecapsulatedToHost
+                | Reason::DecapsulatedToNode
         ) || matches!(
             reason,
             Reason::Unmasqueraded | Reason::UnmasqueradedToPod | Reason::UnmasqueradedToBridge

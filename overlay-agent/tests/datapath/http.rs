@@ -36,7 +36,7 @@ use super::{
 /// pins in the thread's own mount namespace.
 fn with_server(
     stall_after: Duration,
-    test: impl AsyncFnOnce(&Node, SocketAddr, Arc<Status>) + Send + 'static,
+    test: impl AsyncFnOnce(&mut Node, SocketAddr, Arc<Status>) + Send + 'static,
 ) {
     with_pinned_node(
         |_| {},

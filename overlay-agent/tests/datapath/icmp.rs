@@ -25,7 +25,7 @@ fn one_byte_too_big(remote: &Remote, transport: Transport, change: HeaderChange)
 
 /// The reply must be the spec's, byte for byte: 126 bytes, announcing the route's MTU
 /// minus the outer header.
-fn assert_frag_needed(node: &Node, frame: &[u8], remote: &Remote) {
+fn assert_frag_needed(node: &mut Node, frame: &[u8], remote: &Remote) {
     let expected = frag_needed(frame, remote.mtu - IPV4_LEN as u16);
     assert_eq!(expected.len(), 126, "the spec's reply size");
     node.admit(frame);

@@ -77,7 +77,7 @@ fn largest_gso_size(transport: Transport) -> u32 {
 /// skb, to be cut into `gso_size`-byte segments) through `hook`, and checks the verdict.
 /// Returns the frame sent and what became of it.
 fn run_gso(
-    node: &Node,
+    node: &mut Node,
     hook: Hook,
     transport: Transport,
     df: bool,

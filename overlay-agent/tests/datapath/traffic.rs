@@ -22,7 +22,7 @@ pub struct Exchange {
 
 /// Runs the frames of an [`Exchange`] through `node`, checking each verdict. The flow
 /// is admitted to the fast path first.
-pub fn exchange(node: &Node) -> Exchange {
+pub fn exchange(node: &mut Node) -> Exchange {
     let to_w2 = from_pod(&datagram(ipv4(POD, W2.pod), Transport::Udp, 50));
     node.admit(&to_w2);
     node.expect(

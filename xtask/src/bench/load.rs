@@ -39,9 +39,17 @@ const STREAM_BLOCK: usize = 128 << 10;
 /// How long a client waits for its connection to be accepted.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The servers' ports, the same in every cluster: the bench's Service and the
+/// NetworkPolicy that admits the client name them before the servers start
+/// (`node`), and every cluster's rules are then the same.
+pub const STREAM_PORT: u16 = 5201;
+pub const RR_PORT: u16 = 5202;
+pub const CRR_PORT: u16 = 5203;
+pub const UDP_PORT: u16 = 5204;
+
 /// The servers of one pod: a sink for bulk streams, request/response,
-/// connect/request/response/close, and a UDP sink. Stopped (and their sockets closed)
-/// when dropped.
+/// connect/request/response/close, and a UDP sink, on their fixed ports. Stopped (and
+/// their sockets closed) when dropped.
 pub struct Servers {
     pub stream: SocketAddrV4,
     pub rr: SocketAddrV4,
@@ -60,11 +68,11 @@ impl Servers {
     /// listeners pass it on to what they accept).
     pub fn start(ns: &str, address: Ipv4Addr, congestion: &str) -> Result<Self> {
         let (stream, rr, crr, udp) = netns::enter(ns, || {
-            let any = SocketAddrV4::new(address, 0);
-            let udp = UdpSocket::bind(any)?;
+            let at = |port| SocketAddrV4::new(address, port);
+            let udp = UdpSocket::bind(at(UDP_PORT))?;
             setsockopt(&udp, RcvBufForce, &UDP_BUFFER)?;
-            let tcp = || TcpListener::bind(any);
-            Ok((tcp()?, tcp()?, tcp()?, udp))
+            let tcp = |port| TcpListener::bind(at(port));
+            Ok((tcp(STREAM_PORT)?, tcp(RR_PORT)?, tcp(CRR_PORT)?, udp))
         })
         .with_context(|| format!("opening the benchmark's servers in {ns}"))?;
         let addr = |a: std::io::Result<std::net::SocketAddr>| -> Result<SocketAddrV4> {

@@ -5,6 +5,17 @@
 //! further on, so no dataplane is always measured first (the first measurement after
 //! the clusters are built comes out low). Offloads on (the kernel's defaults) first,
 //! then off on every link of every cluster.
+//!
+//! Every cluster with nodes (all but the floor's) is a realistic Kubernetes node
+//! under its dataplane: on both nodes, kube-proxy's rules in iptables mode for a
+//! thousand Services and the bench's own, and kube-router's NetworkPolicy chains with
+//! a policy that isolates the server pod (`node`), installed after the cluster is
+//! built and before its warm-up. Every dataplane pays the same netfilter: the kernel's
+//! backends on every packet, ours on what its fast path does not take (all of it with
+//! the fast path off). The bench's Service also gives the measures through a
+//! ClusterIP: the client pod to the Service, DNATed on its node to the server pod on
+//! the other node. Masquerade is on as flannel's DaemonSet has it (`--ip-masq`): our
+//! agents do it in BPF, the kernel's backends carry flanneld's iptables rules.
 
 use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
 
@@ -14,6 +25,7 @@ use ipnet::Ipv4Net;
 use super::{
     host::{self, Busy, CpuTimes, Machine},
     load::{self, Servers},
+    node::{self, NodeRules},
     results::{Measure, Results, Sample},
 };
 use crate::lab::{
@@ -30,9 +42,16 @@ use crate::lab::{
 /// How the pods of a cluster reach each other (and the outside).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Setup {
-    /// Our agent on both nodes.
+    /// Our agent on both nodes, with `--ip-masq` as flannel's DaemonSet runs flanneld
+    /// (kube-flannel.yml): without it, flannel's CNI configuration has the bridge
+    /// plugin masquerade whatever a pod sends off its node, to the other node's pods
+    /// too, and no such flow could take the fast path.
     Ours,
-    /// flannel's kernel backends.
+    /// Ours with `--fast-path off`: every packet through the host stack (its
+    /// netfilter, conntrack and routing), as flanneld's kernel tunnel takes it.
+    OursFastPathOff,
+    /// flannel's kernel backends, with flanneld's masquerade rules (`--ip-masq`), whose
+    /// part our agent plays in BPF.
     Kernel(KernelBackend),
     /// Masquerade to the outside: our agent with `--ip-masq`.
     SnatOurs,
@@ -83,11 +102,13 @@ impl Setup {
     pub const SNAT: [Setup; 3] = [Setup::SnatOurs, Setup::SnatIptables, Setup::SnatRouted];
     /// Pod to pod like the dataplanes, for what the dataplanes' figures are made of; a
     /// column of the tables, not of the plot.
-    pub const REFERENCES: [Setup; 2] = [Setup::HostGwAtIpipMtu, Setup::Floor];
+    pub const REFERENCES: [Setup; 3] =
+        [Setup::OursFastPathOff, Setup::HostGwAtIpipMtu, Setup::Floor];
 
     pub fn name(self) -> &'static str {
         match self {
             Setup::Ours => "ours (BPF IPIP)",
+            Setup::OursFastPathOff => "ours, fast path off",
             Setup::Kernel(KernelBackend::Ipip) => "kernel ipip (tunl0)",
             Setup::Kernel(KernelBackend::Vxlan) => "kernel vxlan",
             Setup::Kernel(KernelBackend::HostGw) => "host-gw",
@@ -99,8 +120,24 @@ impl Setup {
         }
     }
 
+    /// Whether our agents run with `--ip-masq`.
     fn masquerade(self) -> bool {
-        self == Setup::SnatOurs
+        matches!(self, Setup::Ours | Setup::OursFastPathOff | Setup::SnatOurs)
+    }
+
+    /// Whether the nodes carry flanneld's masquerade rules: the flannel nodes that run
+    /// no agent (flanneld with `--ip-masq`).
+    fn flanneld_rules(self) -> bool {
+        matches!(
+            self,
+            Setup::Kernel(_) | Setup::SnatIptables | Setup::HostGwAtIpipMtu
+        )
+    }
+
+    /// Whether the Service measures run: on the pod-to-pod dataplanes, and ours with
+    /// the fast path off.
+    pub fn through_the_service(self) -> bool {
+        Setup::PLANES.contains(&self) || self == Setup::OursFastPathOff
     }
 }
 
@@ -123,12 +160,18 @@ impl Dataplane for Setup {
             _ => anyhow::bail!("{} runs our agent", node.name),
         }
     }
+
+    fn fast_path(&self) -> bool {
+        *self != Setup::OursFastPathOff
+    }
 }
 
 /// A group of setups, to measure only some of them (`cargo xtask bench --only`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Group {
     Ours,
+    /// Our agents with `--fast-path off`.
+    OursFastPathOff,
     Ipip,
     Vxlan,
     HostGw,
@@ -144,6 +187,7 @@ impl Group {
     fn includes(self, setup: Setup) -> bool {
         match self {
             Group::Ours => setup == Setup::Ours,
+            Group::OursFastPathOff => setup == Setup::OursFastPathOff,
             Group::Ipip => setup == Setup::Kernel(KernelBackend::Ipip),
             Group::Vxlan => setup == Setup::Kernel(KernelBackend::Vxlan),
             Group::HostGw => setup == Setup::Kernel(KernelBackend::HostGw),
@@ -165,6 +209,9 @@ pub enum Test {
     Crr,
     /// Small UDP datagrams.
     Udp,
+    /// Request/response and connection rate through a ClusterIP Service to the pod on
+    /// the other node.
+    Svc,
 }
 
 /// What to measure and how long.
@@ -242,6 +289,8 @@ impl Only {
 /// (100 ms after the bridge learns its MAC), and past a full look at the node (at most
 /// a second after a change).
 const WARM_UP: Duration = Duration::from_secs(2);
+/// And through the Service.
+const SERVICE_WARM_UP: Duration = Duration::from_millis(500);
 
 /// One cluster and its endpoints.
 struct Cluster {
@@ -251,30 +300,37 @@ struct Cluster {
     /// What the client's traffic goes to: the outside host's servers for the
     /// masquerades, the other pod's otherwise.
     servers: Servers,
+    /// How long each node took to install its netfilter rules (none on the floor).
+    rules_seconds: Vec<f64>,
 }
 
 impl Cluster {
     fn create(setup: Setup, agent: PathBuf, congestion: Congestion) -> Result<Self> {
         println!("setting up {}", setup.name());
-        let lab = match setup {
-            Setup::Floor => floor(agent)?,
-            _ => cluster::create_with(Topology::pair(), agent, setup.masquerade(), &setup)?,
+        let (lab, rules_seconds) = match setup {
+            Setup::Floor => (floor(agent)?, Vec::new()),
+            _ => {
+                let lab =
+                    cluster::create_with(Topology::pair(), agent, setup.masquerade(), &setup)?;
+                let seconds = node::install(&lab)
+                    .with_context(|| format!("the nodes' netfilter for {}", setup.name()))?;
+                (lab, seconds)
+            }
         };
-        let pod = |i: usize| Host::from(lab.topology.pods_of(&lab.topology.nodes[i]).remove(0));
-        let client = pod(0);
+        let (client, server) = node::client_and_server(&lab.topology)?;
         let (server, address) = if Setup::SNAT.contains(&setup) {
             let outside = &lab.topology.outside;
             (outside.name.clone(), outside.address)
         } else {
-            let pod = pod(1);
-            (pod.name, pod.address)
+            (server.name, server.address)
         };
         let servers = Servers::start(&lab.netns(&server), address, congestion.name())?;
         Ok(Self {
             setup,
             lab,
-            client,
+            client: Host::from(client),
             servers,
+            rules_seconds,
         })
     }
 
@@ -301,15 +357,26 @@ impl Cluster {
     /// cluster's start: our agents learn a pod's port on the bridge from the bridge's
     /// forwarding table, after the pod's first frame, and until then decapsulated
     /// packets for it go through the bridge (`decapsulated_to_bridge`).
+    ///
+    /// Then a moment through the Service, where it is measured, so that a path that
+    /// fails there fails before the first run.
     fn warm_up(&self, congestion: Congestion) -> Result<()> {
-        load::rr(
-            &self.client_ns(),
-            self.servers.rr,
-            congestion.name(),
-            WARM_UP,
-        )
-        .with_context(|| format!("warming up {}{}", self.setup.name(), self.counters()))
-        .map(drop)
+        let cc = congestion.name();
+        load::rr(&self.client_ns(), self.servers.rr, cc, WARM_UP)
+            .with_context(|| format!("warming up {}{}", self.setup.name(), self.counters()))?;
+        if self.setup.through_the_service() {
+            load::rr(&self.client_ns(), node::service_rr(), cc, SERVICE_WARM_UP).with_context(
+                || {
+                    format!(
+                        "warming up {} through the Service {}{}",
+                        self.setup.name(),
+                        node::service_rr(),
+                        self.counters()
+                    )
+                },
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -356,13 +423,20 @@ pub fn available(only: &[Group]) -> Vec<Setup> {
 pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Results> {
     let mut results = Results::new(Machine::here(), plan, quick);
     let mut clusters = Vec::new();
+    let mut rules = NodeRules::new();
     for setup in available(&only.groups) {
-        clusters.push(Cluster::create(setup, agent.clone(), plan.congestion)?);
+        let cluster = Cluster::create(setup, agent.clone(), plan.congestion)?;
+        rules
+            .install_seconds
+            .extend_from_slice(&cluster.rules_seconds);
+        clusters.push(cluster);
     }
-    let _rules = match clusters.iter().find(|c| c.setup == Setup::SnatIptables) {
-        Some(c) => Some(FlannelRules::install(&c.lab, Variant::Flanneld)?),
-        None => None,
-    };
+    results.node_rules = (!rules.install_seconds.is_empty()).then_some(rules);
+    let _rules = clusters
+        .iter()
+        .filter(|c| c.setup.flanneld_rules())
+        .map(|c| FlannelRules::install(&c.lab, Variant::Flanneld))
+        .collect::<Result<Vec<_>>>()?;
     let _routes = match clusters.iter().find(|c| c.setup == Setup::SnatRouted) {
         Some(c) => Some(RouterRoutes::to_pods(&c.lab)?),
         None => None,
@@ -456,6 +530,16 @@ fn measure(
             ..sample(measure, done / crr.elapsed.as_secs_f64(), cpu, done)
         })
     };
+    // Request/response's rate, p50 and p99, as the three measures given.
+    let rr = |[rate, p50, p99]: [Measure; 3], server: SocketAddrV4| -> Result<[Sample; 3]> {
+        let (rr, cpu) = with_cpu(|| load::rr(&client, server, cc, duration))?;
+        let tx = rr.transactions as f64;
+        Ok([
+            sample(rate, tx / rr.elapsed.as_secs_f64(), cpu, tx),
+            sample(p50, rr.p50_us, cpu, tx),
+            sample(p99, rr.p99_us, cpu, tx),
+        ])
+    };
     if Setup::SNAT.contains(&c.setup) {
         return Ok(vec![conn_rate(Measure::SnatConnRate, c.servers.crr)?]);
     }
@@ -469,19 +553,16 @@ fn measure(
         }
     }
     if only.runs(Test::Rr) {
-        let (rr, cpu) = with_cpu(|| load::rr(&client, c.servers.rr, cc, duration))?;
-        let tx = rr.transactions as f64;
-        out.push(sample(
-            Measure::RrRate,
-            tx / rr.elapsed.as_secs_f64(),
-            cpu,
-            tx,
-        ));
-        out.push(sample(Measure::RrP50, rr.p50_us, cpu, tx));
-        out.push(sample(Measure::RrP99, rr.p99_us, cpu, tx));
+        let measures = [Measure::RrRate, Measure::RrP50, Measure::RrP99];
+        out.extend(rr(measures, c.servers.rr)?);
     }
     if only.runs(Test::Crr) {
         out.push(conn_rate(Measure::ConnRate, c.servers.crr)?);
+    }
+    if only.runs(Test::Svc) && c.setup.through_the_service() {
+        let measures = [Measure::SvcRrRate, Measure::SvcRrP50, Measure::SvcRrP99];
+        out.extend(rr(measures, node::service_rr())?);
+        out.push(conn_rate(Measure::SvcConnRate, node::service_crr())?);
     }
     if only.runs(Test::Udp) {
         let (received, cpu) = with_cpu(|| udp(&client, c, duration))?;
@@ -537,8 +618,34 @@ mod tests {
             available(&cli.only.groups),
             [Setup::Ours, Setup::Kernel(KernelBackend::HostGw)]
         );
+        let svc = Cli::parse_from(["bench", "--only", "ours-fast-path-off", "--tests", "svc"]);
+        assert_eq!(svc.only.flags(), " --only ours-fast-path-off --tests svc");
+        assert_eq!(available(&svc.only.groups), [Setup::OursFastPathOff]);
+        assert!(svc.only.runs(Test::Svc) && !svc.only.runs(Test::Rr));
         let full = Cli::parse_from(["bench"]);
         assert!(!full.only.partial());
         assert_eq!(full.only.flags(), "");
+    }
+
+    #[test]
+    fn the_service_is_measured_on_the_pod_to_pod_dataplanes_and_ours_without_fast_path() {
+        let through: Vec<Setup> = available(&[])
+            .into_iter()
+            .filter(|s| s.through_the_service())
+            .collect();
+        let mut expected = vec![Setup::Ours];
+        if crate::vm::has_ipip() {
+            expected.push(Setup::Kernel(KernelBackend::Ipip));
+        }
+        expected.extend([
+            Setup::Kernel(KernelBackend::Vxlan),
+            Setup::Kernel(KernelBackend::HostGw),
+            Setup::OursFastPathOff,
+        ]);
+        assert_eq!(through, expected);
+        // Only the setup without a fast path runs its agents with `--fast-path off`.
+        let fast = |s: Setup| Dataplane::fast_path(&s);
+        assert!(!fast(Setup::OursFastPathOff));
+        assert!(fast(Setup::Ours) && fast(Setup::SnatOurs));
     }
 }

@@ -21,6 +21,9 @@ const COLORS: [RGBColor; 4] = [
     RGBColor(0x7f, 0x7f, 0x7f),
 ];
 
+/// Pixels of a panel's width per measure: its longest label's, at the labels' size.
+const PER_MEASURE: u32 = 130;
+
 fn short(m: Measure) -> &'static str {
     match m {
         Measure::TcpStream => "TCP 1 stream",
@@ -31,6 +34,10 @@ fn short(m: Measure) -> &'static str {
         Measure::ConnRate => "conn rate",
         Measure::UdpRate => "UDP pkt rate",
         Measure::SnatConnRate => "SNAT conn rate",
+        Measure::SvcRrP50 => "Svc RR p50 (inv.)",
+        Measure::SvcRrP99 => "Svc RR p99 (inv.)",
+        Measure::SvcRrRate => "Svc RR rate",
+        Measure::SvcConnRate => "Svc conn rate",
     }
 }
 
@@ -43,10 +50,13 @@ pub fn draw(legs: &[Leg], path: &Path) -> Result<()> {
     );
     plotters::style::register_font("sans-serif", FontStyle::Normal, font)
         .map_err(|_| anyhow!("{FONT} is not a font plotters can use"))?;
-    let root = BitMapBackend::new(path, (1800, 500 * legs.len().max(1) as u32)).into_drawing_area();
+    let measures = Measure::PLANES;
+    // Two panels side by side, room in each for every measure's label.
+    let width = 2 * (PER_MEASURE * measures.len() as u32 + 120);
+    let root =
+        BitMapBackend::new(path, (width, 500 * legs.len().max(1) as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let panels = root.split_evenly((legs.len().max(1), 2));
-    let measures = Measure::PLANES;
     let host_gw = Setup::Kernel(KernelBackend::HostGw);
     let cases = legs.iter().flat_map(|l| [(l, true), (l, false)]);
     for (panel, (leg, offloads)) in panels.iter().zip(cases) {

@@ -11,7 +11,8 @@ use crate::lab::flannel::Backend;
 use super::{
     host::Machine,
     measure::{KernelBackend, Setup},
-    results::{Cost, Measure, Results, Summary},
+    node::{self, NodeRules},
+    results::{Cost, Measure, Results, Summary, median},
 };
 
 pub const BEGIN: &str =
@@ -21,6 +22,13 @@ pub const END: &str = "<!-- bench:end -->";
 const TUNL0: Setup = Setup::Kernel(KernelBackend::Ipip);
 const HOST_GW: Setup = Setup::Kernel(KernelBackend::HostGw);
 const EQUAL_MTU: Setup = Setup::HostGwAtIpipMtu;
+const NO_FAST_PATH: Setup = Setup::OursFastPathOff;
+
+/// The microbenchmark's cases whose difference is what the fast path's check adds to
+/// a packet it does not take, and the most it may add.
+const CHECK: &str = "check";
+const CHECK_OFF: &str = "check-off";
+const CHECK_BOUND_NS: f64 = 30.0;
 
 /// The dataplanes measured on one kernel.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,17 +54,30 @@ pub struct Report {
     pub plot: String,
 }
 
-/// One target of issue 5 and how this run fared.
+/// What a target's figures are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Figure {
+    /// Ours over a baseline.
+    Ratio,
+    /// Nanoseconds per packet, from the microbenchmark.
+    Nanoseconds,
+}
+
+/// One target of issue 5 (or of the fast path) and how this run fared.
 pub struct Target {
     pub what: String,
-    /// Ours' median over the baseline's.
+    /// Ours' median over the baseline's; for the fast path's check, its cost.
     pub measured: Option<f64>,
     /// Ours over the baseline within each run (the two measured minutes apart, so
-    /// that the machine's slower and faster spells fall on both alike).
+    /// that the machine's slower and faster spells fall on both alike); for the
+    /// check, each round's difference, rounds paired in order.
     pub each_run: Vec<f64>,
     pub bound: f64,
-    /// The measured ratio must be at least the bound (else at most).
+    /// The measured figure must be at least the bound (else at most).
     pub at_least: bool,
+    pub figure: Figure,
+    /// What the table says when nothing was measured.
+    pub missing: &'static str,
 }
 
 impl Target {
@@ -72,17 +93,21 @@ impl Target {
         self.measured.map(|m| self.meets(m))
     }
 
-    /// A ratio to two decimals, or as many more (up to four) as it takes not to round
-    /// it onto the bound and hide which side it is on (1.197× is not 1.20×).
+    /// A ratio to two decimals (nanoseconds to one), or as many more (up to four) as
+    /// it takes not to round it onto the bound and hide which side it is on (1.197× is
+    /// not 1.20×).
     fn shown(&self, r: f64) -> String {
-        let mut decimals = 2;
+        let (mut decimals, unit) = match self.figure {
+            Figure::Ratio => (2, "×"),
+            Figure::Nanoseconds => (1, " ns"),
+        };
         while decimals < 4
             && r != self.bound
             && format!("{r:.decimals$}") == format!("{:.decimals$}", self.bound)
         {
             decimals += 1;
         }
-        format!("{r:.decimals$}×")
+        format!("{r:.decimals$}{unit}")
     }
 
     /// The runs' ratios, lowest to highest, and how many runs meet the target.
@@ -116,6 +141,8 @@ pub fn targets(results: &Results) -> Vec<Target> {
                 each_run: results.run_ratios(ours, base, m, offloads),
                 bound,
                 at_least,
+                figure: Figure::Ratio,
+                missing: "— (no baseline on this kernel)",
             })
         };
         let (tunl0, host_gw) = ((Setup::Ours, TUNL0), (Setup::Ours, HOST_GW));
@@ -152,16 +179,54 @@ pub fn targets(results: &Results) -> Vec<Target> {
     out
 }
 
+/// What the fast path's check adds to each packet it does not take: the
+/// microbenchmark's `check` (a pod's segment of a flow the host decides: its key read
+/// and looked up, not found) less `check-off` (the same segment, the fast path off).
+pub fn check_target(costs: &[Cost]) -> Target {
+    let case = |name: &str| costs.iter().find(|c| c.case == name);
+    let both = case(CHECK).zip(case(CHECK_OFF));
+    Target {
+        what: format!(
+            "what the fast path's check adds to a packet ≤ {CHECK_BOUND_NS:.0} ns \
+             ({CHECK} − {CHECK_OFF})"
+        ),
+        measured: both.map(|(on, off)| on.ns - off.ns),
+        each_run: both.map_or_else(Vec::new, |(on, off)| {
+            on.rounds
+                .iter()
+                .zip(&off.rounds)
+                .map(|(on, off)| on - off)
+                .collect()
+        }),
+        bound: CHECK_BOUND_NS,
+        at_least: false,
+        figure: Figure::Nanoseconds,
+        missing: "— (no such cases in this run's microbenchmark)",
+    }
+}
+
 impl Leg {
     fn markdown(&self, md: &mut String) {
         let r = &self.results;
         // Runs saved before the busiest CPU was measured have no brackets, and no word of
         // them.
         let busiest_measured = r.samples.iter().any(|s| s.busiest_cpu.is_some());
+        let installed = r.node_rules.as_ref().map_or(String::new(), |n| {
+            let s = &n.install_seconds;
+            let low = s.iter().copied().fold(f64::INFINITY, f64::min);
+            let high = s.iter().copied().fold(0.0, f64::max);
+            format!(
+                " The nodes' netfilter rules took {}–{} s to install per node, the nodes of \
+                 a cluster at once (median {} s).",
+                num(low),
+                num(high),
+                num(median(s.clone()))
+            )
+        });
         let _ = writeln!(
             md,
             "### On {}: kernel {}\n\n{} CPUs; kernel {} ({}). TCP congestion control: {} \
-             on every connection, both ends (this kernel's default: {}).\n",
+             on every connection, both ends (this kernel's default: {}).{installed}\n",
             self.place,
             r.machine.kernel,
             r.machine.cpus,
@@ -170,19 +235,22 @@ impl Leg {
             r.congestion,
             r.machine.congestion_default
         );
-        let targets = targets(r);
+        let mut targets = targets(r);
+        targets.push(check_target(&self.costs));
         if targets.iter().any(|t| t.measured.is_some()) {
             let _ = writeln!(
                 md,
-                "Targets (ours ÷ baseline: of the medians over runs; in each run, the two \
-                 measured minutes apart, and how many runs meet the target):\n\n\
-                 | target | ours ÷ baseline | in each run | met |\n|---|---|---|---|"
+                "Targets (ratios, ours ÷ baseline: of the medians over runs; in each run, \
+                 the two measured minutes apart. The fast path's check, ns per packet: of \
+                 the microbenchmark's medians; in each round, rounds paired in order. And \
+                 how many runs or rounds meet the target):\n\n\
+                 | target | measured | in each run | met |\n|---|---|---|---|"
             );
             for t in targets {
                 let met = match t.met() {
                     Some(true) => "yes",
                     Some(false) => "**no**",
-                    None => "— (no baseline on this kernel)",
+                    None => t.missing,
                 };
                 let _ = writeln!(
                     md,
@@ -195,13 +263,20 @@ impl Leg {
         }
         let _ = writeln!(
             md,
-            "\nPer-packet program cost (`BPF_PROG_TEST_RUN`, ns per packet; encap: a pod's \
-             64-byte TCP segment to a remote pod; decap: the reverse; snat: an established \
-             flow to the outside, translated on the uplink; snat-bridge: the same, as the pod \
-             sends it, translated on the bridge; snat-reply: its reply; tunnelled: an encap \
-             result met again by the uplink's egress hook, as without TCX; pass: underlay \
-             traffic that is not ours, the floor of entry, parsing, counters and the kernel's clock \
-             reads):\n\n| case | program | ns (median of rounds) | rounds |\n|---|---|---|---|"
+            "\nPer-packet program cost (`BPF_PROG_TEST_RUN`, ns per packet; check: a pod's \
+             64-byte TCP segment to a remote pod of a flow the host decides, the fast path \
+             on, no flow between the two pods admitted (the filter answers from the \
+             addresses); check-lookup: the same with another flow between them admitted \
+             (the filter lets the lookup in the flow table run, which finds nothing); \
+             check-off: the same segment with the fast path off, so that check − check-off \
+             is what the fast path's check adds to a packet it does not take, and \
+             check-lookup − check-off what it adds beside an admitted flow; encap: that segment \
+             of a flow the fast path admitted, encapsulated; decap: the reverse; snat: an \
+             established flow to the outside, translated on the uplink; snat-bridge: the \
+             same, as the pod sends it, translated on the bridge; snat-reply: its reply; \
+             tunnelled: an encap result met again by the uplink's egress hook, as without \
+             TCX; pass: underlay traffic that is not ours, the floor of entry, parsing, \
+             counters and the kernel's clock reads):\n\n| case | program | ns (median of rounds) | rounds |\n|---|---|---|---|"
         );
         for c in &self.costs {
             let rounds: Vec<String> = c.rounds.iter().map(|v| num(*v)).collect();
@@ -235,10 +310,10 @@ impl Leg {
             }
             let _ = write!(
                 header,
-                " ours ÷ tunl0 | ours ÷ host-gw | ours ÷ {} |",
+                " ours ÷ tunl0 | ours ÷ host-gw | ours ÷ {} | ours ÷ fast path off |",
                 EQUAL_MTU.name()
             );
-            let _ = writeln!(md, "{header}\n|---|---|{}", "---|".repeat(planes.len() + 3));
+            let _ = writeln!(md, "{header}\n|---|---|{}", "---|".repeat(planes.len() + 4));
             for m in Measure::PLANES {
                 let _ = write!(md, "| {} | {} |", m.name(), m.unit());
                 for s in &planes {
@@ -246,10 +321,11 @@ impl Leg {
                 }
                 let _ = writeln!(
                     md,
-                    " {} | {} | {} |",
+                    " {} | {} | {} | {} |",
                     ratio(r.ratio(Setup::Ours, TUNL0, m, offloads)),
                     ratio(r.ratio(Setup::Ours, HOST_GW, m, offloads)),
-                    ratio(r.ratio(Setup::Ours, EQUAL_MTU, m, offloads))
+                    ratio(r.ratio(Setup::Ours, EQUAL_MTU, m, offloads)),
+                    ratio(r.ratio(Setup::Ours, NO_FAST_PATH, m, offloads))
                 );
             }
             let busiest = if busiest_measured {
@@ -274,6 +350,8 @@ impl Leg {
                 Measure::RrRate,
                 Measure::ConnRate,
                 Measure::UdpRate,
+                Measure::SvcRrRate,
+                Measure::SvcConnRate,
             ] {
                 let _ = write!(md, "| {} | {} |", m.name(), m.cpu_unit());
                 for s in &planes {
@@ -325,13 +403,17 @@ impl Leg {
     }
 }
 
-/// The measures whose time per unit of work is set against the floor's.
-const OVER_THE_FLOOR: [Measure; 5] = [
+/// The measures whose time per unit of work is set against the floor's (those through
+/// a ClusterIP against the floor's between the pods).
+const OVER_THE_FLOOR: [Measure; 8] = [
     Measure::TcpStream,
     Measure::RrP50,
     Measure::RrRate,
     Measure::ConnRate,
     Measure::UdpRate,
+    Measure::SvcRrP50,
+    Measure::SvcRrRate,
+    Measure::SvcConnRate,
 ];
 
 /// What each dataplane adds to the floor's time per unit of work, and ours' addition
@@ -365,9 +447,15 @@ fn above_floor(r: &Results, planes: &[Setup], md: &mut String) {
     );
     for m in OVER_THE_FLOOR {
         for offloads in [true, false] {
-            let Some(floor) = r.summary(Setup::Floor, m, offloads) else {
+            let Some(floor) = r.summary(Setup::Floor, m.on_the_floor(), offloads) else {
                 continue;
             };
+            // No row for what only the floor's stand-in has (nothing went through a
+            // ClusterIP).
+            if m.on_the_floor() != m && !planes.iter().any(|s| r.summary(*s, m, offloads).is_some())
+            {
+                continue;
+            }
             let _ = write!(
                 md,
                 "| {} | {} | {} | {} |",
@@ -412,6 +500,34 @@ fn above_floor(r: &Results, planes: &[Setup], md: &mut String) {
             ))
         );
     }
+}
+
+/// The heading's word on what the nodes carried besides the dataplane.
+fn nodes(rules: Option<&NodeRules>) -> String {
+    let Some(n) = rules else {
+        return "- Nodes: no kube-proxy or NetworkPolicy rules on them.".into();
+    };
+    format!(
+        "- **Every dataplane pays the same netfilter**: both nodes of every cluster (the \
+         floor has none) carry a Kubernetes node's rules: kube-proxy's in iptables mode for \
+         {} Services ({} of {} endpoints each that nothing reaches, {} of them with a \
+         NodePort, and the bench's own), and kube-router's NetworkPolicy chains with one \
+         policy that isolates the server pod and admits the client pod on the servers' \
+         ports; masquerade as flannel's DaemonSet runs flanneld (`--ip-masq`): flanneld's \
+         iptables rules on the kernel's backends, in BPF with ours. Every new connection \
+         passes kube-proxy's nat rules, and every packet to the server the pod's chain: \
+         with the kernel's backends every packet of every flow; with ours, what its fast \
+         path does not take (established, untranslated flows the host forwarded skip the \
+         host stack once admitted), and with the fast path off (\"{}\") everything. \
+         \"Via a ClusterIP\": the client pod to the bench's Service ({}), DNATed by \
+         kube-proxy's rules on the client's node to the server pod on the other node.",
+        n.services,
+        n.services.saturating_sub(1),
+        n.endpoints_per_service,
+        n.node_ports,
+        NO_FAST_PATH.name(),
+        node::SERVICE
+    )
 }
 
 /// `setup`'s addition to the floor over `baseline`'s, when both add something.
@@ -536,6 +652,8 @@ impl Report {
                 r.runs, r.seconds
             );
         }
+        let rules = self.legs.iter().find_map(|l| l.results.node_rules.as_ref());
+        let _ = writeln!(md, "{}", nodes(rules));
         let _ = writeln!(
             md,
             "- **Caveats**: under emulation (QEMU TCG, no KVM) absolute numbers mean nothing \
@@ -767,6 +885,138 @@ mod tests {
             "| on | 400 (400–400) | 300 (300–300) | — | 1.33× | — | 2000 (61 %) | 2000 | — |",
         );
         assert_shows(&md, "| TCP, 1 stream | µs/MB | 2000 (98 %) | 2000 |");
+    }
+
+    #[test]
+    fn the_fast_path_s_check_is_its_cost_over_the_same_packet_without_it() {
+        let costs = crate::bench::results::parse_costs(
+            "PROG_COST {\"case\":\"check\",\"program\":\"bridge_ingress\",\"ns\":52.0,\"rounds\":[50.0,52.0,61.0]}\n\
+             PROG_COST {\"case\":\"encap\",\"program\":\"bridge_ingress\",\"ns\":190.0,\"rounds\":[190.0]}\n\
+             PROG_COST {\"case\":\"check-off\",\"program\":\"bridge_ingress\",\"ns\":30.0,\"rounds\":[29.0,30.0,30.0]}",
+        );
+        let target = check_target(&costs);
+        assert_eq!(target.measured, Some(22.0));
+        assert_eq!(target.met(), Some(true));
+        assert_eq!(target.runs(), "21.0 ns–31.0 ns (2 of 3)");
+        assert_eq!(target.shown(29.96), "29.96 ns");
+        let mut r = report(results());
+        r.legs[0].costs = costs.clone();
+        let md = r.markdown();
+        assert_shows(
+            &md,
+            "| what the fast path's check adds to a packet ≤ 30 ns (check − check-off) | 22.0 ns | \
+             21.0 ns–31.0 ns (2 of 3) | yes |",
+        );
+        assert_shows(&md, "check-off: the same segment with the fast path off");
+        // Without one of the two cases, no figure, and the table says why.
+        let without = check_target(&costs[..2]);
+        assert_eq!((without.measured, without.each_run.len()), (None, 0));
+        let mut r = results();
+        r.samples
+            .push(sample(Setup::Ours, Measure::RrP50, true, 0, 80.0));
+        r.samples
+            .push(sample(TUNL0, Measure::RrP50, true, 0, 100.0));
+        assert_shows(
+            &report(r).markdown(),
+            "(check − check-off) | — | — | — (no such cases in this run's microbenchmark) |",
+        );
+    }
+
+    #[test]
+    fn the_service_measures_and_the_fast_path_off_have_their_rows_and_column() {
+        let mut r = results();
+        let (rate, p50) = (Measure::SvcRrRate, Measure::SvcRrP50);
+        for (setup, tx, us) in [
+            (Setup::Ours, 9000.0, 100.0),
+            (TUNL0, 6000.0, 150.0),
+            (HOST_GW, 10000.0, 90.0),
+            (NO_FAST_PATH, 7500.0, 120.0),
+        ] {
+            r.samples.push(sample(setup, rate, true, 0, tx));
+            r.samples.push(sample(setup, p50, true, 0, us));
+        }
+        r.samples
+            .push(sample(Setup::Floor, Measure::RrP50, true, 0, 60.0));
+        r.samples
+            .push(sample(Setup::Floor, Measure::ConnRate, true, 0, 400.0));
+        let md = report(r).markdown();
+        assert_shows(
+            &md,
+            &format!(
+                "| ours (BPF IPIP) | kernel ipip (tunl0) | host-gw | {} | {} | ours ÷ tunl0 | \
+                 ours ÷ host-gw | ours ÷ {} | ours ÷ fast path off |",
+                NO_FAST_PATH.name(),
+                Setup::Floor.name(),
+                EQUAL_MTU.name()
+            ),
+        );
+        assert_shows(
+            &md,
+            "| request/response rate via a ClusterIP | trans/s | 9000 (9000–9000) | \
+             6000 (6000–6000) | 10000 (10000–10000) | 7500 (7500–7500) | — | 1.50× | 0.90× | — | \
+             1.20× |",
+        );
+        assert_shows(
+            &md,
+            "| request/response latency p50 via a ClusterIP | µs | 100 (100–100) |",
+        );
+        assert_shows(
+            &md,
+            "| request/response rate via a ClusterIP | µs/trans | 2000 |",
+        );
+        // Through the Service, set against the floor's between the pods.
+        assert_shows(
+            &md,
+            "| request/response latency p50 via a ClusterIP | µs/trans | on | 60.0 | +40.0 | \
+             +90.0 | +30.0 | +60.0 | 0.44× | 1.33× |",
+        );
+        // No floor rows for what nothing measured through the Service.
+        assert!(
+            !md.contains("| connection rate via a ClusterIP | µs/conn | on |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn the_heading_says_what_the_nodes_carried() {
+        let mut r = results();
+        let plain = report(r.clone()).markdown();
+        assert_shows(
+            &plain,
+            "- Nodes: no kube-proxy or NetworkPolicy rules on them.",
+        );
+        r.node_rules = Some(NodeRules {
+            install_seconds: vec![2.0, 21.5, 3.0],
+            ..NodeRules::new()
+        });
+        let md = report(r).markdown();
+        assert_shows(
+            &md,
+            "- **Every dataplane pays the same netfilter**: both nodes of every cluster (the \
+             floor has none) carry a Kubernetes node's rules: kube-proxy's in iptables mode \
+             for 1001 Services (1000 of 2 endpoints each that nothing reaches, 250 of them \
+             with a NodePort, and the bench's own)",
+        );
+        assert_shows(&md, "to the bench's Service (10.96.0.200)");
+        assert_shows(
+            &md,
+            "The nodes' netfilter rules took 2.00–21.5 s to install per node, the nodes of a \
+             cluster at once (median 3.00 s).",
+        );
+    }
+
+    #[test]
+    fn the_published_run_still_reads() {
+        let saved = crate::vm::workspace()
+            .join("docs")
+            .join(crate::bench::RESULTS);
+        let report: Report =
+            serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+        let md = report.markdown();
+        assert!(
+            md.starts_with(BEGIN) && md.trim_end().ends_with(END),
+            "{md}"
+        );
     }
 
     #[test]

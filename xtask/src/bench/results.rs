@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     host::Machine,
     measure::{Plan, Setup},
+    node::NodeRules,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,10 +19,16 @@ pub enum Measure {
     ConnRate,
     UdpRate,
     SnatConnRate,
+    /// Request/response to the server pod through the bench's ClusterIP Service.
+    SvcRrRate,
+    SvcRrP50,
+    SvcRrP99,
+    /// Connections to the server pod through the bench's ClusterIP Service.
+    SvcConnRate,
 }
 
 impl Measure {
-    pub const PLANES: [Measure; 7] = [
+    pub const PLANES: [Measure; 11] = [
         Measure::TcpStream,
         Measure::TcpMulti,
         Measure::RrP50,
@@ -29,6 +36,10 @@ impl Measure {
         Measure::RrRate,
         Measure::ConnRate,
         Measure::UdpRate,
+        Measure::SvcRrP50,
+        Measure::SvcRrP99,
+        Measure::SvcRrRate,
+        Measure::SvcConnRate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,15 +52,19 @@ impl Measure {
             Measure::ConnRate => "connection rate",
             Measure::UdpRate => "UDP 64-byte datagrams",
             Measure::SnatConnRate => "connection rate to the outside",
+            Measure::SvcRrRate => "request/response rate via a ClusterIP",
+            Measure::SvcRrP50 => "request/response latency p50 via a ClusterIP",
+            Measure::SvcRrP99 => "request/response latency p99 via a ClusterIP",
+            Measure::SvcConnRate => "connection rate via a ClusterIP",
         }
     }
 
     pub fn unit(self) -> &'static str {
         match self {
             Measure::TcpStream | Measure::TcpMulti => "Gbit/s",
-            Measure::RrRate => "trans/s",
-            Measure::RrP50 | Measure::RrP99 => "µs",
-            Measure::ConnRate | Measure::SnatConnRate => "conn/s",
+            Measure::RrRate | Measure::SvcRrRate => "trans/s",
+            Measure::RrP50 | Measure::RrP99 | Measure::SvcRrP50 | Measure::SvcRrP99 => "µs",
+            Measure::ConnRate | Measure::SnatConnRate | Measure::SvcConnRate => "conn/s",
             Measure::UdpRate => "pkt/s",
         }
     }
@@ -58,8 +73,13 @@ impl Measure {
     pub fn cpu_unit(self) -> &'static str {
         match self {
             Measure::TcpStream | Measure::TcpMulti => "µs/MB",
-            Measure::RrRate | Measure::RrP50 | Measure::RrP99 => "µs/trans",
-            Measure::ConnRate | Measure::SnatConnRate => "µs/conn",
+            Measure::RrRate
+            | Measure::RrP50
+            | Measure::RrP99
+            | Measure::SvcRrRate
+            | Measure::SvcRrP50
+            | Measure::SvcRrP99 => "µs/trans",
+            Measure::ConnRate | Measure::SnatConnRate | Measure::SvcConnRate => "µs/conn",
             Measure::UdpRate => "µs/pkt",
         }
     }
@@ -69,18 +89,32 @@ impl Measure {
     /// one already, a rate is inverted.
     pub fn time_per_unit(self, value: f64) -> f64 {
         match self {
-            Measure::RrP50 | Measure::RrP99 => value,
+            m if m.lower_is_better() => value,
             // 8e6 bits at `value` Gbit/s.
             Measure::TcpStream | Measure::TcpMulti => 8e3 / value,
-            Measure::RrRate | Measure::ConnRate | Measure::UdpRate | Measure::SnatConnRate => {
-                1e6 / value
-            }
+            _ => 1e6 / value,
         }
     }
 
     /// Latencies: smaller is better.
     pub fn lower_is_better(self) -> bool {
-        matches!(self, Measure::RrP50 | Measure::RrP99)
+        matches!(
+            self,
+            Measure::RrP50 | Measure::RrP99 | Measure::SvcRrP50 | Measure::SvcRrP99
+        )
+    }
+
+    /// The floor's measure this one is set against: the floor has no outside host
+    /// and no Service, so a masquerade's connections and those through a ClusterIP
+    /// are set against its connections between the pods.
+    pub fn on_the_floor(self) -> Measure {
+        match self {
+            Measure::SnatConnRate | Measure::SvcConnRate => Measure::ConnRate,
+            Measure::SvcRrRate => Measure::RrRate,
+            Measure::SvcRrP50 => Measure::RrP50,
+            Measure::SvcRrP99 => Measure::RrP99,
+            m => m,
+        }
     }
 }
 
@@ -152,6 +186,10 @@ pub struct Results {
     /// The TCP congestion control every connection ran.
     pub congestion: String,
     pub quick: bool,
+    /// The netfilter rules every node carried; absent from runs saved before the nodes
+    /// carried any, and from runs of the floor alone.
+    #[serde(default)]
+    pub node_rules: Option<NodeRules>,
     pub samples: Vec<Sample>,
 }
 
@@ -164,6 +202,7 @@ impl Results {
             streams: plan.streams,
             congestion: plan.congestion.name().to_owned(),
             quick,
+            node_rules: None,
             samples: Vec::new(),
         }
     }
@@ -199,13 +238,9 @@ impl Results {
     }
 
     /// What `setup` adds to the floor's time per unit of work (of the medians): the
-    /// dataplane's own part of the figure. A masquerade's connections to the outside
-    /// are set against the floor's connections between the pods.
+    /// dataplane's own part of the figure ([`Measure::on_the_floor`]).
     pub fn above_floor(&self, setup: Setup, measure: Measure, offloads: bool) -> Option<f64> {
-        let floor_measure = match measure {
-            Measure::SnatConnRate => Measure::ConnRate,
-            m => m,
-        };
+        let floor_measure = measure.on_the_floor();
         let time = |s: Setup, m: Measure| {
             let median = self.summary(s, m, offloads)?.median;
             (median > 0.0).then(|| m.time_per_unit(median))

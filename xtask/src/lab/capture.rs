@@ -1,8 +1,9 @@
 //! Wire proof: while a node's pods talk to pods on two other nodes (one on the same
 //! switch, one behind the router), every frame on the node's uplink is captured and
 //! checked. Each direction of each exchange must appear as IPv4 protocol 4 between the
-//! two node addresses around the two pod addresses, and no pod address may appear
-//! outside a tunnel.
+//! two node addresses around the two pod addresses (the sender's node address in place
+//! of the sending pod's where the bridge plugin masquerades), and no pod address may
+//! appear outside a tunnel.
 
 use std::{
     collections::BTreeMap,
@@ -20,7 +21,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{
     agents::UPLINK,
-    matrix::{PathKind, Probe},
+    matrix::{Masquerade, PathKind, Probe, expected_source},
     netns, probe,
     servers::Servers,
     state::LabState,
@@ -228,18 +229,30 @@ pub fn prove(lab: &LabState) -> Result<WireProof> {
     let topology = &lab.topology;
     let Plan { node, pairs } = plan(topology)?;
     let address = |pod: &Pod| topology.node(&pod.node).map(|n| n.address);
+    let masquerade = Masquerade::in_lab(lab, lab.masquerade);
+    let seen_as = |from: &Pod, to: &Pod| {
+        expected_source(
+            topology,
+            &from.clone().into(),
+            &to.clone().into(),
+            masquerade,
+        )
+    };
     let mut expected = Vec::new();
     for (from, to, _) in &pairs {
         let (a, b) = (address(from)?, address(to)?);
+        // Masqueraded by the bridge plugin, the exchange is between the node's address
+        // and the pod: tunnelled both ways all the same.
+        let source = seen_as(from, to).unwrap_or(from.address);
         for protocol in [IpNumber::ICMP.0, IpNumber::TCP.0] {
             expected.push(Flow {
                 outer: (a, b),
-                inner: (from.address, to.address),
+                inner: (source, to.address),
                 protocol,
             });
             expected.push(Flow {
                 outer: (b, a),
-                inner: (to.address, from.address),
+                inner: (to.address, source),
                 protocol,
             });
         }
@@ -248,12 +261,12 @@ pub fn prove(lab: &LabState) -> Result<WireProof> {
     let targets: Vec<Host> = pairs.iter().map(|(_, to, _)| to.clone().into()).collect();
     let servers = Servers::start(lab, &targets)?;
     let capture = Capture::start(&lab.netns(&node), UPLINK)?;
-    // Pod to pod: never translated.
     let exchanges: Vec<Probe> = pairs
         .iter()
         .map(|(from, to, kind)| {
+            let expected = seen_as(from, to);
             let (from, to) = (Host::from(from.clone()), Host::from(to.clone()));
-            Probe::run(lab, &servers, &from, &to, *kind, None)
+            Probe::run(lab, &servers, &from, &to, *kind, expected)
         })
         .collect();
     // The kernel hands the capture socket each frame as it crosses the interface, so

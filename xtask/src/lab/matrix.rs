@@ -2,7 +2,8 @@
 //! pod and the outside host, one ICMP echo and one TCP exchange each, run in parallel.
 //! Each exchange also checks the source address the destination saw: untranslated
 //! inside the cluster, the node's address for a pod talking to the outside when the
-//! agents masquerade.
+//! agents masquerade (and, in a lab made without `--ip-masq`, for whatever a pod sends
+//! outside its node's subnet: see [`Masquerade`]).
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
@@ -79,26 +80,51 @@ impl PathKind {
         })
     }
 
-    /// What the lab predicts for these paths while the agents run, with or without
-    /// masquerade.
-    pub fn expected(self, masquerade: bool) -> Expect {
+    /// What the lab predicts for these paths while the agents run, as `masquerade`
+    /// says who masquerades.
+    pub fn expected(self, masquerade: Masquerade) -> Expect {
         match self {
             PathKind::OutsideToPod => Expect::Fail,
-            PathKind::PodToOutside if !masquerade => Expect::Fail,
+            PathKind::PodToOutside if !(masquerade.agents || masquerade.bridge) => Expect::Fail,
             _ => Expect::Pass,
         }
     }
 }
 
-/// The source address `to` sees from `from` in the lab: the node's address for a pod
-/// talking to the outside when masquerading (rule 5), else the sender's own.
+/// Who masquerades what pods send, in one run of the matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Masquerade {
+    /// Our agents (`--ip-masq`): a pod's traffic to the outside (rule 5).
+    pub agents: bool,
+    /// The bridge plugin: flannel's CNI plugin asks it to (`ipMasq`) when the agent that
+    /// wrote subnet.env ran without `--ip-masq` (FLANNEL_IPMASQ=false), and then
+    /// everything a pod sends outside its node's subnet, other nodes' pods included,
+    /// leaves from its node's address.
+    pub bridge: bool,
+}
+
+impl Masquerade {
+    /// In `lab` (whose pods the CNI plugins made as its agents' `--ip-masq` asked), with
+    /// the agents masquerading or not now.
+    pub fn in_lab(lab: &LabState, agents: bool) -> Self {
+        Self {
+            agents,
+            bridge: !lab.masquerade,
+        }
+    }
+}
+
+/// The source address `to` sees from `from` in the lab: the node's address for a pod's
+/// traffic a masquerade takes (see [`Masquerade`]), else the sender's own.
 pub fn expected_source(
     topology: &Topology,
     from: &Host,
     to: &Host,
-    masquerade: bool,
+    masquerade: Masquerade,
 ) -> Option<Ipv4Addr> {
-    let masqueraded = masquerade && from.kind == Kind::Pod && to.kind == Kind::Outside;
+    let leaves_node = to.kind == Kind::Outside || to.node != from.node;
+    let masqueraded = from.kind == Kind::Pod
+        && (masquerade.agents && to.kind == Kind::Outside || masquerade.bridge && leaves_node);
     masqueraded
         .then(|| topology.node_of(from).map(|n| n.address))
         .flatten()
@@ -227,9 +253,9 @@ pub struct Matrix {
     retransmitted: u64,
 }
 
-/// Probes every pair, `parallel` pairs at a time, with the agents masquerading or not;
+/// Probes every pair, `parallel` pairs at a time, as `masquerade` says who masquerades;
 /// fails only if the probing itself cannot run (or on Ctrl-C).
-pub fn run(lab: &LabState, parallel: usize, masquerade: bool) -> Result<Matrix> {
+pub fn run(lab: &LabState, parallel: usize, masquerade: Masquerade) -> Result<Matrix> {
     let topology = &lab.topology;
     let hosts = topology.hosts();
     let targets: Vec<Host> = hosts

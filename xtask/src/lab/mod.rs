@@ -319,9 +319,10 @@ fn check(lab: &LabState, checks: Checks) -> Result<Report> {
     let (mut matrix, mut wire) = (Vec::new(), Vec::new());
     if !(checks.masquerade || checks.kubernetes) {
         heading("Connectivity");
-        let found = matrix::run(lab, PROBES_IN_FLIGHT, lab.masquerade)?;
+        let masquerade = matrix::Masquerade::in_lab(lab, lab.masquerade);
+        let found = matrix::run(lab, PROBES_IN_FLIGHT, masquerade)?;
         print!("{}", found.render());
-        matrix = found.surprises(|kind| kind.expected(lab.masquerade));
+        matrix = found.surprises(|kind| kind.expected(masquerade));
         for s in &matrix {
             println!("  ✗ {s}");
         }

@@ -1563,9 +1563,14 @@ table inet kube-network-policies {
                 Engine::KubeNetworkPolicies => "timeout",
                 Engine::HostFirewall => "unreach",
             };
-            let got_ping = ping.map_or_else(|f| f.short(), |_| "ok");
+            let got_ping = ping.as_ref().map_or_else(|f| f.short(), |_| "ok");
             check(
-                format!("{engine:?}: ping from a: {got_ping}, expected {expected_ping}"),
+                format!(
+                    "{engine:?}: ping from a: {got_ping} ({}), expected {expected_ping}",
+                    ping.as_ref()
+                        .err()
+                        .map_or(String::new(), ToString::to_string)
+                ),
                 got_ping == expected_ping,
             );
 
