@@ -45,9 +45,7 @@ impl FlowKey {
             _pad: [0; 3],
         }
     }
-}
 
-impl FlowKey {
     /// The bit of `FLOW_FILTER` of this direction's address pair: see [`filter_bit`].
     pub const fn filter_bit(&self) -> (u32, u64) {
         filter_bit(self.src, self.dst)

@@ -309,12 +309,17 @@ pub fn restore_reply(t: &Tuple, entry: &CtEntry) {
 /// replies back to the original source.
 #[inline(always)]
 fn reply_entry(t: &Tuple, rule: u8, born: u64) -> CtEntry {
+    // Every field spelled out: `..CtEntry::default()` compiled to a call to memset, a
+    // subprogram whose frame the 512-byte limit of a call chain counts before 6.4.
     CtEntry {
+        expires_ns: 0,
         created_ns: born,
         addr: t.src,
         port: t.sport,
+        flags: 0,
         rule,
-        ..CtEntry::default()
+        fin_seq_end: 0,
+        fin_tsval: 0,
     }
 }
 
@@ -340,13 +345,16 @@ fn insert_original(
     born: u64,
 ) -> Result<*mut CtEntry, CreateError> {
     let expires = born + u64::from(cfg.ct_timeouts.for_state(t.proto, 0)) * NS_PER_SEC;
+    // Every field spelled out, as in `reply_entry`.
     let value = CtEntry {
         expires_ns: expires,
         created_ns: born,
         addr,
         port,
+        flags: 0,
         rule,
-        ..CtEntry::default()
+        fin_seq_end: 0,
+        fin_tsval: 0,
     };
     let key = t.key(DIR_ORIGINAL);
     match CONNTRACK.insert(&key, &value, 0) {

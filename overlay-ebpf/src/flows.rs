@@ -154,8 +154,9 @@ fn in_table(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) -> bool {
     };
     // SAFETY: a value of the map, valid while this program runs; concurrent writers
     // (other CPUs, the agent) only ever store whole fields, and a torn read of one
-    // sends a packet to the host, never a wrong one past it.
-    let seen = unsafe { *state };
+    // sends a packet to the host, never a wrong one past it. Read in place: a copy
+    // would take 32 bytes of a frame that must stay small on kernels before 6.4.
+    let seen = unsafe { &*state };
     if seen.admitted != 0 && tcp_flags & TCP_CLOSE != 0 {
         close(state);
         if let Some(other) = FLOWS.get_ptr_mut(&key.reversed()) {
@@ -196,7 +197,7 @@ pub fn record(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) {
         return;
     }
     let Some(state) = FLOWS.get_ptr_mut(key) else {
-        let _ = FLOWS.insert(key, &fresh, u64::from(BPF_ANY));
+        let _ = FLOWS.insert(key, fresh, u64::from(BPF_ANY));
         return;
     };
     // SAFETY: as in `admitted`.

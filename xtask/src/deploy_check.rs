@@ -26,7 +26,7 @@ const INSTALL: &str = "deploy/kind/install.sh";
 /// The oldest and newest Kubernetes whose schemas kubernetes-validate carries.
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.25.0", "1.37.0"];
 
-/// `overlay-agent run`'s flags as agreed for the DaemonSet (issue 4). The
+/// `overlay-agent run`'s flags as the DaemonSet passes them. The
 /// manifests may use these and no others.
 const RUN_FLAGS: &[&str] = &[
     "--kube-subnet-mgr",

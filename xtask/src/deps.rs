@@ -1,6 +1,6 @@
 //! Installs what a fresh machine lacks to build and test the dataplane: Debian
 //! packages, the eBPF crate's pinned nightly with rust-src, bpf-linker built against
-//! Debian's LLVM (see shared/ENVIRONMENT.md for why each piece and version), and
+//! Debian's LLVM (the pins below say why each version), and
 //! kubernetes-validate for the deploy manifests.
 
 use std::{path::PathBuf, process::Command};

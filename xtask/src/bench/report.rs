@@ -63,7 +63,7 @@ pub enum Figure {
     Nanoseconds,
 }
 
-/// One target of issue 5 (or of the fast path) and how this run fared.
+/// One performance target (of the datapath or of the fast path) and how this run fared.
 pub struct Target {
     pub what: String,
     /// Ours' median over the baseline's; for the fast path's check, its cost.

@@ -1,4 +1,4 @@
-//! The masquerade proof (issue 3) on a running lab:
+//! The masquerade proof on a running lab:
 //!
 //! 1. with the agents masquerading (`--ip-masq`), every pod reaches the outside host over
 //!    TCP, UDP and ICMP, seen from its node's address (rule 5; `outside`);

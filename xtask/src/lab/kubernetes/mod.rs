@@ -85,7 +85,7 @@ pub fn run(lab: &LabState) -> Result<Proof> {
 }
 
 fn mode_run(lab: &LabState, mode: Mode) -> Result<ModeRun> {
-    let plan = checks::plan(lab)?;
+    let plan = checks::plan(lab, mode)?;
     let _workload = Workload::install(lab, mode)?;
     // Without --ip-masq the bridge plugin masquerades what pods send off their node: a
     // policy naming a pod of another node never sees its address, with kernel
@@ -93,14 +93,14 @@ fn mode_run(lab: &LabState, mode: Mode) -> Result<ModeRun> {
     let with_policies = lab.masquerade;
     let ours = checks::run(&plan, |_| true)?;
     let policies_ours = if with_policies {
-        policies::run(lab, true)?
+        policies::run(lab, mode, true)?
     } else {
         Vec::new()
     };
     let _kernel = KernelForwarding::switch(lab)?;
     let kernel = checks::run(&plan, |c| plan.callers[c.caller].in_reference(lab))?;
     let policies_kernel = if with_policies {
-        policies::run(lab, false)?
+        policies::run(lab, mode, false)?
     } else {
         Vec::new()
     };

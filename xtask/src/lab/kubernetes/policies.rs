@@ -17,6 +17,7 @@ use super::workload::{ECHO, SERVICE_PORT, endpoint, first_pod};
 use crate::lab::{
     agents,
     cni::CONTAINER_PORT,
+    kube_proxy::Mode,
     parallel,
     policy::{self, Engine, Policy, Protocol},
     probe::{self, Client, Session},
@@ -148,14 +149,14 @@ fn cut() -> Finding {
     Err("cut".into())
 }
 
-/// Runs the policy checks of every engine; `agents_run` says whether our agents carry
-/// the traffic (so that the fast path's part is checked).
-pub fn run(lab: &LabState, agents_run: bool) -> Result<Vec<Row>> {
+/// Runs the policy checks of every engine under kube-proxy's `mode`; `agents_run` says
+/// whether our agents carry the traffic (so that the fast path's part is checked).
+pub fn run(lab: &LabState, mode: Mode, agents_run: bool) -> Result<Vec<Row>> {
     let cast = cast(lab)?;
     let policy = the_policy(&cast);
     let mut rows = Vec::new();
     for engine in Engine::ALL {
-        let result = with_engine(lab, &cast, &policy, engine, agents_run, &mut rows);
+        let result = with_engine(lab, &cast, &policy, (mode, engine), agents_run, &mut rows);
         // Whatever happened, the next engine (and the next run) starts clean.
         for node in &lab.topology.nodes {
             policy::remove(&lab.netns(&node.name), engine)?;
@@ -169,7 +170,7 @@ fn with_engine(
     lab: &LabState,
     cast: &Cast,
     policy: &Policy,
-    engine: Engine,
+    (mode, engine): (Mode, Engine),
     agents_run: bool,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
@@ -281,12 +282,13 @@ fn with_engine(
     let found = parallel::map(&probes, probes.len(), |((pod, _, _), (addr, _))| {
         probe::tcp(&client(pod), *addr)
     })?;
-    for (((pod, behind, admitted), (_, via)), found) in probes.into_iter().zip(found) {
+    for (((pod, behind, admitted), (addr, via)), found) in probes.into_iter().zip(found) {
+        let unseen = *addr.ip() == ECHO && !forward_sees_service(mode, engine, &pod, cast);
         rows.push(Row {
             engine,
             what: format!("{} → {} via {via}, new", pod.name, cast.target.name),
             ours_only: behind,
-            expected: if admitted {
+            expected: if admitted || unseen {
                 connected(pod.address)
             } else {
                 refused()
@@ -303,6 +305,17 @@ fn with_engine(
         });
     }
     Ok(())
+}
+
+/// Whether `engine` sees a new connection from `pod` through the ClusterIP. In IPVS
+/// mode a pod's connection to a Service is taken at the input hook of the pod's own
+/// node and leaves it through the output hook (`pkg/proxy/ipvs/proxier.go` binds
+/// the ClusterIPs to the node's `kube-ipvs0` device): when the endpoint is on that
+/// same node the packet is never forwarded, so a rule in FORWARD alone (the host
+/// firewall) never meets it. kube-router hooks INPUT and OUTPUT too for this reason,
+/// and kube-network-policies' postrouting hook sees locally sent packets.
+fn forward_sees_service(mode: Mode, engine: Engine, pod: &Pod, cast: &Cast) -> bool {
+    !(mode == Mode::Ipvs && engine == Engine::HostFirewall && pod.node == cast.target.node)
 }
 
 /// Whether the target's node had `session` on the fast path: its direction towards the

@@ -3,7 +3,7 @@
 //! servers, the cluster DNS behind the kube-dns Service, and every pod's resolver
 //! pointing at it. Removed again when dropped.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::Path, process::Command};
 
 use anyhow::{Context as _, Result};
 
@@ -11,6 +11,7 @@ use crate::lab::{
     cni::CONTAINER_PORT,
     dns::{self, ClusterDns, ZONE},
     kube_proxy::{self, Endpoint, Mode, NodeView, Protocol, Service, ServicePort, TrafficPolicy},
+    netns,
     servers::Servers,
     state::LabState,
     topology::{Host, Node, Pod},
@@ -172,6 +173,7 @@ impl<'a> Workload<'a> {
         // From here on, dropping `installed` undoes what was done.
         let installed = Installed { lab, mode };
         for node in &lab.topology.nodes {
+            bridge_netfilter(&lab.netns(&node.name))?;
             let view = NodeView {
                 name: node.name.clone(),
                 node_ip: node.address,
@@ -197,6 +199,23 @@ impl<'a> Workload<'a> {
             _installed: installed,
         })
     }
+}
+
+/// What a Kubernetes node has before kube-proxy starts: `br_netfilter`, with
+/// `bridge-nf-call-iptables` on, so that a reply bridged from an endpoint to a client
+/// pod of the same node meets the conntrack entry that undoes kube-proxy's DNAT.
+/// Kubernetes' container-runtime prerequisites load it; kube-proxy's iptables and IPVS
+/// proxiers read the sysctl (`sysctlBridgeCallIPTables` in `pkg/proxy/iptables/` and
+/// `pkg/proxy/ipvs/proxier.go`) and warn that Services may not work without it. This
+/// machine's kernel has it built in; Debian's 6.1 has it as a module, which nothing
+/// else loads before the policy engines' rules happen to.
+fn bridge_netfilter(ns: &str) -> Result<()> {
+    const KEY: &str = "net/bridge/bridge-nf-call-iptables";
+    let present = netns::enter(ns, || Ok(Path::new("/proc/sys").join(KEY).exists()))?;
+    if !present {
+        netns::run(Command::new("modprobe").arg("br_netfilter")).context("loading br_netfilter")?;
+    }
+    netns::sysctl(ns, KEY, "1")
 }
 
 /// The rules and resolvers of one mode, removed when dropped.
