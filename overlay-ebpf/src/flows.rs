@@ -177,7 +177,7 @@ fn in_table(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) -> bool {
 
 #[inline(always)]
 fn close(state: *mut FlowState) {
-    // SAFETY: as in `admitted`.
+    // SAFETY: as in `in_table`.
     unsafe { (*state).flags |= CLOSING };
 }
 
@@ -200,7 +200,7 @@ pub fn record(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) {
         let _ = FLOWS.insert(key, fresh, u64::from(BPF_ANY));
         return;
     };
-    // SAFETY: as in `admitted`.
+    // SAFETY: as in `in_table`.
     unsafe {
         if (*state).seen_gen != cfg.ruleset_gen {
             (*state).seen_gen = cfg.ruleset_gen;
