@@ -19,7 +19,6 @@ use tracing::{debug, error, info, warn};
 use crate::{
     bpf_log::BpfLogLevel,
     bpffs,
-    config::NetConf,
     datapath::{Datapath, LoadOptions},
     fast_path::{self, Driver},
     host::{
@@ -80,7 +79,6 @@ impl Shutdown {
 pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
     // Before anything is installed, so that no signal can skip the cleanup.
     let mut shutdown = Shutdown::install()?;
-    let net_conf = NetConf::load(&opts.net_conf)?;
     if opts.masq.enabled {
         masq::check_against_ephemeral(&opts.masq.ports, &masq::ephemeral_range()?)?;
     }
@@ -96,6 +94,7 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
         .clone()
         .open(&opts.node_name, own_address)
         .await?;
+    let net_conf = source.net_conf(&opts.net_conf)?;
     host::enable_forwarding()?;
     let pin_dir = bpffs::prepare(&opts.bpffs)?;
     let mut dp = Datapath::load(&LoadOptions {

@@ -1,23 +1,60 @@
-//! flanneld's `net-conf.json`, read the way flanneld reads it.
+//! flanneld's `net-conf.json`, read the way flanneld reads it, and the range of node
+//! subnets an etcd-backed flannel network leases from (`SubnetLen`, `SubnetMin`,
+//! `SubnetMax` with the defaults and checks of flannel's `CheckNetworkConfig`,
+//! flannel-io/flannel `pkg/subnet/config.go`, v0.28 line at commit 0f89b8d).
 
-use std::path::Path;
+use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
-/// The parts of `net-conf.json` this dataplane uses. Other flannel keys (SubnetLen,
-/// SubnetMin, ...) are accepted and ignored: node subnets come from `spec.podCIDR`.
+/// The parts of `net-conf.json` this dataplane uses. Other flannel keys are accepted
+/// and ignored. The subnet keys only matter to the etcd source ([`NetConf::subnets`]):
+/// with the Kubernetes API node subnets come from `spec.podCIDR`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConf {
     /// The cluster's pod network (`Network`).
     pub network: Ipv4Net,
+    /// `SubnetLen`, when set and not 0.
+    pub subnet_len: Option<u8>,
+    /// `SubnetMin`, when set and not 0.0.0.0.
+    pub subnet_min: Option<Ipv4Addr>,
+    /// `SubnetMax`, when set and not 0.0.0.0.
+    pub subnet_max: Option<Ipv4Addr>,
+}
+
+/// The node subnets an etcd-backed network hands out: `len`-long, from `min` to `max`
+/// (both subnet addresses, inclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubnetRange {
+    pub len: u8,
+    pub min: Ipv4Addr,
+    pub max: Ipv4Addr,
+}
+
+impl SubnetRange {
+    /// Whether `net` is one of the range's subnets (flannel's `isSubnetConfigCompat`).
+    pub fn holds(&self, net: Ipv4Net) -> bool {
+        net.prefix_len() == self.len && (self.min..=self.max).contains(&net.network())
+    }
+
+    /// The range's subnets in address order.
+    pub fn iter(&self) -> impl Iterator<Item = Ipv4Net> + use<> {
+        let (len, step) = (self.len, 1u64 << (32 - self.len));
+        (u64::from(u32::from(self.min))..=u64::from(u32::from(self.max)))
+            .step_by(step as usize)
+            .map(move |a| Ipv4Net::new(Ipv4Addr::from(a as u32), len).expect("len <= 30"))
+    }
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct Raw {
     network: Option<String>,
+    subnet_len: Option<u32>,
+    subnet_min: Option<String>,
+    subnet_max: Option<String>,
     backend: Option<RawBackend>,
 }
 
@@ -44,8 +81,65 @@ impl NetConf {
                 "\"Backend.Type\" is {kind:?}: this dataplane implements the \"ipip\" backend only"
             );
         }
+        let subnet_len = match raw.subnet_len {
+            None | Some(0) => None,
+            Some(len) => Some(
+                u8::try_from(len)
+                    .ok()
+                    .filter(|l| *l <= 32)
+                    .with_context(|| format!("\"SubnetLen\" {len} is not a prefix length"))?,
+            ),
+        };
         Ok(Self {
             network: network.trunc(),
+            subnet_len,
+            subnet_min: address(raw.subnet_min, "SubnetMin")?,
+            subnet_max: address(raw.subnet_max, "SubnetMax")?,
+        })
+    }
+
+    /// The node subnets, with flannel's defaults and checks: `SubnetLen` 24, or the
+    /// network's length plus 2 for networks smaller than a /22; `SubnetMin` the
+    /// network's second subnet (the first holds the network address), `SubnetMax` its
+    /// last; at least four subnets, each of at least four addresses.
+    pub fn subnets(&self) -> Result<SubnetRange> {
+        let network = self.network;
+        let len = match self.subnet_len {
+            Some(len) if len > 30 => bail!("\"SubnetLen\" must be less than /31"),
+            Some(len) if len < network.prefix_len() + 2 => {
+                bail!(
+                    "\"Network\" {network} must hold at least four subnets of \"SubnetLen\" /{len}"
+                )
+            }
+            Some(len) => len,
+            None if network.prefix_len() > 28 => {
+                bail!("\"Network\" {network} is too small: the smallest useful network is a /28")
+            }
+            None if network.prefix_len() <= 22 => 24,
+            None => network.prefix_len() + 2,
+        };
+        let size = 1u32 << (32 - len);
+        let first = u32::from(network.network());
+        let within = |a: Option<Ipv4Addr>, key: &str, default: u32| -> Result<Ipv4Addr> {
+            let Some(a) = a else {
+                return Ok(Ipv4Addr::from(default));
+            };
+            if !network.contains(&a) {
+                bail!("\"{key}\" {a} is not in the range of the \"Network\" {network}");
+            }
+            if u32::from(a) % size != 0 {
+                bail!("\"{key}\" {a} is not on a \"SubnetLen\" /{len} boundary");
+            }
+            Ok(a)
+        };
+        Ok(SubnetRange {
+            len,
+            min: within(self.subnet_min, "SubnetMin", first + size)?,
+            max: within(
+                self.subnet_max,
+                "SubnetMax",
+                u32::from(network.broadcast()) + 1 - size,
+            )?,
         })
     }
 
@@ -54,6 +148,15 @@ impl NetConf {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("in {}", path.display()))
     }
+}
+
+/// An optional address key; flannel reads 0.0.0.0 as unset.
+fn address(value: Option<String>, key: &str) -> Result<Option<Ipv4Addr>> {
+    let Some(value) = value else { return Ok(None) };
+    let a: Ipv4Addr = value
+        .parse()
+        .with_context(|| format!("\"{key}\" is not an IPv4 address: {value:?}"))?;
+    Ok((!a.is_unspecified()).then_some(a))
 }
 
 #[cfg(test)]
@@ -73,6 +176,71 @@ mod tests {
             r#"{"Network":"10.1.0.0/16","SubnetLen":24,"Backend":{"Type":"IPIP","DirectRouting":false}}"#,
         );
         assert!(c.is_ok());
+    }
+
+    fn range(text: &str) -> Result<SubnetRange> {
+        NetConf::parse(text).unwrap().subnets()
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn subnet_defaults_as_flannel() {
+        let r = range(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ipip"}}"#).unwrap();
+        assert_eq!(
+            (r.len, r.min, r.max),
+            (24, ip("10.244.1.0"), ip("10.244.255.0"))
+        );
+        // Smaller than a /22: four subnets at the least.
+        let r = range(r#"{"Network":"10.0.0.0/26","Backend":{"Type":"ipip"}}"#).unwrap();
+        assert_eq!(
+            (r.len, r.min, r.max),
+            (28, ip("10.0.0.16"), ip("10.0.0.48"))
+        );
+        let r = range(r#"{"Network":"10.0.0.0/22","Backend":{"Type":"ipip"}}"#).unwrap();
+        assert_eq!(r.len, 24);
+        let r = range(
+            r#"{"Network":"10.1.0.0/16","SubnetLen":25,"SubnetMin":"10.1.4.0","SubnetMax":"10.1.4.128","Backend":{"Type":"ipip"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.len, r.min, r.max),
+            (25, ip("10.1.4.0"), ip("10.1.4.128"))
+        );
+        assert_eq!(
+            r.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            ["10.1.4.0/25", "10.1.4.128/25"]
+        );
+        assert!(r.holds("10.1.4.128/25".parse().unwrap()));
+        assert!(!r.holds("10.1.5.0/25".parse().unwrap()));
+        assert!(!r.holds("10.1.4.0/24".parse().unwrap()));
+        // 0 and 0.0.0.0 are unset, as in flannel.
+        let r = range(
+            r#"{"Network":"10.244.0.0/16","SubnetLen":0,"SubnetMin":"0.0.0.0","Backend":{"Type":"ipip"}}"#,
+        )
+        .unwrap();
+        assert_eq!((r.len, r.min), (24, ip("10.244.1.0")));
+    }
+
+    #[test]
+    fn subnet_checks_as_flannel() {
+        let e = |t: &str| format!("{:#}", range(t).unwrap_err());
+        let with = |extra: &str| {
+            format!(r#"{{"Network":"10.244.0.0/16",{extra}"Backend":{{"Type":"ipip"}}}}"#)
+        };
+        assert!(e(&with(r#""SubnetLen":31,"#)).contains("less than /31"));
+        assert!(e(&with(r#""SubnetLen":17,"#)).contains("four subnets"));
+        assert!(e(r#"{"Network":"10.0.0.0/29","Backend":{"Type":"ipip"}}"#).contains("too small"));
+        assert!(
+            e(&with(r#""SubnetMin":"10.245.0.0","#))
+                .contains("\"SubnetMin\" 10.245.0.0 is not in the range")
+        );
+        assert!(e(&with(r#""SubnetMax":"10.244.3.7","#)).contains("boundary"));
+        let bad = |extra: &str| format!("{:#}", NetConf::parse(&with(extra)).unwrap_err());
+        assert!(bad(r#""SubnetMin":"x","#).contains("\"SubnetMin\" is not an IPv4 address"));
+        assert!(bad(r#""SubnetLen":99,"#).contains("not a prefix length"));
     }
 
     fn err(text: &str) -> String {

@@ -17,6 +17,7 @@ use overlay_agent::{
     nodes::{
         Source,
         address::{IfaceSpec, Selection},
+        etcd::EtcdOptions,
     },
     status::Status,
 };
@@ -118,8 +119,11 @@ struct PinArgs {
     bpffs: PathBuf,
 }
 
+/// The node sources other than etcd, which the etcd flags make no sense with.
+const OTHER_SOURCES: [&str; 2] = ["kube_subnet_mgr", "nodes_file"];
+
 #[derive(clap::Args)]
-#[command(group(ArgGroup::new("source").required(true).args(["kube_subnet_mgr", "nodes_file"])))]
+#[command(group(ArgGroup::new("source").required(true).args(["kube_subnet_mgr", "nodes_file", "etcd_endpoints"])))]
 struct RunArgs {
     /// This node's name in the node list (the DaemonSet passes it via the downward API).
     #[arg(long, env = "NODE_NAME")]
@@ -130,12 +134,42 @@ struct RunArgs {
     kube_subnet_mgr: bool,
     /// kubeconfig for the Kubernetes API (default: KUBECONFIG, ~/.kube/config, else the
     /// pod's service account).
-    #[arg(long, alias = "kubeconfig-file", conflicts_with = "nodes_file")]
+    #[arg(long, alias = "kubeconfig-file", conflicts_with_all = ["nodes_file", "etcd_endpoints"])]
     kubeconfig: Option<PathBuf>,
     /// File with the nodes as `kubectl get nodes -o json` prints them; re-read on change.
     #[arg(long)]
     nodes_file: Option<PathBuf>,
-    /// flannel's network configuration.
+    /// Lease this node's subnet from flannel's etcd subnet manager and learn the others
+    /// there, as flanneld without --kube-subnet-mgr: the etcd endpoints, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// etcd prefix of flannel's keys (`<prefix>/config`, `<prefix>/subnets/`).
+    #[arg(long, default_value = overlay_agent::nodes::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// TLS key of the etcd client certificate.
+    #[arg(long, conflicts_with_all = OTHER_SOURCES)]
+    etcd_keyfile: Option<PathBuf>,
+    /// TLS client certificate for etcd.
+    #[arg(long, conflicts_with_all = OTHER_SOURCES)]
+    etcd_certfile: Option<PathBuf>,
+    /// CA that signed etcd's server certificate.
+    #[arg(long, conflicts_with_all = OTHER_SOURCES)]
+    etcd_cafile: Option<PathBuf>,
+    /// etcd user.
+    #[arg(long, conflicts_with_all = OTHER_SOURCES)]
+    etcd_username: Option<String>,
+    /// etcd password (better from the environment than on the command line).
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_username"
+    )]
+    etcd_password: Option<String>,
+    /// Minutes before its end that the subnet lease (24 h) is renewed.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=1439))]
+    subnet_lease_renew_margin: u64,
+    /// flannel's network configuration (with etcd, `<etcd-prefix>/config` instead).
     #[arg(long, default_value = "/etc/kube-flannel/net-conf.json")]
     net_conf: PathBuf,
     /// Interface to carry the tunnel, by name or by one of its IPv4 addresses;
@@ -269,12 +303,25 @@ async fn run(args: RunArgs) -> Result<()> {
         ports: args.nat_ports.0,
         timeouts: masq::timeouts(&args.ct_timeouts)?,
     };
-    // The group makes clap require exactly one of the two.
-    let source = match args.nodes_file {
-        Some(path) => Source::File(path),
-        None => Source::Kube {
+    // The group makes clap require exactly one of the three.
+    let source = if let Some(path) = args.nodes_file {
+        Source::File(path)
+    } else if !args.etcd_endpoints.is_empty() {
+        Source::Etcd(Box::new(EtcdOptions {
+            endpoints: args.etcd_endpoints,
+            prefix: args.etcd_prefix,
+            keyfile: args.etcd_keyfile,
+            certfile: args.etcd_certfile,
+            cafile: args.etcd_cafile,
+            username: args.etcd_username,
+            password: args.etcd_password,
+            renew_margin: Duration::from_secs(args.subnet_lease_renew_margin * 60),
+            subnet_file: args.subnet_file.clone(),
+        }))
+    } else {
+        Source::Kube {
             kubeconfig: args.kubeconfig,
-        },
+        }
     };
     let status = Arc::new(Status::default());
     // Started before the agent so that probes answer while the datapath loads.
@@ -352,6 +399,44 @@ mod tests {
             e.contains("--kubeconfig") && e.contains("cannot be used with"),
             "{e}"
         );
+
+        let e = error(&["--kube-subnet-mgr", "--etcd-endpoints", "http://e:2379"]);
+        assert!(e.contains("cannot be used with"), "{e}");
+        let e = error(&[
+            "--etcd-endpoints",
+            "http://e:2379",
+            "--nodes-file",
+            "n.json",
+        ]);
+        assert!(e.contains("cannot be used with"), "{e}");
+        let e = error(&["--nodes-file", "n.json", "--etcd-cafile", "/ca"]);
+        assert!(
+            e.contains("--etcd-cafile") && e.contains("cannot be used with"),
+            "{e}"
+        );
+        let e = error(&["--etcd-endpoints", "http://e:2379", "--etcd-password", "p"]);
+        assert!(e.contains("--etcd-username"), "{e}");
+        for bad in ["0", "1440"] {
+            let e = error(&[
+                "--etcd-endpoints",
+                "http://e:2379",
+                "--subnet-lease-renew-margin",
+                bad,
+            ]);
+            assert!(e.contains(bad), "{e}");
+        }
+
+        let etcd = parse(&[
+            "--etcd-endpoints",
+            "https://a:2379,https://b:2379",
+            "--etcd-cafile",
+            "/ca",
+        ])
+        .unwrap();
+        assert_eq!(etcd.etcd_endpoints, ["https://a:2379", "https://b:2379"]);
+        assert_eq!(etcd.etcd_prefix, "/coreos.com/network");
+        assert_eq!(etcd.subnet_lease_renew_margin, 60);
+        assert!(!etcd.kube_subnet_mgr && etcd.nodes_file.is_none());
 
         let kube = parse(&["--kube-subnet-mgr", "--kubeconfig-file", "/k"]).unwrap();
         assert!(kube.kube_subnet_mgr && kube.nodes_file.is_none());

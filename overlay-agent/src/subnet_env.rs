@@ -46,6 +46,20 @@ impl SubnetEnv {
     }
 }
 
+/// The node subnet of the file at `path` (its `FLANNEL_SUBNET`), if there is a readable
+/// one: flannel's etcd subnet manager leases it again when it is still free.
+pub fn read_subnet(path: &Path) -> Option<Ipv4Net> {
+    let text = std::fs::read_to_string(path).ok()?;
+    subnet_of(&text)
+}
+
+fn subnet_of(text: &str) -> Option<Ipv4Net> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("FLANNEL_SUBNET="))
+        .and_then(|v| v.trim().parse::<Ipv4Net>().ok())
+        .map(|n| n.trunc())
+}
+
 impl fmt::Display for SubnetEnv {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "FLANNEL_NETWORK={}", self.network)?;
@@ -69,10 +83,14 @@ mod tests {
         );
         let text = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1480\nFLANNEL_IPMASQ=false\n";
         assert_eq!(env.to_string(), text);
+        assert_eq!(subnet_of(text), Some("10.244.1.0/24".parse().unwrap()));
+        assert_eq!(subnet_of("FLANNEL_SUBNET=x\n"), None);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/flannel/subnet.env");
+        assert_eq!(read_subnet(&path), None);
         env.write(&path).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        assert_eq!(read_subnet(&path), Some("10.244.1.0/24".parse().unwrap()));
         // Only the file itself remains: no temporary leftovers.
         assert_eq!(
             std::fs::read_dir(path.parent().unwrap()).unwrap().count(),

@@ -7,12 +7,19 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
-/// Debian packages: LLVM for bpf-linker, and the tools the lab and tests drive.
+/// Debian packages: LLVM for bpf-linker and protoc for the etcd client (installed
+/// before anything builds the agent: `cargo xtask` itself does not), and the tools
+/// the lab and tests drive.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
+    // protoc: the agent's etcd client (etcd-client) compiles etcd's .proto files in
+    // its build script, in every build of the workspace.
+    "protobuf-compiler",
+    // The google/protobuf/*.proto that etcd's .proto files import.
+    "libprotobuf-dev",
     "iproute2",
     "iputils-ping",
     "tcpdump",
@@ -31,6 +38,13 @@ const PACKAGES: &[&str] = &[
     // strict mode, which ends conntrack entries its policies no longer admit.
     "ipset",
     "conntrack",
+    // The etcd that flannel's etcd subnet manager keeps its leases in (`lab --etcd`,
+    // the agent's etcd tests).
+    "etcd-server",
+    // etcdctl: `lab --etcd` seeds the network configuration and lists the leases.
+    "etcd-client",
+    // The certificates of each etcd run's TLS (`lab --etcd`, the etcd tests).
+    "openssl",
 ];
 // Visible to the deploy checks, which hold deploy/Dockerfile to the same toolchain.
 pub(crate) const BPF_LINKER_VERSION: &str = "0.13";

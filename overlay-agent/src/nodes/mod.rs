@@ -2,6 +2,7 @@
 
 pub mod address;
 pub mod annotations;
+pub mod etcd;
 pub mod file;
 pub mod kube;
 pub mod slim;
@@ -9,6 +10,8 @@ pub mod slim;
 use std::{net::Ipv4Addr, path::PathBuf, sync::Arc};
 
 use anyhow::Result;
+
+use crate::config::NetConf;
 use ipnet::Ipv4Net;
 use thiserror::Error;
 use tokio::sync::watch;
@@ -138,6 +141,8 @@ pub enum Source {
     /// The Kubernetes API (flanneld's `--kube-subnet-mgr`), in-cluster or through a
     /// kubeconfig.
     Kube { kubeconfig: Option<PathBuf> },
+    /// flannel's etcd subnet manager: leases this node's subnet and learns the others'.
+    Etcd(Box<etcd::EtcdOptions>),
 }
 
 impl Source {
@@ -145,12 +150,13 @@ impl Source {
     pub fn authority(&self) -> Authority {
         match self {
             Source::File(_) => Authority::NodeList,
-            Source::Kube { .. } => Authority::Agent,
+            Source::Kube { .. } | Source::Etcd(_) => Authority::Agent,
         }
     }
 
     /// Prepares the source. Connection settings are checked here, so that a missing
-    /// kubeconfig stops the agent before it touches the node.
+    /// kubeconfig stops the agent before it touches the node; etcd is connected to
+    /// (waiting for it) and its network configuration read.
     pub async fn open(self, node_name: &str, own_address: OwnAddress) -> Result<OpenSource> {
         Ok(match self {
             Source::File(path) => OpenSource::File(path),
@@ -162,6 +168,9 @@ impl Source {
                     own_address,
                 )))
             }
+            Source::Etcd(opts) => OpenSource::Etcd(Box::new(
+                etcd::EtcdSource::open(&opts, node_name, own_address).await?,
+            )),
         })
     }
 }
@@ -170,15 +179,25 @@ impl Source {
 pub enum OpenSource {
     File(PathBuf),
     Kube(Box<kube::KubeSource>),
+    Etcd(Box<etcd::EtcdSource>),
 }
 
 impl OpenSource {
+    /// The network configuration: etcd's with the etcd source, else the file's.
+    pub fn net_conf(&self, file: &std::path::Path) -> Result<NetConf> {
+        match self {
+            OpenSource::Etcd(source) => Ok(source.net_conf().clone()),
+            OpenSource::File(_) | OpenSource::Kube(_) => NetConf::load(file),
+        }
+    }
+
     /// Publishes complete node sets on `tx` until the receiver goes away, reporting
     /// the source's health in `status`.
     pub async fn run(self, tx: watch::Sender<Option<NodeSet>>, status: Arc<Status>) {
         match self {
             OpenSource::File(path) => file::watch_file(path, tx, &status).await,
             OpenSource::Kube(source) => source.run(tx, status).await,
+            OpenSource::Etcd(source) => source.run(tx, status).await,
         }
     }
 }

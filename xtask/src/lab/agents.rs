@@ -1,5 +1,6 @@
 //! The overlay agents: building the binary, one detached agent per node namespace,
-//! readiness, inspection, and stopping them.
+//! readiness, inspection, and stopping them (the lab's processes, found by their
+//! command line and stopped through pidfds: etcd's too).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -29,6 +30,7 @@ use nix::{
 };
 
 use super::{
+    etcd,
     interrupt::{self, Wait},
     netns,
     state::LabState,
@@ -112,21 +114,21 @@ pub fn start(lab: &LabState, node: &Node, masquerade: bool) -> Result<()> {
     start_build(lab, node, masquerade, &lab.agent)
 }
 
-/// [`start`] with another build of the agent (an upgrade).
-pub fn start_build(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) -> Result<()> {
-    let dir = lab.node_dir(&node.name);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_file(lab, node))?;
-    let mut child = netns::command(&lab.netns(&node.name), agent)
-        .args(["run", "--node-name", &node.name])
-        .arg("--nodes-file")
-        .arg(lab.nodes_file())
-        .arg("--net-conf")
-        .arg(lab.net_conf_file())
-        .args(["--iface", UPLINK, "--bridge", BRIDGE])
+/// The command line of `node`'s agent, run in the node's namespace: its node source
+/// is the lab's node list, or with etcd the etcd subnet manager (then flannel's
+/// network configuration is in etcd too).
+pub fn command(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) -> Command {
+    let mut cmd = netns::command(&lab.netns(&node.name), agent);
+    cmd.args(["run", "--node-name", &node.name]);
+    if let Some(etcd) = &lab.topology.etcd {
+        cmd.args(etcd::agent_args(lab, etcd));
+    } else {
+        cmd.arg("--nodes-file")
+            .arg(lab.nodes_file())
+            .arg("--net-conf")
+            .arg(lab.net_conf_file());
+    }
+    cmd.args(["--iface", UPLINK, "--bridge", BRIDGE])
         .arg("--subnet-file")
         .arg(subnet_file(lab, node))
         .arg("--bpffs")
@@ -136,7 +138,19 @@ pub fn start_build(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) 
             &[][..]
         } else {
             &["--fast-path", "off"]
-        })
+        });
+    cmd
+}
+
+/// [`start`] with another build of the agent (an upgrade).
+pub fn start_build(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) -> Result<()> {
+    let dir = lab.node_dir(&node.name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_file(lab, node))?;
+    let mut child = command(lab, node, masquerade, agent)
         // The log is a file: no terminal colours in it.
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -181,7 +195,7 @@ pub fn log_file(lab: &LabState, node: &Node) -> PathBuf {
     lab.node_dir(&node.name).join("agent.log")
 }
 
-fn subnet_file(lab: &LabState, node: &Node) -> PathBuf {
+pub fn subnet_file(lab: &LabState, node: &Node) -> PathBuf {
     lab.node_dir(&node.name).join("subnet.env")
 }
 
@@ -216,15 +230,27 @@ pub struct Agent {
 /// the lab's mount. Unlike recorded pids, this cannot miss an agent started just before
 /// a crash, nor hit an unrelated process that reused a pid.
 pub fn running(lab: &LabState) -> Result<Vec<Agent>> {
-    let mut agents = Vec::new();
+    let mut agents: Vec<Agent> = processes()?
+        .into_iter()
+        .filter_map(|(pid, cmdline)| agent_in(&lab.bpffs(), pid, &cmdline))
+        .collect();
+    agents.sort_by(|a, b| a.node.cmp(&b.node));
+    Ok(agents)
+}
+
+/// Every process, with its command line (`/proc/<pid>/cmdline`); those gone meanwhile
+/// (or zombies, whose command line is empty) left out.
+pub fn processes() -> Result<Vec<(u32, Vec<u8>)>> {
+    let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").context("listing /proc")? {
         let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        agents.extend(agent_of(lab, pid));
+        if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            found.push((pid, cmdline));
+        }
     }
-    agents.sort_by(|a, b| a.node.cmp(&b.node));
-    Ok(agents)
+    Ok(found)
 }
 
 /// The agent `pid` is, if it is one of the lab's.
@@ -299,34 +325,46 @@ pub fn stop_node(lab: &LabState, node: &Node, signal: Signal) -> Result<()> {
 }
 
 fn stop(lab: &LabState, agents: &[Agent], signal: Signal) -> Result<()> {
+    let named: Vec<(u32, String)> = agents
+        .iter()
+        .map(|a| (a.pid, format!("the agent of {}", a.node)))
+        .collect();
+    stop_processes(&named, |pid| agent_of(lab, pid).is_some(), signal)
+}
+
+/// Sends `signal` to the processes (pid, what it is) that `still_ours` still
+/// recognizes, waits for each to exit, and kills any that does not in time.
+pub fn stop_processes(
+    processes: &[(u32, String)],
+    still_ours: impl Fn(u32) -> bool,
+    signal: Signal,
+) -> Result<()> {
     let mut stopping = Vec::new();
-    for agent in agents {
+    for (pid, what) in processes {
         // A pidfd pins the process: checked once more through it, a signal cannot hit
         // a process that took over the pid meanwhile.
-        let Ok(pidfd) = pidfd_open(agent.pid) else {
+        let Ok(pidfd) = pidfd_open(*pid) else {
             continue;
         };
-        if agent_of(lab, agent.pid).is_none() {
+        if !still_ours(*pid) {
             continue;
         }
         pidfd_signal(&pidfd, signal)?;
-        stopping.push((agent, pidfd));
+        stopping.push((pid, what, pidfd));
     }
     let deadline = Instant::now() + interrupt::scaled(STOP_TIMEOUT);
     let mut errors = Vec::new();
-    for (agent, pidfd) in &stopping {
+    for (pid, what, pidfd) in &stopping {
         if !wait_exit(pidfd, deadline.saturating_duration_since(Instant::now()))? {
             errors.push(format!(
-                "the agent of {} (pid {}) ignored {signal} for {:?}: killed",
-                agent.node,
-                agent.pid,
+                "{what} (pid {pid}) ignored {signal} for {:?}: killed",
                 interrupt::scaled(STOP_TIMEOUT)
             ));
             pidfd_signal(pidfd, Signal::SIGKILL)?;
             wait_exit(pidfd, interrupt::scaled(STOP_TIMEOUT))?;
         }
         // Reap it if it is our child; ECHILD otherwise, which is fine.
-        let _ = waitpid(Pid::from_raw(agent.pid as i32), Some(WaitPidFlag::WNOHANG));
+        let _ = waitpid(Pid::from_raw(**pid as i32), Some(WaitPidFlag::WNOHANG));
     }
     if !errors.is_empty() {
         bail!("{}", errors.join("; "));
@@ -372,7 +410,7 @@ fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> Result<bool> {
         match poll(&mut fds, timeout) {
             Ok(n) => return Ok(n > 0),
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e).context("waiting for an agent to exit"),
+            Err(e) => return Err(e).context("waiting for a process to exit"),
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Builds a lab from its topology: the switch and router, the nodes with their agents
-//! and the outside host, then the pods, the way kubelet, containerd and the flannel CNI
-//! plugin would (`cni`).
+//! and the outside host (and with etcd, etcd's host and etcd: `etcd`), then the pods,
+//! the way kubelet, containerd and the flannel CNI plugin would (`cni`), in the
+//! subnets the agents wrote into subnet.env.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use aya::programs::tc::TcAttachType;
@@ -11,7 +12,7 @@ use nix::mount::{MsFlags, mount};
 
 use super::{
     agents::{self, BRIDGE, SubnetEnv, UPLINK},
-    cni, interrupt,
+    cni, etcd, interrupt,
     netns::{self, Script, docker_mac},
     state::{LabGuard, LabState},
     topology::{Node, Segment, Topology},
@@ -76,7 +77,7 @@ pub fn create_with(
 ) -> Result<LabGuard> {
     topology.validate()?;
     let started = Instant::now();
-    let lab = LabState::create(topology, agent, masquerade, dataplane.fast_path())?;
+    let mut lab = LabState::create(topology, agent, masquerade, dataplane.fast_path())?;
     println!("Creating lab {} in {}", lab.id, lab.dir().display());
 
     // The agents run in mount namespaces of their own (`ip netns exec`), where a bpffs
@@ -90,30 +91,54 @@ pub fn create_with(
         None::<&str>,
     )
     .with_context(|| format!("mounting a bpffs at {}", lab.bpffs().display()))?;
-    write_json(lab.nodes_file(), &lab.topology.node_list())?;
-    write_json(lab.net_conf_file(), &lab.topology.net_conf())?;
+    // With etcd, the network configuration and the subnets are etcd's: no node list.
+    if lab.topology.etcd.is_none() {
+        write_json(lab.nodes_file(), &lab.topology.node_list())?;
+        write_json(lab.net_conf_file(), &lab.topology.net_conf())?;
+    }
 
     underlay(&lab)?;
-    let with_agent: Vec<&Node> = lab
-        .topology
-        .nodes
-        .iter()
-        .filter(|n| dataplane.runs_agent(n))
-        .collect();
-    for node in &with_agent {
-        interrupt::check()?;
-        agents::start(&lab, node, lab.masquerade)?;
+    if lab.topology.etcd.is_some() {
+        etcd::start(&lab)?;
     }
     for node in &lab.topology.nodes {
-        let env = if dataplane.runs_agent(node) {
+        interrupt::check()?;
+        if dataplane.runs_agent(node) {
+            if lab.topology.etcd.is_some() {
+                etcd::show_agent(&lab, node);
+            }
+            agents::start(&lab, node, lab.masquerade)?;
+        }
+    }
+    let mut envs = Vec::new();
+    for node in &lab.topology.nodes {
+        envs.push(if dataplane.runs_agent(node) {
             agents::wait_subnet_env(&lab, node)?
         } else {
             dataplane
                 .configure(&lab, node)
                 .with_context(|| format!("setting up {}", node.name))?
-        };
-        pods(&lab, node, &env, dataplane.runs_agent(node))?;
+        });
     }
+    // The subnets the pods and every check build on: those the agents took.
+    let written: BTreeMap<String, Ipv4Net> = lab
+        .topology
+        .nodes
+        .iter()
+        .zip(&envs)
+        .map(|(node, env)| (node.name.clone(), env.subnet))
+        .collect();
+    if lab.topology.etcd.is_some() {
+        etcd::check_leases(&lab, &written)?;
+    }
+    lab.topology.adopt_subnets(&written)?;
+    lab.save()?;
+    for (node, env) in lab.topology.nodes.iter().zip(&envs) {
+        pods(&lab, node, env, dataplane.runs_agent(node))?;
+    }
+    let with_agent: Vec<&Node> = (lab.topology.nodes.iter())
+        .filter(|n| dataplane.runs_agent(n))
+        .collect();
     agents::wait_ready_on(&lab, &with_agent, true)?;
     println!(
         "Lab {} ready in {:.1}s",
@@ -197,6 +222,9 @@ fn underlay(lab: &LabState) -> Result<()> {
         &outside.segment,
         outside.address,
     )?;
+    if let Some(etcd) = &topology.etcd {
+        uplink(lab, &mut ports, &etcd.name, &etcd.segment, etcd.address)?;
+    }
     ports.apply()
 }
 
@@ -237,13 +265,6 @@ fn uplink(
 /// agent sources its routes from the gateway and has put `pod_ingress` on every pod's
 /// veth. host-local must hand out the addresses the topology gives the pods.
 fn pods(lab: &LabState, node: &Node, env: &SubnetEnv, agent: bool) -> Result<()> {
-    ensure!(
-        env.subnet.trunc() == node.pod_cidr,
-        "the agent of {} wrote FLANNEL_SUBNET={}, but its podCIDR is {}",
-        node.name,
-        env.subnet,
-        node.pod_cidr
-    );
     let ns = lab.netns(&node.name);
     let mut host_veths = Vec::new();
     for pod in lab.topology.pods_of(node) {

@@ -13,8 +13,9 @@
 //! (wire proof), controls (negative controls), router (routes put on the router on
 //! purpose), nat_table (`overlay-agent nat`),
 //! masquerade (the masquerade proof: outside, rules, load, iptables, equivalence),
-//! restart (restarts and upgrades lose nothing) and kernel_drops (what the kernel
-//! dropped, to place a loss).
+//! restart (restarts and upgrades lose nothing), kernel_drops (what the kernel
+//! dropped, to place a loss) and etcd (`--etcd`: the agents on flannel's etcd subnet
+//! manager, their subnets leased there instead of given by the lab).
 
 pub(crate) mod agents;
 mod capture;
@@ -23,6 +24,7 @@ pub(crate) mod cni;
 mod controls;
 pub(crate) mod dns;
 mod equivalence;
+mod etcd;
 pub(crate) mod flannel;
 pub(crate) mod interrupt;
 pub(crate) mod iptables;
@@ -83,6 +85,21 @@ struct CreateArgs {
     /// Run the agents with `--fast-path off`: every packet goes through the host stack.
     #[arg(long)]
     no_fast_path: bool,
+    /// Run the agents on flannel's etcd subnet manager (etcd with TLS on a host of its
+    /// own) instead of a node list: each leases its subnet, and the lab builds its pods
+    /// and checks on the leases.
+    #[arg(long)]
+    etcd: bool,
+}
+
+impl CreateArgs {
+    fn topology(self) -> Topology {
+        if self.etcd {
+            Topology::kind().with_etcd()
+        } else {
+            Topology::kind()
+        }
+    }
 }
 
 #[derive(clap::Args, Clone, Copy)]
@@ -269,7 +286,7 @@ fn full_run(create: CreateArgs, checks: Checks) -> Result<Report> {
     let started = Instant::now();
     let agent = build(create)?;
     let lab = cluster::create(
-        Topology::kind(),
+        create.topology(),
         agent,
         !create.no_masq,
         !create.no_fast_path,
@@ -290,7 +307,7 @@ fn full_run(create: CreateArgs, checks: Checks) -> Result<Report> {
 fn up(create: CreateArgs) -> Result<()> {
     let agent = build(create)?;
     let lab = cluster::create(
-        Topology::kind(),
+        create.topology(),
         agent,
         !create.no_masq,
         !create.no_fast_path,
@@ -404,6 +421,7 @@ fn hosts(topology: &Topology) -> Vec<String> {
         hosts.extend(topology.pods_of(node).into_iter().map(|p| p.name));
     }
     hosts.push(topology.outside.name.clone());
+    hosts.extend(topology.etcd.iter().map(|e| e.name.clone()));
     hosts
 }
 
@@ -444,6 +462,12 @@ fn status(lab: &LabState) -> Result<()> {
             Err(_) => "✗ namespace missing".to_owned(),
         };
         let agent = match lab.topology.node(&host) {
+            Err(_) if lab.topology.etcd.as_ref().is_some_and(|e| e.name == host) => {
+                match etcd::running(lab)?.first() {
+                    Some(pid) => format!("etcd pid {pid}"),
+                    None => "✗ etcd not running".to_owned(),
+                }
+            }
             Err(_) => String::new(),
             Ok(node) => match running.iter().find(|a| a.node == host) {
                 None => "✗ not running".to_owned(),

@@ -1,15 +1,16 @@
 //! A lab on disk, and its removal.
 //!
 //! Everything a lab creates is named after its id: namespaces `olab-<id>-*`, the
-//! directory `/run/overlay-lab/<id>` (files, and the bpffs mounted at `bpffs/`), and
-//! agents whose `--bpffs` lies in that mount. The state file written when the id is
-//! claimed, before anything else exists, is therefore enough to remove all of it, even
-//! after a crash of the process that created it.
+//! directory `/run/overlay-lab/<id>` (files, and the bpffs mounted at `bpffs/`),
+//! agents whose `--bpffs` lies in that mount, and an etcd whose data lies in that
+//! directory. The state file written when the id is claimed, before anything else
+//! exists, is therefore enough to remove all of it, even after a crash of the process
+//! that created it.
 
 use std::{
     fmt,
     io::Read as _,
-    ops::Deref,
+    ops::{Deref, DerefMut},
     path::{Path, PathBuf},
 };
 
@@ -17,7 +18,7 @@ use anyhow::{Context as _, Result, bail};
 use nix::mount::{MntFlags, umount2};
 use serde::{Deserialize, Serialize};
 
-use super::{agents, cni, netns, topology::Topology};
+use super::{agents, cni, etcd, netns, topology::Topology};
 
 const ROOT: &str = "/run/overlay-lab";
 const STATE_FILE: &str = "state.json";
@@ -100,7 +101,7 @@ impl LabState {
         }
     }
 
-    fn save(&self) -> Result<()> {
+    pub fn save(&self) -> Result<()> {
         let path = self.dir().join(STATE_FILE);
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
@@ -146,9 +147,9 @@ impl LabState {
 
     /// Deletes the pods' networks (CNI DEL, as the runtime tears a sandbox down; best
     /// effort: what fails is reported, and deleting the namespaces removes it anyway),
-    /// stops the agents (they detach their programs and remove their routes), deletes
-    /// the namespaces, unmounts the bpffs and removes the directory, the nodes' CNI
-    /// state with it. Goes on after a failure, so that one stuck piece does not keep the
+    /// stops the agents (they detach their programs and remove their routes) and etcd,
+    /// deletes the namespaces, unmounts the bpffs and removes the directory, the nodes'
+    /// CNI state (and etcd's data and certificates) with it. Goes on after a failure, so that one stuck piece does not keep the
     /// rest alive; the directory (and with it the state) is only removed when everything
     /// else is gone, so that `lab down` can try again.
     pub fn teardown(&self) -> Result<Removed> {
@@ -160,6 +161,11 @@ impl LabState {
         match agents::stop_all(self) {
             Ok(n) => removed.agents = n,
             Err(e) => errors.push(format!("stopping agents: {e:#}")),
+        }
+        // After the agents, which would otherwise retry it until they stop.
+        match etcd::stop(self) {
+            Ok(stopped) => removed.etcd = stopped,
+            Err(e) => errors.push(format!("stopping etcd: {e:#}")),
         }
         match netns::list(&self.netns_prefix()) {
             Ok(names) => {
@@ -210,6 +216,8 @@ pub struct Removed {
     /// The pods whose CNI DEL failed, and why.
     pub cni_failures: Vec<String>,
     pub agents: usize,
+    /// Whether an etcd ran and was stopped.
+    pub etcd: bool,
     pub namespaces: usize,
     pub bpffs: bool,
 }
@@ -218,9 +226,13 @@ impl fmt::Display for Removed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} pods deleted through CNI, {} agents stopped, {} namespaces deleted",
-            self.pods, self.agents, self.namespaces
+            "{} pods deleted through CNI, {} agents stopped, ",
+            self.pods, self.agents
         )?;
+        if self.etcd {
+            f.write_str("etcd stopped, ")?;
+        }
+        write!(f, "{} namespaces deleted", self.namespaces)?;
         if self.bpffs {
             f.write_str(", bpffs unmounted")?;
         }
@@ -257,6 +269,14 @@ impl Deref for LabGuard {
     fn deref(&self) -> &LabState {
         self.0
             .as_ref()
+            .expect("the guard holds the lab until consumed")
+    }
+}
+
+impl DerefMut for LabGuard {
+    fn deref_mut(&mut self) -> &mut LabState {
+        self.0
+            .as_mut()
             .expect("the guard holds the lab until consumed")
     }
 }

@@ -21,6 +21,7 @@ fn lab_passes_masquerade_holds_controls_fail_and_nothing_remains() {
             release: false,
             no_masq: false,
             no_fast_path: false,
+            etcd: false,
         },
         Checks {
             controls: true,

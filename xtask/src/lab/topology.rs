@@ -7,8 +7,12 @@
 //! Beyond the router, on a segment of its own, an outside host stands for everything
 //! that is not the cluster: the router knows no pod subnet, so pods reach it only
 //! masqueraded behind their node's address (flanneld `--ip-masq`).
+//!
+//! With flannel's etcd subnet manager (`lab --etcd`) an etcd host joins the kind
+//! segment, and the nodes' subnets are no longer the lab's to give: each agent leases
+//! one, and the lab adopts what the agents wrote ([`Topology::adopt_subnets`]).
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use ipnet::Ipv4Net;
@@ -37,7 +41,8 @@ pub struct Node {
     pub role: Role,
     pub segment: String,
     pub address: Ipv4Addr,
-    /// `spec.podCIDR`, as the controller-manager allocates it.
+    /// The node's subnet: `spec.podCIDR`, as the controller-manager allocates it; with
+    /// etcd, the lease its agent took (until the agents have leased, a placeholder).
     pub pod_cidr: Ipv4Net,
 }
 
@@ -53,6 +58,15 @@ impl Node {
 /// A host outside the cluster (neither node nor pod), on a segment of its own.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outside {
+    pub name: String,
+    pub segment: String,
+    pub address: Ipv4Addr,
+}
+
+/// The etcd that flannel's etcd subnet manager keeps its configuration and leases in:
+/// a host on a segment of the underlay, like the outside host neither node nor pod.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EtcdHost {
     pub name: String,
     pub segment: String,
     pub address: Ipv4Addr,
@@ -126,6 +140,9 @@ pub struct Topology {
     pub segments: Vec<Segment>,
     pub nodes: Vec<Node>,
     pub outside: Outside,
+    /// With etcd, the agents lease their subnets there instead of reading a node list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdHost>,
 }
 
 impl Topology {
@@ -180,7 +197,22 @@ impl Topology {
                 segment: "wan".into(),
                 address: [198, 51, 100, 10].into(),
             },
+            etcd: None,
         }
+    }
+
+    /// The same cluster on flannel's etcd subnet manager: etcd on a host of its own on
+    /// the kind segment, where the etcd cluster that flannel's etcd mode needs would
+    /// stand (it is not Kubernetes' etcd). There, nothing the checks do to a node
+    /// (stopping its agent, its iptables, a reference datapath) reaches it, and w3's
+    /// agent reaches it through the router as a remote node would.
+    pub fn with_etcd(mut self) -> Self {
+        self.etcd = Some(EtcdHost {
+            name: "etcd".into(),
+            segment: "kind".into(),
+            address: [172, 18, 0, 10].into(),
+        });
+        self
     }
 
     /// Two workers of the kind cluster, one pod each, and the outside host beyond the
@@ -247,7 +279,43 @@ impl Topology {
             "{} names both a node and the outside host",
             outside.name
         );
+        if let Some(etcd) = &self.etcd {
+            self.check_host_address(&etcd.name, &etcd.segment, etcd.address)?;
+            ensure!(
+                !self
+                    .nodes
+                    .iter()
+                    .any(|n| n.name == etcd.name || n.address == etcd.address)
+                    && outside.name != etcd.name,
+                "the etcd host {} ({}) shares its name or address with another host",
+                etcd.name,
+                etcd.address
+            );
+        }
         Ok(())
+    }
+
+    /// Takes each node's subnet from what its agent wrote into subnet.env
+    /// (FLANNEL_SUBNET, by node name), which the pods and every check then build on.
+    /// With etcd the leases are the only source: they replace the placeholders. Without,
+    /// the agent read the node list the lab wrote, and must have taken its podCIDR.
+    pub fn adopt_subnets(&mut self, written: &BTreeMap<String, Ipv4Net>) -> Result<()> {
+        let leased = self.etcd.is_some();
+        for node in &mut self.nodes {
+            let subnet = written
+                .get(&node.name)
+                .with_context(|| format!("no subnet.env of {}", node.name))?
+                .trunc();
+            ensure!(
+                leased || subnet == node.pod_cidr,
+                "the agent of {} wrote FLANNEL_SUBNET in {subnet}, but its podCIDR is {}",
+                node.name,
+                node.pod_cidr
+            );
+            node.pod_cidr = subnet;
+        }
+        self.validate()
+            .context("the subnets the agents took do not fit the lab")
     }
 
     /// `address` must be a host address of `segment` (not its gateway, the router's).
@@ -412,6 +480,81 @@ mod tests {
         let mut t = Topology::kind();
         t.outside.address = [198, 51, 100, 1].into();
         assert!(format!("{:#}", t.validate().unwrap_err()).contains("not a host address"));
+    }
+
+    #[test]
+    fn the_etcd_host_is_checked_like_the_others() {
+        Topology::kind().with_etcd().validate().unwrap();
+        let mut t = Topology::kind().with_etcd();
+        t.etcd.as_mut().unwrap().address = [172, 18, 0, 3].into();
+        assert!(format!("{:#}", t.validate().unwrap_err()).contains("shares its name"));
+        let mut t = Topology::kind().with_etcd();
+        t.etcd.as_mut().unwrap().segment = "remote".into();
+        assert!(format!("{:#}", t.validate().unwrap_err()).contains("not a host address"));
+    }
+
+    #[test]
+    fn subnets_come_from_the_agents() {
+        let written = |subnets: [&str; 4]| -> BTreeMap<String, Ipv4Net> {
+            ["cp", "w1", "w2", "w3"]
+                .into_iter()
+                .zip(subnets)
+                .map(|(n, s)| (n.to_owned(), s.parse().unwrap()))
+                .collect()
+        };
+        let leases = written([
+            "10.244.57.1/24",
+            "10.244.3.1/24",
+            "10.244.9.1/24",
+            "10.244.0.1/24",
+        ]);
+
+        // With etcd the leases replace the lab's subnets; the pods follow.
+        let mut t = Topology::kind().with_etcd();
+        t.adopt_subnets(&leases).unwrap();
+        assert_eq!(t.node("cp").unwrap().pod_cidr.to_string(), "10.244.57.0/24");
+        assert_eq!(t.node("w3").unwrap().gateway().to_string(), "10.244.0.1");
+        assert_eq!(t.pods()[0].address.to_string(), "10.244.57.2");
+
+        // Without, the agent must have taken the podCIDR of the node list.
+        let mut t = Topology::kind();
+        let e = t.adopt_subnets(&leases).unwrap_err();
+        assert!(format!("{e:#}").contains("agent of cp wrote FLANNEL_SUBNET in 10.244.57.0/24, but its podCIDR is 10.244.0.0/24"), "{e:#}");
+        t.adopt_subnets(&written([
+            "10.244.0.1/24",
+            "10.244.1.1/24",
+            "10.244.2.1/24",
+            "10.244.3.1/24",
+        ]))
+        .unwrap();
+
+        // Leases that overlap, leave the network or miss a node are refused.
+        let mut t = Topology::kind().with_etcd();
+        let e = t
+            .adopt_subnets(&written([
+                "10.244.1.1/24",
+                "10.244.1.1/24",
+                "10.244.2.1/24",
+                "10.244.3.1/24",
+            ]))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("overlapping"), "{e:#}");
+        let e = t
+            .adopt_subnets(&written([
+                "10.245.0.1/24",
+                "10.244.1.1/24",
+                "10.244.2.1/24",
+                "10.244.3.1/24",
+            ]))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("outside 10.244.0.0/16"), "{e:#}");
+        let mut three = leases.clone();
+        three.remove("w2");
+        let e = Topology::kind()
+            .with_etcd()
+            .adopt_subnets(&three)
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("no subnet.env of w2"), "{e:#}");
     }
 
     #[test]

@@ -1,0 +1,18 @@
+//! The etcd subnet manager against a real etcd (Debian's etcd-server) in a network
+//! namespace of each test's own. Needs root.
+
+mod etcd {
+    // Support.
+    mod server;
+    mod source;
+
+    // Tests.
+    mod bench;
+    mod compaction;
+    mod faults;
+    mod leases;
+    mod migration;
+    mod outage;
+    mod peers;
+    mod security;
+}
