@@ -98,7 +98,10 @@ async fn healthz(State(e): State<Endpoints>) -> Response {
 
 async fn readyz(State(e): State<Endpoints>) -> Response {
     match e.status.ready() {
-        Ok(()) => plain(StatusCode::OK, "ready".into()),
+        Ok(()) => match e.status.degraded() {
+            None => plain(StatusCode::OK, "ready".into()),
+            Some(why) => plain(StatusCode::OK, format!("ready, degraded: {why}")),
+        },
         Err(why) => plain(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}")),
     }
 }

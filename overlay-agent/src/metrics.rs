@@ -147,6 +147,10 @@ const SOURCE_SYNCED: Family = Family::gauge(
     "node_source_synced",
     "The node source delivered a complete node set",
 );
+const SOURCE_FAILING: Family = Family::gauge(
+    "node_source_failing",
+    "The node source's last attempt failed (the datapath keeps the last node set)",
+);
 const SOURCE_ERRORS: Family = Family::counter(
     "node_source_errors",
     "Errors of the node source (API or file errors)",
@@ -246,6 +250,7 @@ impl Exporter {
         READY.gauge_value(enc, s.ready().is_ok().into())?;
         let source = s.source();
         SOURCE_SYNCED.gauge_value(enc, source.synced.into())?;
+        SOURCE_FAILING.gauge_value(enc, source.error.is_some().into())?;
         SOURCE_ERRORS.counter_value(enc, source.errors_total)?;
         if let Some(c) = s.convergence() {
             NODES.gauge_value(enc, count(c.nodes))?;

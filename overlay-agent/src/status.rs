@@ -232,6 +232,18 @@ impl Status {
         }
     }
 
+    /// Why a ready agent is degraded: its node source fails after it had synced. It
+    /// stays ready, because the datapath works on with the last node set (an agent
+    /// turning unready with its etcd or API server would stall every rollout), but
+    /// says so.
+    pub fn degraded(&self) -> Option<String> {
+        let source = self.source();
+        let error = source.error.filter(|_| source.synced)?;
+        Some(format!(
+            "the node source is failing, the datapath keeps the last node set: {error}"
+        ))
+    }
+
     /// Ready: the node set is known and the last pass made the datapath match it.
     pub fn ready(&self) -> Result<(), String> {
         let source = self.source();
@@ -269,10 +281,14 @@ mod tests {
         assert!(s.ready().is_err());
         s.converged(pass(true));
         assert!(s.ready().is_ok());
-        // A failing source keeps the dataplane but is no longer "synced" only once it
-        // re-lists; until then its error is visible while readiness holds.
+        assert_eq!(s.degraded(), None);
+        // A failing source keeps the datapath: ready, and degraded for the reason.
         s.source_failed("watch: connection refused".into());
+        assert!(s.ready().is_ok());
+        assert!(s.degraded().unwrap().ends_with(": watch: connection refused"));
         assert_eq!(s.source().errors_total, 1);
+        s.source_synced();
+        assert_eq!(s.degraded(), None);
         assert_eq!(
             s.reconciles(),
             ReconcileTotals {

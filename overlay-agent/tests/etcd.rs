@@ -1,6 +1,9 @@
 //! The etcd subnet manager against a real etcd (Debian's etcd-server) in a network
 //! namespace of each test's own. Needs root.
 
+#[path = "support/agent.rs"]
+mod agent;
+
 mod etcd {
     // Support.
     mod server;

@@ -111,8 +111,8 @@ impl fmt::Debug for EtcdOptions {
 }
 
 impl EtcdOptions {
-    /// Client settings: TLS when any certificate file is given (client certificate
-    /// and key go together), and the user when a username is given.
+    /// Client settings, without the user: TLS when any certificate file is given
+    /// (client certificate and key go together).
     fn connect_options(&self) -> Result<ConnectOptions> {
         // Pings find a dead connection under a watch that would otherwise wait
         // forever (only while a stream is open: etcd refuses idle pings); requests
@@ -145,49 +145,103 @@ impl EtcdOptions {
             }
             options = options.with_tls(tls);
         }
-        match (&self.username, &self.password) {
-            (Some(user), password) => {
-                options = options
-                    .with_user(user, password.clone().unwrap_or_default())
-                    .with_auto_token_refresh(true);
-            }
-            (None, Some(_)) => bail!("--etcd-password needs --etcd-username"),
-            (None, None) => {}
-        }
         Ok(options)
     }
 
+    /// `--etcd-username` with its password.
+    fn user(&self) -> Result<Option<(&str, &str)>> {
+        match (&self.username, &self.password) {
+            (Some(user), password) => Ok(Some((user, password.as_deref().unwrap_or_default()))),
+            (None, Some(_)) => bail!("--etcd-password needs --etcd-username"),
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn tls(&self) -> bool {
+        self.certfile.is_some() || self.cafile.is_some()
+    }
+
     /// The endpoints as the client takes them: with TLS, `http://` would be refused.
-    fn urls(&self, tls: bool) -> Vec<String> {
+    fn urls(&self) -> Vec<String> {
         self.endpoints
             .iter()
             .map(|e| match e.strip_prefix("http://") {
-                Some(rest) if tls => format!("https://{rest}"),
+                Some(rest) if self.tls() => format!("https://{rest}"),
                 _ => e.clone(),
             })
             .collect()
     }
 
-    /// A client of the endpoints; fails only on settings (unreadable files), waiting
-    /// with backoff for an etcd that cannot be reached yet.
+    /// A client of the endpoints. Settings etcd can never accept are errors: files
+    /// that hold no usable certificate or key, a server certificate the CA does not
+    /// vouch for, a wrong password. An etcd that cannot be reached yet is waited
+    /// for, with backoff.
     pub async fn connect(&self) -> Result<Client> {
         if self.endpoints.is_empty() {
             bail!("no etcd endpoints (--etcd-endpoints)");
         }
+        let urls = self.urls();
         let options = self.connect_options()?;
-        let tls = self.certfile.is_some() || self.cafile.is_some();
-        let urls = self.urls(tls);
+        // The client parses the certificates and key as it builds its endpoints, and
+        // talks to etcd in `connect` only to log a user in: without one, whatever
+        // fails here is the files.
+        let anonymous = Client::connect(&urls, Some(options.clone()))
+            .await
+            .with_context(|| {
+                format!(
+                    "the etcd TLS files are unusable (--etcd-certfile {:?}, --etcd-keyfile {:?}, --etcd-cafile {:?})",
+                    self.certfile, self.keyfile, self.cafile
+                )
+            })?;
+        let Some((user, password)) = self.user()? else {
+            return Ok(anonymous);
+        };
+        let options = options
+            .with_user(user, password)
+            .with_auto_token_refresh(true);
         let mut retry = Retry::exponential(Duration::from_millis(500), Duration::from_secs(10));
         loop {
             match Client::connect(&urls, Some(options.clone())).await {
                 Ok(client) => return Ok(client),
                 Err(e) => {
+                    let error = self.judge(&e)?;
                     let wait = retry.next().expect("Retry never ends");
-                    warn!(endpoints = ?urls, error = %e, retry_in = ?wait, "cannot connect to etcd");
+                    warn!(endpoints = ?urls, error, retry_in = ?wait, "cannot connect to etcd");
                     tokio::time::sleep(wait).await;
                 }
             }
         }
+    }
+
+    /// Says which setting etcd will never accept (an error), or describes a
+    /// failure worth retrying. With client certificates, etcd closing the connection
+    /// at once may also be its refusal of ours, which its own log names: the client
+    /// cannot tell that from a restart, so the description gives the hint.
+    fn judge(&self, e: &etcd_client::Error) -> Result<String> {
+        let etcd_client::Error::GRpcStatus(status) = e else {
+            return Ok(e.to_string());
+        };
+        let message = status.message();
+        // rustls' words for a server certificate it does not trust.
+        if message.contains("invalid peer certificate") {
+            bail!(
+                "etcd's certificate is not one the CA in --etcd-cafile {:?} vouches for: {message}",
+                self.cafile
+            );
+        }
+        if message.contains("authentication failed") {
+            bail!(
+                "etcd refuses --etcd-username {:?} with this password: {message}",
+                self.username
+            );
+        }
+        Ok(if self.certfile.is_some() && message.contains("canceled") {
+            format!(
+                "{e} (if etcd's log says it rejected our client certificate, check --etcd-certfile against its --trusted-ca-file)"
+            )
+        } else {
+            e.to_string()
+        })
     }
 }
 
@@ -600,13 +654,16 @@ impl EtcdSource {
         let (net_conf, range) = loop {
             match registry.net_conf().await {
                 Ok(conf) => break conf,
-                // etcd answered: the configuration itself is wrong.
-                Err(e) if e.downcast_ref::<etcd_client::Error>().is_none() => return Err(e),
-                Err(e) => {
-                    let wait = retry.next().expect("Retry never ends");
-                    warn!(error = format!("{e:#}"), retry_in = ?wait, "cannot read the network configuration");
-                    tokio::time::sleep(wait).await;
-                }
+                Err(e) => match e.downcast_ref::<etcd_client::Error>() {
+                    // etcd answered: the configuration itself is wrong.
+                    None => return Err(e),
+                    Some(failure) => {
+                        let error = opts.judge(failure)?;
+                        let wait = retry.next().expect("Retry never ends");
+                        warn!(error, retry_in = ?wait, "cannot read the network configuration");
+                        tokio::time::sleep(wait).await;
+                    }
+                },
             }
         };
         let previous = subnet_env::read_subnet(&opts.subnet_file);
@@ -1006,15 +1063,20 @@ mod tests {
         let e = |o: EtcdOptions| format!("{:#}", o.connect_options().expect_err("refused"));
         assert!(e(opts(Some("/c"), None, None, None)).contains("go together"));
         assert!(e(opts(Some("/nonexistent/c"), Some("/k"), None, None)).contains("/nonexistent/c"));
-        assert!(e(opts(None, None, None, Some("p"))).contains("needs --etcd-username"));
+        let user = |o: EtcdOptions| o.user().map(|u| u.map(|(u, p)| (u.to_owned(), p.to_owned())));
         assert!(
-            opts(None, None, Some("u"), Some("p"))
-                .connect_options()
-                .is_ok()
+            format!("{:#}", user(opts(None, None, None, Some("p"))).unwrap_err())
+                .contains("needs --etcd-username")
+        );
+        assert_eq!(
+            user(opts(None, None, Some("u"), None)).unwrap(),
+            Some(("u".into(), "".into()))
         );
         let o = opts(None, None, None, Some("secret"));
         assert!(!format!("{o:?}").contains("secret"));
-        assert_eq!(o.urls(true), ["https://127.0.0.1:2379"]);
-        assert_eq!(o.urls(false), ["http://127.0.0.1:2379"]);
+        assert_eq!(o.urls(), ["http://127.0.0.1:2379"]);
+        let mut o = opts(None, None, None, None);
+        o.cafile = Some("/ca.pem".into());
+        assert_eq!(o.urls(), ["https://127.0.0.1:2379"]);
     }
 }

@@ -123,6 +123,16 @@ fn readyz_follows_the_status() {
         assert_eq!(readyz().await, not_ready("the last reconcile pass failed"));
         status.converged(pass(true));
         assert_eq!(readyz().await, ready);
+        status.source_failed("etcd: connection refused".into());
+        let (code, body) = readyz().await;
+        assert_eq!(code, 200, "the datapath works on: {body}");
+        assert!(
+            body.starts_with("ready, degraded: the node source is failing")
+                && body.ends_with(": etcd: connection refused\n"),
+            "{body}"
+        );
+        status.source_synced();
+        assert_eq!(readyz().await, ready);
         assert_eq!(get(addr, "/nope").await.code, 404);
     });
 }
@@ -290,6 +300,7 @@ fn metrics_report_packets_maps_and_the_agent() {
         expect("overlay_datapath_up", &[], 1.0);
         expect("overlay_ready", &[], 1.0);
         expect("overlay_node_source_synced", &[], 1.0);
+        expect("overlay_node_source_failing", &[], 1.0);
         expect("overlay_node_source_errors_total", &[], 1.0);
         expect("overlay_nodes", &[], 5.0);
         expect("overlay_remote_subnets", &[], 4.0);

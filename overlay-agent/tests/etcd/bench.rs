@@ -20,12 +20,9 @@
 //! `OVERLAY_BENCH_LOG=1` shows the agent's log.
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::Ipv4Addr,
-    os::unix::process::CommandExt as _,
     path::Path,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -33,14 +30,12 @@ use etcd_client::{Client, PutOptions};
 use futures::future::join_all;
 use ipnet::Ipv4Net;
 use overlay_agent::nodes::etcd::{EtcdSource, LEASE_TTL, LeaseAttrs};
-use serde_json::Value;
-
 use super::{
     server::Etcd,
     source::{Node, PREFIX, address, configure, key},
 };
+use crate::agent::{AGENT, Agent, ip, overlay_routes, proc_kib};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_overlay-agent");
 const LEASES: u32 = 1000;
 const PUTS: u32 = 100;
 /// The agent's address on its uplink; the peers' follow it.
@@ -86,14 +81,6 @@ async fn put_lease(mut client: Client, i: u32) -> Instant {
     sent
 }
 
-fn ip(args: &str) {
-    let status = Command::new("ip")
-        .args(args.split_whitespace())
-        .status()
-        .unwrap();
-    assert!(status.success(), "ip {args}");
-}
-
 /// Median and 90th percentile, in ms.
 fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
     samples.sort();
@@ -122,10 +109,10 @@ async fn run(etcd: &Etcd) {
     let dir = tempfile::tempdir().unwrap();
 
     // The agent without peers.
-    let mut agent = Agent::spawn(dir.path(), "empty", EMPTY_PREFIX);
+    let mut agent = spawn(dir.path(), "empty", EMPTY_PREFIX);
     agent.wait_for("subnet.env", |l| l.message() == "subnet.env written");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_empty = agent.rss_kib();
+    let rss_empty = rss_kib(&agent);
     drop(agent);
 
     let written = Instant::now();
@@ -174,27 +161,27 @@ async fn run(etcd: &Etcd) {
     client.delete(key(own), None).await.unwrap();
 
     // The agent: start to maps and routes with every peer, then new leases.
-    let mut agent = Agent::spawn(dir.path(), "full", PREFIX);
+    let mut agent = spawn(dir.path(), "full", PREFIX);
     let spawned = Instant::now();
     let loaded = agent.wait_for("the datapath", |l| l.message() == "datapath loaded");
-    let converged = agent.wait_for("every peer", |l| l.converged() == Some(LEASES));
-    let rss_full = agent.rss_kib();
+    let converged = agent.wait_for("every peer", |l| l.converged() == Some(LEASES.into()));
+    let rss_full = rss_kib(&agent);
     let routes = overlay_routes();
     assert_eq!(routes, LEASES as usize, "overlay routes installed");
-    let inspected = agent.inspect_nodes(dir.path());
+    let inspected = inspect_nodes(&agent, dir.path());
     assert_eq!(inspected, LEASES as usize, "ROUTES entries");
     let (mut agent_puts, mut passes) = (Vec::new(), Vec::new());
     for (n, i) in (LEASES..LEASES + PUTS).enumerate() {
         let put = put_lease(client.clone(), i).await;
         let seen = agent.wait_for("the new lease", |l| {
-            l.converged() == Some(LEASES + 1 + n as u32)
+            l.converged() == Some(u64::from(LEASES) + 1 + n as u64)
         });
         agent_puts.push(seen.at - put);
         passes.push(Duration::from_millis(
             seen.json["fields"]["took_ms"].as_u64().unwrap(),
         ));
     }
-    let rss_after = agent.rss_kib();
+    let rss_after = rss_kib(&agent);
     drop(agent);
 
     let (source_median, source_p90) = percentiles(source_puts);
@@ -232,142 +219,41 @@ async fn run(etcd: &Etcd) {
     );
 }
 
-fn overlay_routes() -> usize {
-    let out = Command::new("ip")
-        .args(["route", "show", "proto", "191"])
+/// The agent of node `name` (its bpffs and subnet.env under `dir/name`) on `prefix`.
+fn spawn(dir: &Path, name: &str, prefix: &str) -> Agent {
+    let own = dir.join(name);
+    std::fs::create_dir_all(&own).unwrap();
+    let mut command = Command::new(AGENT);
+    command
+        .args(["--log-format", "json", "run", "--node-name", name])
+        .args(["--etcd-endpoints", "http://127.0.0.1:2379"])
+        .args(["--etcd-prefix", prefix])
+        .args(["--iface", "ovb0", "--bridge", "ovbr0", "--http-addr", "off"])
+        .arg("--subnet-file")
+        .arg(own.join("subnet.env"))
+        .arg("--bpffs")
+        .arg(own.join("bpffs"));
+    Agent::spawn(command)
+}
+
+/// VmRSS, in KiB.
+fn rss_kib(agent: &Agent) -> u64 {
+    proc_kib(&format!("/proc/{}/status", agent.pid()), "VmRSS:")
+}
+
+/// The remote entries `overlay-agent nodes` reads from the pinned maps.
+fn inspect_nodes(agent: &Agent, dir: &Path) -> usize {
+    let out = Command::new("nsenter")
+        .args(["--target", &agent.pid().to_string(), "--mount", "--"])
+        .args([AGENT, "nodes", "--bpffs"])
+        .arg(dir.join("full").join("bpffs"))
         .output()
         .unwrap();
-    String::from_utf8(out.stdout).unwrap().lines().count()
-}
-
-/// One JSON log line of the agent, with when it arrived.
-struct Line {
-    at: Instant,
-    json: Value,
-}
-
-impl Line {
-    fn message(&self) -> &str {
-        self.json["fields"]["message"].as_str().unwrap_or("")
-    }
-
-    /// The remote subnets of a "converged" line.
-    fn converged(&self) -> Option<u32> {
-        (self.message() == "converged")
-            .then(|| self.json["fields"]["remote_subnets"].as_u64())
-            .flatten()
-            .map(|n| n as u32)
-    }
-}
-
-/// The agent binary in this thread's network namespace and a mount namespace of its
-/// own (its bpffs mount stays there); stopped on drop.
-struct Agent {
-    child: Child,
-    lines: mpsc::Receiver<Line>,
-}
-
-impl Agent {
-    /// Runs node `name` (its bpffs and subnet.env under `dir/name`) on `prefix`.
-    fn spawn(dir: &Path, name: &str, prefix: &str) -> Self {
-        let own = dir.join(name);
-        std::fs::create_dir_all(&own).unwrap();
-        let mut command = Command::new(AGENT);
-        command
-            .args(["--log-format", "json", "run", "--node-name", name])
-            .args(["--etcd-endpoints", "http://127.0.0.1:2379"])
-            .args(["--etcd-prefix", prefix])
-            .args(["--iface", "ovb0", "--bridge", "ovbr0", "--http-addr", "off"])
-            .arg("--subnet-file")
-            .arg(own.join("subnet.env"))
-            .arg("--bpffs")
-            .arg(own.join("bpffs"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: async-signal-safe syscalls only, between fork and exec.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::unshare(libc::CLONE_NEWNS) != 0
-                    || libc::mount(
-                        std::ptr::null(),
-                        c"/".as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_REC | libc::MS_PRIVATE,
-                        std::ptr::null(),
-                    ) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        let echo = std::env::var_os("OVERLAY_BENCH_LOG").is_some();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                if echo {
-                    eprintln!("agent: {line}");
-                }
-                let at = Instant::now();
-                let json = serde_json::from_str(&line).unwrap_or(Value::String(line));
-                if tx.send(Line { at, json }).is_err() {
-                    return;
-                }
-            }
-        });
-        Self { child, lines }
-    }
-
-    fn wait_for(&mut self, what: &str, pred: impl Fn(&Line) -> bool) -> Line {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if pred(&line) => return line,
-                Ok(line) if line.json["level"] == "ERROR" => panic!("agent: {}", line.json),
-                Ok(_) => {}
-                Err(e) => panic!("waiting for {what}: {e}"),
-            }
-        }
-    }
-
-    /// VmRSS, in KiB.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            .expect("VmRSS")
-    }
-
-    /// The remote entries `overlay-agent nodes` reads from the pinned maps.
-    fn inspect_nodes(&self, dir: &Path) -> usize {
-        let out = Command::new("nsenter")
-            .args(["--target", &self.child.id().to_string(), "--mount", "--"])
-            .args([AGENT, "nodes", "--bpffs"])
-            .arg(dir.join("full").join("bpffs"))
-            .output()
-            .unwrap();
-        let text = String::from_utf8(out.stdout).unwrap();
-        assert!(
-            text.starts_with("this node: tunnel address 172.20.0.1"),
-            "{text}"
-        );
-        // A header line for this node and one for the table.
-        text.lines().count() - 2
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("this node: tunnel address 172.20.0.1"),
+        "{text}"
+    );
+    // A header line for this node and one for the table.
+    text.lines().count() - 2
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use overlay_agent::nodes::etcd::EtcdSource;
+use overlay_agent::nodes::etcd::{EtcdOptions, EtcdSource};
 
 use super::{
     server::Etcd,
@@ -55,11 +55,10 @@ fn username_and_password() {
             Duration::from_secs(3),
             EtcdSource::open(&wrong, "w2", address("192.0.2.2")),
         )
-        .await;
-        assert!(
-            refused.is_err(),
-            "a wrong password never gets the configuration"
-        );
+        .await
+        .expect("a clear error, not retries");
+        let error = format!("{:#}", refused.err().expect("a wrong password is refused"));
+        assert!(error.contains("refuses --etcd-username"), "{error}");
         let anonymous = tokio::time::timeout(
             Duration::from_secs(3),
             EtcdSource::open(&opts, "w2", address("192.0.2.2")),
@@ -67,4 +66,42 @@ fn username_and_password() {
         .await;
         assert!(!matches!(anonymous, Ok(Ok(_))), "no user, no configuration");
     });
+}
+
+/// What etcd can never accept stops the agent at start with the setting named:
+/// a file without a certificate, a CA that does not vouch for etcd's certificate.
+#[test]
+fn bad_certificates_are_clear_errors() {
+    let etcd = Etcd::start_tls();
+    let other = Etcd::start_tls();
+    let open = |opts: EtcdOptions| {
+        etcd.run(|| async {
+            let opened = tokio::time::timeout(
+                Duration::from_secs(10),
+                EtcdSource::open(&opts, "w1", address("192.0.2.1")),
+            )
+            .await
+            .expect("a clear error, not retries");
+            format!("{:#}", opened.err().expect("refused"))
+        })
+    };
+
+    let mut garbage = etcd.options();
+    let not_pem = etcd.dir().join("not-a-certificate.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    garbage.certfile = Some(not_pem.clone());
+    let error = open(garbage);
+    assert!(
+        error.contains("unusable") && error.contains(&not_pem.display().to_string()),
+        "{error}"
+    );
+
+    let mut untrusted = etcd.options();
+    let other_ca = other.certs.as_ref().unwrap().ca.clone();
+    untrusted.cafile = Some(other_ca.clone());
+    let error = open(untrusted);
+    assert!(
+        error.contains("vouches for") && error.contains(&other_ca.display().to_string()),
+        "{error}"
+    );
 }

@@ -260,6 +260,11 @@ impl Etcd {
         }
     }
 
+    /// The directory of this etcd's data and certificates.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// A client with the agent's settings.
     pub async fn client(&self) -> Client {
         self.options().connect().await.unwrap()

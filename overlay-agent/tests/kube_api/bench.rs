@@ -15,19 +15,14 @@
 //! own, so its bpffs mount never shows outside.
 
 use std::{
-    io::{BufRead as _, BufReader},
-    os::unix::process::CommandExt as _,
     path::Path,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
-
 use super::{fake::FakeApi, nodes};
+use crate::agent::{AGENT, Agent, ip, overlay_routes, proc_kib};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_overlay-agent");
 const UPLINK: &str = "ovb0";
 const SELF_ADDRESS: u32 = u32::from_be_bytes([172, 20, 0, 1]);
 
@@ -61,64 +56,12 @@ fn bench_5000_nodes() {
     .unwrap();
 }
 
-fn ip(args: &str) {
-    let status = Command::new("ip")
-        .args(args.split_whitespace())
-        .status()
-        .unwrap();
-    assert!(status.success(), "ip {args}");
-}
-
 fn address(i: u32) -> String {
     std::net::Ipv4Addr::from(SELF_ADDRESS + i).to_string()
 }
 
 fn name(i: u32) -> String {
     format!("node-{i:05}")
-}
-
-/// One JSON log line of the agent, with when it arrived.
-struct Line {
-    at: Instant,
-    json: Value,
-}
-
-impl Line {
-    fn message(&self) -> &str {
-        self.json["fields"]["message"].as_str().unwrap_or("")
-    }
-}
-
-struct Agent {
-    child: Child,
-    lines: mpsc::Receiver<Line>,
-}
-
-impl Agent {
-    fn wait_for(&mut self, what: &str, pred: impl Fn(&Line) -> bool) -> Line {
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if pred(&line) => return line,
-                Ok(line) if line.json["level"] == "ERROR" => panic!("agent: {}", line.json),
-                Ok(_) => {}
-                Err(e) => panic!("waiting for {what}: {e}"),
-            }
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
 }
 
 fn spawn_agent(dir: &Path, url: &str) -> Agent {
@@ -154,55 +97,8 @@ fn spawn_agent(dir: &Path, url: &str) -> Agent {
         .arg("--subnet-file")
         .arg(dir.join("subnet.env"))
         .arg("--bpffs")
-        .arg(dir.join("bpffs"))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // SAFETY: async-signal-safe syscalls only, between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::unshare(libc::CLONE_NEWNS) != 0
-                || libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = command.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    let echo = std::env::var_os("OVERLAY_BENCH_LOG").is_some();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { return };
-            if echo {
-                eprintln!("agent: {line}");
-            }
-            let at = Instant::now();
-            let json = serde_json::from_str(&line).unwrap_or(Value::String(line));
-            if tx.send(Line { at, json }).is_err() {
-                return;
-            }
-        }
-    });
-    Agent { child, lines }
-}
-
-/// A `Name:   123 kB` field of a /proc file, in KiB.
-fn proc_kib(path: &str, name: &str) -> u64 {
-    let text = std::fs::read_to_string(path).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {path}"))
+        .arg(dir.join("bpffs"));
+    Agent::spawn(command)
 }
 
 /// The agent's memory, in KiB.
@@ -251,14 +147,6 @@ fn cpu(pid: u32) -> Duration {
     Duration::from_secs_f64(ticks as f64 / hz as f64)
 }
 
-fn overlay_routes() -> usize {
-    let out = Command::new("ip")
-        .args(["route", "show", "proto", "191"])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap().lines().count()
-}
-
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -298,7 +186,7 @@ async fn run(count: u32, idle: Duration) {
     let listed = agent.wait_for("the node list", |l| l.message() == "node list complete");
     let remote = u64::from(count - 1);
     let converged = agent.wait_for("convergence", |l| {
-        l.message() == "converged" && l.json["fields"]["remote_subnets"].as_u64() == Some(remote)
+        l.converged() == Some(remote)
     });
     let pass_ms = converged.json["fields"]["took_ms"].as_u64().unwrap();
     let converged_memory = memory(agent.pid());
