@@ -3,7 +3,10 @@
 //! Debian's LLVM (the pins below say why each version), and
 //! kubernetes-validate for the deploy manifests.
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -81,7 +84,9 @@ const BENCH_PACKAGES: &[&str] = &["fonts-dejavu-core"];
 
 /// Makes sure everything is installed; does nothing when it already is.
 pub fn ensure() -> Result<()> {
-    ensure_packages(PACKAGES)?;
+    if ensure_packages(PACKAGES)?.contains(&"etcd-server") {
+        stop_packaged_etcd()?;
+    }
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     kubernetes_validate().map(drop)
@@ -139,7 +144,8 @@ pub fn ensure_vm() -> Result<PathBuf> {
     venv_tool("virtme-ng", VIRTME_NG_VERSION, "vng")
 }
 
-fn ensure_packages(packages: &[&str]) -> Result<()> {
+/// Installs the packages that are missing; returns them.
+fn ensure_packages<'a>(packages: &[&'a str]) -> Result<Vec<&'a str>> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
@@ -149,14 +155,29 @@ fn ensure_packages(packages: &[&str]) -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        return Ok(());
+        return Ok(missing);
     }
     eprintln!("installing Debian packages: {}", missing.join(" "));
     run(privileged("apt-get")?.args(["update", "-qq"]))?;
     run(privileged("apt-get")?
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(missing)
+}
+
+/// Debian's etcd-server enables and starts an etcd of the machine's own (on its
+/// 127.0.0.1:2379, data in /var/lib/etcd) wherever the init system lets it. Nothing
+/// here uses it: the tests and the lab start their own etcd inside their namespaces.
+/// So the service a fresh install brought is stopped and disabled again.
+fn stop_packaged_etcd() -> Result<()> {
+    if Path::new("/run/systemd/system").is_dir() {
+        return run(privileged("systemctl")?.args(["disable", "--now", "etcd.service"]));
+    }
+    // Without systemd, invoke-rc.d started it only if policy-rc.d allowed it (a
+    // container's usually does not); stopping what did not start is no error.
+    let _ = privileged("invoke-rc.d")?.args(["etcd", "stop"]).status();
+    run(privileged("update-rc.d")?.args(["etcd", "disable"]))
 }
 
 fn ensure_rust_src() -> Result<()> {
