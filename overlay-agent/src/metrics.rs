@@ -155,6 +155,14 @@ const SOURCE_ERRORS: Family = Family::counter(
     "node_source_errors",
     "Errors of the node source (API or file errors)",
 );
+const LEASES_LOST: Family = Family::counter(
+    "subnet_leases_lost",
+    "Times this node's subnet lease was deleted or taken over and leased again (etcd)",
+);
+const SUBNET_CHANGES: Family = Family::counter(
+    "subnet_changes",
+    "Times leasing again gave this node another subnet (etcd): pods of the old one lost their routes",
+);
 const NODES: Family = Family::gauge("nodes", "Nodes in the node set of the last reconcile pass");
 const REMOTE_SUBNETS: Family = Family::gauge(
     "remote_subnets",
@@ -252,6 +260,9 @@ impl Exporter {
         SOURCE_SYNCED.gauge_value(enc, source.synced.into())?;
         SOURCE_FAILING.gauge_value(enc, source.error.is_some().into())?;
         SOURCE_ERRORS.counter_value(enc, source.errors_total)?;
+        let leases = s.leases();
+        LEASES_LOST.counter_value(enc, leases.lost)?;
+        SUBNET_CHANGES.counter_value(enc, leases.subnet_changes)?;
         if let Some(c) = s.convergence() {
             NODES.gauge_value(enc, count(c.nodes))?;
             REMOTE_SUBNETS.gauge_value(enc, count(c.remote_subnets))?;

@@ -96,6 +96,16 @@ pub struct Status {
     /// The uplink the agent selected (empty until it has).
     uplink: Mutex<String>,
     fast_path: Mutex<FastPathReport>,
+    leases: Mutex<LeaseTotals>,
+}
+
+/// This node's subnet lease (etcd source): lost while running, and changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseTotals {
+    /// The lease was deleted or taken over, and leased again.
+    pub lost: u64,
+    /// Leasing again gave another subnet.
+    pub subnet_changes: u64,
 }
 
 impl Default for Status {
@@ -111,6 +121,7 @@ impl Default for Status {
             annotations: Mutex::default(),
             uplink: Mutex::default(),
             fast_path: Mutex::default(),
+            leases: Mutex::default(),
         }
     }
 }
@@ -122,6 +133,17 @@ impl Status {
 
     pub fn source_failed(&self, error: String) {
         self.source.lock().unwrap().failed(error);
+    }
+
+    /// This node's lease was lost and leased again, on `changed` another subnet.
+    pub fn lease_lost(&self, changed: bool) {
+        let mut l = self.leases.lock().unwrap();
+        l.lost += 1;
+        l.subnet_changes += u64::from(changed);
+    }
+
+    pub fn leases(&self) -> LeaseTotals {
+        *self.leases.lock().unwrap()
     }
 
     pub fn set_uplink(&self, name: &str) {
@@ -285,7 +307,11 @@ mod tests {
         // A failing source keeps the datapath: ready, and degraded for the reason.
         s.source_failed("watch: connection refused".into());
         assert!(s.ready().is_ok());
-        assert!(s.degraded().unwrap().ends_with(": watch: connection refused"));
+        assert!(
+            s.degraded()
+                .unwrap()
+                .ends_with(": watch: connection refused")
+        );
         assert_eq!(s.source().errors_total, 1);
         s.source_synced();
         assert_eq!(s.degraded(), None);

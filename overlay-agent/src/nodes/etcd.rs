@@ -796,7 +796,9 @@ impl EtcdSource {
             };
             if lost {
                 warn!(subnet = %current.subnet, "this node's lease was deleted or taken over; leasing again");
-                current = self.lease(Some(current.subnet)).await?;
+                let had = current.subnet;
+                current = self.lease(Some(had)).await?;
+                status.lease_lost(current.subnet != had);
             }
         }
     }
@@ -1063,7 +1065,10 @@ mod tests {
         let e = |o: EtcdOptions| format!("{:#}", o.connect_options().expect_err("refused"));
         assert!(e(opts(Some("/c"), None, None, None)).contains("go together"));
         assert!(e(opts(Some("/nonexistent/c"), Some("/k"), None, None)).contains("/nonexistent/c"));
-        let user = |o: EtcdOptions| o.user().map(|u| u.map(|(u, p)| (u.to_owned(), p.to_owned())));
+        let user = |o: EtcdOptions| {
+            o.user()
+                .map(|u| u.map(|(u, p)| (u.to_owned(), p.to_owned())))
+        };
         assert!(
             format!("{:#}", user(opts(None, None, None, Some("p"))).unwrap_err())
                 .contains("needs --etcd-username")

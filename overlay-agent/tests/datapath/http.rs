@@ -232,6 +232,8 @@ fn metrics_report_packets_maps_and_the_agent() {
         status.converged(pass(false));
         status.converged(pass(true));
         status.source_failed("watch: connection refused".into());
+        status.lease_lost(false);
+        status.lease_lost(true);
         for (expired, orphans, remaining) in [(2, 1, 6), (1, 0, 4)] {
             status.swept(Collected {
                 expired,
@@ -301,6 +303,8 @@ fn metrics_report_packets_maps_and_the_agent() {
         expect("overlay_ready", &[], 1.0);
         expect("overlay_node_source_synced", &[], 1.0);
         expect("overlay_node_source_failing", &[], 1.0);
+        expect("overlay_subnet_leases_lost_total", &[], 2.0);
+        expect("overlay_subnet_changes_total", &[], 1.0);
         expect("overlay_node_source_errors_total", &[], 1.0);
         expect("overlay_nodes", &[], 5.0);
         expect("overlay_remote_subnets", &[], 4.0);

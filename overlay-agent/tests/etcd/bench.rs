@@ -30,6 +30,7 @@ use etcd_client::{Client, PutOptions};
 use futures::future::join_all;
 use ipnet::Ipv4Net;
 use overlay_agent::nodes::etcd::{EtcdSource, LEASE_TTL, LeaseAttrs};
+
 use super::{
     server::Etcd,
     source::{Node, PREFIX, address, configure, key},

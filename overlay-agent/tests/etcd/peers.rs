@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use overlay_agent::nodes::etcd::subnet_key;
+use overlay_agent::{nodes::etcd::subnet_key, status::LeaseTotals};
 
 use super::{
     server::Etcd,
@@ -78,12 +78,22 @@ fn a_node_leases_again_when_its_key_is_deleted_or_taken() {
         let (attrs, _) = again.expect("w1 leased its subnet again");
         assert_eq!(attrs.public_ip, ip("192.0.2.1"));
         assert_eq!(w1.subnet(), Some(s1));
+        w1.eventually("the loss counted", |n| n.status.leases().lost == 1)
+            .await;
+        assert_eq!(w1.status.leases().subnet_changes, 0, "the same subnet");
         // Taken over by an operator's reservation for another node: another subnet,
         // which the node set carries (and with it subnet.env).
         reserve(&mut client, &s1.to_string(), "192.0.2.77").await;
         w1.eventually("a new subnet", |n| n.subnet().is_some_and(|s| s != s1))
             .await;
         let s1b = w1.subnet().unwrap();
+        assert_eq!(
+            w1.status.leases(),
+            LeaseTotals {
+                lost: 2,
+                subnet_changes: 1
+            }
+        );
         assert_eq!(
             lease_at(&mut client, s1b).await.unwrap().0.public_ip,
             ip("192.0.2.1")
