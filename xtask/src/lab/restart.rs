@@ -480,7 +480,9 @@ fn etcd_outage(lab: &LabState) -> Result<String> {
     let synced = errors()?;
     etcd::delete_peer(lab, probe)?;
     // Ready again only with exactly the lab's peers: the deletion reached every agent.
-    agents::wait_ready(lab, true)?;
+    agents::wait_ready(lab, true).with_context(|| {
+        format!("every agent to drop {probe}, deleted from etcd after its restart")
+    })?;
     let after = errors()?;
     ensure!(
         after == synced,
