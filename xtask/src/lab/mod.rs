@@ -114,7 +114,8 @@ struct Checks {
     masquerade: bool,
     /// Also prove that restarts and upgrades lose nothing: numbered traffic through w1
     /// while its agent is killed, restarted and replaced by another build (the other
-    /// build profile, built first) and by a build with another map layout.
+    /// build profile, built first) and by a build with another map layout; with
+    /// `--etcd`, also while etcd is killed and restarted.
     #[arg(long)]
     restart: bool,
     /// Run only the Kubernetes section (kube-proxy's rules in each mode, Services,
