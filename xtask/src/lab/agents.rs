@@ -578,8 +578,8 @@ pub fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> {
     if !subnet_file(lab, node).exists() {
         missing.push("subnet.env".to_owned());
     }
-    match inspect(lab, node, "nodes") {
-        Ok(text) if subnets(&text) == remote => {}
+    match remote_subnets(lab, node) {
+        Ok(subnets) if subnets == remote => {}
         Ok(_) => missing.push("remote subnets in its maps".to_owned()),
         Err(_) => missing.push("pinned maps".to_owned()),
     }
@@ -602,6 +602,11 @@ pub fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> {
     missing
 }
 
+/// The remote subnets in `node`'s maps (`overlay-agent nodes`).
+pub fn remote_subnets(lab: &LabState, node: &Node) -> Result<BTreeSet<Ipv4Net>> {
+    Ok(subnets(&inspect(lab, node, "nodes")?))
+}
+
 /// The subnets in the table of `overlay-agent nodes`.
 fn subnets(nodes_output: &str) -> BTreeSet<Ipv4Net> {
     nodes_output
@@ -615,16 +620,50 @@ const AGENT_HTTP: &str = "127.0.0.1:9101";
 
 /// Whether the agent in `ns` answers 200 on /readyz.
 fn answers_ready(ns: &str) -> bool {
-    netns::enter(ns, || {
-        let timeout = Duration::from_millis(500);
+    get(ns, "/readyz").is_ok_and(|(code, _)| code == 200)
+}
+
+/// How often `node`'s agent failed to follow its node source
+/// (`overlay_node_source_errors_total` in its /metrics).
+pub fn source_errors(lab: &LabState, node: &Node) -> Result<u64> {
+    const NAME: &str = "overlay_node_source_errors_total";
+    let (code, body) = get(&lab.netns(&node.name), "/metrics")
+        .with_context(|| format!("scraping the agent of {}", node.name))?;
+    if code != 200 {
+        bail!(
+            "the agent of {} answered {code} on /metrics: {body}",
+            node.name
+        );
+    }
+    metric(&body, NAME)
+        .with_context(|| format!("the /metrics of {}'s agent have no {NAME}", node.name))
+}
+
+/// The value of the series `name` without labels in an OpenMetrics text.
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `GET <path>` from the agent's HTTP server in `ns`: the status code and the body.
+fn get(ns: &str, path: &str) -> Result<(u16, String)> {
+    let answer = netns::enter(ns, || {
+        // A scrape reads the pinned maps: more than /readyz's instant.
+        let timeout = Duration::from_secs(2);
         let mut conn = TcpStream::connect_timeout(&AGENT_HTTP.parse()?, timeout)?;
         conn.set_read_timeout(Some(timeout))?;
-        conn.write_all(b"GET /readyz HTTP/1.0\r\n\r\n")?;
+        conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
         let mut answer = String::new();
         conn.read_to_string(&mut answer)?;
-        Ok(answer.split_whitespace().nth(1) == Some("200"))
-    })
-    .unwrap_or(false)
+        Ok(answer)
+    })?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("GET {path} in {ns} answered no status: {head}"))?;
+    Ok((code, body.to_owned()))
 }
 
 /// `overlay-agent cleanup` in `node`'s namespace: programs, pins, routes, subnet.env.
@@ -797,6 +836,14 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn a_counter_from_the_metrics() {
+        let text = "# TYPE overlay_node_source_errors counter\n# HELP overlay_node_source_errors Errors\noverlay_node_source_errors_total 3\noverlay_node_source_errors_total_x 9\noverlay_datapath_packets_total{hook=\"x\"} 5\n# EOF\n";
+        assert_eq!(metric(text, "overlay_node_source_errors_total"), Some(3));
+        assert_eq!(metric(text, "overlay_datapath_packets_total"), None);
+        assert_eq!(metric(text, "overlay_ready"), None);
     }
 
     #[test]

@@ -110,11 +110,34 @@ pub fn start(lab: &LabState) -> Result<()> {
         etcd.address,
         files.dir.display()
     );
+    let cmd = command(lab)?;
+    show(&etcd.name, &cmd);
+    launch(lab, cmd)?;
+    let vars: Vec<String> = etcdctl_env(etcd, &files)
+        .iter()
+        .map(|(k, v)| format!("{k}={}", quote(v)))
+        .collect();
+    println!("[{}]$ export {}", etcd.name, vars.join(" "));
+    let mut conf = lab.topology.net_conf();
+    conf["SubnetLen"] = SUBNET_LEN.into();
+    let put = ["put", &format!("{PREFIX}/config"), &conf.to_string()];
+    show_etcdctl(lab, &put)?;
+    print_indented(&netns::run(&mut etcdctl(lab, &put)?)?);
+    Ok(())
+}
+
+/// Starts the lab's etcd again after [`kill`], on the same data directory: as a
+/// restarted member, it comes back with its keys and leases.
+pub fn restart(lab: &LabState) -> Result<()> {
+    launch(lab, command(lab)?)
+}
+
+/// etcd as the lab runs it: a single member in the etcd host's namespace, its data
+/// in the lab's directory, clients over TLS with certificates.
+fn command(lab: &LabState) -> Result<Command> {
+    let etcd = host(lab)?;
+    let files = Files::of(lab);
     let url = endpoint(etcd);
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(files.path("etcd.log"))?;
     let mut cmd = netns::command(&lab.netns(&etcd.name), "/usr/bin/etcd");
     cmd.args(["--name", &etcd.name, "--data-dir"])
         .arg(files.data())
@@ -136,7 +159,16 @@ pub fn start(lab: &LabState) -> Result<()> {
         .arg("--trusted-ca-file")
         .arg(files.path("ca.pem"))
         .arg("--client-cert-auth");
-    show(&etcd.name, &cmd);
+    Ok(cmd)
+}
+
+/// Runs etcd's `cmd`, logging to `etcd.log`, and waits until it answers.
+fn launch(lab: &LabState, mut cmd: Command) -> Result<()> {
+    let files = Files::of(lab);
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(files.path("etcd.log"))?;
     // Left unwaited, like the agents: it outlives `lab up`, and the teardown stops it.
     let mut child = cmd
         .stdin(Stdio::null())
@@ -175,18 +207,7 @@ pub fn start(lab: &LabState) -> Result<()> {
                 Err(e) => Wait::Pending(format!("{e:#}")),
             },
         )
-    })?;
-    let vars: Vec<String> = etcdctl_env(etcd, &files)
-        .iter()
-        .map(|(k, v)| format!("{k}={}", quote(v)))
-        .collect();
-    println!("[{}]$ export {}", etcd.name, vars.join(" "));
-    let mut conf = lab.topology.net_conf();
-    conf["SubnetLen"] = SUBNET_LEN.into();
-    let put = ["put", &format!("{PREFIX}/config"), &conf.to_string()];
-    show_etcdctl(lab, &put)?;
-    print_indented(&netns::run(&mut etcdctl(lab, &put)?)?);
-    Ok(())
+    })
 }
 
 /// `etcdctl <args>` in the etcd host's namespace, with the client certificate.
@@ -266,6 +287,40 @@ pub fn check_leases(lab: &LabState, written: &BTreeMap<String, Ipv4Net>) -> Resu
     Ok(())
 }
 
+/// A subnet's key (flannel's `MakeSubnetKey`: `<prefix>/subnets/10.244.1.0-24`).
+fn subnet_key(subnet: Ipv4Net) -> String {
+    format!(
+        "{PREFIX}/subnets/{}-{}",
+        subnet.network(),
+        subnet.prefix_len()
+    )
+}
+
+/// flannel's lease value for an ipip node at `public_ip`.
+fn lease_value(public_ip: Ipv4Addr) -> String {
+    serde_json::json!({"PublicIP": public_ip, "BackendType": "ipip"}).to_string()
+}
+
+/// Puts `subnet` for a node at `public_ip` as an operator's reservation (a key
+/// without an etcd lease, `Documentation/reservations.md`): every agent takes it for
+/// a peer.
+pub fn put_peer(lab: &LabState, subnet: Ipv4Net, public_ip: Ipv4Addr) -> Result<()> {
+    let put = ["put", &subnet_key(subnet), &lease_value(public_ip)];
+    netns::run(&mut etcdctl(lab, &put)?).map(drop)
+}
+
+/// Deletes the key of `subnet` (what every agent sees of an expired lease too).
+pub fn delete_peer(lab: &LabState, subnet: Ipv4Net) -> Result<()> {
+    let deleted = netns::run(&mut etcdctl(lab, &["del", &subnet_key(subnet)])?)?;
+    ensure!(
+        deleted.trim() == "1",
+        "etcdctl del {} deleted {} keys, not one",
+        subnet_key(subnet),
+        deleted.trim()
+    );
+    Ok(())
+}
+
 /// A lease's value (flannel's `LeaseAttrs`): only what the lab checks.
 #[derive(Deserialize)]
 struct LeaseAttrs {
@@ -322,6 +377,21 @@ fn is_etcd_of(data: &Path, cmdline: &[u8]) -> bool {
 
 /// Stops the lab's etcd, if it runs; returns whether it did.
 pub fn stop(lab: &LabState) -> Result<bool> {
+    signal(lab, Signal::SIGTERM)
+}
+
+/// Kills the lab's etcd with SIGKILL, as a crash or the OOM killer would, and waits
+/// until it is gone.
+pub fn kill(lab: &LabState) -> Result<()> {
+    ensure!(
+        signal(lab, Signal::SIGKILL)?,
+        "the lab's etcd is not running"
+    );
+    Ok(())
+}
+
+/// Sends `signal` to the lab's etcd and waits until it exits; returns whether it ran.
+fn signal(lab: &LabState, signal: Signal) -> Result<bool> {
     let data = Files::of(lab).data();
     let pids: Vec<(u32, String)> = running(lab)?
         .into_iter()
@@ -333,7 +403,7 @@ pub fn stop(lab: &LabState) -> Result<bool> {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|cmdline| is_etcd_of(&data, &cmdline))
         },
-        Signal::SIGTERM,
+        signal,
     )?;
     Ok(!pids.is_empty())
 }
@@ -466,6 +536,18 @@ mod tests {
         assert!(e.to_string().contains("names no subnet"), "{e}");
         let e = leases("/coreos.com/network/subnets/10.244.1.0-24\n{}\n").unwrap_err();
         assert!(format!("{e:#}").contains("holds {}"), "{e:#}");
+    }
+
+    #[test]
+    fn a_peer_put_reads_back_as_a_lease() {
+        let subnet: Ipv4Net = "10.244.255.0/24".parse().unwrap();
+        let ip: Ipv4Addr = [172, 18, 0, 250].into();
+        assert_eq!(
+            subnet_key(subnet),
+            "/coreos.com/network/subnets/10.244.255.0-24"
+        );
+        let listing = format!("{}\n{}\n", subnet_key(subnet), lease_value(ip));
+        assert_eq!(leases(&listing).unwrap(), BTreeMap::from([(subnet, ip)]));
     }
 
     #[test]

@@ -114,7 +114,8 @@ struct Checks {
     masquerade: bool,
     /// Also prove that restarts and upgrades lose nothing: numbered traffic through w1
     /// while its agent is killed, restarted and replaced by another build (the other
-    /// build profile, built first) and by a build with another map layout.
+    /// build profile, built first) and by a build with another map layout; with
+    /// `--etcd`, also while etcd is killed and restarted.
     #[arg(long)]
     restart: bool,
     /// Run only the Kubernetes section (kube-proxy's rules in each mode, Services,
@@ -210,8 +211,8 @@ struct Report {
     masquerade: masquerade::Proof,
     /// None when the controls did not run.
     controls: Option<bool>,
-    /// What the restart proof found lost; None when it did not run.
-    restart: Option<Vec<String>>,
+    /// The restart proof's events and what it found lost; None when it did not run.
+    restart: Option<(Vec<String>, Vec<String>)>,
     /// The Kubernetes section's kube-proxy modes and what it found wrong; None when it
     /// did not run.
     kubernetes: Option<(Vec<kube_proxy::Mode>, Vec<String>)>,
@@ -223,7 +224,7 @@ impl Report {
             && self.wire.is_empty()
             && self.masquerade.failures.is_empty()
             && self.controls != Some(false)
-            && self.restart.as_ref().is_none_or(Vec::is_empty)
+            && self.restart.as_ref().is_none_or(|(_, r)| r.is_empty())
             && self.kubernetes.as_ref().is_none_or(|(_, f)| f.is_empty())
     }
 
@@ -248,7 +249,7 @@ impl Report {
         if self.controls == Some(false) {
             failed.push("the negative controls".to_owned());
         }
-        if self.restart.as_ref().is_some_and(|r| !r.is_empty()) {
+        if self.restart.as_ref().is_some_and(|(_, r)| !r.is_empty()) {
             failed.push("the restart proof".to_owned());
         }
         if let Some((_, k)) = self.kubernetes.as_ref().filter(|(_, k)| !k.is_empty()) {
@@ -389,7 +390,7 @@ fn check(lab: &LabState, checks: Checks) -> Result<Report> {
         let other = agents::build(!release)?;
         let proof = restart::run(lab, &other)?;
         print!("{}", restart::render(&proof));
-        Some(proof.failures)
+        Some((proof.events(), proof.failures))
     } else {
         None
     };

@@ -1,6 +1,9 @@
 //! Restarts and upgrades lose nothing: numbered datagrams flow through one node while
 //! its agent is killed and restarted, stopped and restarted, replaced by another build,
-//! and replaced by a build with another map layout; receivers count what arrived.
+//! and replaced by a build with another map layout; receivers count what arrived. On
+//! etcd (`lab --etcd`), also while etcd is killed, left down until every agent has
+//! failed to follow it and failed again on retrying, and restarted on its data: the
+//! datapath keeps its peers meanwhile, and the agents follow etcd again afterwards.
 //!
 //! The streams cross the node every way its datapath touches them: encapsulated by
 //! `bridge_ingress`, decapsulated by `uplink_ingress` (through the router), and
@@ -8,7 +11,7 @@
 
 use std::{
     collections::HashSet,
-    net::{SocketAddrV4, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     path::Path,
     sync::{
         Arc,
@@ -18,7 +21,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
+use ipnet::Ipv4Net;
 use nix::sys::{
     signal::Signal,
     socket::{setsockopt, sockopt::RcvBufForce},
@@ -26,7 +30,13 @@ use nix::sys::{
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{
-    agents, kernel_drops::KernelDrops, netns, state::LabState, table::Table, topology::Node,
+    agents, etcd,
+    interrupt::{self, Wait},
+    kernel_drops::KernelDrops,
+    netns,
+    state::LabState,
+    table::Table,
+    topology::Node,
 };
 
 /// Datagrams per second on each stream: dense enough that a gap of a millisecond
@@ -44,6 +54,15 @@ const PAYLOAD: usize = 64;
 
 /// The node whose agent is disturbed.
 const NODE: &str = "w1";
+
+/// etcd stays down at least this long, and until every agent has counted its watch's
+/// failure and a failed retry (its backoff starts at 0.8 s).
+const ETCD_DOWN: Duration = Duration::from_secs(5);
+/// How long the agents may take to fail on etcd, and to follow it again once it is
+/// back: by then their backoff (doubling, with jitter) has grown to several seconds.
+const ETCD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The tunnel address of the peer put into etcd after its restart: no host's.
+const PROBE_PEER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 250);
 
 /// One numbered stream between two hosts of the lab.
 struct Stream {
@@ -195,29 +214,39 @@ fn receive(socket: &UdpSocket, stop: &AtomicBool) -> Result<Received> {
     }
 }
 
-/// What happens to the node's agent.
+/// What happens to the node's agent, or with etcd to etcd.
 #[derive(Clone, Copy)]
 enum Event {
     Kill,
     Restart,
     Upgrade,
     LayoutUpgrade,
+    EtcdKill,
 }
 
 impl Event {
-    const ALL: [Event; 4] = [
-        Event::Kill,
-        Event::Restart,
-        Event::Upgrade,
-        Event::LayoutUpgrade,
-    ];
+    /// Every event the lab's node source allows: etcd's only with etcd.
+    fn all(lab: &LabState) -> impl Iterator<Item = Event> {
+        [
+            Event::Kill,
+            Event::Restart,
+            Event::Upgrade,
+            Event::LayoutUpgrade,
+        ]
+        .into_iter()
+        .chain(lab.topology.etcd.is_some().then_some(Event::EtcdKill))
+    }
 
-    fn describe(self) -> &'static str {
+    fn describe(self) -> String {
         match self {
-            Event::Kill => "SIGKILL, then the same build",
-            Event::Restart => "SIGTERM, then the same build",
-            Event::Upgrade => "SIGTERM, then another build",
-            Event::LayoutUpgrade => "another build, other map layout",
+            Event::Kill => "SIGKILL, then the same build".to_owned(),
+            Event::Restart => "SIGTERM, then the same build".to_owned(),
+            Event::Upgrade => "SIGTERM, then another build".to_owned(),
+            Event::LayoutUpgrade => "another build, other map layout".to_owned(),
+            Event::EtcdKill => format!(
+                "etcd SIGKILLed for {}s, then restarted",
+                ETCD_DOWN.as_secs()
+            ),
         }
     }
 }
@@ -228,7 +257,16 @@ pub struct Proof {
     /// drop reason) and what the kernel dropped in the lab, so that a loss can be
     /// placed.
     pub drops: Vec<(String, u64, KernelDrops)>,
+    /// Per event: what else it found, if anything.
+    pub notes: Vec<(String, String)>,
     pub failures: Vec<String>,
+}
+
+impl Proof {
+    /// The events, in the order they ran.
+    pub fn events(&self) -> Vec<String> {
+        self.drops.iter().map(|(event, ..)| event.clone()).collect()
+    }
 }
 
 /// Packets `node`'s datapath dropped so far, over every hook and drop reason.
@@ -250,9 +288,10 @@ pub fn run(lab: &LabState, other_build: &Path) -> Result<Proof> {
     let mut proof = Proof {
         rows: Vec::new(),
         drops: Vec::new(),
+        notes: Vec::new(),
         failures: Vec::new(),
     };
-    for event in Event::ALL {
+    for event in Event::all(lab) {
         let drops_before = datapath_drops(lab, &node)?;
         let kernel_before = KernelDrops::read(lab)?;
         let streams = start_streams(lab, &node)?;
@@ -271,9 +310,7 @@ pub fn run(lab: &LabState, other_build: &Path) -> Result<Proof> {
                     count.sent
                 ));
             }
-            proof
-                .rows
-                .push((event.describe().to_owned(), disturbed.took, count));
+            proof.rows.push((event.describe(), disturbed.took, count));
         }
         let kernel = KernelDrops::read(lab)?.since(&kernel_before);
         // Pinned counters survive every event but the layout change, whose datapath
@@ -281,9 +318,10 @@ pub fn run(lab: &LabState, other_build: &Path) -> Result<Proof> {
         let drops = (datapath_drops(lab, &node)?
             + disturbed.replaced_drops.unwrap_or(drops_before))
         .saturating_sub(drops_before);
+        proof.drops.push((event.describe(), drops, kernel));
         proof
-            .drops
-            .push((event.describe().to_owned(), drops, kernel));
+            .notes
+            .extend(disturbed.note.map(|note| (event.describe(), note)));
     }
     // Leave the lab with its own build again.
     agents::stop_node(lab, &node, Signal::SIGTERM)?;
@@ -312,17 +350,20 @@ fn start_streams(lab: &LabState, node: &Node) -> Result<Vec<Stream>> {
 }
 
 struct Disturbed {
-    /// How long the node ran without a ready agent.
+    /// How long the node ran without a ready agent; for etcd, until every agent
+    /// followed it again.
     took: Duration,
     /// The drops of a datapath whose counters the event replaced, read last after its
     /// agent stopped.
     replaced_drops: Option<u64>,
+    note: Option<String>,
 }
 
-/// Does `event` to the node's agent and waits until the new one is ready.
+/// Does `event` to the node's agent (or etcd) and waits until the agents are ready.
 fn disturb(lab: &LabState, node: &Node, event: Event, other_build: &Path) -> Result<Disturbed> {
     let started = Instant::now();
     let mut replaced = None;
+    let mut note = None;
     match event {
         Event::Kill => {
             agents::stop_node(lab, node, Signal::SIGKILL)?;
@@ -348,6 +389,7 @@ fn disturb(lab: &LabState, node: &Node, event: Event, other_build: &Path) -> Res
             agents::start(lab, node, lab.masquerade)?;
             replaced = Some((drops, pins, older));
         }
+        Event::EtcdKill => note = Some(etcd_outage(lab)?),
     }
     agents::wait_ready(lab, true)?;
     let took = started.elapsed();
@@ -362,13 +404,123 @@ fn disturb(lab: &LabState, node: &Node, event: Event, other_build: &Path) -> Res
     Ok(Disturbed {
         took,
         replaced_drops: replaced.map(|(drops, ..)| drops),
+        note,
     })
+}
+
+/// Kills etcd and keeps it down for `ETCD_DOWN` and until every agent has failed twice
+/// on it (its watch, then a retry), checks that every node kept its peers and stayed
+/// ready meanwhile, restarts etcd on its data, and waits until every agent follows it
+/// again: a peer put after the restart reaches every agent's maps, its deletion too,
+/// and no agent counts an error after. Returns what it saw.
+fn etcd_outage(lab: &LabState) -> Result<String> {
+    let nodes = &lab.topology.nodes;
+    let errors = || -> Result<Vec<u64>> {
+        nodes
+            .iter()
+            .map(|n| agents::source_errors(lab, n))
+            .collect()
+    };
+    let before = errors()?;
+    etcd::kill(lab)?;
+    let killed = Instant::now();
+    let failed = interrupt::wait_until(
+        "every agent to fail on etcd twice",
+        interrupt::scaled(ETCD_TIMEOUT),
+        || {
+            let now = errors()?;
+            let short: Vec<String> = nodes
+                .iter()
+                .zip(before.iter().zip(&now))
+                .filter(|(_, (before, now))| **now < **before + 2)
+                .map(|(n, (before, now))| {
+                    format!("{} counted {}", n.name, now.saturating_sub(*before))
+                })
+                .collect();
+            Ok(if short.is_empty() && killed.elapsed() >= ETCD_DOWN {
+                Wait::Done(now)
+            } else {
+                Wait::Pending(format!("{short:?} after {:?}", killed.elapsed()))
+            })
+        },
+    )?;
+    // The agents keep their last node set: the datapath keeps every peer.
+    for node in nodes {
+        let missing = agents::missing(lab, node, true);
+        ensure!(
+            missing.is_empty(),
+            "with etcd down, {} lacks {}",
+            node.name,
+            missing.join(", ")
+        );
+    }
+    let down = killed.elapsed();
+    etcd::restart(lab)?;
+    let restarted = Instant::now();
+    let probe = unheld_subnet(lab)?;
+    etcd::put_peer(lab, probe, PROBE_PEER)?;
+    interrupt::wait_until(
+        &format!("every agent to learn {probe}, put into etcd after its restart"),
+        interrupt::scaled(ETCD_TIMEOUT),
+        || {
+            let mut lacking = Vec::new();
+            for node in nodes {
+                if !agents::remote_subnets(lab, node)?.contains(&probe) {
+                    lacking.push(node.name.as_str());
+                }
+            }
+            Ok(if lacking.is_empty() {
+                Wait::Done(())
+            } else {
+                Wait::Pending(format!("{} lack it", lacking.join(", ")))
+            })
+        },
+    )?;
+    let followed = restarted.elapsed();
+    let synced = errors()?;
+    etcd::delete_peer(lab, probe)?;
+    // Ready again only with exactly the lab's peers: the deletion reached every agent.
+    agents::wait_ready(lab, true).with_context(|| {
+        format!("every agent to drop {probe}, deleted from etcd after its restart")
+    })?;
+    let after = errors()?;
+    ensure!(
+        after == synced,
+        "errors counted after the agents followed etcd again: {synced:?}, then {after:?}"
+    );
+    let counted: Vec<String> = nodes
+        .iter()
+        .zip(before.iter().zip(&failed))
+        .map(|(n, (before, failed))| format!("{} {}", n.name, failed - before))
+        .collect();
+    Ok(format!(
+        "etcd down {:.1}s, errors counted meanwhile: {}; every node kept its peers and stayed ready; a peer put after the restart reached every agent in {:.1}s, its deletion too",
+        down.as_secs_f64(),
+        counted.join(", "),
+        followed.as_secs_f64()
+    ))
+}
+
+/// A /24 of the pod network that no node holds: the last one.
+fn unheld_subnet(lab: &LabState) -> Result<Ipv4Net> {
+    let last = lab
+        .topology
+        .pod_network
+        .subnets(24)
+        .context("the pod network is narrower than a /24")?
+        .last()
+        .context("the pod network has no /24")?;
+    ensure!(
+        lab.topology.nodes.iter().all(|n| n.pod_cidr != last),
+        "a node holds {last}"
+    );
+    Ok(last)
 }
 
 pub fn render(proof: &Proof) -> String {
     let mut table = Table::new([
         "EVENT ON w1",
-        "AGENT READY",
+        "RECOVERED",
         "STREAM",
         "SENT",
         "RECEIVED",
@@ -395,8 +547,11 @@ pub fn render(proof: &Proof) -> String {
             "  {event}: w1's datapath dropped {drops} packets meanwhile; the kernel dropped {kernel}\n"
         ));
     }
+    for (event, note) in &proof.notes {
+        out.push_str(&format!("  {event}: {note}\n"));
+    }
     out.push_str(&if proof.failures.is_empty() {
-        format!("  ✓ no datagram lost across any event ({RATE}/s per stream; the agent's absence is the AGENT READY column)\n")
+        format!("  ✓ no datagram lost across any event ({RATE}/s per stream; RECOVERED: until w1's agent was ready again, or every agent followed etcd again)\n")
     } else {
         format!("  ✗ {}\n", proof.failures.join("\n  ✗ "))
     });
