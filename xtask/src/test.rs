@@ -139,9 +139,12 @@ impl Suites {
     fn script(&self, ipip: bool) -> String {
         let commands = [
             format!("{}", self.packet.display()),
-            // The lab test builds a cluster of its own: one at a time.
+            // The lab test builds a cluster of its own: one at a time. The lab on etcd
+            // changes only where the subnets come from, nothing the kernel decides: it
+            // runs on this machine's kernel, which keeps the emulated run within its
+            // time limit.
             format!(
-                "env {PREBUILT_AGENT}={} {} lab::tests --test-threads 1 --nocapture",
+                "env {PREBUILT_AGENT}={} {} lab::tests::lab_passes --test-threads 1 --nocapture",
                 self.agent.display(),
                 self.xtask.display()
             ),

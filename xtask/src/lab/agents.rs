@@ -623,6 +623,12 @@ fn answers_ready(ns: &str) -> bool {
     get(ns, "/readyz").is_ok_and(|(code, _)| code == 200)
 }
 
+/// What `node`'s agent answers on /readyz: the status code and the body.
+pub fn readyz(lab: &LabState, node: &Node) -> Result<(u16, String)> {
+    get(&lab.netns(&node.name), "/readyz")
+        .with_context(|| format!("asking the agent of {} whether it is ready", node.name))
+}
+
 /// How often `node`'s agent failed to follow its node source
 /// (`overlay_node_source_errors_total` in its /metrics).
 pub fn source_errors(lab: &LabState, node: &Node) -> Result<u64> {

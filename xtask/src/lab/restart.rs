@@ -444,7 +444,8 @@ fn etcd_outage(lab: &LabState) -> Result<String> {
             })
         },
     )?;
-    // The agents keep their last node set: the datapath keeps every peer.
+    // The agents keep their last node set: the datapath keeps every peer, and they
+    // stay ready, saying why they are degraded.
     for node in nodes {
         let missing = agents::missing(lab, node, true);
         ensure!(
@@ -452,6 +453,12 @@ fn etcd_outage(lab: &LabState) -> Result<String> {
             "with etcd down, {} lacks {}",
             node.name,
             missing.join(", ")
+        );
+        let (code, body) = agents::readyz(lab, node)?;
+        ensure!(
+            code == 200 && body.starts_with(DEGRADED),
+            "with etcd down, {}'s agent answers {code} {body:?} on /readyz, not ready and degraded",
+            node.name
         );
     }
     let down = killed.elapsed();
@@ -488,18 +495,30 @@ fn etcd_outage(lab: &LabState) -> Result<String> {
         after == synced,
         "errors counted after the agents followed etcd again: {synced:?}, then {after:?}"
     );
+    for node in nodes {
+        let (_, body) = agents::readyz(lab, node)?;
+        ensure!(
+            !body.starts_with(DEGRADED),
+            "{}'s agent follows etcd again but still says {body:?} on /readyz",
+            node.name
+        );
+    }
     let counted: Vec<String> = nodes
         .iter()
         .zip(before.iter().zip(&failed))
         .map(|(n, (before, failed))| format!("{} {}", n.name, failed - before))
         .collect();
     Ok(format!(
-        "etcd down {:.1}s, errors counted meanwhile: {}; every node kept its peers and stayed ready; a peer put after the restart reached every agent in {:.1}s, its deletion too",
+        "etcd down {:.1}s, errors counted meanwhile: {}; every node kept its peers and stayed ready, saying it was degraded; a peer put after the restart reached every agent in {:.1}s, its deletion too",
         down.as_secs_f64(),
         counted.join(", "),
         followed.as_secs_f64()
     ))
 }
+
+/// How an agent's /readyz begins while its node source fails (`overlay-agent`'s
+/// `http.rs`).
+const DEGRADED: &str = "ready, degraded: the node source is failing";
 
 /// A /24 of the pod network that no node holds: the last one.
 fn unheld_subnet(lab: &LabState) -> Result<Ipv4Net> {
