@@ -61,7 +61,11 @@ pub struct Report {
 
 /// Builds the mixed cluster, sends the traffic, removes the cluster.
 pub fn run(agent: std::path::PathBuf) -> Result<Report> {
-    let lab = cluster::create_with(Topology::pair(), agent, false, &Mixed)?;
+    // Our agent masquerades as flanneld runs in kube-flannel.yml (--ip-masq), as the
+    // flannel node's subnet.env says it does: with FLANNEL_IPMASQ=false the bridge
+    // plugin would masquerade the pods' traffic to the other node's pods, as it does
+    // on flanneld's nodes without --ip-masq, and the host decides every flow.
+    let lab = cluster::create_with(Topology::pair(), agent, true, &Mixed)?;
     let ours = lab.topology.node(OURS)?.clone();
     let theirs = lab
         .topology
