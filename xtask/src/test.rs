@@ -1,6 +1,6 @@
 //! `cargo xtask test`: everything, from a fresh machine; `--kernel 6.1` runs the
 //! kernel-dependent suites (packet tests, the lab, interoperability with the kernel's
-//! ipip) inside a VM with that kernel instead. `cargo xtask kernels` runs those suites
+//! ipip, on the lab's node list and on etcd) inside a VM with that kernel instead. `cargo xtask kernels` runs those suites
 //! on this machine's kernel and then on every kernel of the matrix, and prints the
 //! matrix.
 

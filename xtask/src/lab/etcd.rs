@@ -512,6 +512,11 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
+/// A node that runs flanneld on this etcd instead of our agent (the interoperability
+/// test's).
+#[cfg(test)]
+pub mod flanneld;
+
 #[cfg(test)]
 mod tests {
     use super::*;

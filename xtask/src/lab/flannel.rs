@@ -17,10 +17,14 @@
 //!
 //! flanneld publishes a node's VTEP MAC in a node annotation; here each node's MAC is
 //! derived from its address, so every node can be set up without the others.
+//!
+//! The remote nodes are the lab's ([`Backend::configure`]), or those a subnet manager
+//! gave, as flanneld on etcd learns them from the leases (`etcd::flanneld`).
 
 use std::{net::Ipv4Addr, process::Command};
 
 use anyhow::{Context as _, Result};
+use ipnet::Ipv4Net;
 
 use super::{
     agents::{SubnetEnv, UPLINK},
@@ -36,6 +40,13 @@ const VXLAN_DEVICE: &str = "flannel.1";
 const VXLAN_VNI: &str = "1";
 /// Linux's own VXLAN port, which a port of 0 (flannel's default) selects.
 const VXLAN_PORT: &str = "8472";
+
+/// A remote node as flanneld routes to it: its subnet and its PublicIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub subnet: Ipv4Net,
+    pub address: Ipv4Addr,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -57,8 +68,32 @@ impl Backend {
     /// Sets `node` up with this backend towards every other node of the lab, and
     /// returns the subnet.env flanneld would have written.
     pub fn configure(self, lab: &LabState, node: &Node) -> Result<SubnetEnv> {
+        let peers: Vec<Peer> = (lab.topology.nodes.iter())
+            .filter(|p| p.name != node.name)
+            .map(|p| Peer {
+                subnet: p.pod_cidr,
+                address: p.address,
+            })
+            .collect();
+        self.configure_with(lab, node, node.pod_cidr, &peers)
+    }
+
+    /// [`Backend::configure`] with the node's subnet and its peers given: where
+    /// flanneld learns them from its subnet manager rather than from the lab.
+    pub fn configure_with(
+        self,
+        lab: &LabState,
+        node: &Node,
+        subnet: Ipv4Net,
+        peers: &[Peer],
+    ) -> Result<SubnetEnv> {
         let ns = lab.netns(&node.name);
-        let network = format!("{}/32", node.pod_cidr.network());
+        // The node as its subnet manager placed it.
+        let leased = Node {
+            pod_cidr: subnet,
+            ..node.clone()
+        };
+        let network = format!("{}/32", subnet.network());
         let local = node.address.to_string();
         let mtu = self.mtu().to_string();
         match self {
@@ -114,14 +149,14 @@ impl Backend {
             }
             Backend::HostGw => {}
         }
-        for peer in lab.topology.nodes.iter().filter(|p| p.name != node.name) {
+        for peer in peers {
             self.route(&ns, peer)?;
         }
         // Like the agent, flanneld's hosts forward; the lab's nodes do already.
         netns::enable_forwarding(&ns)?;
         Ok(SubnetEnv {
             network: lab.topology.pod_network,
-            subnet: ipnet::Ipv4Net::new(node.gateway(), node.pod_cidr.prefix_len())?,
+            subnet: Ipv4Net::new(leased.gateway(), subnet.prefix_len())?,
             mtu: self.mtu(),
             // As flannel's DaemonSet runs flanneld (kube-flannel.yml: --ip-masq), so
             // that the bridge plugin adds no masquerade of its own; where flanneld's
@@ -131,8 +166,8 @@ impl Backend {
     }
 
     /// What flanneld installs for one remote node.
-    fn route(self, ns: &str, peer: &Node) -> Result<()> {
-        let cidr = peer.pod_cidr.to_string();
+    fn route(self, ns: &str, peer: &Peer) -> Result<()> {
+        let cidr = peer.subnet.to_string();
         let via = peer.address.to_string();
         match self {
             Backend::Ipip => ip(
@@ -151,7 +186,7 @@ impl Backend {
             Backend::HostGw => ip(ns, &["route", "replace", &cidr, "via", &via, "dev", UPLINK]),
             Backend::Vxlan => {
                 let mac = vtep_mac(peer.address);
-                let gateway = peer.pod_cidr.network().to_string();
+                let gateway = peer.subnet.network().to_string();
                 ip(
                     ns,
                     &[

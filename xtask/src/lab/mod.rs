@@ -24,7 +24,7 @@ pub(crate) mod cni;
 mod controls;
 pub(crate) mod dns;
 mod equivalence;
-mod etcd;
+pub(crate) mod etcd;
 pub(crate) mod flannel;
 pub(crate) mod interrupt;
 pub(crate) mod iptables;

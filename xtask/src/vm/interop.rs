@@ -6,6 +6,12 @@
 //! node. It needs a kernel with the ipip module: it runs in the kernel matrix's VM, and
 //! says it skipped where the kernel has none.
 //!
+//! It runs twice: with the nodes learning each other from the lab's node list, and on
+//! flannel's etcd subnet manager (`lab::etcd`), where the flannel node is flanneld on
+//! etcd (`lab::etcd::flanneld`): it leases its subnet as flanneld writes a lease, and
+//! routes to our node because it finds our lease there, while our agent learns it from
+//! its lease alone.
+//!
 //! What the 2000-byte case does: both sides give pods an MTU of 1480 (the uplink's
 //! 1500 less the outer header; flanneld and the agent write the same FLANNEL_MTU).
 //! - TCP never sends more than the MSS the MTU implies (1440): the 2000 bytes go as
@@ -24,6 +30,7 @@ use anyhow::{Context as _, Result};
 use crate::lab::{
     agents::{self, SubnetEnv},
     cluster::{self, Dataplane},
+    etcd::flanneld,
     flannel::Backend,
     probe::{self, Client},
     servers::Servers,
@@ -38,8 +45,26 @@ const SIZES: [usize; 2] = [100, 2000];
 /// The ICMP echo header and our token before the padding.
 const ECHO_HEADER: usize = 24;
 
+/// Where the nodes learn each other's subnets and addresses.
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    /// The lab's node list; the flannel node is set up from the lab's topology.
+    NodeList,
+    /// Leases in etcd; the flannel node is flanneld on etcd.
+    Etcd,
+}
+
+impl Source {
+    fn topology(self) -> Topology {
+        match self {
+            Source::NodeList => Topology::pair(),
+            Source::Etcd => Topology::pair().with_etcd(),
+        }
+    }
+}
+
 /// Our agent on [`OURS`], flannel's kernel ipip on the other node.
-struct Mixed;
+struct Mixed(Source);
 
 impl Dataplane for Mixed {
     fn runs_agent(&self, node: &Node) -> bool {
@@ -47,7 +72,10 @@ impl Dataplane for Mixed {
     }
 
     fn configure(&self, lab: &LabState, node: &Node) -> Result<SubnetEnv> {
-        Backend::Ipip.configure(lab, node)
+        match self.0 {
+            Source::NodeList => Backend::Ipip.configure(lab, node),
+            Source::Etcd => flanneld::configure(lab, node),
+        }
     }
 }
 
@@ -59,9 +87,13 @@ pub struct Report {
     pub counters: String,
 }
 
-/// Builds the mixed cluster, sends the traffic, removes the cluster.
-pub fn run(agent: std::path::PathBuf) -> Result<Report> {
-    let lab = cluster::create_with(Topology::pair(), agent, false, &Mixed)?;
+/// Builds the mixed cluster on `source`, sends the traffic, removes the cluster.
+pub fn run(agent: std::path::PathBuf, source: Source) -> Result<Report> {
+    // Our agent masquerades as flanneld runs in kube-flannel.yml (--ip-masq), as the
+    // flannel node's subnet.env says it does: with FLANNEL_IPMASQ=false the bridge
+    // plugin would masquerade the pods' traffic to the other node's pods, as it does
+    // on flanneld's nodes without --ip-masq, and the host decides every flow.
+    let lab = cluster::create_with(source.topology(), agent, true, &Mixed(source))?;
     let ours = lab.topology.node(OURS)?.clone();
     let theirs = lab
         .topology
@@ -156,6 +188,15 @@ mod tests {
 
     #[test]
     fn our_node_and_a_flannel_ipip_node_carry_pod_traffic_both_ways() {
+        carry_pod_traffic_both_ways(Source::NodeList);
+    }
+
+    #[test]
+    fn our_node_and_flanneld_on_etcd_carry_pod_traffic_both_ways() {
+        carry_pod_traffic_both_ways(Source::Etcd);
+    }
+
+    fn carry_pod_traffic_both_ways(source: Source) {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: needs root");
             return;
@@ -168,7 +209,7 @@ mod tests {
         }
         crate::lab::interrupt::install().unwrap();
         let agent = crate::lab::agents::build(false).expect("building the agent");
-        let report = run(agent).expect("the interoperability test runs to its end");
+        let report = run(agent, source).expect("the interoperability test runs to its end");
         print!(
             "{}\nour node's counters:\n{}",
             report.table, report.counters
