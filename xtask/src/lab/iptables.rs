@@ -125,6 +125,11 @@ impl<'a> FlannelRules<'a> {
             for args in rules(node, &network, variant) {
                 iptables(lab, node, &args)?;
             }
+            // NAT rules bind a flow when its conntrack entry is made: an entry left by
+            // an earlier run (a UDP exchange whose source port comes round again
+            // within its timeout) would carry the flow past the rules under test.
+            netns::run(netns::command(&lab.netns(&node.name), "conntrack").arg("-F"))
+                .with_context(|| format!("emptying the conntrack table of {}", node.name))?;
         }
         Ok(installed)
     }
