@@ -1,4 +1,6 @@
 //! Node source: a file holding `kubectl get nodes -o json` output, re-read on change.
+//! flannel's annotations are read under flanneld's default prefix
+//! (`--kube-annotation-prefix` is the Kubernetes API source's).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -7,7 +9,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use super::{NodeSet, SlimNode};
+use super::{NodeSet, SlimNode, annotations::Names};
 use crate::status::Status;
 
 /// How often the file is checked for changes.
@@ -30,11 +32,11 @@ pub fn parse(text: &[u8]) -> Result<NodeSet> {
     match kind.as_deref() {
         Some("List" | "NodeList") => {
             let list: List = serde_json::from_slice(text).context("not a list of Nodes")?;
-            Ok(list.items.iter().collect())
+            Ok(NodeSet::of(&list.items, &Names::default()))
         }
         Some("Node") => {
             let node: SlimNode = serde_json::from_slice(text).context("not a valid Node")?;
-            Ok(std::iter::once(&node).collect())
+            Ok(NodeSet::of([&node], &Names::default()))
         }
         other => bail!(
             "expected kind List, NodeList or Node (kubectl get nodes -o json), found {other:?}"
