@@ -151,8 +151,9 @@ struct RunArgs {
     /// in-cluster one (the pod's service account credentials are still used).
     #[arg(long, conflicts_with_all = ["nodes_file", "etcd_endpoints"])]
     kube_api_url: Option<String>,
-    /// Prefix of flannel's Node annotations: `FQDN[/NAME]`; without a `/` one is
-    /// appended, a NAME gets a `-` (flanneld's derivation).
+    /// Prefix of flannel's Node annotations (read from the API or --nodes-file):
+    /// `FQDN[/NAME]`; without a `/` one is appended, a NAME gets a `-` (flanneld's
+    /// derivation).
     #[arg(long, default_value = overlay_agent::nodes::annotations::DEFAULT_PREFIX)]
     kube_annotation_prefix: Names,
     /// File with the nodes as `kubectl get nodes -o json` prints them; re-read on change.
@@ -249,8 +250,8 @@ struct RunArgs {
     healthz_port: u16,
     /// klog verbosity, as flanneld's -v: the log level when RUST_LOG is unset (0-1
     /// info, 2-4 debug, 5 and more trace).
-    #[arg(long, default_value_t = 0)]
-    v: u32,
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    v: i32,
     /// What the eBPF programs log (drops are logged at debug). Fixed at load; off costs
     /// the datapath nothing. Their records are log events with target `bpf`.
     #[arg(long, value_enum, default_value_t = BpfLogLevel::Off)]
@@ -269,15 +270,15 @@ struct RunArgs {
 /// The log level of klog's verbosity `-v`, after Kubernetes' logging conventions
 /// (sig-instrumentation `logging.md`): up to 1 what an operator wants to see, 2 to 4
 /// steady-state and change details up to debug level, 5 and up trace level.
-fn klog_level(v: u32) -> &'static str {
+fn klog_level(v: i32) -> &'static str {
     match v {
-        0..=1 => "info",
+        ..=1 => "info",
         2..=4 => "debug",
         _ => "trace",
     }
 }
 
-fn init_logging(format: LogFormat, verbosity: u32) {
+fn init_logging(format: LogFormat, verbosity: i32) {
     // The programs' records (target `bpf`) were filtered by --bpf-log-level in the
     // kernel already: let them all through unless RUST_LOG says otherwise.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -396,7 +397,10 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     // The group makes clap require exactly one of the three.
     let source = if let Some(path) = args.nodes_file {
-        Source::File(path)
+        Source::File {
+            path,
+            annotations: args.kube_annotation_prefix,
+        }
     } else if !args.etcd_endpoints.is_empty() {
         Source::Etcd(Box::new(EtcdOptions {
             endpoints: args.etcd_endpoints,
@@ -608,6 +612,9 @@ mod tests {
         assert_eq!(a.iface, [IfaceSpec::Name("eth0".into())]);
         assert_eq!(a.public_ip, Some(Ipv4Addr::new(192, 0, 2, 1)));
         assert_eq!(klog_level(a.v), "info");
+        // klog's level is signed.
+        let a = flanneld(&["--kube-subnet-mgr", "-v", "-1"], &[]).unwrap();
+        assert_eq!((a.v, klog_level(a.v)), (-1, "info"));
         // Our own flags too, and etcd's password.
         let a = flanneld(
             &["--etcd-endpoints=http://e:2379", "--etcd-username", "u"],

@@ -141,8 +141,9 @@ fn pod_cidr(node: &SlimNode, name: &str) -> Result<Ipv4Net, NodeError> {
 /// Where the agent learns the nodes from.
 #[derive(Debug, Clone)]
 pub enum Source {
-    /// A file as `kubectl get nodes -o json` prints it, re-read on change.
-    File(PathBuf),
+    /// A file as `kubectl get nodes -o json` prints it, re-read on change; flannel's
+    /// annotations named `annotations`.
+    File { path: PathBuf, annotations: Names },
     /// The Kubernetes API (flanneld's `--kube-subnet-mgr`), in-cluster or through a
     /// kubeconfig, at `api_url` when given; flannel's annotations named `annotations`.
     Kube {
@@ -158,7 +159,7 @@ impl Source {
     /// Who has the last word on this node's tunnel address with this source.
     pub fn authority(&self) -> Authority {
         match self {
-            Source::File(_) => Authority::NodeList,
+            Source::File { .. } => Authority::NodeList,
             Source::Kube { .. } | Source::Etcd(_) => Authority::Agent,
         }
     }
@@ -173,7 +174,10 @@ impl Source {
         own_address: OwnAddress,
     ) -> Result<(String, OpenSource)> {
         Ok(match self {
-            Source::File(path) => (node_name.without_api()?, OpenSource::File(path)),
+            Source::File { path, annotations } => (
+                node_name.without_api()?,
+                OpenSource::File { path, annotations },
+            ),
             Source::Kube {
                 kubeconfig,
                 api_url,
@@ -257,7 +261,7 @@ impl NodeName {
 
 /// A source ready to run.
 pub enum OpenSource {
-    File(PathBuf),
+    File { path: PathBuf, annotations: Names },
     Kube(Box<kube::KubeSource>),
     Etcd(Box<etcd::EtcdSource>),
 }
@@ -267,7 +271,7 @@ impl OpenSource {
     pub fn net_conf(&self, file: &std::path::Path) -> Result<NetConf> {
         match self {
             OpenSource::Etcd(source) => Ok(source.net_conf().clone()),
-            OpenSource::File(_) | OpenSource::Kube(_) => NetConf::load(file),
+            OpenSource::File { .. } | OpenSource::Kube(_) => NetConf::load(file),
         }
     }
 
@@ -275,7 +279,9 @@ impl OpenSource {
     /// the source's health in `status`.
     pub async fn run(self, tx: watch::Sender<Option<NodeSet>>, status: Arc<Status>) {
         match self {
-            OpenSource::File(path) => file::watch_file(path, tx, &status).await,
+            OpenSource::File { path, annotations } => {
+                file::watch_file(path, annotations, tx, &status).await
+            }
             OpenSource::Kube(source) => source.run(tx, status).await,
             OpenSource::Etcd(source) => source.run(tx, status).await,
         }
