@@ -23,6 +23,7 @@ use overlay_agent::{
     status::Status,
 };
 use regex::Regex;
+use tokio::task::JoinHandle;
 use tracing::{error, warn};
 
 /// eBPF IPIP overlay for Kubernetes: a drop-in for flanneld's ipip backend.
@@ -270,6 +271,22 @@ struct RunArgs {
 /// The log level of klog's verbosity `-v`, after Kubernetes' logging conventions
 /// (sig-instrumentation `logging.md`): up to 1 what an operator wants to see, 2 to 4
 /// steady-state and change details up to debug level, 5 and up trace level.
+/// The HTTP endpoints at --http-addr, and at flanneld's --healthz-ip:--healthz-port
+/// when that port is not 0 (flanneld serves /healthz and /readyz there).
+async fn start_servers(args: &RunArgs, status: &Arc<Status>) -> Result<Vec<JoinHandle<()>>> {
+    let pin_dir = bpffs::pin_dir(&args.pins.bpffs);
+    let healthz = (args.healthz_port != 0)
+        .then(|| SocketAddr::new(args.healthz_ip, args.healthz_port))
+        .map(|a| (a, "--healthz-port"));
+    let http = args.http_addr.0.map(|a| (a, "--http-addr"));
+    let mut servers = Vec::new();
+    for (addr, flag) in http.into_iter().chain(healthz) {
+        let (status, bridge) = (Arc::clone(status), args.bridge.clone());
+        servers.push(http::start(addr, flag, status, pin_dir.clone(), bridge).await?);
+    }
+    Ok(servers)
+}
+
 fn klog_level(v: i32) -> &'static str {
     match v {
         ..=1 => "info",
@@ -387,9 +404,12 @@ async fn run(args: RunArgs) -> Result<()> {
             "--public-ipv6 {v6}: flannel's ipip backend carries IPv4 only (flanneld runs it without IPv6); remove the flag"
         );
     }
-    let node_name = NodeName::find(args.node_name, args.kube_subnet_mgr, |k| {
+    let node_name = NodeName::find(args.node_name.clone(), args.kube_subnet_mgr, |k| {
         std::env::var(k).ok()
     })?;
+    let status = Arc::new(Status::default());
+    // Started before the agent so that probes answer while the datapath loads.
+    let servers = start_servers(&args, &status).await?;
     let masq = masq::Settings {
         enabled: args.ip_masq,
         ports: args.nat_ports.0,
@@ -420,32 +440,6 @@ async fn run(args: RunArgs) -> Result<()> {
             annotations: args.kube_annotation_prefix,
         }
     };
-    let status = Arc::new(Status::default());
-    // Started before the agent so that probes answer while the datapath loads.
-    let pin_dir = bpffs::pin_dir(&args.pins.bpffs);
-    let healthz = (args.healthz_port != 0).then(|| {
-        (
-            SocketAddr::new(args.healthz_ip, args.healthz_port),
-            "--healthz-port",
-        )
-    });
-    let mut servers = Vec::new();
-    for (addr, flag) in args
-        .http_addr
-        .0
-        .map(|a| (a, "--http-addr"))
-        .into_iter()
-        .chain(healthz)
-    {
-        let server = http::start(
-            addr,
-            flag,
-            Arc::clone(&status),
-            pin_dir.clone(),
-            args.bridge.clone(),
-        );
-        servers.push(server.await?);
-    }
     let result = agent::run(
         agent::Options {
             node_name,
@@ -668,6 +662,65 @@ mod tests {
         assert!(prefix.contains("more than one"), "{prefix}");
         let url = e(&["--nodes-file=n.json", "--kube-api-url=https://a"], &[]);
         assert!(url.contains("cannot be used with"), "{url}");
+    }
+
+    /// GET `path` from `port` on the loopback: the status line.
+    async fn get(port: u16, path: &str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        c.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        answer.lines().next().unwrap_or_default().to_owned()
+    }
+
+    #[tokio::test]
+    async fn healthz_port_serves_the_probes_as_flanneld() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let status = Arc::new(Status::default());
+        let port_flag = format!("-healthz-port={port}");
+        let args = [
+            "--kube-subnet-mgr",
+            "--http-addr=off",
+            "-healthz-ip",
+            "127.0.0.1",
+            &port_flag,
+        ];
+        let servers = start_servers(&flanneld(&args, &[]).unwrap(), &status)
+            .await
+            .unwrap();
+        assert_eq!(servers.len(), 1);
+        assert_eq!(get(port, "/healthz").await, "HTTP/1.1 200 OK");
+        // Not ready before the datapath is, as flanneld before its subnet.env.
+        assert_eq!(
+            get(port, "/readyz").await,
+            "HTTP/1.1 503 Service Unavailable"
+        );
+        for s in servers {
+            s.abort();
+        }
+        // Port 0 (flanneld's default): only --http-addr.
+        let off = flanneld(&["--kube-subnet-mgr", "--http-addr=off"], &[]).unwrap();
+        assert!(start_servers(&off, &status).await.unwrap().is_empty());
+        // A port in use is a startup error naming the flag.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port_flag = format!("--healthz-port={}", taken.local_addr().unwrap().port());
+        let args = [
+            "--kube-subnet-mgr",
+            "--http-addr=off",
+            "--healthz-ip=127.0.0.1",
+            &port_flag,
+        ];
+        let e = start_servers(&flanneld(&args, &[]).unwrap(), &status)
+            .await
+            .err()
+            .expect("refused");
+        assert!(format!("{e:#}").contains("--healthz-port"), "{e:#}");
     }
 
     #[tokio::test]
