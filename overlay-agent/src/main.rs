@@ -718,8 +718,7 @@ mod tests {
         ];
         let e = start_servers(&flanneld(&args, &[]).unwrap(), &status)
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(format!("{e:#}").contains("--healthz-port"), "{e:#}");
     }
 
