@@ -32,7 +32,7 @@ use tracing::{error, warn};
 /// Go-style flags (`-ip-masq`, `--ip-masq=false`) and every flag of `run` from a
 /// `FLANNELD_<FLAG>` environment variable when the command line does not set it.
 #[derive(Parser)]
-#[command(version, args_override_self = true)]
+#[command(version, propagate_version = true, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
