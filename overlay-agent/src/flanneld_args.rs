@@ -19,12 +19,13 @@
 //!   it to its whole flag set. A list flag (`--iface`) takes the variable as one
 //!   value, as Go's `Set` appends one.
 //!
-//! Where flanneld is lax this is strict: a bad boolean in the environment is an error
-//! (flanneld logs it and runs with the default), and arguments that are not flags are
+//! Where flanneld is lax this is strict: a bad value in the environment is an error
+//! (flanneld logs it and runs on with the flag at Go's zero value, false or 0), and
+//! arguments that are not flags are
 //! refused by clap (Go stops parsing at the first one and ignores the rest, so that
 //! `--ip-masq false --kube-subnet-mgr` silently drops `--kube-subnet-mgr`).
-//! `FLANNELD_*` variables that name no flag of ours are reported to be logged, since
-//! flanneld would have acted on them.
+//! `FLANNELD_*` variables that name no flag of ours are returned, to be logged as
+//! ignored, since flanneld would have acted on them.
 //!
 //! Read (nothing copied): flannel-io/flannel v0.28.9 (commit 5cd0d52) `main.go`
 //! (flag set, `flagutil.SetFlagsFromEnv(flannelFlags, "FLANNELD")`, klog's `v`);
