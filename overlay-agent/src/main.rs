@@ -268,9 +268,6 @@ struct RunArgs {
     fast_path: fast_path::Mode,
 }
 
-/// The log level of klog's verbosity `-v`, after Kubernetes' logging conventions
-/// (sig-instrumentation `logging.md`): up to 1 what an operator wants to see, 2 to 4
-/// steady-state and change details up to debug level, 5 and up trace level.
 /// The HTTP endpoints at --http-addr, and at flanneld's --healthz-ip:--healthz-port
 /// when that port is not 0 (flanneld serves /healthz and /readyz there).
 async fn start_servers(args: &RunArgs, status: &Arc<Status>) -> Result<Vec<JoinHandle<()>>> {
@@ -287,6 +284,9 @@ async fn start_servers(args: &RunArgs, status: &Arc<Status>) -> Result<Vec<JoinH
     Ok(servers)
 }
 
+/// The log level of klog's verbosity `-v`, after Kubernetes' logging conventions
+/// (sig-instrumentation `logging.md`): up to 1 what an operator wants to see, 2 to 4
+/// steady-state and change details up to debug level, 5 and up trace level.
 fn klog_level(v: i32) -> &'static str {
     match v {
         ..=1 => "info",
