@@ -27,7 +27,7 @@ use crate::{
     },
     masq,
     nodes::{
-        NodeSet, OpenSource, Source,
+        NodeName, NodeSet, OpenSource, Source,
         address::{Interfaces, OwnAddress, Selection},
     },
     reconcile::{Desired, IPIP_OVERHEAD, NodeSettings, Reconciler, Uplink},
@@ -37,7 +37,7 @@ use crate::{
 /// Everything `overlay-agent run` is told.
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub node_name: String,
+    pub node_name: NodeName,
     pub source: Source,
     pub net_conf: PathBuf,
     /// Which interface carries the tunnel, and the node's public address.
@@ -89,7 +89,7 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
         public_ip: opts.interface.public_ip,
         interface: uplink.address,
     };
-    let source = opts
+    let (node_name, source) = opts
         .source
         .clone()
         .open(&opts.node_name, own_address)
@@ -102,7 +102,7 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
         conntrack_entries: opts.conntrack_entries,
         log_level: opts.bpf_log_level,
     })?;
-    info!(node = opts.node_name, uplink = uplink.name, address = %uplink.address, mtu = uplink.mtu, network = %net_conf.network, pins = %pin_dir.display(), bpf_log_level = %opts.bpf_log_level, "datapath loaded");
+    info!(node = node_name, uplink = uplink.name, address = %uplink.address, mtu = uplink.mtu, network = %net_conf.network, pins = %pin_dir.display(), bpf_log_level = %opts.bpf_log_level, "datapath loaded");
     let program_log = dp.take_log().map(|log| tokio::spawn(log.forward()));
     let uplink_name = uplink.name.clone();
     status.set_uplink(&uplink_name);
@@ -116,7 +116,8 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
     };
     let mut reconciler = Reconciler::new(host, settings);
     let node = NodeIdentity {
-        name: &opts.node_name,
+        network: net_conf.network,
+        name: &node_name,
         own_address: &own_address,
         uplink: &uplink_name,
     };
@@ -141,7 +142,7 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
 
 /// The interface `selection` picks, as the uplink.
 async fn select_uplink(selection: &Selection) -> Result<Uplink> {
-    let selected = selection.select(&Interfaces::read().await?)?;
+    let selected = selection.select(&Interfaces::read(selection.can_reach).await?)?;
     let iface = selected.interface;
     // The pod MTU is the uplink's minus the outer header, and IPv4 needs 68.
     if iface.mtu < IPIP_OVERHEAD + 68 {
@@ -164,6 +165,8 @@ async fn select_uplink(selection: &Selection) -> Result<Uplink> {
 #[derive(Clone, Copy)]
 struct NodeIdentity<'a> {
     name: &'a str,
+    /// net-conf.json's `Network`, which must hold this node's pod subnet.
+    network: ipnet::Ipv4Net,
     own_address: &'a OwnAddress,
     uplink: &'a str,
 }
@@ -490,7 +493,7 @@ async fn converge(
             remote_subnets,
         });
     };
-    let desired = match Desired::compute(set, node.name, node.own_address) {
+    let desired = match Desired::compute(set, node.name, node.own_address, node.network) {
         Ok(d) => d,
         Err(e) => {
             error!(error = %e, "node set unusable; keeping the current state");

@@ -2,12 +2,27 @@
 //! subnets an etcd-backed flannel network leases from (`SubnetLen`, `SubnetMin`,
 //! `SubnetMax` with the defaults and checks of flannel's `CheckNetworkConfig`,
 //! flannel-io/flannel `pkg/subnet/config.go`, v0.28 line at commit 0f89b8d).
+//!
+//! flanneld decodes the file with Go's `encoding/json` into its `Config` struct
+//! (`ParseConfig`, v0.28.9 commit 5cd0d52), which matches keys to fields without
+//! regard to case (`network`, `NETWORK`; Unicode's simple folding makes `ſ` an `s`
+//! and the Kelvin sign a `k`), lets the last of several matching keys win, and
+//! ignores unknown keys; so does [`NetConf::parse`]. The ipip backend carries IPv4
+//! only (`pkg/backend/ipip/ipip.go` leases and routes IPv4; `kube.go`'s
+//! `AcquireLease` turns IPv6 off for every backend but vxlan, host-gw and
+//! wireguard), so `"EnableIPv6": true` and `"EnableIPv4": false` are refused rather
+//! than half-honoured; the other IPv6 keys are inert without `EnableIPv6`, as in
+//! flanneld.
 
 use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use ipnet::Ipv4Net;
-use serde::Deserialize;
+use serde::{
+    Deserialize, Deserializer,
+    de::{DeserializeOwned, MapAccess, Visitor},
+};
+use serde_json::Value;
 
 /// The parts of `net-conf.json` this dataplane uses. Other flannel keys are accepted
 /// and ignored. The subnet keys only matter to the etcd source ([`NetConf::subnets`]):
@@ -48,40 +63,99 @@ impl SubnetRange {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct Raw {
-    network: Option<String>,
-    subnet_len: Option<u32>,
-    subnet_min: Option<String>,
-    subnet_max: Option<String>,
-    backend: Option<RawBackend>,
+/// A JSON object's members in document order.
+struct Members(Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Ordered;
+        impl<'de> Visitor<'de> for Ordered {
+            type Value = Members;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                let mut all = Vec::new();
+                while let Some(member) = map.next_entry()? {
+                    all.push(member);
+                }
+                Ok(Members(all))
+            }
+        }
+        d.deserialize_map(Ordered)
+    }
 }
 
-#[derive(Deserialize)]
-struct RawBackend {
-    #[serde(rename = "Type")]
-    kind: Option<String>,
+/// Go's `encoding/json` case folding of a key: ASCII letters upper-cased, and the
+/// two other runes whose fold set holds an ASCII letter (`ſ`, the Kelvin sign).
+fn go_fold(c: char) -> char {
+    match c {
+        '\u{17f}' => 'S',
+        '\u{212a}' => 'K',
+        c => c.to_ascii_uppercase(),
+    }
+}
+
+/// Whether Go's decoder puts the member `key` into the field `field`.
+fn go_key_matches(key: &str, field: &str) -> bool {
+    key.chars().map(go_fold).eq(field.chars().map(go_fold))
+}
+
+impl Members {
+    /// The value of `field` as Go decodes it: the last matching member; null is unset.
+    fn get<T: DeserializeOwned>(&self, field: &str) -> Result<Option<T>> {
+        let Some((key, value)) = self.0.iter().rev().find(|(k, _)| go_key_matches(k, field)) else {
+            return Ok(None);
+        };
+        if value.is_null() {
+            return Ok(None);
+        }
+        T::deserialize(value)
+            .map(Some)
+            .with_context(|| format!("\"{key}\" has the wrong type: {value}"))
+    }
 }
 
 impl NetConf {
     pub fn parse(text: &str) -> Result<Self> {
-        let raw: Raw = serde_json::from_str(text).context("net-conf.json is not valid JSON")?;
-        let network = raw.network.context("net-conf.json has no \"Network\"")?;
+        let raw: Members = serde_json::from_str(text).context("net-conf.json is not valid JSON")?;
+        if !raw.get::<bool>("EnableIPv4")?.unwrap_or(true) {
+            bail!(
+                "\"EnableIPv4\" is false: flannel's ipip backend carries IPv4 only, this dataplane needs it"
+            );
+        }
+        if raw.get::<bool>("EnableIPv6")?.unwrap_or(false) {
+            bail!(
+                "\"EnableIPv6\" is true: flannel's ipip backend carries IPv4 only (flanneld leases ipip nodes no IPv6 subnet); remove it or set it to false"
+            );
+        }
+        let network: String = raw
+            .get("Network")?
+            .context("net-conf.json has no \"Network\"")?;
         let network: Ipv4Net = network
             .parse()
             .with_context(|| format!("\"Network\" is not an IPv4 CIDR: {network:?}"))?;
         // flanneld's default backend is udp; this dataplane implements ipip only.
-        let kind = raw
-            .backend
-            .and_then(|b| b.kind)
-            .unwrap_or_else(|| "udp".into());
+        // Inside Backend only Type is read, matched as Go matches it.
+        let kind = match raw.get::<Value>("Backend")? {
+            None => "udp".to_owned(),
+            Some(Value::Object(backend)) => backend
+                .iter()
+                .rev()
+                .find(|(k, _)| go_key_matches(k, "Type"))
+                .map(|(_, v)| v.as_str().map(str::to_owned))
+                .unwrap_or(Some(String::new()))
+                .context("\"Backend.Type\" is not a string")?,
+            Some(other) => bail!("\"Backend\" is not an object: {other}"),
+        };
         if !kind.eq_ignore_ascii_case("ipip") {
             bail!(
                 "\"Backend.Type\" is {kind:?}: this dataplane implements the \"ipip\" backend only"
             );
         }
-        let subnet_len = match raw.subnet_len {
+        let subnet_len = match raw.get::<u32>("SubnetLen")? {
             None | Some(0) => None,
             Some(len) => Some(
                 u8::try_from(len)
@@ -93,8 +167,8 @@ impl NetConf {
         Ok(Self {
             network: network.trunc(),
             subnet_len,
-            subnet_min: address(raw.subnet_min, "SubnetMin")?,
-            subnet_max: address(raw.subnet_max, "SubnetMax")?,
+            subnet_min: address(raw.get("SubnetMin")?, "SubnetMin")?,
+            subnet_max: address(raw.get("SubnetMax")?, "SubnetMax")?,
         })
     }
 
@@ -248,6 +322,54 @@ mod tests {
     }
 
     #[test]
+    fn keys_match_as_go_decodes_them() {
+        let c = NetConf::parse(
+            r#"{"network":"10.1.0.0/16","SUBNETLEN":25,"subnetmin":"10.1.4.0","backend":{"type":"ipip"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.network, "10.1.0.0/16".parse().unwrap());
+        assert_eq!(c.subnet_len, Some(25));
+        assert_eq!(c.subnet_min, Some("10.1.4.0".parse().unwrap()));
+        // The last matching key wins, whatever its case.
+        let c = NetConf::parse(
+            r#"{"Network":"10.1.0.0/16","NETWORK":"10.2.0.0/16","Backend":{"Type":"ipip"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.network, "10.2.0.0/16".parse().unwrap());
+        // Unicode simple folding: the long s and the Kelvin sign.
+        let c = NetConf::parse(
+            "{\"Network\":\"10.1.0.0/16\",\"\u{17f}ubnetLen\":26,\"Bac\u{212a}end\":{\"Type\":\"ipip\"}}",
+        )
+        .unwrap();
+        assert_eq!(c.subnet_len, Some(26));
+        // Close is not equal.
+        let e = err(r#"{"Net_work":"10.1.0.0/16","Backend":{"Type":"ipip"}}"#);
+        assert!(e.contains("no \"Network\""), "{e}");
+        // flanneld's other keys, and IPv6 ones without EnableIPv6, are inert.
+        assert!(
+            NetConf::parse(
+                r#"{"Network":"10.1.0.0/16","EnableIPv4":true,"EnableIPv6":false,"IPv6Network":"fd00::/48","EnableNFTables":true,"Backend":{"Type":"ipip"}}"#
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn ipv6_is_refused() {
+        let e = err(
+            r#"{"Network":"10.1.0.0/16","enableipv6":true,"IPv6Network":"fd00::/48","Backend":{"Type":"ipip"}}"#,
+        );
+        assert!(
+            e.contains("\"EnableIPv6\" is true") && e.contains("IPv4 only"),
+            "{e}"
+        );
+        let e = err(r#"{"EnableIPv4":false,"Network":"10.1.0.0/16","Backend":{"Type":"ipip"}}"#);
+        assert!(e.contains("\"EnableIPv4\" is false"), "{e}");
+        let e = err(r#"{"EnableIPv6":"yes","Network":"10.1.0.0/16","Backend":{"Type":"ipip"}}"#);
+        assert!(e.contains("\"EnableIPv6\" has the wrong type"), "{e}");
+    }
+
+    #[test]
     fn clear_errors() {
         assert!(
             err(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).contains("\"vxlan\"")
@@ -263,5 +385,11 @@ mod tests {
                 .contains("not an IPv4 CIDR")
         );
         assert!(err("{").contains("not valid JSON"));
+        assert!(err("[]").contains("not valid JSON"));
+        assert!(err(r#"{"Network":"10.1.0.0/16","Backend":"ipip"}"#).contains("not an object"));
+        assert!(
+            err(r#"{"Network":"10.1.0.0/16","SubnetLen":"24","Backend":{"Type":"ipip"}}"#)
+                .contains("\"SubnetLen\" has the wrong type")
+        );
     }
 }

@@ -56,17 +56,18 @@ pub fn router(endpoints: Endpoints) -> Router {
         .with_state(endpoints)
 }
 
-/// Binds `addr` and serves the agent's endpoints there in a task of their own. A
-/// failure to bind is a startup error (another process holds the port).
+/// Binds `addr` (given by `flag`) and serves the agent's endpoints there in a task of
+/// their own. A failure to bind is a startup error (another process holds the port).
 pub async fn start(
     addr: SocketAddr,
+    flag: &str,
     status: Arc<Status>,
     pin_dir: PathBuf,
     bridge: String,
 ) -> Result<JoinHandle<()>> {
     let listener = TcpListener::bind(addr)
         .await
-        .with_context(|| format!("listening on {addr} (--http-addr)"))?;
+        .with_context(|| format!("listening on {addr} ({flag})"))?;
     let endpoints = Endpoints {
         metrics: Arc::new(metrics::registry(Arc::clone(&status), pin_dir, bridge)),
         status,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod conntrack;
 pub mod datapath;
 pub mod fast_path;
+pub mod flanneld_args;
 pub mod host;
 pub mod http;
 pub mod inspect;

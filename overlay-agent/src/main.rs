@@ -1,32 +1,38 @@
 use std::{
     io::{IsTerminal as _, Write as _},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result};
-use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use overlay_agent::{
     agent,
     bpf_log::BpfLogLevel,
-    bpffs, cleanup, fast_path, http,
+    bpffs, cleanup, fast_path, flanneld_args, http,
     inspect::{self, Format, View},
     masq::{self, PortRange, TimeoutOverride},
     nodes::{
-        Source,
+        NodeName, Source,
         address::{IfaceSpec, Selection},
+        annotations::Names,
         etcd::EtcdOptions,
     },
     status::Status,
 };
 use regex::Regex;
-use tracing::error;
+use tokio::task::JoinHandle;
+use tracing::{error, warn};
 
 /// eBPF IPIP overlay for Kubernetes: a drop-in for flanneld's ipip backend.
+///
+/// Without a subcommand it runs the agent (`run`), taking flanneld's command line:
+/// Go-style flags (`-ip-masq`, `--ip-masq=false`) and every flag of `run` from a
+/// `FLANNELD_<FLAG>` environment variable when the command line does not set it.
 #[derive(Parser)]
-#[command(version)]
+#[command(version, propagate_version = true, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,7 +49,11 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent on this node (in the current network namespace).
+    /// Run the agent on this node (in the current network namespace); the default.
+    ///
+    /// Every flag can also come from the environment variable FLANNELD_<FLAG> (upper
+    /// case, `-` as `_`) when the command line leaves it unset, as with flanneld;
+    /// booleans there and in `--flag=BOOL` take Go's values (1, t, true, 0, f, false...).
     Run(Box<RunArgs>),
     /// Print the datapath's outcome counters.
     Counters {
@@ -125,8 +135,10 @@ const OTHER_SOURCES: [&str; 2] = ["kube_subnet_mgr", "nodes_file"];
 #[derive(clap::Args)]
 #[command(group(ArgGroup::new("source").required(true).args(["kube_subnet_mgr", "nodes_file", "etcd_endpoints"])))]
 struct RunArgs {
-    /// This node's name in the node list (the DaemonSet passes it via the downward API).
-    #[arg(long, env = "NODE_NAME")]
+    /// This node's name in the node list. Default, as flanneld: NODE_NAME, else (with
+    /// --kube-subnet-mgr) the spec.nodeName of the pod POD_NAMESPACE/POD_NAME, else
+    /// the hostname.
+    #[arg(long)]
     node_name: Option<String>,
     /// Learn the nodes from the Kubernetes API and publish this node's flannel
     /// annotations, as flanneld's --kube-subnet-mgr.
@@ -136,6 +148,15 @@ struct RunArgs {
     /// pod's service account).
     #[arg(long, alias = "kubeconfig-file", conflicts_with_all = ["nodes_file", "etcd_endpoints"])]
     kubeconfig: Option<PathBuf>,
+    /// The Kubernetes API server's URL, in place of the kubeconfig's or the
+    /// in-cluster one (the pod's service account credentials are still used).
+    #[arg(long, conflicts_with_all = ["nodes_file", "etcd_endpoints"])]
+    kube_api_url: Option<String>,
+    /// Prefix of flannel's Node annotations (read from the API or --nodes-file):
+    /// `FQDN[/NAME]`; without a `/` one is appended, a NAME gets a `-` (flanneld's
+    /// derivation).
+    #[arg(long, default_value = overlay_agent::nodes::annotations::DEFAULT_PREFIX)]
+    kube_annotation_prefix: Names,
     /// File with the nodes as `kubectl get nodes -o json` prints them; re-read on change.
     #[arg(long)]
     nodes_file: Option<PathBuf>,
@@ -159,18 +180,17 @@ struct RunArgs {
     #[arg(long, conflicts_with_all = OTHER_SOURCES)]
     etcd_username: Option<String>,
     /// etcd password (better from the environment than on the command line).
-    #[arg(
-        long,
-        env = "FLANNELD_ETCD_PASSWORD",
-        hide_env_values = true,
-        requires = "etcd_username"
-    )]
+    #[arg(long, requires = "etcd_username")]
     etcd_password: Option<String>,
     /// Minutes before its end that the subnet lease (24 h) is renewed.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=1439))]
     subnet_lease_renew_margin: u64,
     /// flannel's network configuration (with etcd, `<etcd-prefix>/config` instead).
-    #[arg(long, default_value = "/etc/kube-flannel/net-conf.json")]
+    #[arg(
+        long,
+        alias = "net-config-path",
+        default_value = "/etc/kube-flannel/net-conf.json"
+    )]
     net_conf: PathBuf,
     /// Interface to carry the tunnel, by name or by one of its IPv4 addresses;
     /// repeatable, the first that exists wins (default: the default route's).
@@ -180,10 +200,17 @@ struct RunArgs {
     /// every --iface; repeatable, the first match wins.
     #[arg(long)]
     iface_regex: Vec<Regex>,
+    /// When no --iface or --iface-regex matches (or none is given): the interface
+    /// the route to this IPv4 address leaves through, with the route's source address.
+    #[arg(long)]
+    iface_can_reach: Option<Ipv4Addr>,
     /// The address other nodes reach this node at (default: the interface's). The
     /// Node annotation flannel.alpha.coreos.com/public-ip-overwrite overrides it.
     #[arg(long)]
     public_ip: Option<Ipv4Addr>,
+    /// flanneld's IPv6 public address: refused, the ipip backend carries IPv4 only.
+    #[arg(long)]
+    public_ipv6: Option<String>,
     /// Pod bridge created by the CNI bridge plugin.
     #[arg(long, default_value = "cni0")]
     bridge: String,
@@ -215,6 +242,17 @@ struct RunArgs {
     /// Where to serve /healthz, /readyz and /metrics, or `off`.
     #[arg(long, default_value = "0.0.0.0:9101")]
     http_addr: http::Listen,
+    /// flanneld's health server: /healthz and /readyz (and /metrics) also served on
+    /// --healthz-ip:--healthz-port when the port is not 0.
+    #[arg(long, default_value = "0.0.0.0")]
+    healthz_ip: IpAddr,
+    /// Port of flanneld's health server; 0 leaves it off.
+    #[arg(long, default_value_t = 0)]
+    healthz_port: u16,
+    /// klog verbosity, as flanneld's -v: the log level when RUST_LOG is unset (0-1
+    /// info, 2-4 debug, 5 and more trace).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    v: i32,
     /// What the eBPF programs log (drops are logged at debug). Fixed at load; off costs
     /// the datapath nothing. Their records are log events with target `bpf`.
     #[arg(long, value_enum, default_value_t = BpfLogLevel::Off)]
@@ -230,11 +268,39 @@ struct RunArgs {
     fast_path: fast_path::Mode,
 }
 
-fn init_logging(format: LogFormat) {
+/// The HTTP endpoints at --http-addr, and at flanneld's --healthz-ip:--healthz-port
+/// when that port is not 0 (flanneld serves /healthz and /readyz there).
+async fn start_servers(args: &RunArgs, status: &Arc<Status>) -> Result<Vec<JoinHandle<()>>> {
+    let pin_dir = bpffs::pin_dir(&args.pins.bpffs);
+    let healthz = (args.healthz_port != 0)
+        .then(|| SocketAddr::new(args.healthz_ip, args.healthz_port))
+        .map(|a| (a, "--healthz-port"));
+    let http = args.http_addr.0.map(|a| (a, "--http-addr"));
+    let mut servers = Vec::new();
+    for (addr, flag) in http.into_iter().chain(healthz) {
+        let (status, bridge) = (Arc::clone(status), args.bridge.clone());
+        servers.push(http::start(addr, flag, status, pin_dir.clone(), bridge).await?);
+    }
+    Ok(servers)
+}
+
+/// The log level of klog's verbosity `-v`, after Kubernetes' logging conventions
+/// (sig-instrumentation `logging.md`): up to 1 what an operator wants to see, 2 to 4
+/// steady-state and change details up to debug level, 5 and up trace level.
+fn klog_level(v: i32) -> &'static str {
+    match v {
+        ..=1 => "info",
+        2..=4 => "debug",
+        _ => "trace",
+    }
+}
+
+fn init_logging(format: LogFormat, verbosity: i32) {
     // The programs' records (target `bpf`) were filtered by --bpf-log-level in the
     // kernel already: let them all through unless RUST_LOG says otherwise.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,bpf=trace"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{},bpf=trace", klog_level(verbosity)))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -272,9 +338,48 @@ fn single_malloc_arena() {
     }
 }
 
+/// The command line as clap reads it: flanneld's translated ([`flanneld_args`]).
+fn parse() -> (Cli, Vec<String>) {
+    let env_names = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
+    let translated = match flanneld_args::translate(
+        &Cli::command(),
+        std::env::args_os(),
+        |k| std::env::var(k).ok(),
+        env_names,
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    match Cli::try_parse_from(&translated.args) {
+        Ok(cli) => (cli, translated.ignored_env),
+        Err(e) => {
+            let _ = e.print();
+            if e.use_stderr() {
+                for (var, flag) in &translated.from_env {
+                    eprintln!("note: {flag} was taken from the environment variable {var}");
+                }
+            }
+            std::process::exit(e.exit_code());
+        }
+    }
+}
+
 async fn async_main() {
-    let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let (cli, ignored_env) = parse();
+    let verbosity = match &cli.command {
+        Command::Run(args) => args.v,
+        _ => 0,
+    };
+    init_logging(cli.log_format, verbosity);
+    for var in ignored_env {
+        warn!(
+            variable = var,
+            "flanneld would read this variable; the agent has no such flag and ignores it"
+        );
+    }
     let result = match cli.command {
         Command::Run(args) => run(*args).await,
         Command::Counters { inspect, all } => {
@@ -294,10 +399,17 @@ async fn async_main() {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let node_name = match args.node_name {
-        Some(n) => n,
-        None => hostname()?,
-    };
+    if let Some(v6) = args.public_ipv6.as_deref().filter(|v| !v.is_empty()) {
+        anyhow::bail!(
+            "--public-ipv6 {v6}: flannel's ipip backend carries IPv4 only (flanneld runs it without IPv6); remove the flag"
+        );
+    }
+    let node_name = NodeName::find(args.node_name.clone(), args.kube_subnet_mgr, |k| {
+        std::env::var(k).ok()
+    })?;
+    let status = Arc::new(Status::default());
+    // Started before the agent so that probes answer while the datapath loads.
+    let servers = start_servers(&args, &status).await?;
     let masq = masq::Settings {
         enabled: args.ip_masq,
         ports: args.nat_ports.0,
@@ -305,7 +417,10 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     // The group makes clap require exactly one of the three.
     let source = if let Some(path) = args.nodes_file {
-        Source::File(path)
+        Source::File {
+            path,
+            annotations: args.kube_annotation_prefix,
+        }
     } else if !args.etcd_endpoints.is_empty() {
         Source::Etcd(Box::new(EtcdOptions {
             endpoints: args.etcd_endpoints,
@@ -321,16 +436,9 @@ async fn run(args: RunArgs) -> Result<()> {
     } else {
         Source::Kube {
             kubeconfig: args.kubeconfig,
+            api_url: args.kube_api_url,
+            annotations: args.kube_annotation_prefix,
         }
-    };
-    let status = Arc::new(Status::default());
-    // Started before the agent so that probes answer while the datapath loads.
-    let server = match args.http_addr.0 {
-        Some(addr) => {
-            let pin_dir = bpffs::pin_dir(&args.pins.bpffs);
-            Some(http::start(addr, Arc::clone(&status), pin_dir, args.bridge.clone()).await?)
-        }
-        None => None,
     };
     let result = agent::run(
         agent::Options {
@@ -340,6 +448,7 @@ async fn run(args: RunArgs) -> Result<()> {
             interface: Selection {
                 ifaces: args.iface,
                 regexes: args.iface_regex,
+                can_reach: args.iface_can_reach,
                 public_ip: args.public_ip,
             },
             bridge: args.bridge,
@@ -355,16 +464,10 @@ async fn run(args: RunArgs) -> Result<()> {
         status,
     )
     .await;
-    if let Some(server) = server {
+    for server in servers {
         server.abort();
     }
     result
-}
-
-fn hostname() -> Result<String> {
-    let name =
-        std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname")?;
-    Ok(name.trim().to_owned())
 }
 
 #[cfg(test)]
@@ -383,6 +486,247 @@ mod tests {
 
     fn error(args: &[&str]) -> String {
         parse(args).err().expect("should be refused").to_string()
+    }
+
+    /// What a flanneld command line and environment make of the daemon's flags.
+    fn flanneld(argv: &[&str], env: &[(&str, &str)]) -> Result<RunArgs, String> {
+        let argv = std::iter::once("/opt/bin/flanneld")
+            .chain(argv.iter().copied())
+            .map(std::ffi::OsString::from);
+        let var = |k: &str| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        };
+        let names = env.iter().map(|(k, _)| k.to_string());
+        let t = flanneld_args::translate(&Cli::command(), argv, var, names)
+            .map_err(|e| format!("{e:#}"))?;
+        match Cli::try_parse_from(t.args)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Run(run) => Ok(*run),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn kube_flannel_yml_runs_unchanged() {
+        // kube-flannel.yml's container: args and downward-API environment.
+        let a = flanneld(
+            &["--ip-masq", "--kube-subnet-mgr"],
+            &[
+                ("POD_NAME", "kube-flannel-ds-abcde"),
+                ("POD_NAMESPACE", "kube-flannel"),
+                ("EVENT_QUEUE_DEPTH", "5000"),
+            ],
+        )
+        .unwrap();
+        assert!(a.ip_masq && a.kube_subnet_mgr);
+        assert_eq!(a.net_conf, PathBuf::from("/etc/kube-flannel/net-conf.json"));
+        assert_eq!(a.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
+        assert_eq!(a.healthz_port, 0);
+        assert_eq!(a.v, 0);
+        assert_eq!(
+            a.kube_annotation_prefix.public_ip,
+            "flannel.alpha.coreos.com/public-ip"
+        );
+
+        // Go's spellings of the same, and flanneld's other flags.
+        let a = flanneld(
+            &[
+                "-ip-masq=true",
+                "-kube-subnet-mgr",
+                "-net-config-path",
+                "/etc/n.json",
+                "-kubeconfig-file=/k",
+                "-kube-api-url",
+                "https://10.0.0.1:6443",
+                "-kube-annotation-prefix=example.com/team",
+                "-iface-can-reach",
+                "10.9.0.1",
+                "-healthz-ip=127.0.0.1",
+                "-healthz-port",
+                "10256",
+                "-subnet-lease-renew-margin=30",
+                "-v=4",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert!(a.ip_masq && a.kube_subnet_mgr);
+        assert_eq!(a.net_conf, PathBuf::from("/etc/n.json"));
+        assert_eq!(a.kubeconfig, Some(PathBuf::from("/k")));
+        assert_eq!(a.kube_api_url.as_deref(), Some("https://10.0.0.1:6443"));
+        assert_eq!(
+            a.kube_annotation_prefix.backend_type,
+            "example.com/team-backend-type"
+        );
+        assert_eq!(a.iface_can_reach, Some(Ipv4Addr::new(10, 9, 0, 1)));
+        assert_eq!(
+            (a.healthz_ip, a.healthz_port),
+            (IpAddr::from([127, 0, 0, 1]), 10256)
+        );
+        assert_eq!(a.subnet_lease_renew_margin, 30);
+        assert_eq!(klog_level(a.v), "debug");
+    }
+
+    #[test]
+    fn flanneld_environment_and_precedence() {
+        let env = [
+            ("FLANNELD_KUBE_SUBNET_MGR", "1"),
+            ("FLANNELD_IP_MASQ", "t"),
+            ("FLANNELD_IFACE", "eth1"),
+            ("FLANNELD_PUBLIC_IP", "192.0.2.9"),
+            ("FLANNELD_NET_CONFIG_PATH", "/env/net-conf.json"),
+            ("FLANNELD_HEALTHZ_PORT", "10256"),
+            ("FLANNELD_V", "5"),
+        ];
+        let a = flanneld(&[], &env).unwrap();
+        assert!(a.kube_subnet_mgr && a.ip_masq);
+        assert_eq!(a.iface, [IfaceSpec::Name("eth1".into())]);
+        assert_eq!(a.public_ip, Some(Ipv4Addr::new(192, 0, 2, 9)));
+        assert_eq!(a.net_conf, PathBuf::from("/env/net-conf.json"));
+        assert_eq!(a.healthz_port, 10256);
+        assert_eq!(klog_level(a.v), "trace");
+        // The command line wins, booleans included.
+        let a = flanneld(
+            &[
+                "--ip-masq=false",
+                "--iface=eth0",
+                "--public-ip",
+                "192.0.2.1",
+                "-v",
+                "1",
+            ],
+            &env,
+        )
+        .unwrap();
+        assert!(!a.ip_masq && a.kube_subnet_mgr);
+        assert_eq!(a.iface, [IfaceSpec::Name("eth0".into())]);
+        assert_eq!(a.public_ip, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(klog_level(a.v), "info");
+        // klog's level is signed.
+        let a = flanneld(&["--kube-subnet-mgr", "-v", "-1"], &[]).unwrap();
+        assert_eq!((a.v, klog_level(a.v)), (-1, "info"));
+        // Our own flags too, and etcd's password.
+        let a = flanneld(
+            &["--etcd-endpoints=http://e:2379", "--etcd-username", "u"],
+            &[
+                ("FLANNELD_ETCD_PASSWORD", "secret"),
+                ("FLANNELD_BRIDGE", "br9"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(a.etcd_password.as_deref(), Some("secret"));
+        assert_eq!(a.bridge, "br9");
+    }
+
+    #[test]
+    fn go_flag_semantics_and_refusals() {
+        // The last occurrence wins, lists append.
+        let a = flanneld(
+            &[
+                "--kube-subnet-mgr",
+                "--public-ip=192.0.2.1",
+                "-public-ip=192.0.2.2",
+                "--iface=eth0",
+                "-iface",
+                "eth1",
+                "--ip-masq",
+                "--ip-masq=false",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(a.public_ip, Some(Ipv4Addr::new(192, 0, 2, 2)));
+        assert_eq!(a.iface.len(), 2);
+        assert!(!a.ip_masq);
+        let e = |argv: &[&str], env: &[(&str, &str)]| flanneld(argv, env).err().expect("refused");
+        let bad_bool = e(&["--kube-subnet-mgr", "--ip-masq=yes"], &[]);
+        assert!(bad_bool.contains("\"yes\""), "{bad_bool}");
+        let bad_env = e(&["--kube-subnet-mgr"], &[("FLANNELD_IP_MASQ", "on")]);
+        assert!(bad_env.contains("FLANNELD_IP_MASQ"), "{bad_env}");
+        // A boolean takes no separate value: the stray word is refused, where flanneld
+        // would stop reading flags there.
+        let stray = e(&["--ip-masq", "false", "--kube-subnet-mgr"], &[]);
+        assert!(stray.contains("'false'"), "{stray}");
+        let unknown = e(&["--kube-subnet-mgr", "-iptables-resync=5"], &[]);
+        assert!(unknown.contains("--iptables-resync"), "{unknown}");
+        let port = e(&["--kube-subnet-mgr", "--healthz-port=70000"], &[]);
+        assert!(port.contains("70000"), "{port}");
+        let prefix = e(
+            &["--kube-subnet-mgr", "--kube-annotation-prefix=a/b/c"],
+            &[],
+        );
+        assert!(prefix.contains("more than one"), "{prefix}");
+        let url = e(&["--nodes-file=n.json", "--kube-api-url=https://a"], &[]);
+        assert!(url.contains("cannot be used with"), "{url}");
+    }
+
+    /// GET `path` from `port` on the loopback: the status line.
+    async fn get(port: u16, path: &str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        c.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        answer.lines().next().unwrap_or_default().to_owned()
+    }
+
+    #[tokio::test]
+    async fn healthz_port_serves_the_probes_as_flanneld() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let status = Arc::new(Status::default());
+        let port_flag = format!("-healthz-port={port}");
+        let args = [
+            "--kube-subnet-mgr",
+            "--http-addr=off",
+            "-healthz-ip",
+            "127.0.0.1",
+            &port_flag,
+        ];
+        let servers = start_servers(&flanneld(&args, &[]).unwrap(), &status)
+            .await
+            .unwrap();
+        assert_eq!(servers.len(), 1);
+        assert_eq!(get(port, "/healthz").await, "HTTP/1.1 200 OK");
+        // Not ready before the datapath is, as flanneld before its subnet.env.
+        assert_eq!(
+            get(port, "/readyz").await,
+            "HTTP/1.1 503 Service Unavailable"
+        );
+        for s in servers {
+            s.abort();
+        }
+        // Port 0 (flanneld's default): only --http-addr.
+        let off = flanneld(&["--kube-subnet-mgr", "--http-addr=off"], &[]).unwrap();
+        assert!(start_servers(&off, &status).await.unwrap().is_empty());
+        // A port in use is a startup error naming the flag.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port_flag = format!("--healthz-port={}", taken.local_addr().unwrap().port());
+        let args = [
+            "--kube-subnet-mgr",
+            "--http-addr=off",
+            "--healthz-ip=127.0.0.1",
+            &port_flag,
+        ];
+        let e = start_servers(&flanneld(&args, &[]).unwrap(), &status)
+            .await
+            .expect_err("refused");
+        assert!(format!("{e:#}").contains("--healthz-port"), "{e:#}");
+    }
+
+    #[tokio::test]
+    async fn public_ipv6_is_refused() {
+        let a = flanneld(&["--kube-subnet-mgr", "--public-ipv6=fd00::1"], &[]).unwrap();
+        let e = format!("{:#}", run(a).await.expect_err("refused"));
+        assert!(e.contains("IPv4 only") && e.contains("fd00::1"), "{e}");
     }
 
     #[test]

@@ -51,15 +51,27 @@ pub enum DesiredError {
     OwnMissing(String),
     #[error("this node is unusable: {0}")]
     OwnInvalid(NodeError),
+    /// As flanneld's kube subnet manager refuses the lease (flannel-io/flannel
+    /// v0.28.9 `pkg/subnet/kube/kube.go` `AcquireLease`), and stops.
+    #[error(
+        "subnet \"{network}\" specified in the flannel net config doesn't contain \"{pod_cidr}\" PodCIDR of the \"{node}\" node"
+    )]
+    OwnOutsideNetwork {
+        node: String,
+        pod_cidr: Ipv4Net,
+        network: Ipv4Net,
+    },
 }
 
 impl Desired {
     /// `own_address` decides this node's tunnel address (`own.tunnel_ip`), which the
     /// datapath puts on the wire: the node object's may be stale or another NIC's.
+    /// This node's pod subnet must lie in `network` (net-conf.json's `Network`).
     pub fn compute(
         set: &NodeSet,
         own_name: &str,
         own_address: &OwnAddress,
+        network: Ipv4Net,
     ) -> Result<Self, DesiredError> {
         if let Some(e) = set.errors.iter().find(|e| e.node() == Some(own_name)) {
             return Err(DesiredError::OwnInvalid(e.clone()));
@@ -71,6 +83,13 @@ impl Desired {
             .cloned()
             .ok_or_else(|| DesiredError::OwnMissing(own_name.to_owned()))?;
         own.tunnel_ip = own_address.resolve(&own);
+        if !network.contains(&own.pod_cidr) {
+            return Err(DesiredError::OwnOutsideNetwork {
+                node: own.name,
+                pod_cidr: own.pod_cidr,
+                network,
+            });
+        }
         let mut skipped: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
         let mut remotes = BTreeMap::new();
         let mut owners: BTreeMap<Ipv4Net, &str> = BTreeMap::new();
@@ -227,9 +246,6 @@ impl Reconciler {
     pub async fn apply(&mut self, dp: &mut Datapath, desired: &Desired) -> Result<Outcome> {
         let config = self.datapath_config(desired);
         if self.config != Some(config) {
-            if !self.settings.network.contains(&desired.own.pod_cidr) {
-                warn!(pod_cidr = %desired.own.pod_cidr, network = %self.settings.network, "this node's podCIDR is outside the Network of net-conf.json");
-            }
             if !self
                 .host
                 .addresses(None)
@@ -431,6 +447,10 @@ mod tests {
         interface: Ipv4Addr::UNSPECIFIED,
     };
 
+    fn network() -> Ipv4Net {
+        "10.244.0.0/16".parse().unwrap()
+    }
+
     fn set(nodes: Vec<NodeInfo>) -> NodeSet {
         let mut s = NodeSet {
             nodes,
@@ -447,7 +467,7 @@ mod tests {
             node("w1", "10.244.1.0/24", [172, 18, 0, 3]),
             node("w3", "10.244.3.0/24", [172, 19, 0, 2]),
         ]);
-        let d = Desired::compute(&s, "w1", &AS_LISTED).unwrap();
+        let d = Desired::compute(&s, "w1", &AS_LISTED, network()).unwrap();
         assert_eq!(d.own.name, "w1");
         assert_eq!(d.remotes.len(), 2);
         assert_eq!(
@@ -469,7 +489,7 @@ mod tests {
             node("me", "10.244.1.0/24", [172, 18, 0, 3]),
             node("twin", "10.244.9.0/24", [172, 18, 0, 3]),
         ]);
-        let d = Desired::compute(&s, "me", &AS_LISTED).unwrap();
+        let d = Desired::compute(&s, "me", &AS_LISTED, network()).unwrap();
         assert_eq!(
             d.remotes
                 .keys()
@@ -488,19 +508,41 @@ mod tests {
     fn own_node_problems_are_errors() {
         let s = set(vec![node("w1", "10.244.1.0/24", [172, 18, 0, 3])]);
         assert_eq!(
-            Desired::compute(&s, "w9", &AS_LISTED),
+            Desired::compute(&s, "w9", &AS_LISTED, network()),
             Err(DesiredError::OwnMissing("w9".into()))
         );
         let mut s = s;
         s.errors.push(NodeError::NoPodCidr("w2".into()));
         assert!(
-            Desired::compute(&s, "w1", &AS_LISTED).is_ok(),
+            Desired::compute(&s, "w1", &AS_LISTED, network()).is_ok(),
             "another node's problem is not ours"
         );
         assert_eq!(
-            Desired::compute(&s, "w2", &AS_LISTED),
+            Desired::compute(&s, "w2", &AS_LISTED, network()),
             Err(DesiredError::OwnInvalid(NodeError::NoPodCidr("w2".into())))
         );
+    }
+
+    #[test]
+    fn own_pod_cidr_outside_the_network_is_refused_as_flanneld() {
+        let s = set(vec![
+            node("w1", "10.245.1.0/24", [172, 18, 0, 3]),
+            node("w2", "10.244.2.0/24", [172, 18, 0, 4]),
+            node("w3", "10.244.0.0/15", [172, 18, 0, 5]),
+        ]);
+        let e = Desired::compute(&s, "w1", &AS_LISTED, network()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "subnet \"10.244.0.0/16\" specified in the flannel net config doesn't contain \"10.245.1.0/24\" PodCIDR of the \"w1\" node"
+        );
+        // Larger than the network: not contained either (flannel's containsCIDR).
+        assert!(matches!(
+            Desired::compute(&s, "w3", &AS_LISTED, network()),
+            Err(DesiredError::OwnOutsideNetwork { .. })
+        ));
+        // Other nodes outside it are routed, as flanneld routes their leases.
+        let d = Desired::compute(&s, "w2", &AS_LISTED, network()).unwrap();
+        assert!(d.remotes.contains_key(&"10.245.1.0/24".parse().unwrap()));
     }
 
     #[test]
@@ -508,7 +550,7 @@ mod tests {
         let mut vxlan = node("vx", "10.244.7.0/24", [172, 18, 0, 7]);
         vxlan.foreign_backend = Some("vxlan".into());
         let s = set(vec![node("w1", "10.244.1.0/24", [172, 18, 0, 3]), vxlan]);
-        let d = Desired::compute(&s, "w1", &AS_LISTED).unwrap();
+        let d = Desired::compute(&s, "w1", &AS_LISTED, network()).unwrap();
         assert!(d.remotes.is_empty());
         assert!(d.skipped[0].contains("vxlan"), "{:?}", d.skipped);
     }
@@ -529,14 +571,16 @@ mod tests {
             // Another node claiming the stale address is no longer our twin.
             node("stale", "10.122.1.0/26", [192, 168, 0, 111]),
         ]);
-        let d = Desired::compute(&s, "node2", &own_address).unwrap();
+        let network: Ipv4Net = "10.122.0.0/16".parse().unwrap();
+        let d = Desired::compute(&s, "node2", &own_address, network).unwrap();
         assert_eq!(d.own.tunnel_ip, own_address.interface);
         assert_eq!(d.remotes.len(), 2, "{:?}", d.skipped);
 
         let own_node = s.nodes.iter().find(|n| n.name == "node2").unwrap();
+        let names = annotations::Names::default();
         let published =
-            annotations::patch(&Default::default(), own_address.resolve(own_node)).unwrap();
-        let published: Ipv4Addr = published["metadata"]["annotations"][annotations::PUBLIC_IP]
+            annotations::patch(&Default::default(), own_address.resolve(own_node), &names).unwrap();
+        let published: Ipv4Addr = published["metadata"]["annotations"][&names.public_ip]
             .as_str()
             .unwrap()
             .parse()
@@ -553,7 +597,7 @@ mod tests {
             NodeSettings {
                 uplink,
                 bridge: "cni0".into(),
-                network: "10.122.0.0/16".parse().unwrap(),
+                network,
                 subnet_file: "/nonexistent/subnet.env".into(),
                 masq: masq::Settings::default(),
             },

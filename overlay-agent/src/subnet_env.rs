@@ -1,6 +1,16 @@
 //! `/run/flannel/subnet.env`, which the flannel CNI plugin reads on every pod start.
+//! Written as flanneld's `WriteSubnetFile` writes it (flannel-io/flannel v0.28.9
+//! `pkg/subnet/subnet.go`, `writefile_other.go`): its directory created with mode
+//! 0755, the file replaced atomically (renameio) with mode 0644 whatever the umask.
 
-use std::{fmt, io::Write as _, net::Ipv4Addr, path::Path};
+use std::{
+    fmt,
+    fs::{DirBuilder, Permissions},
+    io::Write as _,
+    net::Ipv4Addr,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::Path,
+};
 
 use anyhow::{Context as _, Result};
 use ipnet::Ipv4Net;
@@ -35,9 +45,17 @@ impl SubnetEnv {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
         let mut tmp = tempfile::NamedTempFile::new_in(dir)
             .with_context(|| format!("creating a file in {}", dir.display()))?;
+        // The temporary file is 0600; set (not masked) as flanneld's file is.
+        tmp.as_file()
+            .set_permissions(Permissions::from_mode(0o644))
+            .with_context(|| format!("setting the mode of a file in {}", dir.display()))?;
         tmp.write_all(self.to_string().as_bytes())?;
         tmp.as_file().sync_all()?;
         tmp.persist(path)
@@ -73,6 +91,13 @@ impl fmt::Display for SubnetEnv {
 mod tests {
     use super::*;
 
+    /// The process's umask, read without changing it (Linux 4.7+).
+    fn umask() -> u32 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+        u32::from_str_radix(line["Umask:".len()..].trim(), 8).unwrap()
+    }
+
     #[test]
     fn flannel_format_and_atomic_write() {
         let env = SubnetEnv::new(
@@ -91,6 +116,10 @@ mod tests {
         env.write(&path).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         assert_eq!(read_subnet(&path), Some("10.244.1.0/24".parse().unwrap()));
+        // Readable by all, as flanneld leaves it: the CNI plugin need not run as root.
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&path), 0o644);
+        assert_eq!(mode(path.parent().unwrap()), 0o755 & !umask());
         // Only the file itself remains: no temporary leftovers.
         assert_eq!(
             std::fs::read_dir(path.parent().unwrap()).unwrap().count(),

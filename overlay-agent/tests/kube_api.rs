@@ -13,5 +13,6 @@ mod kube_api {
     // Tests.
     mod annotations;
     mod bench;
+    mod flanneld;
     mod source;
 }

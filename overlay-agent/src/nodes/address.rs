@@ -2,8 +2,11 @@
 //!
 //! The interface is chosen as flanneld chooses it: `--iface` (a name or one of its
 //! addresses, repeatable, first match wins), then `--iface-regex` (matched against
-//! addresses, then names), else the interface holding `--public-ip`, else the one of
-//! the default route. The address other nodes reach this node at, and so the source
+//! addresses, then names), then `--iface-can-reach` (the interface and source address
+//! of the route to that address, as `ip route get`: flanneld's `LookupExtIface` with
+//! `GetInterfaceBySpecificIPRouting`, flannel-io/flannel v0.28.9 `main.go`,
+//! `pkg/ipmatch/match.go`, `pkg/ip/iface.go`), else the interface holding
+//! `--public-ip`, else the one of the default route. The address other nodes reach this node at, and so the source
 //! of every outer header and the destination decapsulation accepts, is then one value
 //! ([`OwnAddress::resolve`]): with several NICs, what is published and what is put on
 //! the wire cannot disagree (the failure of calico's multi-NIC case, where replies
@@ -19,7 +22,7 @@ use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
         link::LinkAttribute,
-        route::{RouteAttribute, RouteMessage},
+        route::{RouteAddress, RouteAttribute, RouteMessage},
     },
 };
 use thiserror::Error;
@@ -72,11 +75,13 @@ impl fmt::Display for IfaceSpec {
     }
 }
 
-/// What the operator asked for (`--iface`, `--iface-regex`, `--public-ip`).
+/// What the operator asked for (`--iface`, `--iface-regex`, `--iface-can-reach`,
+/// `--public-ip`).
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
     pub ifaces: Vec<IfaceSpec>,
     pub regexes: Vec<Regex>,
+    pub can_reach: Option<Ipv4Addr>,
     pub public_ip: Option<Ipv4Addr>,
 }
 
@@ -96,6 +101,17 @@ pub struct Interfaces {
     pub list: Vec<Interface>,
     /// ifindex of the default route with the lowest metric.
     pub default_route: Option<u32>,
+    /// The route to the `--iface-can-reach` address, when there is one.
+    pub reach: Option<Reach>,
+}
+
+/// The route the kernel picks to an address (`ip route get`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reach {
+    /// Its output interface.
+    pub oif: u32,
+    /// Its source address.
+    pub source: Option<Ipv4Addr>,
 }
 
 /// The interface chosen to carry the tunnel, and its address.
@@ -128,7 +144,7 @@ pub enum SelectError {
 
 impl Selection {
     pub fn select(&self, host: &Interfaces) -> Result<Selected, SelectError> {
-        if self.ifaces.is_empty() && self.regexes.is_empty() {
+        if self.ifaces.is_empty() && self.regexes.is_empty() && self.can_reach.is_none() {
             return match self.public_ip {
                 Some(ip) => host
                     .by_address(ip)
@@ -149,6 +165,12 @@ impl Selection {
                 None => tried.push(format!(
                     "--iface-regex {re}: matches no IPv4 address and no interface with one"
                 )),
+            }
+        }
+        if let Some(target) = self.can_reach {
+            match host.by_reach() {
+                Ok(found) => return Ok(found),
+                Err(why) => tried.push(format!("--iface-can-reach {target}: {why}")),
             }
         }
         Err(SelectError::NoMatch {
@@ -212,6 +234,23 @@ impl Interfaces {
             })
     }
 
+    /// The interface of the route to the `--iface-can-reach` address, with the
+    /// route's source address, else the interface's first.
+    fn by_reach(&self) -> Result<Selected, &'static str> {
+        let reach = self.reach.ok_or("no route to it")?;
+        let iface = self
+            .list
+            .iter()
+            .find(|i| i.index == reach.oif)
+            .ok_or("its route's interface is gone")?;
+        match reach.source {
+            Some(source) => Ok(iface.selected(source)),
+            None => iface
+                .first()
+                .ok_or("its route's interface has no IPv4 address"),
+        }
+    }
+
     fn by_default_route(&self) -> Result<Selected, SelectError> {
         let iface = self
             .default_route
@@ -235,8 +274,9 @@ impl Interfaces {
         each.join(", ")
     }
 
-    /// Reads this network namespace's interfaces, addresses and default route.
-    pub async fn read() -> Result<Self> {
+    /// Reads this network namespace's interfaces, addresses and default route, and
+    /// the route to `reach` when given.
+    pub async fn read(reach: Option<Ipv4Addr>) -> Result<Self> {
         let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
         let driver = tokio::spawn(conn);
         let result = async {
@@ -292,15 +332,47 @@ impl Interfaces {
                 }
             }
             let default_route = defaults.into_iter().min().map(|(_, oif)| oif);
+            let reach = match reach {
+                Some(target) => route_to(&handle, target).await,
+                None => None,
+            };
             Ok(Self {
                 list,
                 default_route,
+                reach,
             })
         }
         .await;
         driver.abort();
         result
     }
+}
+
+/// The route the kernel picks to `target`; None when it has none (the lookup fails
+/// with "network unreachable").
+async fn route_to(handle: &rtnetlink::Handle, target: Ipv4Addr) -> Option<Reach> {
+    let query = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(target, 32)
+        .build();
+    let msg = handle
+        .route()
+        .get(query)
+        .execute()
+        .try_next()
+        .await
+        .ok()??;
+    let mut reach = Reach {
+        oif: 0,
+        source: None,
+    };
+    for attr in msg.attributes {
+        match attr {
+            RouteAttribute::Oif(i) => reach.oif = i,
+            RouteAttribute::PrefSource(RouteAddress::Inet(a)) => reach.source = Some(a),
+            _ => {}
+        }
+    }
+    (reach.oif != 0).then_some(reach)
 }
 
 /// (metric, ifindex) of a default route of the main table.
@@ -383,6 +455,7 @@ mod tests {
                 iface("eth1", 4, &[[192, 168, 3, 113]]),
             ],
             default_route: Some(2),
+            reach: None,
         }
     }
 
@@ -395,6 +468,7 @@ mod tests {
                 "--iface" => s.ifaces.push(value.parse().unwrap()),
                 "--iface-regex" => s.regexes.push(Regex::new(value).unwrap()),
                 "--public-ip" => s.public_ip = Some(value.parse().unwrap()),
+                "--iface-can-reach" => s.can_reach = Some(value.parse().unwrap()),
                 _ => unreachable!("{flag}"),
             }
         }
@@ -528,6 +602,49 @@ mod tests {
     }
 
     #[test]
+    fn can_reach_picks_the_routes_interface_after_iface_and_regex() {
+        let mut host = multi_nic();
+        host.reach = Some(Reach {
+            oif: 4,
+            source: None,
+        });
+        let picked = |args: &[&str], host: &Interfaces| {
+            let s = select(args, host).unwrap();
+            (s.interface.name, s.address)
+        };
+        // Not the default route's: the route's interface, and its first address.
+        assert_eq!(
+            picked(&["--iface-can-reach", "10.9.0.1"], &host),
+            ("eth1".into(), ip("192.168.3.113"))
+        );
+        // --iface and --iface-regex come first; can-reach when they match nothing.
+        assert_eq!(
+            picked(&["--iface", "eth0", "--iface-can-reach", "10.9.0.1"], &host).0,
+            "eth0"
+        );
+        assert_eq!(
+            picked(&["--iface", "eth7", "--iface-can-reach", "10.9.0.1"], &host).0,
+            "eth1"
+        );
+        // The route's source address, when it has one.
+        host.reach = Some(Reach {
+            oif: 2,
+            source: Some(ip("192.168.0.200")),
+        });
+        assert_eq!(
+            picked(&["--iface-can-reach", "10.9.0.1"], &host),
+            ("eth0".into(), ip("192.168.0.200"))
+        );
+        host.reach = None;
+        let e = select(&["--iface-can-reach", "10.9.0.1"], &host).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--iface-can-reach 10.9.0.1: no route to it"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn iface_values_are_checked() {
         assert_eq!("eth0".parse(), Ok(IfaceSpec::Name("eth0".into())));
         assert_eq!("10.1.2.3".parse(), Ok(IfaceSpec::Address(ip("10.1.2.3"))));
@@ -601,6 +718,7 @@ mod tests {
                 "link set b1 up",
                 "route add default via 192.168.3.253 dev b0 metric 100",
                 "route add default via 192.168.0.253 dev a0 metric 10",
+                "route add 10.9.0.0/16 via 192.168.3.253 dev b0",
             ] {
                 let ok = std::process::Command::new("ip")
                     .args(cmd.split(' '))
@@ -613,7 +731,7 @@ mod tests {
                 .enable_all()
                 .build()
                 .unwrap()
-                .block_on(Interfaces::read())
+                .block_on(Interfaces::read(Some(ip("10.9.1.1"))))
                 .unwrap();
             let a0 = host.list.iter().find(|i| i.name == "a0").unwrap();
             assert_eq!(a0.addresses, [ip("192.168.0.113"), ip("192.168.0.200")]);
@@ -626,6 +744,12 @@ mod tests {
             );
             let by_address = select(&["--iface", "192.168.3.113"], &host).unwrap();
             assert_eq!(by_address.interface.name, "b0");
+            // `ip route get 10.9.1.1`: b0, from its address.
+            let reach = select(&["--iface-can-reach", "10.9.1.1"], &host).unwrap();
+            assert_eq!(
+                (reach.interface.name.as_str(), reach.address),
+                ("b0", ip("192.168.3.113"))
+            );
         })
         .join()
         .unwrap();

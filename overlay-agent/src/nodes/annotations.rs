@@ -1,7 +1,8 @@
 //! flannel's node annotations: what flanneld's kube subnet manager writes on its own
 //! Node and reads on the others. Writing the same ones, with the same values, is what
 //! lets flanneld nodes and ours route to each other in one cluster, and lets a cluster
-//! move from one to the other node by node.
+//! move from one to the other node by node. Their prefix is flanneld's
+//! `--kube-annotation-prefix` ([`Names`]).
 
 use std::{
     collections::BTreeMap,
@@ -22,38 +23,107 @@ use tracing::{info, warn};
 use crate::status::Status;
 
 /// The prefix flanneld uses unless told `--kube-annotation-prefix`.
-pub const PREFIX: &str = "flannel.alpha.coreos.com/";
-/// The address other nodes send this node's tunnel traffic to.
-pub const PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
-/// Set by an operator: the address the node's agent must publish as its public-ip.
-pub const PUBLIC_IP_OVERWRITE: &str = "flannel.alpha.coreos.com/public-ip-overwrite";
-/// The backend the node's agent runs; flanneld ignores nodes of another backend.
-pub const BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
-/// Backend-specific data (a VXLAN MAC, a WireGuard key); ipip has none.
-pub const BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
-/// flanneld's kube subnet manager only considers nodes that carry this with "true".
-pub const KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
+pub const DEFAULT_PREFIX: &str = "flannel.alpha.coreos.com";
+/// What follows the prefix in the name of each annotation the agent reads or writes.
+pub const SUFFIXES: [&str; 5] = [
+    PUBLIC_IP,
+    PUBLIC_IP_OVERWRITE,
+    BACKEND_TYPE,
+    BACKEND_DATA,
+    KUBE_SUBNET_MANAGER,
+];
+const PUBLIC_IP: &str = "public-ip";
+const PUBLIC_IP_OVERWRITE: &str = "public-ip-overwrite";
+const BACKEND_TYPE: &str = "backend-type";
+const BACKEND_DATA: &str = "backend-data";
+const KUBE_SUBNET_MANAGER: &str = "kube-subnet-manager";
 
 /// Our backend type, as flanneld's ipip backend names itself.
 pub const BACKEND: &str = "ipip";
 /// flanneld's ipip backend has no backend data and marshals its nil JSON to `null`.
 const NO_BACKEND_DATA: &str = "null";
 
+/// The names of flannel's annotations under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// The address other nodes send this node's tunnel traffic to.
+    pub public_ip: String,
+    /// Set by an operator: the address the node's agent must publish as its public-ip.
+    pub public_ip_overwrite: String,
+    /// The backend the node's agent runs; flanneld ignores nodes of another backend.
+    pub backend_type: String,
+    /// Backend-specific data (a VXLAN MAC, a WireGuard key); ipip has none.
+    pub backend_data: String,
+    /// flanneld's kube subnet manager only considers nodes that carry this with "true".
+    pub kube_subnet_manager: String,
+}
+
+impl Names {
+    /// The names under `prefix`, derived and checked as flanneld's `newAnnotations`
+    /// (flannel-io/flannel v0.28.9 `pkg/subnet/kube/annotations.go`): at most one
+    /// `/`, appended when there is none; after a `/NAME` a `-` is appended; the result
+    /// must look like `fqdn/[name-]` (the check searches, as Go's MatchString does).
+    pub fn new(prefix: &str) -> Result<Self, String> {
+        let mut p = prefix.to_owned();
+        match p.matches('/').count() {
+            0 => p.push('/'),
+            1 => {}
+            _ => {
+                return Err(format!(
+                    "annotation prefix {prefix:?} has more than one \"/\""
+                ));
+            }
+        }
+        if !p.ends_with('/') && !p.ends_with('-') {
+            p.push('-');
+        }
+        let format = regex::Regex::new(r"(?:[a-z0-9_-]+\.)+[a-z0-9_-]+/(?:[a-z0-9_-]+-)?$")
+            .expect("a valid expression");
+        if !format.is_match(&p) {
+            return Err(format!(
+                "annotation prefix {prefix:?} is not in the format fqdn/[0-9a-z-_]*"
+            ));
+        }
+        let name = |suffix: &str| format!("{p}{suffix}");
+        Ok(Self {
+            public_ip: name(PUBLIC_IP),
+            public_ip_overwrite: name(PUBLIC_IP_OVERWRITE),
+            backend_type: name(BACKEND_TYPE),
+            backend_data: name(BACKEND_DATA),
+            kube_subnet_manager: name(KUBE_SUBNET_MANAGER),
+        })
+    }
+}
+
+impl std::str::FromStr for Names {
+    type Err = String;
+
+    fn from_str(prefix: &str) -> Result<Self, String> {
+        Self::new(prefix)
+    }
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self::new(DEFAULT_PREFIX).expect("flannel's default prefix is valid")
+    }
+}
+
 /// The annotations this node must carry when it is reached at `address`: those
 /// flanneld's `AcquireLease` writes for the ipip backend.
-pub fn wanted(address: Ipv4Addr) -> BTreeMap<&'static str, String> {
+pub fn wanted(address: Ipv4Addr, names: &Names) -> BTreeMap<&str, String> {
     BTreeMap::from([
-        (BACKEND_TYPE, BACKEND.to_owned()),
-        (BACKEND_DATA, NO_BACKEND_DATA.to_owned()),
-        (PUBLIC_IP, address.to_string()),
-        (KUBE_SUBNET_MANAGER, "true".to_owned()),
+        (names.backend_type.as_str(), BACKEND.to_owned()),
+        (names.backend_data.as_str(), NO_BACKEND_DATA.to_owned()),
+        (names.public_ip.as_str(), address.to_string()),
+        (names.kube_subnet_manager.as_str(), "true".to_owned()),
     ])
 }
 
 /// The JSON merge patch that brings `current` to what `address` wants, with only the
 /// annotations that differ; None when nothing does.
-pub fn patch(current: &Annotations, address: Ipv4Addr) -> Option<Value> {
-    let differing: Map<String, Value> = wanted(address)
+pub fn patch(current: &Annotations, address: Ipv4Addr, names: &Names) -> Option<Value> {
+    let differing: Map<String, Value> = wanted(address, names)
         .into_iter()
         .filter(|(key, value)| current.get(key) != Some(value.as_str()))
         .map(|(key, value)| (key.to_owned(), Value::String(value)))
@@ -83,15 +153,17 @@ struct Sent {
 pub struct Publisher {
     api: Api<Node>,
     node_name: String,
+    names: Names,
     sent: Option<Sent>,
     retry: Duration,
 }
 
 impl Publisher {
-    pub fn new(api: Api<Node>, node_name: &str) -> Self {
+    pub fn new(api: Api<Node>, node_name: &str, names: Names) -> Self {
         Self {
             api,
             node_name: node_name.to_owned(),
+            names,
             sent: None,
             retry: RETRY_MIN,
         }
@@ -104,7 +176,7 @@ impl Publisher {
 
     /// Makes the node's annotations (`current`, as last seen) announce `address`.
     pub async fn reconcile(&mut self, current: &Annotations, address: Ipv4Addr, status: &Status) {
-        let Some(patch) = patch(current, address) else {
+        let Some(patch) = patch(current, address, &self.names) else {
             if self.sent.take().is_some() || !status.annotations().synced {
                 info!(node = self.node_name, %address, "flannel annotations are in place");
             }
@@ -155,15 +227,45 @@ impl Publisher {
 mod tests {
     use super::*;
 
-    fn annotations(pairs: &[(&str, &str)]) -> Annotations {
-        pairs.iter().copied().collect()
+    #[test]
+    fn names_derive_from_the_prefix_as_flanneld() {
+        let n = |p: &str| Names::new(p).map(|n| n.public_ip);
+        assert_eq!(
+            Names::default().public_ip,
+            "flannel.alpha.coreos.com/public-ip"
+        );
+        assert_eq!(
+            Names::default().backend_type,
+            "flannel.alpha.coreos.com/backend-type"
+        );
+        assert_eq!(n("example.com").unwrap(), "example.com/public-ip");
+        assert_eq!(n("example.com/").unwrap(), "example.com/public-ip");
+        assert_eq!(n("example.com/team").unwrap(), "example.com/team-public-ip");
+        assert_eq!(
+            n("example.com/team-").unwrap(),
+            "example.com/team-public-ip"
+        );
+        let overwrite = Names::new("example.com/team").unwrap().public_ip_overwrite;
+        assert_eq!(overwrite, "example.com/team-public-ip-overwrite");
+        assert!(n("a/b/c").unwrap_err().contains("more than one"));
+        for bad in ["example", "example.com/Team", "example.com/a.b", ""] {
+            let e = n(bad).unwrap_err();
+            assert!(e.contains("fqdn/"), "{bad}: {e}");
+        }
+        // Go's MatchString searches: a tail in the format is enough, as in flanneld.
+        assert_eq!(n("Example.com").unwrap(), "Example.com/public-ip");
+        assert_eq!(n("exa mple.com").unwrap(), "exa mple.com/public-ip");
+    }
+
+    fn annotations<K: AsRef<str>>(pairs: &[(K, &str)]) -> Annotations {
+        pairs.iter().map(|(k, v)| (k.as_ref(), *v)).collect()
     }
 
     const ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 3, 113);
 
     #[test]
     fn a_bare_node_gets_all_four_as_flanneld_writes_them() {
-        let p = patch(&Annotations::default(), ADDRESS).unwrap();
+        let p = patch(&Annotations::default(), ADDRESS, &Names::default()).unwrap();
         assert_eq!(
             p,
             json!({"metadata": {"annotations": {
@@ -173,36 +275,47 @@ mod tests {
                 "flannel.alpha.coreos.com/kube-subnet-manager": "true",
             }}})
         );
-        assert_eq!(patch(&annotations(&[("other/x", "y")]), ADDRESS), Some(p));
+        assert_eq!(
+            patch(
+                &annotations(&[("other/x", "y")]),
+                ADDRESS,
+                &Names::default()
+            ),
+            Some(p)
+        );
     }
 
     #[test]
     fn only_what_differs_is_sent_and_nothing_when_in_place() {
         // As flanneld's ipip backend left the node, with another address, and with
         // annotations of others that must be left alone.
+        let n = Names::default();
         let flanneld = annotations(&[
-            (BACKEND_TYPE, "ipip"),
-            (BACKEND_DATA, "null"),
-            (PUBLIC_IP, "192.168.0.113"),
-            (KUBE_SUBNET_MANAGER, "true"),
+            (n.backend_type.as_str(), "ipip"),
+            (n.backend_data.as_str(), "null"),
+            (n.public_ip.as_str(), "192.168.0.113"),
+            (n.kube_subnet_manager.as_str(), "true"),
             ("node.alpha.kubernetes.io/ttl", "0"),
         ]);
         assert_eq!(
-            patch(&flanneld, ADDRESS),
+            patch(&flanneld, ADDRESS, &n),
             Some(
                 json!({"metadata": {"annotations": {"flannel.alpha.coreos.com/public-ip": "192.168.3.113"}}})
             )
         );
-        assert_eq!(patch(&flanneld, Ipv4Addr::new(192, 168, 0, 113)), None);
+        assert_eq!(patch(&flanneld, Ipv4Addr::new(192, 168, 0, 113), &n), None);
         // A vxlan node moving to us: type and data change, the rest stays.
         let vxlan = annotations(&[
-            (BACKEND_TYPE, "vxlan"),
-            (BACKEND_DATA, r#"{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}"#),
-            (PUBLIC_IP, "192.168.3.113"),
-            (KUBE_SUBNET_MANAGER, "true"),
+            (n.backend_type.as_str(), "vxlan"),
+            (
+                n.backend_data.as_str(),
+                r#"{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}"#,
+            ),
+            (n.public_ip.as_str(), "192.168.3.113"),
+            (n.kube_subnet_manager.as_str(), "true"),
         ]);
         assert_eq!(
-            patch(&vxlan, ADDRESS),
+            patch(&vxlan, ADDRESS, &n),
             Some(json!({"metadata": {"annotations": {
                 "flannel.alpha.coreos.com/backend-type": "ipip",
                 "flannel.alpha.coreos.com/backend-data": "null",

@@ -1,4 +1,5 @@
 //! Node source: a file holding `kubectl get nodes -o json` output, re-read on change.
+//! flannel's annotations are read under `--kube-annotation-prefix`, as from the API.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -7,7 +8,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use super::{NodeSet, SlimNode};
+use super::{NodeSet, SlimNode, annotations::Names};
 use crate::status::Status;
 
 /// How often the file is checked for changes.
@@ -15,7 +16,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Parses what `kubectl get nodes -o json` prints (`kind: List`, or `NodeList` from
 /// the API), or a single `Node` from `kubectl get node NAME -o json`.
-pub fn parse(text: &[u8]) -> Result<NodeSet> {
+pub fn parse(text: &[u8], names: &Names) -> Result<NodeSet> {
     #[derive(Deserialize)]
     struct Kind {
         kind: Option<String>,
@@ -30,11 +31,11 @@ pub fn parse(text: &[u8]) -> Result<NodeSet> {
     match kind.as_deref() {
         Some("List" | "NodeList") => {
             let list: List = serde_json::from_slice(text).context("not a list of Nodes")?;
-            Ok(list.items.iter().collect())
+            Ok(NodeSet::of(&list.items, names))
         }
         Some("Node") => {
             let node: SlimNode = serde_json::from_slice(text).context("not a valid Node")?;
-            Ok(std::iter::once(&node).collect())
+            Ok(NodeSet::of([&node], names))
         }
         other => bail!(
             "expected kind List, NodeList or Node (kubectl get nodes -o json), found {other:?}"
@@ -45,7 +46,12 @@ pub fn parse(text: &[u8]) -> Result<NodeSet> {
 /// Watches `path`, publishing each new, valid content. A missing or unreadable file,
 /// or one that does not parse, is reported (once per distinct problem) and the last
 /// good set stays published.
-pub async fn watch_file(path: PathBuf, tx: watch::Sender<Option<NodeSet>>, status: &Status) {
+pub async fn watch_file(
+    path: PathBuf,
+    names: Names,
+    tx: watch::Sender<Option<NodeSet>>,
+    status: &Status,
+) {
     let mut last_bytes: Option<Vec<u8>> = None;
     let mut last_error: Option<String> = None;
     let mut interval = tokio::time::interval(POLL_INTERVAL);
@@ -67,7 +73,7 @@ pub async fn watch_file(path: PathBuf, tx: watch::Sender<Option<NodeSet>>, statu
         if last_bytes.as_deref() == Some(&bytes[..]) {
             continue;
         }
-        match parse(&bytes) {
+        match parse(&bytes, &names) {
             Ok(set) => {
                 last_error = None;
                 status.source_synced();
@@ -104,7 +110,7 @@ mod tests {
         ];
         for kind in ["List", "NodeList"] {
             let doc = serde_json::json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": ""}, "items": items});
-            let set = parse(doc.to_string().as_bytes()).unwrap();
+            let set = parse(doc.to_string().as_bytes(), &Names::default()).unwrap();
             assert_eq!(
                 set.nodes
                     .iter()
@@ -114,12 +120,26 @@ mod tests {
             );
             assert_eq!(set.errors.len(), 1);
         }
-        let one = parse(items[1].to_string().as_bytes()).unwrap();
+        let one = parse(items[1].to_string().as_bytes(), &Names::default()).unwrap();
         assert_eq!(one.nodes.len(), 1);
-        assert!(parse(b"{\"items\": 3}").is_err());
-        assert!(parse(b"{\"kind\": \"List\", \"items\": 3}").is_err());
-        assert!(parse(b"{\"kind\": \"Pod\"}").is_err());
-        assert!(parse(b"not json").is_err());
+        assert!(parse(b"{\"items\": 3}", &Names::default()).is_err());
+        assert!(parse(b"{\"kind\": \"List\", \"items\": 3}", &Names::default()).is_err());
+        assert!(parse(b"{\"kind\": \"Pod\"}", &Names::default()).is_err());
+        assert!(parse(b"not json", &Names::default()).is_err());
+        // flannel's annotations under --kube-annotation-prefix.
+        let mut node = items[1].clone();
+        node["metadata"]["annotations"]["example.com/team-public-ip"] = "192.0.2.3".into();
+        let custom = Names::new("example.com/team").unwrap();
+        let set = parse(node.to_string().as_bytes(), &custom).unwrap();
+        assert_eq!(
+            set.nodes[0].tunnel_ip,
+            std::net::Ipv4Addr::new(192, 0, 2, 3)
+        );
+        let set = parse(node.to_string().as_bytes(), &Names::default()).unwrap();
+        assert_eq!(
+            set.nodes[0].tunnel_ip,
+            std::net::Ipv4Addr::new(172, 18, 0, 3)
+        );
     }
 
     #[tokio::test]
@@ -144,7 +164,7 @@ mod tests {
         let status = std::sync::Arc::new(Status::default());
         let task = tokio::spawn({
             let (status, path) = (std::sync::Arc::clone(&status), path.clone());
-            async move { watch_file(path, tx, &status).await }
+            async move { watch_file(path, Names::default(), tx, &status).await }
         });
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow_and_update().as_ref().unwrap().nodes.len(), 2);

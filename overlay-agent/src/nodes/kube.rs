@@ -17,7 +17,7 @@ use std::{collections::BTreeMap, path::Path, pin::pin, sync::Arc, time::Duration
 
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
@@ -31,25 +31,61 @@ use kube::{
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::{NodeError, NodeInfo, NodeSet, SlimNode, address::OwnAddress, annotations::Publisher};
+use super::{
+    NodeError, NodeInfo, NodeSet, SlimNode,
+    address::OwnAddress,
+    annotations::{Names, Publisher},
+};
 use crate::status::Status;
 
 /// A client from `kubeconfig`, else from the environment: `KUBECONFIG` or
 /// `~/.kube/config`, else the in-cluster service account (as a DaemonSet pod).
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
+/// `api_url` (flanneld's `--kube-api-url`) replaces the server's URL; without a
+/// kubeconfig it goes with the service account's credentials, or none outside a pod,
+/// as client-go's `BuildConfigFromFlags` that flanneld calls.
+pub async fn client(kubeconfig: Option<&Path>, api_url: Option<&str>) -> Result<Client> {
+    let mut config = match (kubeconfig, api_url) {
+        (Some(path), _) => {
             let file = Kubeconfig::read_from(path)
                 .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
             Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
                 .await
                 .with_context(|| format!("using the kubeconfig {}", path.display()))?
         }
-        None => Config::infer().await.context(
+        (None, Some(url)) => match Config::incluster() {
+            Ok(config) => config,
+            Err(_) => Config::new(api_uri(url)?),
+        },
+        (None, None) => Config::infer().await.context(
             "finding the Kubernetes API: not in a pod (no service account) and no kubeconfig (--kubeconfig, KUBECONFIG, ~/.kube/config)",
         )?,
     };
+    if let Some(url) = api_url {
+        config.cluster_url = api_uri(url)?;
+    }
     Client::try_from(config).context("creating the Kubernetes client")
+}
+
+fn api_uri<T: std::str::FromStr>(url: &str) -> Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    url.parse()
+        .with_context(|| format!("--kube-api-url {url:?} is not a URL"))
+}
+
+/// The node the pod `namespace/pod` runs on, as flanneld finds its node.
+pub async fn pod_node_name(client: &Client, namespace: &str, pod: &str) -> Result<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let found = pods
+        .get(pod)
+        .await
+        .with_context(|| format!("error retrieving pod spec for '{namespace}/{pod}'"))?;
+    found
+        .spec
+        .and_then(|s| s.node_name)
+        .filter(|n| !n.is_empty())
+        .with_context(|| format!("node name not present in pod spec '{namespace}/{pod}'"))
 }
 
 /// How long the watcher waits after an error before trying again.
@@ -105,22 +141,22 @@ struct Index(BTreeMap<String, Result<NodeInfo, NodeError>>);
 
 impl Index {
     /// Exactly the nodes of `store`.
-    fn of(store: &Store<SlimNode>) -> Self {
+    fn of(store: &Store<SlimNode>, names: &Names) -> Self {
         Self(
             store
                 .state()
                 .iter()
-                .filter_map(|n| Some((n.metadata.name.clone()?, NodeInfo::from_node(n))))
+                .filter_map(|n| Some((n.metadata.name.clone()?, NodeInfo::from_node(n, names))))
                 .collect(),
         )
     }
 
     /// Takes in an added or changed node; true if what the overlay uses changed.
-    fn apply(&mut self, node: &SlimNode) -> bool {
+    fn apply(&mut self, node: &SlimNode, names: &Names) -> bool {
         let Some(name) = node.metadata.name.clone() else {
             return false;
         };
-        let info = NodeInfo::from_node(node);
+        let info = NodeInfo::from_node(node, names);
         if self.0.get(&name) == Some(&info) {
             return false;
         }
@@ -159,6 +195,7 @@ struct Follower {
     index: Index,
     /// A complete list has arrived: from then on every state is a complete set.
     listed: bool,
+    names: Names,
 }
 
 impl Follower {
@@ -172,7 +209,7 @@ impl Follower {
             }
             Ok(Event::InitApply(_)) => return None,
             Ok(Event::InitDone) => {
-                let relisted = Index::of(&self.store);
+                let relisted = Index::of(&self.store, &self.names);
                 let gone = self.index.missing_from(&relisted);
                 let new = relisted.missing_from(&self.index).len();
                 info!(
@@ -189,7 +226,7 @@ impl Follower {
             }
             Ok(Event::Apply(node)) => {
                 status.source_synced();
-                self.index.apply(&node)
+                self.index.apply(&node, &self.names)
             }
             Ok(Event::Delete(node)) => {
                 status.source_synced();
@@ -213,6 +250,7 @@ pub struct KubeSource {
     own_address: OwnAddress,
     retry: Retry,
     watcher: watcher::Config,
+    annotations: Names,
 }
 
 impl KubeSource {
@@ -224,7 +262,14 @@ impl KubeSource {
             retry: Retry::Default(DefaultBackoff::default()),
             // Paged lists (500 Nodes a page) bound what a relist holds at once.
             watcher: watcher::Config::default(),
+            annotations: Names::default(),
         }
+    }
+
+    /// flannel's annotations under another prefix than flanneld's default.
+    pub fn with_annotations(mut self, names: Names) -> Self {
+        self.annotations = names;
+        self
     }
 
     pub fn with_retry(mut self, retry: Retry) -> Self {
@@ -248,11 +293,16 @@ impl KubeSource {
                 .reflect(writer)
         );
         let own_ref = ObjectRef::new(&self.node_name);
-        let mut publisher = Publisher::new(Api::<Node>::all(self.client.clone()), &self.node_name);
+        let mut publisher = Publisher::new(
+            Api::<Node>::all(self.client.clone()),
+            &self.node_name,
+            self.annotations.clone(),
+        );
         let mut follower = Follower {
             store,
             index: Index::default(),
             listed: false,
+            names: self.annotations,
         };
         info!(
             node = self.node_name,

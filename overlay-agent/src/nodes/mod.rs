@@ -9,7 +9,7 @@ pub mod slim;
 
 use std::{net::Ipv4Addr, path::PathBuf, sync::Arc};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result, bail};
 
 use crate::config::NetConf;
 use ipnet::Ipv4Net;
@@ -18,8 +18,7 @@ use tokio::sync::watch;
 
 use crate::status::Status;
 use address::{Authority, OwnAddress};
-pub use annotations::PUBLIC_IP as PUBLIC_IP_ANNOTATION;
-use annotations::{BACKEND, BACKEND_TYPE, PUBLIC_IP_OVERWRITE};
+use annotations::{BACKEND, Names};
 pub use slim::SlimNode;
 
 /// A node as the overlay sees it.
@@ -51,11 +50,11 @@ pub enum NodeError {
     #[error("node {node}: annotation {annotation}={value:?} is not an IPv4 address")]
     BadAddress {
         node: String,
-        annotation: &'static str,
+        annotation: String,
         value: String,
     },
-    #[error("node {0} has neither the {PUBLIC_IP_ANNOTATION} annotation nor an IPv4 InternalIP")]
-    NoAddress(String),
+    #[error("node {node} has neither the {annotation} annotation nor an IPv4 InternalIP")]
+    NoAddress { node: String, annotation: String },
 }
 
 impl NodeError {
@@ -63,28 +62,34 @@ impl NodeError {
     pub fn node(&self) -> Option<&str> {
         match self {
             NodeError::NoName => None,
-            NodeError::NoPodCidr(n) | NodeError::NoAddress(n) => Some(n),
-            NodeError::BadPodCidr { node, .. } | NodeError::BadAddress { node, .. } => Some(node),
+            NodeError::NoPodCidr(node)
+            | NodeError::NoAddress { node, .. }
+            | NodeError::BadPodCidr { node, .. }
+            | NodeError::BadAddress { node, .. } => Some(node),
         }
     }
 }
 
 impl NodeInfo {
-    pub fn from_node(node: &SlimNode) -> Result<Self, NodeError> {
+    /// The node as the overlay sees it, with flannel's annotations named `names`.
+    pub fn from_node(node: &SlimNode, names: &Names) -> Result<Self, NodeError> {
         let name = node.metadata.name.clone().ok_or(NodeError::NoName)?;
         let pod_cidr = pod_cidr(node, &name)?;
-        let tunnel_ip = match annotation_address(node, &name, PUBLIC_IP_ANNOTATION)? {
+        let tunnel_ip = match annotation_address(node, &name, &names.public_ip)? {
             Some(ip) => ip,
             None => node
                 .internal_ips
                 .iter()
                 .find_map(|a| a.parse().ok())
-                .ok_or_else(|| NodeError::NoAddress(name.clone()))?,
+                .ok_or_else(|| NodeError::NoAddress {
+                    node: name.clone(),
+                    annotation: names.public_ip.clone(),
+                })?,
         };
-        let overwrite = annotation_address(node, &name, PUBLIC_IP_OVERWRITE)?;
+        let overwrite = annotation_address(node, &name, &names.public_ip_overwrite)?;
         let foreign_backend = node
             .annotations
-            .get(BACKEND_TYPE)
+            .get(&names.backend_type)
             .filter(|b| *b != BACKEND)
             .map(str::to_owned);
         Ok(Self {
@@ -100,14 +105,14 @@ impl NodeInfo {
 fn annotation_address(
     node: &SlimNode,
     name: &str,
-    key: &'static str,
+    key: &str,
 ) -> Result<Option<Ipv4Addr>, NodeError> {
     node.annotations
         .get(key)
         .map(|value| {
             value.parse().map_err(|_| NodeError::BadAddress {
                 node: name.to_owned(),
-                annotation: key,
+                annotation: key.to_owned(),
                 value: value.to_owned(),
             })
         })
@@ -136,11 +141,16 @@ fn pod_cidr(node: &SlimNode, name: &str) -> Result<Ipv4Net, NodeError> {
 /// Where the agent learns the nodes from.
 #[derive(Debug, Clone)]
 pub enum Source {
-    /// A file as `kubectl get nodes -o json` prints it, re-read on change.
-    File(PathBuf),
+    /// A file as `kubectl get nodes -o json` prints it, re-read on change; flannel's
+    /// annotations named `annotations`.
+    File { path: PathBuf, annotations: Names },
     /// The Kubernetes API (flanneld's `--kube-subnet-mgr`), in-cluster or through a
-    /// kubeconfig.
-    Kube { kubeconfig: Option<PathBuf> },
+    /// kubeconfig, at `api_url` when given; flannel's annotations named `annotations`.
+    Kube {
+        kubeconfig: Option<PathBuf>,
+        api_url: Option<String>,
+        annotations: Names,
+    },
     /// flannel's etcd subnet manager: leases this node's subnet and learns the others'.
     Etcd(Box<etcd::EtcdOptions>),
 }
@@ -149,35 +159,109 @@ impl Source {
     /// Who has the last word on this node's tunnel address with this source.
     pub fn authority(&self) -> Authority {
         match self {
-            Source::File(_) => Authority::NodeList,
+            Source::File { .. } => Authority::NodeList,
             Source::Kube { .. } | Source::Etcd(_) => Authority::Agent,
         }
     }
 
-    /// Prepares the source. Connection settings are checked here, so that a missing
-    /// kubeconfig stops the agent before it touches the node; etcd is connected to
-    /// (waiting for it) and its network configuration read.
-    pub async fn open(self, node_name: &str, own_address: OwnAddress) -> Result<OpenSource> {
+    /// Prepares the source and finds this node's name. Connection settings are
+    /// checked here, so that a missing kubeconfig stops the agent before it touches
+    /// the node; etcd is connected to (waiting for it) and its network configuration
+    /// read.
+    pub async fn open(
+        self,
+        node_name: &NodeName,
+        own_address: OwnAddress,
+    ) -> Result<(String, OpenSource)> {
         Ok(match self {
-            Source::File(path) => OpenSource::File(path),
-            Source::Kube { kubeconfig } => {
-                let client = kube::client(kubeconfig.as_deref()).await?;
-                OpenSource::Kube(Box::new(kube::KubeSource::new(
-                    client,
-                    node_name,
-                    own_address,
-                )))
+            Source::File { path, annotations } => (
+                node_name.without_api()?,
+                OpenSource::File { path, annotations },
+            ),
+            Source::Kube {
+                kubeconfig,
+                api_url,
+                annotations,
+            } => {
+                let client = kube::client(kubeconfig.as_deref(), api_url.as_deref()).await?;
+                let name = match node_name {
+                    NodeName::OfPod { namespace, pod } => {
+                        kube::pod_node_name(&client, namespace, pod).await?
+                    }
+                    other => other.without_api()?,
+                };
+                let source =
+                    kube::KubeSource::new(client, &name, own_address).with_annotations(annotations);
+                (name, OpenSource::Kube(Box::new(source)))
             }
-            Source::Etcd(opts) => OpenSource::Etcd(Box::new(
-                etcd::EtcdSource::open(&opts, node_name, own_address).await?,
-            )),
+            Source::Etcd(opts) => {
+                let name = node_name.without_api()?;
+                let source = etcd::EtcdSource::open(&opts, &name, own_address).await?;
+                (name, OpenSource::Etcd(Box::new(source)))
+            }
         })
+    }
+}
+
+/// Where this node's name comes from, in flanneld's order (flannel-io/flannel
+/// v0.28.9 `pkg/subnet/kube/kube.go` `NewSubnetManager`): `NODE_NAME`, else the
+/// `spec.nodeName` of the pod `POD_NAMESPACE`/`POD_NAME` read from the Kubernetes
+/// API. `--node-name` comes first; where flanneld gives up (neither variable set)
+/// the agent takes the hostname, as it does with the other sources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeName {
+    /// `--node-name` or `NODE_NAME`.
+    Given(String),
+    /// The node the pod runs on (the Kubernetes API source only).
+    OfPod { namespace: String, pod: String },
+    /// This host's name.
+    Hostname,
+}
+
+impl NodeName {
+    /// From `--node-name` and the environment (`env` gives a variable's value); empty
+    /// values count as unset, as in flanneld. `api` says whether the source is the
+    /// Kubernetes API, where the pod can be looked up.
+    pub fn find(
+        flag: Option<String>,
+        api: bool,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self> {
+        let var = |k: &str| env(k).filter(|v| !v.is_empty());
+        if let Some(name) = flag.filter(|n| !n.is_empty()).or_else(|| var("NODE_NAME")) {
+            return Ok(Self::Given(name));
+        }
+        if !api {
+            return Ok(Self::Hostname);
+        }
+        match (var("POD_NAMESPACE"), var("POD_NAME")) {
+            (Some(namespace), Some(pod)) => Ok(Self::OfPod { namespace, pod }),
+            (None, None) => Ok(Self::Hostname),
+            _ => bail!(
+                "env variables POD_NAME and POD_NAMESPACE must be set (or NODE_NAME, or --node-name)"
+            ),
+        }
+    }
+
+    /// The name where no API lookup is needed.
+    fn without_api(&self) -> Result<String> {
+        match self {
+            NodeName::Given(name) => Ok(name.clone()),
+            NodeName::Hostname => {
+                let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .context("reading the hostname")?;
+                Ok(name.trim().to_owned())
+            }
+            NodeName::OfPod { namespace, pod } => bail!(
+                "the node of pod {namespace}/{pod} can only be looked up with --kube-subnet-mgr"
+            ),
+        }
     }
 }
 
 /// A source ready to run.
 pub enum OpenSource {
-    File(PathBuf),
+    File { path: PathBuf, annotations: Names },
     Kube(Box<kube::KubeSource>),
     Etcd(Box<etcd::EtcdSource>),
 }
@@ -187,7 +271,7 @@ impl OpenSource {
     pub fn net_conf(&self, file: &std::path::Path) -> Result<NetConf> {
         match self {
             OpenSource::Etcd(source) => Ok(source.net_conf().clone()),
-            OpenSource::File(_) | OpenSource::Kube(_) => NetConf::load(file),
+            OpenSource::File { .. } | OpenSource::Kube(_) => NetConf::load(file),
         }
     }
 
@@ -195,7 +279,9 @@ impl OpenSource {
     /// the source's health in `status`.
     pub async fn run(self, tx: watch::Sender<Option<NodeSet>>, status: Arc<Status>) {
         match self {
-            OpenSource::File(path) => file::watch_file(path, tx, &status).await,
+            OpenSource::File { path, annotations } => {
+                file::watch_file(path, annotations, tx, &status).await
+            }
             OpenSource::Kube(source) => source.run(tx, status).await,
             OpenSource::Etcd(source) => source.run(tx, status).await,
         }
@@ -209,9 +295,13 @@ pub struct NodeSet {
     pub errors: Vec<NodeError>,
 }
 
-impl<'a> FromIterator<&'a SlimNode> for NodeSet {
-    fn from_iter<I: IntoIterator<Item = &'a SlimNode>>(iter: I) -> Self {
-        iter.into_iter().map(NodeInfo::from_node).collect()
+impl NodeSet {
+    /// The set of `nodes`, flannel's annotations named `names`.
+    pub fn of<'a>(nodes: impl IntoIterator<Item = &'a SlimNode>, names: &Names) -> Self {
+        nodes
+            .into_iter()
+            .map(|n| NodeInfo::from_node(n, names))
+            .collect()
     }
 }
 
@@ -258,13 +348,13 @@ pub(crate) mod tests {
                 .insert(0, serde_json::json!({"type": "InternalIP", "address": ip}));
         }
         if let Some(ip) = public_ip {
-            node["metadata"]["annotations"][PUBLIC_IP_ANNOTATION] = ip.into();
+            node["metadata"]["annotations"][Names::default().public_ip] = ip.into();
         }
         node
     }
 
     fn info(v: serde_json::Value) -> Result<NodeInfo, NodeError> {
-        NodeInfo::from_node(&serde_json::from_value(v).unwrap())
+        NodeInfo::from_node(&serde_json::from_value(v).unwrap(), &Names::default())
     }
 
     #[test]
@@ -316,10 +406,72 @@ pub(crate) mod tests {
         assert!(matches!(
             info(v),
             Err(NodeError::BadAddress {
-                annotation: PUBLIC_IP_OVERWRITE,
+                annotation,
                 ..
-            })
+            }) if annotation == Names::default().public_ip_overwrite
         ));
+        // Under another prefix, flanneld's default names are not read.
+        let custom = Names::new("example.com/team").unwrap();
+        let mut v = node_json("w1", Some("10.244.1.0/24"), Some("172.18.0.3"), None);
+        v["metadata"]["annotations"]["example.com/team-public-ip"] = "203.0.113.7".into();
+        v["metadata"]["annotations"]["example.com/team-backend-type"] = "vxlan".into();
+        v["metadata"]["annotations"]["flannel.alpha.coreos.com/public-ip"] = "203.0.113.8".into();
+        let n = NodeInfo::from_node(&serde_json::from_value(v).unwrap(), &custom).unwrap();
+        assert_eq!(n.tunnel_ip, Ipv4Addr::new(203, 0, 113, 7));
+        assert_eq!(n.foreign_backend.as_deref(), Some("vxlan"));
+    }
+
+    #[test]
+    fn node_name_in_flanneld_order() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let pod = &[
+            ("POD_NAME", "kube-flannel-ds-x"),
+            ("POD_NAMESPACE", "kube-flannel"),
+        ];
+        let given = |n: &str| NodeName::Given(n.into());
+        assert_eq!(
+            NodeName::find(Some("a".into()), true, env(&[("NODE_NAME", "b")])).unwrap(),
+            given("a")
+        );
+        assert_eq!(
+            NodeName::find(None, true, env(&[("NODE_NAME", "b"), ("POD_NAME", "p")])).unwrap(),
+            given("b")
+        );
+        assert_eq!(
+            NodeName::find(None, true, env(pod)).unwrap(),
+            NodeName::OfPod {
+                namespace: "kube-flannel".into(),
+                pod: "kube-flannel-ds-x".into()
+            }
+        );
+        // Empty is unset, as in flanneld.
+        let empty = &[
+            ("NODE_NAME", ""),
+            ("POD_NAME", "p"),
+            ("POD_NAMESPACE", "ns"),
+        ];
+        assert!(matches!(
+            NodeName::find(None, true, env(empty)).unwrap(),
+            NodeName::OfPod { .. }
+        ));
+        // The pod is only looked up through the Kubernetes API.
+        assert_eq!(
+            NodeName::find(None, false, env(pod)).unwrap(),
+            NodeName::Hostname
+        );
+        assert_eq!(
+            NodeName::find(None, true, env(&[])).unwrap(),
+            NodeName::Hostname
+        );
+        let e = NodeName::find(None, true, env(&[("POD_NAME", "p")])).unwrap_err();
+        assert!(e.to_string().contains("POD_NAME and POD_NAMESPACE"), "{e}");
     }
 
     #[test]
@@ -352,13 +504,16 @@ pub(crate) mod tests {
         );
         assert_eq!(
             info(node_json("w1", Some("10.244.1.0/24"), None, None)),
-            Err(NodeError::NoAddress("w1".into()))
+            Err(NodeError::NoAddress {
+                node: "w1".into(),
+                annotation: "flannel.alpha.coreos.com/public-ip".into()
+            })
         );
         assert_eq!(
             info(node_json("w1", Some("10.244.1.0/24"), None, Some("x"))),
             Err(NodeError::BadAddress {
                 node: "w1".into(),
-                annotation: PUBLIC_IP_ANNOTATION,
+                annotation: "flannel.alpha.coreos.com/public-ip".into(),
                 value: "x".into()
             })
         );

@@ -15,10 +15,12 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, Deserializer};
 
-use super::annotations::PREFIX;
+use super::annotations::SUFFIXES;
 
-/// flannel's annotations of a node (those under `flannel.alpha.coreos.com/`), sorted
-/// by key. A few entries: a sorted vector is a fraction of a map's size.
+/// flannel's annotations of a node, sorted by key: those whose name ends as one the
+/// agent reads (`public-ip`, ...), whatever their prefix (`--kube-annotation-prefix`
+/// decides which are read). A few entries: a sorted vector is a fraction of a map's
+/// size.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Annotations(Vec<(String, String)>);
 
@@ -37,7 +39,7 @@ impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Annotations {
         let mut all: Vec<(String, String)> = iter
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
-            .filter(|(k, _)| k.starts_with(PREFIX))
+            .filter(|(k, _)| SUFFIXES.iter().any(|s| k.ends_with(s)))
             .collect();
         all.sort();
         all.dedup_by(|a, b| a.0 == b.0);
@@ -164,6 +166,7 @@ mod tests {
                 "annotations": {
                     "flannel.alpha.coreos.com/public-ip": "172.18.0.9",
                     "flannel.alpha.coreos.com/backend-type": "ipip",
+                    "example.com/team-public-ip": "172.18.0.10",
                     "node.alpha.kubernetes.io/ttl": "0"
                 },
                 "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]
@@ -187,6 +190,7 @@ mod tests {
         assert_eq!(
             node.annotations,
             [
+                ("example.com/team-public-ip", "172.18.0.10"),
                 ("flannel.alpha.coreos.com/backend-type", "ipip"),
                 ("flannel.alpha.coreos.com/public-ip", "172.18.0.9"),
             ]

@@ -1,7 +1,8 @@
 //! A fake of the Kubernetes API server's HTTP API for Nodes, enough for a kube-rs
 //! watcher and a status patch: paged lists (`limit`, `continue`), watches from a
 //! resourceVersion with a bounded event history (too old: a 410 `Expired` ERROR event,
-//! as the real server sends it), JSON merge patches of `nodes/NAME/status`, injected
+//! as the real server sends it), JSON merge patches of `nodes/NAME/status`, reads of
+//! single Pods (`namespaces/NS/pods/NAME`, where flanneld finds its node), injected
 //! failures (HTTP errors, closed watches, refused connections), and a log of every
 //! request. Objects are real `kubectl get -o json` documents, stored serialized.
 //!
@@ -93,6 +94,8 @@ struct State {
     next_snapshot: u64,
     faults: Vec<Fault>,
     requests: Vec<Request>,
+    /// "namespace/name" -> Pod.
+    pods: BTreeMap<String, Value>,
 }
 
 /// What open watches are told, besides new events.
@@ -275,6 +278,16 @@ impl FakeApi {
     pub fn node(&self, name: &str) -> Option<Value> {
         self.with_state(|s| s.nodes.get(name).map(|(v, _)| v.clone()))
     }
+
+    /// Adds (or replaces) a Pod.
+    pub fn add_pod(&self, pod: Value) {
+        let key = format!(
+            "{}/{}",
+            pod["metadata"]["namespace"].as_str().unwrap(),
+            pod["metadata"]["name"].as_str().unwrap()
+        );
+        self.with_state(|s| s.pods.insert(key, pod));
+    }
 }
 
 impl State {
@@ -360,10 +373,28 @@ async fn handle(socket: TcpStream, shared: Arc<Shared>) {
             }
         }
         None => {
-            let body = status_body(404, "NotFound", "not served by the fake");
-            respond(socket, 404, &body).await;
+            let pod =
+                pod_key(&request).map(|key| shared.state.lock().unwrap().pods.get(&key).cloned());
+            match pod {
+                Some(Some(pod)) => respond(socket, 200, &pod.to_string()).await,
+                Some(None) => {
+                    let body = status_body(404, "NotFound", "pods not found");
+                    respond(socket, 404, &body).await;
+                }
+                None => {
+                    let body = status_body(404, "NotFound", "not served by the fake");
+                    respond(socket, 404, &body).await;
+                }
+            }
         }
     }
+}
+
+/// "namespace/name" of a GET of one Pod.
+fn pod_key(request: &Request) -> Option<String> {
+    let rest = request.path.strip_prefix("/api/v1/namespaces/")?;
+    let (namespace, name) = rest.split_once("/pods/")?;
+    (request.method == "GET" && !name.contains('/')).then(|| format!("{namespace}/{name}"))
 }
 
 async fn read_request(stream: &mut BufReader<TcpStream>) -> Option<Request> {

@@ -8,6 +8,7 @@ use overlay_agent::{
     nodes::{
         NodeInfo, NodeSet,
         address::{Authority, OwnAddress},
+        annotations::Names,
         kube::{KubeSource, Retry},
     },
     status::Status,
@@ -44,8 +45,20 @@ pub fn agent_address(interface: &str) -> OwnAddress {
 impl Harness {
     /// Runs the source of node `own` against `api`, listing `page_size` nodes a page.
     pub fn start(api: FakeApi, own: &str, own_address: OwnAddress, page_size: u32) -> Self {
+        Self::start_with(api, own, own_address, page_size, Names::default())
+    }
+
+    /// The same with flannel's annotations named `names`.
+    pub fn start_with(
+        api: FakeApi,
+        own: &str,
+        own_address: OwnAddress,
+        page_size: u32,
+        names: Names,
+    ) -> Self {
         let client = Client::try_from(Config::new(api.url().parse().unwrap())).unwrap();
         let source = KubeSource::new(client, own, own_address)
+            .with_annotations(names)
             .with_retry(Retry::exponential(
                 Duration::from_millis(20),
                 Duration::from_millis(200),
