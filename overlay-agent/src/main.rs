@@ -152,6 +152,13 @@ struct RunArgs {
     /// in-cluster one (the pod's service account credentials are still used).
     #[arg(long, conflicts_with_all = ["nodes_file", "etcd_endpoints"])]
     kube_api_url: Option<String>,
+    /// Once the datapath is up and this node's routes are in place, set the Node's
+    /// NetworkUnavailable condition to False (reason FlannelIsUp), as flanneld
+    /// (--kube-subnet-mgr only); `=false` leaves the condition alone.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_missing_value = "true",
+          value_parser = flanneld_args::go_bool)]
+    set_node_network_unavailable: bool,
     /// Prefix of flannel's Node annotations (read from the API or --nodes-file):
     /// `FQDN[/NAME]`; without a `/` one is appended, a NAME gets a `-` (flanneld's
     /// derivation).
@@ -225,6 +232,11 @@ struct RunArgs {
     /// Masquerade traffic leaving the pod network, as flanneld's --ip-masq.
     #[arg(long)]
     ip_masq: bool,
+    /// Add a blackhole route for this node's pod subnet, as flanneld: addresses of the
+    /// subnet no pod holds are dropped instead of following the default route. Ours
+    /// has the highest metric, so the pod bridge's own route keeps precedence.
+    #[arg(long)]
+    ip_blackhole_route: bool,
     /// Translated source ports (and ICMP identifiers); must lie outside the kernel's
     /// ephemeral range (net.ipv4.ip_local_port_range).
     #[arg(long, default_value = "61000-65535")]
@@ -438,6 +450,7 @@ async fn run(args: RunArgs) -> Result<()> {
             kubeconfig: args.kubeconfig,
             api_url: args.kube_api_url,
             annotations: args.kube_annotation_prefix,
+            network_condition: args.set_node_network_unavailable,
         }
     };
     let result = agent::run(
@@ -460,6 +473,7 @@ async fn run(args: RunArgs) -> Result<()> {
             ct_sweep: Duration::from_secs(args.ct_gc_seconds.max(1)),
             bpf_log_level: args.bpf_log_level,
             fast_path: args.fast_path,
+            blackhole_route: args.ip_blackhole_route,
         },
         status,
     )

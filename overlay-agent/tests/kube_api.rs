@@ -13,6 +13,7 @@ mod kube_api {
     // Tests.
     mod annotations;
     mod bench;
+    mod condition;
     mod flanneld;
     mod source;
 }
