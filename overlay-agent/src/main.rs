@@ -237,6 +237,12 @@ struct RunArgs {
     /// has the highest metric, so the pod bridge's own route keeps precedence.
     #[arg(long)]
     ip_blackhole_route: bool,
+    /// flanneld's switch from `MASQUERADE --random-fully` to plain `MASQUERADE`.
+    /// Accepted for flanneld's command lines; it changes nothing (logged at start):
+    /// the BPF masquerade never keeps a pod's source port, it always picks a free port
+    /// of --nat-ports from a random start (see deploy/README.md).
+    #[arg(long)]
+    ip_masq_fully_random_disable: bool,
     /// Translated source ports (and ICMP identifiers); must lie outside the kernel's
     /// ephemeral range (net.ipv4.ip_local_port_range).
     #[arg(long, default_value = "61000-65535")]
@@ -419,6 +425,9 @@ async fn run(args: RunArgs) -> Result<()> {
     let node_name = NodeName::find(args.node_name.clone(), args.kube_subnet_mgr, |k| {
         std::env::var(k).ok()
     })?;
+    if args.ip_masq_fully_random_disable {
+        warn!("{}", masq::FULLY_RANDOM_DISABLE_IGNORED);
+    }
     let status = Arc::new(Status::default());
     // Started before the agent so that probes answer while the datapath loads.
     let servers = start_servers(&args, &status).await?;
@@ -522,6 +531,37 @@ mod tests {
             Command::Run(run) => Ok(*run),
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn flanneld_node_and_masquerade_switches() {
+        let a = flanneld(&["--kube-subnet-mgr"], &[]).unwrap();
+        assert!(a.set_node_network_unavailable, "on by default, as flanneld");
+        assert!(!a.ip_blackhole_route && !a.ip_masq_fully_random_disable);
+        let a = flanneld(
+            &[
+                "-kube-subnet-mgr",
+                "-set-node-network-unavailable=false",
+                "-ip-blackhole-route",
+            ],
+            &[("FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", "true")],
+        )
+        .unwrap();
+        assert!(!a.set_node_network_unavailable);
+        assert!(a.ip_blackhole_route && a.ip_masq_fully_random_disable);
+        let a = flanneld(
+            &["--kube-subnet-mgr"],
+            &[("FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", "0")],
+        )
+        .unwrap();
+        assert!(!a.set_node_network_unavailable);
+        let Err(e) = flanneld(
+            &["--kube-subnet-mgr", "--set-node-network-unavailable=maybe"],
+            &[],
+        ) else {
+            panic!("accepted")
+        };
+        assert!(e.contains("\"maybe\""), "{e}");
     }
 
     #[test]
