@@ -14,6 +14,7 @@ use overlay_agent::{
     bpffs, cleanup, fast_path, flanneld_args, http,
     inspect::{self, Format, View},
     masq::{self, PortRange, TimeoutOverride},
+    metrics,
     nodes::{
         NodeName, Source,
         address::{IfaceSpec, Selection},
@@ -284,6 +285,10 @@ struct RunArgs {
     /// blocklists without a conntrack accept before them).
     #[arg(long, value_enum, default_value_t = fast_path::Mode::Established)]
     fast_path: fast_path::Mode,
+    /// The per-peer series of /metrics (overlay_peer_received_*{peer}): two per peer on
+    /// every node, 2N(N-1) across N nodes. `auto` exports them up to 100 peers.
+    #[arg(long, value_enum, default_value_t = metrics::PerPeer::Auto)]
+    metrics_per_peer: metrics::PerPeer,
 }
 
 /// The log level of klog's verbosity `-v`, after Kubernetes' logging conventions
@@ -300,7 +305,8 @@ async fn start_servers(args: &RunArgs, status: &Arc<Status>) -> Result<Vec<JoinH
     let mut servers = Vec::new();
     for (addr, flag) in http.into_iter().chain(healthz) {
         let (status, bridge) = (Arc::clone(status), args.bridge.clone());
-        servers.push(http::start(addr, flag, status, pin_dir.clone(), bridge).await?);
+        let (pins, per_peer) = (pin_dir.clone(), args.metrics_per_peer);
+        servers.push(http::start(addr, flag, status, pins, bridge, per_peer).await?);
     }
     Ok(servers)
 }
