@@ -50,7 +50,6 @@ pub fn patch(now: Timestamp) -> Value {
         message: Some(MESSAGE.to_owned()),
         last_transition_time: Some(Time(now)),
         last_heartbeat_time: Some(Time(now)),
-        ..NodeCondition::default()
     };
     json!({ "status": { "conditions": [condition] } })
 }
