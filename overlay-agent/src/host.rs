@@ -218,12 +218,13 @@ impl Host {
         Ok(out)
     }
 
-    /// A blackhole route to `dst` (see [`BLACKHOLE_METRIC`]), in place of ours to it.
-    pub async fn replace_blackhole(&self, dst: Ipv4Net) -> Result<()> {
+    /// A blackhole route to `dst` (see [`BLACKHOLE_METRIC`]). Added, not replacing:
+    /// a route of someone else's with the same prefix and metric stays (the pass
+    /// fails and says so).
+    pub async fn add_blackhole(&self, dst: Ipv4Net) -> Result<()> {
         self.handle
             .route()
             .add(blackhole(dst))
-            .replace()
             .execute()
             .await
             .with_context(|| format!("installing blackhole route {dst}"))

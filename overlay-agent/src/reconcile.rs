@@ -392,7 +392,7 @@ impl Reconciler {
         let have: BTreeSet<Ipv4Net> = self.host.blackhole_routes().await?.into_iter().collect();
         let mut changes = Changes::default();
         for dst in want.difference(&have) {
-            self.host.replace_blackhole(*dst).await?;
+            self.host.add_blackhole(*dst).await?;
             info!(subnet = %dst, "blackhole route for this node's pod subnet installed");
             changes.added += 1;
         }
