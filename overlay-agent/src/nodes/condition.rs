@@ -19,7 +19,10 @@
 //! Here: the same patch, sent once the datapath is up and this node's routes are in
 //! place ([`Status::network_is_up`]), only while the node is seen with the condition
 //! other than `False` (a restart sends nothing; a node someone set back to `True` is
-//! put back), and retried with backoff on errors, which [`Status`] counts.
+//! put back), and retried with backoff on errors, which [`Status`] counts. A cloud
+//! route controller that also manages the condition (a cluster with
+//! `--configure-cloud-routes`, which flannel clusters switch off) would set it back
+//! each time: the agent logs each such change at warn level.
 
 use std::time::Instant;
 

@@ -192,9 +192,7 @@ async fn run(count: u32, idle: Duration) {
     });
     let listed = agent.wait_for("the node list", |l| l.message() == "node list complete");
     let remote = u64::from(count - 1);
-    let converged = agent.wait_for("convergence", |l| {
-        l.converged() == Some(remote)
-    });
+    let converged = agent.wait_for("convergence", |l| l.converged() == Some(remote));
     let pass_ms = converged.json["fields"]["took_ms"].as_u64().unwrap();
     let converged_memory = memory(agent.pid());
 
