@@ -71,7 +71,11 @@ fn the_condition_follows_the_routes_and_the_blackhole_is_left() {
         let set = agent.wait_for("the condition", |l| {
             l.message() == "node condition NetworkUnavailable set to False"
         });
-        assert!(set.json["fields"]["reason"] == "FlannelIsUp", "{}", set.json);
+        assert!(
+            set.json["fields"]["reason"] == "FlannelIsUp",
+            "{}",
+            set.json
+        );
         let condition = network_unavailable(&api).expect("the condition on the server");
         assert_eq!(condition["status"], "False");
         assert_eq!(condition["reason"], "FlannelIsUp");
@@ -83,7 +87,10 @@ fn the_condition_follows_the_routes_and_the_blackhole_is_left() {
             .output()
             .unwrap();
         let blackholes = String::from_utf8(out.stdout).unwrap();
-        assert_eq!(blackholes.trim_end(), "blackhole 10.0.0.0/24 metric 4294967295");
+        assert_eq!(
+            blackholes.trim_end(),
+            "blackhole 10.0.0.0/24 metric 4294967295"
+        );
     });
 }
 
@@ -98,7 +105,9 @@ fn switched_off_the_condition_is_left_alone() {
             &api.url(),
             &["--set-node-network-unavailable=false"],
         );
-        agent.wait_for("convergence", |l| l.converged() == Some(u64::from(NODES - 1)));
+        agent.wait_for("convergence", |l| {
+            l.converged() == Some(u64::from(NODES - 1))
+        });
         // Ample time for the node source to act on the network being up (it does
         // within milliseconds when switched on).
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
@@ -110,6 +119,10 @@ fn switched_off_the_condition_is_left_alone() {
             .filter(|p| p.content_type.as_deref() != Some("application/merge-patch+json"))
             .count();
         assert_eq!(strategic, 0);
-        assert_eq!(overlay_routes() as u64, u64::from(NODES - 1), "no blackhole");
+        assert_eq!(
+            overlay_routes() as u64,
+            u64::from(NODES - 1),
+            "no blackhole"
+        );
     });
 }
