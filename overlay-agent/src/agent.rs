@@ -52,6 +52,8 @@ pub struct Options {
     pub bpf_log_level: BpfLogLevel,
     /// `--fast-path`.
     pub fast_path: fast_path::Mode,
+    /// A blackhole route for this node's pod subnet (flanneld's `--ip-blackhole-route`).
+    pub blackhole_route: bool,
 }
 
 /// Signals that end the run.
@@ -113,6 +115,7 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
         network: net_conf.network,
         subnet_file: opts.subnet_file.clone(),
         masq: opts.masq.clone(),
+        blackhole_route: opts.blackhole_route,
     };
     let mut reconciler = Reconciler::new(host, settings);
     let node = NodeIdentity {
@@ -273,14 +276,17 @@ async fn serve(
         let set = nodes.borrow_and_update().clone();
         if let Some(set) = set
             && converge(node, &set, status, dp, rec, &mut warned).await
-            && dp.attachment(Hook::UplinkIngress).is_none()
         {
             // Only now: the maps match the node set, so taking over the links an
             // earlier run left (or attaching for the first time) changes nothing for
             // traffic already flowing.
-            if let Err(e) = take_over_uplink(opts, node.uplink, dp) {
+            if dp.attachment(Hook::UplinkIngress).is_none()
+                && let Err(e) = take_over_uplink(opts, node.uplink, dp)
+            {
                 break Err(e);
             }
+            // Maps, routes and programs in place: the node's network is up.
+            status.network_is_up();
         }
     };
     source.abort();

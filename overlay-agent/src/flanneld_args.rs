@@ -62,6 +62,16 @@ pub fn parse_go_bool(s: &str) -> Option<bool> {
     }
 }
 
+/// A clap value parser for booleans written as Go's `strconv.ParseBool` takes them: for
+/// a flag that is on by default (`--flag=false` turns it off), declared with
+/// [`ArgAction::Set`], `num_args = 0..=1`, `require_equals = true` and
+/// `default_missing_value = "true"`.
+pub fn go_bool(s: &str) -> Result<bool, String> {
+    parse_go_bool(s).ok_or_else(|| {
+        format!("{s:?} is not a boolean (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False)")
+    })
+}
+
 /// The variable flanneld reads a flag from.
 pub fn env_name(flag: &str) -> String {
     format!(
@@ -97,7 +107,7 @@ pub fn translate(
             _ => break,
         }
     }
-    let asked_top = top.bools.iter().any(|(_, v)| *v) || top.other;
+    let asked_top = top.bools.iter().any(|(_, v, _)| *v) || top.other;
     let sub = match rest.get(i).and_then(|a| a.to_str()) {
         Some(name) if cli.find_subcommand(name).is_some() => {
             i += 1;
@@ -162,7 +172,7 @@ pub fn translate(
                         "invalid value {value:?} for {var}: a boolean is one of 1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False"
                     );
                 };
-                flags.bools.push((long.to_owned(), on));
+                flags.bools.push((long.to_owned(), on, on_by_default(arg)));
             } else {
                 let mut flag = OsString::from(format!("--{long}="));
                 flag.push(&value);
@@ -205,7 +215,14 @@ fn long_names(arg: &Arg) -> Vec<&str> {
 }
 
 fn is_bool(arg: &Arg) -> bool {
-    matches!(arg.get_action(), ArgAction::SetTrue)
+    matches!(arg.get_action(), ArgAction::SetTrue) || on_by_default(arg)
+}
+
+/// A boolean flag that is on unless `--flag=false` (see [`go_bool`]).
+fn on_by_default(arg: &Arg) -> bool {
+    matches!(arg.get_action(), ArgAction::Set)
+        && arg.get_num_args().is_some_and(|n| n.min_values() == 0)
+        && arg.get_default_values().iter().any(|v| v == "true")
 }
 
 /// Adds `flag` before a `--` terminator, if there is one.
@@ -267,8 +284,9 @@ impl<'a> Token<'a> {
 struct Flags {
     /// Ids of the flags the command line set.
     seen: Vec<String>,
-    /// Boolean flags by long name, in order: the last one counts.
-    bools: Vec<(String, bool)>,
+    /// Boolean flags by long name, in order (the last one counts): the value given,
+    /// and the flag's default.
+    bools: Vec<(String, bool, bool)>,
     /// A flag that is neither a boolean nor takes a value (help, version).
     other: bool,
 }
@@ -293,7 +311,7 @@ impl Flags {
                     None => bail!("invalid boolean value {v:?} for -{long}: parse error"),
                 },
             };
-            self.bools.push((long.to_owned(), on));
+            self.bools.push((long.to_owned(), on, on_by_default(arg)));
             return Ok(0);
         }
         if !arg.get_action().takes_values() {
@@ -322,15 +340,18 @@ impl Flags {
 
     /// The boolean flags whose last word was true, as clap flags.
     fn finish(self, out: &mut Vec<OsString>) {
-        let mut last: Vec<(String, bool)> = Vec::new();
-        for (name, on) in self.bools {
-            last.retain(|(n, _)| *n != name);
-            last.push((name, on));
+        let mut last: Vec<(String, bool, bool)> = Vec::new();
+        for (name, on, default) in self.bools {
+            last.retain(|(n, _, _)| *n != name);
+            last.push((name, on, default));
         }
         out.extend(
             last.into_iter()
-                .filter(|(_, on)| *on)
-                .map(|(name, _)| OsString::from(format!("--{name}"))),
+                .filter(|(_, on, default)| on != default)
+                .map(|(name, on, _)| match on {
+                    true => OsString::from(format!("--{name}")),
+                    false => OsString::from(format!("--{name}=false")),
+                }),
         );
     }
 }
@@ -364,6 +385,9 @@ mod tests {
             iface: Vec<String>,
             #[arg(long)]
             v: Option<i32>,
+            #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
+                  require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+            set_node_network_unavailable: bool,
         },
         Counters {
             #[arg(long)]
@@ -557,6 +581,43 @@ mod tests {
             ["FLANNELD_IPTABLES_RESYNC", "FLANNELD_LOG_FORMAT"]
         );
         assert_eq!(t.args.len(), 2);
+    }
+
+    #[test]
+    fn booleans_on_by_default_are_turned_off_with_false() {
+        const FLAG: &str = "-set-node-network-unavailable";
+        assert_eq!(args(&[], &[]), ["run"]);
+        assert_eq!(args(&[FLAG], &[]), ["run"]);
+        assert_eq!(args(&[&format!("{FLAG}=true")], &[]), ["run"]);
+        let off = "--set-node-network-unavailable=false";
+        assert_eq!(args(&[&format!("{FLAG}=f")], &[]), ["run", off]);
+        assert_eq!(
+            args(&[&format!("{FLAG}=0"), "-ip-masq"], &[]),
+            ["run", off, "--ip-masq"]
+        );
+        // The last word counts; the environment fills in when the command line is silent.
+        assert_eq!(args(&[&format!("{FLAG}=false"), FLAG], &[]), ["run"]);
+        let var = ("FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", "False");
+        assert_eq!(args(&[], &[var]), ["run", off]);
+        assert_eq!(args(&[FLAG], &[var]), ["run"]);
+        // It takes no next argument, as any boolean.
+        assert_eq!(args(&[FLAG, "-ip-masq"], &[]), ["run", "--ip-masq"]);
+        // What clap then makes of it.
+        let parse = |argv: &[&str]| {
+            let Sub::Run {
+                set_node_network_unavailable,
+                ..
+            } = Cli::try_parse_from(run(argv, &[]).unwrap().args)
+                .unwrap()
+                .command
+            else {
+                unreachable!("the daemon")
+            };
+            set_node_network_unavailable
+        };
+        assert!(parse(&[]));
+        assert!(!parse(&[&format!("{FLAG}=F")]));
+        assert!(go_bool("yes").unwrap_err().contains("not a boolean"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The node's own kernel networking that the overlay needs: interface lookups, MTU,
-//! forwarding, and the routes that steer host traffic for remote pod subnets to the
-//! uplink (where `uplink_egress` encapsulates it). All through rtnetlink, in the
+//! forwarding, the routes that steer host traffic for remote pod subnets to the
+//! uplink (where `uplink_egress` encapsulates it), and the blackhole route for this
+//! node's own pod subnet (`--ip-blackhole-route`). All through rtnetlink, in the
 //! network namespace the agent runs in.
 
 pub mod events;
@@ -16,6 +17,7 @@ use rtnetlink::{
         link::LinkAttribute,
         route::{
             RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
+            RouteType,
         },
         tc::TcAttribute,
     },
@@ -25,6 +27,13 @@ use rtnetlink::{
 /// that reconciliation never touches anyone else's routes.
 pub const RTPROT_OVERLAY: u8 = 191;
 const MAIN_TABLE: u8 = 254;
+/// The metric of the blackhole route: the highest, so that it only takes what no other
+/// route to the subnet does. flanneld's (metric 0) has the metric of the connected
+/// route the kernel adds for the pod bridge's address, and the kernel takes the first
+/// of two routes with the same prefix and metric: a blackhole added before the bridge
+/// has its address swallows the node's pods' traffic, and one added after is refused
+/// (EEXIST).
+pub const BLACKHOLE_METRIC: u32 = u32::MAX;
 
 /// The ifindex of `name` in this network namespace.
 pub fn ifindex_by_name(name: &str) -> Option<u32> {
@@ -177,14 +186,57 @@ impl Host {
         let mut out = Vec::new();
         let mut routes = self.handle.route().get(filter).execute();
         while let Some(msg) = routes.try_next().await? {
-            if msg.header.protocol == RouteProtocol::Other(RTPROT_OVERLAY)
-                && msg.header.table == MAIN_TABLE
+            if owned(&msg, RouteType::Unicast)
                 && let Some(r) = parse_route(&msg)
             {
                 out.push(r);
             }
         }
         Ok(out)
+    }
+
+    /// The blackhole routes this agent owns, from the main table.
+    pub async fn blackhole_routes(&self) -> Result<Vec<Ipv4Net>> {
+        let filter = RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(u32::from(MAIN_TABLE))
+            .protocol(RouteProtocol::Other(RTPROT_OVERLAY))
+            .kind(RouteType::BlackHole)
+            .build();
+        let mut out = Vec::new();
+        let mut routes = self.handle.route().get(filter).execute();
+        while let Some(msg) = routes.try_next().await? {
+            if owned(&msg, RouteType::BlackHole)
+                && let Some(dst) = msg.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(*a),
+                    _ => None,
+                })
+                && let Ok(net) = Ipv4Net::new(dst, msg.header.destination_prefix_length)
+            {
+                out.push(net);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A blackhole route to `dst` (see [`BLACKHOLE_METRIC`]). Added, not replacing:
+    /// a route of someone else's with the same prefix and metric stays (the pass
+    /// fails and says so).
+    pub async fn add_blackhole(&self, dst: Ipv4Net) -> Result<()> {
+        self.handle
+            .route()
+            .add(blackhole(dst))
+            .execute()
+            .await
+            .with_context(|| format!("installing blackhole route {dst}"))
+    }
+
+    pub async fn delete_blackhole(&self, dst: Ipv4Net) -> Result<()> {
+        self.handle
+            .route()
+            .del(blackhole(dst))
+            .execute()
+            .await
+            .with_context(|| format!("removing blackhole route {dst}"))
     }
 
     /// Installs `route`, replacing any route to the same destination.
@@ -211,13 +263,18 @@ impl Host {
             .with_context(|| format!("installing route {} via {}", route.dst, route.via))
     }
 
-    /// Removes every route this agent owns; returns how many.
+    /// Removes every route this agent owns, blackhole routes included; returns how
+    /// many.
     pub async fn remove_overlay_routes(&self) -> Result<usize> {
         let routes = self.overlay_routes().await?;
         for route in &routes {
             self.delete_route(route).await?;
         }
-        Ok(routes.len())
+        let blackholes = self.blackhole_routes().await?;
+        for dst in &blackholes {
+            self.delete_blackhole(*dst).await?;
+        }
+        Ok(routes.len() + blackholes.len())
     }
 
     pub async fn delete_route(&self, route: &OverlayRoute) -> Result<()> {
@@ -233,6 +290,24 @@ impl Host {
             .await
             .with_context(|| format!("removing route {}", route.dst))
     }
+}
+
+/// A route of this agent's, of type `kind`, in the main table.
+fn owned(msg: &RouteMessage, kind: RouteType) -> bool {
+    msg.header.protocol == RouteProtocol::Other(RTPROT_OVERLAY)
+        && msg.header.table == MAIN_TABLE
+        && msg.header.kind == kind
+}
+
+fn blackhole(dst: Ipv4Net) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .kind(RouteType::BlackHole)
+        .priority(BLACKHOLE_METRIC)
+        .protocol(RouteProtocol::Other(RTPROT_OVERLAY))
+        .scope(RouteScope::Universe)
+        .table_id(u32::from(MAIN_TABLE))
+        .build()
 }
 
 fn parse_route(msg: &RouteMessage) -> Option<OverlayRoute> {

@@ -64,12 +64,18 @@ pub async fn start(
     status: Arc<Status>,
     pin_dir: PathBuf,
     bridge: String,
+    per_peer: metrics::PerPeer,
 ) -> Result<JoinHandle<()>> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr} ({flag})"))?;
     let endpoints = Endpoints {
-        metrics: Arc::new(metrics::registry(Arc::clone(&status), pin_dir, bridge)),
+        metrics: Arc::new(metrics::registry(
+            Arc::clone(&status),
+            pin_dir,
+            bridge,
+            per_peer,
+        )),
         status,
         stall_after: STALL_AFTER,
     };

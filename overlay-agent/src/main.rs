@@ -14,6 +14,7 @@ use overlay_agent::{
     bpffs, cleanup, fast_path, flanneld_args, http,
     inspect::{self, Format, View},
     masq::{self, PortRange, TimeoutOverride},
+    metrics,
     nodes::{
         NodeName, Source,
         address::{IfaceSpec, Selection},
@@ -152,6 +153,13 @@ struct RunArgs {
     /// in-cluster one (the pod's service account credentials are still used).
     #[arg(long, conflicts_with_all = ["nodes_file", "etcd_endpoints"])]
     kube_api_url: Option<String>,
+    /// Once the datapath is up and this node's routes are in place, set the Node's
+    /// NetworkUnavailable condition to False (reason FlannelIsUp), as flanneld
+    /// (--kube-subnet-mgr only); `=false` leaves the condition alone.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_missing_value = "true",
+          value_parser = flanneld_args::go_bool)]
+    set_node_network_unavailable: bool,
     /// Prefix of flannel's Node annotations (read from the API or --nodes-file):
     /// `FQDN[/NAME]`; without a `/` one is appended, a NAME gets a `-` (flanneld's
     /// derivation).
@@ -225,6 +233,17 @@ struct RunArgs {
     /// Masquerade traffic leaving the pod network, as flanneld's --ip-masq.
     #[arg(long)]
     ip_masq: bool,
+    /// Add a blackhole route for this node's pod subnet, as flanneld: addresses of the
+    /// subnet no pod holds are dropped instead of following the default route. Ours
+    /// has the highest metric, so the pod bridge's own route keeps precedence.
+    #[arg(long)]
+    ip_blackhole_route: bool,
+    /// flanneld's switch from `MASQUERADE --random-fully` to plain `MASQUERADE`.
+    /// Accepted for flanneld's command lines; it changes nothing (logged at start):
+    /// the BPF masquerade never keeps a pod's source port, it always picks a free port
+    /// of --nat-ports from a random start (see deploy/README.md).
+    #[arg(long)]
+    ip_masq_fully_random_disable: bool,
     /// Translated source ports (and ICMP identifiers); must lie outside the kernel's
     /// ephemeral range (net.ipv4.ip_local_port_range).
     #[arg(long, default_value = "61000-65535")]
@@ -266,6 +285,10 @@ struct RunArgs {
     /// blocklists without a conntrack accept before them).
     #[arg(long, value_enum, default_value_t = fast_path::Mode::Established)]
     fast_path: fast_path::Mode,
+    /// The per-peer series of /metrics (overlay_peer_received_*{peer}): two per peer on
+    /// every node, 2N(N-1) across N nodes. `auto` exports them up to 100 peers.
+    #[arg(long, value_enum, default_value_t = metrics::PerPeer::Auto)]
+    metrics_per_peer: metrics::PerPeer,
 }
 
 /// The HTTP endpoints at --http-addr, and at flanneld's --healthz-ip:--healthz-port
@@ -279,7 +302,8 @@ async fn start_servers(args: &RunArgs, status: &Arc<Status>) -> Result<Vec<JoinH
     let mut servers = Vec::new();
     for (addr, flag) in http.into_iter().chain(healthz) {
         let (status, bridge) = (Arc::clone(status), args.bridge.clone());
-        servers.push(http::start(addr, flag, status, pin_dir.clone(), bridge).await?);
+        let (pins, per_peer) = (pin_dir.clone(), args.metrics_per_peer);
+        servers.push(http::start(addr, flag, status, pins, bridge, per_peer).await?);
     }
     Ok(servers)
 }
@@ -407,6 +431,9 @@ async fn run(args: RunArgs) -> Result<()> {
     let node_name = NodeName::find(args.node_name.clone(), args.kube_subnet_mgr, |k| {
         std::env::var(k).ok()
     })?;
+    if args.ip_masq_fully_random_disable {
+        warn!("{}", masq::FULLY_RANDOM_DISABLE_IGNORED);
+    }
     let status = Arc::new(Status::default());
     // Started before the agent so that probes answer while the datapath loads.
     let servers = start_servers(&args, &status).await?;
@@ -438,6 +465,7 @@ async fn run(args: RunArgs) -> Result<()> {
             kubeconfig: args.kubeconfig,
             api_url: args.kube_api_url,
             annotations: args.kube_annotation_prefix,
+            network_condition: args.set_node_network_unavailable,
         }
     };
     let result = agent::run(
@@ -460,6 +488,7 @@ async fn run(args: RunArgs) -> Result<()> {
             ct_sweep: Duration::from_secs(args.ct_gc_seconds.max(1)),
             bpf_log_level: args.bpf_log_level,
             fast_path: args.fast_path,
+            blackhole_route: args.ip_blackhole_route,
         },
         status,
     )
@@ -508,6 +537,37 @@ mod tests {
             Command::Run(run) => Ok(*run),
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn flanneld_node_and_masquerade_switches() {
+        let a = flanneld(&["--kube-subnet-mgr"], &[]).unwrap();
+        assert!(a.set_node_network_unavailable, "on by default, as flanneld");
+        assert!(!a.ip_blackhole_route && !a.ip_masq_fully_random_disable);
+        let a = flanneld(
+            &[
+                "-kube-subnet-mgr",
+                "-set-node-network-unavailable=false",
+                "-ip-blackhole-route",
+            ],
+            &[("FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", "true")],
+        )
+        .unwrap();
+        assert!(!a.set_node_network_unavailable);
+        assert!(a.ip_blackhole_route && a.ip_masq_fully_random_disable);
+        let a = flanneld(
+            &["--kube-subnet-mgr"],
+            &[("FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", "0")],
+        )
+        .unwrap();
+        assert!(!a.set_node_network_unavailable);
+        let Err(e) = flanneld(
+            &["--kube-subnet-mgr", "--set-node-network-unavailable=maybe"],
+            &[],
+        ) else {
+            panic!("accepted")
+        };
+        assert!(e.contains("\"maybe\""), "{e}");
     }
 
     #[test]

@@ -9,6 +9,17 @@ use overlay_common::{
     conntrack::CtTimeouts,
 };
 
+/// What `--ip-masq-fully-random-disable` does: nothing, and why. flanneld (flannel-io/
+/// flannel v0.28.9 `pkg/trafficmngr/iptables/iptables.go` `masqRules`) then writes its
+/// two MASQUERADE rules without `--random-fully`, so that the kernel keeps a pod's
+/// source port when the translated tuple is free and picks another port only on a
+/// clash. The BPF masquerade (`overlay-ebpf/src/conntrack.rs` `create`) has no such
+/// mode to switch to: pods' source ports lie in the kernel's ephemeral range, which
+/// --nat-ports must avoid (the host's own connections use it), so a port is never
+/// kept; every flow gets a free port of --nat-ports from a random start, claimed
+/// atomically in the connection table, as `--random-fully` does.
+pub const FULLY_RANDOM_DISABLE_IGNORED: &str = "--ip-masq-fully-random-disable changes nothing: the BPF masquerade never keeps a pod's source port (its --nat-ports lie outside the ephemeral range pods' ports come from); it always picks a free port from a random start, as MASQUERADE --random-fully does";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub enabled: bool,

@@ -7,6 +7,13 @@
 //! it still answers while the loop is stuck (which `/healthz` then reports). The one
 //! read that would cost a walk of a large map, the connection table's fill level,
 //! comes from the run loop's last sweep instead.
+//!
+//! Label values are single words (`pod_veths`, not `pod veths`), which every query
+//! language and text tool takes as they are. The per-peer series
+//! (`peer_received_*{peer}`) are the one family whose size grows with the cluster:
+//! two series per peer on every node, 2N(N-1) across N nodes, which is why
+//! `--metrics-per-peer=auto` exports them only up to [`PER_PEER_AUTO_MAX`] peers
+//! (see there), and `overlay_peer_metrics_exported` says whether they are.
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf, sync::Arc};
 
@@ -26,11 +33,51 @@ use crate::{
     status::Status,
 };
 
+/// Peers up to which `--metrics-per-peer=auto` exports the per-peer series. At 100
+/// peers they are 200 series a node, fewer than the datapath's fixed outcome series
+/// (5 hooks x ~50 reasons, packets and bytes: about 500), and about 20,000 across the
+/// cluster; at 1,000 nodes they would be 2,000 a node and 2 million across the
+/// cluster, beyond what one Prometheus server holds comfortably. Prometheus' own
+/// guidance (prometheus.io/docs/practices/naming: "Do not use labels to store
+/// dimensions with high cardinality (many different label values)";
+/// /docs/practices/instrumentation, "Do not overuse labels": keep a metric's
+/// cardinality low and limit the exceptions to a handful across the system) puts a
+/// per-peer label among the exceptions to keep small: past this size, `peer` is as
+/// unbounded as the cluster.
+pub const PER_PEER_AUTO_MAX: usize = 100;
+
+/// Whether the per-peer series are exported (`--metrics-per-peer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PerPeer {
+    /// Up to [`PER_PEER_AUTO_MAX`] peers.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl PerPeer {
+    /// Whether the series of `peers` peers are exported.
+    pub fn exports(self, peers: usize) -> bool {
+        match self {
+            PerPeer::Auto => peers <= PER_PEER_AUTO_MAX,
+            PerPeer::On => true,
+            PerPeer::Off => false,
+        }
+    }
+}
+
 /// The agent's metrics: its health from `status`, the datapath from the maps pinned
 /// in `pin_dir`.
 /// `bridge` names the pod bridge for the `interface` label; the uplink's name comes
-/// from `status` once the agent has selected it.
-pub fn registry(status: Arc<Status>, pin_dir: PathBuf, bridge: String) -> Registry {
+/// from `status` once the agent has selected it. `per_peer` decides on the per-peer
+/// series.
+pub fn registry(
+    status: Arc<Status>,
+    pin_dir: PathBuf,
+    bridge: String,
+    per_peer: PerPeer,
+) -> Registry {
     let mut registry = Registry::with_prefix("overlay");
     registry.register(
         "build",
@@ -41,6 +88,7 @@ pub fn registry(status: Arc<Status>, pin_dir: PathBuf, bridge: String) -> Regist
         status,
         pin_dir,
         bridge,
+        per_peer,
     }));
     registry
 }
@@ -217,6 +265,10 @@ const MAP_ENTRIES: Family = Family::gauge(
     "Entries in a BPF map (conntrack: after the last sweep)",
 );
 const MAP_MAX_ENTRIES: Family = Family::gauge("map_max_entries", "Capacity of a BPF map");
+const PEER_METRICS_EXPORTED: Family = Family::gauge(
+    "peer_metrics_exported",
+    "Whether the per-peer series (peer_received_*) are exported: --metrics-per-peer, by default up to 100 peers",
+);
 const PEER_PACKETS: Family = Family::counter(
     "peer_received_packets",
     "IPIP packets received from a known node",
@@ -232,6 +284,7 @@ struct Exporter {
     status: Arc<Status>,
     pin_dir: PathBuf,
     bridge: String,
+    per_peer: PerPeer,
 }
 
 impl Collector for Exporter {
@@ -298,7 +351,7 @@ impl Exporter {
         let interface = |hook: Hook| match hook {
             Hook::BridgeIngress | Hook::BridgeEgress => self.bridge.as_str(),
             Hook::UplinkIngress | Hook::UplinkEgress => uplink.as_str(),
-            Hook::PodIngress => "pod veths",
+            Hook::PodIngress => "pod_veths",
         };
         let counters = |value: fn(&Counter) -> u64| {
             maps.counters.iter().map(move |(hook, reason, c)| {
@@ -338,6 +391,11 @@ impl Exporter {
             .map(|(map, _, max)| ([("map", *map)], ConstGauge::new(i64::from(*max))));
         MAP_MAX_ENTRIES.rows(enc, capacity)?;
 
+        let exported = self.per_peer.exports(maps.peers.len());
+        PEER_METRICS_EXPORTED.gauge_value(enc, exported.into())?;
+        if !exported {
+            return Ok(());
+        }
         let peers = |value: fn(&PeerStats) -> u64| {
             maps.peers
                 .iter()
@@ -399,7 +457,7 @@ mod tests {
         let status = Arc::new(Status::default());
         status.set_uplink("eth0");
         let pins = PathBuf::from("/nonexistent/overlay-ipip");
-        let body = encode(&registry(status, pins, "cni0".into())).unwrap();
+        let body = encode(&registry(status, pins, "cni0".into(), PerPeer::Auto)).unwrap();
         for line in [
             "overlay_datapath_up 0",
             "overlay_ready 0",
@@ -416,5 +474,14 @@ mod tests {
         // No pass yet: no node counts to report.
         assert!(!body.contains("overlay_nodes "));
         assert!(body.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn per_peer_series_up_to_the_threshold_unless_told() {
+        assert!(PerPeer::Auto.exports(0));
+        assert!(PerPeer::Auto.exports(PER_PEER_AUTO_MAX));
+        assert!(!PerPeer::Auto.exports(PER_PEER_AUTO_MAX + 1));
+        assert!(PerPeer::On.exports(5000));
+        assert!(!PerPeer::Off.exports(1));
     }
 }

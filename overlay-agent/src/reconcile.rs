@@ -182,6 +182,8 @@ pub struct NodeSettings {
     pub network: Ipv4Net,
     pub subnet_file: PathBuf,
     pub masq: masq::Settings,
+    /// A blackhole route for this node's pod subnet (flanneld's `--ip-blackhole-route`).
+    pub blackhole_route: bool,
 }
 
 pub struct Reconciler {
@@ -270,6 +272,9 @@ impl Reconciler {
             ..Outcome::default()
         };
         (outcome.kernel_routes, outcome.unreachable_peers) = self.sync_routes(desired).await?;
+        let blackhole = self.sync_blackhole(desired).await?;
+        outcome.kernel_routes.added += blackhole.added;
+        outcome.kernel_routes.removed += blackhole.removed;
         outcome.bridge_attached = self.sync_bridge(dp).await?;
 
         let s = &self.settings;
@@ -366,6 +371,37 @@ impl Reconciler {
             self.warn_off_uplink(&want);
         }
         Ok((changes, unreachable))
+    }
+
+    /// With `--ip-blackhole-route`, a blackhole route for this node's pod subnet, as
+    /// flanneld's (flannel-io/flannel v0.28.9 `main.go`, `pkg/ip/iface.go`
+    /// `AddBlackholeV4Route`: main table, added when missing every
+    /// --iptables-resync seconds, never removed), so that packets to addresses of the
+    /// subnet that no pod holds are dropped here instead of following the default
+    /// route out (flannel: for CNI setups without the bridge, as Canal). Ours yields
+    /// to every other route to the subnet ([`host::BLACKHOLE_METRIC`]), is checked at
+    /// every pass, carries the agent's protocol, and is removed when the flag goes or
+    /// the subnet changes, and by `overlay-agent cleanup`.
+    async fn sync_blackhole(&self, desired: &Desired) -> Result<Changes> {
+        let want: BTreeSet<Ipv4Net> = self
+            .settings
+            .blackhole_route
+            .then_some(desired.own.pod_cidr)
+            .into_iter()
+            .collect();
+        let have: BTreeSet<Ipv4Net> = self.host.blackhole_routes().await?.into_iter().collect();
+        let mut changes = Changes::default();
+        for dst in want.difference(&have) {
+            self.host.add_blackhole(*dst).await?;
+            info!(subnet = %dst, "blackhole route for this node's pod subnet installed");
+            changes.added += 1;
+        }
+        for dst in have.difference(&want) {
+            self.host.delete_blackhole(*dst).await?;
+            info!(subnet = %dst, "blackhole route removed");
+            changes.removed += 1;
+        }
+        Ok(changes)
     }
 
     /// Only the uplink has `uplink_egress`: the host's own packets routed out of
@@ -600,6 +636,7 @@ mod tests {
                 network,
                 subnet_file: "/nonexistent/subnet.env".into(),
                 masq: masq::Settings::default(),
+                blackhole_route: false,
             },
         );
         let on_the_wire = Ipv4Addr::from(rec.datapath_config(&d).node_ip);

@@ -7,6 +7,7 @@ use std::{
 };
 
 use prometheus_client::metrics::histogram::Histogram;
+use tokio::sync::watch;
 
 use crate::{conntrack::Collected, fast_path::Pass};
 
@@ -93,6 +94,13 @@ pub struct Status {
     /// The flannel annotations on this node's Node (Kubernetes API source), which
     /// tell the other nodes this node's tunnel address; `synced`: last seen in place.
     annotations: Mutex<SourceHealth>,
+    /// The datapath is up and this node's routes are in place (set once, at the first
+    /// pass that got there): what the node's `NetworkUnavailable=False` condition
+    /// waits for.
+    network_up: watch::Sender<bool>,
+    /// That condition on this node's Node (Kubernetes API source, with
+    /// --set-node-network-unavailable); `synced`: last seen in place.
+    network_condition: Mutex<SourceHealth>,
     /// The uplink the agent selected (empty until it has).
     uplink: Mutex<String>,
     fast_path: Mutex<FastPathReport>,
@@ -119,6 +127,8 @@ impl Default for Status {
             reconcile_seconds: Histogram::new(RECONCILE_SECONDS_BUCKETS),
             sweeps: Mutex::default(),
             annotations: Mutex::default(),
+            network_up: watch::Sender::new(false),
+            network_condition: Mutex::default(),
             uplink: Mutex::default(),
             fast_path: Mutex::default(),
             leases: Mutex::default(),
@@ -164,6 +174,29 @@ impl Status {
 
     pub fn annotations(&self) -> SourceHealth {
         self.annotations.lock().unwrap().clone()
+    }
+
+    /// The datapath is up and this node's routes are in place.
+    pub fn network_is_up(&self) {
+        self.network_up
+            .send_if_modified(|up| !std::mem::replace(up, true));
+    }
+
+    /// Follows [`Status::network_is_up`].
+    pub fn network_up(&self) -> watch::Receiver<bool> {
+        self.network_up.subscribe()
+    }
+
+    pub fn network_condition_published(&self) {
+        self.network_condition.lock().unwrap().succeeded();
+    }
+
+    pub fn network_condition_failed(&self, error: String) {
+        self.network_condition.lock().unwrap().failed(error);
+    }
+
+    pub fn network_condition(&self) -> SourceHealth {
+        self.network_condition.lock().unwrap().clone()
     }
 
     /// Records a reconcile pass.

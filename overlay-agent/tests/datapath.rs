@@ -12,6 +12,7 @@ mod datapath {
 
     // Tests, one concern each.
     mod admission;
+    mod blackhole;
     mod bpf_log;
     mod chain;
     mod conntrack;

@@ -1,5 +1,6 @@
-//! The Kubernetes API node source against a fake of the API server's HTTP API, and a
-//! benchmark of the whole agent against it (ignored: needs root, prints figures).
+//! The Kubernetes API node source against a fake of the API server's HTTP API, the
+//! whole agent against it (needs root), and a benchmark of that (ignored: prints
+//! figures).
 
 #[path = "support/agent.rs"]
 mod agent;
@@ -13,6 +14,8 @@ mod kube_api {
     // Tests.
     mod annotations;
     mod bench;
+    mod condition;
     mod flanneld;
     mod source;
+    mod whole_agent;
 }

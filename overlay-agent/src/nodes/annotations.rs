@@ -133,18 +133,70 @@ pub fn patch(current: &Annotations, address: Ipv4Addr, names: &Names) -> Option<
 
 /// How long a patch that was accepted may take to come back through the watch before
 /// a still-differing node is patched again.
-const SETTLE: Duration = Duration::from_secs(10);
+pub(super) const SETTLE: Duration = Duration::from_secs(10);
 /// Retry delays after a failed patch, doubling up to the maximum.
-const RETRY_MIN: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(60);
+pub(super) const RETRY_MIN: Duration = Duration::from_secs(1);
+pub(super) const RETRY_MAX: Duration = Duration::from_secs(60);
 /// A patch that hangs (an unreachable API) must not hold up the node source for long.
 const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The last patch sent, and when the node may be looked at again.
-struct Sent {
-    patch: Value,
-    ok: bool,
-    again_at: Instant,
+/// Patches the status subresource of Node `name`, as flanneld does for both its
+/// annotations and the NetworkUnavailable condition: its RBAC grants `patch` on
+/// nodes/status only, and ours can be the same.
+pub(super) async fn patch_status<P: serde::Serialize + std::fmt::Debug>(
+    api: &Api<Node>,
+    name: &str,
+    patch: &Patch<P>,
+) -> Result<(), String> {
+    let params = PatchParams::default();
+    let request = api.patch_status(name, &params, patch);
+    match tokio::time::timeout(PATCH_TIMEOUT, request).await {
+        Ok(r) => r.map(drop).map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {PATCH_TIMEOUT:?}")),
+    }
+}
+
+/// When a patch of the node may be sent again: after one that succeeded, once it had
+/// time to come back through the watch; after failures, with doubling delays.
+#[derive(Default)]
+pub(super) struct Pacing {
+    /// Whether the last patch succeeded, and when the node may be looked at again.
+    last: Option<(bool, Instant)>,
+    failures: u32,
+}
+
+impl Pacing {
+    /// When a failed patch should be retried even if the node does not change.
+    pub(super) fn retry_at(&self) -> Option<Instant> {
+        self.last.filter(|(ok, _)| !ok).map(|(_, at)| at)
+    }
+
+    /// A patch now would come too early.
+    pub(super) fn waiting(&self) -> bool {
+        self.last.is_some_and(|(_, at)| Instant::now() < at)
+    }
+
+    /// Records a patch's result; returns the delay before a retry after a failure.
+    pub(super) fn sent(&mut self, ok: bool) -> Duration {
+        let delay = if ok {
+            self.failures = 0;
+            SETTLE
+        } else {
+            let retry = RETRY_MIN
+                .saturating_mul(1 << self.failures.min(16))
+                .min(RETRY_MAX);
+            self.failures += 1;
+            retry
+        };
+        self.last = Some((ok, Instant::now() + delay));
+        delay
+    }
+
+    /// The node is as wanted: forgets the past; returns whether a patch had been sent.
+    pub(super) fn settled(&mut self) -> bool {
+        self.failures = 0;
+        self.last.take().is_some()
+    }
 }
 
 /// Keeps this node's annotations at what it publishes: reconciles on every change of
@@ -154,8 +206,9 @@ pub struct Publisher {
     api: Api<Node>,
     node_name: String,
     names: Names,
-    sent: Option<Sent>,
-    retry: Duration,
+    /// The last patch sent.
+    sent: Option<Value>,
+    pacing: Pacing,
 }
 
 impl Publisher {
@@ -165,61 +218,43 @@ impl Publisher {
             node_name: node_name.to_owned(),
             names,
             sent: None,
-            retry: RETRY_MIN,
+            pacing: Pacing::default(),
         }
     }
 
     /// When a failed patch should be retried even if the node does not change.
     pub fn retry_at(&self) -> Option<Instant> {
-        self.sent.as_ref().filter(|s| !s.ok).map(|s| s.again_at)
+        self.pacing.retry_at()
     }
 
     /// Makes the node's annotations (`current`, as last seen) announce `address`.
     pub async fn reconcile(&mut self, current: &Annotations, address: Ipv4Addr, status: &Status) {
         let Some(patch) = patch(current, address, &self.names) else {
-            if self.sent.take().is_some() || !status.annotations().synced {
+            self.sent = None;
+            if self.pacing.settled() || !status.annotations().synced {
                 info!(node = self.node_name, %address, "flannel annotations are in place");
             }
-            self.retry = RETRY_MIN;
             status.annotations_published();
             return;
         };
         // The same patch again before its answer can have come back through the
         // watch (or before its retry time) would only add load on the API server.
-        if let Some(sent) = &self.sent
-            && sent.patch == patch
-            && Instant::now() < sent.again_at
-        {
+        if self.sent.as_ref() == Some(&patch) && self.pacing.waiting() {
             return;
         }
-        let params = PatchParams::default();
-        let merge = Patch::Merge(&patch);
-        // Through the status subresource, as flanneld: its RBAC grants `patch` on
-        // nodes/status only, and ours can be the same.
-        let request = self.api.patch_status(&self.node_name, &params, &merge);
-        let result = match tokio::time::timeout(PATCH_TIMEOUT, request).await {
-            Ok(r) => r.map(drop).map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer within {PATCH_TIMEOUT:?}")),
-        };
-        let ok = result.is_ok();
-        let again_at = Instant::now() + if ok { SETTLE } else { self.retry };
+        let result = patch_status(&self.api, &self.node_name, &Patch::Merge(&patch)).await;
+        let retry = self.pacing.sent(result.is_ok());
         match result {
             Ok(()) => {
                 info!(node = self.node_name, %address, patch = %patch, "flannel annotations published");
-                self.retry = RETRY_MIN;
             }
             Err(e) => {
                 let error = format!("patching the annotations of node {}: {e}", self.node_name);
-                warn!(retry_in = ?self.retry, "{error}");
+                warn!(retry_in = ?retry, "{error}");
                 status.annotations_failed(error);
-                self.retry = (self.retry * 2).min(RETRY_MAX);
             }
         }
-        self.sent = Some(Sent {
-            patch,
-            ok,
-            again_at,
-        });
+        self.sent = Some(patch);
     }
 }
 

@@ -11,7 +11,9 @@
 //! recorded in `Status`, and the watcher retries with backoff.
 //!
 //! On the way, this node's flannel annotations are kept at what it publishes
-//! ([`annotations::Publisher`]), so that flanneld nodes and ours find each other.
+//! ([`annotations::Publisher`]), so that flanneld nodes and ours find each other, and
+//! once the network is up its `NetworkUnavailable` condition is set to `False`
+//! ([`condition::ConditionPublisher`]).
 
 use std::{collections::BTreeMap, path::Path, pin::pin, sync::Arc, time::Duration};
 
@@ -35,6 +37,7 @@ use super::{
     NodeError, NodeInfo, NodeSet, SlimNode,
     address::OwnAddress,
     annotations::{Names, Publisher},
+    condition::ConditionPublisher,
 };
 use crate::status::Status;
 
@@ -251,6 +254,7 @@ pub struct KubeSource {
     retry: Retry,
     watcher: watcher::Config,
     annotations: Names,
+    network_condition: bool,
 }
 
 impl KubeSource {
@@ -263,7 +267,15 @@ impl KubeSource {
             // Paged lists (500 Nodes a page) bound what a relist holds at once.
             watcher: watcher::Config::default(),
             annotations: Names::default(),
+            network_condition: true,
         }
+    }
+
+    /// Whether to set the node's `NetworkUnavailable` condition to `False` once the
+    /// network is up (flanneld's `--set-node-network-unavailable`, true by default).
+    pub fn with_network_condition(mut self, on: bool) -> Self {
+        self.network_condition = on;
+        self
     }
 
     /// flannel's annotations under another prefix than flanneld's default.
@@ -298,6 +310,12 @@ impl KubeSource {
             &self.node_name,
             self.annotations.clone(),
         );
+        let mut condition = self
+            .network_condition
+            .then(|| ConditionPublisher::new(Api::all(self.client.clone()), &self.node_name));
+        let mut network_up = status.network_up();
+        // The datapath is up and its routes are in place: the condition may be set.
+        let mut up = false;
         let mut follower = Follower {
             store,
             index: Index::default(),
@@ -309,7 +327,13 @@ impl KubeSource {
             "watching Nodes through the Kubernetes API"
         );
         loop {
-            let retry_at = publisher.retry_at();
+            let retry_at = [
+                publisher.retry_at(),
+                condition.as_ref().and_then(|c| c.retry_at()),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let event = tokio::select! {
                 event = events.next() => match event {
                     Some(event) => Some(event),
@@ -319,9 +343,14 @@ impl KubeSource {
                     }
                 },
                 () = sleep_until(retry_at) => None,
+                // The sender lives in `status`, which outlives this loop.
+                _ = network_up.wait_for(|up| *up), if condition.is_some() && !up => {
+                    up = true;
+                    None
+                }
             };
             let changed = match event {
-                // The publisher's retry time came.
+                // A publisher's retry time came, or the network came up.
                 None => false,
                 Some(event) => match follower.take(event, &status) {
                     Some(changed) => changed,
@@ -348,6 +377,14 @@ impl KubeSource {
                 let current = follower.store.get(&own_ref).map(|n| n.annotations.clone());
                 publisher
                     .reconcile(&current.unwrap_or_default(), address, &status)
+                    .await;
+            }
+            if up
+                && let Some(condition) = condition.as_mut()
+                && let Some(own) = follower.store.get(&own_ref)
+            {
+                condition
+                    .reconcile(own.network_unavailable.as_deref(), &status)
                     .await;
             }
         }

@@ -2,6 +2,7 @@
 
 pub mod address;
 pub mod annotations;
+pub mod condition;
 pub mod etcd;
 pub mod file;
 pub mod kube;
@@ -150,6 +151,9 @@ pub enum Source {
         kubeconfig: Option<PathBuf>,
         api_url: Option<String>,
         annotations: Names,
+        /// Set the node's `NetworkUnavailable` condition to `False` once the network
+        /// is up.
+        network_condition: bool,
     },
     /// flannel's etcd subnet manager: leases this node's subnet and learns the others'.
     Etcd(Box<etcd::EtcdOptions>),
@@ -182,6 +186,7 @@ impl Source {
                 kubeconfig,
                 api_url,
                 annotations,
+                network_condition,
             } => {
                 let client = kube::client(kubeconfig.as_deref(), api_url.as_deref()).await?;
                 let name = match node_name {
@@ -190,8 +195,9 @@ impl Source {
                     }
                     other => other.without_api()?,
                 };
-                let source =
-                    kube::KubeSource::new(client, &name, own_address).with_annotations(annotations);
+                let source = kube::KubeSource::new(client, &name, own_address)
+                    .with_annotations(annotations)
+                    .with_network_condition(network_condition);
                 (name, OpenSource::Kube(Box::new(source)))
             }
             Source::Etcd(opts) => {

@@ -15,7 +15,7 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, Deserializer};
 
-use super::annotations::SUFFIXES;
+use super::{annotations::SUFFIXES, condition::NETWORK_UNAVAILABLE};
 
 /// flannel's annotations of a node, sorted by key: those whose name ends as one the
 /// agent reads (`public-ip`, ...), whatever their prefix (`--kube-annotation-prefix`
@@ -57,6 +57,9 @@ pub struct SlimNode {
     pub pod_cidrs: Vec<String>,
     /// The `InternalIP` entries of `status.addresses`.
     pub internal_ips: Vec<String>,
+    /// The status (`True`, `False`, `Unknown`) of the `NetworkUnavailable` entry of
+    /// `status.conditions`, which the agent sets to `False` on its own node.
+    pub network_unavailable: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for SlimNode {
@@ -88,6 +91,13 @@ impl<'de> Deserialize<'de> for SlimNode {
         #[derive(Deserialize)]
         struct Status {
             addresses: Option<Vec<Address>>,
+            conditions: Option<Vec<Condition>>,
+        }
+        #[derive(Deserialize)]
+        struct Condition {
+            #[serde(rename = "type")]
+            kind: String,
+            status: String,
         }
         #[derive(Deserialize)]
         struct Address {
@@ -109,14 +119,21 @@ impl<'de> Deserialize<'de> for SlimNode {
                 _ => s.pod_cidr.into_iter().collect(),
             })
             .unwrap_or_default();
-        let internal_ips = raw
+        let (addresses, conditions) = raw
             .status
-            .and_then(|s| s.addresses)
+            .map(|s| (s.addresses, s.conditions))
+            .unwrap_or_default();
+        let internal_ips = addresses
             .into_iter()
             .flatten()
             .filter(|a| a.kind == "InternalIP")
             .map(|a| a.address)
             .collect();
+        let network_unavailable = conditions
+            .into_iter()
+            .flatten()
+            .find(|c| c.kind == NETWORK_UNAVAILABLE)
+            .map(|c| c.status);
         Ok(Self {
             metadata: ObjectMeta {
                 name: meta.name,
@@ -126,6 +143,7 @@ impl<'de> Deserialize<'de> for SlimNode {
             annotations: meta.annotations.into_iter().flatten().collect(),
             pod_cidrs,
             internal_ips,
+            network_unavailable,
         })
     }
 }
@@ -179,6 +197,11 @@ mod tests {
                     {"type": "ExternalIP", "address": "203.0.113.1"},
                     {"type": "Hostname", "address": "w1"}
                 ],
+                "conditions": [
+                    {"type": "Ready", "status": "True", "reason": "KubeletReady"},
+                    {"type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp",
+                     "lastTransitionTime": "2026-12-06T21:00:00Z"}
+                ],
                 "images": [{"names": ["a"], "sizeBytes": 1}]
             }
         }))
@@ -204,11 +227,13 @@ mod tests {
         assert_eq!(node.annotations.get("node.alpha.kubernetes.io/ttl"), None);
         assert_eq!(node.pod_cidrs, ["fd00::/64", "10.244.1.0/24"]);
         assert_eq!(node.internal_ips, ["172.18.0.3"]);
+        assert_eq!(node.network_unavailable.as_deref(), Some("False"));
 
         let bare: SlimNode =
             serde_json::from_value(serde_json::json!({"spec": {"podCIDR": "10.244.2.0/24"}}))
                 .unwrap();
         assert_eq!(bare.pod_cidrs, ["10.244.2.0/24"]);
+        assert_eq!(bare.network_unavailable, None);
         assert_eq!(bare.metadata.name, None);
         assert!(serde_json::from_value::<SlimNode>(serde_json::json!({"spec": 3})).is_err());
     }

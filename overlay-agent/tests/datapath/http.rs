@@ -13,7 +13,7 @@ use std::{
 use overlay_agent::{
     conntrack::Collected,
     http::{self, Endpoints},
-    metrics,
+    metrics::{self, PerPeer},
     status::{Convergence, Status},
 };
 use overlay_common::{
@@ -38,6 +38,15 @@ fn with_server(
     stall_after: Duration,
     test: impl AsyncFnOnce(&mut Node, SocketAddr, Arc<Status>) + Send + 'static,
 ) {
+    with_server_of(stall_after, PerPeer::Auto, test);
+}
+
+/// [`with_server`] with the per-peer series as `per_peer` decides.
+fn with_server_of(
+    stall_after: Duration,
+    per_peer: PerPeer,
+    test: impl AsyncFnOnce(&mut Node, SocketAddr, Arc<Status>) + Send + 'static,
+) {
     with_pinned_node(
         |_| {},
         move |node, pin_dir| {
@@ -47,16 +56,22 @@ fn with_server(
                 .expect("a tokio runtime");
             runtime.block_on(async {
                 let status = Arc::new(Status::default());
-                let addr = serve(Arc::clone(&status), pin_dir, stall_after).await;
+                let addr = serve(Arc::clone(&status), pin_dir, stall_after, per_peer).await;
                 test(node, addr, status).await;
             });
         },
     );
 }
 
-async fn serve(status: Arc<Status>, pin_dir: &Path, stall_after: Duration) -> SocketAddr {
+async fn serve(
+    status: Arc<Status>,
+    pin_dir: &Path,
+    stall_after: Duration,
+    per_peer: PerPeer,
+) -> SocketAddr {
     status.set_uplink("eth0");
-    let registry = metrics::registry(Arc::clone(&status), pin_dir.to_owned(), "cni0".into());
+    let pins = pin_dir.to_owned();
+    let registry = metrics::registry(Arc::clone(&status), pins, "cni0".into(), per_peer);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
     let addr = listener.local_addr().unwrap();
     let endpoints = Endpoints {
@@ -168,8 +183,8 @@ fn healthz_follows_the_run_loop() {
 /// A series as Prometheus identifies it: name and sorted labels.
 type Series = (String, BTreeMap<String, String>);
 
-/// The samples of an OpenMetrics text exposition (label values here hold no commas,
-/// quotes or spaces).
+/// The samples of an OpenMetrics text exposition, whose label values must be single
+/// words (no spaces, commas or quotes).
 fn samples(body: &str) -> BTreeMap<Series, f64> {
     let mut out = BTreeMap::new();
     for line in body.lines().filter(|l| !l.starts_with('#')) {
@@ -183,7 +198,13 @@ fn samples(body: &str) -> BTreeMap<Series, f64> {
             .filter(|l| !l.is_empty())
             .map(|l| {
                 let (k, v) = l.split_once('=').expect("KEY=VALUE");
-                (k.to_owned(), v.trim_matches('"').to_owned())
+                let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"'));
+                let v = v.unwrap_or_else(|| panic!("a quoted label value in {line}"));
+                assert!(
+                    !v.contains(|c: char| c.is_whitespace() || c == '"'),
+                    "label value {v:?} is not one word: {line}"
+                );
+                (k.to_owned(), v.to_owned())
             })
             .collect();
         let value = value.parse().expect("a number");
@@ -289,6 +310,17 @@ fn metrics_report_packets_maps_and_the_agent() {
         expect(rx_packets, &[("peer", &w3)], 0.0);
         let rx_bytes = "overlay_peer_received_bytes_total";
         expect(rx_bytes, &[("peer", &w2)], from_w2.len() as f64);
+        expect("overlay_peer_metrics_exported", &[], 1.0);
+        let pods = [
+            ("hook", Hook::PodIngress.name()),
+            ("interface", "pod_veths"),
+            ("reason", Reason::PassNotIpv4.name()),
+            (
+                "kind",
+                overlay_agent::datapath::outcome_kind(Reason::PassNotIpv4),
+            ),
+        ];
+        expect(packets, &pods, 0.0);
 
         let entries = "overlay_map_entries";
         let capacity = "overlay_map_max_entries";
@@ -322,5 +354,24 @@ fn metrics_report_packets_maps_and_the_agent() {
         }
         let version = env!("CARGO_PKG_VERSION");
         expect("overlay_build_info", &[("version", version)], 1.0);
+    });
+}
+
+#[test]
+fn per_peer_series_can_be_turned_off() {
+    with_server_of(http::STALL_AFTER, PerPeer::Off, async |node, addr, _| {
+        exchange(node);
+        let r = get(addr, "/metrics").await;
+        let got = samples(&r.body);
+        let peer_series = got
+            .keys()
+            .filter(|(name, _)| name.starts_with("overlay_peer_received"))
+            .count();
+        assert_eq!(peer_series, 0, "{}", r.body);
+        let exported = series("overlay_peer_metrics_exported", &[]);
+        assert_eq!(got.get(&exported), Some(&0.0), "{}", r.body);
+        // The peers are still counted, as the map's fill level.
+        let peers = series("overlay_map_entries", &[("map", "peers")]);
+        assert_eq!(got.get(&peers), Some(&(PEERS.len() as f64)));
     });
 }

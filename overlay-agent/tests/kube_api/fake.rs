@@ -1,10 +1,10 @@
 //! A fake of the Kubernetes API server's HTTP API for Nodes, enough for a kube-rs
 //! watcher and a status patch: paged lists (`limit`, `continue`), watches from a
 //! resourceVersion with a bounded event history (too old: a 410 `Expired` ERROR event,
-//! as the real server sends it), JSON merge patches of `nodes/NAME/status`, reads of
-//! single Pods (`namespaces/NS/pods/NAME`, where flanneld finds its node), injected
-//! failures (HTTP errors, closed watches, refused connections), and a log of every
-//! request. Objects are real `kubectl get -o json` documents, stored serialized.
+//! as the real server sends it), JSON merge and strategic merge patches of
+//! `nodes/NAME/status`, reads of single Pods (`namespaces/NS/pods/NAME`, where
+//! flanneld finds its node), injected failures (HTTP errors, closed watches, refused
+//! connections), and a log of every request. Objects are real `kubectl get -o json` documents, stored serialized.
 //!
 //! HTTP/1.1, one request per connection (`Connection: close`); watch bodies are
 //! chunked and stay open until the watch ends.
@@ -604,7 +604,12 @@ async fn write_chunk(socket: &mut TcpStream, data: &str) -> std::io::Result<()> 
         .await
 }
 
-/// A JSON merge patch (RFC 7386) of `/api/v1/nodes/NAME/status`.
+/// A patch of `/api/v1/nodes/NAME/status`: a JSON merge patch (RFC 7386), or a
+/// strategic merge patch as the API server applies it to a Node: the same, except
+/// that the lists of `NodeStatus` with a patch merge key (`conditions` and
+/// `addresses`, on `type`) are merged entry by entry on it (kubernetes/api
+/// `core/v1/types.go`, `patchStrategy:"merge" patchMergeKey:"type"`); patch
+/// directives (`$patch`, `$retainKeys`...) are refused.
 fn patch(shared: &Shared, request: &Request) -> (u16, String) {
     let Some(name) = request
         .path
@@ -613,22 +618,32 @@ fn patch(shared: &Shared, request: &Request) -> (u16, String) {
     else {
         return (404, status_body(404, "NotFound", "only nodes/NAME/status"));
     };
-    if request.content_type.as_deref() != Some("application/merge-patch+json") {
-        return (
-            415,
-            status_body(415, "UnsupportedMediaType", "merge patches only"),
-        );
-    }
+    let strategic = match request.content_type.as_deref() {
+        Some("application/merge-patch+json") => false,
+        Some("application/strategic-merge-patch+json") => true,
+        _ => {
+            return (
+                415,
+                status_body(415, "UnsupportedMediaType", "merge patches only"),
+            );
+        }
+    };
     let Ok(patch) = serde_json::from_str::<Value>(&request.body) else {
         return (400, status_body(400, "BadRequest", "patch is not JSON"));
     };
+    if strategic && request.body.contains("\"$") {
+        return (
+            422,
+            status_body(422, "Invalid", "the fake takes no patch directives"),
+        );
+    }
     let node = {
         let mut s = shared.state.lock().unwrap();
         let Some((node, _)) = s.nodes.get(name) else {
             return (404, status_body(404, "NotFound", "no such node"));
         };
         let mut node = node.clone();
-        merge(&mut node, &patch);
+        merge(&mut node, &patch, strategic);
         s.apply(node);
         s.nodes[name].1.to_string()
     };
@@ -636,7 +651,7 @@ fn patch(shared: &Shared, request: &Request) -> (u16, String) {
     (200, node)
 }
 
-fn merge(target: &mut Value, patch: &Value) {
+fn merge(target: &mut Value, patch: &Value, strategic: bool) {
     let Value::Object(fields) = patch else {
         *target = patch.clone();
         return;
@@ -646,10 +661,24 @@ fn merge(target: &mut Value, patch: &Value) {
     }
     let object = target.as_object_mut().unwrap();
     for (key, value) in fields {
-        if value.is_null() {
-            object.remove(key);
-        } else {
-            merge(object.entry(key.clone()).or_insert(Value::Null), value);
+        let keyed_list = strategic && ["conditions", "addresses"].contains(&key.as_str());
+        match (value, object.get_mut(key)) {
+            (Value::Null, _) => {
+                object.remove(key);
+            }
+            (Value::Array(entries), Some(Value::Array(list))) if keyed_list => {
+                for entry in entries {
+                    match list.iter_mut().find(|e| e["type"] == entry["type"]) {
+                        Some(existing) => merge(existing, entry, strategic),
+                        None => list.push(entry.clone()),
+                    }
+                }
+            }
+            _ => merge(
+                object.entry(key.clone()).or_insert(Value::Null),
+                value,
+                strategic,
+            ),
         }
     }
 }

@@ -105,7 +105,9 @@ async fn annotations_under_another_prefix() {
     f1["metadata"]["annotations"][PUBLIC_IP] = "192.168.9.9".into();
     api.apply(f1);
     let names = Names::new("example.com/team").unwrap();
-    let mut h = Harness::start_with(api, "n0", agent_address("192.168.3.10"), 500, names);
+    let mut h = Harness::start_with(api, "n0", agent_address("192.168.3.10"), 500, |s| {
+        s.with_annotations(names)
+    });
     let set = h.next_set().await;
     assert_eq!(node(&set, "f1").tunnel_ip, ip("192.168.3.11"));
     h.eventually("n0 annotated", |h| {

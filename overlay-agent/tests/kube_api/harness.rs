@@ -8,7 +8,6 @@ use overlay_agent::{
     nodes::{
         NodeInfo, NodeSet,
         address::{Authority, OwnAddress},
-        annotations::Names,
         kube::{KubeSource, Retry},
     },
     status::Status,
@@ -45,20 +44,19 @@ pub fn agent_address(interface: &str) -> OwnAddress {
 impl Harness {
     /// Runs the source of node `own` against `api`, listing `page_size` nodes a page.
     pub fn start(api: FakeApi, own: &str, own_address: OwnAddress, page_size: u32) -> Self {
-        Self::start_with(api, own, own_address, page_size, Names::default())
+        Self::start_with(api, own, own_address, page_size, |s| s)
     }
 
-    /// The same with flannel's annotations named `names`.
+    /// The same with the source as `configure` makes it.
     pub fn start_with(
         api: FakeApi,
         own: &str,
         own_address: OwnAddress,
         page_size: u32,
-        names: Names,
+        configure: impl FnOnce(KubeSource) -> KubeSource,
     ) -> Self {
         let client = Client::try_from(Config::new(api.url().parse().unwrap())).unwrap();
-        let source = KubeSource::new(client, own, own_address)
-            .with_annotations(names)
+        let source = configure(KubeSource::new(client, own, own_address))
             .with_retry(Retry::exponential(
                 Duration::from_millis(20),
                 Duration::from_millis(200),
@@ -103,9 +101,10 @@ impl Harness {
         while !check(self) {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "never: {what}; source {:?}, annotations {:?}",
+                "never: {what}; source {:?}, annotations {:?}, condition {:?}",
                 self.status.source(),
-                self.status.annotations()
+                self.status.annotations(),
+                self.status.network_condition()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
