@@ -422,7 +422,10 @@ pub fn udp_blast(ns: &str, server: SocketAddrV4, duration: Duration) -> Result<(
 
 #[cfg(test)]
 mod tests {
+    use std::process::Command;
+
     use super::*;
+    use crate::lab::interrupt::{self, Wait};
 
     /// Two namespaces joined by a veth pair, 10.99.0.1 and .2, deleted when dropped.
     struct Pair([String; 2]);
@@ -442,6 +445,21 @@ mod tests {
                     .address(addr.parse()?, "v")
                     .up("v")
                     .apply()?;
+            }
+            // The kernel's link watch activates a device's queue after it comes up,
+            // asynchronously (up to a second later on a busy machine); until then
+            // what is sent is dropped, and a lost SYN costs its connection a second.
+            // The operational state turns UP in the same step.
+            for ns in &pair.0 {
+                interrupt::wait_until("the veth to be up", Duration::from_secs(5), || {
+                    let link =
+                        netns::run(Command::new("ip").args(["-n", ns, "-o", "link", "show", "v"]))?;
+                    Ok(if link.contains(" state UP ") {
+                        Wait::Done(())
+                    } else {
+                        Wait::Pending(link)
+                    })
+                })?;
             }
             Ok(pair)
         }
