@@ -119,6 +119,11 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// The start of `text`, for a message (not a whole help text).
+fn excerpt(text: &str) -> String {
+    text.lines().take(6).collect::<Vec<_>>().join("\n")
+}
+
 /// What is wrong with `row` for the agent at `agent`; None when the agent does what
 /// the row says. `daemon` allows starting the daemon (the refused rows need it).
 fn disagreement(agent: &Path, row: &FlagRow, daemon: bool) -> Option<String> {
@@ -133,7 +138,7 @@ fn disagreement(agent: &Path, row: &FlagRow, daemon: bool) -> Option<String> {
                 format!(
                     "{flag}: the table says the agent takes it, the agent says ({}):\n{}",
                     out.status,
-                    text(&out)
+                    excerpt(&text(&out))
                 )
             })
         }
@@ -148,8 +153,9 @@ fn disagreement(agent: &Path, row: &FlagRow, daemon: bool) -> Option<String> {
                 && all.contains(flag);
             (!unknown).then(|| {
                 format!(
-                    "{flag}: the table says \"not yet\", but the agent knows it ({}):\n{all}",
-                    out.status
+                    "{flag}: the table says \"not yet\", but the agent knows it ({}):\n{}",
+                    out.status,
+                    excerpt(&all)
                 )
             })
         }
@@ -173,8 +179,9 @@ fn disagreement(agent: &Path, row: &FlagRow, daemon: bool) -> Option<String> {
             let refused = out.status.code() == Some(1) && all.contains(flag);
             (!refused).then(|| {
                 format!(
-                    "{flag}: the table says \"refused\", the agent ({}) says:\n{all}",
-                    out.status
+                    "{flag}: the table says \"refused\", the agent ({}) says:\n{}",
+                    out.status,
+                    excerpt(&all)
                 )
             })
         }
