@@ -40,6 +40,7 @@ mod outside;
 mod parallel;
 pub(crate) mod policy;
 pub(crate) mod probe;
+mod public_ip;
 mod restart;
 pub(crate) mod router;
 mod rules;
@@ -349,6 +350,22 @@ fn check(lab: &LabState, checks: Checks) -> Result<Report> {
         let proof = capture::prove(lab)?;
         print!("{}", proof.render());
         wire = proof.failures();
+
+        heading("Public IP behind a NAT");
+        if lab.topology.etcd.is_some() {
+            // A lease's PublicIP is the agent's to write: changing it is a restart with
+            // another --public-ip, and another lease.
+            println!("  (on the node list only)");
+        } else {
+            let proof = public_ip::run(lab)?;
+            print!("{}", proof.render());
+            wire.extend(
+                proof
+                    .failures()
+                    .iter()
+                    .map(|f| format!("public IP behind a NAT: {f}")),
+            );
+        }
 
         heading("Counters");
         for node in &lab.topology.nodes {
