@@ -12,9 +12,7 @@ use serde::Serialize;
 
 use crate::{
     conntrack::{Conntrack, Flow},
-    datapath::{
-        Config, Counters, Flows, NatEvents, Peers, Routes, maps::open_pinned, outcome_kind,
-    },
+    datapath::{Config, Counters, Flows, NatEvents, Peers, Routes, maps::open_pinned},
 };
 
 /// How a view is printed.
@@ -63,7 +61,7 @@ pub fn counters(pin_dir: &Path, all: bool) -> Result<CountersView> {
         .map(|(hook, reason, c)| CounterRow {
             hook: hook.name(),
             reason: reason.name(),
-            kind: outcome_kind(reason),
+            kind: reason.kind().name(),
             packets: c.packets,
             bytes: c.bytes,
         })

@@ -29,7 +29,7 @@ use prometheus_client::{
 use tracing::debug;
 
 use crate::{
-    datapath::{Counters, NatEvents, Peers, Routes, maps::open_pinned, outcome_kind},
+    datapath::{Counters, NatEvents, Peers, Routes, maps::open_pinned},
     status::Status,
 };
 
@@ -359,7 +359,7 @@ impl Exporter {
                     ("hook", hook.name()),
                     ("interface", interface(*hook)),
                     ("reason", reason.name()),
-                    ("kind", outcome_kind(*reason)),
+                    ("kind", reason.kind().name()),
                 ];
                 (labels, ConstCounter::new(value(c)))
             })

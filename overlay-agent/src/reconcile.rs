@@ -24,11 +24,11 @@ use crate::{
     host::{self, Host, OverlayRoute},
     masq,
     nodes::{NodeError, NodeInfo, NodeSet, address::OwnAddress},
-    subnet_env::SubnetEnv,
+    subnet_env::{self, SubnetEnv},
 };
 
 /// Outer IPv4 header overhead.
-pub const IPIP_OVERHEAD: u32 = 20;
+pub const IPIP_OVERHEAD: u32 = overlay_common::ip::IPV4_HEADER_LEN as u32;
 
 /// Netlink requests a pass keeps in flight at once.
 const NETLINK_IN_FLIGHT: usize = 64;
@@ -288,7 +288,7 @@ impl Reconciler {
             s.masq.enabled,
         );
         if self.subnet_env.as_ref() != Some(&env) {
-            env.write(&s.subnet_file)?;
+            subnet_env::write(&env, &s.subnet_file)?;
             info!(path = %s.subnet_file.display(), subnet = %env.subnet, mtu = env.mtu, "subnet.env written");
             self.subnet_env = Some(env);
         }
@@ -301,7 +301,7 @@ impl Reconciler {
         // The host's own packets to remote pods leave from the pod gateway once the
         // bridge holds it, as flanneld's tunnel address: replies then come back through
         // the tunnel instead of as pod-sourced packets on the underlay.
-        let gateway = Ipv4Addr::from(u32::from(desired.own.pod_cidr.network()) + 1);
+        let gateway = subnet_env::gateway(desired.own.pod_cidr);
         let src = self
             .host
             .addresses(None)

@@ -4,87 +4,45 @@
 //! 0755, the file replaced atomically (renameio) with mode 0644 whatever the umask.
 
 use std::{
-    fmt,
     fs::{DirBuilder, Permissions},
     io::Write as _,
-    net::Ipv4Addr,
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::Path,
 };
 
 use anyhow::{Context as _, Result};
 use ipnet::Ipv4Net;
+pub use overlay_common::subnet_env::{SubnetEnv, gateway};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubnetEnv {
-    /// FLANNEL_NETWORK: the cluster pod network.
-    pub network: Ipv4Net,
-    /// FLANNEL_SUBNET: this node's gateway address with the subnet's prefix length.
-    pub subnet: Ipv4Net,
-    /// FLANNEL_MTU: uplink MTU minus the IPIP header.
-    pub mtu: u32,
-    /// FLANNEL_IPMASQ.
-    pub ipmasq: bool,
-}
-
-impl SubnetEnv {
-    pub fn new(network: Ipv4Net, pod_cidr: Ipv4Net, mtu: u32, ipmasq: bool) -> Self {
-        let gateway = Ipv4Addr::from(u32::from(pod_cidr.network()) + 1);
-        let subnet = Ipv4Net::new(gateway, pod_cidr.prefix_len()).expect("prefix of a valid net");
-        Self {
-            network,
-            subnet,
-            mtu,
-            ipmasq,
-        }
-    }
-
-    /// Writes the file atomically: the CNI plugin must never read half of it.
-    pub fn write(&self, path: &Path) -> Result<()> {
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)
-            .with_context(|| format!("creating a file in {}", dir.display()))?;
-        // The temporary file is 0600; set (not masked) as flanneld's file is.
-        tmp.as_file()
-            .set_permissions(Permissions::from_mode(0o644))
-            .with_context(|| format!("setting the mode of a file in {}", dir.display()))?;
-        tmp.write_all(self.to_string().as_bytes())?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(path)
-            .with_context(|| format!("replacing {}", path.display()))?;
-        Ok(())
-    }
+/// Writes `env` to `path` atomically: the CNI plugin must never read half of it.
+pub fn write(env: &SubnetEnv, path: &Path) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a file in {}", dir.display()))?;
+    // The temporary file is 0600; set (not masked) as flanneld's file is.
+    tmp.as_file()
+        .set_permissions(Permissions::from_mode(0o644))
+        .with_context(|| format!("setting the mode of a file in {}", dir.display()))?;
+    tmp.write_all(env.to_string().as_bytes())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
 }
 
 /// The node subnet of the file at `path` (its `FLANNEL_SUBNET`), if there is a readable
 /// one: flannel's etcd subnet manager leases it again when it is still free.
 pub fn read_subnet(path: &Path) -> Option<Ipv4Net> {
     let text = std::fs::read_to_string(path).ok()?;
-    subnet_of(&text)
-}
-
-fn subnet_of(text: &str) -> Option<Ipv4Net> {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("FLANNEL_SUBNET="))
-        .and_then(|v| v.trim().parse::<Ipv4Net>().ok())
-        .map(|n| n.trunc())
-}
-
-impl fmt::Display for SubnetEnv {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "FLANNEL_NETWORK={}", self.network)?;
-        writeln!(f, "FLANNEL_SUBNET={}", self.subnet)?;
-        writeln!(f, "FLANNEL_MTU={}", self.mtu)?;
-        writeln!(f, "FLANNEL_IPMASQ={}", self.ipmasq)
-    }
+    SubnetEnv::parse(&text).ok().map(|env| env.pod_cidr())
 }
 
 #[cfg(test)]
@@ -99,7 +57,7 @@ mod tests {
     }
 
     #[test]
-    fn flannel_format_and_atomic_write() {
+    fn atomic_write_with_flanneld_s_modes() {
         let env = SubnetEnv::new(
             "10.244.0.0/16".parse().unwrap(),
             "10.244.1.0/24".parse().unwrap(),
@@ -107,13 +65,10 @@ mod tests {
             false,
         );
         let text = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1480\nFLANNEL_IPMASQ=false\n";
-        assert_eq!(env.to_string(), text);
-        assert_eq!(subnet_of(text), Some("10.244.1.0/24".parse().unwrap()));
-        assert_eq!(subnet_of("FLANNEL_SUBNET=x\n"), None);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/flannel/subnet.env");
         assert_eq!(read_subnet(&path), None);
-        env.write(&path).unwrap();
+        write(&env, &path).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         assert_eq!(read_subnet(&path), Some("10.244.1.0/24".parse().unwrap()));
         // Readable by all, as flanneld leaves it: the CNI plugin need not run as root.

@@ -120,6 +120,17 @@ pub enum Kind {
     Drop,
 }
 
+impl Kind {
+    /// Its stable name: a metric label, and a field of the inspection commands' JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Kind::Forward => "forward",
+            Kind::Pass => "pass",
+            Kind::Drop => "drop",
+        }
+    }
+}
+
 numbered! {
     /// What happened to a packet. New reasons take the next number.
     pub enum Reason {

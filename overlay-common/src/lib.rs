@@ -6,11 +6,20 @@
 //! as they appear on the wire, so the datapath never converts them.
 #![no_std]
 
+// The userspace side (agent, lab) has std; the datapath's build does not.
+#[cfg(feature = "user")]
+extern crate std;
+
 pub mod config;
 pub mod conntrack;
 pub mod counters;
 pub mod flows;
+pub mod ip;
+#[cfg(feature = "user")]
+pub mod kernel;
 pub mod maps;
+#[cfg(feature = "user")]
+pub mod subnet_env;
 
 pub use config::DatapathConfig;
 pub use counters::{Counter, Hook, Reason};

@@ -11,7 +11,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::ip::Ipv4Hdr;
-use overlay_common::{DatapathConfig, Hook, Reason};
+use overlay_common::{
+    DatapathConfig, Hook, Reason,
+    ip::{ECN_CE, ECN_ECT0, ECN_MASK},
+};
 
 use crate::{
     checksum,
@@ -22,10 +25,6 @@ use crate::{
     nat,
     parse::{self, ETH_LEN, Frame, IPPROTO_IPIP, IPV4_LEN, ptr_at},
 };
-
-const ECN_MASK: u8 = 0x03;
-const ECN_ECT0: u8 = 0x02;
-const ECN_CE: u8 = 0x03;
 
 /// `bridge_ingress`: packets from local pods.
 #[inline(always)]

@@ -4,12 +4,12 @@
 use aya_ebpf::programs::TcContext;
 use network_types::ip::Ipv4Hdr;
 
+use overlay_common::ip::ECN_CE;
+
 use crate::{
     checksum,
     parse::{ETH_LEN, ptr_at},
 };
-
-const ECN_CE: u8 = 0x03;
 
 /// Applies `edit`, which changes fields of the header and returns the checksum
 /// updated from the one it is given. False if the header is not linear.

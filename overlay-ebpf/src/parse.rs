@@ -12,10 +12,7 @@ use network_types::{
 
 pub const ETH_LEN: usize = EthHdr::LEN;
 pub const IPV4_LEN: usize = Ipv4Hdr::LEN;
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_IPIP: u8 = 4;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
+pub use overlay_common::ip::{IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Bits of the TCP flags byte.
 pub mod tcp {

@@ -14,17 +14,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
-use aya::{
-    programs::{
-        SchedClassifier, TcAttachType,
-        links::{FdLink, Link as _, PinnedLink},
-        tc::{
-            self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle,
-        },
-    },
-    util::KernelVersion,
+use aya::programs::{
+    SchedClassifier, TcAttachType,
+    links::{FdLink, Link as _, PinnedLink},
+    tc::{self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle},
 };
-use overlay_common::Hook;
+use overlay_common::{Hook, kernel::has_tcx};
 use tracing::{debug, info};
 
 use crate::{bpffs, host::ifindex_by_name};
@@ -59,11 +54,6 @@ fn attach_type(hook: Hook) -> TcAttachType {
         Hook::BridgeIngress | Hook::UplinkIngress | Hook::PodIngress => TcAttachType::Ingress,
         Hook::UplinkEgress | Hook::BridgeEgress => TcAttachType::Egress,
     }
-}
-
-/// Whether programs attach through TCX links (6.6+) rather than cls_bpf filters.
-pub fn has_tcx() -> bool {
-    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
 /// Where `hook`'s link is pinned under a layout version's directory.

@@ -14,7 +14,7 @@ use aya::maps::{
 use ipnet::Ipv4Net;
 use overlay_common::{
     Counter, DatapathConfig, Hook, PeerStats, Reason, Route,
-    counters::{Kind, NatEvent, index},
+    counters::{NatEvent, index},
     flows::{FlowKey, FlowState},
     maps::names,
 };
@@ -185,16 +185,6 @@ impl Counters {
             }
         }
         Ok(out)
-    }
-}
-
-/// How an outcome reads for an operator: `forward`, `pass` or `drop` (a label in the
-/// metrics and a field of the inspection commands' JSON).
-pub fn outcome_kind(reason: Reason) -> &'static str {
-    match reason.kind() {
-        Kind::Forward => "forward",
-        Kind::Pass => "pass",
-        Kind::Drop => "drop",
     }
 }
 

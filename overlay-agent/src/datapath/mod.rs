@@ -17,8 +17,8 @@ use overlay_common::{
 };
 use tracing::warn;
 
-pub use attach::{Attachment, detach_filters, has_tcx, link_pin};
-pub use maps::{Config, Counters, Flows, NatEvents, Peers, Routes, outcome_kind};
+pub use attach::{Attachment, detach_filters, link_pin};
+pub use maps::{Config, Counters, Flows, NatEvents, Peers, Routes};
 pub use ports::PodPorts;
 pub use veths::PodHooks;
 

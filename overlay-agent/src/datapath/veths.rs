@@ -29,11 +29,11 @@ use std::{
 
 use anyhow::Result;
 use aya::programs::{SchedClassifier, TcAttachType};
-use overlay_common::Hook;
+use overlay_common::{Hook, kernel::has_tcx};
 use tracing::{debug, info, warn};
 
 use super::{
-    attach::{Attachment, NL_PRIORITY, has_tcx},
+    attach::{Attachment, NL_PRIORITY},
     ports::{VethPort, veth_ports},
 };
 use crate::host::Host;

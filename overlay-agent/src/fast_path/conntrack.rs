@@ -8,7 +8,10 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use overlay_common::flows::FlowKey;
+use overlay_common::{
+    flows::FlowKey,
+    ip::{IPPROTO_TCP, IPPROTO_UDP},
+};
 use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
 use super::nfnetlink::{Attrs, Message, NLM_F_ACK, NLM_F_REQUEST, Request, messages};
@@ -52,8 +55,6 @@ const TCP_ESTABLISHED: u8 = 3;
 const TCP_FLAG_BE_LIBERAL: u8 = 0x08;
 
 const AF_INET: u8 = libc::AF_INET as u8;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 /// How long an answer may take: the kernel answers at once.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 

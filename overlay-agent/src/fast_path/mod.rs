@@ -24,7 +24,10 @@ use std::{
 };
 
 use anyhow::Result;
-use overlay_common::flows::{ADMIT_AFTER_PACKETS, CLOSING, FlowKey, FlowState, REFUSED};
+use overlay_common::{
+    flows::{ADMIT_AFTER_PACKETS, CLOSING, FlowKey, FlowState, REFUSED},
+    ip::IPPROTO_TCP,
+};
 use tracing::{debug, info, warn};
 
 pub use self::conntrack::{Ctnetlink, Entry, Updated};
@@ -39,7 +42,6 @@ pub const PASS_EVERY: Duration = Duration::from_millis(500);
 pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
 /// A flow the fast path carried within this long is in use.
 const IN_USE: Duration = Duration::from_secs(30);
-const IPPROTO_TCP: u8 = 6;
 
 /// `--fast-path`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

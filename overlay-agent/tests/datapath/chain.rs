@@ -11,7 +11,8 @@ use aya::{
         tc::{NlOptions, TcAttachOptions, TcHandle},
     },
 };
-use overlay_agent::datapath::{Counters, OBJECT, has_tcx};
+use overlay_agent::datapath::{Counters, OBJECT};
+use overlay_common::kernel::has_tcx;
 use overlay_common::{Hook, maps::names};
 
 use super::{fixture::with_node, topology::W2};

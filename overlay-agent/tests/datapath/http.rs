@@ -230,7 +230,7 @@ fn outcome(hook: Hook, reason: Reason) -> Vec<(&'static str, &'static str)> {
     } else {
         "eth0"
     };
-    let kind = overlay_agent::datapath::outcome_kind(reason);
+    let kind = reason.kind().name();
     vec![
         ("hook", hook.name()),
         ("interface", interface),
@@ -315,10 +315,7 @@ fn metrics_report_packets_maps_and_the_agent() {
             ("hook", Hook::PodIngress.name()),
             ("interface", "pod_veths"),
             ("reason", Reason::PassNotIpv4.name()),
-            (
-                "kind",
-                overlay_agent::datapath::outcome_kind(Reason::PassNotIpv4),
-            ),
+            ("kind", Reason::PassNotIpv4.kind().name()),
         ];
         expect(packets, &pods, 0.0);
 

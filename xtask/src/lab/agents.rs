@@ -29,6 +29,9 @@ use nix::{
     unistd::Pid,
 };
 
+use overlay_common::kernel::has_tcx;
+pub use overlay_common::subnet_env::SubnetEnv;
+
 use super::{
     etcd,
     interrupt::{self, Wait},
@@ -415,40 +418,6 @@ fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> Result<bool> {
     }
 }
 
-/// flannel's subnet.env as the CNI plugin reads it (flannel-io/cni-plugin flannel.go,
-/// `loadFlannelSubnetEnv`): every key it needs for an IPv4 pod network.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubnetEnv {
-    /// FLANNEL_NETWORK: the cluster's pod network (the pods' route into it).
-    pub network: Ipv4Net,
-    /// FLANNEL_SUBNET: the gateway address with the node subnet's prefix length.
-    pub subnet: Ipv4Net,
-    pub mtu: u32,
-    /// FLANNEL_IPMASQ: whether flanneld masquerades (`--ip-masq`); when it does not,
-    /// the CNI plugin has the bridge plugin do it.
-    pub ipmasq: bool,
-}
-
-impl SubnetEnv {
-    pub fn parse(text: &str) -> Result<Self> {
-        let value = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-                .map(str::trim)
-                .with_context(|| format!("subnet.env has no {key}"))
-        };
-        Ok(Self {
-            network: value("FLANNEL_NETWORK")?
-                .parse()
-                .context("FLANNEL_NETWORK")?,
-            subnet: value("FLANNEL_SUBNET")?.parse().context("FLANNEL_SUBNET")?,
-            mtu: value("FLANNEL_MTU")?.parse().context("FLANNEL_MTU")?,
-            // The plugin takes anything but "true" for false.
-            ipmasq: value("FLANNEL_IPMASQ")? == "true",
-        })
-    }
-}
-
 /// Waits for the agent to write `node`'s subnet.env, as the flannel CNI plugin does
 /// before it can configure a pod.
 pub fn wait_subnet_env(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
@@ -460,7 +429,9 @@ pub fn wait_subnet_env(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
             ensure_running(lab, node)?;
             match std::fs::read_to_string(&path) {
                 Ok(text) => Ok(Wait::Done(
-                    SubnetEnv::parse(&text).with_context(|| format!("in {}", path.display()))?,
+                    SubnetEnv::parse(&text)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("in {}", path.display()))?,
                 )),
                 Err(e) => Ok(Wait::Pending(e.to_string())),
             }
@@ -742,10 +713,6 @@ pub fn attached(ns: &str, iface: &str, direction: TcAttachType) -> Result<Vec<St
     })
 }
 
-fn has_tcx() -> bool {
-    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
-}
-
 /// The programs of the cls_bpf filters on `iface`'s clsact hook, from `tc -json`.
 fn filters(ns: &str, iface: &str, direction: TcAttachType) -> Result<Vec<String>> {
     let hook = match direction {
@@ -786,37 +753,6 @@ pub fn all_attached(lab: &LabState, node: &Node) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn subnet_env_as_the_cni_plugin_reads_it() {
-        const TEXT: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1480\nFLANNEL_IPMASQ=false\n";
-        assert_eq!(
-            SubnetEnv::parse(TEXT).unwrap(),
-            SubnetEnv {
-                network: "10.244.0.0/16".parse().unwrap(),
-                subnet: "10.244.1.1/24".parse().unwrap(),
-                mtu: 1480,
-                ipmasq: false,
-            }
-        );
-        let masq = TEXT.replace("IPMASQ=false", "IPMASQ=true");
-        assert!(SubnetEnv::parse(&masq).unwrap().ipmasq);
-        // flannel's plugin refuses a file that lacks any of them.
-        for key in [
-            "FLANNEL_NETWORK",
-            "FLANNEL_SUBNET",
-            "FLANNEL_MTU",
-            "FLANNEL_IPMASQ",
-        ] {
-            let text: String = TEXT
-                .lines()
-                .filter(|l| !l.starts_with(key))
-                .map(|l| format!("{l}\n"))
-                .collect();
-            let err = SubnetEnv::parse(&text).unwrap_err();
-            assert!(err.to_string().contains(key), "{err}");
-        }
-    }
 
     #[test]
     fn an_agent_is_seen_once_exec_d_not_in_its_netns_wrapper() {

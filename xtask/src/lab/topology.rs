@@ -51,7 +51,7 @@ impl Node {
     /// agent's routes make it the source of the node's own traffic to remote pods, and
     /// masquerade rule 6 translates to it.
     pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.pod_cidr.network()) + 1)
+        overlay_common::subnet_env::gateway(self.pod_cidr)
     }
 }
 

@@ -238,14 +238,6 @@ fn granted_id(answer: &str) -> Result<String> {
     }
 }
 
-/// flanneld's subnet.env (`WriteSubnetFile`).
-fn subnet_env_text(env: &SubnetEnv) -> String {
-    format!(
-        "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
-        env.network, env.subnet, env.mtu, env.ipmasq
-    )
-}
-
 /// etcdctl as `node`'s flanneld uses etcd: from its namespace, with the client
 /// certificate; each command printed as run.
 struct Etcdctl<'a> {
@@ -356,7 +348,7 @@ pub fn configure(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::write(&path, subnet_env_text(&env))
+    std::fs::write(&path, env.to_string())
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(env)
 }
@@ -535,21 +527,5 @@ mod tests {
             "694da24d17f43607"
         );
         assert!(granted_id("Error: etcdserver: requested lease not found").is_err());
-        let env = SubnetEnv {
-            network: "10.244.0.0/16".parse().unwrap(),
-            subnet: "10.244.7.1/24".parse().unwrap(),
-            mtu: 1480,
-            ipmasq: true,
-        };
-        let text = subnet_env_text(&env);
-        assert_eq!(
-            text,
-            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1480\nFLANNEL_IPMASQ=true\n"
-        );
-        let back = SubnetEnv::parse(&text).unwrap();
-        assert_eq!(
-            (back.subnet, back.mtu, back.ipmasq),
-            (env.subnet, 1480, true)
-        );
     }
 }
