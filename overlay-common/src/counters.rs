@@ -161,6 +161,9 @@ pub enum Reason {
     /// own address (a reply to a flow the host masqueraded to it), which the host's
     /// connection tracking translates back.
     DecapsulatedToNode,
+    /// For a remote pod subnet whose node is reached directly (`Backend.DirectRouting`,
+    /// `ROUTE_DIRECT`): not encapsulated; the host routes it to that node as it is.
+    PassDirectRoute,
 }
 
 /// How a reason reads for an operator.
@@ -172,7 +175,7 @@ pub enum Kind {
 }
 
 impl Reason {
-    pub const COUNT: u32 = Reason::DecapsulatedToNode as u32 + 1;
+    pub const COUNT: u32 = Reason::PassDirectRoute as u32 + 1;
 
     pub const ALL: [Reason; Reason::COUNT as usize] = [
         Reason::Encapsulated,
@@ -216,6 +219,7 @@ impl Reason {
         Reason::PassFlowRecorded,
         Reason::PassFastPathOff,
         Reason::DecapsulatedToNode,
+        Reason::PassDirectRoute,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -261,6 +265,7 @@ impl Reason {
             Reason::PassFlowRecorded => "pass_flow_recorded",
             Reason::PassFastPathOff => "pass_fast_path_off",
             Reason::DecapsulatedToNode => "decapsulated_to_node",
+            Reason::PassDirectRoute => "pass_direct_route",
         }
     }
 
@@ -293,7 +298,8 @@ impl Reason {
             | Reason::PassNotForGateway
             | Reason::PassToHost
             | Reason::PassFlowRecorded
-            | Reason::PassFastPathOff => Kind::Pass,
+            | Reason::PassFastPathOff
+            | Reason::PassDirectRoute => Kind::Pass,
             Reason::DropMalformed
             | Reason::DropUnknownPeer
             | Reason::DropNotForThisNode

@@ -3,76 +3,17 @@
 //! first, the blackhole for what no other route takes), its removal when the flag goes,
 //! and cleanup's.
 
-use std::process::Command;
-
-use overlay_agent::{
-    host::Host,
-    masq,
-    nodes::{
-        NodeInfo, NodeSet,
-        address::{Authority, OwnAddress},
-    },
-    reconcile::{Desired, NodeSettings, Reconciler, Uplink},
-};
+use overlay_agent::host::Host;
 
 use super::{
-    fixture::{Node, ifindex, run_tool, with_node},
-    topology::{CLUSTER, NODE_IP, POD, POD_SUBNET, POD_UNRESOLVED, UPLINK_MTU, W2},
+    fixture::{Node, ip, reconcile, run_tool, with_node},
+    topology::{NODE_IP, POD, POD_SUBNET, POD_UNRESOLVED, W2},
 };
-
-/// `ip ARGS` in this thread's namespace: its output, or its error.
-fn ip(args: &str) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(args.split_whitespace())
-        .output()
-        .expect("running ip");
-    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
-    if out.status.success() {
-        Ok(text(out.stdout))
-    } else {
-        Err(text(out.stderr))
-    }
-}
 
 /// One pass for this node (w1, POD_SUBNET) and w2, with the flag `on`.
 async fn pass(node: &mut Node, on: bool, subnet_file: &std::path::Path) {
     let nodes = [("w1", POD_SUBNET, NODE_IP), ("w2", W2.subnet, W2.node)];
-    let set = NodeSet {
-        nodes: nodes
-            .iter()
-            .map(|(name, pod_cidr, tunnel_ip)| NodeInfo {
-                name: (*name).into(),
-                pod_cidr: *pod_cidr,
-                tunnel_ip: *tunnel_ip,
-                overwrite: None,
-                foreign_backend: None,
-            })
-            .collect(),
-        errors: vec![],
-    };
-    let own = OwnAddress {
-        authority: Authority::NodeList,
-        public_ip: None,
-        interface: NODE_IP,
-    };
-    let desired = Desired::compute(&set, "w1", &own, CLUSTER).unwrap();
-    let settings = NodeSettings {
-        uplink: Uplink {
-            name: "eth0".into(),
-            ifindex: ifindex("eth0"),
-            mtu: u32::from(UPLINK_MTU),
-            address: NODE_IP,
-        },
-        bridge: "cni0".into(),
-        network: CLUSTER,
-        subnet_file: subnet_file.to_owned(),
-        masq: masq::Settings::default(),
-        blackhole_route: on,
-    };
-    Reconciler::new(Host::connect().unwrap(), settings)
-        .apply(&mut node.dp, &desired)
-        .await
-        .unwrap();
+    reconcile(node, &nodes, subnet_file, |s| s.blackhole_route = on).await;
 }
 
 #[test]
