@@ -57,6 +57,7 @@ fn whole_lab(etcd: bool, controls: bool) -> Option<Report> {
             no_masq: false,
             no_fast_path: false,
             etcd,
+            direct_routing: false,
         },
         Checks {
             controls,
