@@ -6,37 +6,32 @@
 use overlay_agent::host::Host;
 
 use super::{
-    fixture::{Node, ip, reconcile, run_tool, with_node},
+    fixture::{Node, Passes, ip, run_tool, with_node},
     topology::{NODE_IP, POD, POD_SUBNET, POD_UNRESOLVED, W2},
 };
 
 /// One pass for this node (w1, POD_SUBNET) and w2, with the flag `on`.
-async fn pass(node: &mut Node, on: bool, subnet_file: &std::path::Path) {
+fn pass(passes: &Passes, node: &mut Node, on: bool) {
     let nodes = [("w1", POD_SUBNET, NODE_IP), ("w2", W2.subnet, W2.node)];
-    reconcile(node, &nodes, subnet_file, |s| s.blackhole_route = on).await;
+    passes.run(node, &nodes, |s| s.blackhole_route = on);
 }
 
 #[test]
 fn the_own_subnet_is_blackholed_behind_the_bridge_and_removed_with_the_flag() {
     with_node(|node| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let subnet_file = dir.path().join("subnet.env");
+        let passes = Passes::new();
         let blackholes = || ip("-4 route show table main proto 191 type blackhole").unwrap();
 
-        rt.block_on(pass(node, false, &subnet_file));
+        pass(&passes, node, false);
         assert_eq!(blackholes(), "");
 
-        rt.block_on(pass(node, true, &subnet_file));
+        pass(&passes, node, true);
         assert_eq!(
             blackholes(),
             format!("blackhole {POD_SUBNET} metric 4294967295 \n")
         );
         // Idempotent: a second pass leaves the one route.
-        rt.block_on(pass(node, true, &subnet_file));
+        pass(&passes, node, true);
         assert_eq!(blackholes().lines().count(), 1);
         // The bridge's route keeps the subnet's pods; without it the blackhole takes
         // their traffic, which would otherwise follow the default route out.
@@ -51,14 +46,14 @@ fn the_own_subnet_is_blackholed_behind_the_bridge_and_removed_with_the_flag() {
         );
 
         // The flag gone: the route goes at the next pass.
-        rt.block_on(pass(node, false, &subnet_file));
+        pass(&passes, node, false);
         assert_eq!(blackholes(), "");
 
         // `overlay-agent cleanup` removes it with the agent's other routes.
-        rt.block_on(pass(node, true, &subnet_file));
+        pass(&passes, node, true);
         let overlay_routes = ip("-4 route show proto 191").unwrap().lines().count();
         assert!(overlay_routes >= 2, "w2's route and the blackhole");
-        let removed = rt
+        let removed = passes
             .block_on(async { Host::connect().unwrap().remove_overlay_routes().await })
             .unwrap();
         assert_eq!(removed, overlay_routes);

@@ -19,7 +19,7 @@ use overlay_common::{
 use super::{
     expect::{assert_checksums, encapsulated, towards},
     fixture::{
-        Act, Node, assert_bytes_eq, check_verdict, ip, reconcile, run_tool, with_masquerading_node,
+        Act, Node, Passes, assert_bytes_eq, check_verdict, ip, run_tool, with_masquerading_node,
         with_node,
     },
     nat::{PAYLOAD, assert_table, client, outgoing, translation},
@@ -138,21 +138,14 @@ fn direct_subnets(node: &Node) -> BTreeMap<Ipv4Net, bool> {
 #[test]
 fn the_agent_routes_nodes_on_the_uplinks_link_directly_and_follows_their_routes() {
     with_node(|node| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let subnet_file = dir.path().join("subnet.env");
+        let passes = Passes::new();
         let nodes = [
             ("w1", POD_SUBNET, NODE_IP),
             ("w2", W2.subnet, W2.node),
             ("w3", W3.subnet, W3.node),
         ];
         let pass = |node: &mut Node, direct_routing: bool| {
-            rt.block_on(reconcile(node, &nodes, &subnet_file, |s| {
-                s.direct_routing = direct_routing
-            }))
+            passes.run(node, &nodes, |s| s.direct_routing = direct_routing)
         };
         let routes = || ip("-4 route show proto 191").unwrap();
         let tunnelled =

@@ -400,52 +400,76 @@ pub fn ip(args: &str) -> Result<String, String> {
     }
 }
 
-/// One reconcile pass of the agent for this node (w1) among `nodes` (name, pod
-/// subnet, tunnel address), with the settings as `adjust` leaves them.
-pub async fn reconcile(
-    node: &mut Node,
-    nodes: &[(&str, Ipv4Net, Ipv4Addr)],
-    subnet_file: &Path,
-    adjust: impl FnOnce(&mut NodeSettings),
-) {
-    let set = NodeSet {
-        nodes: nodes
-            .iter()
-            .map(|(name, pod_cidr, tunnel_ip)| NodeInfo {
-                name: (*name).into(),
-                pod_cidr: *pod_cidr,
-                tunnel_ip: *tunnel_ip,
-                overwrite: None,
-                foreign_backend: None,
-            })
-            .collect(),
-        errors: vec![],
-    };
-    let own = OwnAddress {
-        authority: Authority::NodeList,
-        public_ip: None,
-        interface: topology::NODE_IP,
-    };
-    let desired = Desired::compute(&set, "w1", &own, topology::CLUSTER).unwrap();
-    let mut settings = NodeSettings {
-        uplink: Uplink {
-            name: "eth0".into(),
-            ifindex: ifindex("eth0"),
-            mtu: u32::from(topology::UPLINK_MTU),
-            address: topology::NODE_IP,
-        },
-        bridge: "cni0".into(),
-        network: topology::CLUSTER,
-        subnet_file: subnet_file.to_owned(),
-        masq: masq::Settings::default(),
-        blackhole_route: false,
-        direct_routing: false,
-    };
-    adjust(&mut settings);
-    Reconciler::new(Host::connect().unwrap(), settings)
-        .apply(&mut node.dp, &desired)
-        .await
+/// Reconcile passes of the agent for this node (w1), on a runtime of their own,
+/// writing subnet.env into a directory of their own.
+pub struct Passes {
+    rt: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+}
+
+impl Passes {
+    pub fn new() -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Self {
+            rt,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// One pass among `nodes` (name, pod subnet, tunnel address), with the settings
+    /// as `adjust` leaves them.
+    pub fn run(
+        &self,
+        node: &mut Node,
+        nodes: &[(&str, Ipv4Net, Ipv4Addr)],
+        adjust: impl FnOnce(&mut NodeSettings),
+    ) {
+        let set = NodeSet {
+            nodes: nodes
+                .iter()
+                .map(|(name, pod_cidr, tunnel_ip)| NodeInfo {
+                    name: (*name).into(),
+                    pod_cidr: *pod_cidr,
+                    tunnel_ip: *tunnel_ip,
+                    overwrite: None,
+                    foreign_backend: None,
+                })
+                .collect(),
+            errors: vec![],
+        };
+        let own = OwnAddress {
+            authority: Authority::NodeList,
+            public_ip: None,
+            interface: topology::NODE_IP,
+        };
+        let desired = Desired::compute(&set, "w1", &own, topology::CLUSTER).unwrap();
+        let mut settings = NodeSettings {
+            uplink: Uplink {
+                name: "eth0".into(),
+                ifindex: ifindex("eth0"),
+                mtu: u32::from(topology::UPLINK_MTU),
+                address: topology::NODE_IP,
+            },
+            bridge: "cni0".into(),
+            network: topology::CLUSTER,
+            subnet_file: self.dir.path().join("subnet.env"),
+            masq: masq::Settings::default(),
+            blackhole_route: false,
+            direct_routing: false,
+        };
+        adjust(&mut settings);
+        self.block_on(
+            Reconciler::new(Host::connect().unwrap(), settings).apply(&mut node.dp, &desired),
+        )
         .unwrap();
+    }
+
+    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.rt.block_on(future)
+    }
 }
 
 pub fn ifindex(name: &str) -> u32 {
