@@ -461,9 +461,12 @@ impl Passes {
             direct_routing: false,
         };
         adjust(&mut settings);
-        self.block_on(
-            Reconciler::new(Host::connect().unwrap(), settings).apply(&mut node.dp, &desired),
-        )
+        // The netlink connection's driver is a task of this runtime.
+        self.block_on(async {
+            Reconciler::new(Host::connect().unwrap(), settings)
+                .apply(&mut node.dp, &desired)
+                .await
+        })
         .unwrap();
     }
 
