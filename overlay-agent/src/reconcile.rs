@@ -718,8 +718,12 @@ mod tests {
         Ipv4Net::new([10, 244, third, 0].into(), 24).unwrap()
     }
 
-    /// (subnet, node, flags) of the map; (subnet, via, oif, src, mtu) of the kernel.
-    fn summary(plan: &Plan) -> (Vec<(u8, [u8; 4], u32)>, Vec<(u8, [u8; 4], u32, bool, u32)>) {
+    /// Third octet of the subnet, node, flags: a map entry.
+    type MapRow = (u8, [u8; 4], u32);
+    /// Third octet of the subnet, via, oif, whether it has a source, MTU: a route.
+    type KernelRow = (u8, [u8; 4], u32, bool, u32);
+
+    fn summary(plan: &Plan) -> (Vec<MapRow>, Vec<KernelRow>) {
         let map = plan
             .map
             .iter()
