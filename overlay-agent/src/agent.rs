@@ -106,7 +106,7 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
         conntrack_entries: opts.conntrack_entries,
         log_level: opts.bpf_log_level,
     })?;
-    info!(node = node_name, uplink = uplink.name, address = %uplink.address, mtu = uplink.mtu, network = %net_conf.network, pins = %pin_dir.display(), bpf_log_level = %opts.bpf_log_level, "datapath loaded");
+    info!(node = node_name, uplink = uplink.name, address = %uplink.address, mtu = uplink.mtu, network = %net_conf.network, direct_routing = net_conf.direct_routing, pins = %pin_dir.display(), bpf_log_level = %opts.bpf_log_level, "datapath loaded");
     let program_log = dp.take_log().map(|log| tokio::spawn(log.forward()));
     let uplink_name = uplink.name.clone();
     status.set_uplink(&uplink_name);
@@ -118,6 +118,7 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
         subnet_file: opts.subnet_file.clone(),
         masq: opts.masq.clone(),
         blackhole_route: opts.blackhole_route,
+        direct_routing: net_conf.direct_routing,
     };
     let mut reconciler = Reconciler::new(host, settings);
     let node = NodeIdentity {

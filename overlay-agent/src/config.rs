@@ -37,6 +37,9 @@ pub struct NetConf {
     pub subnet_min: Option<Ipv4Addr>,
     /// `SubnetMax`, when set and not 0.0.0.0.
     pub subnet_max: Option<Ipv4Addr>,
+    /// `Backend.DirectRouting`: nodes reached without a gateway get their pods'
+    /// packets unencapsulated, as flannel's ipip backend routes them.
+    pub direct_routing: bool,
 }
 
 /// The node subnets an etcd-backed network hands out: `len`-long, from `min` to `max`
@@ -138,16 +141,19 @@ impl NetConf {
             .parse()
             .with_context(|| format!("\"Network\" is not an IPv4 CIDR: {network:?}"))?;
         // flanneld's default backend is udp; this dataplane implements ipip only.
-        // Inside Backend only Type is read, matched as Go matches it.
-        let kind = match raw.get::<Value>("Backend")? {
-            None => "udp".to_owned(),
-            Some(Value::Object(backend)) => backend
-                .iter()
-                .rev()
-                .find(|(k, _)| go_key_matches(k, "Type"))
-                .map(|(_, v)| v.as_str().map(str::to_owned))
-                .unwrap_or(Some(String::new()))
-                .context("\"Backend.Type\" is not a string")?,
+        // Inside Backend, Type and the ipip backend's DirectRouting are read, matched
+        // as Go matches them.
+        let (kind, backend) = match raw.get::<Value>("Backend")? {
+            None => ("udp".to_owned(), Members(Vec::new())),
+            Some(Value::Object(backend)) => {
+                let backend = Members(backend.into_iter().collect());
+                let kind = backend
+                    .get::<Value>("Type")?
+                    .map(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or(Some(String::new()))
+                    .context("\"Backend.Type\" is not a string")?;
+                (kind, backend)
+            }
             Some(other) => bail!("\"Backend\" is not an object: {other}"),
         };
         if !kind.eq_ignore_ascii_case("ipip") {
@@ -155,6 +161,12 @@ impl NetConf {
                 "\"Backend.Type\" is {kind:?}: this dataplane implements the \"ipip\" backend only"
             );
         }
+        // flanneld decodes it into a bool (`pkg/backend/ipip/ipip.go` `RegisterNetwork`)
+        // and refuses to start on another type.
+        let direct_routing = backend
+            .get::<bool>("DirectRouting")
+            .context("in \"Backend\"")?
+            .unwrap_or(false);
         let subnet_len = match raw.get::<u32>("SubnetLen")? {
             None | Some(0) => None,
             Some(len) => Some(
@@ -169,6 +181,7 @@ impl NetConf {
             subnet_len,
             subnet_min: address(raw.get("SubnetMin")?, "SubnetMin")?,
             subnet_max: address(raw.get("SubnetMax")?, "SubnetMax")?,
+            direct_routing,
         })
     }
 
@@ -242,6 +255,33 @@ mod tests {
         let c = NetConf::parse(r#"{ "Network": "10.244.0.0/16", "Backend": { "Type": "ipip" } }"#)
             .unwrap();
         assert_eq!(c.network, "10.244.0.0/16".parse().unwrap());
+    }
+
+    #[test]
+    fn direct_routing_as_flanneld_decodes_it() {
+        let direct = |backend: &str| {
+            NetConf::parse(&format!(
+                r#"{{"Network":"10.1.0.0/16","Backend":{{"Type":"ipip"{backend}}}}}"#
+            ))
+            .map(|c| c.direct_routing)
+        };
+        assert!(!direct("").unwrap());
+        assert!(!direct(r#","DirectRouting":null"#).unwrap());
+        assert!(!direct(r#","DirectRouting":false"#).unwrap());
+        assert!(direct(r#","DirectRouting":true"#).unwrap());
+        assert!(direct(r#","directrouting":true"#).unwrap());
+        assert!(direct(r#","DIRECTROUTING":true"#).unwrap());
+        // Beside Backend it is some other key, which flanneld ignores.
+        let c = NetConf::parse(
+            r#"{"Network":"10.1.0.0/16","DirectRouting":true,"Backend":{"Type":"ipip"}}"#,
+        )
+        .unwrap();
+        assert!(!c.direct_routing);
+        let e = format!("{:#}", direct(r#","DirectRouting":"true""#).unwrap_err());
+        assert!(
+            e.contains("Backend") && e.contains("\"DirectRouting\" has the wrong type"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -70,6 +70,14 @@ pub struct OverlayRoute {
     pub mtu: u32,
 }
 
+/// How the kernel reaches an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextHop {
+    /// None when the address is on a link of this host.
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: u32,
+}
+
 /// A netlink connection to this network namespace.
 #[derive(Clone)]
 pub struct Host {
@@ -151,8 +159,9 @@ impl Host {
         Ok(out)
     }
 
-    /// The next hop and output interface the kernel uses to reach `dst`.
-    pub async fn next_hop(&self, dst: Ipv4Addr) -> Result<(Ipv4Addr, u32)> {
+    /// The kernel's route to `dst` (`ip route get`): its gateway, if any, and output
+    /// interface.
+    pub async fn next_hop(&self, dst: Ipv4Addr) -> Result<NextHop> {
         let query = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst, 32)
             .build();
@@ -162,11 +171,11 @@ impl Host {
             .await
             .with_context(|| format!("looking up the route to {dst}"))?
             .with_context(|| format!("no route to {dst}"))?;
-        let mut via = dst;
+        let mut gateway = None;
         let mut oif = None;
         for attr in &route.attributes {
             match attr {
-                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => via = *gw,
+                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => gateway = Some(*gw),
                 RouteAttribute::Oif(i) => oif = Some(*i),
                 _ => {}
             }
@@ -174,7 +183,7 @@ impl Host {
         let Some(oif) = oif else {
             bail!("the route to {dst} has no output interface")
         };
-        Ok((via, oif))
+        Ok(NextHop { gateway, oif })
     }
 
     /// The routes this agent owns, from the main table.

@@ -98,6 +98,9 @@ pub struct ThisNode {
 pub struct RemoteRow {
     pub subnet: Ipv4Net,
     pub node: Ipv4Addr,
+    /// `tunnel`, or `direct` for a node reached without encapsulation
+    /// (`Backend.DirectRouting`).
+    pub path: &'static str,
     pub rx_packets: u64,
     pub rx_bytes: u64,
 }
@@ -124,11 +127,13 @@ pub fn nodes(pin_dir: &Path) -> Result<NodesView> {
     };
     let remote_subnets = routes
         .into_iter()
-        .map(|(subnet, node)| {
+        .map(|(subnet, route)| {
+            let node = Ipv4Addr::from(route.node_ip);
             let rx = peers.get(&node).copied().unwrap_or_default();
             RemoteRow {
                 subnet,
                 node,
+                path: if route.direct() { "direct" } else { "tunnel" },
                 rx_packets: rx.rx_packets,
                 rx_bytes: rx.rx_bytes,
             }
@@ -153,15 +158,16 @@ impl View for NodesView {
         }
         writeln!(
             out,
-            "{:<20} {:<16} {:>12} {:>14}",
-            "REMOTE SUBNET", "NODE", "RX PACKETS", "RX BYTES"
+            "{:<20} {:<16} {:<7} {:>12} {:>14}",
+            "REMOTE SUBNET", "NODE", "PATH", "RX PACKETS", "RX BYTES"
         )?;
         for r in &self.remote_subnets {
             writeln!(
                 out,
-                "{:<20} {:<16} {:>12} {:>14}",
+                "{:<20} {:<16} {:<7} {:>12} {:>14}",
                 r.subnet.to_string(),
                 r.node.to_string(),
+                r.path,
                 r.rx_packets,
                 r.rx_bytes
             )?;

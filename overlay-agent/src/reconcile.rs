@@ -12,8 +12,9 @@ use anyhow::Result;
 use futures::{StreamExt as _, TryStreamExt as _, stream};
 use ipnet::Ipv4Net;
 use overlay_common::{
-    DatapathConfig, Hook,
+    DatapathConfig, Hook, Route,
     config::{FLAG_FAST_PATH, FLAG_MASQUERADE},
+    maps::ROUTE_DIRECT,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -21,7 +22,7 @@ use tracing::{info, warn};
 use crate::{
     datapath::{Datapath, maps::Changes},
     fast_path,
-    host::{self, Host, OverlayRoute},
+    host::{self, Host, NextHop, OverlayRoute},
     masq,
     nodes::{NodeError, NodeInfo, NodeSet, address::OwnAddress},
     subnet_env::{self, SubnetEnv},
@@ -184,6 +185,91 @@ pub struct NodeSettings {
     pub masq: masq::Settings,
     /// A blackhole route for this node's pod subnet (flanneld's `--ip-blackhole-route`).
     pub blackhole_route: bool,
+    /// net-conf.json's `Backend.DirectRouting`.
+    pub direct_routing: bool,
+}
+
+/// Whether the uplink reaches a node directly, so that with `Backend.DirectRouting`
+/// its pods' packets go unencapsulated: as flannel decides (flannel-io/flannel v0.28.9
+/// `pkg/ip/iface.go` `DirectRouting`: the kernel's route to the node's public address
+/// has no gateway, i.e. the node is on a link of this one), and that link is the
+/// uplink, the device flannel's direct route names (`pkg/backend/ipip/ipip.go`
+/// `RegisterNetwork`, `route.LinkIndex = n.ExtIface.Iface.Index`) and the one whose
+/// egress our programs see.
+pub fn reached_directly(hop: &NextHop, uplink: u32) -> bool {
+    hop.gateway.is_none() && hop.oif == uplink
+}
+
+/// The `ROUTES` entries and the kernel routes that carry the remote subnets.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Plan {
+    map: BTreeMap<Ipv4Net, Route>,
+    kernel: BTreeMap<Ipv4Net, OverlayRoute>,
+    /// Nodes of `desired.remotes` the kernel has no route to.
+    unreachable: usize,
+}
+
+impl Plan {
+    /// One entry per remote subnet in the map; a kernel route for each whose node the
+    /// kernel reaches (`next_hops`). A subnet whose node is [`reached_directly`] under
+    /// `direct_routing` is routed as flannel's host-gw routes it, `podCIDR via <node>
+    /// dev <uplink>` at the uplink's MTU from the uplink's address, and marked
+    /// `ROUTE_DIRECT` so that the programs leave its packets to that route; the others
+    /// go through the tunnel, at the uplink's MTU less the outer header, from `src`.
+    fn new(
+        desired: &Desired,
+        next_hops: &BTreeMap<Ipv4Addr, Result<NextHop>>,
+        uplink: &Uplink,
+        direct_routing: bool,
+        src: Option<Ipv4Addr>,
+    ) -> Self {
+        let mut plan = Plan::default();
+        for (subnet, node) in &desired.remotes {
+            let hop = match &next_hops[node] {
+                Ok(hop) => hop,
+                Err(e) => {
+                    warn!(node = %node, error = format!("{e:#}"), "no underlay route to a node; its pods are unreachable until there is");
+                    plan.unreachable += 1;
+                    plan.map.insert(*subnet, tunnelled(*node));
+                    continue;
+                }
+            };
+            let direct = direct_routing && reached_directly(hop, uplink.ifindex);
+            let (route, kernel) = if direct {
+                let route = OverlayRoute {
+                    dst: *subnet,
+                    via: *node,
+                    oif: uplink.ifindex,
+                    src: None,
+                    mtu: uplink.mtu,
+                };
+                let map = Route {
+                    node_ip: node.octets(),
+                    flags: ROUTE_DIRECT,
+                };
+                (map, route)
+            } else {
+                let route = OverlayRoute {
+                    dst: *subnet,
+                    via: hop.gateway.unwrap_or(*node),
+                    oif: hop.oif,
+                    src,
+                    mtu: uplink.pod_mtu(),
+                };
+                (tunnelled(*node), route)
+            };
+            plan.map.insert(*subnet, route);
+            plan.kernel.insert(*subnet, kernel);
+        }
+        plan
+    }
+}
+
+fn tunnelled(node: Ipv4Addr) -> Route {
+    Route {
+        node_ip: node.octets(),
+        flags: 0,
+    }
 }
 
 pub struct Reconciler {
@@ -269,12 +355,14 @@ impl Reconciler {
                 "datapath configured"
             );
         }
+        let plan = self.plan(desired).await?;
         let mut outcome = Outcome {
-            map_routes: dp.routes.sync(&desired.remotes)?,
+            map_routes: dp.routes.sync(&plan.map)?,
             map_peers: dp.peers.sync(&desired.peers)?,
+            unreachable_peers: plan.unreachable,
             ..Outcome::default()
         };
-        (outcome.kernel_routes, outcome.unreachable_peers) = self.sync_routes(desired).await?;
+        outcome.kernel_routes = self.sync_routes(&plan.kernel).await?;
         let blackhole = self.sync_blackhole(desired).await?;
         outcome.kernel_routes.added += blackhole.added;
         outcome.kernel_routes.removed += blackhole.removed;
@@ -295,9 +383,10 @@ impl Reconciler {
         Ok(outcome)
     }
 
-    /// Installs a route per remote subnet via the next hop towards its node, and
-    /// removes our routes that are no longer wanted.
-    async fn sync_routes(&self, desired: &Desired) -> Result<(Changes, usize)> {
+    /// How each remote subnet is to be carried, from the kernel's routes to the nodes
+    /// as they are now: a node that moved behind a router, or next to this one, is
+    /// tunnelled or routed directly from the next pass on.
+    async fn plan(&self, desired: &Desired) -> Result<Plan> {
         // The host's own packets to remote pods leave from the pod gateway once the
         // bridge holds it, as flanneld's tunnel address: replies then come back through
         // the tunnel instead of as pod-sourced packets on the underlay.
@@ -311,33 +400,23 @@ impl Reconciler {
         // One lookup per node, many in flight: each is a netlink round trip, and
         // 5,000 of them one after another took about a second.
         let nodes: BTreeSet<Ipv4Addr> = desired.remotes.values().copied().collect();
-        let next_hops: BTreeMap<Ipv4Addr, Result<(Ipv4Addr, u32)>> = stream::iter(nodes)
+        let next_hops: BTreeMap<Ipv4Addr, Result<NextHop>> = stream::iter(nodes)
             .map(|node| async move { (node, self.host.next_hop(node).await) })
             .buffer_unordered(NETLINK_IN_FLIGHT)
             .collect()
             .await;
-        let mut want = BTreeMap::new();
-        let mut unreachable = 0;
-        for (subnet, node) in &desired.remotes {
-            let (via, oif) = match &next_hops[node] {
-                Ok(hop) => *hop,
-                Err(e) => {
-                    warn!(node = %node, error = format!("{e:#}"), "no underlay route to a node; its pods are unreachable until there is");
-                    unreachable += 1;
-                    continue;
-                }
-            };
-            want.insert(
-                *subnet,
-                OverlayRoute {
-                    dst: *subnet,
-                    via,
-                    oif,
-                    src,
-                    mtu: self.settings.uplink.pod_mtu(),
-                },
-            );
-        }
+        Ok(Plan::new(
+            desired,
+            &next_hops,
+            &self.settings.uplink,
+            self.settings.direct_routing,
+            src,
+        ))
+    }
+
+    /// Installs the routes in `want`, and removes our routes that are no longer
+    /// wanted.
+    async fn sync_routes(&self, want: &BTreeMap<Ipv4Net, OverlayRoute>) -> Result<Changes> {
         let have: BTreeMap<Ipv4Net, OverlayRoute> = self
             .host
             .overlay_routes()
@@ -347,7 +426,7 @@ impl Reconciler {
             .collect();
         let mut changes = Changes::default();
         let mut install = Vec::new();
-        for (dst, route) in &want {
+        for (dst, route) in want {
             match have.get(dst) {
                 Some(old) if old == route => continue,
                 Some(_) => changes.updated += 1,
@@ -371,9 +450,9 @@ impl Reconciler {
             .try_collect::<()>()
             .await?;
         if !changes.is_empty() {
-            self.warn_off_uplink(&want);
+            self.warn_off_uplink(want);
         }
-        Ok((changes, unreachable))
+        Ok(changes)
     }
 
     /// With `--ip-blackhole-route`, a blackhole route for this node's pod subnet, as
@@ -594,6 +673,130 @@ mod tests {
         assert!(d.skipped[0].contains("vxlan"), "{:?}", d.skipped);
     }
 
+    fn hop(gateway: Option<[u8; 4]>, oif: u32) -> Result<NextHop> {
+        Ok(NextHop {
+            gateway: gateway.map(Ipv4Addr::from),
+            oif,
+        })
+    }
+
+    /// The lab's w1 (uplink eth0, index 2): cp and w2 on its switch, w3 behind the
+    /// router 172.18.0.254, and a node on-link through another interface (index 3).
+    fn lab_plan(direct_routing: bool) -> Plan {
+        let s = set(vec![
+            node("cp", "10.244.0.0/24", [172, 18, 0, 2]),
+            node("w1", "10.244.1.0/24", [172, 18, 0, 3]),
+            node("w2", "10.244.2.0/24", [172, 18, 0, 4]),
+            node("w3", "10.244.3.0/24", [172, 19, 0, 2]),
+            node("x", "10.244.4.0/24", [192, 168, 9, 2]),
+            node("gone", "10.244.5.0/24", [203, 0, 113, 9]),
+        ]);
+        let d = Desired::compute(&s, "w1", &AS_LISTED, network()).unwrap();
+        let next_hops = BTreeMap::from([
+            ([172, 18, 0, 2].into(), hop(None, 2)),
+            ([172, 18, 0, 4].into(), hop(None, 2)),
+            ([172, 19, 0, 2].into(), hop(Some([172, 18, 0, 254]), 2)),
+            ([192, 168, 9, 2].into(), hop(None, 3)),
+            (
+                [203, 0, 113, 9].into(),
+                Err(anyhow::anyhow!("no route to 203.0.113.9")),
+            ),
+        ]);
+        let uplink = Uplink {
+            name: "eth0".into(),
+            ifindex: 2,
+            mtu: 1500,
+            address: [172, 18, 0, 3].into(),
+        };
+        Plan::new(
+            &d,
+            &next_hops,
+            &uplink,
+            direct_routing,
+            Some([10, 244, 1, 1].into()),
+        )
+    }
+
+    fn subnet(third: u8) -> Ipv4Net {
+        Ipv4Net::new([10, 244, third, 0].into(), 24).unwrap()
+    }
+
+    /// Third octet of the subnet, node, flags: a map entry.
+    type MapRow = (u8, [u8; 4], u32);
+    /// Third octet of the subnet, via, oif, whether it has a source, MTU: a route.
+    type KernelRow = (u8, [u8; 4], u32, bool, u32);
+
+    fn summary(plan: &Plan) -> (Vec<MapRow>, Vec<KernelRow>) {
+        let map = plan
+            .map
+            .iter()
+            .map(|(n, r)| (n.network().octets()[2], r.node_ip, r.flags))
+            .collect();
+        let kernel = plan
+            .kernel
+            .iter()
+            .map(|(n, r)| {
+                (
+                    n.network().octets()[2],
+                    r.via.octets(),
+                    r.oif,
+                    r.src.is_some(),
+                    r.mtu,
+                )
+            })
+            .collect();
+        (map, kernel)
+    }
+
+    #[test]
+    fn direct_routing_skips_the_tunnel_for_nodes_on_the_uplinks_link() {
+        let plan = lab_plan(true);
+        assert_eq!(plan.unreachable, 1);
+        assert_eq!(
+            summary(&plan),
+            (
+                vec![
+                    (0, [172, 18, 0, 2], ROUTE_DIRECT),
+                    (2, [172, 18, 0, 4], ROUTE_DIRECT),
+                    // Behind a gateway, on another link, or unknown: the tunnel.
+                    (3, [172, 19, 0, 2], 0),
+                    (4, [192, 168, 9, 2], 0),
+                    (5, [203, 0, 113, 9], 0),
+                ],
+                vec![
+                    // As flannel's host-gw: via the node, the uplink's MTU and address.
+                    (0, [172, 18, 0, 2], 2, false, 1500),
+                    (2, [172, 18, 0, 4], 2, false, 1500),
+                    (3, [172, 18, 0, 254], 2, true, 1480),
+                    (4, [192, 168, 9, 2], 3, true, 1480),
+                ]
+            )
+        );
+        assert!(reached_directly(&hop(None, 2).unwrap(), 2));
+        assert!(!reached_directly(
+            &hop(Some([172, 18, 0, 254]), 2).unwrap(),
+            2
+        ));
+        assert!(!reached_directly(&hop(None, 3).unwrap(), 2));
+    }
+
+    #[test]
+    fn without_direct_routing_every_node_is_tunnelled() {
+        let plan = lab_plan(false);
+        let (map, kernel) = summary(&plan);
+        assert!(map.iter().all(|(_, _, flags)| *flags == 0), "{map:?}");
+        assert_eq!(
+            kernel,
+            vec![
+                (0, [172, 18, 0, 2], 2, true, 1480),
+                (2, [172, 18, 0, 4], 2, true, 1480),
+                (3, [172, 18, 0, 254], 2, true, 1480),
+                (4, [192, 168, 9, 2], 3, true, 1480),
+            ]
+        );
+        assert_eq!(plan.map.get(&subnet(0)).map(Route::direct), Some(false));
+    }
+
     /// What node2 publishes and what its datapath puts in outer headers (and
     /// accepts), with its agent on eth1 (192.168.3.111) and `public_ip` given.
     fn published_and_on_the_wire(public_ip: Option<Ipv4Addr>) -> (Ipv4Addr, Ipv4Addr) {
@@ -638,6 +841,7 @@ mod tests {
                 subnet_file: "/nonexistent/subnet.env".into(),
                 masq: masq::Settings::default(),
                 blackhole_route: false,
+                direct_routing: false,
             },
         );
         (published, Ipv4Addr::from(rec.datapath_config(&d).node_ip))

@@ -18,6 +18,7 @@ mod datapath {
     mod conntrack;
     mod cost;
     mod decap;
+    mod direct;
     mod egress;
     mod encap;
     mod fast_path;

@@ -234,6 +234,9 @@ numbered! {
     /// own address (a reply to a flow the host masqueraded to it), which the host's
     /// connection tracking translates back.
     DecapsulatedToNode = 40 => "decapsulated_to_node", Forward;
+    /// For a remote pod subnet whose node is reached directly (`Backend.DirectRouting`,
+    /// `ROUTE_DIRECT`): not encapsulated; the host routes it to that node as it is.
+    PassDirectRoute = 41 => "pass_direct_route", Pass;
     }
 }
 
@@ -283,7 +286,7 @@ mod tests {
 
     /// The numbers as released: a pinned counter slot means the same reason after an
     /// upgrade. Append; never edit a line.
-    const RELEASED_REASONS: [&str; 41] = [
+    const RELEASED_REASONS: [&str; 42] = [
         "0 encapsulated",
         "1 encapsulated_neigh_resolve",
         "2 decapsulated",
@@ -325,6 +328,7 @@ mod tests {
         "38 pass_flow_recorded",
         "39 pass_fast_path_off",
         "40 decapsulated_to_node",
+        "41 pass_direct_route",
     ];
     const RELEASED_NAT_EVENTS: [&str; 3] = [
         "0 flow_created",

@@ -48,12 +48,26 @@ pub const CONNTRACK_ENTRIES: u32 = 131_072;
 /// room for nodes that own several subnets and for churn.
 pub const MAX_NODES: u32 = 16_384;
 
+/// `Route::flags`: the owning node is reached without a gateway through the uplink
+/// and the network says `Backend.DirectRouting`: its pods' packets are not
+/// encapsulated but left to the host, whose route (`podCIDR via <node> dev <uplink>`,
+/// as flannel's host-gw) carries them as they are.
+pub const ROUTE_DIRECT: u32 = 1 << 0;
+
 /// Value of `ROUTES`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Route {
     /// Tunnel address of the node owning the subnet: the outer destination.
     pub node_ip: [u8; 4],
+    /// `ROUTE_*` bits.
+    pub flags: u32,
+}
+
+impl Route {
+    pub const fn direct(&self) -> bool {
+        self.flags & ROUTE_DIRECT != 0
+    }
 }
 
 /// Value of `PEERS`: what a known node sent us (per CPU; the agent sums).
@@ -74,4 +88,4 @@ mod pod {
 /// Version of the map layout (names, key and value types, sizes). Pinned maps live
 /// under a directory named after it, so a build with another layout never picks up
 /// maps it cannot read.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;

@@ -189,7 +189,8 @@ fn ipv4_frame(ctx: &TcContext) -> Result<Ipv4Hdr, Verdict> {
     }
 }
 
-/// The peer node of a well-formed packet for a remote pod subnet, or, with
+/// The peer node of a well-formed packet for a remote pod subnet the tunnel carries
+/// (not a directly routed one: `PassDirectRoute`), or, with
 /// `node_addresses`, of a local pod's packet for a peer node's own address; anything
 /// else ends here with its verdict.
 ///
@@ -207,6 +208,9 @@ fn overlay_packet(
     node_addresses: bool,
 ) -> Result<(Ipv4Hdr, [u8; 4]), Verdict> {
     let peer = match ROUTES.get(Key::new(32, ip.dst_addr)) {
+        // DirectRouting: the host's plain route to that node carries it as it is,
+        // as it carries what a host-gw node sends.
+        Some(route) if route.direct() => return Err(pass(Reason::PassDirectRoute)),
         Some(route) => route.node_ip,
         None if node_addresses
             && cfg.in_pod_subnet(ip.src_addr)

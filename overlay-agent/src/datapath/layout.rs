@@ -147,9 +147,9 @@ mod tests {
         assert_eq!(
             (LAYOUT_VERSION, fingerprint),
             (
-                6,
+                7,
                 vec![
-                    (8, 4, 16384),
+                    (8, 8, 16384),
                     (4, 16, 16384),
                     (4, 72, 1),
                     (4, 16, 320),

@@ -54,7 +54,8 @@ impl std::fmt::Display for Changes {
     }
 }
 
-/// `ROUTES`: remote pod subnet -> owning node's tunnel address.
+/// `ROUTES`: remote pod subnet -> owning node's tunnel address, and whether the
+/// tunnel carries it.
 pub struct Routes(LpmTrie<MapData, [u8; 4], Route>);
 
 impl Routes {
@@ -62,33 +63,27 @@ impl Routes {
         Ok(Self(LpmTrie::try_from(map).context(names::ROUTES)?))
     }
 
-    pub fn entries(&self) -> Result<BTreeMap<Ipv4Net, Ipv4Addr>> {
+    pub fn entries(&self) -> Result<BTreeMap<Ipv4Net, Route>> {
         let mut out = BTreeMap::new();
         for entry in self.0.iter() {
             let (key, route) = entry?;
             let net = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)?;
-            out.insert(net, Ipv4Addr::from(route.node_ip));
+            out.insert(net, route);
         }
         Ok(out)
     }
 
     /// Makes the map hold exactly `desired`.
-    pub fn sync(&mut self, desired: &BTreeMap<Ipv4Net, Ipv4Addr>) -> Result<Changes> {
+    pub fn sync(&mut self, desired: &BTreeMap<Ipv4Net, Route>) -> Result<Changes> {
         let current = self.entries()?;
         let mut changes = Changes::default();
-        for (net, node) in desired {
+        for (net, route) in desired {
             match current.get(net) {
-                Some(old) if old == node => continue,
+                Some(old) if old == route => continue,
                 Some(_) => changes.updated += 1,
                 None => changes.added += 1,
             }
-            self.0.insert(
-                &key(*net),
-                Route {
-                    node_ip: node.octets(),
-                },
-                0,
-            )?;
+            self.0.insert(&key(*net), route, 0)?;
         }
         for net in current.keys().filter(|n| !desired.contains_key(n)) {
             self.0.remove(&key(*net))?;

@@ -22,14 +22,23 @@ use aya::{
     programs::{ProgramError, TestRun as _, TestRunOptions},
 };
 use ipnet::Ipv4Net;
-use overlay_agent::datapath::{Datapath, LoadOptions};
+use overlay_agent::{
+    datapath::{Datapath, LoadOptions},
+    host::Host,
+    masq,
+    nodes::{
+        NodeInfo, NodeSet,
+        address::{Authority, OwnAddress},
+    },
+    reconcile::{Desired, NodeSettings, Reconciler, Uplink},
+};
 use overlay_common::{
-    Counter, DatapathConfig, Hook, PeerStats, Reason,
+    Counter, DatapathConfig, Hook, PeerStats, Reason, Route,
     config::{FLAG_FAST_PATH, FLAG_MASQUERADE},
     conntrack::{CtEntry, CtKey},
     counters::NatEvent,
     flows::{FlowKey, FlowState},
-    maps::names,
+    maps::{ROUTE_DIRECT, names},
 };
 
 use super::{expect, topology};
@@ -377,6 +386,95 @@ pub fn run_tool(cmd: &str, args: &str) {
     );
 }
 
+/// `ip ARGS` in this thread's namespace: its output, or its error.
+pub fn ip(args: &str) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(args.split_whitespace())
+        .output()
+        .expect("running ip");
+    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+    if out.status.success() {
+        Ok(text(out.stdout))
+    } else {
+        Err(text(out.stderr))
+    }
+}
+
+/// Reconcile passes of the agent for this node (w1), on a runtime of their own,
+/// writing subnet.env into a directory of their own.
+pub struct Passes {
+    rt: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+}
+
+impl Passes {
+    pub fn new() -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Self {
+            rt,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// One pass among `nodes` (name, pod subnet, tunnel address), with the settings
+    /// as `adjust` leaves them.
+    pub fn run(
+        &self,
+        node: &mut Node,
+        nodes: &[(&str, Ipv4Net, Ipv4Addr)],
+        adjust: impl FnOnce(&mut NodeSettings),
+    ) {
+        let set = NodeSet {
+            nodes: nodes
+                .iter()
+                .map(|(name, pod_cidr, tunnel_ip)| NodeInfo {
+                    name: (*name).into(),
+                    pod_cidr: *pod_cidr,
+                    tunnel_ip: *tunnel_ip,
+                    overwrite: None,
+                    foreign_backend: None,
+                })
+                .collect(),
+            errors: vec![],
+        };
+        let own = OwnAddress {
+            authority: Authority::NodeList,
+            public_ip: None,
+            interface: topology::NODE_IP,
+        };
+        let desired = Desired::compute(&set, "w1", &own, topology::CLUSTER).unwrap();
+        let mut settings = NodeSettings {
+            uplink: Uplink {
+                name: "eth0".into(),
+                ifindex: ifindex("eth0"),
+                mtu: u32::from(topology::UPLINK_MTU),
+                address: topology::NODE_IP,
+            },
+            bridge: "cni0".into(),
+            network: topology::CLUSTER,
+            subnet_file: self.dir.path().join("subnet.env"),
+            masq: masq::Settings::default(),
+            blackhole_route: false,
+            direct_routing: false,
+        };
+        adjust(&mut settings);
+        // The netlink connection's driver is a task of this runtime.
+        self.block_on(async {
+            Reconciler::new(Host::connect().unwrap(), settings)
+                .apply(&mut node.dp, &desired)
+                .await
+        })
+        .unwrap();
+    }
+
+    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.rt.block_on(future)
+    }
+}
+
 pub fn ifindex(name: &str) -> u32 {
     overlay_agent::host::ifindex_by_name(name).unwrap_or_else(|| panic!("{name} missing"))
 }
@@ -413,11 +511,26 @@ impl Node {
         adjust(&mut config);
         self.dp.config.set(config).expect("writing CONFIG");
         self.config = config;
-        let routes: BTreeMap<Ipv4Net, Ipv4Addr> =
-            REMOTES.iter().map(|r| (r.subnet, r.node)).collect();
-        self.dp.routes.sync(&routes).expect("writing ROUTES");
+        self.route_directly(&[]);
         let peers: BTreeSet<Ipv4Addr> = PEERS.iter().copied().collect();
         self.dp.peers.sync(&peers).expect("writing PEERS");
+    }
+
+    /// Fills ROUTES with every remote, those of `direct` marked as reached directly
+    /// (as the agent marks them under `Backend.DirectRouting`), the others tunnelled.
+    pub fn route_directly(&mut self, direct: &[topology::Remote]) {
+        let routes: BTreeMap<Ipv4Net, Route> = topology::REMOTES
+            .iter()
+            .map(|r| {
+                let direct = direct.iter().any(|d| d.node == r.node);
+                let route = Route {
+                    node_ip: r.node.octets(),
+                    flags: if direct { ROUTE_DIRECT } else { 0 },
+                };
+                (r.subnet, route)
+            })
+            .collect();
+        self.dp.routes.sync(&routes).expect("writing ROUTES");
     }
 
     /// The device a hook's program sees packets on.

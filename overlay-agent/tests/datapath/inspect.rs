@@ -59,7 +59,7 @@ fn counters_and_nodes_as_json() {
             assert_eq!(
                 *w2,
                 json!({"subnet": W2.subnet.to_string(), "node": W2.node.to_string(),
-                       "rx_packets": 1, "rx_bytes": from_w2.len()})
+                       "path": "tunnel", "rx_packets": 1, "rx_bytes": from_w2.len()})
             );
         },
     );

@@ -37,7 +37,7 @@ use super::{
     interrupt::{self, Wait},
     netns,
     state::LabState,
-    topology::Node,
+    topology::{Node, Topology},
 };
 
 /// The node's uplink, as in a kind node.
@@ -501,10 +501,22 @@ pub fn wait_attached(ns: &str, iface: &str, direction: TcAttachType, program: &s
     )
 }
 
-/// Whether every route of the agent's sends the host's own packets from the pod
-/// gateway, as they leave from flanneld's tunnel address.
-fn from_gateway(node: &Node, routes: &BTreeMap<Ipv4Net, Option<Ipv4Addr>>) -> bool {
-    routes.values().all(|src| *src == Some(node.gateway()))
+/// Whether every tunnelled route of the agent's sends the host's own packets from the
+/// pod gateway, as they leave from flanneld's tunnel address; with DirectRouting, the
+/// routes to the nodes of `node`'s segment name no source, as host-gw's.
+fn from_gateway(
+    topology: &Topology,
+    node: &Node,
+    routes: &BTreeMap<Ipv4Net, Option<Ipv4Addr>>,
+) -> bool {
+    routes.iter().all(|(subnet, src)| {
+        let direct = topology.direct_routing
+            && topology
+                .nodes
+                .iter()
+                .any(|n| n.pod_cidr == *subnet && n.segment == node.segment);
+        *src == (!direct).then(|| node.gateway())
+    })
 }
 
 /// Waits, briefly, until `node`'s agent sources its routes from the gateway that the
@@ -520,7 +532,7 @@ pub fn wait_gateway_source(lab: &LabState, node: &Node) -> Result<()> {
         interrupt::scaled(GATEWAY_TIMEOUT),
         || {
             let routes = overlay_route_sources(&ns)?;
-            Ok(if from_gateway(node, &routes) {
+            Ok(if from_gateway(&lab.topology, node, &routes) {
                 Wait::Done(())
             } else {
                 Wait::Pending(format!("routes: {routes:?}"))
@@ -556,7 +568,7 @@ pub fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> {
     }
     match overlay_route_sources(&ns) {
         Ok(routes) if routes.keys().eq(remote.iter()) => {
-            if bridge && !from_gateway(node, &routes) {
+            if bridge && !from_gateway(&lab.topology, node, &routes) {
                 missing.push(format!("routes with source {}", node.gateway()));
             }
         }
@@ -786,6 +798,25 @@ mod tests {
         assert_eq!(metric(text, "overlay_node_source_errors_total"), Some(3));
         assert_eq!(metric(text, "overlay_datapath_packets_total"), None);
         assert_eq!(metric(text, "overlay_ready"), None);
+    }
+
+    #[test]
+    fn tunnelled_routes_leave_from_the_gateway_direct_ones_from_the_uplink() {
+        let topology = Topology::kind();
+        let cp = topology.node("cp").unwrap();
+        let gateway = Some(cp.gateway());
+        let routes = |w1, w3| {
+            BTreeMap::from([
+                ("10.244.1.0/24".parse().unwrap(), w1),
+                ("10.244.3.0/24".parse().unwrap(), w3),
+            ])
+        };
+        assert!(from_gateway(&topology, cp, &routes(gateway, gateway)));
+        assert!(!from_gateway(&topology, cp, &routes(None, gateway)));
+        let direct = topology.clone().with_direct_routing();
+        assert!(from_gateway(&direct, cp, &routes(None, gateway)));
+        assert!(!from_gateway(&direct, cp, &routes(gateway, gateway)));
+        assert!(!from_gateway(&direct, cp, &routes(None, None)));
     }
 
     #[test]

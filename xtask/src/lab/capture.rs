@@ -4,6 +4,13 @@
 //! two node addresses around the two pod addresses (the sender's node address in place
 //! of the sending pod's where the bridge plugin masquerades), and no pod address may
 //! appear outside a tunnel.
+//!
+//! With `Backend.DirectRouting` (`lab --direct-routing`) the node talks to every other
+//! node of its switch: those exchanges must cross as plain IPv4 between the pod
+//! addresses, never as IPIP between the node addresses, while the node behind the
+//! router is still reached through the tunnel (flannel-io/flannel v0.28.9
+//! `pkg/backend/ipip/ipip.go`: a direct route only where `ip.DirectRouting` finds no
+//! gateway).
 
 use std::{
     collections::BTreeMap,
@@ -182,11 +189,18 @@ pub struct WireProof {
     frames: usize,
     dropped: u32,
     tunnelled: BTreeMap<Flow, usize>,
-    clear: BTreeMap<(Ipv4Addr, Ipv4Addr, u8), usize>,
+    clear: BTreeMap<Clear, usize>,
     other: usize,
     /// The flows the exchanges must have produced, from the topology.
     expected: Vec<Flow>,
+    /// The plain packets they must have produced (DirectRouting), and the node pairs
+    /// between which no IPIP may pass.
+    expected_clear: Vec<Clear>,
+    direct: Vec<(Ipv4Addr, Ipv4Addr)>,
 }
+
+/// A plain IPv4 packet with a pod address: source, destination, protocol.
+type Clear = (Ipv4Addr, Ipv4Addr, u8);
 
 /// The captured node, and the pod pairs that talk during the capture.
 struct Plan {
@@ -195,15 +209,17 @@ struct Plan {
 }
 
 /// Chooses the captured node and its peers: the first node that has another node on
-/// its segment and one beyond the router.
+/// its segment and one beyond the router; with DirectRouting every node of its
+/// segment, each reached without the tunnel.
 fn plan(topology: &Topology) -> Result<Plan> {
     for a in &topology.nodes {
-        let same = topology
+        let mut same = topology
             .nodes
             .iter()
-            .find(|b| b.name != a.name && b.segment == a.segment);
+            .filter(|b| b.name != a.name && b.segment == a.segment);
         let routed = topology.nodes.iter().find(|b| b.segment != a.segment);
-        if let (Some(same), Some(routed)) = (same, routed) {
+        let first_same = same.next();
+        if let (Some(first_same), Some(routed)) = (first_same, routed) {
             let first_pod = |n| {
                 topology
                     .pods_of(n)
@@ -212,12 +228,18 @@ fn plan(topology: &Topology) -> Result<Plan> {
                     .context("a node without pods")
             };
             let from = first_pod(a)?;
+            let mut peers = vec![first_same];
+            if topology.direct_routing {
+                peers.extend(same);
+            }
+            let mut pairs = Vec::new();
+            for peer in peers {
+                pairs.push((from.clone(), first_pod(peer)?, PathKind::SameSwitch));
+            }
+            pairs.push((from, first_pod(routed)?, PathKind::Routed));
             return Ok(Plan {
                 node: a.name.clone(),
-                pairs: vec![
-                    (from.clone(), first_pod(same)?, PathKind::SameSwitch),
-                    (from, first_pod(routed)?, PathKind::Routed),
-                ],
+                pairs,
             });
         }
     }
@@ -238,13 +260,22 @@ pub fn prove(lab: &LabState) -> Result<WireProof> {
             masquerade,
         )
     };
-    let mut expected = Vec::new();
-    for (from, to, _) in &pairs {
+    let (mut expected, mut expected_clear, mut direct) = (Vec::new(), Vec::new(), Vec::new());
+    for (from, to, kind) in &pairs {
         let (a, b) = (address(from)?, address(to)?);
         // Masqueraded by the bridge plugin, the exchange is between the node's address
-        // and the pod: tunnelled both ways all the same.
+        // and the pod: tunnelled (or routed directly) both ways all the same.
         let source = seen_as(from, to).unwrap_or(from.address);
+        let plain = topology.direct_routing && *kind == PathKind::SameSwitch;
+        if plain {
+            direct.extend([(a, b), (b, a)]);
+        }
         for protocol in [IpNumber::ICMP.0, IpNumber::TCP.0] {
+            if plain {
+                expected_clear.push((source, to.address, protocol));
+                expected_clear.push((to.address, source, protocol));
+                continue;
+            }
             expected.push(Flow {
                 outer: (a, b),
                 inner: (source, to.address),
@@ -282,6 +313,8 @@ pub fn prove(lab: &LabState) -> Result<WireProof> {
         clear: BTreeMap::new(),
         other: 0,
         expected,
+        expected_clear,
+        direct,
     };
     for frame in &frames {
         match classify(frame, topology.pod_network) {
@@ -323,13 +356,36 @@ impl WireProof {
                 flow.inner.1
             ));
         }
-        for (src, dst, protocol) in self.clear.keys() {
+        for (src, dst, protocol) in self.missing_clear() {
             failures.push(format!(
-                "{} {src} → {dst} crossed {UPLINK} unencapsulated",
+                "no plain {} packet {src} → {dst} (DirectRouting)",
                 protocol_name(*protocol)
             ));
         }
+        for (src, dst, protocol) in self.clear.keys() {
+            if !self.expected_clear.contains(&(*src, *dst, *protocol)) {
+                failures.push(format!(
+                    "{} {src} → {dst} crossed {UPLINK} unencapsulated",
+                    protocol_name(*protocol)
+                ));
+            }
+        }
+        for flow in self.tunnelled.keys() {
+            if self.direct.contains(&flow.outer) {
+                failures.push(format!(
+                    "IPIP {} → {} between nodes routed directly (DirectRouting)",
+                    flow.outer.0, flow.outer.1
+                ));
+            }
+        }
         failures
+    }
+
+    /// Expected plain packets that never crossed the interface.
+    fn missing_clear(&self) -> impl Iterator<Item = &Clear> {
+        self.expected_clear
+            .iter()
+            .filter(|c| !self.clear.contains_key(c))
     }
 
     pub fn render(&self) -> String {
@@ -377,16 +433,44 @@ impl WireProof {
         for flow in self.missing() {
             flow_row(flow, 0, "✗ missing");
         }
+        let mut plain =
+            Table::new(["PLAIN (no tunnel)", "PROTO", "FRAMES", "EXPECTED"]).align_right([2]);
+        let mut plain_row = |(src, dst, protocol): &Clear, count: usize, mark: &str| {
+            plain.row([
+                format!("{src} → {dst}"),
+                protocol_name(*protocol),
+                count.to_string(),
+                mark.to_owned(),
+            ])
+        };
+        for (clear, count) in &self.clear {
+            let expected = self.expected_clear.contains(clear);
+            plain_row(clear, *count, if expected { "✓" } else { "✗" });
+        }
+        for clear in self.missing_clear() {
+            plain_row(clear, 0, "✗ missing");
+        }
+        // Shown when there is something to show: a plain packet is a failure unless
+        // DirectRouting expects it.
+        let plain = if self.expected_clear.is_empty() && self.clear.is_empty() {
+            String::new()
+        } else {
+            format!("{plain}\n")
+        };
         let failures = self.failures();
-        let verdict = if failures.is_empty() {
+        let verdict = if failures.is_empty() && self.direct.is_empty() {
             format!(
                 "✓ every direction of every exchange crossed {UPLINK} as IPIP between the node addresses; no pod address appeared outside a tunnel"
+            )
+        } else if failures.is_empty() {
+            format!(
+                "✓ DirectRouting: every exchange with a node of this switch crossed {UPLINK} as plain IPv4 between the pods, none as IPIP; the node behind the router was reached through the tunnel; no other pod address appeared outside a tunnel"
             )
         } else {
             format!("✗ the wire proof fails:\n    {}", failures.join("\n    "))
         };
         format!(
-            "Capture on {}'s {UPLINK} (AF_PACKET) during {}\n{exchanges}\n{flows}\n  {} frames: {} IPIP, {} with a pod address outside a tunnel, {} other (ARP, underlay); {} dropped by the capture\n  {verdict}\n",
+            "Capture on {}'s {UPLINK} (AF_PACKET) during {}\n{exchanges}\n{flows}\n{plain}  {} frames: {} IPIP, {} with a pod address outside a tunnel, {} other (ARP, underlay); {} dropped by the capture\n  {verdict}\n",
             self.node,
             peers.join(" and "),
             self.frames,
@@ -457,6 +541,65 @@ mod tests {
         assert_eq!(classify(&underlay, net), Frame::Other);
         let arp = [&[0u8; 12][..], &[0x08, 0x06], &[0; 28]].concat();
         assert_eq!(classify(&arp, net), Frame::Other);
+    }
+
+    #[test]
+    fn with_direct_routing_plans_every_node_of_the_switch() {
+        let Plan { node, pairs } = plan(&Topology::kind().with_direct_routing()).unwrap();
+        assert_eq!(node, "cp");
+        let peers: Vec<_> = pairs
+            .iter()
+            .map(|(_, t, k)| (t.name.as_str(), *k))
+            .collect();
+        assert_eq!(
+            peers,
+            [
+                ("w1-pod1", PathKind::SameSwitch),
+                ("w2-pod1", PathKind::SameSwitch),
+                ("w3-pod1", PathKind::Routed)
+            ]
+        );
+    }
+
+    /// A proof with DirectRouting between cp and w1: what it calls a failure.
+    #[test]
+    fn direct_routing_fails_on_a_tunnel_or_a_missing_plain_packet() {
+        let (cp, w1) = (Ipv4Addr::new(172, 18, 0, 2), Ipv4Addr::new(172, 18, 0, 3));
+        let (pod_cp, pod_w1) = (Ipv4Addr::new(10, 244, 0, 2), Ipv4Addr::new(10, 244, 1, 2));
+        let plain = |src, dst| (src, dst, IpNumber::ICMP.0);
+        let proof = |clear: &[Clear], tunnelled: &[Flow]| WireProof {
+            node: "cp".into(),
+            exchanges: Vec::new(),
+            frames: 0,
+            dropped: 0,
+            tunnelled: tunnelled.iter().map(|f| (*f, 1)).collect(),
+            clear: clear.iter().map(|c| (*c, 1)).collect(),
+            other: 0,
+            expected: Vec::new(),
+            expected_clear: vec![plain(pod_cp, pod_w1), plain(pod_w1, pod_cp)],
+            direct: vec![(cp, w1), (w1, cp)],
+        };
+        let both = [plain(pod_cp, pod_w1), plain(pod_w1, pod_cp)];
+        assert_eq!(proof(&both, &[]).failures(), Vec::<String>::new());
+        assert!(proof(&both, &[]).render().contains("✓ DirectRouting"));
+        assert_eq!(
+            proof(&both[..1], &[]).failures(),
+            ["no plain icmp packet 10.244.1.2 → 10.244.0.2 (DirectRouting)"]
+        );
+        let tunnel = Flow {
+            outer: (cp, w1),
+            inner: (pod_cp, pod_w1),
+            protocol: IpNumber::ICMP.0,
+        };
+        assert_eq!(
+            proof(&both, &[tunnel]).failures(),
+            ["IPIP 172.18.0.2 → 172.18.0.3 between nodes routed directly (DirectRouting)"]
+        );
+        let stray = plain(pod_cp, Ipv4Addr::new(10, 244, 3, 2));
+        assert_eq!(
+            proof(&[both[0], both[1], stray], &[]).failures(),
+            ["icmp 10.244.0.2 → 10.244.3.2 crossed eth0 unencapsulated"]
+        );
     }
 
     #[test]

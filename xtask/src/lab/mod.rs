@@ -91,14 +91,23 @@ struct CreateArgs {
     /// and checks on the leases.
     #[arg(long)]
     etcd: bool,
+    /// Run the network with flannel's `Backend.DirectRouting`: cp, w1 and w2 (one
+    /// switch) talk unencapsulated, w3 (behind the router) through the tunnel.
+    #[arg(long)]
+    direct_routing: bool,
 }
 
 impl CreateArgs {
     fn topology(self) -> Topology {
-        if self.etcd {
+        let topology = if self.etcd {
             Topology::kind().with_etcd()
         } else {
             Topology::kind()
+        };
+        if self.direct_routing {
+            topology.with_direct_routing()
+        } else {
+            topology
         }
     }
 }

@@ -4,7 +4,8 @@
 //! rules), the Kubernetes section (every kube-proxy mode this kernel has, against
 //! kernel forwarding), restarts and upgrades, and the negative controls; then, as
 //! `cargo xtask lab --etcd --restart` runs it, all of it but the controls with every
-//! agent on flannel's etcd subnet manager, etcd killed and restarted among the events.
+//! agent on flannel's etcd subnet manager, etcd killed and restarted among the events;
+//! and the wire proof alone in a lab with flannel's `Backend.DirectRouting`.
 //! Needs root (namespaces, BPF), like the lab itself.
 
 use std::{
@@ -40,6 +41,38 @@ fn lab_on_etcd_passes_survives_an_etcd_restart_and_nothing_remains() {
     whole_lab(true, false);
 }
 
+/// `lab --direct-routing`, focused: the wire proof alone (its exchanges are the
+/// connectivity it needs) proves that cp's pods reach w1's and w2's as plain IPv4 on
+/// the switch, never through the tunnel, and w3's, behind the router, through it.
+/// The other sections do not depend on how a peer is reached, and a second full lab
+/// would cost minutes.
+#[test]
+fn lab_with_direct_routing_talks_plainly_on_the_switch_and_tunnels_past_the_router() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: the lab needs root");
+        return;
+    }
+    let _one = ONE_LAB.lock().unwrap_or_else(PoisonError::into_inner);
+    interrupt::install().unwrap();
+    let create = CreateArgs {
+        release: false,
+        no_masq: false,
+        no_fast_path: false,
+        etcd: false,
+        direct_routing: true,
+    };
+    let agent = build(create).expect("building the agent");
+    let lab = cluster::create(create.topology(), agent, true, true).expect("creating the lab");
+    let proof = capture::prove(&lab).expect("the wire proof runs");
+    print!("{}", proof.render());
+    assert_eq!(
+        proof.failures(),
+        Vec::<String>::new(),
+        "the wire proof fails"
+    );
+    lab.teardown().expect("removing the lab");
+}
+
 /// Runs the lab (on etcd with `etcd`, the controls with `controls`), one at a time,
 /// checks every section and that nothing of it remains, and returns its report; None
 /// without root.
@@ -57,6 +90,7 @@ fn whole_lab(etcd: bool, controls: bool) -> Option<Report> {
             no_masq: false,
             no_fast_path: false,
             etcd,
+            direct_routing: false,
         },
         Checks {
             controls,

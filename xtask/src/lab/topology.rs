@@ -143,6 +143,10 @@ pub struct Topology {
     /// With etcd, the agents lease their subnets there instead of reading a node list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<EtcdHost>,
+    /// net-conf.json's `Backend.DirectRouting`: nodes on one segment talk
+    /// unencapsulated, through the tunnel only across the router.
+    #[serde(default)]
+    pub direct_routing: bool,
 }
 
 impl Topology {
@@ -198,6 +202,7 @@ impl Topology {
                 address: [198, 51, 100, 10].into(),
             },
             etcd: None,
+            direct_routing: false,
         }
     }
 
@@ -212,6 +217,12 @@ impl Topology {
             segment: "kind".into(),
             address: [172, 18, 0, 10].into(),
         });
+        self
+    }
+
+    /// The same cluster with flannel's `Backend.DirectRouting`.
+    pub fn with_direct_routing(mut self) -> Self {
+        self.direct_routing = true;
         self
     }
 
@@ -427,7 +438,11 @@ impl Topology {
 
     /// flannel's `net-conf.json` (the walkthrough's ConfigMap).
     pub fn net_conf(&self) -> Value {
-        json!({ "Network": self.pod_network.to_string(), "Backend": { "Type": "ipip" } })
+        let mut backend = json!({ "Type": "ipip" });
+        if self.direct_routing {
+            backend["DirectRouting"] = true.into();
+        }
+        json!({ "Network": self.pod_network.to_string(), "Backend": backend })
     }
 }
 
