@@ -1,6 +1,7 @@
 //! `overlay-agent cleanup`: removes everything the agent installs and leaves behind on
 //! exit (so that restarts lose nothing): attached programs, pinned maps of every
-//! layout version, the routes it owns, and subnet.env.
+//! layout version, the routes it owns, subnet.env, and flanneld's forward rules
+//! (`--iptables-forward-rules`, in either frontend).
 
 use std::{fmt::Write as _, path::Path};
 
@@ -10,7 +11,7 @@ use overlay_common::Hook;
 use crate::{
     bpffs,
     datapath::{detach_filters, link_pin},
-    host::Host,
+    host::{Host, forward_rules},
 };
 
 /// Removes it all; returns what was removed, one line per item. Run it with the agent
@@ -53,6 +54,7 @@ pub async fn run(bpffs_root: &Path, subnet_file: &Path) -> Result<String> {
         "removed {routes} routes (proto {})",
         crate::host::RTPROT_OVERLAY
     )?;
+    report.push_str(&forward_rules::remove()?);
     match std::fs::remove_file(subnet_file) {
         Ok(()) => writeln!(report, "removed {}", subnet_file.display())?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -37,6 +37,9 @@ pub struct NetConf {
     pub subnet_min: Option<Ipv4Addr>,
     /// `SubnetMax`, when set and not 0.0.0.0.
     pub subnet_max: Option<Ipv4Addr>,
+    /// `EnableNFTables`: flanneld's forward rules go through nftables, not iptables
+    /// (`host::forward_rules`).
+    pub enable_nftables: bool,
 }
 
 /// The node subnets an etcd-backed network hands out: `len`-long, from `min` to `max`
@@ -169,6 +172,7 @@ impl NetConf {
             subnet_len,
             subnet_min: address(raw.get("SubnetMin")?, "SubnetMin")?,
             subnet_max: address(raw.get("SubnetMax")?, "SubnetMax")?,
+            enable_nftables: raw.get("EnableNFTables")?.unwrap_or(false),
         })
     }
 
@@ -345,13 +349,21 @@ mod tests {
         // Close is not equal.
         let e = err(r#"{"Net_work":"10.1.0.0/16","Backend":{"Type":"ipip"}}"#);
         assert!(e.contains("no \"Network\""), "{e}");
-        // flanneld's other keys, and IPv6 ones without EnableIPv6, are inert.
+        // flanneld's other keys, and IPv6 ones without EnableIPv6, are inert;
+        // EnableNFTables picks the forward rules' frontend.
+        let c = NetConf::parse(
+            r#"{"Network":"10.1.0.0/16","EnableIPv4":true,"EnableIPv6":false,"IPv6Network":"fd00::/48","enableNFTables":true,"Backend":{"Type":"ipip"}}"#,
+        )
+        .unwrap();
+        assert!(c.enable_nftables);
         assert!(
-            NetConf::parse(
-                r#"{"Network":"10.1.0.0/16","EnableIPv4":true,"EnableIPv6":false,"IPv6Network":"fd00::/48","EnableNFTables":true,"Backend":{"Type":"ipip"}}"#
-            )
-            .is_ok()
+            !NetConf::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"ipip"}}"#)
+                .unwrap()
+                .enable_nftables
         );
+        let e =
+            err(r#"{"Network":"10.1.0.0/16","EnableNFTables":"yes","Backend":{"Type":"ipip"}}"#);
+        assert!(e.contains("EnableNFTables"), "{e}");
     }
 
     #[test]
