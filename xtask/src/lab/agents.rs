@@ -144,6 +144,17 @@ pub fn command(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) -> C
 
 /// [`start`] with another build of the agent (an upgrade).
 pub fn start_build(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) -> Result<()> {
+    start_with(lab, node, masquerade, agent, &[])
+}
+
+/// [`start_build`] with `extra` flags after the lab's own.
+pub fn start_with(
+    lab: &LabState,
+    node: &Node,
+    masquerade: bool,
+    agent: &Path,
+    extra: &[&str],
+) -> Result<()> {
     let dir = lab.node_dir(&node.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log = OpenOptions::new()
@@ -151,6 +162,7 @@ pub fn start_build(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) 
         .append(true)
         .open(log_file(lab, node))?;
     let mut child = command(lab, node, masquerade, agent)
+        .args(extra)
         // The log is a file: no terminal colours in it.
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
