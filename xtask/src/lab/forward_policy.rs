@@ -53,16 +53,18 @@ pub fn run(lab: &LabState) -> Result<Proof> {
     let node = lab.topology.node(NODE)?;
     let ns = lab.netns(NODE);
     iptables(&ns, &["-P", "FORWARD", "DROP"])?;
-    let result = steps(lab, node);
+    let mut proof = Proof::default();
+    let result = steps(lab, node, &mut proof);
     let policy = iptables(&ns, &["-P", "FORWARD", "ACCEPT"]);
     let agent = restart(lab, node, &[]);
-    let proof = result?;
+    // The steps' failures so far say more than the error that stopped them.
+    result.with_context(|| format!("failed so far: {:?}", proof.failures))?;
     policy?;
     agent?;
     Ok(proof)
 }
 
-fn steps(lab: &LabState, node: &Node) -> Result<Proof> {
+fn steps(lab: &LabState, node: &Node, proof: &mut Proof) -> Result<()> {
     let peer = lab.topology.node(PEER)?;
     let (here, there) = (first_pod(lab, node)?, first_pod(lab, peer)?);
     let ns = lab.netns(NODE);
@@ -73,7 +75,7 @@ fn steps(lab: &LabState, node: &Node) -> Result<Proof> {
         "EXPECTED",
         "VERDICT",
     ]);
-    let mut failures = Vec::new();
+    let failures = &mut proof.failures;
     let mut step = |what: &str, rules: bool, expect: bool| -> Result<()> {
         let passed = pings(lab, &here, &there);
         let ok = passed == expect && rules == expect;
@@ -109,10 +111,8 @@ fn steps(lab: &LabState, node: &Node) -> Result<Proof> {
     restart(lab, node, &[])?;
     let rules = wait_rules(&ns, network)?;
     step("default again", rules, true)?;
-    Ok(Proof {
-        table: Some(table),
-        failures,
-    })
+    proof.table = Some(table);
+    Ok(())
 }
 
 fn first_pod(lab: &LabState, node: &Node) -> Result<Pod> {
