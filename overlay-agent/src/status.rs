@@ -324,16 +324,21 @@ impl Status {
         }
     }
 
-    /// Why a ready agent is degraded: its node source fails after it had synced. It
-    /// stays ready, because the datapath works on with the last node set (an agent
-    /// turning unready with its etcd or API server would stall every rollout), but
-    /// says so.
+    /// Why a ready agent is degraded: its node source fails after it had synced, or
+    /// the forward rules cannot be put in place. It stays ready, because the datapath
+    /// works on with the last node set (an agent turning unready with its etcd or API
+    /// server would stall every rollout), and flanneld runs on without its rules too,
+    /// but says so.
     pub fn degraded(&self) -> Option<String> {
         let source = self.source();
-        let error = source.error.filter(|_| source.synced)?;
-        Some(format!(
-            "the node source is failing, the datapath keeps the last node set: {error}"
-        ))
+        let source = source.error.filter(|_| source.synced).map(|error| {
+            format!("the node source is failing, the datapath keeps the last node set: {error}")
+        });
+        let forward = self.forward_rules().and_then(|f| f.error).map(|error| {
+            format!("the forward rules (--iptables-forward-rules) are not in place: {error}")
+        });
+        let why: Vec<String> = source.into_iter().chain(forward).collect();
+        (!why.is_empty()).then(|| why.join("; "))
     }
 
     /// Ready: the node set is known and the last pass made the datapath match it.
@@ -415,10 +420,15 @@ mod tests {
         assert_eq!(s.forward_rules(), None);
         s.forward_rules_pass(Ok(true));
         s.forward_rules_pass(Err("running iptables: not found".into()));
+        assert_eq!(
+            s.degraded().unwrap(),
+            "the forward rules (--iptables-forward-rules) are not in place: running iptables: not found"
+        );
         let f = s.forward_rules().unwrap();
         assert!(!f.in_place);
         assert_eq!((f.written, f.errors_total), (1, 1));
         s.forward_rules_pass(Ok(false));
+        assert_eq!(s.degraded(), None);
         assert_eq!(
             s.forward_rules().unwrap(),
             ForwardRulesReport {
