@@ -130,11 +130,14 @@ struct PinArgs {
     bpffs: PathBuf,
 }
 
+/// flanneld's `--etcd-endpoints` default (its `main.go`).
+const DEFAULT_ETCD_ENDPOINTS: &str = "http://127.0.0.1:4001,http://127.0.0.1:2379";
+
 /// The node sources other than etcd, which the etcd flags make no sense with.
 const OTHER_SOURCES: [&str; 2] = ["kube_subnet_mgr", "nodes_file"];
 
 #[derive(clap::Args)]
-#[command(group(ArgGroup::new("source").required(true).args(["kube_subnet_mgr", "nodes_file", "etcd_endpoints"])))]
+#[command(group(ArgGroup::new("source").args(["kube_subnet_mgr", "nodes_file", "etcd_endpoints"])))]
 struct RunArgs {
     /// This node's name in the node list. Default, as flanneld: NODE_NAME, else (with
     /// --kube-subnet-mgr) the spec.nodeName of the pod POD_NAMESPACE/POD_NAME, else
@@ -147,11 +150,11 @@ struct RunArgs {
     kube_subnet_mgr: bool,
     /// kubeconfig for the Kubernetes API (default: KUBECONFIG, ~/.kube/config, else the
     /// pod's service account).
-    #[arg(long, alias = "kubeconfig-file", conflicts_with_all = ["nodes_file", "etcd_endpoints"])]
+    #[arg(long, alias = "kubeconfig-file")]
     kubeconfig: Option<PathBuf>,
     /// The Kubernetes API server's URL, in place of the kubeconfig's or the
     /// in-cluster one (the pod's service account credentials are still used).
-    #[arg(long, conflicts_with_all = ["nodes_file", "etcd_endpoints"])]
+    #[arg(long)]
     kube_api_url: Option<String>,
     /// Once the datapath is up and this node's routes are in place, set the Node's
     /// NetworkUnavailable condition to False (reason FlannelIsUp), as flanneld
@@ -169,8 +172,10 @@ struct RunArgs {
     #[arg(long)]
     nodes_file: Option<PathBuf>,
     /// Lease this node's subnet from flannel's etcd subnet manager and learn the others
-    /// there, as flanneld without --kube-subnet-mgr: the etcd endpoints, comma-separated.
-    #[arg(long, value_delimiter = ',')]
+    /// there: the etcd endpoints, comma-separated. As flanneld, this is the node source
+    /// when neither --kube-subnet-mgr nor --nodes-file is given, at flanneld's default
+    /// endpoints.
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_ETCD_ENDPOINTS)]
     etcd_endpoints: Vec<String>,
     /// etcd prefix of flannel's keys (`<prefix>/config`, `<prefix>/subnets/`).
     #[arg(long, default_value = overlay_agent::nodes::etcd::DEFAULT_PREFIX)]
@@ -434,6 +439,7 @@ async fn async_main() {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
+    check_kube_flags(&args)?;
     if let Some(v6) = args.public_ipv6.as_deref().filter(|v| !v.is_empty()) {
         anyhow::bail!(
             "--public-ipv6 {v6}: flannel's ipip backend carries IPv4 only (flanneld runs it without IPv6); remove the flag"
@@ -453,13 +459,13 @@ async fn run(args: RunArgs) -> Result<()> {
         ports: args.nat_ports.0,
         timeouts: masq::timeouts(&args.ct_timeouts)?,
     };
-    // The group makes clap require exactly one of the three.
+    // The group makes clap refuse two; without any, etcd at its default endpoints.
     let source = if let Some(path) = args.nodes_file {
         Source::File {
             path,
             annotations: args.kube_annotation_prefix,
         }
-    } else if !args.etcd_endpoints.is_empty() {
+    } else if !args.kube_subnet_mgr {
         Source::Etcd(Box::new(EtcdOptions {
             endpoints: args.etcd_endpoints,
             prefix: args.etcd_prefix,
@@ -513,6 +519,23 @@ async fn run(args: RunArgs) -> Result<()> {
     result
 }
 
+/// The Kubernetes API's settings without `--kube-subnet-mgr` would be silently unused
+/// (flanneld ignores them): refused. Checked here, since the etcd endpoints' default
+/// keeps clap from telling an etcd source from none.
+fn check_kube_flags(args: &RunArgs) -> Result<()> {
+    for (set, flag) in [
+        (args.kubeconfig.is_some(), "--kubeconfig"),
+        (args.kube_api_url.is_some(), "--kube-api-url"),
+    ] {
+        if set && !args.kube_subnet_mgr {
+            anyhow::bail!(
+                "{flag} needs --kube-subnet-mgr: it configures the Kubernetes API source"
+            );
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,7 +551,13 @@ mod tests {
     }
 
     fn error(args: &[&str]) -> String {
-        parse(args).err().expect("should be refused").to_string()
+        match parse(args) {
+            Ok(a) => match check_kube_flags(&a) {
+                Ok(()) => panic!("{args:?} should be refused"),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        }
     }
 
     /// What a flanneld command line and environment make of the daemon's flags.
@@ -751,8 +780,9 @@ mod tests {
             &[],
         );
         assert!(prefix.contains("more than one"), "{prefix}");
-        let url = e(&["--nodes-file=n.json", "--kube-api-url=https://a"], &[]);
-        assert!(url.contains("cannot be used with"), "{url}");
+        let url = flanneld(&["--nodes-file=n.json", "--kube-api-url=https://a"], &[]).unwrap();
+        let url = format!("{:#}", check_kube_flags(&url).unwrap_err());
+        assert!(url.contains("--kube-subnet-mgr"), "{url}");
     }
 
     /// GET `path` from `port` on the loopback: the status line.
@@ -822,16 +852,20 @@ mod tests {
 
     #[test]
     fn exactly_one_node_source() {
-        let e = error(&[]);
-        assert!(
-            e.contains("--kube-subnet-mgr") && e.contains("--nodes-file"),
-            "{e}"
+        // None given: etcd at flanneld's default endpoints, as flanneld.
+        let default = parse(&[]).unwrap();
+        assert_eq!(
+            default.etcd_endpoints,
+            ["http://127.0.0.1:4001", "http://127.0.0.1:2379"]
         );
+        assert!(!default.kube_subnet_mgr && default.nodes_file.is_none());
+        let e = error(&["--kubeconfig", "k"]);
+        assert!(e.contains("--kube-subnet-mgr"), "{e}");
         let e = error(&["--kube-subnet-mgr", "--nodes-file", "n.json"]);
         assert!(e.contains("cannot be used with"), "{e}");
         let e = error(&["--nodes-file", "n.json", "--kubeconfig", "k"]);
         assert!(
-            e.contains("--kubeconfig") && e.contains("cannot be used with"),
+            e.contains("--kubeconfig") && e.contains("--kube-subnet-mgr"),
             "{e}"
         );
 

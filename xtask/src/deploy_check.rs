@@ -26,8 +26,8 @@ const INSTALL: &str = "deploy/kind/install.sh";
 /// The oldest and newest Kubernetes whose schemas kubernetes-validate carries.
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.25.0", "1.37.0"];
 
-/// `overlay-agent run`'s flags as the DaemonSet passes them. The
-/// manifests may use these and no others.
+/// `overlay-agent run`'s flags (flanneld's and the agent's own) that the manifests
+/// may use, should an operator add them; no others.
 const RUN_FLAGS: &[&str] = &[
     "--kube-subnet-mgr",
     "--ip-masq",
@@ -59,7 +59,7 @@ fn workspace() -> PathBuf {
         .to_owned()
 }
 
-fn read(rel: &str) -> String {
+pub(crate) fn read(rel: &str) -> String {
     let path = workspace().join(rel);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -419,12 +419,26 @@ fn resources_stay_within_flannels() {
     assert_eq!(quantity("50Mi"), 50 << 20);
     let objects = Objects::load(MANIFEST);
     let resources = &agent(objects.one("DaemonSet"))["resources"];
+    let requests = &resources["requests"];
+    let cpu = quantity(requests["cpu"].as_str().unwrap());
+    assert!(cpu <= MAX_MILLI_CPU, "requests.cpu {cpu}m");
     for set in ["requests", "limits"] {
-        let cpu = quantity(resources[set]["cpu"].as_str().unwrap());
         let memory = quantity(resources[set]["memory"].as_str().unwrap());
-        assert!(cpu <= MAX_MILLI_CPU, "{set}.cpu {cpu}m");
         assert!(memory <= MAX_MEMORY, "{set}.memory {memory}");
     }
+}
+
+/// flannel requests CPU and sets no limit: a CFS quota would throttle the agent.
+#[test]
+fn the_agent_has_no_cpu_limit() {
+    let objects = Objects::load(MANIFEST);
+    let resources = &agent(objects.one("DaemonSet"))["resources"];
+    assert!(resources["requests"].get("cpu").is_some());
+    assert!(
+        resources["limits"].get("cpu").is_none(),
+        "CPU limit: {}",
+        resources["limits"]
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -453,10 +467,6 @@ fn the_agent_pod_is_a_node_agent() {
         &json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}})
     );
     let agent = agent(ds);
-    assert_eq!(
-        agent["env"],
-        json!([{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}])
-    );
     // Where each host path lands, and how.
     let source = |path: &str| {
         let mount = agent["volumeMounts"]
@@ -476,6 +486,23 @@ fn the_agent_pod_is_a_node_agent() {
     assert_eq!(bpf["hostPath"]["path"], "/sys/fs/bpf");
     // Sees the bpffs the init container mounted on the host.
     assert_eq!(bpf_mount["mountPropagation"], "HostToContainer");
+}
+
+/// flannel's POD_NAME and POD_NAMESPACE, and NODE_NAME, which the agent prefers and
+/// which spares it `pods: get` (see rbac_grants_only_what_the_agent_uses), all from
+/// the downward API.
+#[test]
+fn the_node_is_named_through_the_downward_api() {
+    let objects = Objects::load(MANIFEST);
+    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+    assert_eq!(
+        agent(objects.one("DaemonSet"))["env"],
+        json!([
+            {"name": "POD_NAME", "valueFrom": field("metadata.name")},
+            {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+            {"name": "NODE_NAME", "valueFrom": field("spec.nodeName")},
+        ])
+    );
 }
 
 /// The value of `flag` in `args` (`--flag value` or `--flag=value`).
@@ -522,9 +549,10 @@ fn commands_use_only_the_agreed_interface() {
     let agent = agent(objects.one("DaemonSet"));
     assert_eq!(strings(&agent["command"]), [entrypoint.as_str()]);
     let args = strings(&agent["args"]);
-    assert_eq!(args[0], "run");
-    // flanneld's own arguments in flannel's manifest.
-    assert!(args.contains(&"--ip-masq") && args.contains(&"--kube-subnet-mgr"));
+    // flanneld's own command line, as in flannel's manifest: no subcommand (the agent
+    // reads none as its daemon's), flannel's two flags first.
+    assert_eq!(args[..2], ["--ip-masq", "--kube-subnet-mgr"]);
+    assert!(!args.contains(&"run"), "flanneld has no `run`: {args:?}");
     for flag in flags(&args) {
         assert!(
             RUN_FLAGS.contains(&flag),

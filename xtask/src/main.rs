@@ -3,6 +3,8 @@
 mod bench;
 #[cfg(test)]
 mod deploy_check;
+#[cfg(test)]
+mod deploy_table;
 mod deps;
 mod lab;
 mod run;

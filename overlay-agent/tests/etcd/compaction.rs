@@ -83,9 +83,28 @@ const FLOOD: [&str; 4] = [
     "10.244.203.0/24",
 ];
 
-/// Rewrites the flood keys with 64 KiB values until etcd counts a slow watcher: the
-/// stalled source's. Returns how many puts that took.
+/// Whether etcd counts a watcher as slow (unsynced or a victim).
+async fn slow_watchers() -> bool {
+    metric("etcd_debugging_mvcc_slow_watcher_total").await > 0.0
+}
+
+/// Rewrites the flood keys with 64 KiB values until etcd holds the stalled source's
+/// watcher as a victim. Returns how many puts that took.
+///
+/// The gauge also counts a watcher that is merely unsynced: w1 leases after it lists,
+/// so its watch starts behind by its own lease until etcd's next sync (every 100 ms).
+/// Such a watcher catches up by itself, so the flood starts only once etcd counts no
+/// slow watcher, and ends once one stays slow through several syncs without puts:
+/// only a victim, whose reader is stalled, does that.
 async fn flood_until_slow(client: &mut Client) -> usize {
+    let settle = std::time::Duration::from_millis(400);
+    for _ in 0..50 {
+        if !slow_watchers().await {
+            break;
+        }
+        tokio::time::sleep(settle / 4).await;
+    }
+    assert!(!slow_watchers().await, "etcd keeps a watcher unsynced");
     let mut attrs = LeaseAttrs::ipip(ip("192.0.2.100"));
     for put in 0..2000 {
         attrs.backend_data = Some(format!("{put}:{}", "x".repeat(65536)).into());
@@ -97,8 +116,11 @@ async fn flood_until_slow(client: &mut Client) -> usize {
             )
             .await
             .unwrap();
-        if put % 16 == 15 && metric("etcd_debugging_mvcc_slow_watcher_total").await > 0.0 {
-            return put + 1;
+        if put % 16 == 15 && slow_watchers().await {
+            tokio::time::sleep(settle).await;
+            if slow_watchers().await {
+                return put + 1;
+            }
         }
     }
     panic!("2000 puts of 64 KiB and the stalled watch is still not slow");
