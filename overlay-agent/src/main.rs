@@ -89,6 +89,12 @@ enum Command {
         /// The subnet.env the agent wrote.
         #[arg(long, default_value = "/run/flannel/subnet.env")]
         subnet_file: PathBuf,
+        /// Also remove flanneld's forward rules (chain FLANNEL-FWD, table ip
+        /// flannel-ipv4). Kept by default: they are flanneld's own, which a flanneld
+        /// running after a rollback relies on (it writes the nftables form only at
+        /// start), and flanneld never removes them either.
+        #[arg(long)]
+        forward_rules: bool,
     },
 }
 
@@ -428,7 +434,11 @@ async fn async_main() {
         Command::Nodes { inspect } => inspect.print(inspect::nodes(&inspect.pin_dir())),
         Command::Nat { inspect } => inspect.print(inspect::nat(&inspect.pin_dir())),
         Command::Flows { inspect } => inspect.print(inspect::flows(&inspect.pin_dir())),
-        Command::Cleanup { pins, subnet_file } => cleanup::run(&pins.bpffs, &subnet_file)
+        Command::Cleanup {
+            pins,
+            subnet_file,
+            forward_rules,
+        } => cleanup::run(&pins.bpffs, &subnet_file, forward_rules)
             .await
             .map(|t| print!("{t}")),
     };
@@ -628,6 +638,47 @@ mod tests {
         let a = flanneld(&["-kube-subnet-mgr", "-iptables-resync", "7"], &[]).unwrap();
         assert_eq!(a.iptables_resync, 7);
         assert!(flanneld(&["--kube-subnet-mgr", "--iptables-resync=0"], &[]).is_err());
+        // From the environment, with Go's booleans; the command line wins.
+        let env = [
+            ("FLANNELD_IPTABLES_FORWARD_RULES", "F"),
+            ("FLANNELD_IPTABLES_RESYNC", "9"),
+        ];
+        let a = flanneld(&["--kube-subnet-mgr"], &env).unwrap();
+        assert!(!a.iptables_forward_rules);
+        assert_eq!(a.iptables_resync, 9);
+        let a = flanneld(
+            &[
+                "--kube-subnet-mgr",
+                "--iptables-forward-rules",
+                "-iptables-resync=3",
+            ],
+            &env,
+        )
+        .unwrap();
+        assert!(a.iptables_forward_rules);
+        assert_eq!(a.iptables_resync, 3);
+        for off in [
+            "--iptables-forward-rules=false",
+            "-iptables-forward-rules=0",
+        ] {
+            let a = flanneld(&["--kube-subnet-mgr", off], &[]).unwrap();
+            assert!(!a.iptables_forward_rules, "{off}");
+        }
+        let Err(e) = flanneld(
+            &["--kube-subnet-mgr"],
+            &[("FLANNELD_IPTABLES_FORWARD_RULES", "no")],
+        ) else {
+            panic!("accepted")
+        };
+        assert!(e.contains("FLANNELD_IPTABLES_FORWARD_RULES"), "{e}");
+        // A boolean takes no separate value.
+        assert!(
+            flanneld(
+                &["--iptables-forward-rules", "false", "--kube-subnet-mgr"],
+                &[]
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -17,8 +17,7 @@
 //!   that the chain and all three rules exist; when one is missing it deletes those
 //!   still there and appends all three again in one `iptables-restore --noflush`, to
 //!   keep their order. Through the `iptables` and `iptables-restore` binaries
-//!   (go-iptables runs them), so through whichever backend, nft or legacy, the host's
-//!   alternatives select.
+//!   (go-iptables runs them).
 //! - nftables, when net-conf.json has `EnableNFTables` (`pkg/trafficmngr/nftables/
 //!   nftables.go`, `Init`, `SetupAndEnsureForwardRules`, `CleanUp`, through
 //!   sigs.k8s.io/knftables, which runs `nft`): table `ip flannel-ipv4`, a base chain
@@ -31,10 +30,26 @@
 //!
 //! `overlay-agent cleanup` removes both forms ([`remove`]); flanneld removes neither
 //! on exit.
+//!
+//! Which iptables backend: in a container the image's alternatives, not the host's,
+//! decide what `iptables` is, and rules written through the other backend than the
+//! host's firewall uses sit in tables nobody reads the same way (legacy and nft
+//! chains are evaluated apart, and each side's tools show only their own). flannel's
+//! image therefore ships both and the kubernetes-sigs/iptables-wrappers wrapper,
+//! which picks the host's backend on first use. Where both `iptables-legacy` and
+//! `iptables-nft` are installed (the agent's image: Debian's `iptables` package) the
+//! agent picks as that wrapper does ([`choose_backend`], once, logged): kubelet's
+//! chains `KUBE-IPTABLES-HINT`/`KUBE-KUBELET-CANARY` in iptables-nft's tables mean
+//! nft, in iptables-legacy's mean legacy; without them, legacy if its saves hold more
+//! rules (`-A` lines) than nft's, else nft. With one backend only, plain `iptables`.
+//! Read (nothing copied): kubernetes-sigs/iptables-wrappers `iptables-wrapper-installer.sh`
+//! (the shell wrapper it installed up to v3: rule counts) and `internal/iptables/detect.go`
+//! (commit 52bfd7a: kubelet's chains first); flannel v0.28.9 `images/Dockerfile`.
 
 use std::{
     fmt::Write as _,
     io::Write as _,
+    path::Path,
     process::{Command, Stdio},
     sync::Arc,
     time::Duration,
@@ -44,7 +59,7 @@ use anyhow::{Context as _, Result, bail};
 use ipnet::Ipv4Net;
 use tracing::{error, info, warn};
 
-use crate::status::Status;
+use crate::{fast_path::netfilter::legacy_tables, status::Status};
 
 /// flanneld's chain in the filter table.
 pub const CHAIN: &str = "FLANNEL-FWD";
@@ -60,6 +75,127 @@ pub enum Frontend {
     Iptables,
     /// net-conf.json's `EnableNFTables`.
     Nftables,
+}
+
+/// The iptables binaries the rules go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `iptables`: one backend installed, whichever it is.
+    Only,
+    /// `iptables-legacy` (x_tables).
+    Legacy,
+    /// `iptables-nft` (nf_tables).
+    Nft,
+}
+
+impl Backend {
+    pub fn iptables(self) -> &'static str {
+        match self {
+            Self::Only => "iptables",
+            Self::Legacy => "iptables-legacy",
+            Self::Nft => "iptables-nft",
+        }
+    }
+
+    /// Its iptables-restore, `iptables-save` (IPv4) and `ip6tables-save` (IPv6).
+    fn companions(self) -> [String; 3] {
+        let name = self.iptables();
+        let save = format!("{name}-save");
+        [
+            format!("{name}-restore"),
+            format!("ip6{}", &save[2..]),
+            save,
+        ]
+    }
+}
+
+/// A backend chosen, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    pub backend: Backend,
+    pub why: String,
+}
+
+/// Whether `save` (iptables-save output) holds kubelet's chains, which kubelet (1.17
+/// and later) creates through the host's backend.
+fn kubelet_chains(save: &str) -> bool {
+    save.lines()
+        .any(|l| l.starts_with(":KUBE-IPTABLES-HINT ") || l.starts_with(":KUBE-KUBELET-CANARY "))
+}
+
+/// The rules in `save` (its `-A` lines).
+fn rule_count(save: &str) -> usize {
+    save.lines().filter(|l| l.starts_with('-')).count()
+}
+
+/// The host's backend from what each holds (`iptables-*-save` and `ip6tables-*-save`
+/// output, concatenated), as iptables-wrappers picks it.
+pub fn choose_backend(legacy_save: &str, nft_save: &str) -> Choice {
+    let choice = |backend, why: String| Choice { backend, why };
+    if kubelet_chains(nft_save) {
+        return choice(Backend::Nft, "kubelet's chains are in iptables-nft".into());
+    }
+    if kubelet_chains(legacy_save) {
+        return choice(
+            Backend::Legacy,
+            "kubelet's chains are in iptables-legacy".into(),
+        );
+    }
+    let (legacy, nft) = (rule_count(legacy_save), rule_count(nft_save));
+    let counts = format!("{legacy} rules in iptables-legacy, {nft} in iptables-nft");
+    if legacy > nft {
+        choice(Backend::Legacy, counts)
+    } else {
+        choice(Backend::Nft, counts)
+    }
+}
+
+/// Whether `program` is an executable file in a directory of `PATH`.
+fn installed(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// Both backends when both are installed, else the one `iptables` is.
+fn installed_backends() -> Vec<Backend> {
+    if installed(Backend::Legacy.iptables()) && installed(Backend::Nft.iptables()) {
+        vec![Backend::Legacy, Backend::Nft]
+    } else {
+        vec![Backend::Only]
+    }
+}
+
+/// What `backend`'s save commands print. A failing one counts as empty, as the
+/// wrapper has it, but is logged: without CAP_NET_RAW iptables-legacy-save fails, and
+/// a legacy host then looks like an nft one.
+fn saved(backend: Backend) -> String {
+    let [_, v6, v4] = backend.companions();
+    let mut out = String::new();
+    for save in [v4, v6] {
+        match run(&save, &[], None).and_then(|ran| ran.check(&save)) {
+            Ok(text) => out.push_str(&text),
+            Err(e) => warn!(error = format!("{e:#}"), "choosing the iptables backend"),
+        }
+    }
+    out
+}
+
+/// The backend of the host's firewall: see the module documentation.
+pub fn host_backend() -> Choice {
+    match installed_backends().as_slice() {
+        [Backend::Legacy, Backend::Nft] => {
+            choose_backend(&saved(Backend::Legacy), &saved(Backend::Nft))
+        }
+        _ => Choice {
+            backend: Backend::Only,
+            why: "one iptables backend installed".into(),
+        },
+    }
 }
 
 /// One iptables rule of flanneld's: the chain it is in and its spec.
@@ -212,10 +348,10 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<Ran> {
     })
 }
 
-/// `iptables -w -t filter ARGS`.
-fn iptables(args: &[&str]) -> Result<Ran> {
+/// `iptables -w -t filter ARGS` through `backend`.
+fn iptables(backend: Backend, args: &[&str]) -> Result<Ran> {
     let all: Vec<&str> = ["-w", "-t", "filter"].iter().chain(args).copied().collect();
-    run("iptables", &all, None)
+    run(backend.iptables(), &all, None)
 }
 
 /// Whether the outcome of a check (`-C`, `-S CHAIN`) means present: exit status 1 is
@@ -228,14 +364,16 @@ fn present(ran: Ran, what: &str) -> Result<bool> {
     }
 }
 
-fn chain_exists() -> Result<bool> {
-    present(iptables(&["-S", CHAIN])?, "iptables -S FLANNEL-FWD")
+fn chain_exists(backend: Backend) -> Result<bool> {
+    let what = format!("{} -S {CHAIN}", backend.iptables());
+    present(iptables(backend, &["-S", CHAIN])?, &what)
 }
 
-fn rule_exists(r: &Rule) -> Result<bool> {
+fn rule_exists(backend: Backend, r: &Rule) -> Result<bool> {
     let mut args = vec!["-C", r.chain];
     args.extend(r.spec.iter().map(String::as_str));
-    present(iptables(&args)?, &format!("iptables -C {}", r.chain))
+    let what = format!("{} -C {}", backend.iptables(), r.chain);
+    present(iptables(backend, &args)?, &what)
 }
 
 /// What a pass of [`ForwardRules::ensure`] did.
@@ -252,6 +390,8 @@ pub enum Ensured {
 pub struct ForwardRules {
     frontend: Frontend,
     network: Ipv4Net,
+    /// The iptables backend, chosen on the first pass.
+    backend: Option<Backend>,
     /// The first pass empties flanneld's chain, as flanneld does at start (rules of an
     /// earlier network go).
     started: bool,
@@ -262,6 +402,7 @@ impl ForwardRules {
         Self {
             frontend,
             network,
+            backend: None,
             started: false,
         }
     }
@@ -276,31 +417,52 @@ impl ForwardRules {
         Ok(ensured)
     }
 
-    fn ensure_iptables(&self) -> Result<Ensured> {
+    /// The iptables backend the rules go through: the host's, chosen once (logged).
+    pub fn backend(&mut self) -> Backend {
+        *self.backend.get_or_insert_with(|| {
+            let choice = host_backend();
+            info!(
+                iptables = choice.backend.iptables(),
+                why = choice.why,
+                "iptables backend for the forward rules"
+            );
+            choice.backend
+        })
+    }
+
+    fn ensure_iptables(&mut self) -> Result<Ensured> {
+        let backend = self.backend();
+        let program = backend.iptables();
         let rules = iptables_rules(self.network);
-        let had_chain = chain_exists()?;
+        let had_chain = chain_exists(backend)?;
+        let make = |action: &str| {
+            iptables(backend, &[action, CHAIN])?.check(&format!("{program} {action} {CHAIN}"))
+        };
         if !self.started {
             // go-iptables' ClearChain: create it, or empty it.
-            let action = if had_chain { "-F" } else { "-N" };
-            iptables(&[action, CHAIN])?.check(&format!("iptables {action} {CHAIN}"))?;
+            make(if had_chain { "-F" } else { "-N" })?;
         }
         // Without the chain no rule can be there: iptables refuses a jump to a chain
         // that does not exist.
         let present = if had_chain || !self.started {
-            rules.iter().map(rule_exists).collect::<Result<Vec<_>>>()?
+            rules
+                .iter()
+                .map(|r| rule_exists(backend, r))
+                .collect::<Result<Vec<_>>>()?
         } else {
-            iptables(&["-N", CHAIN])?.check(&format!("iptables -N {CHAIN}"))?;
+            make("-N")?;
             vec![false; rules.len()]
         };
         if self.started && present.iter().all(|p| *p) {
             return Ok(Ensured::InPlace);
         }
+        let [restore, ..] = backend.companions();
         run(
-            "iptables-restore",
+            &restore,
             &["--noflush", "-w"],
             Some(&restore_payload(&rules, &present)),
         )?
-        .check("iptables-restore --noflush")?;
+        .check(&format!("{restore} --noflush"))?;
         Ok(Ensured::Written)
     }
 
@@ -324,11 +486,18 @@ pub fn remove() -> Result<String> {
         e.downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
     };
-    match remove_iptables() {
-        Ok(true) => writeln!(report, "removed iptables chain filter {CHAIN} and its jump")?,
-        Ok(false) => {}
-        Err(e) if missing(&e) => {}
-        Err(e) => return Err(e),
+    // Through every backend installed: the rules may predate a change of the host's.
+    for backend in installed_backends() {
+        match remove_iptables(backend) {
+            Ok(true) => writeln!(
+                report,
+                "removed iptables chain filter {CHAIN} and its jump ({})",
+                backend.iptables()
+            )?,
+            Ok(false) => {}
+            Err(e) if missing(&e) => {}
+            Err(e) => return Err(e),
+        }
     }
     match run("nft", &["delete", "table", "ip", NFT_TABLE], None) {
         Ok(r) if r.ok() => writeln!(report, "removed nftables table ip {NFT_TABLE}")?,
@@ -343,21 +512,36 @@ pub fn remove() -> Result<String> {
     Ok(report)
 }
 
-/// Deletes every jump to flanneld's chain from FORWARD, then the chain; whether there
-/// was one.
-fn remove_iptables() -> Result<bool> {
-    if !chain_exists()? {
+/// The legacy backend's tables in the calling thread's network namespace (the
+/// iptables binaries run in it; `/proc/net` is the main thread's).
+const THREAD_LEGACY_TABLES: &str = "/proc/thread-self/net/ip_tables_names";
+
+/// Deletes every jump to flanneld's chain from FORWARD, then the chain, through
+/// `backend`; whether there was one.
+fn remove_iptables(backend: Backend) -> Result<bool> {
+    // Asking iptables-legacy about the filter table would create it where the legacy
+    // backend holds none (and that turns the fast path off).
+    if backend == Backend::Legacy
+        && !legacy_tables(Path::new(THREAD_LEGACY_TABLES))?
+            .iter()
+            .any(|t| t == "filter")
+    {
         return Ok(false);
     }
+    if !chain_exists(backend)? {
+        return Ok(false);
+    }
+    let program = backend.iptables();
     let jump = &iptables_rules(Ipv4Net::default())[0];
     // The jump's text does not depend on the network.
-    while rule_exists(jump)? {
+    while rule_exists(backend, jump)? {
         let mut args = vec!["-D", jump.chain];
         args.extend(jump.spec.iter().map(String::as_str));
-        iptables(&args)?.check("iptables -D FORWARD")?;
+        iptables(backend, &args)?.check(&format!("{program} -D FORWARD"))?;
     }
-    iptables(&["-F", CHAIN])?.check(&format!("iptables -F {CHAIN}"))?;
-    iptables(&["-X", CHAIN])?.check(&format!("iptables -X {CHAIN}"))?;
+    for action in ["-F", "-X"] {
+        iptables(backend, &[action, CHAIN])?.check(&format!("{program} {action} {CHAIN}"))?;
+    }
     Ok(true)
 }
 
@@ -439,6 +623,90 @@ mod tests {
              -A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT\n\
              COMMIT\n"
         );
+    }
+
+    /// iptables-save output holding `rules` in the filter table, and `chains` of its own.
+    fn save(chains: &[&str], rules: usize) -> String {
+        let mut out = String::from("# Generated by iptables-save v1.8.9\n*filter\n");
+        out.push_str(":INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+        for c in chains {
+            out.push_str(&format!(":{c} - [0:0]\n"));
+        }
+        for i in 0..rules {
+            out.push_str(&format!("-A INPUT -p tcp --dport {} -j ACCEPT\n", 1000 + i));
+        }
+        out.push_str("COMMIT\n");
+        out
+    }
+
+    #[test]
+    fn the_backend_is_the_one_kubelet_uses_else_the_fuller_one() {
+        let pick = |legacy: &str, nft: &str| choose_backend(legacy, nft).backend;
+        // Nothing anywhere: nft, the wrapper's default.
+        assert_eq!(pick("", ""), Backend::Nft);
+        assert_eq!(
+            choose_backend("", "").why,
+            "0 rules in iptables-legacy, 0 in iptables-nft"
+        );
+        // A host whose firewall is legacy: more rules there.
+        assert_eq!(pick(&save(&[], 3), &save(&[], 0)), Backend::Legacy);
+        assert_eq!(pick(&save(&[], 3), &save(&[], 4)), Backend::Nft);
+        // A tie is nft's.
+        assert_eq!(pick(&save(&[], 2), &save(&[], 2)), Backend::Nft);
+        // Policies, chains and comments are no rules (iptables-nft-save warns in a
+        // comment when legacy tables exist).
+        let warned = format!(
+            "# Warning: iptables-legacy tables present\n{}",
+            save(&["X"], 0)
+        );
+        assert_eq!(pick(&save(&[], 1), &warned), Backend::Legacy);
+        // kubelet's chains outweigh any count, nft's first.
+        for chain in ["KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"] {
+            let c = choose_backend(&save(&[chain], 0), &save(&[], 50));
+            assert_eq!(c.backend, Backend::Legacy, "{chain}");
+            assert_eq!(c.why, "kubelet's chains are in iptables-legacy");
+            assert_eq!(pick(&save(&[], 50), &save(&[chain], 0)), Backend::Nft);
+            assert_eq!(pick(&save(&[chain], 50), &save(&[chain], 0)), Backend::Nft);
+        }
+        // A chain whose name only starts like kubelet's is no hint.
+        assert_eq!(
+            pick(&save(&[], 0), &save(&["KUBE-KUBELET-CANARY-X"], 0)),
+            Backend::Nft
+        );
+        assert_eq!(
+            pick(&save(&["KUBE-IPTABLES-HINTS"], 1), &save(&[], 2)),
+            Backend::Nft
+        );
+    }
+
+    #[test]
+    fn each_backend_has_its_binaries() {
+        let names = [Backend::Only, Backend::Legacy, Backend::Nft]
+            .map(|b| [vec![b.iptables().to_owned()], b.companions().to_vec()].concat());
+        assert_eq!(
+            names,
+            [
+                [
+                    "iptables",
+                    "iptables-restore",
+                    "ip6tables-save",
+                    "iptables-save"
+                ],
+                [
+                    "iptables-legacy",
+                    "iptables-legacy-restore",
+                    "ip6tables-legacy-save",
+                    "iptables-legacy-save"
+                ],
+                [
+                    "iptables-nft",
+                    "iptables-nft-restore",
+                    "ip6tables-nft-save",
+                    "iptables-nft-save"
+                ],
+            ]
+        );
+        assert!(!installed("overlay-agent-no-such-iptables"));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `--iptables-forward-rules`: flanneld's FORWARD accept rules written through the real
 //! `iptables` and `nft` in a namespace of the test's own: taken over from flanneld
 //! without doubles, written again within the resync period after someone flushed
-//! them, and removed by cleanup.
+//! them, and removed by cleanup; through the legacy backend where the host's rules
+//! are there, though `iptables` is iptables-nft (Debian's default).
 
 use std::{
     process::Command,
@@ -11,7 +12,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 use overlay_agent::{
-    host::forward_rules::{self, Ensured, ForwardRules, Frontend},
+    host::forward_rules::{self, Backend, Ensured, ForwardRules, Frontend},
     status::Status,
 };
 
@@ -36,10 +37,20 @@ fn tool(program: &str, args: &[&str]) -> String {
 
 /// The filter table's rules, as `iptables -S` prints them.
 fn filter_rules() -> Vec<String> {
-    tool("iptables", &["-t", "filter", "-S"])
+    rules_of("iptables")
+}
+
+/// The filter table's rules through `iptables` (a backend's binary).
+fn rules_of(iptables: &str) -> Vec<String> {
+    tool(iptables, &["-t", "filter", "-S"])
         .lines()
         .map(str::to_owned)
         .collect()
+}
+
+/// The legacy backend's tables in this thread's namespace.
+fn legacy_tables() -> String {
+    std::fs::read_to_string("/proc/thread-self/net/ip_tables_names").unwrap_or_default()
 }
 
 /// What `iptables -S` shows with flanneld's rules in place (and FORWARD's policy DROP).
@@ -113,13 +124,56 @@ fn iptables_rules_are_taken_over_kept_and_cleaned_up() {
         let report = forward_rules::remove().unwrap();
         assert_eq!(
             report,
-            "removed iptables chain filter FLANNEL-FWD and its jump\n"
+            "removed iptables chain filter FLANNEL-FWD and its jump (iptables-nft)\n"
         );
         assert_eq!(
             filter_rules(),
             ["-P INPUT ACCEPT", "-P FORWARD DROP", "-P OUTPUT ACCEPT"]
         );
         assert_eq!(forward_rules::remove().unwrap(), "", "nothing left");
+        // Choosing and cleaning up looked at the legacy backend without creating a
+        // table there.
+        assert_eq!(legacy_tables(), "");
+    });
+}
+
+#[test]
+fn iptables_rules_go_where_the_hosts_legacy_rules_are() {
+    in_new_netns(|| {
+        // A host whose firewall is legacy iptables: its rules and FORWARD policy there.
+        tool("iptables-legacy", &["-P", "FORWARD", "DROP"]);
+        tool(
+            "iptables-legacy",
+            &["-A", "INPUT", "-i", "lo", "-j", "ACCEPT"],
+        );
+        let mut rules = ForwardRules::new(Frontend::Iptables, NETWORK.parse().unwrap());
+        assert_eq!(rules.ensure().unwrap(), Ensured::Written);
+        assert_eq!(rules.backend(), Backend::Legacy);
+        let mut legacy = with_rules();
+        legacy.insert(4, "-A INPUT -i lo -j ACCEPT".into());
+        assert_eq!(rules_of("iptables-legacy"), legacy);
+        // None through `iptables`, which is iptables-nft.
+        assert!(
+            !tool("iptables-nft-save", &[]).contains("FLANNEL"),
+            "{}",
+            tool("iptables-nft-save", &[])
+        );
+        assert_eq!(rules.ensure().unwrap(), Ensured::InPlace);
+
+        let report = forward_rules::remove().unwrap();
+        assert_eq!(
+            report,
+            "removed iptables chain filter FLANNEL-FWD and its jump (iptables-legacy)\n"
+        );
+        assert_eq!(
+            rules_of("iptables-legacy"),
+            [
+                "-P INPUT ACCEPT",
+                "-P FORWARD DROP",
+                "-P OUTPUT ACCEPT",
+                "-A INPUT -i lo -j ACCEPT"
+            ]
+        );
     });
 }
 

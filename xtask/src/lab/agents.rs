@@ -684,15 +684,17 @@ fn get(ns: &str, path: &str) -> Result<(u16, String)> {
     Ok((code, body.to_owned()))
 }
 
-/// `overlay-agent cleanup` in `node`'s namespace: programs, pins, routes, subnet.env.
-pub fn cleanup(lab: &LabState, node: &Node) -> Result<String> {
+/// `overlay-agent cleanup EXTRA` in `node`'s namespace: programs, pins, routes,
+/// subnet.env (and with `--forward-rules` flanneld's forward rules).
+pub fn cleanup(lab: &LabState, node: &Node, extra: &[&str]) -> Result<String> {
     netns::run(
         netns::command(&lab.netns(&node.name), &lab.agent)
             .arg("cleanup")
             .arg("--bpffs")
             .arg(node_bpffs(lab, node))
             .arg("--subnet-file")
-            .arg(subnet_file(lab, node)),
+            .arg(subnet_file(lab, node))
+            .args(extra),
     )
 }
 

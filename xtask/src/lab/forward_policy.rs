@@ -3,8 +3,9 @@
 //! still reach each other with the agent's default, which writes flanneld's
 //! FLANNEL-FWD rules (flannel-io/flannel v0.28.9, commit 5cd0d52,
 //! `pkg/trafficmngr/iptables/iptables.go` `forwardRules`; the agent's
-//! `overlay-agent/src/host/forward_rules.rs`), and no longer with
-//! `--iptables-forward-rules=false` after `overlay-agent cleanup` removed them. Every
+//! `overlay-agent/src/host/forward_rules.rs`); `overlay-agent cleanup` leaves them
+//! (an agent with `--iptables-forward-rules=false` still passes), and after
+//! `overlay-agent cleanup --forward-rules` removed them such an agent no longer does. Every
 //! pod packet, decapsulated ones too, crosses the node's FORWARD hook.
 //!
 //! The lab is left as found: policy ACCEPT, w2's agent running with the defaults.
@@ -97,16 +98,26 @@ fn steps(lab: &LabState, node: &Node, proof: &mut Proof) -> Result<()> {
     let rules = wait_rules(&ns, network)?;
     step("default (--iptables-forward-rules)", rules, true)?;
 
-    // flanneld leaves its rules when told not to write them; cleanup removes them.
-    agents::stop_node(lab, node, Signal::SIGTERM)?;
-    agents::cleanup(lab, node)?;
-    restart(lab, node, &[RULE_OFF])?;
-    let rules = has_rules(&ns, network)?;
-    step(
-        "after cleanup, with --iptables-forward-rules=false",
-        rules,
-        false,
-    )?;
+    // flanneld leaves its rules when told not to write them, and so does cleanup
+    // unless asked (a flanneld after a rollback relies on them).
+    for (what, extra, kept) in [
+        (
+            "after cleanup, with --iptables-forward-rules=false",
+            &[][..],
+            true,
+        ),
+        (
+            "after cleanup --forward-rules, with --iptables-forward-rules=false",
+            &["--forward-rules"][..],
+            false,
+        ),
+    ] {
+        agents::stop_node(lab, node, Signal::SIGTERM)?;
+        agents::cleanup(lab, node, extra)?;
+        restart(lab, node, &[RULE_OFF])?;
+        let rules = has_rules(&ns, network)?;
+        step(what, rules, kept)?;
+    }
 
     restart(lab, node, &[])?;
     let rules = wait_rules(&ns, network)?;
