@@ -41,7 +41,11 @@
 //! agent picks as that wrapper does ([`choose_backend`], once, logged): kubelet's
 //! chains `KUBE-IPTABLES-HINT`/`KUBE-KUBELET-CANARY` in iptables-nft's tables mean
 //! nft, in iptables-legacy's mean legacy; without them, legacy if its saves hold more
-//! rules (`-A` lines) than nft's, else nft. With one backend only, plain `iptables`.
+//! rules (`-A` lines) than nft's, else nft. A save that fails (iptables-legacy-save
+//! without CAP_NET_RAW where legacy tables exist) is an error where the wrapper
+//! would count it empty, so that a legacy host is never taken for an nft one; the
+//! choice is tried again every period until it succeeds. With one backend only,
+//! plain `iptables`.
 //! Read (nothing copied): kubernetes-sigs/iptables-wrappers `iptables-wrapper-installer.sh`
 //! (the shell wrapper it installed up to v3: rule counts) and `internal/iptables/detect.go`
 //! (commit 52bfd7a: kubelet's chains first); flannel v0.28.9 `images/Dockerfile`.
@@ -170,32 +174,30 @@ fn installed_backends() -> Vec<Backend> {
     }
 }
 
-/// What `backend`'s save commands print. A failing one counts as empty, as the
-/// wrapper has it, but is logged: without CAP_NET_RAW iptables-legacy-save fails, and
-/// a legacy host then looks like an nft one.
-fn saved(backend: Backend) -> String {
+/// What `backend`'s save commands print. Unlike the wrapper, which counts a failing
+/// one as empty, a failure is an error: without CAP_NET_RAW iptables-legacy-save
+/// fails where legacy tables exist, and a legacy host would look like an nft one
+/// (where the legacy backend holds no tables it succeeds without the socket).
+fn saved(backend: Backend) -> Result<String> {
     let [_, v6, v4] = backend.companions();
     let mut out = String::new();
     for save in [v4, v6] {
-        match run(&save, &[], None).and_then(|ran| ran.check(&save)) {
-            Ok(text) => out.push_str(&text),
-            Err(e) => warn!(error = format!("{e:#}"), "choosing the iptables backend"),
-        }
+        out.push_str(&run(&save, &[], None)?.check(&save)?);
     }
-    out
+    Ok(out)
 }
 
 /// The backend of the host's firewall: see the module documentation.
-pub fn host_backend() -> Choice {
-    match installed_backends().as_slice() {
+pub fn host_backend() -> Result<Choice> {
+    Ok(match installed_backends().as_slice() {
         [Backend::Legacy, Backend::Nft] => {
-            choose_backend(&saved(Backend::Legacy), &saved(Backend::Nft))
+            choose_backend(&saved(Backend::Legacy)?, &saved(Backend::Nft)?)
         }
         _ => Choice {
             backend: Backend::Only,
             why: "one iptables backend installed".into(),
         },
-    }
+    })
 }
 
 /// One iptables rule of flanneld's: the chain it is in and its spec.
@@ -417,21 +419,23 @@ impl ForwardRules {
         Ok(ensured)
     }
 
-    /// The iptables backend the rules go through: the host's, chosen once (logged).
-    pub fn backend(&mut self) -> Backend {
-        *self.backend.get_or_insert_with(|| {
-            let choice = host_backend();
-            info!(
-                iptables = choice.backend.iptables(),
-                why = choice.why,
-                "iptables backend for the forward rules"
-            );
-            choice.backend
-        })
+    /// The iptables backend the rules go through: the host's, chosen once (logged);
+    /// a failed choice is tried again at the next call.
+    pub fn backend(&mut self) -> Result<Backend> {
+        if let Some(backend) = self.backend {
+            return Ok(backend);
+        }
+        let choice = host_backend().context("choosing the host's iptables backend")?;
+        info!(
+            iptables = choice.backend.iptables(),
+            why = choice.why,
+            "iptables backend for the forward rules"
+        );
+        Ok(*self.backend.insert(choice.backend))
     }
 
     fn ensure_iptables(&mut self) -> Result<Ensured> {
-        let backend = self.backend();
+        let backend = self.backend()?;
         let program = backend.iptables();
         let rules = iptables_rules(self.network);
         let had_chain = chain_exists(backend)?;

@@ -148,7 +148,7 @@ fn iptables_rules_go_where_the_hosts_legacy_rules_are() {
         );
         let mut rules = ForwardRules::new(Frontend::Iptables, NETWORK.parse().unwrap());
         assert_eq!(rules.ensure().unwrap(), Ensured::Written);
-        assert_eq!(rules.backend(), Backend::Legacy);
+        assert_eq!(rules.backend().unwrap(), Backend::Legacy);
         let mut legacy = with_rules();
         legacy.insert(4, "-A INPUT -i lo -j ACCEPT".into());
         assert_eq!(rules_of("iptables-legacy"), legacy);
