@@ -89,17 +89,19 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
         masq::check_against_ephemeral(&opts.masq.ports, &masq::ephemeral_range()?)?;
     }
     let host = Host::connect()?;
-    let uplink = select_uplink(&opts.interface).await?;
+    let opening = opts.source.clone().open(&opts.node_name).await?;
+    let node_name = opening.name.clone();
+    let mut selection = opts.interface.clone();
+    if let Some(stored) = opening.stored_public_ip().await {
+        selection.public_ip = Some(stored);
+    }
+    let uplink = select_uplink(&selection).await?;
     let own_address = OwnAddress {
         authority: opts.source.authority(),
-        public_ip: opts.interface.public_ip,
+        public_ip: selection.public_ip,
         interface: uplink.address,
     };
-    let (node_name, source) = opts
-        .source
-        .clone()
-        .open(&opts.node_name, own_address)
-        .await?;
+    let source = opening.finish(own_address).await?;
     let net_conf = source.net_conf(&opts.net_conf)?;
     host::enable_forwarding()?;
     let forward_rules = opts.forward_rules.map(|period| {

@@ -64,8 +64,8 @@ pub enum DesiredError {
 }
 
 impl Desired {
-    /// `own_address` decides this node's tunnel address (`own.tunnel_ip`), which the
-    /// datapath puts on the wire: the node object's may be stale or another NIC's.
+    /// `own_address` decides this node's tunnel address (`own.tunnel_ip`), the one
+    /// peers send to: the node object's may be stale or another NIC's.
     /// This node's pod subnet must lie in `network` (net-conf.json's `Network`).
     pub fn compute(
         set: &NodeSet,
@@ -222,7 +222,10 @@ impl Reconciler {
     pub fn datapath_config(&self, desired: &Desired) -> DatapathConfig {
         let s = &self.settings;
         let config = DatapathConfig {
-            node_ip: desired.own.tunnel_ip.octets(),
+            // The interface's own address, whatever this node publishes: a published
+            // address behind a NAT is not on the node, and the router translates
+            // to and from this one (flannel's tunnel keeps `Local` = the interface's).
+            node_ip: s.uplink.address.octets(),
             pod_subnet: desired.own.pod_cidr.network().octets(),
             pod_prefix_len: desired.own.pod_cidr.prefix_len(),
             cluster_net: s.network.network().octets(),
@@ -591,14 +594,12 @@ mod tests {
         assert!(d.skipped[0].contains("vxlan"), "{:?}", d.skipped);
     }
 
-    /// Calico's multi-NIC case: node2's Node still says 192.168.0.111 (an earlier run
-    /// on eth0), the agent now runs on eth1 with 192.168.3.111. What it publishes,
-    /// what it puts in outer headers and what it accepts must all be the new address.
-    #[tokio::test]
-    async fn published_and_encapsulated_addresses_agree() {
+    /// What node2 publishes and what its datapath puts in outer headers (and
+    /// accepts), with its agent on eth1 (192.168.3.111) and `public_ip` given.
+    fn published_and_on_the_wire(public_ip: Option<Ipv4Addr>) -> (Ipv4Addr, Ipv4Addr) {
         let own_address = OwnAddress {
             authority: Authority::Agent,
-            public_ip: None,
+            public_ip,
             interface: Ipv4Addr::new(192, 168, 3, 111),
         };
         let s = set(vec![
@@ -609,7 +610,6 @@ mod tests {
         ]);
         let network: Ipv4Net = "10.122.0.0/16".parse().unwrap();
         let d = Desired::compute(&s, "node2", &own_address, network).unwrap();
-        assert_eq!(d.own.tunnel_ip, own_address.interface);
         assert_eq!(d.remotes.len(), 2, "{:?}", d.skipped);
 
         let own_node = s.nodes.iter().find(|n| n.name == "node2").unwrap();
@@ -621,6 +621,7 @@ mod tests {
             .unwrap()
             .parse()
             .unwrap();
+        assert_eq!(d.own.tunnel_ip, published);
 
         let uplink = Uplink {
             name: "eth1".into(),
@@ -639,8 +640,26 @@ mod tests {
                 blackhole_route: false,
             },
         );
-        let on_the_wire = Ipv4Addr::from(rec.datapath_config(&d).node_ip);
-        assert_eq!(published, own_address.interface);
-        assert_eq!(on_the_wire, published);
+        (published, Ipv4Addr::from(rec.datapath_config(&d).node_ip))
+    }
+
+    /// Calico's multi-NIC case: node2's Node still says 192.168.0.111 (an earlier run
+    /// on eth0), the agent now runs on eth1. What it publishes, what it puts in outer
+    /// headers and what it accepts must all be the new address.
+    #[tokio::test]
+    async fn published_and_encapsulated_addresses_agree() {
+        let eth1 = Ipv4Addr::new(192, 168, 3, 111);
+        assert_eq!(published_and_on_the_wire(None), (eth1, eth1));
+    }
+
+    /// A public IP behind a NAT is published, but the outer headers carry the
+    /// interface's address, the one the router translates it to.
+    #[tokio::test]
+    async fn a_public_ip_behind_a_nat_is_published_not_put_on_the_wire() {
+        let public = Ipv4Addr::new(203, 0, 113, 7);
+        assert_eq!(
+            published_and_on_the_wire(Some(public)),
+            (public, Ipv4Addr::new(192, 168, 3, 111))
+        );
     }
 }

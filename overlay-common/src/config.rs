@@ -1,6 +1,6 @@
 //! Per-node datapath configuration, written by the agent into the `CONFIG` array map.
 
-use crate::conntrack::CtTimeouts;
+use crate::conntrack::{CtTimeouts, Rule};
 
 /// kube-proxy's "masquerade me" mark (KUBE-MARK-MASQ): such packets are left to
 /// kube-proxy's own rule, as flanneld's first masquerade rule does.
@@ -99,6 +99,32 @@ impl DatapathConfig {
         self.flags & FLAG_FAST_PATH != 0
     }
 
+    /// Which of flanneld's `--ip-masq` rules masquerades a packet from `src` to `dst`,
+    /// and the source address it takes (rules as in `nat` of the eBPF crate: local
+    /// pod to any pod, any pod to a local pod, anything to a local pod are kept; a pod
+    /// to the outside takes the uplink's address; the host or the outside to a remote
+    /// pod takes this node's pod gateway).
+    #[inline(always)]
+    pub fn masquerade_rule(&self, src: [u8; 4], dst: [u8; 4]) -> Option<(Rule, [u8; 4])> {
+        let src_pod = self.in_cluster(src);
+        let dst_pod = self.in_cluster(dst);
+        if self.in_pod_subnet(src) && dst_pod || self.in_pod_subnet(dst) {
+            return None; // rules 2, 3 and 4
+        }
+        if src_pod && !is_multicast(dst) {
+            return Some((Rule::PodToOutside, self.masq_ip));
+        }
+        // A packet from the uplink's own address is the host's: one of its sockets, or
+        // its own masquerade (kube-proxy's, for NodePorts and the node's Service
+        // traffic, which clears its mark before it masquerades, so only the address
+        // tells). Translating it again would be a second NAT, where flanneld's rules
+        // compose with the host's to one.
+        if !src_pod && dst_pod && src != self.masq_ip {
+            return Some((Rule::OutsideToRemotePod, self.gateway()));
+        }
+        None
+    }
+
     /// The pod subnet's gateway (first address): the bridge address pods route through,
     /// and the source of the ICMP errors the datapath sends them.
     pub fn gateway(&self) -> [u8; 4] {
@@ -172,6 +198,48 @@ mod tests {
         assert_eq!(c.gateway(), [10, 244, 1, 1]);
         // A subnet written with host bits set still yields the right gateway.
         assert_eq!(cfg([10, 244, 1, 9], 24).gateway(), [10, 244, 1, 1]);
+    }
+
+    /// flanneld's `--ip-masq` rules, one case each, with this node's pod subnet
+    /// 10.244.1.0/24 and uplink 172.18.0.3.
+    #[test]
+    fn masquerade_rules() {
+        let c = DatapathConfig {
+            masq_ip: [172, 18, 0, 3],
+            ..cfg([10, 244, 1, 0], 24)
+        };
+        let (local, remote) = ([10, 244, 1, 5], [10, 244, 2, 5]);
+        let (outside, host) = ([198, 51, 100, 10], [172, 18, 0, 3]);
+        let cases = [
+            ("2: local pod to a remote pod", local, remote, None),
+            ("3: a remote pod to a local pod", remote, local, None),
+            ("4: the outside to a local pod", outside, local, None),
+            ("4: the host to a local pod", host, local, None),
+            (
+                "5: a local pod to the outside",
+                local,
+                outside,
+                Some((Rule::PodToOutside, host)),
+            ),
+            (
+                "5: a remote pod to the outside through this node",
+                remote,
+                outside,
+                Some((Rule::PodToOutside, host)),
+            ),
+            ("5: not to multicast", local, [224, 0, 0, 251], None),
+            (
+                "6: the outside to a remote pod",
+                outside,
+                remote,
+                Some((Rule::OutsideToRemotePod, [10, 244, 1, 1])),
+            ),
+            ("6: not the host's own address", host, remote, None),
+            ("none: outside to outside", outside, [192, 0, 2, 1], None),
+        ];
+        for (case, src, dst, rule) in cases {
+            assert_eq!(c.masquerade_rule(src, dst), rule, "rule {case}");
+        }
     }
 
     #[test]

@@ -81,6 +81,31 @@ pub struct CtEntry {
     pub fin_tsval: u32,
 }
 
+/// What a TIME_WAIT compares: a TCP segment's sequence numbers and timestamp.
+#[derive(Clone, Copy, Debug)]
+pub struct Marks {
+    pub seq: u32,
+    /// The sequence number just past the segment.
+    pub seq_end: u32,
+    pub tsval: Option<u32>,
+}
+
+impl CtEntry {
+    /// Whether the outside's TIME_WAIT for this closed flow accepts `syn` for a new
+    /// connection on the tuple: a newer timestamp when both carry one (PAWS, RFC 6191,
+    /// Linux's `tcp_timewait_state_process`), else a sequence number beyond the old
+    /// connection's (RFC 1122 4.2.2.13). Comparisons wrap, as TCP's do.
+    #[inline(always)]
+    pub fn time_wait_accepts(&self, syn: &Marks) -> bool {
+        let newer = |new: u32, old: u32| (new.wrapping_sub(old) as i32) > 0;
+        match syn.tsval {
+            // Both with timestamps: an older TSval is refused whatever the sequence.
+            Some(tsval) if self.flags & flags::FIN_TIMESTAMP != 0 => newer(tsval, self.fin_tsval),
+            _ => newer(syn.seq, self.fin_seq_end),
+        }
+    }
+}
+
 /// Which of flanneld's `--ip-masq` rules decided a flow.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,5 +245,51 @@ mod tests {
         assert_eq!(t.for_state(17, 0), t.udp);
         assert_eq!(t.for_state(17, SEEN_REPLY), t.udp_assured);
         assert_eq!(t.for_state(1, SEEN_REPLY), t.icmp);
+    }
+
+    #[test]
+    fn time_wait_accepts_only_newer_syns() {
+        let closed = |fin_seq_end, fin_tsval: Option<u32>| CtEntry {
+            fin_seq_end,
+            fin_tsval: fin_tsval.unwrap_or(0),
+            flags: if fin_tsval.is_some() {
+                FIN_TIMESTAMP
+            } else {
+                0
+            },
+            ..CtEntry::default()
+        };
+        let syn = |seq: u32, tsval| Marks {
+            seq,
+            seq_end: seq.wrapping_add(1),
+            tsval,
+        };
+        let with_ts = closed(1000, Some(500));
+        assert!(
+            with_ts.time_wait_accepts(&syn(10, Some(501))),
+            "newer TSval, lower seq"
+        );
+        assert!(
+            !with_ts.time_wait_accepts(&syn(5000, Some(499))),
+            "PAWS: older TSval"
+        );
+        assert!(
+            !with_ts.time_wait_accepts(&syn(5000, Some(500))),
+            "equal TSval"
+        );
+        assert!(
+            closed(1000, Some(u32::MAX - 1)).time_wait_accepts(&syn(0, Some(3))),
+            "TSval wraps"
+        );
+        // Without a timestamp on either side the sequence decides.
+        let without = closed(1000, None);
+        assert!(without.time_wait_accepts(&syn(1001, Some(1))));
+        assert!(!without.time_wait_accepts(&syn(1000, None)));
+        assert!(with_ts.time_wait_accepts(&syn(1001, None)));
+        assert!(!with_ts.time_wait_accepts(&syn(999, None)));
+        assert!(
+            closed(u32::MAX, None).time_wait_accepts(&syn(5, None)),
+            "seq wraps"
+        );
     }
 }

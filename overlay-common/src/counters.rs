@@ -53,114 +53,63 @@ impl Hook {
     }
 }
 
-/// What happened to a packet.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Reason {
-    /// Encapsulated and sent to the peer with a resolved next hop.
-    Encapsulated = 0,
-    /// Encapsulated; the next hop's neighbour entry was missing, so the kernel resolves
-    /// it (`bpf_redirect_neigh`).
-    EncapsulatedNeighResolve,
-    /// Decapsulated and sent straight to the pod (into its namespace, past the bridge).
-    Decapsulated,
-    /// Decapsulated and handed to the host stack (local destination, TTL about to
-    /// expire, or no resolved path to the pod).
-    DecapsulatedToStack,
-    /// Too big for the uplink after encapsulation with DF set: answered with ICMP
-    /// fragmentation-needed.
-    FragNeededSent,
-    /// Source translated (masquerade) and sent on unencapsulated.
-    Masqueraded,
-    /// A reply translated back to the flow's original source, handed to the stack.
-    Unmasqueraded,
-    /// A reply translated back to a pod of this node and sent straight to it.
-    UnmasqueradedToPod,
+/// Declares an enum whose numbers are an ABI: they index pinned counter slots, which
+/// an upgrade keeps, so a variant's number must never change. Each variant stands on
+/// one line with its number, its stable name (a metric label) and, for reasons, its
+/// kind; `ALL`, `COUNT`, `name`, `from_u32` (and `kind`) follow from that line alone.
+macro_rules! numbered {
+    (
+        $(#[$meta:meta])*
+        pub enum $ty:ident {
+            $($(#[$doc:meta])* $variant:ident = $n:literal => $name:literal, $kind:ident;)*
+        }
+    ) => {
+        numbered! {
+            $(#[$meta])*
+            pub enum $ty { $($(#[$doc])* $variant = $n => $name;)* }
+        }
 
-    /// Not IPv4 (ARP, IPv6, VLAN, ...): not ours.
-    PassNotIpv4,
-    /// IPv4 whose destination is no remote pod subnet.
-    PassNotOverlay,
-    /// On the uplink: not IPIP addressed to this node.
-    PassNotTunnel,
-    /// On the uplink egress: already IPIP (our own encapsulated packets leaving).
-    PassTunnelled,
-    /// Carries IP options: left to the host stack, whose route sends it through the
-    /// uplink egress program.
-    PassIpOptions,
-    /// An IP fragment: left to the host stack (same path as options).
-    PassFragment,
-    /// TTL would expire here: the host stack sends time-exceeded.
-    PassTtlExpired,
-    /// Too big for the uplink after encapsulation, DF clear: the host stack fragments.
-    PassFragmentationNeeded,
-    /// The agent has not configured this node yet.
-    PassNotConfigured,
-    /// From the pod bridge with a source outside this node's pod subnet: left to the
-    /// host stack (and its reverse-path filter) rather than tunnelled blindly.
-    PassForeignSource,
+        impl $ty {
+            pub const fn kind(self) -> Kind {
+                match self {
+                    $($ty::$variant => Kind::$kind,)*
+                }
+            }
+        }
+    };
+    (
+        $(#[$meta:meta])*
+        pub enum $ty:ident {
+            $($(#[$doc:meta])* $variant:ident = $n:literal => $name:literal;)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum $ty {
+            $($(#[$doc])* $variant = $n,)*
+        }
 
-    /// Truncated or inconsistent headers, or a bad outer header checksum.
-    DropMalformed,
-    /// IPIP from an address that is not a known node (spoofing; flannel issue #961).
-    DropUnknownPeer,
-    /// IPIP whose inner destination is neither in this node's pod subnet nor this
-    /// node's own address.
-    DropNotForThisNode,
-    /// IPIP inside IPIP.
-    DropNestedTunnel,
-    /// Fragmented IPIP: cannot be decapsulated without reassembly.
-    DropOuterFragment,
-    /// IPIP with outer IP options: our peers never send them.
-    DropOuterOptions,
-    /// Outer header marked CE around a packet that is not ECN-capable (RFC 6040).
-    DropCeOnNotEct,
-    /// Would leave the uplink oversized where no ICMP or fragmentation is possible.
-    DropTooBig,
-    /// The FIB has no usable route to the peer node.
-    DropNoRouteToPeer,
-    /// A kernel helper failed while rewriting the packet.
-    DropHelperError,
-    /// Masquerade needed a new flow but the connection table is full.
-    DropNatTableFull,
-    /// Masquerade found no free port in the configured range.
-    DropNatPortsExhausted,
-    /// A fragment of a flow to masquerade: without reassembly its ports are unknown.
-    DropNatFragment,
-    /// A protocol (or ICMP type) masquerade cannot translate.
-    DropNatUnsupported,
+        impl $ty {
+            pub const COUNT: u32 = [$($n),*].len() as u32;
+            /// In number order (a test checks that the numbers are dense).
+            pub const ALL: [$ty; Self::COUNT as usize] = [$($ty::$variant),*];
 
-    // Reasons added later go last, so that pinned counters keep their slots.
-    /// A local pod's packet of a masqueraded flow, translated on the bridge and sent
-    /// straight out of the uplink.
-    MasqueradedToUplink,
-    /// On a pod's veth: a frame not addressed to the bridge (for another pod of this
-    /// node), or the agent has not told the programs the bridge's address yet; the
-    /// bridge delivers it as it would without us.
-    PassNotForGateway,
-    /// Decapsulated and handed to the pod bridge, which delivers it: the agent does not
-    /// know the pod's port on the bridge yet (a pod that has just started), or the
-    /// route's device is not the bridge the pod hangs on.
-    DecapsulatedToBridge,
-    /// A reply translated back to a pod of this node, handed to the pod bridge (as
-    /// `DecapsulatedToBridge`).
-    UnmasqueradedToBridge,
-    /// From a local pod to a remote pod or the outside, of a flow not on the fast path:
-    /// the host stack routes it (its netfilter and connection tracking decide), and
-    /// `uplink_egress` then encapsulates or masquerades it.
-    PassToHost,
-    /// Decapsulated and handed to the host stack, which forwards it to the pod: its
-    /// flow is not on the fast path.
-    DecapsulatedToHost,
-    /// On the pod bridge's egress: a packet the host forwarded to a local pod, recorded
-    /// in the fast path's flow table.
-    PassFlowRecorded,
-    /// On the pod bridge's egress: nothing recorded, the fast path is off.
-    PassFastPathOff,
-    /// Decapsulated and handed to the host stack: a remote pod's packet for this node's
-    /// own address (a reply to a flow the host masqueraded to it), which the host's
-    /// connection tracking translates back.
-    DecapsulatedToNode,
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name,)*
+                }
+            }
+
+            /// The variant numbered `n`.
+            pub const fn from_u32(n: u32) -> Option<Self> {
+                match n {
+                    $($n => Some($ty::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+    };
 }
 
 /// How a reason reads for an operator.
@@ -171,173 +120,121 @@ pub enum Kind {
     Drop,
 }
 
-impl Reason {
-    pub const COUNT: u32 = Reason::DecapsulatedToNode as u32 + 1;
-
-    pub const ALL: [Reason; Reason::COUNT as usize] = [
-        Reason::Encapsulated,
-        Reason::EncapsulatedNeighResolve,
-        Reason::Decapsulated,
-        Reason::DecapsulatedToStack,
-        Reason::FragNeededSent,
-        Reason::Masqueraded,
-        Reason::Unmasqueraded,
-        Reason::UnmasqueradedToPod,
-        Reason::PassNotIpv4,
-        Reason::PassNotOverlay,
-        Reason::PassNotTunnel,
-        Reason::PassTunnelled,
-        Reason::PassIpOptions,
-        Reason::PassFragment,
-        Reason::PassTtlExpired,
-        Reason::PassFragmentationNeeded,
-        Reason::PassNotConfigured,
-        Reason::PassForeignSource,
-        Reason::DropMalformed,
-        Reason::DropUnknownPeer,
-        Reason::DropNotForThisNode,
-        Reason::DropNestedTunnel,
-        Reason::DropOuterFragment,
-        Reason::DropOuterOptions,
-        Reason::DropCeOnNotEct,
-        Reason::DropTooBig,
-        Reason::DropNoRouteToPeer,
-        Reason::DropHelperError,
-        Reason::DropNatTableFull,
-        Reason::DropNatPortsExhausted,
-        Reason::DropNatFragment,
-        Reason::DropNatUnsupported,
-        Reason::MasqueradedToUplink,
-        Reason::PassNotForGateway,
-        Reason::DecapsulatedToBridge,
-        Reason::UnmasqueradedToBridge,
-        Reason::PassToHost,
-        Reason::DecapsulatedToHost,
-        Reason::PassFlowRecorded,
-        Reason::PassFastPathOff,
-        Reason::DecapsulatedToNode,
-    ];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Reason::Encapsulated => "encapsulated",
-            Reason::EncapsulatedNeighResolve => "encapsulated_neigh_resolve",
-            Reason::Decapsulated => "decapsulated",
-            Reason::DecapsulatedToStack => "decapsulated_to_stack",
-            Reason::FragNeededSent => "frag_needed_sent",
-            Reason::Masqueraded => "masqueraded",
-            Reason::Unmasqueraded => "unmasqueraded",
-            Reason::UnmasqueradedToPod => "unmasqueraded_to_pod",
-            Reason::PassNotIpv4 => "pass_not_ipv4",
-            Reason::PassNotOverlay => "pass_not_overlay",
-            Reason::PassNotTunnel => "pass_not_tunnel",
-            Reason::PassTunnelled => "pass_tunnelled",
-            Reason::PassIpOptions => "pass_ip_options",
-            Reason::PassFragment => "pass_fragment",
-            Reason::PassTtlExpired => "pass_ttl_expired",
-            Reason::PassFragmentationNeeded => "pass_fragmentation_needed",
-            Reason::PassNotConfigured => "pass_not_configured",
-            Reason::PassForeignSource => "pass_foreign_source",
-            Reason::DropMalformed => "drop_malformed",
-            Reason::DropUnknownPeer => "drop_unknown_peer",
-            Reason::DropNotForThisNode => "drop_not_for_this_node",
-            Reason::DropNestedTunnel => "drop_nested_tunnel",
-            Reason::DropOuterFragment => "drop_outer_fragment",
-            Reason::DropOuterOptions => "drop_outer_options",
-            Reason::DropCeOnNotEct => "drop_ce_on_not_ect",
-            Reason::DropTooBig => "drop_too_big",
-            Reason::DropNoRouteToPeer => "drop_no_route_to_peer",
-            Reason::DropHelperError => "drop_helper_error",
-            Reason::DropNatTableFull => "drop_nat_table_full",
-            Reason::DropNatPortsExhausted => "drop_nat_ports_exhausted",
-            Reason::DropNatFragment => "drop_nat_fragment",
-            Reason::DropNatUnsupported => "drop_nat_unsupported",
-            Reason::MasqueradedToUplink => "masqueraded_to_uplink",
-            Reason::PassNotForGateway => "pass_not_for_gateway",
-            Reason::DecapsulatedToBridge => "decapsulated_to_bridge",
-            Reason::UnmasqueradedToBridge => "unmasqueraded_to_bridge",
-            Reason::PassToHost => "pass_to_host",
-            Reason::DecapsulatedToHost => "decapsulated_to_host",
-            Reason::PassFlowRecorded => "pass_flow_recorded",
-            Reason::PassFastPathOff => "pass_fast_path_off",
-            Reason::DecapsulatedToNode => "decapsulated_to_node",
-        }
-    }
-
-    /// Every reason is listed (no wildcard): a new one must be classified here.
-    pub const fn kind(self) -> Kind {
-        match self {
-            Reason::Encapsulated
-            | Reason::EncapsulatedNeighResolve
-            | Reason::Decapsulated
-            | Reason::DecapsulatedToStack
-            | Reason::FragNeededSent
-            | Reason::Masqueraded
-            | Reason::Unmasqueraded
-            | Reason::UnmasqueradedToPod
-            | Reason::MasqueradedToUplink
-            | Reason::DecapsulatedToBridge
-            | Reason::UnmasqueradedToBridge
-            | Reason::DecapsulatedToHost
-            | Reason::DecapsulatedToNode => Kind::Forward,
-            Reason::PassNotIpv4
-            | Reason::PassNotOverlay
-            | Reason::PassNotTunnel
-            | Reason::PassTunnelled
-            | Reason::PassIpOptions
-            | Reason::PassFragment
-            | Reason::PassTtlExpired
-            | Reason::PassFragmentationNeeded
-            | Reason::PassNotConfigured
-            | Reason::PassForeignSource
-            | Reason::PassNotForGateway
-            | Reason::PassToHost
-            | Reason::PassFlowRecorded
-            | Reason::PassFastPathOff => Kind::Pass,
-            Reason::DropMalformed
-            | Reason::DropUnknownPeer
-            | Reason::DropNotForThisNode
-            | Reason::DropNestedTunnel
-            | Reason::DropOuterFragment
-            | Reason::DropOuterOptions
-            | Reason::DropCeOnNotEct
-            | Reason::DropTooBig
-            | Reason::DropNoRouteToPeer
-            | Reason::DropHelperError
-            | Reason::DropNatTableFull
-            | Reason::DropNatPortsExhausted
-            | Reason::DropNatFragment
-            | Reason::DropNatUnsupported => Kind::Drop,
-        }
+numbered! {
+    /// What happened to a packet. New reasons take the next number.
+    pub enum Reason {
+    /// Encapsulated and sent to the peer with a resolved next hop.
+    Encapsulated = 0 => "encapsulated", Forward;
+    /// Encapsulated; the next hop's neighbour entry was missing, so the kernel resolves
+    /// it (`bpf_redirect_neigh`).
+    EncapsulatedNeighResolve = 1 => "encapsulated_neigh_resolve", Forward;
+    /// Decapsulated and sent straight to the pod (into its namespace, past the bridge).
+    Decapsulated = 2 => "decapsulated", Forward;
+    /// Decapsulated and handed to the host stack (local destination, TTL about to
+    /// expire, or no resolved path to the pod).
+    DecapsulatedToStack = 3 => "decapsulated_to_stack", Forward;
+    /// Too big for the uplink after encapsulation with DF set: answered with ICMP
+    /// fragmentation-needed.
+    FragNeededSent = 4 => "frag_needed_sent", Forward;
+    /// Source translated (masquerade) and sent on unencapsulated.
+    Masqueraded = 5 => "masqueraded", Forward;
+    /// A reply translated back to the flow's original source, handed to the stack.
+    Unmasqueraded = 6 => "unmasqueraded", Forward;
+    /// A reply translated back to a pod of this node and sent straight to it.
+    UnmasqueradedToPod = 7 => "unmasqueraded_to_pod", Forward;
+    /// Not IPv4 (ARP, IPv6, VLAN, ...): not ours.
+    PassNotIpv4 = 8 => "pass_not_ipv4", Pass;
+    /// IPv4 whose destination is no remote pod subnet.
+    PassNotOverlay = 9 => "pass_not_overlay", Pass;
+    /// On the uplink: not IPIP addressed to this node.
+    PassNotTunnel = 10 => "pass_not_tunnel", Pass;
+    /// On the uplink egress: already IPIP (our own encapsulated packets leaving).
+    PassTunnelled = 11 => "pass_tunnelled", Pass;
+    /// Carries IP options: left to the host stack, whose route sends it through the
+    /// uplink egress program.
+    PassIpOptions = 12 => "pass_ip_options", Pass;
+    /// An IP fragment: left to the host stack (same path as options).
+    PassFragment = 13 => "pass_fragment", Pass;
+    /// TTL would expire here: the host stack sends time-exceeded.
+    PassTtlExpired = 14 => "pass_ttl_expired", Pass;
+    /// Too big for the uplink after encapsulation, DF clear: the host stack fragments.
+    PassFragmentationNeeded = 15 => "pass_fragmentation_needed", Pass;
+    /// The agent has not configured this node yet.
+    PassNotConfigured = 16 => "pass_not_configured", Pass;
+    /// From the pod bridge with a source outside this node's pod subnet: left to the
+    /// host stack (and its reverse-path filter) rather than tunnelled blindly.
+    PassForeignSource = 17 => "pass_foreign_source", Pass;
+    /// Truncated or inconsistent headers, or a bad outer header checksum.
+    DropMalformed = 18 => "drop_malformed", Drop;
+    /// IPIP from an address that is not a known node (spoofing; flannel issue #961).
+    DropUnknownPeer = 19 => "drop_unknown_peer", Drop;
+    /// IPIP whose inner destination is neither in this node's pod subnet nor this
+    /// node's own address.
+    DropNotForThisNode = 20 => "drop_not_for_this_node", Drop;
+    /// IPIP inside IPIP.
+    DropNestedTunnel = 21 => "drop_nested_tunnel", Drop;
+    /// Fragmented IPIP: cannot be decapsulated without reassembly.
+    DropOuterFragment = 22 => "drop_outer_fragment", Drop;
+    /// IPIP with outer IP options: our peers never send them.
+    DropOuterOptions = 23 => "drop_outer_options", Drop;
+    /// Outer header marked CE around a packet that is not ECN-capable (RFC 6040).
+    DropCeOnNotEct = 24 => "drop_ce_on_not_ect", Drop;
+    /// Would leave the uplink oversized where no ICMP or fragmentation is possible.
+    DropTooBig = 25 => "drop_too_big", Drop;
+    /// The FIB has no usable route to the peer node.
+    DropNoRouteToPeer = 26 => "drop_no_route_to_peer", Drop;
+    /// A kernel helper failed while rewriting the packet.
+    DropHelperError = 27 => "drop_helper_error", Drop;
+    /// Masquerade needed a new flow but the connection table is full.
+    DropNatTableFull = 28 => "drop_nat_table_full", Drop;
+    /// Masquerade found no free port in the configured range.
+    DropNatPortsExhausted = 29 => "drop_nat_ports_exhausted", Drop;
+    /// A fragment of a flow to masquerade: without reassembly its ports are unknown.
+    DropNatFragment = 30 => "drop_nat_fragment", Drop;
+    /// A protocol (or ICMP type) masquerade cannot translate.
+    DropNatUnsupported = 31 => "drop_nat_unsupported", Drop;
+    /// A local pod's packet of a masqueraded flow, translated on the bridge and sent
+    /// straight out of the uplink.
+    MasqueradedToUplink = 32 => "masqueraded_to_uplink", Forward;
+    /// On a pod's veth: a frame not addressed to the bridge (for another pod of this
+    /// node), or the agent has not told the programs the bridge's address yet; the
+    /// bridge delivers it as it would without us.
+    PassNotForGateway = 33 => "pass_not_for_gateway", Pass;
+    /// Decapsulated and handed to the pod bridge, which delivers it: the agent does not
+    /// know the pod's port on the bridge yet (a pod that has just started), or the
+    /// route's device is not the bridge the pod hangs on.
+    DecapsulatedToBridge = 34 => "decapsulated_to_bridge", Forward;
+    /// A reply translated back to a pod of this node, handed to the pod bridge (as
+    /// `DecapsulatedToBridge`).
+    UnmasqueradedToBridge = 35 => "unmasqueraded_to_bridge", Forward;
+    /// From a local pod to a remote pod or the outside, of a flow not on the fast path:
+    /// the host stack routes it (its netfilter and connection tracking decide), and
+    /// `uplink_egress` then encapsulates or masquerades it.
+    PassToHost = 36 => "pass_to_host", Pass;
+    /// Decapsulated and handed to the host stack, which forwards it to the pod: its
+    /// flow is not on the fast path.
+    DecapsulatedToHost = 37 => "decapsulated_to_host", Forward;
+    /// On the pod bridge's egress: a packet the host forwarded to a local pod, recorded
+    /// in the fast path's flow table.
+    PassFlowRecorded = 38 => "pass_flow_recorded", Pass;
+    /// On the pod bridge's egress: nothing recorded, the fast path is off.
+    PassFastPathOff = 39 => "pass_fast_path_off", Pass;
+    /// Decapsulated and handed to the host stack: a remote pod's packet for this node's
+    /// own address (a reply to a flow the host masqueraded to it), which the host's
+    /// connection tracking translates back.
+    DecapsulatedToNode = 40 => "decapsulated_to_node", Forward;
     }
 }
 
-/// Masquerade events that are not packet outcomes (a packet can cause several).
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum NatEvent {
-    /// A translated flow was created.
-    FlowCreated = 0,
-    /// A candidate port was taken; another one was tried.
-    PortCollision,
-    /// An ICMP error about a translated flow was translated (RFC 5508).
-    IcmpErrorTranslated,
-}
-
-impl NatEvent {
-    pub const COUNT: u32 = NatEvent::IcmpErrorTranslated as u32 + 1;
-    pub const ALL: [NatEvent; NatEvent::COUNT as usize] = [
-        NatEvent::FlowCreated,
-        NatEvent::PortCollision,
-        NatEvent::IcmpErrorTranslated,
-    ];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            NatEvent::FlowCreated => "flow_created",
-            NatEvent::PortCollision => "port_collision",
-            NatEvent::IcmpErrorTranslated => "icmp_error_translated",
-        }
+numbered! {
+    /// Masquerade events that are not packet outcomes (a packet can cause several).
+    pub enum NatEvent {
+        /// A translated flow was created.
+        FlowCreated = 0 => "flow_created";
+        /// A candidate port was taken; another one was tried.
+        PortCollision = 1 => "port_collision";
+        /// An ICMP error about a translated flow was translated (RFC 5508).
+        IcmpErrorTranslated = 2 => "icmp_error_translated";
     }
 }
 
@@ -373,10 +270,80 @@ unsafe impl aya::Pod for Counter {}
 mod tests {
     use super::*;
 
+    /// The numbers as released: a pinned counter slot means the same reason after an
+    /// upgrade. Append; never edit a line.
+    const RELEASED_REASONS: [&str; 41] = [
+        "0 encapsulated",
+        "1 encapsulated_neigh_resolve",
+        "2 decapsulated",
+        "3 decapsulated_to_stack",
+        "4 frag_needed_sent",
+        "5 masqueraded",
+        "6 unmasqueraded",
+        "7 unmasqueraded_to_pod",
+        "8 pass_not_ipv4",
+        "9 pass_not_overlay",
+        "10 pass_not_tunnel",
+        "11 pass_tunnelled",
+        "12 pass_ip_options",
+        "13 pass_fragment",
+        "14 pass_ttl_expired",
+        "15 pass_fragmentation_needed",
+        "16 pass_not_configured",
+        "17 pass_foreign_source",
+        "18 drop_malformed",
+        "19 drop_unknown_peer",
+        "20 drop_not_for_this_node",
+        "21 drop_nested_tunnel",
+        "22 drop_outer_fragment",
+        "23 drop_outer_options",
+        "24 drop_ce_on_not_ect",
+        "25 drop_too_big",
+        "26 drop_no_route_to_peer",
+        "27 drop_helper_error",
+        "28 drop_nat_table_full",
+        "29 drop_nat_ports_exhausted",
+        "30 drop_nat_fragment",
+        "31 drop_nat_unsupported",
+        "32 masqueraded_to_uplink",
+        "33 pass_not_for_gateway",
+        "34 decapsulated_to_bridge",
+        "35 unmasqueraded_to_bridge",
+        "36 pass_to_host",
+        "37 decapsulated_to_host",
+        "38 pass_flow_recorded",
+        "39 pass_fast_path_off",
+        "40 decapsulated_to_node",
+    ];
+    const RELEASED_NAT_EVENTS: [&str; 3] = [
+        "0 flow_created",
+        "1 port_collision",
+        "2 icmp_error_translated",
+    ];
+
+    #[test]
+    fn released_numbers_keep_their_meaning() {
+        for released in RELEASED_REASONS {
+            let (n, name) = released.split_once(' ').unwrap();
+            let r = Reason::from_u32(n.parse().unwrap()).expect(released);
+            assert_eq!(r.name(), name, "reason {n} changed its meaning");
+        }
+        for released in RELEASED_NAT_EVENTS {
+            let (n, name) = released.split_once(' ').unwrap();
+            let e = NatEvent::from_u32(n.parse().unwrap()).expect(released);
+            assert_eq!(e.name(), name, "NAT event {n} changed its meaning");
+        }
+    }
+
     #[test]
     fn reasons_are_dense_and_named_once() {
         for (i, r) in Reason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i, "{r:?} out of order");
+            assert_eq!(Reason::from_u32(i as u32), Some(*r));
+        }
+        assert_eq!(Reason::from_u32(Reason::COUNT), None);
+        for (i, e) in NatEvent::ALL.iter().enumerate() {
+            assert_eq!(*e as usize, i, "{e:?} out of order");
         }
         for (i, a) in Reason::ALL.iter().enumerate() {
             for b in &Reason::ALL[i + 1..] {

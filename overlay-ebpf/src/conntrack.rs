@@ -7,15 +7,12 @@ use aya_ebpf::{
 };
 use overlay_common::{
     DatapathConfig,
-    conntrack::{CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, Rule, flags},
+    conntrack::{CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, Marks, Rule, flags},
     counters::NatEvent,
     flows::FlowKey,
 };
 
-use crate::{
-    maps::CONNTRACK,
-    nat::timewait::{self, Marks},
-};
+use crate::maps::CONNTRACK;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// A deadline is rewritten only when it moves by more than this: keeps the hot path
@@ -272,7 +269,7 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> boo
             // Over, and the outside holds no TIME_WAIT the new flow's SYN would hit.
             let free = flags::closed(e.flags)
                 && (!flags::outside_time_wait(e.flags)
-                    || syn.is_some_and(|syn| timewait::accepts(&e, syn)));
+                    || syn.is_some_and(|syn| e.time_wait_accepts(syn)));
             e.expires_ns <= now || (reply.proto == TCP && free)
         }
         None => now.saturating_sub(old.created_ns) > ORPHAN_AGE_NS,

@@ -42,16 +42,20 @@ pub fn drop(reason: Reason) -> Verdict {
 }
 
 /// A verdict in one register, as a BPF subprogram returns it: the reason above, the
-/// action below.
+/// action below. Only [`pack`] makes one (the field is private), so [`unpack`] never
+/// sees a number that is not a `Reason`'s.
+#[repr(transparent)]
+pub struct Packed(u64);
+
 #[inline(always)]
-pub fn pack((reason, action): Verdict) -> u64 {
-    (u64::from(reason as u32) << 32) | u64::from(action as u32)
+pub fn pack((reason, action): Verdict) -> Packed {
+    Packed((u64::from(reason as u32) << 32) | u64::from(action as u32))
 }
 
 #[inline(always)]
-pub fn unpack(packed: u64) -> Verdict {
-    // SAFETY: `packed` comes from `pack`, whose upper half is a Reason's discriminant
-    // (`Reason` is `repr(u32)`).
+pub fn unpack(Packed(packed): Packed) -> Verdict {
+    // SAFETY: a `Packed` comes from `pack`, whose upper half is a Reason's
+    // discriminant (`Reason` is `repr(u32)`).
     let reason = unsafe { core::mem::transmute::<u32, Reason>((packed >> 32) as u32) };
     (reason, packed as u32 as i32)
 }

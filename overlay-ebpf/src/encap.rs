@@ -15,7 +15,7 @@ use overlay_common::{DatapathConfig, Hook, Reason};
 
 use crate::{
     checksum,
-    counters::{Verdict, drop, pack, pass, run, unpack},
+    counters::{Packed, Verdict, drop, pack, pass, run, unpack},
     fib::{self, Path},
     flows, icmp, ipv4,
     maps::{PEERS, ROUTES, config},
@@ -53,7 +53,7 @@ pub fn from_host(ctx: &TcContext) -> i32 {
 /// `log_drop` and the copy it calls, each rounded up to 32 bytes, against 512. With
 /// the work in a subprogram the program's own frame (accounting, logging) is small.
 #[inline(never)]
-fn host_subprogram(skb: *mut __sk_buff) -> u64 {
+fn host_subprogram(skb: *mut __sk_buff) -> Packed {
     pack(host(&TcContext::new(skb)))
 }
 

@@ -12,7 +12,7 @@ use overlay_common::{DatapathConfig, Reason};
 
 use crate::{
     checksum,
-    counters::{Verdict, drop, pack, unpack},
+    counters::{Packed, Verdict, drop, pack, unpack},
     fib,
     parse::{self, ETH_LEN, IPPROTO_ICMP, IPV4_LEN, ptr_at},
 };
@@ -41,7 +41,7 @@ pub fn frag_needed(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr, mtu: u16
 /// fit in 512 bytes, each frame rounded up to 32 before 6.4 (see `counters::log_drop`).
 /// A subprogram returns one register: the verdict comes back packed.
 #[inline(never)]
-fn reply_frag_needed(skb: *mut __sk_buff, cfg: &DatapathConfig, src: [u8; 4], mtu: u16) -> u64 {
+fn reply_frag_needed(skb: *mut __sk_buff, cfg: &DatapathConfig, src: [u8; 4], mtu: u16) -> Packed {
     let ctx = &TcContext::new(skb);
     pack(build_frag_needed(ctx, cfg, src, mtu))
 }

@@ -6,11 +6,17 @@
 //! of the route to that address, as `ip route get`: flanneld's `LookupExtIface` with
 //! `GetInterfaceBySpecificIPRouting`, flannel-io/flannel v0.28.9 `main.go`,
 //! `pkg/ipmatch/match.go`, `pkg/ip/iface.go`), else the interface holding
-//! `--public-ip`, else the one of the default route. The address other nodes reach this node at, and so the source
-//! of every outer header and the destination decapsulation accepts, is then one value
-//! ([`OwnAddress::resolve`]): with several NICs, what is published and what is put on
-//! the wire cannot disagree (the failure of calico's multi-NIC case, where replies
-//! left from an address the peer did not know).
+//! `--public-ip`, else the one of the default route.
+//!
+//! The address other nodes reach this node at, the one it publishes, is then one
+//! value ([`OwnAddress::resolve`]): with several NICs, what is published cannot be a
+//! stale NIC's (the failure of calico's multi-NIC case, where replies left from an
+//! address the peer did not know). It is flannel's public IP: `--public-ip` (or the
+//! `node-public-ip` annotation) and `public-ip-overwrite` may name an address that is
+//! not on the node at all, one a router translates to the interface's. The outer
+//! headers therefore carry the interface's own address, as flannel's tunnel device
+//! keeps `Local` = the interface address (`pkg/backend/ipip/ipip.go`): the router
+//! maps it to the published one on the way out and back on the way in.
 
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
@@ -416,8 +422,8 @@ pub struct OwnAddress {
 }
 
 impl OwnAddress {
-    /// The address this node is reached at: the outer source of what it sends, the
-    /// outer destination it accepts, and (API source) what it publishes.
+    /// The address this node is reached at: what peers send to, and (API source)
+    /// what it publishes. It need not be on the node (a NAT).
     ///
     /// Agent: the public-ip-overwrite annotation, else `--public-ip`, else the
     /// interface's address, as flanneld publishes it. The Node's own public-ip

@@ -25,15 +25,17 @@ use crate::status::Status;
 /// The prefix flanneld uses unless told `--kube-annotation-prefix`.
 pub const DEFAULT_PREFIX: &str = "flannel.alpha.coreos.com";
 /// What follows the prefix in the name of each annotation the agent reads or writes.
-pub const SUFFIXES: [&str; 5] = [
+pub const SUFFIXES: [&str; 6] = [
     PUBLIC_IP,
     PUBLIC_IP_OVERWRITE,
+    NODE_PUBLIC_IP,
     BACKEND_TYPE,
     BACKEND_DATA,
     KUBE_SUBNET_MANAGER,
 ];
 const PUBLIC_IP: &str = "public-ip";
 const PUBLIC_IP_OVERWRITE: &str = "public-ip-overwrite";
+const NODE_PUBLIC_IP: &str = "node-public-ip";
 const BACKEND_TYPE: &str = "backend-type";
 const BACKEND_DATA: &str = "backend-data";
 const KUBE_SUBNET_MANAGER: &str = "kube-subnet-manager";
@@ -50,6 +52,8 @@ pub struct Names {
     pub public_ip: String,
     /// Set by an operator: the address the node's agent must publish as its public-ip.
     pub public_ip_overwrite: String,
+    /// Set by an operator: read once at start, it takes the place of `--public-ip`.
+    pub node_public_ip: String,
     /// The backend the node's agent runs; flanneld ignores nodes of another backend.
     pub backend_type: String,
     /// Backend-specific data (a VXLAN MAC, a WireGuard key); ipip has none.
@@ -88,6 +92,7 @@ impl Names {
         Ok(Self {
             public_ip: name(PUBLIC_IP),
             public_ip_overwrite: name(PUBLIC_IP_OVERWRITE),
+            node_public_ip: name(NODE_PUBLIC_IP),
             backend_type: name(BACKEND_TYPE),
             backend_data: name(BACKEND_DATA),
             kube_subnet_manager: name(KUBE_SUBNET_MANAGER),

@@ -15,7 +15,7 @@
 //! once the network is up its `NetworkUnavailable` condition is set to `False`
 //! ([`condition::ConditionPublisher`]).
 
-use std::{collections::BTreeMap, path::Path, pin::pin, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, pin::pin, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
@@ -89,6 +89,33 @@ pub async fn pod_node_name(client: &Client, namespace: &str, pod: &str) -> Resul
         .and_then(|s| s.node_name)
         .filter(|n| !n.is_empty())
         .with_context(|| format!("node name not present in pod spec '{namespace}/{pod}'"))
+}
+
+/// The `annotation` (flannel's `node-public-ip`) of Node `name`, when it holds an
+/// IPv4 address; anything else is logged and ignored, as flanneld does.
+pub async fn stored_public_ip(client: &Client, name: &str, annotation: &str) -> Option<Ipv4Addr> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = match nodes.get(name).await {
+        Ok(node) => node,
+        Err(e) => {
+            warn!(node = name, error = %e, "cannot read this node's {annotation} annotation; going on without it");
+            return None;
+        }
+    };
+    let value = node.metadata.annotations?.remove(annotation)?;
+    match value.parse() {
+        Ok(ip) => {
+            info!(node = name, address = %ip, "{annotation} annotation found: it replaces --public-ip");
+            Some(ip)
+        }
+        Err(_) => {
+            warn!(
+                node = name,
+                value, "{annotation} is not an IPv4 address; ignored"
+            );
+            None
+        }
+    }
 }
 
 /// How long the watcher waits after an error before trying again.

@@ -170,18 +170,14 @@ impl Source {
 
     /// Prepares the source and finds this node's name. Connection settings are
     /// checked here, so that a missing kubeconfig stops the agent before it touches
-    /// the node; etcd is connected to (waiting for it) and its network configuration
-    /// read.
-    pub async fn open(
-        self,
-        node_name: &NodeName,
-        own_address: OwnAddress,
-    ) -> Result<(String, OpenSource)> {
+    /// the node. This node's address is decided next ([`Opening::stored_public_ip`]
+    /// may take part), then [`Opening::finish`] makes the source ready.
+    pub async fn open(self, node_name: &NodeName) -> Result<Opening> {
         Ok(match self {
-            Source::File { path, annotations } => (
-                node_name.without_api()?,
-                OpenSource::File { path, annotations },
-            ),
+            Source::File { path, annotations } => Opening {
+                name: node_name.without_api()?,
+                kind: OpeningKind::File { path, annotations },
+            },
             Source::Kube {
                 kubeconfig,
                 api_url,
@@ -195,16 +191,77 @@ impl Source {
                     }
                     other => other.without_api()?,
                 };
-                let source = kube::KubeSource::new(client, &name, own_address)
+                Opening {
+                    name,
+                    kind: OpeningKind::Kube {
+                        client,
+                        annotations,
+                        network_condition,
+                    },
+                }
+            }
+            Source::Etcd(opts) => Opening {
+                name: node_name.without_api()?,
+                kind: OpeningKind::Etcd(opts),
+            },
+        })
+    }
+}
+
+/// A source whose node name is known, waiting for this node's address.
+pub struct Opening {
+    pub name: String,
+    kind: OpeningKind,
+}
+
+enum OpeningKind {
+    File {
+        path: PathBuf,
+        annotations: Names,
+    },
+    Kube {
+        client: ::kube::Client,
+        annotations: Names,
+        network_condition: bool,
+    },
+    Etcd(Box<etcd::EtcdOptions>),
+}
+
+impl Opening {
+    /// The address an operator stored for this node in its `node-public-ip`
+    /// annotation, read once at start: as flanneld (flannel-io/flannel v0.28.9
+    /// `main.go`, `GetStoredPublicIP` in `pkg/subnet/kube/kube.go`) it takes the place
+    /// of `--public-ip`. An unreadable Node or a bad value is logged and ignored, as
+    /// flanneld ignores them. Only the Kubernetes source has one.
+    pub async fn stored_public_ip(&self) -> Option<Ipv4Addr> {
+        let OpeningKind::Kube {
+            client,
+            annotations,
+            ..
+        } = &self.kind
+        else {
+            return None;
+        };
+        kube::stored_public_ip(client, &self.name, &annotations.node_public_ip).await
+    }
+
+    /// Makes the source ready: etcd is connected to (waiting for it) and its network
+    /// configuration read.
+    pub async fn finish(self, own_address: OwnAddress) -> Result<OpenSource> {
+        Ok(match self.kind {
+            OpeningKind::File { path, annotations } => OpenSource::File { path, annotations },
+            OpeningKind::Kube {
+                client,
+                annotations,
+                network_condition,
+            } => OpenSource::Kube(Box::new(
+                kube::KubeSource::new(client, &self.name, own_address)
                     .with_annotations(annotations)
-                    .with_network_condition(network_condition);
-                (name, OpenSource::Kube(Box::new(source)))
-            }
-            Source::Etcd(opts) => {
-                let name = node_name.without_api()?;
-                let source = etcd::EtcdSource::open(&opts, &name, own_address).await?;
-                (name, OpenSource::Etcd(Box::new(source)))
-            }
+                    .with_network_condition(network_condition),
+            )),
+            OpeningKind::Etcd(opts) => OpenSource::Etcd(Box::new(
+                etcd::EtcdSource::open(&opts, &self.name, own_address).await?,
+            )),
         })
     }
 }

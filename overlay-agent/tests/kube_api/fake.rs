@@ -373,12 +373,21 @@ async fn handle(socket: TcpStream, shared: Arc<Shared>) {
             }
         }
         None => {
-            let pod =
-                pod_key(&request).map(|key| shared.state.lock().unwrap().pods.get(&key).cloned());
-            match pod {
-                Some(Some(pod)) => respond(socket, 200, &pod.to_string()).await,
-                Some(None) => {
-                    let body = status_body(404, "NotFound", "pods not found");
+            // A GET of one Pod or one Node.
+            let object = {
+                let state = shared.state.lock().unwrap();
+                match (pod_key(&request), node_key(&request)) {
+                    (Some(key), _) => Some(("pods", state.pods.get(&key).cloned())),
+                    (_, Some(name)) => {
+                        Some(("nodes", state.nodes.get(name).map(|(v, _)| v.clone())))
+                    }
+                    _ => None,
+                }
+            };
+            match object {
+                Some((_, Some(object))) => respond(socket, 200, &object.to_string()).await,
+                Some((kind, None)) => {
+                    let body = status_body(404, "NotFound", &format!("{kind} not found"));
                     respond(socket, 404, &body).await;
                 }
                 None => {
@@ -395,6 +404,12 @@ fn pod_key(request: &Request) -> Option<String> {
     let rest = request.path.strip_prefix("/api/v1/namespaces/")?;
     let (namespace, name) = rest.split_once("/pods/")?;
     (request.method == "GET" && !name.contains('/')).then(|| format!("{namespace}/{name}"))
+}
+
+/// The name in a GET of one Node.
+fn node_key(request: &Request) -> Option<&str> {
+    let name = request.path.strip_prefix("/api/v1/nodes/")?;
+    (request.method == "GET" && !name.contains('/')).then_some(name)
 }
 
 async fn read_request(stream: &mut BufReader<TcpStream>) -> Option<Request> {

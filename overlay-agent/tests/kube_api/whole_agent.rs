@@ -126,3 +126,34 @@ fn switched_off_the_condition_is_left_alone() {
         );
     });
 }
+
+/// An operator's `node-public-ip` annotation, read at start, replaces `--public-ip`:
+/// the agent publishes it though it is no address of the node (a NAT's).
+#[test]
+fn the_stored_node_public_ip_is_published() {
+    in_own_netns(async || {
+        plumb();
+        let api = cluster().await;
+        let mut own = api.node(&name(0)).unwrap();
+        own["metadata"]["annotations"]["flannel.alpha.coreos.com/node-public-ip"] =
+            "203.0.113.50".into();
+        api.apply(own);
+        let dir = tempfile::tempdir().unwrap();
+        let mut agent = spawn_agent(dir.path(), &api.url(), &["--public-ip", "203.0.113.9"]);
+        agent.wait_for("convergence", |l| {
+            l.converged() == Some(u64::from(NODES - 1))
+        });
+        let published = || {
+            api.node(&name(0)).unwrap()["metadata"]["annotations"]
+                ["flannel.alpha.coreos.com/public-ip"]
+                .clone()
+        };
+        for _ in 0..50 {
+            if !published().is_null() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(published(), "203.0.113.50");
+    });
+}

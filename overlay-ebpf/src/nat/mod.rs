@@ -22,7 +22,7 @@ use aya_ebpf::programs::TcContext;
 use network_types::ip::Ipv4Hdr;
 use overlay_common::{
     DatapathConfig, Reason,
-    config::{KUBE_PROXY_MASQ_MARK, is_multicast},
+    config::KUBE_PROXY_MASQ_MARK,
     conntrack::{CtEntry, Rule},
     counters::NatEvent,
 };
@@ -37,28 +37,6 @@ use crate::{
     parse::{self, ETH_LEN, tcp},
 };
 
-/// The rule that masquerades a packet from `src` to `dst`, and the address it takes.
-#[inline(always)]
-pub fn rule(cfg: &DatapathConfig, src: [u8; 4], dst: [u8; 4]) -> Option<(Rule, [u8; 4])> {
-    let src_pod = cfg.in_cluster(src);
-    let dst_pod = cfg.in_cluster(dst);
-    if cfg.in_pod_subnet(src) && dst_pod || cfg.in_pod_subnet(dst) {
-        return None; // rules 2, 3 and 4
-    }
-    if src_pod && !is_multicast(dst) {
-        return Some((Rule::PodToOutside, cfg.masq_ip));
-    }
-    // A packet from the uplink's own address is the host's: one of its sockets, or its
-    // own masquerade (kube-proxy's, for NodePorts and the node's Service traffic, which
-    // clears its mark before it masquerades, so only the address tells). Translating
-    // it again would be a second NAT, where flanneld's rules compose with the host's
-    // to one.
-    if !src_pod && dst_pod && src != cfg.masq_ip {
-        return Some((Rule::OutsideToRemotePod, cfg.gateway()));
-    }
-    None
-}
-
 #[inline(always)]
 fn mark(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).mark }
@@ -71,7 +49,7 @@ pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<boo
     if !cfg.masquerade() || mark(ctx) & KUBE_PROXY_MASQ_MARK != 0 {
         return Ok(false);
     }
-    let Some((rule, nat_ip)) = rule(cfg, ip.src_addr, ip.dst_addr) else {
+    let Some((rule, nat_ip)) = cfg.masquerade_rule(ip.src_addr, ip.dst_addr) else {
         return Ok(false);
     };
     if !parse::well_formed(ip, ctx.len() - ETH_LEN as u32) {
@@ -124,7 +102,7 @@ pub fn known_outbound(
 ) -> Option<(L4, *mut CtEntry)> {
     if !cfg.masquerade()
         || !matches!(
-            rule(cfg, ip.src_addr, ip.dst_addr),
+            cfg.masquerade_rule(ip.src_addr, ip.dst_addr),
             Some((Rule::PodToOutside, _))
         )
     {

@@ -8,7 +8,7 @@ use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use overlay_common::{DatapathConfig, Reason};
 
 use crate::{
-    counters::{Verdict, drop, pack, pass, unpack},
+    counters::{Packed, Verdict, drop, pack, pass, unpack},
     encap,
     fib::{self, Path},
     flows, ipv4,
@@ -29,7 +29,7 @@ pub fn forward(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
 /// must fit 6.1's 512-byte limit with the ICMP subprogram's. The header is read again
 /// here for the same reason.
 #[inline(never)]
-fn forward_known(skb: *mut __sk_buff, cfg: &DatapathConfig) -> u64 {
+fn forward_known(skb: *mut __sk_buff, cfg: &DatapathConfig) -> Packed {
     pack(translate_and_send(&TcContext::new(skb), cfg))
 }
 

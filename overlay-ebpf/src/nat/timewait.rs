@@ -10,11 +10,12 @@
 //! connection, the client resets it and sends its SYN again after a timeout: a stall of
 //! 10 ms to a second per connection. Pods' timestamps and initial sequence numbers
 //! start at random per connection, so such a port is given only to a SYN it accepts;
-//! the FIN's marks this needs are kept in the flow's entry.
+//! the FIN's marks this needs are kept in the flow's entry, and the decision itself is
+//! `CtEntry::time_wait_accepts`.
 
 use aya_ebpf::programs::TcContext;
 use network_types::ip::Ipv4Hdr;
-use overlay_common::conntrack::{CtEntry, flags};
+use overlay_common::conntrack::{CtEntry, Marks, flags};
 
 use super::tuple::L4;
 use crate::parse::{load_exact, tcp};
@@ -29,15 +30,6 @@ const OPT_TIMESTAMP_LEN: u8 = 10;
 /// later segments, the 6th in a macOS or FreeBSD SYN. A bound the verifier walks
 /// quickly (each option may branch its walk in two).
 const MAX_OPTIONS: usize = 8;
-
-/// What a TIME_WAIT compares: a segment's sequence numbers and timestamp.
-#[derive(Clone, Copy)]
-pub struct Marks {
-    pub seq: u32,
-    /// The sequence number just past the segment.
-    pub seq_end: u32,
-    pub tsval: Option<u32>,
-}
 
 /// The marks of a TCP segment (`ip` its header, `l4` its transport view).
 #[inline(always)]
@@ -124,16 +116,5 @@ pub fn record_fin(ctx: &TcContext, ip: &Ipv4Hdr, l4: &L4, entry: *mut CtEntry) {
             }
             None => (*entry).flags &= !flags::FIN_TIMESTAMP,
         }
-    }
-}
-
-/// Whether the outside's TIME_WAIT for the closed flow `old` accepts `syn`.
-#[inline(always)]
-pub fn accepts(old: &CtEntry, syn: &Marks) -> bool {
-    let newer = |new: u32, old: u32| (new.wrapping_sub(old) as i32) > 0;
-    match syn.tsval {
-        // Both with timestamps: an older TSval is refused whatever the sequence (PAWS).
-        Some(tsval) if old.flags & flags::FIN_TIMESTAMP != 0 => newer(tsval, old.fin_tsval),
-        _ => newer(syn.seq, old.fin_seq_end),
     }
 }

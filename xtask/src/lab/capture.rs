@@ -54,7 +54,7 @@ pub struct Flow {
 
 /// What a captured frame is, for the proof.
 #[derive(Debug, PartialEq, Eq)]
-enum Frame {
+pub(super) enum Frame {
     Tunnelled(Flow),
     /// An IPv4 packet with a pod address, not encapsulated.
     Clear {
@@ -65,7 +65,7 @@ enum Frame {
     Other,
 }
 
-fn classify(frame: &[u8], pod_network: Ipv4Net) -> Frame {
+pub(super) fn classify(frame: &[u8], pod_network: Ipv4Net) -> Frame {
     let Some(ethertype) = frame.get(12..14) else {
         return Frame::Other;
     };
@@ -96,7 +96,7 @@ fn classify(frame: &[u8], pod_network: Ipv4Net) -> Frame {
     Frame::Other
 }
 
-fn protocol_name(protocol: u8) -> String {
+pub(super) fn protocol_name(protocol: u8) -> String {
     match IpNumber(protocol) {
         IpNumber::ICMP => "icmp".into(),
         IpNumber::TCP => "tcp".into(),
@@ -107,10 +107,10 @@ fn protocol_name(protocol: u8) -> String {
 
 /// A packet socket on one interface of a namespace, buffering everything it sees
 /// (both directions) until drained.
-struct Capture(Socket);
+pub(super) struct Capture(Socket);
 
 impl Capture {
-    fn start(ns: &str, iface: &str) -> Result<Self> {
+    pub(super) fn start(ns: &str, iface: &str) -> Result<Self> {
         netns::enter(ns, || {
             let protocol = (libc::ETH_P_ALL as u16).to_be();
             let socket = Socket::new(
@@ -145,7 +145,7 @@ impl Capture {
 
     /// The frames received so far (truncated to [`SNAPLEN`]), and how many the kernel
     /// dropped for lack of room.
-    fn drain(&self) -> Result<(Vec<Vec<u8>>, u32)> {
+    pub(super) fn drain(&self) -> Result<(Vec<Vec<u8>>, u32)> {
         let mut frames = Vec::new();
         let mut buf = [0u8; SNAPLEN];
         loop {

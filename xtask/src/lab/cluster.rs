@@ -148,7 +148,9 @@ pub fn create_with(
     Ok(lab)
 }
 
-fn write_json(path: PathBuf, value: &serde_json::Value) -> Result<()> {
+/// Writes `value` as kubectl prints JSON, replacing `path` at once: an agent polling
+/// the file never reads half of it.
+pub(super) fn write_json(path: PathBuf, value: &serde_json::Value) -> Result<()> {
     // kubectl indents with four spaces.
     let mut out = Vec::new();
     let mut ser = serde_json::Serializer::with_formatter(
@@ -157,7 +159,9 @@ fn write_json(path: PathBuf, value: &serde_json::Value) -> Result<()> {
     );
     serde::Serialize::serialize(value, &mut ser)?;
     out.push(b'\n');
-    std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, out).with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, &path).with_context(|| format!("writing {}", path.display()))
 }
 
 fn bridge_name(segment: &Segment) -> String {

@@ -41,6 +41,7 @@ mod outside;
 mod parallel;
 pub(crate) mod policy;
 pub(crate) mod probe;
+mod public_ip;
 mod restart;
 pub(crate) mod router;
 mod rules;
@@ -361,6 +362,22 @@ fn check(lab: &LabState, checks: Checks) -> Result<Report> {
         let proof = forward_policy::run(lab)?;
         print!("{}", proof.render());
         forward = proof.failures;
+
+        heading("Public IP behind a NAT");
+        if lab.topology.etcd.is_some() {
+            // A lease's PublicIP is the agent's to write: changing it is a restart with
+            // another --public-ip, and another lease.
+            println!("  (on the node list only)");
+        } else {
+            let proof = public_ip::run(lab)?;
+            print!("{}", proof.render());
+            wire.extend(
+                proof
+                    .failures()
+                    .iter()
+                    .map(|f| format!("public IP behind a NAT: {f}")),
+            );
+        }
 
         heading("Counters");
         for node in &lab.topology.nodes {
