@@ -24,6 +24,7 @@ use crate::{
     host::{
         self, Host,
         events::{Change, HostEvents},
+        forward_rules::{self, ForwardRules, Frontend},
     },
     masq,
     nodes::{
@@ -54,6 +55,9 @@ pub struct Options {
     pub fast_path: fast_path::Mode,
     /// A blackhole route for this node's pod subnet (flanneld's `--ip-blackhole-route`).
     pub blackhole_route: bool,
+    /// flanneld's FORWARD accept rules (`--iptables-forward-rules`), checked at this
+    /// period (`--iptables-resync`); None without them.
+    pub forward_rules: Option<Duration>,
 }
 
 /// Signals that end the run.
@@ -100,6 +104,15 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
     let source = opening.finish(own_address).await?;
     let net_conf = source.net_conf(&opts.net_conf)?;
     host::enable_forwarding()?;
+    let forward_rules = opts.forward_rules.map(|period| {
+        let frontend = if net_conf.enable_nftables {
+            Frontend::Nftables
+        } else {
+            Frontend::Iptables
+        };
+        let rules = ForwardRules::new(frontend, net_conf.network);
+        tokio::spawn(forward_rules::keep(rules, period, Arc::clone(&status)))
+    });
     let pin_dir = bpffs::prepare(&opts.bpffs)?;
     let mut dp = Datapath::load(&LoadOptions {
         pin_dir: Some(pin_dir.clone()),
@@ -137,7 +150,7 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
         &mut reconciler,
     )
     .await;
-    if let Some(task) = program_log {
+    for task in [forward_rules, program_log].into_iter().flatten() {
         task.abort();
     }
     // Programs, maps and routes stay: the next agent (a restart, an upgrade) takes

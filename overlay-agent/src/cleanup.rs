@@ -1,6 +1,8 @@
 //! `overlay-agent cleanup`: removes everything the agent installs and leaves behind on
 //! exit (so that restarts lose nothing): attached programs, pinned maps of every
-//! layout version, the routes it owns, and subnet.env.
+//! layout version, the routes it owns, subnet.env, and when asked flanneld's forward
+//! rules (`--iptables-forward-rules`, in either frontend; kept by default, as they
+//! are flanneld's and a flanneld after a rollback relies on them).
 
 use std::{fmt::Write as _, path::Path};
 
@@ -10,12 +12,13 @@ use overlay_common::Hook;
 use crate::{
     bpffs,
     datapath::{detach_filters, link_pin},
-    host::Host,
+    host::{Host, forward_rules},
 };
 
-/// Removes it all; returns what was removed, one line per item. Run it with the agent
-/// stopped, or it puts back what it needs at its next pass.
-pub async fn run(bpffs_root: &Path, subnet_file: &Path) -> Result<String> {
+/// Removes it all (the forward rules too with `forward_rules`); returns what was
+/// removed, one line per item. Run it with the agent stopped, or it puts back what it
+/// needs at its next pass.
+pub async fn run(bpffs_root: &Path, subnet_file: &Path, forward_rules: bool) -> Result<String> {
     let mut report = String::new();
     let version_dir = bpffs::pin_dir(bpffs_root);
     for dir in bpffs::version_dirs(&version_dir)? {
@@ -53,6 +56,9 @@ pub async fn run(bpffs_root: &Path, subnet_file: &Path) -> Result<String> {
         "removed {routes} routes (proto {})",
         crate::host::RTPROT_OVERLAY
     )?;
+    if forward_rules {
+        report.push_str(&forward_rules::remove()?);
+    }
     match std::fs::remove_file(subnet_file) {
         Ok(()) => writeln!(report, "removed {}", subnet_file.display())?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -40,6 +40,9 @@ pub struct NetConf {
     /// `Backend.DirectRouting`: nodes reached without a gateway get their pods'
     /// packets unencapsulated, as flannel's ipip backend routes them.
     pub direct_routing: bool,
+    /// `EnableNFTables`: flanneld's forward rules go through nftables, not iptables
+    /// (`host::forward_rules`).
+    pub enable_nftables: bool,
 }
 
 /// The node subnets an etcd-backed network hands out: `len`-long, from `min` to `max`
@@ -182,6 +185,7 @@ impl NetConf {
             subnet_min: address(raw.get("SubnetMin")?, "SubnetMin")?,
             subnet_max: address(raw.get("SubnetMax")?, "SubnetMax")?,
             direct_routing,
+            enable_nftables: raw.get("EnableNFTables")?.unwrap_or(false),
         })
     }
 
@@ -385,13 +389,21 @@ mod tests {
         // Close is not equal.
         let e = err(r#"{"Net_work":"10.1.0.0/16","Backend":{"Type":"ipip"}}"#);
         assert!(e.contains("no \"Network\""), "{e}");
-        // flanneld's other keys, and IPv6 ones without EnableIPv6, are inert.
+        // flanneld's other keys, and IPv6 ones without EnableIPv6, are inert;
+        // EnableNFTables picks the forward rules' frontend.
+        let c = NetConf::parse(
+            r#"{"Network":"10.1.0.0/16","EnableIPv4":true,"EnableIPv6":false,"IPv6Network":"fd00::/48","enableNFTables":true,"Backend":{"Type":"ipip"}}"#,
+        )
+        .unwrap();
+        assert!(c.enable_nftables);
         assert!(
-            NetConf::parse(
-                r#"{"Network":"10.1.0.0/16","EnableIPv4":true,"EnableIPv6":false,"IPv6Network":"fd00::/48","EnableNFTables":true,"Backend":{"Type":"ipip"}}"#
-            )
-            .is_ok()
+            !NetConf::parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"ipip"}}"#)
+                .unwrap()
+                .enable_nftables
         );
+        let e =
+            err(r#"{"Network":"10.1.0.0/16","EnableNFTables":"yes","Backend":{"Type":"ipip"}}"#);
+        assert!(e.contains("EnableNFTables"), "{e}");
     }
 
     #[test]

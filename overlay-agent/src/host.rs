@@ -5,6 +5,7 @@
 //! network namespace the agent runs in.
 
 pub mod events;
+pub mod forward_rules;
 
 use std::{ffi::CString, net::Ipv4Addr};
 

@@ -89,6 +89,12 @@ enum Command {
         /// The subnet.env the agent wrote.
         #[arg(long, default_value = "/run/flannel/subnet.env")]
         subnet_file: PathBuf,
+        /// Also remove flanneld's forward rules (chain FLANNEL-FWD, table ip
+        /// flannel-ipv4). Kept by default: they are flanneld's own, which a flanneld
+        /// running after a rollback relies on (it writes the nftables form only at
+        /// start), and flanneld never removes them either.
+        #[arg(long)]
+        forward_rules: bool,
     },
 }
 
@@ -243,6 +249,17 @@ struct RunArgs {
     /// has the highest metric, so the pod bridge's own route keeps precedence.
     #[arg(long)]
     ip_blackhole_route: bool,
+    /// Accept the pod network's traffic in the FORWARD hook with flanneld's rules (chain
+    /// FLANNEL-FWD through iptables, or table flannel-ipv4 through nft with
+    /// net-conf.json's EnableNFTables), for hosts whose FORWARD policy is DROP;
+    /// `=false` leaves FORWARD alone.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_missing_value = "true",
+          value_parser = flanneld_args::go_bool)]
+    iptables_forward_rules: bool,
+    /// Seconds between checks of the forward rules (missing ones are written again).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    iptables_resync: u64,
     /// flanneld's switch from `MASQUERADE --random-fully` to plain `MASQUERADE`.
     /// Accepted for flanneld's command lines; it changes nothing (logged at start):
     /// the BPF masquerade never keeps a pod's source port, it always picks a free port
@@ -417,7 +434,11 @@ async fn async_main() {
         Command::Nodes { inspect } => inspect.print(inspect::nodes(&inspect.pin_dir())),
         Command::Nat { inspect } => inspect.print(inspect::nat(&inspect.pin_dir())),
         Command::Flows { inspect } => inspect.print(inspect::flows(&inspect.pin_dir())),
-        Command::Cleanup { pins, subnet_file } => cleanup::run(&pins.bpffs, &subnet_file)
+        Command::Cleanup {
+            pins,
+            subnet_file,
+            forward_rules,
+        } => cleanup::run(&pins.bpffs, &subnet_file, forward_rules)
             .await
             .map(|t| print!("{t}")),
     };
@@ -495,6 +516,9 @@ async fn run(args: RunArgs) -> Result<()> {
             bpf_log_level: args.bpf_log_level,
             fast_path: args.fast_path,
             blackhole_route: args.ip_blackhole_route,
+            forward_rules: args
+                .iptables_forward_rules
+                .then(|| Duration::from_secs(args.iptables_resync)),
         },
         status,
     )
@@ -597,6 +621,64 @@ mod tests {
             panic!("accepted")
         };
         assert!(e.contains("\"maybe\""), "{e}");
+    }
+
+    #[test]
+    fn flanneld_forward_rules_switches() {
+        let a = flanneld(&["--kube-subnet-mgr"], &[]).unwrap();
+        assert!(a.iptables_forward_rules, "on by default, as flanneld");
+        assert_eq!(a.iptables_resync, 5);
+        let a = flanneld(
+            &["-kube-subnet-mgr", "-iptables-forward-rules=false"],
+            &[("FLANNELD_IPTABLES_RESYNC", "2")],
+        )
+        .unwrap();
+        assert!(!a.iptables_forward_rules);
+        assert_eq!(a.iptables_resync, 2);
+        let a = flanneld(&["-kube-subnet-mgr", "-iptables-resync", "7"], &[]).unwrap();
+        assert_eq!(a.iptables_resync, 7);
+        assert!(flanneld(&["--kube-subnet-mgr", "--iptables-resync=0"], &[]).is_err());
+        // From the environment, with Go's booleans; the command line wins.
+        let env = [
+            ("FLANNELD_IPTABLES_FORWARD_RULES", "F"),
+            ("FLANNELD_IPTABLES_RESYNC", "9"),
+        ];
+        let a = flanneld(&["--kube-subnet-mgr"], &env).unwrap();
+        assert!(!a.iptables_forward_rules);
+        assert_eq!(a.iptables_resync, 9);
+        let a = flanneld(
+            &[
+                "--kube-subnet-mgr",
+                "--iptables-forward-rules",
+                "-iptables-resync=3",
+            ],
+            &env,
+        )
+        .unwrap();
+        assert!(a.iptables_forward_rules);
+        assert_eq!(a.iptables_resync, 3);
+        for off in [
+            "--iptables-forward-rules=false",
+            "-iptables-forward-rules=0",
+        ] {
+            let a = flanneld(&["--kube-subnet-mgr", off], &[]).unwrap();
+            assert!(!a.iptables_forward_rules, "{off}");
+        }
+        let Err(e) = flanneld(
+            &["--kube-subnet-mgr"],
+            &[("FLANNELD_IPTABLES_FORWARD_RULES", "no")],
+        ) else {
+            panic!("accepted")
+        };
+        assert!(e.contains("FLANNELD_IPTABLES_FORWARD_RULES"), "{e}");
+        // A boolean takes no separate value.
+        assert!(
+            flanneld(
+                &["--iptables-forward-rules", "false", "--kube-subnet-mgr"],
+                &[]
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -740,8 +822,8 @@ mod tests {
         // would stop reading flags there.
         let stray = e(&["--ip-masq", "false", "--kube-subnet-mgr"], &[]);
         assert!(stray.contains("'false'"), "{stray}");
-        let unknown = e(&["--kube-subnet-mgr", "-iptables-resync=5"], &[]);
-        assert!(unknown.contains("--iptables-resync"), "{unknown}");
+        let unknown = e(&["--kube-subnet-mgr", "-no-such-flag=5"], &[]);
+        assert!(unknown.contains("--no-such-flag"), "{unknown}");
         let port = e(&["--kube-subnet-mgr", "--healthz-port=70000"], &[]);
         assert!(port.contains("70000"), "{port}");
         let prefix = e(

@@ -232,6 +232,19 @@ const CONNTRACK_REMOVED: Family = Family::counter(
     "Connection-table entries removed by sweeps: expired flows, and reply entries that lost their flow",
 );
 
+const FORWARD_RULES_IN_PLACE: Family = Family::gauge(
+    "forward_rules_in_place",
+    "flanneld's FORWARD accept rules (--iptables-forward-rules) were in place at the last check",
+);
+const FORWARD_RULES_WRITTEN: Family = Family::counter(
+    "forward_rules_written",
+    "Checks of the forward rules that found some missing and wrote them again (the first included)",
+);
+const FORWARD_RULES_ERRORS: Family = Family::counter(
+    "forward_rules_errors",
+    "Checks of the forward rules that failed (iptables or nft missing or failing)",
+);
+
 const FAST_PATH_ON: Family = Family::gauge(
     "fast_path_on",
     "The programs may take admitted flows past the host stack (0: every packet goes through it)",
@@ -324,6 +337,11 @@ impl Exporter {
         RECONCILE_PASSES.counter_value(enc, totals.passes)?;
         RECONCILE_FAILURES.counter_value(enc, totals.failures)?;
         RECONCILE_DURATION.one(enc, s.reconcile_seconds())?;
+        if let Some(f) = s.forward_rules() {
+            FORWARD_RULES_IN_PLACE.gauge_value(enc, f.in_place.into())?;
+            FORWARD_RULES_WRITTEN.counter_value(enc, f.written)?;
+            FORWARD_RULES_ERRORS.counter_value(enc, f.errors_total)?;
+        }
         let fast = s.fast_path();
         FAST_PATH_ON.gauge_value(enc, fast.on.into())?;
         RULESET_CHANGES.counter_value(enc, fast.ruleset_changes)?;

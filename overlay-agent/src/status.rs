@@ -82,6 +82,18 @@ pub struct FastPathReport {
     pub forgotten: u64,
 }
 
+/// flanneld's forward rules (`--iptables-forward-rules`), as the agent keeps them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwardRulesReport {
+    /// The last pass found or put them in place.
+    pub in_place: bool,
+    /// Passes that found some missing and wrote them again (the first pass included).
+    pub written: u64,
+    pub errors_total: u64,
+    /// The last error, while passes fail.
+    pub error: Option<String>,
+}
+
 #[derive(Debug)]
 pub struct Status {
     source: Mutex<SourceHealth>,
@@ -105,6 +117,8 @@ pub struct Status {
     uplink: Mutex<String>,
     fast_path: Mutex<FastPathReport>,
     leases: Mutex<LeaseTotals>,
+    /// None without --iptables-forward-rules.
+    forward_rules: Mutex<Option<ForwardRulesReport>>,
 }
 
 /// This node's subnet lease (etcd source): lost while running, and changed.
@@ -132,6 +146,7 @@ impl Default for Status {
             uplink: Mutex::default(),
             fast_path: Mutex::default(),
             leases: Mutex::default(),
+            forward_rules: Mutex::default(),
         }
     }
 }
@@ -150,6 +165,28 @@ impl Status {
         let mut l = self.leases.lock().unwrap();
         l.lost += 1;
         l.subnet_changes += u64::from(changed);
+    }
+
+    /// Records a pass over the forward rules: `Ok(true)` when it wrote them.
+    pub fn forward_rules_pass(&self, outcome: Result<bool, String>) {
+        let mut guard = self.forward_rules.lock().unwrap();
+        let f = guard.get_or_insert_with(ForwardRulesReport::default);
+        f.in_place = outcome.is_ok();
+        match outcome {
+            Ok(written) => {
+                f.written += u64::from(written);
+                f.error = None;
+            }
+            Err(e) => {
+                f.errors_total += 1;
+                f.error = Some(e);
+            }
+        }
+    }
+
+    /// None until the first pass, and without --iptables-forward-rules.
+    pub fn forward_rules(&self) -> Option<ForwardRulesReport> {
+        self.forward_rules.lock().unwrap().clone()
     }
 
     pub fn leases(&self) -> LeaseTotals {
@@ -287,16 +324,21 @@ impl Status {
         }
     }
 
-    /// Why a ready agent is degraded: its node source fails after it had synced. It
-    /// stays ready, because the datapath works on with the last node set (an agent
-    /// turning unready with its etcd or API server would stall every rollout), but
-    /// says so.
+    /// Why a ready agent is degraded: its node source fails after it had synced, or
+    /// the forward rules cannot be put in place. It stays ready, because the datapath
+    /// works on with the last node set (an agent turning unready with its etcd or API
+    /// server would stall every rollout), and flanneld runs on without its rules too,
+    /// but says so.
     pub fn degraded(&self) -> Option<String> {
         let source = self.source();
-        let error = source.error.filter(|_| source.synced)?;
-        Some(format!(
-            "the node source is failing, the datapath keeps the last node set: {error}"
-        ))
+        let source = source.error.filter(|_| source.synced).map(|error| {
+            format!("the node source is failing, the datapath keeps the last node set: {error}")
+        });
+        let forward = self.forward_rules().and_then(|f| f.error).map(|error| {
+            format!("the forward rules (--iptables-forward-rules) are not in place: {error}")
+        });
+        let why: Vec<String> = source.into_iter().chain(forward).collect();
+        (!why.is_empty()).then(|| why.join("; "))
     }
 
     /// Ready: the node set is known and the last pass made the datapath match it.
@@ -370,6 +412,32 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         let err = s.alive(Duration::from_millis(1)).unwrap_err();
         assert!(err.starts_with("the run loop last made progress"), "{err}");
+    }
+
+    #[test]
+    fn forward_rule_passes_accumulate() {
+        let s = Status::default();
+        assert_eq!(s.forward_rules(), None);
+        s.forward_rules_pass(Ok(true));
+        s.forward_rules_pass(Err("running iptables: not found".into()));
+        assert_eq!(
+            s.degraded().unwrap(),
+            "the forward rules (--iptables-forward-rules) are not in place: running iptables: not found"
+        );
+        let f = s.forward_rules().unwrap();
+        assert!(!f.in_place);
+        assert_eq!((f.written, f.errors_total), (1, 1));
+        s.forward_rules_pass(Ok(false));
+        assert_eq!(s.degraded(), None);
+        assert_eq!(
+            s.forward_rules().unwrap(),
+            ForwardRulesReport {
+                in_place: true,
+                written: 1,
+                errors_total: 1,
+                error: None
+            }
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod datapath {
     mod egress;
     mod encap;
     mod fast_path;
+    mod forward_rules;
     mod host_events;
     mod http;
     mod icmp;

@@ -46,7 +46,7 @@ const RUN_FLAGS: &[&str] = &[
 const DEFAULT_HTTP_PORT: i64 = 9101;
 
 /// What the agent needs and nothing else; deploy/README.md says why each.
-const AGENT_CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
+const AGENT_CAPABILITIES: [&str; 4] = ["BPF", "NET_ADMIN", "NET_RAW", "PERFMON"];
 
 /// flannel's limits (walkthrough): 100m CPU, 50Mi memory.
 const MAX_MILLI_CPU: u64 = 100;
@@ -486,6 +486,14 @@ fn the_agent_pod_is_a_node_agent() {
     assert_eq!(bpf["hostPath"]["path"], "/sys/fs/bpf");
     // Sees the bpffs the init container mounted on the host.
     assert_eq!(bpf_mount["mountPropagation"], "HostToContainer");
+    // The host's iptables lock, as flannel's manifest mounts it: iptables-legacy
+    // cannot create it on the read-only root (the forward rules).
+    let (lock_mount, lock) = source("/run/xtables.lock");
+    assert_eq!(
+        lock["hostPath"],
+        json!({"path": "/run/xtables.lock", "type": "FileOrCreate"})
+    );
+    assert_ne!(lock_mount["readOnly"], true);
 }
 
 /// flannel's POD_NAME and POD_NAMESPACE, and NODE_NAME, which the agent prefers and
@@ -865,6 +873,33 @@ fn dockerfile_uses_the_toolchain_deps_installs() {
     );
 }
 
+/// The runtime stage holds the binaries the agent runs for the forward rules: both
+/// iptables backends (Debian's `iptables` package, so that the agent can pick the
+/// host's) and `nft`, on the build stage's Debian.
+#[test]
+fn dockerfile_runtime_has_iptables_and_nft() {
+    let all = dockerfile();
+    let last_from = all.iter().rposition(|i| i.starts_with("FROM ")).unwrap();
+    assert_eq!(
+        all[last_from], "FROM docker.io/library/debian:bookworm-slim",
+        "the runtime stage is not Debian 12, as the build stage"
+    );
+    let runtime = all[last_from..].join("\n");
+    for package in ["iptables", "nftables"] {
+        assert!(
+            runtime
+                .split_whitespace()
+                .skip_while(|w| *w != "--no-install-recommends")
+                .any(|w| w == package),
+            "the runtime stage does not install {package}"
+        );
+        assert!(
+            deps::PACKAGES.contains(&package),
+            "{package} is not in deps.rs: the tests would not have it"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // The capabilities, for real: the agent run under the DaemonSet's security context,
 // as near as a process gets to one without a container runtime.
@@ -898,6 +933,9 @@ impl Node {
              ip -n {ns} link set eth0 up; ip -n {peer} link set eth0 up
              # As on a kubeadm node: forwarding is on, and the container cannot write it.
              ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1
+             # A host whose firewall is legacy iptables: the agent's forward rules go
+             # there, which takes NET_RAW and the host's xtables lock.
+             ip netns exec {ns} iptables-legacy -w -A INPUT -i lo -j ACCEPT
              mkdir {dir}/bpffs {dir}/run; mount -t bpf bpf {dir}/bpffs"
         ));
         std::fs::write(
@@ -928,21 +966,44 @@ impl Node {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Whether the agent's forward rules are in the legacy backend, the host's.
+    fn forward_rules(&self) -> bool {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "iptables-legacy",
+                "-w",
+                "-S",
+                "FLANNEL-FWD",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("-A FLANNEL-FWD -s 10.244.0.0/16")
+    }
+
     /// Runs the agent with only `caps` (as in the manifest: `NET_ADMIN`), a read-only
-    /// root and /proc/sys, and no new privileges. Ok when it converged (its route is
-    /// in place) and then stopped cleanly on SIGTERM; Err with its log otherwise.
+    /// root and /proc/sys, the host's xtables lock mounted, and no new privileges. Ok
+    /// when it converged (its route and its forward rules are in place) and then
+    /// stopped cleanly on SIGTERM; Err with its log otherwise.
     fn run_agent(&self, agent: &Path, caps: &[&str]) -> Result<(), String> {
         let bounding: String = caps
             .iter()
             .map(|c| format!(",+{}", c.to_lowercase()))
             .collect();
-        // The hostPath volumes (the run directory, the bpffs) stay writable; the rest
-        // of the file system is read-only, as is /proc/sys in a container.
+        // The hostPath volumes (the run directory, the bpffs, the xtables lock) stay
+        // writable; the rest of the file system is read-only, as is /proc/sys in a
+        // container (the image's /run too: an empty one here).
         let script = format!(
-            "mount --bind {run} {run}; mount -o remount,bind,ro /
+            "mount --bind {run} {run}; touch {lock}
+             mount -t tmpfs -o size=64k tmpfs /run; touch /run/xtables.lock
+             mount --bind {lock} /run/xtables.lock; mount -o remount,ro /run
+             mount -o remount,bind,ro /
              mount --bind /proc/sys /proc/sys; mount -o remount,bind,ro /proc/sys
              exec setpriv --no-new-privs --inh-caps=-all --bounding-set=-all{bounding} -- \"$@\"",
             run = self.file("run").display(),
+            lock = self.file("xtables.lock").display(),
         );
         let log = std::fs::File::create(self.file("agent.log")).unwrap();
         let mut child = Command::new("ip")
@@ -979,7 +1040,7 @@ impl Node {
             if let Some(status) = child.try_wait().unwrap() {
                 return Err(format!("exited ({status}) before converging:\n{}", log()));
             }
-            if self.routes().contains("10.244.2.0/24 via 192.0.2.2") {
+            if self.routes().contains("10.244.2.0/24 via 192.0.2.2") && self.forward_rules() {
                 break true;
             }
             if std::time::Instant::now() > deadline {
@@ -1039,7 +1100,11 @@ fn the_manifests_capabilities_run_the_agent_and_none_is_spare() {
             Err(log) => {
                 let why: Vec<&str> = log
                     .lines()
-                    .filter(|l| l.contains("ERROR") || l.contains("prohibited"))
+                    .filter(|l| {
+                        ["ERROR", "WARN", "prohibited"]
+                            .iter()
+                            .any(|w| l.contains(w))
+                    })
                     .map(|l| &l[..l.len().min(200)])
                     .collect();
                 eprintln!("without {missing}: {}", why.join(" / "));

@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 /// Debian packages: LLVM for bpf-linker and protoc for the etcd client (installed
 /// before anything builds the agent: `cargo xtask` itself does not), and the tools
 /// the lab and tests drive.
-const PACKAGES: &[&str] = &[
+pub(crate) const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",

@@ -281,7 +281,8 @@ pub fn with_unconfigured_node(test: impl FnOnce(&mut Node) + Send + 'static) {
     });
 }
 
-fn in_new_netns(f: impl FnOnce() + Send + 'static) {
+/// Runs `f` on a thread of its own in a fresh, empty network namespace; panics propagate.
+pub fn in_new_netns(f: impl FnOnce() + Send + 'static) {
     let result = thread::spawn(move || {
         let before = netns_id();
         // SAFETY: plain syscall; affects only this thread.

@@ -147,6 +147,17 @@ pub fn command(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) -> C
 
 /// [`start`] with another build of the agent (an upgrade).
 pub fn start_build(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) -> Result<()> {
+    start_with(lab, node, masquerade, agent, &[])
+}
+
+/// [`start_build`] with `extra` flags after the lab's own.
+pub fn start_with(
+    lab: &LabState,
+    node: &Node,
+    masquerade: bool,
+    agent: &Path,
+    extra: &[&str],
+) -> Result<()> {
     let dir = lab.node_dir(&node.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log = OpenOptions::new()
@@ -154,6 +165,7 @@ pub fn start_build(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) 
         .append(true)
         .open(log_file(lab, node))?;
     let mut child = command(lab, node, masquerade, agent)
+        .args(extra)
         // The log is a file: no terminal colours in it.
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -655,15 +667,17 @@ fn get(ns: &str, path: &str) -> Result<(u16, String)> {
     Ok((code, body.to_owned()))
 }
 
-/// `overlay-agent cleanup` in `node`'s namespace: programs, pins, routes, subnet.env.
-pub fn cleanup(lab: &LabState, node: &Node) -> Result<String> {
+/// `overlay-agent cleanup EXTRA` in `node`'s namespace: programs, pins, routes,
+/// subnet.env (and with `--forward-rules` flanneld's forward rules).
+pub fn cleanup(lab: &LabState, node: &Node, extra: &[&str]) -> Result<String> {
     netns::run(
         netns::command(&lab.netns(&node.name), &lab.agent)
             .arg("cleanup")
             .arg("--bpffs")
             .arg(node_bpffs(lab, node))
             .arg("--subnet-file")
-            .arg(subnet_file(lab, node)),
+            .arg(subnet_file(lab, node))
+            .args(extra),
     )
 }
 

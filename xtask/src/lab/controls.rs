@@ -71,7 +71,7 @@ fn controls(lab: &LabState) -> Result<Controls> {
     println!("(a) stopping every agent and removing what it installed");
     agents::stop_all(lab)?;
     for node in &lab.topology.nodes {
-        agents::cleanup(lab, node)?;
+        agents::cleanup(lab, node, &[])?;
     }
     let mut leftovers = Vec::new();
     for node in &lab.topology.nodes {

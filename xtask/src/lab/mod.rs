@@ -26,6 +26,7 @@ pub(crate) mod dns;
 mod equivalence;
 pub(crate) mod etcd;
 pub(crate) mod flannel;
+mod forward_policy;
 pub(crate) mod interrupt;
 pub(crate) mod iptables;
 mod kernel_drops;
@@ -217,6 +218,8 @@ struct Report {
     matrix: Vec<String>,
     /// Why the wire proof fails.
     wire: Vec<String>,
+    /// What the FORWARD-policy proof found wrong.
+    forward: Vec<String>,
     /// The masquerade proof's steps and what they found wrong.
     masquerade: masquerade::Proof,
     /// None when the controls did not run.
@@ -232,6 +235,7 @@ impl Report {
     fn passed(&self) -> bool {
         self.matrix.is_empty()
             && self.wire.is_empty()
+            && self.forward.is_empty()
             && self.masquerade.failures.is_empty()
             && self.controls != Some(false)
             && self.restart.as_ref().is_none_or(|(_, r)| r.is_empty())
@@ -249,6 +253,9 @@ impl Report {
         }
         if !self.wire.is_empty() {
             failed.push("the wire proof".to_owned());
+        }
+        if !self.forward.is_empty() {
+            failed.push("the FORWARD policy proof".to_owned());
         }
         if !self.masquerade.failures.is_empty() {
             failed.push(format!(
@@ -344,7 +351,7 @@ fn up(create: CreateArgs) -> Result<()> {
 /// The matrix, the wire proof, the counters and the masquerade proof (and the controls
 /// if asked) against a running lab.
 fn check(lab: &LabState, checks: Checks) -> Result<Report> {
-    let (mut matrix, mut wire) = (Vec::new(), Vec::new());
+    let (mut matrix, mut wire, mut forward) = (Vec::new(), Vec::new(), Vec::new());
     if !(checks.masquerade || checks.kubernetes) {
         heading("Connectivity");
         let masquerade = matrix::Masquerade::in_lab(lab, lab.masquerade);
@@ -359,6 +366,11 @@ fn check(lab: &LabState, checks: Checks) -> Result<Report> {
         let proof = capture::prove(lab)?;
         print!("{}", proof.render());
         wire = proof.failures();
+
+        heading("FORWARD policy DROP");
+        let proof = forward_policy::run(lab)?;
+        print!("{}", proof.render());
+        forward = proof.failures;
 
         heading("Public IP behind a NAT");
         if lab.topology.etcd.is_some() {
@@ -433,6 +445,7 @@ fn check(lab: &LabState, checks: Checks) -> Result<Report> {
         id: lab.id.clone(),
         matrix,
         wire,
+        forward,
         masquerade,
         controls,
         restart,

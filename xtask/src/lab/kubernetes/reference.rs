@@ -28,7 +28,7 @@ impl<'a> KernelForwarding<'a> {
         let mut forwarding = Self { lab, rules: None };
         agents::stop_all(lab)?;
         for node in &lab.topology.nodes {
-            agents::cleanup(lab, node)?;
+            agents::cleanup(lab, node, &[])?;
         }
         controls::install_host_gw(lab, true)?;
         if lab.masquerade {
