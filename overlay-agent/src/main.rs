@@ -80,15 +80,13 @@ enum Command {
         #[command(flatten)]
         inspect: InspectArgs,
     },
-    /// Remove everything the agent installed: programs, pinned maps, routes and
-    /// subnet.env. The agent leaves them in place when it exits, so that a restart or
-    /// an upgrade does not interrupt traffic; stop it first.
+    /// Remove everything the agent installed: programs (first), pinned maps and
+    /// routes. The agent leaves them in place when it exits, so that a restart or an
+    /// upgrade does not interrupt traffic; stop it first. subnet.env stays: flanneld
+    /// writes the same file, and the CNI plugin needs it.
     Cleanup {
         #[command(flatten)]
         pins: PinArgs,
-        /// The subnet.env the agent wrote.
-        #[arg(long, default_value = "/run/flannel/subnet.env")]
-        subnet_file: PathBuf,
     },
 }
 
@@ -417,9 +415,7 @@ async fn async_main() {
         Command::Nodes { inspect } => inspect.print(inspect::nodes(&inspect.pin_dir())),
         Command::Nat { inspect } => inspect.print(inspect::nat(&inspect.pin_dir())),
         Command::Flows { inspect } => inspect.print(inspect::flows(&inspect.pin_dir())),
-        Command::Cleanup { pins, subnet_file } => cleanup::run(&pins.bpffs, &subnet_file)
-            .await
-            .map(|t| print!("{t}")),
+        Command::Cleanup { pins } => cleanup::run(&pins.bpffs).await.map(|t| print!("{t}")),
     };
     if let Err(e) = result {
         error!(error = format!("{e:#}"), "failed");

@@ -243,9 +243,17 @@ impl Reconciler {
         with_fast_path(config, self.fast_path)
     }
 
-    /// One pass: datapath maps first (so encapsulation is ready before routes steer
-    /// traffic to it), then kernel routes, the bridge, and subnet.env.
-    pub async fn apply(&mut self, dp: &mut Datapath, desired: &Desired) -> Result<Outcome> {
+    /// One pass: datapath maps first, then `attach` (the uplink's programs, so that
+    /// encapsulation is ready before routes steer traffic to it: routes installed
+    /// first would send pods' packets out unencapsulated, and on a node flanneld ran,
+    /// where ours replace its tunnel routes, lose them), then kernel routes, the
+    /// bridge, and subnet.env.
+    pub async fn apply(
+        &mut self,
+        dp: &mut Datapath,
+        desired: &Desired,
+        attach: impl FnOnce(&mut Datapath) -> Result<()>,
+    ) -> Result<Outcome> {
         let config = self.datapath_config(desired);
         if self.config != Some(config) {
             if !self
@@ -271,6 +279,7 @@ impl Reconciler {
             map_peers: dp.peers.sync(&desired.peers)?,
             ..Outcome::default()
         };
+        attach(dp)?;
         (outcome.kernel_routes, outcome.unreachable_peers) = self.sync_routes(desired).await?;
         let blackhole = self.sync_blackhole(desired).await?;
         outcome.kernel_routes.added += blackhole.added;

@@ -449,6 +449,16 @@ impl SubnetEnv {
     }
 }
 
+/// The file as flanneld writes it (`pkg/subnet/subnet.go`, `WriteSubnetFile`).
+impl std::fmt::Display for SubnetEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "FLANNEL_NETWORK={}", self.network)?;
+        writeln!(f, "FLANNEL_SUBNET={}", self.subnet)?;
+        writeln!(f, "FLANNEL_MTU={}", self.mtu)?;
+        writeln!(f, "FLANNEL_IPMASQ={}", self.ipmasq)
+    }
+}
+
 /// Waits for the agent to write `node`'s subnet.env, as the flannel CNI plugin does
 /// before it can configure a pod.
 pub fn wait_subnet_env(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
@@ -672,15 +682,14 @@ fn get(ns: &str, path: &str) -> Result<(u16, String)> {
     Ok((code, body.to_owned()))
 }
 
-/// `overlay-agent cleanup` in `node`'s namespace: programs, pins, routes, subnet.env.
+/// `overlay-agent cleanup` in `node`'s namespace: programs, pins, routes (subnet.env
+/// stays, as it does for flanneld).
 pub fn cleanup(lab: &LabState, node: &Node) -> Result<String> {
     netns::run(
         netns::command(&lab.netns(&node.name), &lab.agent)
             .arg("cleanup")
             .arg("--bpffs")
-            .arg(node_bpffs(lab, node))
-            .arg("--subnet-file")
-            .arg(subnet_file(lab, node)),
+            .arg(node_bpffs(lab, node)),
     )
 }
 

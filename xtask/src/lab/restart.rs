@@ -41,7 +41,7 @@ use super::{
 
 /// Datagrams per second on each stream: dense enough that a gap of a millisecond
 /// shows, light enough for two cores.
-const RATE: u32 = 2000;
+pub const RATE: u32 = 2000;
 /// Traffic before and after each event, so that both edges are covered.
 const MARGIN: Duration = Duration::from_millis(500);
 /// How long a datagram in flight may take to arrive once senders stop.
@@ -65,7 +65,7 @@ const ETCD_TIMEOUT: Duration = Duration::from_secs(30);
 const PROBE_PEER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 250);
 
 /// One numbered stream between two hosts of the lab.
-struct Stream {
+pub struct Stream {
     name: String,
     stop: Arc<AtomicBool>,
     sender: JoinHandle<Result<u64>>,
@@ -97,7 +97,7 @@ impl Count {
 
 impl Stream {
     /// Starts sending from `from`'s namespace to `to` (an address in `to_ns`).
-    fn start(
+    pub fn start(
         lab: &LabState,
         from: &str,
         to: &str,
@@ -137,7 +137,7 @@ impl Stream {
         })
     }
 
-    fn finish(self) -> Result<Count> {
+    pub fn finish(self) -> Result<Count> {
         self.stop.store(true, Ordering::Relaxed);
         let sent = self.sender.join().expect("sender thread")?;
         let received = self.receiver.join().expect("receiver thread")?;
