@@ -513,14 +513,19 @@ fn ensure_running(lab: &LabState, node: &Node) -> Result<()> {
     if running(lab)?.iter().any(|a| a.node == node.name) {
         return Ok(());
     }
-    let log = std::fs::read_to_string(log_file(lab, node)).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(15).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
     bail!(
         "the agent of {} is not running; the end of its log:\n{}",
         node.name,
-        tail.join("\n")
+        log_tail(lab, node, 15)
     )
+}
+
+/// The last `lines` lines of `node`'s agent's log.
+pub fn log_tail(lab: &LabState, node: &Node, lines: usize) -> String {
+    let log = std::fs::read_to_string(log_file(lab, node)).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    tail.join("\n")
 }
 
 /// Waits until `program` is attached to `iface`'s `direction` hook in `ns`.
