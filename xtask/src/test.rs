@@ -117,7 +117,7 @@ struct Suites {
 }
 
 /// The suites in the order they run, with the command that runs each.
-const SUITES: [&str; 4] = ["packet tests", "lab", "interop", "migration"];
+const SUITES: [&str; 3] = ["packet tests", "lab", "interop"];
 /// The status recorded for a suite this kernel cannot run.
 const SKIPPED: i32 = -1;
 
@@ -135,7 +135,7 @@ impl Suites {
 
     /// A shell script that runs every suite, records `name|status|seconds` for each
     /// in `$RESULTS`, and always runs to its end. Without `ipip` (a kernel without the
-    /// module) the interoperability test and the migration are recorded as skipped.
+    /// module) the interoperability test is recorded as skipped.
     fn script(&self, ipip: bool) -> String {
         let commands = [
             format!("{}", self.packet.display()),
@@ -153,12 +153,6 @@ impl Suites {
                 self.agent.display(),
                 self.xtask.display()
             ),
-            // From flanneld's kernel ipip to the agent and back.
-            format!(
-                "env {PREBUILT_AGENT}={} {} lab::tests::migration --test-threads 1 --nocapture",
-                self.agent.display(),
-                self.xtask.display()
-            ),
         ];
         let mut script = String::from(
             "step() { name=\"$1\"; shift; start=$(date +%s); echo \"━━ $name: $*\"; \"$@\"; rc=$?; \
@@ -166,7 +160,7 @@ impl Suites {
              export RUST_BACKTRACE=0\n",
         );
         for (name, command) in SUITES.iter().zip(commands) {
-            if matches!(*name, "interop" | "migration") && !ipip {
+            if *name == "interop" && !ipip {
                 let _ = writeln!(script, "echo '{name}|{SKIPPED}|0' >> \"$RESULTS\"");
                 continue;
             }

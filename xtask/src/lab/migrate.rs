@@ -37,6 +37,7 @@ use super::{
     flannel::{Backend, IPIP_DEVICE},
     interrupt::{self, Wait},
     iptables::{self, Variant},
+    kernel_drops::KernelDrops,
     netns,
     restart::{self, Count, Stream},
     state::LabState,
@@ -85,6 +86,9 @@ fn flanneld_starts(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
 /// What was found, event by event.
 pub struct Proof {
     pub rows: Vec<(String, Duration, Count)>,
+    /// Per event, what the kernel dropped anywhere in the lab meanwhile: where a loss
+    /// happened (full input queues under a starved CPU, or a device).
+    pub drops: Vec<(String, KernelDrops)>,
     pub failures: Vec<String>,
 }
 
@@ -100,6 +104,7 @@ pub fn run(agent: PathBuf) -> Result<Proof> {
 fn migrate(lab: &LabState) -> Result<Proof> {
     let mut proof = Proof {
         rows: Vec::new(),
+        drops: Vec::new(),
         failures: Vec::new(),
     };
     let nodes = lab.topology.nodes.clone();
@@ -141,12 +146,14 @@ fn under_traffic(
     proof: &mut Proof,
     action: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
+    let kernel_before = KernelDrops::read(lab)?;
     let streams = ring(lab)?;
     std::thread::sleep(MARGIN);
     let started = Instant::now();
     let done = action();
     let took = started.elapsed();
     std::thread::sleep(MARGIN);
+    println!("  {event}: {:.1}s", took.as_secs_f64());
     for stream in streams {
         let count = stream.finish()?;
         if count.lost() > 0 || count.duplicates > 0 {
@@ -160,6 +167,8 @@ fn under_traffic(
         }
         proof.rows.push((event.to_owned(), took, count));
     }
+    let kernel = KernelDrops::read(lab)?.since(&kernel_before);
+    proof.drops.push((event.to_owned(), kernel));
     // The streams are stopped first, whatever happened.
     done.with_context(|| event.to_owned())
 }
@@ -275,6 +284,9 @@ fn flanneld_state(lab: &LabState, node: &Node) -> Result<String> {
 
 pub fn render(proof: &Proof) -> String {
     let mut out = restart::table(["EVENT", "TOOK"], &proof.rows);
+    for (event, kernel) in &proof.drops {
+        out.push_str(&format!("  {event}: the kernel dropped {kernel}\n"));
+    }
     out.push_str(&if proof.failures.is_empty() {
         format!("  ✓ no datagram lost across any migration or rollback ({RATE}/s per stream); no flannel.ipip or {} left under the agent; every node as flanneld left it at the end\n", iptables::CHAIN)
     } else {

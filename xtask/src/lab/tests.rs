@@ -40,35 +40,6 @@ fn lab_on_etcd_passes_survives_an_etcd_restart_and_nothing_remains() {
     whole_lab(true, false);
 }
 
-/// `cargo xtask lab --migrate`: from flanneld's ipip backend to the agent and back,
-/// node by node, nothing lost, no leftover, flanneld's state at the end. Needs the
-/// ipip module (the kernel matrix runs it in its VM).
-#[test]
-fn migration_from_flanneld_and_back_loses_nothing() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: the lab needs root");
-        return;
-    }
-    if !crate::vm::has_ipip() {
-        eprintln!("skipped: this kernel has no ipip module (the kernel matrix runs this in a VM)");
-        return;
-    }
-    let _one = ONE_LAB.lock().unwrap_or_else(PoisonError::into_inner);
-    interrupt::install().unwrap();
-    let agent = build(CreateArgs {
-        release: false,
-        no_masq: false,
-        no_fast_path: false,
-        etcd: false,
-    })
-    .unwrap();
-    let proof = migrate::run(agent).expect("the migration runs to its end");
-    print!("{}", migrate::render(&proof));
-    // Four nodes there and back, a stream through each node per event.
-    assert_eq!(proof.rows.len(), 8 * 4, "the events and streams that ran");
-    assert!(proof.failures.is_empty(), "{:#?}", proof.failures);
-}
-
 /// Runs the lab (on etcd with `etcd`, the controls with `controls`), one at a time,
 /// checks every section and that nothing of it remains, and returns its report; None
 /// without root.
