@@ -24,6 +24,7 @@ use crate::{
     host::{
         self, Host,
         events::{Change, HostEvents},
+        flanneld_leftovers,
         forward_rules::{self, ForwardRules, Frontend},
     },
     masq,
@@ -222,6 +223,7 @@ async fn serve(
     let mut fast = Driver::start(opts.fast_path);
     switch_fast_path(&fast, status, dp, rec)?;
     let mut admission = tokio::time::interval(fast_path::PASS_EVERY);
+    let mut flanneld_looked_at = false;
     let result = loop {
         // /healthz judges the loop by this: every branch below returns to it.
         status.heartbeat();
@@ -290,18 +292,31 @@ async fn serve(
             }
         }
         let set = nodes.borrow_and_update().clone();
-        if let Some(set) = set
-            && converge(node, &set, status, dp, rec, &mut warned).await
-        {
-            // Only now: the maps match the node set, so taking over the links an
-            // earlier run left (or attaching for the first time) changes nothing for
-            // traffic already flowing.
-            if dp.attachment(Hook::UplinkIngress).is_none()
-                && let Err(e) = take_over_uplink(opts, node.uplink, dp)
-            {
-                break Err(e);
+        let mut attach_failed = None;
+        // Only once the maps match the node set (and before the routes): taking over
+        // the links an earlier run left (or attaching for the first time) then
+        // changes nothing for traffic already flowing.
+        let attach = |dp: &mut Datapath| {
+            if dp.attachment(Hook::UplinkIngress).is_some() {
+                return Ok(());
             }
-            // Maps, routes and programs in place: the node's network is up.
+            take_over_uplink(opts, node.uplink, dp).inspect_err(|e| {
+                attach_failed = Some(anyhow!("{e:#}"));
+            })
+        };
+        let converged = match set {
+            Some(set) => converge(node, &set, status, dp, rec, &mut warned, attach).await,
+            None => false,
+        };
+        if let Some(e) = attach_failed {
+            break Err(e);
+        }
+        if converged {
+            // Maps, routes and programs in place: the node's network is up, and what
+            // flanneld left carries nothing any more.
+            if !flanneld_looked_at {
+                flanneld_looked_at = remove_flanneld_leftovers(&rec.host, status).await;
+            }
             status.network_is_up();
         }
     };
@@ -461,6 +476,33 @@ fn take_over_uplink(opts: &Options, uplink: &str, dp: &mut Datapath) -> Result<(
     Ok(())
 }
 
+/// Removes what flanneld left on the node (`host::flanneld_leftovers`), logging each
+/// item; returns whether that is done (a failure is retried at the next pass).
+async fn remove_flanneld_leftovers(host: &Host, status: &Status) -> bool {
+    match flanneld_leftovers::remove(host).await {
+        Ok((removed, unseen)) => {
+            for item in &removed {
+                info!(removed = %item, "took the node over from flanneld");
+            }
+            status.flanneld_leftovers_removed(&removed);
+            if !unseen.is_empty() {
+                warn!(
+                    missing = unseen.join(", "),
+                    "flanneld's masquerade rules were not looked for: no such tool on this node"
+                );
+            }
+            true
+        }
+        Err(e) => {
+            warn!(
+                error = format!("{e:#}"),
+                "removing what flanneld left failed; retrying at the next pass"
+            );
+            false
+        }
+    }
+}
+
 /// Hands the memory freed since the last pass back to the kernel. A list of thousands
 /// of Nodes and a pass over as many routes leave holes in the heap that glibc keeps
 /// resident; for 5,000 nodes that was a third of the agent's RSS.
@@ -503,6 +545,7 @@ async fn converge(
     dp: &mut Datapath,
     rec: &mut Reconciler,
     warned: &mut BTreeSet<String>,
+    attach: impl FnOnce(&mut Datapath) -> Result<()>,
 ) -> bool {
     let started = std::time::Instant::now();
     let record = |ok: bool, remote_subnets: usize| {
@@ -529,7 +572,7 @@ async fn converge(
         }
     }
     *warned = desired.skipped.iter().cloned().collect();
-    let applied = rec.apply(dp, &desired).await;
+    let applied = rec.apply(dp, &desired, attach).await;
     release_freed_memory();
     match applied {
         Ok(o) => {

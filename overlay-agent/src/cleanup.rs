@@ -1,8 +1,16 @@
 //! `overlay-agent cleanup`: removes everything the agent installs and leaves behind on
 //! exit (so that restarts lose nothing): attached programs, pinned maps of every
-//! layout version, the routes it owns, subnet.env, and when asked flanneld's forward
-//! rules (`--iptables-forward-rules`, in either frontend; kept by default, as they
-//! are flanneld's and a flanneld after a rollback relies on them).
+//! layout version, the routes it owns, and when asked flanneld's forward rules
+//! (`--iptables-forward-rules`, in either frontend; kept by default, as they are
+//! flanneld's and a flanneld after a rollback relies on them).
+//!
+//! It runs in a rollback, once flanneld runs on the node again (deploy/README.md), so
+//! the programs go first: from then on every packet takes flanneld's path (its device
+//! and routes are in place by then), and only then do the agent's routes go, which
+//! flanneld's routes have replaced anyway where they lead to the same subnets.
+//! `subnet.env` stays: flanneld writes the same file with the same content, so the
+//! agent cannot tell its own from flanneld's, and the flannel CNI plugin needs it for
+//! every pod that starts.
 
 use std::{fmt::Write as _, path::Path};
 
@@ -18,7 +26,7 @@ use crate::{
 /// Removes it all (the forward rules too with `forward_rules`); returns what was
 /// removed, one line per item. Run it with the agent stopped, or it puts back what it
 /// needs at its next pass.
-pub async fn run(bpffs_root: &Path, subnet_file: &Path, forward_rules: bool) -> Result<String> {
+pub async fn run(bpffs_root: &Path, forward_rules: bool) -> Result<String> {
     let mut report = String::new();
     let version_dir = bpffs::pin_dir(bpffs_root);
     for dir in bpffs::version_dirs(&version_dir)? {
@@ -58,11 +66,6 @@ pub async fn run(bpffs_root: &Path, subnet_file: &Path, forward_rules: bool) -> 
     )?;
     if forward_rules {
         report.push_str(&forward_rules::remove()?);
-    }
-    match std::fs::remove_file(subnet_file) {
-        Ok(()) => writeln!(report, "removed {}", subnet_file.display())?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", subnet_file.display())),
     }
     Ok(report)
 }

@@ -5,6 +5,7 @@
 //! network namespace the agent runs in.
 
 pub mod events;
+pub mod flanneld_leftovers;
 pub mod forward_rules;
 
 use std::{ffi::CString, net::Ipv4Addr};
@@ -15,7 +16,7 @@ use ipnet::Ipv4Net;
 use rtnetlink::{
     Handle, LinkUnspec, RouteMessageBuilder,
     packet_route::{
-        link::LinkAttribute,
+        link::{InfoKind, LinkAttribute, LinkInfo},
         route::{
             RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
             RouteType,
@@ -271,6 +272,41 @@ impl Host {
             .execute()
             .await
             .with_context(|| format!("installing route {} via {}", route.dst, route.via))
+    }
+
+    /// The index of the ipip device called `name`, if there is one (a device of
+    /// another kind by that name is None).
+    pub async fn ipip_device(&self, name: &str) -> Result<Option<u32>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        let link = match links.try_next().await {
+            Ok(link) => link,
+            // The kernel answers a name it does not know with ENODEV.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => None,
+            Err(e) => return Err(e).with_context(|| format!("looking up {name}")),
+        };
+        Ok(link
+            .filter(|l| {
+                l.attributes.iter().any(|a| {
+                    matches!(a, LinkAttribute::LinkInfo(info)
+                        if info.contains(&LinkInfo::Kind(InfoKind::IpIp)))
+                })
+            })
+            .map(|l| l.header.index))
+    }
+
+    /// Removes a device (and with it its addresses and routes).
+    pub async fn delete_link(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .with_context(|| format!("removing device {index}"))
     }
 
     /// Removes every route this agent owns, blackhole routes included; returns how

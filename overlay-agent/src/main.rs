@@ -80,15 +80,13 @@ enum Command {
         #[command(flatten)]
         inspect: InspectArgs,
     },
-    /// Remove everything the agent installed: programs, pinned maps, routes and
-    /// subnet.env. The agent leaves them in place when it exits, so that a restart or
-    /// an upgrade does not interrupt traffic; stop it first.
+    /// Remove everything the agent installed: programs (first), pinned maps and
+    /// routes. The agent leaves them in place when it exits, so that a restart or an
+    /// upgrade does not interrupt traffic; stop it first. subnet.env stays: flanneld
+    /// writes the same file, and the CNI plugin needs it.
     Cleanup {
         #[command(flatten)]
         pins: PinArgs,
-        /// The subnet.env the agent wrote.
-        #[arg(long, default_value = "/run/flannel/subnet.env")]
-        subnet_file: PathBuf,
         /// Also remove flanneld's forward rules (chain FLANNEL-FWD, table ip
         /// flannel-ipv4). Kept by default: they are flanneld's own, which a flanneld
         /// running after a rollback relies on (it writes the nftables form only at
@@ -436,9 +434,8 @@ async fn async_main() {
         Command::Flows { inspect } => inspect.print(inspect::flows(&inspect.pin_dir())),
         Command::Cleanup {
             pins,
-            subnet_file,
             forward_rules,
-        } => cleanup::run(&pins.bpffs, &subnet_file, forward_rules)
+        } => cleanup::run(&pins.bpffs, forward_rules)
             .await
             .map(|t| print!("{t}")),
     };

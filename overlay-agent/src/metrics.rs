@@ -216,6 +216,10 @@ const REMOTE_SUBNETS: Family = Family::gauge(
     "remote_subnets",
     "Remote pod subnets of the last reconcile pass",
 );
+const FLANNELD_LEFTOVERS: Family = Family::counter(
+    "flanneld_leftovers_removed",
+    "What flanneld left on the node that the agent removed, by kind",
+);
 const RECONCILE_PASSES: Family = Family::counter("reconcile_passes", "Reconcile passes");
 const RECONCILE_FAILURES: Family =
     Family::counter("reconcile_failures", "Reconcile passes that failed");
@@ -329,6 +333,17 @@ impl Exporter {
         let leases = s.leases();
         LEASES_LOST.counter_value(enc, leases.lost)?;
         SUBNET_CHANGES.counter_value(enc, leases.subnet_changes)?;
+        let left = s.flanneld_leftovers();
+        let left = [
+            ("device", left.devices),
+            ("iptables_rule", left.iptables_rules),
+            ("iptables_chain", left.iptables_chains),
+            ("nftables_chain", left.nftables_chains),
+        ];
+        FLANNELD_LEFTOVERS.rows(
+            enc,
+            left.map(|(what, n)| ([("what", what)], ConstCounter::new(n))),
+        )?;
         if let Some(c) = s.convergence() {
             NODES.gauge_value(enc, count(c.nodes))?;
             REMOTE_SUBNETS.gauge_value(enc, count(c.remote_subnets))?;

@@ -332,19 +332,19 @@ impl Reconciler {
         with_fast_path(config, self.fast_path)
     }
 
-    /// One pass: datapath maps first (so encapsulation is ready before routes steer
-    /// traffic to it), then kernel routes, the bridge, and subnet.env.
-    pub async fn apply(&mut self, dp: &mut Datapath, desired: &Desired) -> Result<Outcome> {
+    /// One pass: datapath maps first, then `attach` (the uplink's programs, so that
+    /// encapsulation is ready before routes steer traffic to it: routes installed
+    /// first would send pods' packets out unencapsulated, and on a node flanneld ran,
+    /// where ours replace its tunnel routes, lose them), then kernel routes, the
+    /// bridge, and subnet.env.
+    pub async fn apply(
+        &mut self,
+        dp: &mut Datapath,
+        desired: &Desired,
+        attach: impl FnOnce(&mut Datapath) -> Result<()>,
+    ) -> Result<Outcome> {
         let config = self.datapath_config(desired);
         if self.config != Some(config) {
-            if !self
-                .host
-                .addresses(None)
-                .await?
-                .contains(&desired.own.tunnel_ip)
-            {
-                warn!(address = %desired.own.tunnel_ip, "this node's tunnel address is not assigned to any local interface: tunnelled packets will not arrive");
-            }
             dp.config.set(config)?;
             self.config = Some(config);
             info!(
@@ -362,6 +362,7 @@ impl Reconciler {
             unreachable_peers: plan.unreachable,
             ..Outcome::default()
         };
+        attach(dp)?;
         outcome.kernel_routes = self.sync_routes(&plan.kernel).await?;
         let blackhole = self.sync_blackhole(desired).await?;
         outcome.kernel_routes.added += blackhole.added;

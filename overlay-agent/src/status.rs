@@ -9,7 +9,7 @@ use std::{
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::watch;
 
-use crate::{conntrack::Collected, fast_path::Pass};
+use crate::{conntrack::Collected, fast_path::Pass, host::flanneld_leftovers::Leftover};
 
 /// Upper bounds of the reconcile duration histogram, in seconds: a pass that only
 /// compares takes milliseconds, one that rewrites thousands of routes seconds.
@@ -119,6 +119,17 @@ pub struct Status {
     leases: Mutex<LeaseTotals>,
     /// None without --iptables-forward-rules.
     forward_rules: Mutex<Option<ForwardRulesReport>>,
+    flanneld_leftovers: Mutex<LeftoverTotals>,
+}
+
+/// What flanneld left on the node that the agent removed, by kind
+/// (`host::flanneld_leftovers`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeftoverTotals {
+    pub devices: u64,
+    pub iptables_rules: u64,
+    pub iptables_chains: u64,
+    pub nftables_chains: u64,
 }
 
 /// This node's subnet lease (etcd source): lost while running, and changed.
@@ -147,6 +158,7 @@ impl Default for Status {
             fast_path: Mutex::default(),
             leases: Mutex::default(),
             forward_rules: Mutex::default(),
+            flanneld_leftovers: Mutex::default(),
         }
     }
 }
@@ -187,6 +199,22 @@ impl Status {
     /// None until the first pass, and without --iptables-forward-rules.
     pub fn forward_rules(&self) -> Option<ForwardRulesReport> {
         self.forward_rules.lock().unwrap().clone()
+    }
+
+    pub fn flanneld_leftovers_removed(&self, removed: &[Leftover]) {
+        let mut t = self.flanneld_leftovers.lock().unwrap();
+        for r in removed {
+            *match r {
+                Leftover::Device => &mut t.devices,
+                Leftover::IptablesJump { .. } => &mut t.iptables_rules,
+                Leftover::IptablesChain { .. } => &mut t.iptables_chains,
+                Leftover::NftChain => &mut t.nftables_chains,
+            } += 1;
+        }
+    }
+
+    pub fn flanneld_leftovers(&self) -> LeftoverTotals {
+        *self.flanneld_leftovers.lock().unwrap()
     }
 
     pub fn leases(&self) -> LeaseTotals {

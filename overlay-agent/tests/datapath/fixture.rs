@@ -465,7 +465,8 @@ impl Passes {
         // The netlink connection's driver is a task of this runtime.
         self.block_on(async {
             Reconciler::new(Host::connect().unwrap(), settings)
-                .apply(&mut node.dp, &desired)
+                // The fixture's programs are attached by the test when it needs them.
+                .apply(&mut node.dp, &desired, |_| Ok(()))
                 .await
         })
         .unwrap();

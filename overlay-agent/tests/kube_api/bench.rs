@@ -242,8 +242,6 @@ async fn run(count: u32, idle: Duration) {
         .arg("cleanup")
         .arg("--bpffs")
         .arg(dir.path().join("bpffs"))
-        .arg("--subnet-file")
-        .arg(dir.path().join("subnet.env"))
         .status()
         .unwrap();
     assert!(cleaned.success(), "overlay-agent cleanup");

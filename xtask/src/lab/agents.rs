@@ -486,14 +486,19 @@ fn ensure_running(lab: &LabState, node: &Node) -> Result<()> {
     if running(lab)?.iter().any(|a| a.node == node.name) {
         return Ok(());
     }
-    let log = std::fs::read_to_string(log_file(lab, node)).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(15).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
     bail!(
         "the agent of {} is not running; the end of its log:\n{}",
         node.name,
-        tail.join("\n")
+        log_tail(lab, node, 15)
     )
+}
+
+/// The last `lines` lines of `node`'s agent's log.
+pub fn log_tail(lab: &LabState, node: &Node, lines: usize) -> String {
+    let log = std::fs::read_to_string(log_file(lab, node)).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    tail.join("\n")
 }
 
 /// Waits until `program` is attached to `iface`'s `direction` hook in `ns`.
@@ -667,16 +672,15 @@ fn get(ns: &str, path: &str) -> Result<(u16, String)> {
     Ok((code, body.to_owned()))
 }
 
-/// `overlay-agent cleanup EXTRA` in `node`'s namespace: programs, pins, routes,
-/// subnet.env (and with `--forward-rules` flanneld's forward rules).
+/// `overlay-agent cleanup EXTRA` in `node`'s namespace: programs, pins, routes (and
+/// with `--forward-rules` flanneld's forward rules); subnet.env stays, as it does for
+/// flanneld.
 pub fn cleanup(lab: &LabState, node: &Node, extra: &[&str]) -> Result<String> {
     netns::run(
         netns::command(&lab.netns(&node.name), &lab.agent)
             .arg("cleanup")
             .arg("--bpffs")
             .arg(node_bpffs(lab, node))
-            .arg("--subnet-file")
-            .arg(subnet_file(lab, node))
             .args(extra),
     )
 }

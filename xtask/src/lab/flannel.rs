@@ -35,7 +35,7 @@ use super::{
 
 /// The uplinks' MTU (veth default).
 const UPLINK_MTU: u32 = 1500;
-const IPIP_DEVICE: &str = "flannel.ipip";
+pub const IPIP_DEVICE: &str = "flannel.ipip";
 const VXLAN_DEVICE: &str = "flannel.1";
 const VXLAN_VNI: &str = "1";
 /// Linux's own VXLAN port, which a port of 0 (flannel's default) selects.

@@ -35,7 +35,7 @@ use anyhow::{Context as _, Result};
 
 use super::{netns, state::LabState, topology::Node};
 
-const CHAIN: &str = "FLANNEL-POSTRTG";
+pub const CHAIN: &str = "FLANNEL-POSTRTG";
 const COMMENT: &str = "flanneld masq";
 const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
 const MULTICAST: &str = "224.0.0.0/4";
@@ -120,11 +120,8 @@ impl<'a> FlannelRules<'a> {
     pub fn install(lab: &'a LabState, variant: Variant) -> Result<Self> {
         // Removes whatever was installed should a node fail halfway.
         let installed = Self { lab };
-        let network = lab.topology.pod_network.to_string();
         for node in &lab.topology.nodes {
-            for args in rules(node, &network, variant) {
-                iptables(lab, node, &args)?;
-            }
+            install_on(lab, node, variant)?;
             // NAT rules bind a flow when its conntrack entry is made: an entry left by
             // an earlier run (a UDP exchange whose source port comes round again
             // within its timeout) would carry the flow past the rules under test.
@@ -133,6 +130,15 @@ impl<'a> FlannelRules<'a> {
         }
         Ok(installed)
     }
+}
+
+/// flanneld's rules on one node, as flanneld adds them when it starts there.
+pub fn install_on(lab: &LabState, node: &Node, variant: Variant) -> Result<()> {
+    let network = lab.topology.pod_network.to_string();
+    for args in rules(node, &network, variant) {
+        iptables(lab, node, &args)?;
+    }
+    Ok(())
 }
 
 impl Drop for FlannelRules<'_> {

@@ -13,7 +13,8 @@
 //! (wire proof), controls (negative controls), router (routes put on the router on
 //! purpose), nat_table (`overlay-agent nat`),
 //! masquerade (the masquerade proof: outside, rules, load, iptables, equivalence),
-//! restart (restarts and upgrades lose nothing), kernel_drops (what the kernel
+//! restart (restarts and upgrades lose nothing), migrate (`--migrate`: from flanneld
+//! to the agent and back under numbered traffic), kernel_drops (what the kernel
 //! dropped, to place a loss) and etcd (`--etcd`: the agents on flannel's etcd subnet
 //! manager, their subnets leased there instead of given by the lab).
 
@@ -35,6 +36,7 @@ mod kubernetes;
 mod load;
 mod masquerade;
 mod matrix;
+mod migrate;
 mod nat_table;
 pub(crate) mod netns;
 mod outside;
@@ -74,6 +76,11 @@ pub struct LabArgs {
     create: CreateArgs,
     #[command(flatten)]
     checks: Checks,
+    /// Instead of the checks: a lab whose nodes start as flanneld's ipip backend leaves
+    /// them moves to the agent node by node and back to flanneld, under numbered
+    /// traffic (needs the kernel's ipip module: run it in a VM otherwise).
+    #[arg(long, conflicts_with_all = ["etcd", "controls", "masquerade", "restart", "kubernetes", "no_masq"])]
+    migrate: bool,
 }
 
 #[derive(clap::Args, Clone, Copy)]
@@ -182,6 +189,7 @@ pub fn run(args: LabArgs) -> Result<()> {
     }
     interrupt::install()?;
     let result = match args.command {
+        None if args.migrate => migration(args.create),
         None => full_run(args.create, args.checks).and_then(|report| report.verdict()),
         Some(LabCommand::Up(create)) => up(create),
         Some(LabCommand::Check { select, checks }) => {
@@ -320,6 +328,19 @@ fn full_run(create: CreateArgs, checks: Checks) -> Result<Report> {
     );
     println!("Total {:.1}s", started.elapsed().as_secs_f64());
     Ok(report)
+}
+
+/// `cargo xtask lab --migrate`.
+fn migration(create: CreateArgs) -> Result<()> {
+    let agent = build(create)?;
+    heading("From flanneld to the agent and back");
+    let proof = migrate::run(agent)?;
+    print!("{}", migrate::render(&proof));
+    if !proof.failures.is_empty() {
+        bail!("FAIL: the migration proof");
+    }
+    println!("\nPASS");
+    Ok(())
 }
 
 fn up(create: CreateArgs) -> Result<()> {

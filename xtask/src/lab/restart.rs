@@ -65,7 +65,7 @@ const ETCD_TIMEOUT: Duration = Duration::from_secs(30);
 const PROBE_PEER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 250);
 
 /// One numbered stream between two hosts of the lab.
-struct Stream {
+pub struct Stream {
     name: String,
     stop: Arc<AtomicBool>,
     sender: JoinHandle<Result<u64>>,
@@ -96,13 +96,15 @@ impl Count {
 }
 
 impl Stream {
-    /// Starts sending from `from`'s namespace to `to` (an address in `to_ns`).
-    fn start(
+    /// Starts sending from `from`'s namespace to `to` (an address in `to_ns`),
+    /// `rate` datagrams a second.
+    pub fn start(
         lab: &LabState,
         from: &str,
         to: &str,
         to_addr: std::net::Ipv4Addr,
         port: u16,
+        rate: u32,
     ) -> Result<Self> {
         let target = SocketAddrV4::new(to_addr, port);
         let rx = netns::enter(&lab.netns(to), || {
@@ -127,7 +129,7 @@ impl Stream {
         };
         let sender = {
             let stop = Arc::clone(&stop);
-            std::thread::spawn(move || send(&tx, &stop))
+            std::thread::spawn(move || send(&tx, &stop, rate))
         };
         Ok(Self {
             name: format!("{from} → {to}"),
@@ -137,7 +139,7 @@ impl Stream {
         })
     }
 
-    fn finish(self) -> Result<Count> {
+    pub fn finish(self) -> Result<Count> {
         self.stop.store(true, Ordering::Relaxed);
         let sent = self.sender.join().expect("sender thread")?;
         let received = self.receiver.join().expect("receiver thread")?;
@@ -151,9 +153,10 @@ impl Stream {
     }
 }
 
-/// Sends numbered datagrams at `RATE` until stopped; returns how many went out.
-fn send(socket: &UdpSocket, stop: &AtomicBool) -> Result<u64> {
-    let interval = Duration::from_secs(1) / RATE;
+/// Sends numbered datagrams at `rate` a second until stopped; returns how many went
+/// out.
+fn send(socket: &UdpSocket, stop: &AtomicBool, rate: u32) -> Result<u64> {
+    let interval = Duration::from_secs(1) / rate;
     let mut next = Instant::now();
     let mut seq = 0u64;
     let mut payload = [0u8; PAYLOAD];
@@ -341,11 +344,18 @@ fn start_streams(lab: &LabState, node: &Node) -> Result<Vec<Stream>> {
     let outside = &lab.topology.outside;
     Ok(vec![
         // Encapsulated on the node.
-        Stream::start(lab, &pods[0].name, &w2_pod, w2_addr, PORT)?,
+        Stream::start(lab, &pods[0].name, &w2_pod, w2_addr, PORT, RATE)?,
         // Decapsulated on the node, arriving through the router.
-        Stream::start(lab, &w3_pod, &pods[1].name, pods[1].address, PORT + 1)?,
+        Stream::start(lab, &w3_pod, &pods[1].name, pods[1].address, PORT + 1, RATE)?,
         // Masqueraded on the node: the connection table must survive too.
-        Stream::start(lab, &pods[1].name, &outside.name, outside.address, PORT + 2)?,
+        Stream::start(
+            lab,
+            &pods[1].name,
+            &outside.name,
+            outside.address,
+            PORT + 2,
+            RATE,
+        )?,
     ])
 }
 
@@ -537,30 +547,7 @@ fn unheld_subnet(lab: &LabState) -> Result<Ipv4Net> {
 }
 
 pub fn render(proof: &Proof) -> String {
-    let mut table = Table::new([
-        "EVENT ON w1",
-        "RECOVERED",
-        "STREAM",
-        "SENT",
-        "RECEIVED",
-        "LOST",
-        "DUPLICATED",
-        "LONGEST GAP",
-    ])
-    .align_right([1, 3, 4, 5, 6, 7]);
-    for (event, took, c) in &proof.rows {
-        table.row([
-            event.clone(),
-            format!("{:.2}s", took.as_secs_f64()),
-            c.stream.clone(),
-            c.sent.to_string(),
-            c.received.to_string(),
-            c.lost().to_string(),
-            c.duplicates.to_string(),
-            format!("{:.1}ms", c.longest_gap.as_secs_f64() * 1e3),
-        ]);
-    }
-    let mut out = table.to_string();
+    let mut out = table(["EVENT ON w1", "RECOVERED"], &proof.rows);
     for (event, drops, kernel) in &proof.drops {
         out.push_str(&format!(
             "  {event}: w1's datapath dropped {drops} packets meanwhile; the kernel dropped {kernel}\n"
@@ -575,6 +562,36 @@ pub fn render(proof: &Proof) -> String {
         format!("  ✗ {}\n", proof.failures.join("\n  ✗ "))
     });
     out
+}
+
+/// What each stream saw across each event (`event`, `took`: the first two columns'
+/// names), one row per stream.
+pub fn table(first: [&str; 2], rows: &[(String, Duration, Count)]) -> String {
+    let [event, took] = first;
+    let mut table = Table::new([
+        event,
+        took,
+        "STREAM",
+        "SENT",
+        "RECEIVED",
+        "LOST",
+        "DUPLICATED",
+        "LONGEST GAP",
+    ])
+    .align_right([1, 3, 4, 5, 6, 7]);
+    for (event, took, c) in rows {
+        table.row([
+            event.clone(),
+            format!("{:.2}s", took.as_secs_f64()),
+            c.stream.clone(),
+            c.sent.to_string(),
+            c.received.to_string(),
+            c.lost().to_string(),
+            c.duplicates.to_string(),
+            format!("{:.1}ms", c.longest_gap.as_secs_f64() * 1e3),
+        ]);
+    }
+    table.to_string()
 }
 
 #[cfg(test)]
