@@ -88,6 +88,7 @@ pub fn ensure() -> Result<()> {
         stop_packaged_etcd()?;
     }
     ensure_rust_src()?;
+    ensure_lint_tools()?;
     ensure_bpf_linker()?;
     kubernetes_validate().map(drop)
 }
@@ -202,6 +203,24 @@ fn ensure_rust_src() -> Result<()> {
         "--component",
         "rust-src",
     ]))
+}
+
+/// clippy and rustfmt for the gates of `cargo xtask test`, in the toolchain that runs
+/// it (a minimal rustup profile has neither).
+fn ensure_lint_tools() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed"]))
+        .unwrap_or_default();
+    let missing: Vec<&str> = ["clippy", "rustfmt"]
+        .into_iter()
+        .filter(|c| !installed.lines().any(|l| l.starts_with(c)))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing {}", missing.join(" and "));
+    run(Command::new("rustup")
+        .args(["component", "add"])
+        .args(&missing))
 }
 
 fn ensure_bpf_linker() -> Result<()> {

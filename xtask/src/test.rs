@@ -59,8 +59,19 @@ pub fn run(args: TestArgs) -> Result<()> {
         print!("{}", Matrix(vec![outcome.clone()]));
         return outcome.verdict();
     }
-    // The default members: the eBPF crate only builds for the BPF target, through
-    // overlay-agent's build script.
+    // The gates first, cheapest first: formatting (every member), then clippy on the
+    // default members (the eBPF crate only builds for the BPF target, through
+    // overlay-agent's build script), every warning an error.
+    if args.cargo_args.is_empty() {
+        deps::run(Command::new(env!("CARGO")).args(["fmt", "--all", "--check"]))?;
+        deps::run(Command::new(env!("CARGO")).args([
+            "clippy",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
     deps::run(
         Command::new(env!("CARGO"))
             .arg("test")
