@@ -41,8 +41,7 @@ pub fn write(env: &SubnetEnv, path: &Path) -> Result<()> {
 /// The node subnet of the file at `path` (its `FLANNEL_SUBNET`), if there is a readable
 /// one: flannel's etcd subnet manager leases it again when it is still free.
 pub fn read_subnet(path: &Path) -> Option<Ipv4Net> {
-    let text = std::fs::read_to_string(path).ok()?;
-    SubnetEnv::parse(&text).ok().map(|env| env.pod_cidr())
+    overlay_common::subnet_env::pod_cidr_of(&std::fs::read_to_string(path).ok()?)
 }
 
 #[cfg(test)]

@@ -40,20 +40,10 @@ impl SubnetEnv {
         }
     }
 
-    /// The node's pod subnet (`FLANNEL_SUBNET` without its host bits).
-    pub fn pod_cidr(&self) -> Ipv4Net {
-        self.subnet.trunc()
-    }
-
     /// Reads the file as the CNI plugin does: every key it needs must be there;
     /// `FLANNEL_IPMASQ` is true only when it says `true`.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let value = |key: &str| {
-            text.lines()
-                .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
-                .map(str::trim)
-                .ok_or_else(|| format!("subnet.env has no {key}"))
-        };
+        let value = |key: &str| value(text, key).ok_or_else(|| format!("subnet.env has no {key}"));
         let parsed = |key: &str| -> Result<_, String> {
             let v = value(key)?;
             Ok((v.to_owned(), format!("{key}={v} is not valid")))
@@ -68,6 +58,22 @@ impl SubnetEnv {
             ipmasq: value("FLANNEL_IPMASQ")? == "true",
         })
     }
+}
+
+/// The node's pod subnet in a file's text (`FLANNEL_SUBNET` without its host bits),
+/// whatever else the file holds, as flanneld reads it back (`ReadCIDRFromSubnetFile`).
+pub fn pod_cidr_of(text: &str) -> Option<Ipv4Net> {
+    value(text, "FLANNEL_SUBNET")?
+        .parse::<Ipv4Net>()
+        .ok()
+        .map(|n| n.trunc())
+}
+
+/// The value of `key` in a file's text.
+fn value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+        .map(str::trim)
 }
 
 /// The file's text, as flanneld writes it.
@@ -98,7 +104,12 @@ mod tests {
         );
         assert_eq!(env.to_string(), TEXT);
         assert_eq!(SubnetEnv::parse(TEXT), Ok(env.clone()));
-        assert_eq!(env.pod_cidr(), "10.244.1.0/24".parse().unwrap());
+        // Read back from FLANNEL_SUBNET alone, as flanneld reads an earlier file.
+        assert_eq!(
+            pod_cidr_of("FLANNEL_SUBNET=10.244.7.1/24\n"),
+            Some("10.244.7.0/24".parse().unwrap())
+        );
+        assert_eq!(pod_cidr_of("FLANNEL_SUBNET=x\n"), None);
         let masq = TEXT.replace("IPMASQ=false", "IPMASQ=true");
         assert!(SubnetEnv::parse(&masq).unwrap().ipmasq);
         assert!(
