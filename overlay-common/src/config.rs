@@ -157,6 +157,8 @@ pub const fn prefix_mask(prefix_len: u8) -> u32 {
 }
 
 #[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]` of integers and byte arrays with explicit padding fields (its
+// size is pinned by a test), so every byte is initialised and any bit pattern is valid.
 unsafe impl aya::Pod for DatapathConfig {}
 
 #[cfg(test)]
@@ -176,7 +178,7 @@ mod tests {
 
     #[test]
     fn layout_is_fixed() {
-        assert_eq!(core::mem::size_of::<DatapathConfig>(), 72);
+        assert_eq!(size_of::<DatapathConfig>(), 72);
     }
 
     #[test]

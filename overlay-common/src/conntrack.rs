@@ -205,7 +205,11 @@ impl Rule {
 
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: `#[repr(C)]` of integers and byte arrays with explicit padding fields (its
+    // size is pinned by a test), so every byte is initialised and any bit pattern is valid.
     unsafe impl aya::Pod for super::CtKey {}
+    // SAFETY: `#[repr(C)]` of integers and byte arrays with explicit padding fields (its
+    // size is pinned by a test), so every byte is initialised and any bit pattern is valid.
     unsafe impl aya::Pod for super::CtEntry {}
 }
 
@@ -215,9 +219,9 @@ mod tests {
 
     #[test]
     fn layouts_are_fixed() {
-        assert_eq!(core::mem::size_of::<CtKey>(), 16);
-        assert_eq!(core::mem::size_of::<CtEntry>(), 32);
-        assert_eq!(core::mem::size_of::<CtTimeouts>(), 32);
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtEntry>(), 32);
+        assert_eq!(size_of::<CtTimeouts>(), 32);
     }
 
     #[test]

@@ -278,6 +278,7 @@ pub struct Counter {
 }
 
 #[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]` of two `u64`s: no padding, and any bit pattern is valid.
 unsafe impl aya::Pod for Counter {}
 
 #[cfg(test)]

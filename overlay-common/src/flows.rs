@@ -142,7 +142,11 @@ pub const FLOW_ENTRIES: u32 = 65_536;
 
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: `#[repr(C)]` of integers and byte arrays with explicit padding fields (its
+    // size is pinned by a test), so every byte is initialised and any bit pattern is valid.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: `#[repr(C)]` of integers and byte arrays with explicit padding fields (its
+    // size is pinned by a test), so every byte is initialised and any bit pattern is valid.
     unsafe impl aya::Pod for super::FlowState {}
 }
 
@@ -152,8 +156,8 @@ mod tests {
 
     #[test]
     fn layouts_are_fixed() {
-        assert_eq!(core::mem::size_of::<FlowKey>(), 16);
-        assert_eq!(core::mem::size_of::<FlowState>(), 32);
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<FlowState>(), 32);
     }
 
     #[test]

@@ -80,8 +80,14 @@ pub struct PeerStats {
 
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: `#[repr(C)]` of integers and byte arrays with explicit padding fields (its
+    // size is pinned by a test), so every byte is initialised and any bit pattern is valid.
     unsafe impl aya::Pod for super::Route {}
+    // SAFETY: `#[repr(C)]` of integers and byte arrays with explicit padding fields (its
+    // size is pinned by a test), so every byte is initialised and any bit pattern is valid.
     unsafe impl aya::Pod for super::PeerStats {}
+    // SAFETY: `#[repr(C)]` of integers and byte arrays with explicit padding fields (its
+    // size is pinned by a test), so every byte is initialised and any bit pattern is valid.
     unsafe impl aya::Pod for super::PodPort {}
 }
 
@@ -89,3 +95,15 @@ mod pod {
 /// under a directory named after it, so a build with another layout never picks up
 /// maps it cannot read.
 pub const LAYOUT_VERSION: u32 = 7;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_are_fixed() {
+        assert_eq!(size_of::<Route>(), 8);
+        assert_eq!(size_of::<PeerStats>(), 16);
+        assert_eq!(size_of::<PodPort>(), 8);
+    }
+}
