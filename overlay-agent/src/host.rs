@@ -4,9 +4,10 @@
 //! node's own pod subnet (`--ip-blackhole-route`). All through rtnetlink, in the
 //! network namespace the agent runs in.
 
-pub mod events;
 pub mod flanneld_leftovers;
 pub mod forward_rules;
+pub mod legacy_tables;
+pub mod uplink;
 
 use std::{ffi::CString, net::Ipv4Addr};
 

@@ -12,7 +12,7 @@ use std::{net::Ipv4Addr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::config::NetConf;
+use crate::net_conf::NetConf;
 use ipnet::Ipv4Net;
 use thiserror::Error;
 use tokio::sync::watch;

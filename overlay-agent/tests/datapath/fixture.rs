@@ -24,13 +24,13 @@ use aya::{
 use ipnet::Ipv4Net;
 use overlay_agent::{
     datapath::{Datapath, LoadOptions},
-    host::Host,
+    host::{Host, uplink::Uplink},
     masq,
     nodes::{
         NodeInfo, NodeSet,
         address::{Authority, OwnAddress},
     },
-    reconcile::{Desired, NodeSettings, Reconciler, Uplink},
+    reconcile::{Desired, NodeSettings, Reconciler},
 };
 use overlay_common::{
     Counter, DatapathConfig, Hook, PeerStats, Reason, Route,
@@ -560,7 +560,7 @@ impl Node {
             FlowState {
                 seen_gen: self.config.ruleset_gen,
                 host_packets: 1,
-                refreshed_ns: overlay_agent::conntrack::monotonic_ns(),
+                refreshed_ns: overlay_agent::datapath::conntrack::monotonic_ns(),
                 admitted: 1,
                 ..FlowState::default()
             },

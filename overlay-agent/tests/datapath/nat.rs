@@ -268,7 +268,7 @@ pub fn assert_table(node: &Node, flows: &[Tracked]) {
     let table = node.conntrack_entries();
     let got: BTreeMap<CtKey, _> = table.iter().map(|(k, v)| (*k, timeless(v))).collect();
     assert_eq!(got, want, "connection table");
-    let now = overlay_agent::conntrack::monotonic_ns();
+    let now = overlay_agent::datapath::conntrack::monotonic_ns();
     for (k, v) in &table {
         assert!(v.created_ns <= now, "{k:?} created in the future");
         if k.dir == DIR_ORIGINAL {

@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc, time::Duration};
 use etcd_client::Client;
 use ipnet::Ipv4Net;
 use overlay_agent::{
-    config::SubnetRange,
+    net_conf::SubnetRange,
     nodes::{
         NodeInfo, NodeSet,
         address::{Authority, OwnAddress},

@@ -10,7 +10,7 @@ use overlay_common::{
     maps::names,
 };
 
-use crate::datapath::batch;
+use super::batch;
 
 /// A REPLY entry whose flow is missing is only collected after this long: the
 /// datapath inserts the REPLY entry of a new flow just before its ORIGINAL entry.
