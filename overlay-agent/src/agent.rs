@@ -463,3 +463,125 @@ async fn converge(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io,
+        net::Ipv4Addr,
+        sync::{Arc, Mutex},
+    };
+
+    use anyhow::anyhow;
+
+    use super::*;
+    use crate::{
+        host::uplink::Uplink,
+        nodes::{NodeInfo, address::Authority},
+    };
+
+    /// Where the test's log lines go.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A pass whose uplink cannot be taken over ends the run with that failure, which
+    /// is then reported once (by whoever ends the run): the pass itself does not log it
+    /// as a failure to retry. It still counts as a failed pass. In a network namespace
+    /// of the test's own (needs root), with the datapath loaded and attached nowhere.
+    #[test]
+    fn a_failed_uplink_takeover_is_returned_not_logged() {
+        const WHY: &str = "the uplink refused the programs";
+        std::thread::spawn(|| {
+            // SAFETY: unshare(2) with CLONE_NEWNET moves only this thread, which ends
+            // with the test; it reads no memory of ours.
+            assert_eq!(
+                unsafe { libc::unshare(libc::CLONE_NEWNET) },
+                0,
+                "needs root"
+            );
+            let logs = Logs::default();
+            let writer = {
+                let logs = logs.clone();
+                move || logs.clone()
+            };
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(writer)
+                .with_ansi(false)
+                .finish();
+            let _logging = tracing::subscriber::set_default(subscriber);
+            let status = Status::default();
+            let network = "10.244.0.0/16".parse().unwrap();
+            let own_address = OwnAddress {
+                authority: Authority::NodeList,
+                public_ip: None,
+                interface: Ipv4Addr::new(172, 18, 0, 3),
+            };
+            let node = NodeIdentity {
+                name: "w1",
+                network,
+                own_address: &own_address,
+                uplink: "eth0",
+            };
+            let set = NodeSet {
+                nodes: vec![NodeInfo {
+                    name: "w1".into(),
+                    pod_cidr: "10.244.1.0/24".parse().unwrap(),
+                    tunnel_ip: own_address.interface,
+                    overwrite: None,
+                    foreign_backend: None,
+                }],
+                errors: vec![],
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let passed = rt.block_on(async {
+                let mut dp = Datapath::load(&LoadOptions::default()).unwrap();
+                let settings = NodeSettings {
+                    uplink: Uplink {
+                        name: "eth0".into(),
+                        ifindex: 2,
+                        mtu: 1500,
+                        address: own_address.interface,
+                    },
+                    bridge: "cni0".into(),
+                    network,
+                    subnet_file: "/nonexistent/subnet.env".into(),
+                    masq: masq::Settings::default(),
+                    blackhole_route: false,
+                    direct_routing: false,
+                };
+                let mut rec = Reconciler::new(Host::connect().unwrap(), settings);
+                let refuse = |_: &mut Datapath| Err(anyhow!(WHY));
+                let mut warned = BTreeSet::new();
+                converge(node, &set, &status, &mut dp, &mut rec, &mut warned, refuse).await
+            });
+            let e = passed.expect_err("the failure ends the run");
+            assert!(format!("{e:#}").contains(WHY), "{e:#}");
+            let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+            assert!(
+                !logged.contains(WHY),
+                "reported before the run ends with it:\n{logged}"
+            );
+            assert_eq!(
+                status.reconciles().failures,
+                1,
+                "not counted as a failed pass"
+            );
+        })
+        .join()
+        .unwrap();
+    }
+}
