@@ -503,13 +503,10 @@ mod tests {
     fn a_failed_uplink_takeover_is_returned_not_logged() {
         const WHY: &str = "the uplink refused the programs";
         std::thread::spawn(|| {
-            // SAFETY: unshare(2) with CLONE_NEWNET moves only this thread, which ends
-            // with the test; it reads no memory of ours.
-            assert_eq!(
-                unsafe { libc::unshare(libc::CLONE_NEWNET) },
-                0,
-                "needs root"
-            );
+            // SAFETY: unshare(2) takes no pointer; CLONE_NEWNET moves only this
+            // thread, which ends with the test.
+            let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(unshared, 0, "needs root");
             let logs = Logs::default();
             let writer = {
                 let logs = logs.clone();

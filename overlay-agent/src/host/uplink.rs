@@ -661,12 +661,10 @@ mod tests {
     #[test]
     fn reads_interfaces_addresses_and_the_default_route() {
         std::thread::spawn(|| {
-            // SAFETY: moves only this thread, which ends with the test.
-            assert_eq!(
-                unsafe { libc::unshare(libc::CLONE_NEWNET) },
-                0,
-                "needs root"
-            );
+            // SAFETY: unshare(2) takes no pointer; CLONE_NEWNET moves only this
+            // thread, which ends with the test.
+            let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(unshared, 0, "needs root");
             for cmd in [
                 "link add a0 type veth peer name a1",
                 "link add b0 type veth peer name b1",

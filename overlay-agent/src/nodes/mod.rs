@@ -387,7 +387,7 @@ pub(crate) mod tests {
     use super::*;
 
     /// A Node as `kubectl get node -o json` prints it (trimmed).
-    pub fn node_json(
+    pub(crate) fn node_json(
         name: &str,
         pod_cidr: Option<&str>,
         internal_ip: Option<&str>,

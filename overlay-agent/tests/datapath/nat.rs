@@ -36,12 +36,12 @@ use super::{
 };
 
 /// Payload bytes of the connections' packets.
-pub const PAYLOAD: usize = 37;
+pub(super) const PAYLOAD: usize = 37;
 
 /// The test's connection of `proto` from a client at `src` to a server at `dst`; each
 /// protocol has a client port of its own, so that the connections of [`Proto::ALL`]
 /// between the same hosts are distinct flows.
-pub fn client(proto: Proto, src: Ipv4Addr, dst: Ipv4Addr) -> Conn {
+pub(super) fn client(proto: Proto, src: Ipv4Addr, dst: Ipv4Addr) -> Conn {
     match proto {
         Proto::Echo => Conn::new(proto, (src, 0x77), (dst, 0)),
         Proto::Tcp => Conn::new(proto, (src, 40000), (dst, 443)),
@@ -57,7 +57,7 @@ fn remote_of(addr: Ipv4Addr) -> Option<Remote> {
 
 /// The frame a packet of `conn` is, leaving the uplink (as the host stack hands it to the
 /// egress hook).
-pub fn outgoing(conn: &Conn, flags: u8) -> Vec<u8> {
+pub(super) fn outgoing(conn: &Conn, flags: u8) -> Vec<u8> {
     outgoing_with(conn, flags, |_| {})
 }
 
@@ -68,7 +68,7 @@ fn outgoing_with(conn: &Conn, flags: u8, change: HeaderChange) -> Vec<u8> {
 
 /// The frame a packet of `conn` is, arriving on the uplink: straight from the underlay,
 /// or through the tunnel from the node of a remote pod.
-pub fn incoming(conn: &Conn, flags: u8) -> Vec<u8> {
+pub(super) fn incoming(conn: &Conn, flags: u8) -> Vec<u8> {
     incoming_with(conn, flags, |_| {})
 }
 
@@ -82,7 +82,7 @@ fn incoming_with(conn: &Conn, flags: u8, change: HeaderChange) -> Vec<u8> {
 }
 
 /// The translated source of `conn` as the connection table lists it.
-pub fn translation(node: &Node, conn: &Conn) -> Option<(Ipv4Addr, u16)> {
+pub(super) fn translation(node: &Node, conn: &Conn) -> Option<(Ipv4Addr, u16)> {
     let flows = node.dp.conntrack.flows().expect("listing flows");
     let flow = flows
         .iter()
@@ -94,7 +94,7 @@ pub fn translation(node: &Node, conn: &Conn) -> Option<(Ipv4Addr, u16)> {
 /// the table says: from `nat_ip` and a port of the configured range, otherwise exactly
 /// as sent (and encapsulated if it is for a remote pod). Returns the translated
 /// connection and the masquerade events of the run.
-pub fn translate_out(
+pub(super) fn translate_out(
     node: &Node,
     conn: Conn,
     flags: u8,
@@ -143,7 +143,7 @@ fn translate_out_with(
 
 /// [`translate_out`] for the first packet of a connection: exactly one flow created
 /// (after any number of port collisions: the first candidate port is random).
-pub fn open(node: &Node, conn: Conn, flags: u8, nat_ip: Ipv4Addr) -> Conn {
+pub(super) fn open(node: &Node, conn: Conn, flags: u8, nat_ip: Ipv4Addr) -> Conn {
     let (translated, mut events) = translate_out(node, conn, flags, nat_ip);
     events.remove(&NatEvent::PortCollision);
     assert_eq!(
@@ -157,14 +157,14 @@ pub fn open(node: &Node, conn: Conn, flags: u8, nat_ip: Ipv4Addr) -> Conn {
 /// How a reply (or an error about a flow) translated back leaves the uplink's ingress
 /// when its flow is not on the fast path, and the frame it leaves as, given `back`: the
 /// frame translated back, as the host stack receives it to forward or deliver.
-pub fn reply_outcome(back: Vec<u8>) -> (Act, Reason, Vec<u8>) {
+pub(super) fn reply_outcome(back: Vec<u8>) -> (Act, Reason, Vec<u8>) {
     (Act::Next, Reason::Unmasqueraded, back)
 }
 
 /// Sends the reply to `translated` (the translation of `conn`) in through the uplink
 /// and checks that it reaches the stack addressed to `conn`'s source, exactly as the
 /// other end sent it otherwise. Returns the masquerade events of the run.
-pub fn translate_back(
+pub(super) fn translate_back(
     node: &Node,
     conn: Conn,
     translated: Conn,
@@ -193,7 +193,7 @@ fn translate_back_with(
 
 /// What the connection table should hold for one connection.
 #[derive(Clone, Copy, Debug)]
-pub struct Tracked {
+pub(super) struct Tracked {
     pub conn: Conn,
     /// The connection as translated, or None for a flow tracked untranslated (rule 4).
     pub translated: Option<Conn>,
@@ -203,7 +203,7 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    pub fn translated(conn: Conn, translated: Conn, rule: Rule, flags: u8) -> Tracked {
+    pub(super) fn translated(conn: Conn, translated: Conn, rule: Rule, flags: u8) -> Tracked {
         Tracked {
             conn,
             translated: Some(translated),
@@ -212,7 +212,7 @@ impl Tracked {
         }
     }
 
-    pub fn untranslated(conn: Conn, flags: u8) -> Tracked {
+    pub(super) fn untranslated(conn: Conn, flags: u8) -> Tracked {
         Tracked {
             conn,
             translated: None,
@@ -223,7 +223,7 @@ impl Tracked {
 }
 
 /// The table key of `conn` in direction `dir`.
-pub fn ct_key(conn: &Conn, dir: u8) -> CtKey {
+pub(super) fn ct_key(conn: &Conn, dir: u8) -> CtKey {
     CtKey {
         src: conn.src.0.octets(),
         dst: conn.dst.0.octets(),
@@ -244,7 +244,7 @@ fn timeless(e: &CtEntry) -> ([u8; 4], [u8; 2], u8, u8) {
 /// entry keyed by the connection and holding its translated source (its own source if
 /// untranslated), and for translated ones a REPLY entry keyed by the tuple replies carry
 /// and holding the original source. Live ORIGINAL entries expire in the future.
-pub fn assert_table(node: &Node, flows: &[Tracked]) {
+pub(super) fn assert_table(node: &Node, flows: &[Tracked]) {
     let mut want = BTreeMap::new();
     for t in flows {
         let source = t.translated.unwrap_or(t.conn).src;
