@@ -13,7 +13,7 @@
 
 use std::net::Ipv4Addr;
 
-use super::NodeInfo;
+use super::node_set::NodeInfo;
 
 /// Who has the last word on this node's tunnel address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

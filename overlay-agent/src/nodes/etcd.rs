@@ -62,7 +62,12 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, time::Instant};
 use tracing::{info, warn};
 
-use super::{NodeInfo, NodeSet, address::OwnAddress, annotations::BACKEND, kube::Retry};
+use super::{
+    address::OwnAddress,
+    annotations::BACKEND,
+    kube::Retry,
+    node_set::{NodeInfo, NodeSet},
+};
 use crate::{
     net_conf::{NetConf, SubnetRange},
     status::Status,
