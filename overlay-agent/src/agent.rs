@@ -1,11 +1,12 @@
 //! The agent's life: set the node up, load and attach the datapath, converge on the
 //! node set as it changes, and leave the node clean on the way out.
 //!
-//! The run loop is a controller's, as kube-rs's (kube-rs/kube 0.98,
-//! `examples/configmapgen_controller.rs`: `reconcile`, `error_policy` and a `Context`):
-//! it waits for a [`Trigger`], hands it to [`reconcile`] with the [`Context`], and a
-//! failure returned from there ends the run. Two controllers do the work: the node
-//! reconcile (`reconcile`) and the pods' side of the node (`pods`).
+//! The run loop is a controller's, as kube-rs's (kube-rs/kube
+//! `examples/configmapgen_controller.rs`, commit 02c44ed: `reconcile`, `error_policy`
+//! and a `Context`): it waits for a [`Trigger`], hands it to [`reconcile`] with the
+//! [`Context`], and a failure returned from there ends the run (the error policy). Two
+//! controllers do the work: the node reconcile (`reconcile`) and the pods' side of the
+//! node (`pods`).
 
 use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
 
@@ -478,6 +479,7 @@ mod tests {
     use crate::{
         host::uplink::Uplink,
         nodes::{NodeInfo, address::Authority},
+        reconcile,
     };
 
     /// Where the test's log lines go.
@@ -546,20 +548,13 @@ mod tests {
                 .unwrap();
             let passed = rt.block_on(async {
                 let mut dp = Datapath::load(&LoadOptions::default()).unwrap();
-                let settings = NodeSettings {
-                    uplink: Uplink {
-                        name: "eth0".into(),
-                        ifindex: 2,
-                        mtu: 1500,
-                        address: own_address.interface,
-                    },
-                    bridge: "cni0".into(),
-                    network,
-                    subnet_file: "/nonexistent/subnet.env".into(),
-                    masq: masq::Settings::default(),
-                    blackhole_route: false,
-                    direct_routing: false,
+                let uplink = Uplink {
+                    name: "eth0".into(),
+                    ifindex: 2,
+                    mtu: 1500,
+                    address: own_address.interface,
                 };
+                let settings = reconcile::tests::settings(uplink, network);
                 let mut rec = Reconciler::new(Host::connect().unwrap(), settings);
                 let refuse = |_: &mut Datapath| Err(anyhow!(WHY));
                 let mut warned = BTreeSet::new();

@@ -522,7 +522,7 @@ impl Reconciler {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::nodes::{
         address::{Authority, OwnAddress},
@@ -778,6 +778,19 @@ mod tests {
         assert_eq!(plan.map.get(&subnet(0)).map(Route::direct), Some(false));
     }
 
+    /// Settings of a test node on `uplink`, in `network`, whose subnet.env goes nowhere.
+    pub(crate) fn settings(uplink: Uplink, network: Ipv4Net) -> NodeSettings {
+        NodeSettings {
+            uplink,
+            bridge: "cni0".into(),
+            network,
+            subnet_file: "/nonexistent/subnet.env".into(),
+            masq: masq::Settings::default(),
+            blackhole_route: false,
+            direct_routing: false,
+        }
+    }
+
     /// What node2 publishes and what its datapath puts in outer headers (and
     /// accepts), with its agent on eth1 (192.168.3.111) and `public_ip` given.
     fn published_and_on_the_wire(public_ip: Option<Ipv4Addr>) -> (Ipv4Addr, Ipv4Addr) {
@@ -813,18 +826,7 @@ mod tests {
             mtu: 1500,
             address: own_address.interface,
         };
-        let rec = Reconciler::new(
-            Host::connect().unwrap(),
-            NodeSettings {
-                uplink,
-                bridge: "cni0".into(),
-                network,
-                subnet_file: "/nonexistent/subnet.env".into(),
-                masq: masq::Settings::default(),
-                blackhole_route: false,
-                direct_routing: false,
-            },
-        );
+        let rec = Reconciler::new(Host::connect().unwrap(), settings(uplink, network));
         (published, Ipv4Addr::from(rec.datapath_config(&d).node_ip))
     }
 

@@ -3,10 +3,11 @@
 //! ([`veths`]), and the bridge's addresses and MAC, which the node pass acts on (it
 //! attaches to the bridge and sources host traffic from the gateway).
 //!
-//! Shaped as a kube-rs controller (kube-rs/kube 0.98, `examples/configmapgen_controller.rs`):
-//! [`Pods::next`] waits for a [`Trigger`], what the host's notifications ([`events`]) and
-//! a slow periodic resync ask for, and [`Pods::reconcile`] reads the state itself and
-//! converges on it. Failures are only logged: the next trigger reads everything again.
+//! Shaped as a kube-rs controller (kube-rs/kube `examples/configmapgen_controller.rs`,
+//! commit 02c44ed): [`Pods::next`] waits for a [`Trigger`], what the host's
+//! notifications ([`events`]) and a slow periodic resync ask for, and
+//! [`Pods::reconcile`] reads the state itself and converges on it. Failures are only
+//! logged: the next trigger reads everything again.
 
 pub mod events;
 pub mod ports;

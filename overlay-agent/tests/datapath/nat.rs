@@ -21,8 +21,8 @@ use overlay_common::{
 use super::{
     expect::{assert_checksums, decapsulated, encapsulated, towards},
     fixture::{
-        Act, Node, SkBuff, assert_bytes_eq, check_verdict, masquerade, with_masquerading_node,
-        with_node, with_node_setup,
+        Act, Node, Outcome, SkBuff, assert_bytes_eq, check_verdict, masquerade,
+        with_masquerading_node, with_node, with_node_setup,
     },
     malformed::malformed,
     packet::{
@@ -152,6 +152,15 @@ pub(super) fn open(node: &Node, conn: Conn, flags: u8, nat_ip: Ipv4Addr) -> Conn
         "events opening {conn:?}"
     );
     translated
+}
+
+/// A masquerade port next to `port`, inside the node's range.
+pub(super) fn next_port(node: &Node, port: u16) -> u16 {
+    if port == node.config.nat_port_max {
+        port - 1
+    } else {
+        port + 1
+    }
 }
 
 /// How a reply (or an error about a flow) translated back leaves the uplink's ingress
@@ -450,6 +459,18 @@ fn outside_clients_of_remote_pods_round_trip() {
     });
 }
 
+/// `uplink_egress` on `frame` carrying the packet mark `mark`, passed on for `reason`.
+fn egress_marked(node: &Node, frame: &[u8], mark: u32, reason: Reason) -> Outcome {
+    let ctx = SkBuff {
+        ifindex: node.eth0,
+        mark,
+        ..Default::default()
+    };
+    let out = node.run_with(UplinkEgress, frame, ctx);
+    check_verdict(UplinkEgress, frame, &out, Act::Next, reason);
+    out
+}
+
 #[test]
 fn kube_proxy_marked_packets_are_left_to_kube_proxy() {
     // Rule 1: the 0x4000 bit, whatever else the mark holds.
@@ -462,29 +483,10 @@ fn kube_proxy_marked_packets_are_left_to_kube_proxy() {
             u32::MAX,
         ] {
             eprintln!("case: mark {mark:#x}");
-            let ctx = SkBuff {
-                ifindex: node.eth0,
-                mark,
-                ..Default::default()
-            };
-            let out = node.run_with(UplinkEgress, &to_outside, ctx);
-            check_verdict(
-                UplinkEgress,
-                &to_outside,
-                &out,
-                Act::Next,
-                Reason::PassNotOverlay,
-            );
+            let out = egress_marked(node, &to_outside, mark, Reason::PassNotOverlay);
             assert_bytes_eq(&out.data, &to_outside, "marked packet to the outside");
             // Still encapsulated, with its own source.
-            let out = node.run_with(UplinkEgress, &to_remote_pod, ctx);
-            check_verdict(
-                UplinkEgress,
-                &to_remote_pod,
-                &out,
-                Act::Next,
-                Reason::Encapsulated,
-            );
+            let out = egress_marked(node, &to_remote_pod, mark, Reason::Encapsulated);
             assert_bytes_eq(
                 &out.data,
                 &encapsulated(&to_remote_pod, &W2, 0, towards(&W2)),
@@ -494,17 +496,10 @@ fn kube_proxy_marked_packets_are_left_to_kube_proxy() {
         assert_table(node, &[]);
         // Other bits do not count.
         let conn = client(Proto::Tcp, POD, OUTSIDE);
-        let ctx = SkBuff {
-            ifindex: node.eth0,
-            mark: !KUBE_PROXY_MASQ_MARK,
-            ..Default::default()
-        };
-        let out = node.run_with(UplinkEgress, &to_outside, ctx);
-        check_verdict(
-            UplinkEgress,
+        egress_marked(
+            node,
             &to_outside,
-            &out,
-            Act::Next,
+            !KUBE_PROXY_MASQ_MARK,
             Reason::Masqueraded,
         );
         assert!(
@@ -728,11 +723,7 @@ fn replies_to_ports_no_flow_holds_are_untouched() {
         let conn = client(Proto::Udp, POD, OUTSIDE);
         let translated = open(node, conn, 0, NODE_IP);
         let port = translated.src.1;
-        let other_port = if port == node.config.nat_port_max {
-            port - 1
-        } else {
-            port + 1
-        };
+        let other_port = next_port(node, port);
         let strays = [
             // Another port, another protocol, another server, another server port.
             translated.with_src((NODE_IP, other_port)),
