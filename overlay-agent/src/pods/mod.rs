@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::Result;
 use overlay_common::Hook;
-use tokio::time::Interval;
+use tokio::time::{Interval, sleep_until};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -163,6 +163,9 @@ impl Pods {
     /// meanwhile. Cancel-safe: what a notification asks for is kept in the schedule.
     pub async fn next(&mut self) -> Trigger {
         loop {
+            // A branch whose time is None is off (its sleep, to `now`, is not polled).
+            let (ports, look) = (self.schedule.ports, self.schedule.look);
+            let now = Instant::now();
             tokio::select! {
                 changed = next_change(&mut self.events) => {
                     let now = Instant::now();
@@ -177,8 +180,12 @@ impl Pods {
                         }
                     }
                 }
-                _ = until(self.schedule.ports) => return Trigger::Forwarding,
-                _ = until(self.schedule.look) => return Trigger::HostEvent,
+                _ = sleep_until(ports.unwrap_or(now).into()), if ports.is_some() => {
+                    return Trigger::Forwarding;
+                }
+                _ = sleep_until(look.unwrap_or(now).into()), if look.is_some() => {
+                    return Trigger::HostEvent;
+                }
                 _ = self.periodic.tick() => return Trigger::Resync,
             }
         }
@@ -250,14 +257,6 @@ impl Pods {
 async fn next_change(events: &mut Option<HostEvents>) -> Result<Change> {
     match events {
         Some(events) => events.changed().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Waits until `at`; forever when there is nothing to wait for.
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
 }
