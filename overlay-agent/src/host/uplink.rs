@@ -1,4 +1,5 @@
-//! Which interface carries the tunnel, and which address this node is known by.
+//! Which interface carries the tunnel: the uplink (the address this node is known by is
+//! decided in `nodes::address`).
 //!
 //! The interface is chosen as flanneld chooses it: `--iface` (a name or one of its
 //! addresses, repeatable, first match wins), then `--iface-regex` (matched against
@@ -8,8 +9,7 @@
 //! `pkg/ipmatch/match.go`, `pkg/ip/iface.go`), else the interface holding
 //! `--public-ip`, else the one of the default route.
 //!
-//! The chosen interface is the [`Uplink`]: it carries the tunnel, and its MTU less the
-//! outer header is the pods'.
+//! The chosen interface is the [`Uplink`]: its MTU less the outer header is the pods'.
 
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
