@@ -1,14 +1,16 @@
 //! The agent's life: set the node up, load and attach the datapath, converge on the
 //! node set as it changes, and leave the node clean on the way out.
+//!
+//! The run loop is a controller's, as kube-rs's (kube-rs/kube
+//! `examples/configmapgen_controller.rs`, commit 02c44ed: `reconcile`, `error_policy`
+//! and a `Context`): it waits for a [`Trigger`], hands it to [`reconcile`] with the
+//! [`Context`], and a failure returned from there ends the run (the error policy). Two
+//! controllers do the work: the node reconcile (`reconcile`) and the pods' side of the
+//! node (`pods`).
 
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
 use overlay_common::Hook;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
@@ -19,20 +21,17 @@ use tracing::{debug, error, info, warn};
 use crate::{
     bpf_log::BpfLogLevel,
     bpffs,
-    datapath::{Datapath, LoadOptions},
+    datapath::{Datapath, LoadOptions, conntrack},
     fast_path::{self, Driver},
     host::{
-        self, Host,
-        events::{Change, HostEvents},
-        flanneld_leftovers,
+        self, Host, flanneld_leftovers,
         forward_rules::{self, ForwardRules, Frontend},
+        uplink::Selection,
     },
     masq,
-    nodes::{
-        NodeName, NodeSet, OpenSource, Source,
-        address::{Interfaces, OwnAddress, Selection},
-    },
-    reconcile::{Desired, IPIP_OVERHEAD, NodeSettings, Reconciler, Uplink},
+    nodes::{NodeName, NodeSet, Source, address::OwnAddress},
+    pods::{self, Pods},
+    reconcile::{Desired, NodeSettings, Reconciler},
     status::{Convergence, Status},
 };
 
@@ -96,7 +95,7 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
     if let Some(stored) = opening.stored_public_ip().await {
         selection.public_ip = Some(stored);
     }
-    let uplink = select_uplink(&selection).await?;
+    let uplink = selection.uplink().await?;
     let own_address = OwnAddress {
         authority: opts.source.authority(),
         public_ip: selection.public_ip,
@@ -112,7 +111,10 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
             Frontend::Iptables
         };
         let rules = ForwardRules::new(frontend, net_conf.network);
-        tokio::spawn(forward_rules::keep(rules, period, Arc::clone(&status)))
+        let status = Arc::clone(&status);
+        tokio::spawn(forward_rules::keep(rules, period, move |pass| {
+            status.forward_rules_pass(pass)
+        }))
     });
     let pin_dir = bpffs::prepare(&opts.bpffs)?;
     let mut dp = Datapath::load(&LoadOptions {
@@ -134,23 +136,30 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
         blackhole_route: opts.blackhole_route,
         direct_routing: net_conf.direct_routing,
     };
-    let mut reconciler = Reconciler::new(host, settings);
+    let reconciler = Reconciler::new(host.clone(), settings);
     let node = NodeIdentity {
         network: net_conf.network,
         name: &node_name,
         own_address: &own_address,
         uplink: &uplink_name,
     };
-    let result = serve(
-        &opts,
+    let (tx, nodes) = watch::channel::<Option<NodeSet>>(None);
+    let source = tokio::spawn(source.run(tx, Arc::clone(&status)));
+    let mut context = Context {
+        opts: &opts,
         node,
-        source,
-        &status,
-        &mut shutdown,
-        &mut dp,
-        &mut reconciler,
-    )
-    .await;
+        status: &status,
+        nodes,
+        dp,
+        rec: reconciler,
+        pods: Pods::new(&opts.bridge, host.clone()),
+        fast: Driver::start(opts.fast_path),
+        host,
+        warned: BTreeSet::new(),
+        flanneld_looked_at: false,
+    };
+    let result = serve(&mut context, &mut shutdown).await;
+    source.abort();
     for task in [forward_rules, program_log].into_iter().flatten() {
         task.abort();
     }
@@ -158,27 +167,6 @@ pub async fn run(opts: Options, status: Arc<Status>) -> Result<()> {
     // them over without a gap. `overlay-agent cleanup` removes them.
     info!("exiting; the datapath stays in place (`overlay-agent cleanup` removes it)");
     result
-}
-
-/// The interface `selection` picks, as the uplink.
-async fn select_uplink(selection: &Selection) -> Result<Uplink> {
-    let selected = selection.select(&Interfaces::read(selection.can_reach).await?)?;
-    let iface = selected.interface;
-    // The pod MTU is the uplink's minus the outer header, and IPv4 needs 68.
-    if iface.mtu < IPIP_OVERHEAD + 68 {
-        bail!("MTU {} of {} is too small for IPIP", iface.mtu, iface.name);
-    }
-    info!(
-        iface = iface.name,
-        address = %selected.address,
-        "tunnel interface selected"
-    );
-    Ok(Uplink {
-        name: iface.name,
-        ifindex: iface.index,
-        mtu: iface.mtu,
-        address: selected.address,
-    })
 }
 
 /// Who this node is, as the run loop needs it.
@@ -191,279 +179,151 @@ struct NodeIdentity<'a> {
     uplink: &'a str,
 }
 
-async fn serve(
-    opts: &Options,
-    node: NodeIdentity<'_>,
-    source: OpenSource,
-    status: &Arc<Status>,
-    shutdown: &mut Shutdown,
-    dp: &mut Datapath,
-    rec: &mut Reconciler,
-) -> Result<()> {
-    let (tx, mut nodes) = watch::channel::<Option<NodeSet>>(None);
-    let source = tokio::spawn(source.run(tx, Arc::clone(status)));
+/// Why the run loop wakes.
+enum Trigger {
+    /// The node source delivered another node set.
+    NodeSet,
+    /// The periodic node pass (`--resync`).
+    Resync,
+    /// The connection table's sweep is due.
+    Sweep,
+    /// The host's netfilter told of a change (ruleset or conntrack).
+    Netfilter(Result<fast_path::netfilter::Event>),
+    /// The fast path's admission pass is due.
+    Admission,
+    /// The pods' side of the node is due a look.
+    Pods(pods::Trigger),
+}
+
+/// What the controllers of the run loop work on.
+struct Context<'a> {
+    opts: &'a Options,
+    node: NodeIdentity<'a>,
+    status: &'a Arc<Status>,
+    /// The node source's latest node set.
+    nodes: watch::Receiver<Option<NodeSet>>,
+    dp: Datapath,
+    rec: Reconciler,
+    pods: Pods,
+    fast: Driver,
+    host: Host,
+    /// The skipped nodes already warned about, so that each resync does not repeat them.
+    warned: BTreeSet<String>,
+    /// Whether what flanneld left was removed.
+    flanneld_looked_at: bool,
+}
+
+/// Waits for triggers and hands each to [`reconcile`] until a shutdown is requested,
+/// the node source stops, or a failure ends the run.
+async fn serve(ctx: &mut Context<'_>, shutdown: &mut Shutdown) -> Result<()> {
+    let opts = ctx.opts;
     let mut resync = tokio::time::interval(opts.resync);
     let mut ct_sweep = tokio::time::interval(opts.ct_sweep);
-    let mut events = match HostEvents::subscribe() {
-        Ok(events) => Some(events),
-        Err(e) => {
-            warn!(
-                error = format!("{e:#}"),
-                "no rtnetlink notifications; looking at the pods' side of the node every second instead"
-            );
-            None
-        }
-    };
-    // The pods' side of the node (see `look_at_pods`), looked at after notifications and
-    // anyway at this pace; the first tick is at once.
-    let mut look = tokio::time::interval(if events.is_some() { LOOK_ANYWAY } else { POLL });
-    let mut looks = Looks::default();
-    let mut warned = BTreeSet::new();
-    let mut bridge_seen = BridgeSeen::default();
-    let mut fast = Driver::start(opts.fast_path);
-    switch_fast_path(&fast, status, dp, rec)?;
     let mut admission = tokio::time::interval(fast_path::PASS_EVERY);
-    let mut flanneld_looked_at = false;
-    let result = loop {
-        // /healthz judges the loop by this: every branch below returns to it.
-        status.heartbeat();
-        tokio::select! {
-            _ = shutdown.requested() => break Ok(()),
-            changed = nodes.changed() => {
-                if changed.is_err() {
-                    break Err(anyhow!("the node source stopped"));
-                }
-            }
-            _ = resync.tick() => {}
-            _ = ct_sweep.tick() => {
-                sweep(dp, status);
-                continue;
-            }
-            event = fast.next_event() => {
-                if matches!(event, Ok(fast_path::netfilter::Event::Committed)) {
-                    status.ruleset_changed();
-                }
-                if fast.handle(event, &mut dp.flows)
-                    && let Err(e) = switch_fast_path(&fast, status, dp, rec)
-                {
-                    break Err(e);
-                }
-                continue;
-            }
-            _ = admission.tick() => {
-                if fast.check_legacy()
-                    && let Err(e) = switch_fast_path(&fast, status, dp, rec)
-                {
-                    break Err(e);
-                }
-                match fast.pass(&mut dp.flows, crate::conntrack::monotonic_ns()) {
-                    Ok(pass) => status.admission(pass),
-                    Err(e) => warn!(error = format!("{e:#}"), "fast path admission failed; retrying"),
-                }
-                continue;
-            }
-            changed = next_change(&mut events) => {
-                match changed {
-                    Ok(Change::Forwarding) => looks.forwarding(Instant::now()),
-                    Ok(Change::Node) => looks.notified(Instant::now()),
-                    Err(e) => {
-                        warn!(error = format!("{e:#}"), "rtnetlink notifications failed; looking at the pods' side of the node every second instead");
-                        events = None;
-                        look = tokio::time::interval(POLL);
-                        looks.notified(Instant::now());
-                    }
-                }
-                continue;
-            }
-            _ = until(looks.ports) => {
-                looks.ports = None;
-                sync_pod_ports(opts, dp);
-                continue;
-            }
-            _ = until(looks.soon) => {
-                if !look_at_pods(opts, dp, rec, &mut bridge_seen, &mut looks).await {
-                    continue;
-                }
-            }
-            _ = look.tick() => {
-                if !look_at_pods(opts, dp, rec, &mut bridge_seen, &mut looks).await {
-                    continue;
-                }
-            }
-        }
-        let set = nodes.borrow_and_update().clone();
-        let mut attach_failed = None;
-        // Only once the maps match the node set (and before the routes): taking over
-        // the links an earlier run left (or attaching for the first time) then
-        // changes nothing for traffic already flowing.
-        let attach = |dp: &mut Datapath| {
-            if dp.attachment(Hook::UplinkIngress).is_some() {
-                return Ok(());
-            }
-            take_over_uplink(opts, node.uplink, dp).inspect_err(|e| {
-                attach_failed = Some(anyhow!("{e:#}"));
-            })
+    switch_fast_path(ctx)?;
+    loop {
+        // /healthz judges the loop by this: every trigger returns to it.
+        ctx.status.heartbeat();
+        let trigger = tokio::select! {
+            _ = shutdown.requested() => return Ok(()),
+            changed = ctx.nodes.changed() => match changed {
+                Ok(()) => Trigger::NodeSet,
+                Err(_) => bail!("the node source stopped"),
+            },
+            _ = resync.tick() => Trigger::Resync,
+            _ = ct_sweep.tick() => Trigger::Sweep,
+            event = ctx.fast.next_event() => Trigger::Netfilter(event),
+            _ = admission.tick() => Trigger::Admission,
+            why = ctx.pods.next() => Trigger::Pods(why),
         };
-        let converged = match set {
-            Some(set) => converge(node, &set, status, dp, rec, &mut warned, attach).await,
-            None => false,
-        };
-        if let Some(e) = attach_failed {
-            break Err(e);
+        reconcile(trigger, ctx).await?;
+    }
+}
+
+/// Does what `trigger` asks. Failures a later trigger can mend are logged (and
+/// counted) where they happen; an error returned here ends the run.
+async fn reconcile(trigger: Trigger, ctx: &mut Context<'_>) -> Result<()> {
+    match trigger {
+        Trigger::NodeSet | Trigger::Resync => node_pass(ctx).await,
+        Trigger::Sweep => {
+            sweep(&mut ctx.dp, ctx.status);
+            Ok(())
         }
-        if converged {
-            // Maps, routes and programs in place: the node's network is up, and what
-            // flanneld left carries nothing any more.
-            if !flanneld_looked_at {
-                flanneld_looked_at = remove_flanneld_leftovers(&rec.host, status).await;
+        Trigger::Netfilter(event) => {
+            if matches!(event, Ok(fast_path::netfilter::Event::Committed)) {
+                ctx.status.ruleset_changed();
             }
-            status.network_is_up();
+            if ctx.fast.handle(event, &mut ctx.dp.flows) {
+                switch_fast_path(ctx)?;
+            }
+            Ok(())
         }
+        Trigger::Admission => {
+            if ctx.fast.check_legacy() {
+                switch_fast_path(ctx)?;
+            }
+            match ctx.fast.pass(&mut ctx.dp.flows, conntrack::monotonic_ns()) {
+                Ok(pass) => ctx.status.admission(pass),
+                Err(e) => warn!(
+                    error = format!("{e:#}"),
+                    "fast path admission failed; retrying"
+                ),
+            }
+            Ok(())
+        }
+        Trigger::Pods(why) => match ctx.pods.reconcile(why, &mut ctx.dp).await {
+            pods::Outcome::BridgeChanged => node_pass(ctx).await,
+            pods::Outcome::Unchanged => Ok(()),
+        },
+    }
+}
+
+/// One pass of the node reconcile on the latest node set (none before the source's
+/// first); once the datapath matches it, the node's network is up, and what flanneld
+/// left is removed. Only a failure to take the uplink over ends the run.
+async fn node_pass(ctx: &mut Context<'_>) -> Result<()> {
+    let set = ctx.nodes.borrow_and_update().clone();
+    let Some(set) = set else {
+        return Ok(());
     };
-    source.abort();
-    result
+    let (opts, node) = (ctx.opts, ctx.node);
+    // Only once the maps match the node set (and before the routes): taking over
+    // the links an earlier run left (or attaching for the first time) then
+    // changes nothing for traffic already flowing.
+    let attach = |dp: &mut Datapath| {
+        if dp.attachment(Hook::UplinkIngress).is_some() {
+            return Ok(());
+        }
+        take_over_uplink(opts, node.uplink, dp)
+    };
+    let converged = converge(
+        node,
+        &set,
+        ctx.status,
+        &mut ctx.dp,
+        &mut ctx.rec,
+        &mut ctx.warned,
+        attach,
+    )
+    .await?;
+    if converged {
+        // Maps, routes and programs in place: the node's network is up, and what
+        // flanneld left carries nothing any more.
+        if !ctx.flanneld_looked_at {
+            ctx.flanneld_looked_at = remove_flanneld_leftovers(&ctx.host, ctx.status).await;
+        }
+        ctx.status.network_is_up();
+    }
+    Ok(())
 }
 
 /// Tells the programs (and the status) whether the fast path is on, and under which
 /// ruleset generation. A failure to write the configuration ends the run: the
 /// programs would go on trusting rules the host has changed.
-fn switch_fast_path(
-    fast: &Driver,
-    status: &Status,
-    dp: &mut Datapath,
-    rec: &mut Reconciler,
-) -> Result<()> {
-    let state = fast.state();
-    status.fast_path_switched(state.on(), state.blocked());
-    rec.set_fast_path(dp, state.switch())
-}
-
-/// How long the agent lets notifications gather before it looks: a pod's start is a
-/// burst of them (veth created, plugged into the bridge, up, its MAC learned).
-const AFTER_NOTIFICATION: Duration = Duration::from_millis(100);
-/// The least time between two looks that notifications ask for: a node whose devices
-/// or filters keep changing costs no more than polling did.
-const LOOK_SPACING: Duration = Duration::from_secs(1);
-/// How often the agent looks at the pods' side of the node when nothing told it to: for
-/// what sends no notification (another program attached to a veth through TCX).
-const LOOK_ANYWAY: Duration = Duration::from_secs(10);
-/// The pace without notifications.
-const POLL: Duration = Duration::from_secs(1);
-
-/// The bridge's addresses and MAC at the last look: the CNI plugin gives the bridge
-/// its gateway address after creating it, and its MAC is the pods' gateway, which
-/// `pod_ingress` looks for.
-type BridgeSeen = (Vec<std::net::Ipv4Addr>, Option<[u8; 6]>);
-
-/// The next notification that concerns the pods' side of the node; never, without
-/// notifications.
-async fn next_change(events: &mut Option<HostEvents>) -> Result<Change> {
-    match events {
-        Some(events) => events.changed().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Waits until `at`; forever when there is nothing to wait for.
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// When to look at the pods' side of the node before the next periodic tick.
-#[derive(Debug, Default)]
-struct Looks {
-    /// The look due: after notifications, or when a new veth settles.
-    soon: Option<Instant>,
-    /// When the last look began.
-    last: Option<Instant>,
-    /// A read of the bridge's forwarding table alone, due after notifications of it
-    /// only: not held back by the spacing between looks, as it costs one file read,
-    /// and a new pod's packets take the bridge until its port is known.
-    ports: Option<Instant>,
-}
-
-impl Looks {
-    /// Notifications of the bridge's forwarding table alone arrived at `now`: its
-    /// entries are read once they have gathered.
-    fn forwarding(&mut self, now: Instant) {
-        self.ports.get_or_insert(now + AFTER_NOTIFICATION);
-    }
-
-    /// Notifications arrived at `now`: a look once they have gathered, and not sooner
-    /// than [`LOOK_SPACING`] after the last one.
-    fn notified(&mut self, now: Instant) {
-        let gathered = now + AFTER_NOTIFICATION;
-        self.by(self
-            .last
-            .map_or(gathered, |l| gathered.max(l + LOOK_SPACING)));
-    }
-
-    /// A look at `at` at the latest.
-    fn by(&mut self, at: Instant) {
-        self.soon = Some(self.soon.map_or(at, |s| s.min(at)));
-    }
-
-    /// A look (which reads the forwarding table too) begins at `now`.
-    fn begin(&mut self, now: Instant) {
-        self.soon = None;
-        self.ports = None;
-        self.last = Some(now);
-    }
-}
-
-/// Looks at the pods' side of the node: the pods' ports on the bridge (`POD_PORTS`)
-/// and `pod_ingress` on their veths follow at once, and the next look is brought
-/// forward to when the next new veth settles. Returns whether the bridge appeared or
-/// changed its addresses or MAC, which takes a full pass: it attaches to the bridge
-/// and sources host traffic from the gateway.
-async fn look_at_pods(
-    opts: &Options,
-    dp: &mut Datapath,
-    rec: &Reconciler,
-    bridge_seen: &mut BridgeSeen,
-    looks: &mut Looks,
-) -> bool {
-    let now = Instant::now();
-    looks.begin(now);
-    sync_pod_ports(opts, dp);
-    let net = Path::new("/sys/class/net");
-    match dp.sync_pod_hooks(&rec.host, net, &opts.bridge, now).await {
-        Ok(c) if !c.is_empty() => info!(changes = %c, "pod veths synced"),
-        Ok(_) => {}
-        Err(e) => debug!(error = %e, "reading the bridge's ports"),
-    }
-    if let Some(at) = dp.pod_hooks.next_settled() {
-        looks.by(at);
-    }
-    let Some(bridge) = host::ifindex_by_name(&opts.bridge) else {
-        return false;
-    };
-    let addresses = match rec.host.addresses(Some(bridge)).await {
-        Ok(a) => a,
-        Err(e) => {
-            debug!(error = format!("{e:#}"), "reading the bridge's addresses");
-            return false;
-        }
-    };
-    let seen = (addresses, host::mac_by_name(&opts.bridge));
-    let appeared = dp.attachment(Hook::BridgeIngress).is_none();
-    if !appeared && seen == *bridge_seen {
-        return false;
-    }
-    *bridge_seen = seen;
-    true
-}
-
-/// The pods' ports on the bridge (`POD_PORTS`) from its forwarding table.
-fn sync_pod_ports(opts: &Options, dp: &mut Datapath) {
-    match dp.pod_ports.sync(&opts.bridge) {
-        Ok(c) if !c.is_empty() => debug!(changes = %c, "pod ports synced"),
-        Ok(_) => {}
-        Err(e) => debug!(error = %e, "reading the bridge's forwarding table"),
-    }
+fn switch_fast_path(ctx: &mut Context<'_>) -> Result<()> {
+    let state = ctx.fast.state();
+    ctx.status.fast_path_switched(state.on(), state.blocked());
+    ctx.rec.set_fast_path(&mut ctx.dp, state.switch())
 }
 
 fn take_over_uplink(opts: &Options, uplink: &str, dp: &mut Datapath) -> Result<()> {
@@ -503,9 +363,9 @@ async fn remove_flanneld_leftovers(host: &Host, status: &Status) -> bool {
     }
 }
 
-/// Hands the memory freed since the last pass back to the kernel. A list of thousands
+/// Hands the memory freed since the last pass back to the kernel: a list of thousands
 /// of Nodes and a pass over as many routes leave holes in the heap that glibc keeps
-/// resident; for 5,000 nodes that was a third of the agent's RSS.
+/// resident otherwise.
 fn release_freed_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only walks the allocator's own free lists.
@@ -535,9 +395,10 @@ fn sweep(dp: &mut Datapath, status: &Status) {
 }
 
 /// One reconcile pass; failures are logged and retried on the next trigger, keeping
-/// the last state in place. Returns whether the datapath now matches the node set.
-/// `warned` holds the skipped nodes already warned about, so that each resync does not
-/// repeat them.
+/// the last state in place, except a failure of `attach`, which is returned (and not
+/// logged: whoever ends the run with it reports it). Returns whether the datapath now
+/// matches the node set. `warned` holds the skipped nodes already warned about, so
+/// that each resync does not repeat them.
 async fn converge(
     node: NodeIdentity<'_>,
     set: &NodeSet,
@@ -546,7 +407,7 @@ async fn converge(
     rec: &mut Reconciler,
     warned: &mut BTreeSet<String>,
     attach: impl FnOnce(&mut Datapath) -> Result<()>,
-) -> bool {
+) -> Result<bool> {
     let started = std::time::Instant::now();
     let record = |ok: bool, remote_subnets: usize| {
         let took = started.elapsed();
@@ -563,7 +424,7 @@ async fn converge(
         Err(e) => {
             error!(error = %e, "node set unusable; keeping the current state");
             record(false, 0);
-            return false;
+            return Ok(false);
         }
     };
     for why in &desired.skipped {
@@ -572,6 +433,8 @@ async fn converge(
         }
     }
     *warned = desired.skipped.iter().cloned().collect();
+    let mut attach_failed = false;
+    let attach = |dp: &mut Datapath| attach(dp).inspect_err(|_| attach_failed = true);
     let applied = rec.apply(dp, &desired, attach).await;
     release_freed_memory();
     match applied {
@@ -589,58 +452,128 @@ async fn converge(
                     "converged"
                 );
             }
-            true
+            Ok(true)
         }
         Err(e) => {
             record(false, desired.remotes.len());
+            if attach_failed {
+                return Err(e);
+            }
             error!(error = format!("{e:#}"), "reconcile failed; will retry");
-            false
+            Ok(false)
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::{
+        io,
+        net::Ipv4Addr,
+        sync::{Arc, Mutex},
+    };
 
-    #[test]
-    fn notifications_gather_and_looks_keep_their_spacing() {
-        let t0 = Instant::now();
-        let mut looks = Looks::default();
-        // The first notifications: a look once they have gathered.
-        looks.notified(t0);
-        looks.notified(t0 + Duration::from_millis(50));
-        assert_eq!(looks.soon, Some(t0 + AFTER_NOTIFICATION));
-        looks.begin(t0 + AFTER_NOTIFICATION);
-        assert_eq!(looks.soon, None);
-        // More right after that look: not before the spacing is over.
-        let t1 = t0 + Duration::from_millis(200);
-        looks.notified(t1);
-        assert_eq!(looks.soon, Some(t0 + AFTER_NOTIFICATION + LOOK_SPACING));
-        // A veth settling earlier brings it forward.
-        looks.by(t0 + Duration::from_millis(500));
-        assert_eq!(looks.soon, Some(t0 + Duration::from_millis(500)));
-        // Long after the last look, only the gathering delay is left.
-        looks.begin(t1);
-        let t2 = t1 + Duration::from_secs(5);
-        looks.notified(t2);
-        assert_eq!(looks.soon, Some(t2 + AFTER_NOTIFICATION));
+    use anyhow::anyhow;
+
+    use super::*;
+    use crate::{
+        host::uplink::Uplink,
+        nodes::{NodeInfo, address::Authority},
+        reconcile,
+    };
+
+    /// Where the test's log lines go.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
     }
 
+    /// A pass whose uplink cannot be taken over ends the run with that failure, which
+    /// is then reported once (by whoever ends the run): the pass itself does not log it
+    /// as a failure to retry. It still counts as a failed pass. In a network namespace
+    /// of the test's own (needs root), with the datapath loaded and attached nowhere.
     #[test]
-    fn forwarding_entries_are_read_without_waiting_for_the_spacing() {
-        let t0 = Instant::now();
-        let mut looks = Looks::default();
-        looks.begin(t0);
-        // A pod's MAC learned right after a look: its port is read once the
-        // notifications have gathered, not a second after the look.
-        let t1 = t0 + Duration::from_millis(10);
-        looks.forwarding(t1);
-        looks.forwarding(t1 + Duration::from_millis(50));
-        assert_eq!(looks.ports, Some(t1 + AFTER_NOTIFICATION));
-        assert_eq!(looks.soon, None, "no full look for a forwarding entry");
-        // A full look reads the table as well.
-        looks.begin(t1 + Duration::from_millis(20));
-        assert_eq!(looks.ports, None);
+    fn a_failed_uplink_takeover_is_returned_not_logged() {
+        const WHY: &str = "the uplink refused the programs";
+        std::thread::spawn(|| {
+            // SAFETY: unshare(2) takes no pointer; CLONE_NEWNET moves only this
+            // thread, which ends with the test.
+            let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(unshared, 0, "needs root");
+            let logs = Logs::default();
+            let writer = {
+                let logs = logs.clone();
+                move || logs.clone()
+            };
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(writer)
+                .with_ansi(false)
+                .finish();
+            let _logging = tracing::subscriber::set_default(subscriber);
+            let status = Status::default();
+            let network = "10.244.0.0/16".parse().unwrap();
+            let own_address = OwnAddress {
+                authority: Authority::NodeList,
+                public_ip: None,
+                interface: Ipv4Addr::new(172, 18, 0, 3),
+            };
+            let node = NodeIdentity {
+                name: "w1",
+                network,
+                own_address: &own_address,
+                uplink: "eth0",
+            };
+            let set = NodeSet {
+                nodes: vec![NodeInfo {
+                    name: "w1".into(),
+                    pod_cidr: "10.244.1.0/24".parse().unwrap(),
+                    tunnel_ip: own_address.interface,
+                    overwrite: None,
+                    foreign_backend: None,
+                }],
+                errors: vec![],
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let passed = rt.block_on(async {
+                let mut dp = Datapath::load(&LoadOptions::default()).unwrap();
+                let uplink = Uplink {
+                    name: "eth0".into(),
+                    ifindex: 2,
+                    mtu: 1500,
+                    address: own_address.interface,
+                };
+                let settings = reconcile::tests::settings(uplink, network);
+                let mut rec = Reconciler::new(Host::connect().unwrap(), settings);
+                let refuse = |_: &mut Datapath| Err(anyhow!(WHY));
+                let mut warned = BTreeSet::new();
+                converge(node, &set, &status, &mut dp, &mut rec, &mut warned, refuse).await
+            });
+            let e = passed.expect_err("the failure ends the run");
+            assert!(format!("{e:#}").contains(WHY), "{e:#}");
+            let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+            assert!(
+                !logged.contains(WHY),
+                "reported before the run ends with it:\n{logged}"
+            );
+            assert_eq!(
+                status.reconciles().failures,
+                1,
+                "not counted as a failed pass"
+            );
+        })
+        .join()
+        .unwrap();
     }
 }

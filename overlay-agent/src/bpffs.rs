@@ -55,7 +55,9 @@ pub fn remove_other_versions(version_dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn is_bpffs(path: &Path) -> Result<bool> {
     let c = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: `statfs` is a plain C struct of integers, for which all zeroes is valid.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` writable, both for the call's duration.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("statfs {}", path.display()));
@@ -70,6 +72,8 @@ pub fn prepare(root: &Path) -> Result<PathBuf> {
     if !is_bpffs(root)? {
         let src = CString::new("bpf")?;
         let target = CString::new(root.as_os_str().as_bytes())?;
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call, or
+        // null for no data.
         let rc = unsafe {
             libc::mount(
                 src.as_ptr(),

@@ -4,9 +4,10 @@
 //! node's own pod subnet (`--ip-blackhole-route`). All through rtnetlink, in the
 //! network namespace the agent runs in.
 
-pub mod events;
 pub mod flanneld_leftovers;
 pub mod forward_rules;
+pub mod legacy_tables;
+pub mod uplink;
 
 use std::{ffi::CString, net::Ipv4Addr};
 
@@ -40,6 +41,7 @@ pub const BLACKHOLE_METRIC: u32 = u32::MAX;
 /// The ifindex of `name` in this network namespace.
 pub fn ifindex_by_name(name: &str) -> Option<u32> {
     let c = CString::new(name).ok()?;
+    // SAFETY: `c` is a NUL-terminated string that outlives the call, which only reads it.
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
         0 => None,
         i => Some(i),

@@ -10,9 +10,10 @@ use ipnet::Ipv4Net;
 use overlay_common::{flows::FILTER_WORDS, maps::names};
 use serde::Serialize;
 
-use crate::{
-    conntrack::{Conntrack, Flow},
-    datapath::{Config, Counters, Flows, NatEvents, Peers, Routes, maps::open_pinned},
+use crate::datapath::{
+    Config, Counters, Flows, NatEvents, Peers, Routes,
+    conntrack::{self, Conntrack, Flow},
+    maps::open_pinned,
 };
 
 /// How a view is printed.
@@ -317,7 +318,7 @@ pub fn flows(pin_dir: &Path) -> Result<FastFlowsView> {
     use overlay_common::flows::{CLOSING, REFUSED};
 
     let config = Config::new(open_pinned(pin_dir, names::CONFIG)?)?.get()?;
-    let now = crate::conntrack::monotonic_ns();
+    let now = conntrack::monotonic_ns();
     let table = Flows::new(
         open_pinned(pin_dir, names::FLOWS)?,
         open_pinned(pin_dir, names::FLOW_FILTER)?,

@@ -11,16 +11,13 @@ use clap::{ArgGroup, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use overlay_agent::{
     agent,
     bpf_log::BpfLogLevel,
-    bpffs, cleanup, fast_path, flanneld_args, http,
+    bpffs, cleanup, fast_path, flanneld_args,
+    host::uplink::{IfaceSpec, Selection},
+    http,
     inspect::{self, Format, View},
     masq::{self, PortRange, TimeoutOverride},
     metrics,
-    nodes::{
-        NodeName, Source,
-        address::{IfaceSpec, Selection},
-        annotations::Names,
-        etcd::EtcdOptions,
-    },
+    nodes::{NodeName, Source, annotations::Names, etcd::EtcdOptions},
     status::Status,
 };
 use regex::Regex;

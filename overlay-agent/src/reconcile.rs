@@ -22,14 +22,11 @@ use tracing::{info, warn};
 use crate::{
     datapath::{Datapath, maps::Changes},
     fast_path,
-    host::{self, Host, NextHop, OverlayRoute},
+    host::{self, Host, NextHop, OverlayRoute, uplink::Uplink},
     masq,
     nodes::{NodeError, NodeInfo, NodeSet, address::OwnAddress},
     subnet_env::{self, SubnetEnv},
 };
-
-/// Outer IPv4 header overhead.
-pub const IPIP_OVERHEAD: u32 = overlay_common::ip::IPV4_HEADER_LEN as u32;
 
 /// Netlink requests a pass keeps in flight at once.
 const NETLINK_IN_FLIGHT: usize = 64;
@@ -136,24 +133,6 @@ impl Desired {
             peers,
             skipped,
         })
-    }
-}
-
-/// The node's uplink.
-#[derive(Debug, Clone)]
-pub struct Uplink {
-    pub name: String,
-    pub ifindex: u32,
-    pub mtu: u32,
-    /// The address that selected it, else its first IPv4 address: what masquerade
-    /// translates pod traffic to (rule 5).
-    pub address: Ipv4Addr,
-}
-
-impl Uplink {
-    /// MTU left for pods once the outer header is added.
-    pub fn pod_mtu(&self) -> u32 {
-        self.mtu - IPIP_OVERHEAD
     }
 }
 
@@ -272,9 +251,10 @@ fn tunnelled(node: Ipv4Addr) -> Route {
     }
 }
 
+/// Converges the maps and the host's routes on the node set (see [`Reconciler::apply`]).
 pub struct Reconciler {
-    pub host: Host,
-    pub settings: NodeSettings,
+    host: Host,
+    settings: NodeSettings,
     subnet_env: Option<SubnetEnv>,
     config: Option<DatapathConfig>,
     fast_path: fast_path::Switch,
@@ -399,7 +379,7 @@ impl Reconciler {
             .contains(&gateway)
             .then_some(gateway);
         // One lookup per node, many in flight: each is a netlink round trip, and
-        // 5,000 of them one after another took about a second.
+        // thousands of them one after another would hold the pass up.
         let nodes: BTreeSet<Ipv4Addr> = desired.remotes.values().copied().collect();
         let next_hops: BTreeMap<Ipv4Addr, Result<NextHop>> = stream::iter(nodes)
             .map(|node| async move { (node, self.host.next_hop(node).await) })
@@ -542,7 +522,7 @@ impl Reconciler {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::nodes::{
         address::{Authority, OwnAddress},
@@ -798,6 +778,19 @@ mod tests {
         assert_eq!(plan.map.get(&subnet(0)).map(Route::direct), Some(false));
     }
 
+    /// Settings of a test node on `uplink`, in `network`, whose subnet.env goes nowhere.
+    pub(crate) fn settings(uplink: Uplink, network: Ipv4Net) -> NodeSettings {
+        NodeSettings {
+            uplink,
+            bridge: "cni0".into(),
+            network,
+            subnet_file: "/nonexistent/subnet.env".into(),
+            masq: masq::Settings::default(),
+            blackhole_route: false,
+            direct_routing: false,
+        }
+    }
+
     /// What node2 publishes and what its datapath puts in outer headers (and
     /// accepts), with its agent on eth1 (192.168.3.111) and `public_ip` given.
     fn published_and_on_the_wire(public_ip: Option<Ipv4Addr>) -> (Ipv4Addr, Ipv4Addr) {
@@ -833,18 +826,7 @@ mod tests {
             mtu: 1500,
             address: own_address.interface,
         };
-        let rec = Reconciler::new(
-            Host::connect().unwrap(),
-            NodeSettings {
-                uplink,
-                bridge: "cni0".into(),
-                network,
-                subnet_file: "/nonexistent/subnet.env".into(),
-                masq: masq::Settings::default(),
-                blackhole_route: false,
-                direct_routing: false,
-            },
-        );
+        let rec = Reconciler::new(Host::connect().unwrap(), settings(uplink, network));
         (published, Ipv4Addr::from(rec.datapath_config(&d).node_ip))
     }
 

@@ -9,7 +9,7 @@ use std::{
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::watch;
 
-use crate::{conntrack::Collected, fast_path::Pass, host::flanneld_leftovers::Leftover};
+use crate::{datapath::conntrack::Collected, fast_path::Pass, host::flanneld_leftovers::Leftover};
 
 /// Upper bounds of the reconcile duration histogram, in seconds: a pass that only
 /// compares takes milliseconds, one that rewrites thousands of routes seconds.

@@ -46,7 +46,7 @@ enum Handle {
 
 /// Where our cls_bpf filters sit on kernels without TCX. Priority 1 runs before any
 /// filter added with the kernel's default priority (49152 and down).
-pub(super) const NL_PRIORITY: u16 = 1;
+pub const NL_PRIORITY: u16 = 1;
 const NL_HANDLE: TcHandle = TcHandle::new(0, 1);
 
 fn attach_type(hook: Hook) -> TcAttachType {
@@ -64,7 +64,7 @@ pub fn link_pin(version_dir: &Path, hook: Hook) -> PathBuf {
 impl Attachment {
     /// Attaches `prog` at `hook` on `iface`, taking over the link an earlier run left
     /// there if any. With `pin_dir` (and TCX) the link is pinned under it.
-    pub(super) fn new(
+    pub fn new(
         prog: &mut SchedClassifier,
         hook: Hook,
         iface: &str,
@@ -170,7 +170,7 @@ impl Attachment {
 
     /// Detaches the program. A device that vanished took the attachment with it, so
     /// callers only log failures.
-    pub(super) fn detach(self, prog: &mut SchedClassifier) -> Result<()> {
+    pub fn detach(self, prog: &mut SchedClassifier) -> Result<()> {
         match self.handle {
             Handle::Owned(id) => prog.detach(id).map_err(anyhow::Error::from),
             Handle::Pinned(path) => std::fs::remove_file(&path).map_err(anyhow::Error::from),

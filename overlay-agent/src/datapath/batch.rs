@@ -78,6 +78,8 @@ pub fn entries_asking<K: Pod, V: Pod>(
         // SAFETY: the kernel reports in `count` how many it wrote, also with ENOENT.
         let got = unsafe { attr.batch.count } as usize;
         let got = got.min(batch);
+        // SAFETY: both vectors were allocated with room for `batch` elements, `got` is
+        // at most that, and the elements are `MaybeUninit`, valid uninitialised.
         unsafe {
             keys.set_len(got);
             values.set_len(got);

@@ -26,7 +26,7 @@ pub struct MapLayout {
 }
 
 const fn size<T>() -> u32 {
-    core::mem::size_of::<T>() as u32
+    size_of::<T>() as u32
 }
 
 /// Every map of the datapath as this build defines it.

@@ -16,7 +16,7 @@ use overlay_common::{
     Counter, DatapathConfig, Hook, PeerStats, Reason, Route,
     counters::{NatEvent, index},
     flows::{FlowKey, FlowState},
-    maps::names,
+    maps::{PodPort, names},
 };
 
 use super::batch;
@@ -347,6 +347,39 @@ fn absent(e: &aya::maps::MapError) -> bool {
         aya::maps::MapError::KeyNotFound => true,
         aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
         _ => false,
+    }
+}
+
+/// `POD_PORTS`: each local pod's MAC, with its veth and bridge (filled by
+/// `pods::ports`).
+pub struct PodPorts(HashMap<MapData, [u8; 6], PodPort>);
+
+impl PodPorts {
+    pub fn new(map: Map) -> Result<Self> {
+        Ok(Self(HashMap::try_from(map).context(names::POD_PORTS)?))
+    }
+
+    pub fn entries(&self) -> Result<BTreeMap<[u8; 6], PodPort>> {
+        Ok(self.0.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Makes the map hold exactly `desired` (the pods the bridge has learned).
+    pub fn sync(&mut self, desired: &BTreeMap<[u8; 6], PodPort>) -> Result<Changes> {
+        let current = self.entries()?;
+        let mut changes = Changes::default();
+        for (mac, port) in desired {
+            match current.get(mac) {
+                Some(p) if p == port => continue,
+                Some(_) => changes.updated += 1,
+                None => changes.added += 1,
+            }
+            self.0.insert(mac, port, 0)?;
+        }
+        for mac in current.keys().filter(|m| !desired.contains_key(*m)) {
+            self.0.remove(mac)?;
+            changes.removed += 1;
+        }
+        Ok(changes)
     }
 }
 

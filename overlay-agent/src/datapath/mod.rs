@@ -2,12 +2,11 @@
 
 mod attach;
 pub mod batch;
+pub mod conntrack;
 pub mod layout;
 pub mod maps;
-pub mod ports;
-pub mod veths;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
@@ -17,16 +16,11 @@ use overlay_common::{
 };
 use tracing::warn;
 
-pub use attach::{Attachment, detach_filters, link_pin};
-pub use maps::{Config, Counters, Flows, NatEvents, Peers, Routes};
-pub use ports::PodPorts;
-pub use veths::PodHooks;
+pub use attach::{Attachment, NL_PRIORITY, detach_filters, link_pin};
+pub use conntrack::Conntrack;
+pub use maps::{Config, Counters, Flows, NatEvents, Peers, PodPorts, Routes};
 
-use crate::{
-    bpf_log::{BpfLogLevel, ProgramLog},
-    conntrack::Conntrack,
-    host::Host,
-};
+use crate::bpf_log::{BpfLogLevel, ProgramLog};
 
 /// The compiled datapath, built by this crate's build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay-ebpf"));
@@ -43,19 +37,9 @@ pub struct Datapath {
     pub pod_ports: PodPorts,
     pub flows: Flows,
     attachments: Vec<Attachment>,
-    /// `pod_ingress` on the pods' veths.
-    pub pod_hooks: PodHooks,
     pin_dir: Option<PathBuf>,
     /// The programs' log buffer while nobody has taken it (logging on only).
     log: Option<ProgramLog>,
-}
-
-/// `hook`'s program in `ebpf` (a field of its own, so that it can be borrowed beside
-/// the datapath's other fields).
-fn program_of(ebpf: &mut Ebpf, hook: Hook) -> &mut SchedClassifier {
-    ebpf.program_mut(hook.program())
-        .and_then(|p| p.try_into().ok())
-        .expect("programs are checked at load")
 }
 
 /// Names of all maps, in the order they are pinned and checked.
@@ -147,7 +131,6 @@ impl Datapath {
             pod_ports,
             flows,
             attachments: Vec::new(),
-            pod_hooks: PodHooks::default(),
             pin_dir: options.pin_dir.clone(),
             log,
         })
@@ -167,8 +150,13 @@ impl Datapath {
             .expect("programs are checked at load")
     }
 
-    fn program_mut(&mut self, hook: Hook) -> &mut SchedClassifier {
-        program_of(&mut self.ebpf, hook)
+    /// The loaded program for `hook`, to attach it (`pod_ingress` on the pods' veths,
+    /// by `pods::veths`).
+    pub fn program_mut(&mut self, hook: Hook) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(hook.program())
+            .and_then(|p| p.try_into().ok())
+            .expect("programs are checked at load")
     }
 
     /// Attaches `hook`'s program to `iface`, replacing an earlier attachment of it
@@ -196,19 +184,5 @@ impl Datapath {
     /// The interface `hook` is attached to, with its ifindex at attach time.
     pub fn attachment(&self, hook: Hook) -> Option<&Attachment> {
         self.attachments.iter().find(|a| a.hook == hook)
-    }
-
-    /// Puts `pod_ingress` on the veths of `bridge` that nobody else filters and that
-    /// have settled at `now` (see [`veths`]), from the sysfs tree `net`
-    /// (`/sys/class/net`).
-    pub async fn sync_pod_hooks(
-        &mut self,
-        host: &Host,
-        net: &Path,
-        bridge: &str,
-        now: std::time::Instant,
-    ) -> Result<veths::Changes> {
-        let prog = program_of(&mut self.ebpf, Hook::PodIngress);
-        self.pod_hooks.sync(prog, host, net, bridge, now).await
     }
 }

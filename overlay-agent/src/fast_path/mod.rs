@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 
 pub use self::conntrack::{Ctnetlink, Entry, Updated};
 use self::netfilter::{Event, NetfilterEvents};
-use crate::datapath::maps::Flows;
+use crate::{datapath::maps::Flows, host::legacy_tables};
 
 /// How often the agent looks for flows to admit and refreshes those in use.
 pub const PASS_EVERY: Duration = Duration::from_millis(500);
@@ -305,7 +305,7 @@ impl Driver {
             state: FastPath::new(mode),
             events: None,
             tracker: None,
-            legacy: PathBuf::from(netfilter::LEGACY_TABLES),
+            legacy: PathBuf::from(legacy_tables::LEGACY_TABLES),
             sysctls: PathBuf::from("/proc/sys/net/netfilter"),
         };
         if mode == Mode::Off {
@@ -385,7 +385,7 @@ impl Driver {
         if self.events.is_none() {
             return false;
         }
-        let tables = match netfilter::legacy_tables(&self.legacy) {
+        let tables = match legacy_tables::legacy_tables(&self.legacy) {
             Ok(tables) => tables,
             Err(e) => vec![format!("unreadable: {e:#}")],
         };

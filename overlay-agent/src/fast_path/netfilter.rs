@@ -14,7 +14,7 @@
 //! legacy iptables backend (x_tables) tells nobody of its changes: while it holds
 //! tables, the fast path stays off.
 
-use std::{io, path::Path};
+use std::io;
 
 use anyhow::{Context as _, Result};
 use overlay_common::flows::FlowKey;
@@ -35,8 +35,6 @@ const NFT_MSG_NEWGEN: u16 = 15;
 /// either, and an overflow counts as a commit anyway.
 const RECEIVE_BUFFER: usize = 8 << 20;
 const DATAGRAM: usize = 64 * 1024;
-/// The legacy backend's tables in use in this network namespace.
-pub const LEGACY_TABLES: &str = "/proc/net/ip_tables_names";
 
 /// What happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,16 +110,6 @@ pub fn read(datagram: &[u8]) -> Option<Event> {
     (!gone.is_empty()).then_some(Event::Destroyed(gone))
 }
 
-/// The tables the legacy iptables backend holds in this network namespace (the file
-/// is absent on kernels built without it).
-pub fn legacy_tables(path: &Path) -> Result<Vec<String>> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => Ok(text.lines().map(str::to_owned).collect()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::{super::nfnetlink::Request, *};
@@ -156,16 +144,5 @@ mod tests {
             None,
             "not TCP or UDP"
         );
-    }
-
-    #[test]
-    fn legacy_tables_are_the_lines_of_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("ip_tables_names");
-        assert!(legacy_tables(&file).unwrap().is_empty(), "absent");
-        std::fs::write(&file, "").unwrap();
-        assert!(legacy_tables(&file).unwrap().is_empty());
-        std::fs::write(&file, "nat\nfilter\n").unwrap();
-        assert_eq!(legacy_tables(&file).unwrap(), ["nat", "filter"]);
     }
 }

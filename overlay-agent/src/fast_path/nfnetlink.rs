@@ -13,10 +13,10 @@ const NLA_HDRLEN: usize = 4;
 const NLA_F_NESTED: u16 = 1 << 15;
 /// Both flag bits of an attribute's type.
 const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | (1 << 14));
-pub const NLM_F_REQUEST: u16 = 0x01;
-pub const NLM_F_ACK: u16 = 0x04;
+pub(super) const NLM_F_REQUEST: u16 = 0x01;
+pub(super) const NLM_F_ACK: u16 = 0x04;
 /// `NLMSG_ERROR`: an error code (0 for an acknowledgement) and the request's header.
-pub const NLMSG_ERROR: u16 = 2;
+pub(super) const NLMSG_ERROR: u16 = 2;
 const NFNETLINK_V0: u8 = 0;
 
 const fn align(n: usize) -> usize {
@@ -24,14 +24,14 @@ const fn align(n: usize) -> usize {
 }
 
 /// A request being built: the message header, the `nfgenmsg`, then attributes.
-pub struct Request {
+pub(super) struct Request {
     buf: Vec<u8>,
 }
 
 impl Request {
     /// A message of `subsystem`'s type `kind` (`NFNL_SUBSYS_* << 8 | msg`), for
     /// address `family`.
-    pub fn new(subsystem: u8, kind: u8, flags: u16, seq: u32, family: u8) -> Self {
+    pub(super) fn new(subsystem: u8, kind: u8, flags: u16, seq: u32, family: u8) -> Self {
         let mut buf = Vec::with_capacity(128);
         buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set by `finish`
         buf.extend_from_slice(&(u16::from(subsystem) << 8 | u16::from(kind)).to_ne_bytes());
@@ -43,7 +43,7 @@ impl Request {
     }
 
     /// An attribute holding `data`.
-    pub fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Self {
+    pub(super) fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Self {
         let len = NLA_HDRLEN + data.len();
         self.buf
             .extend_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_ne_bytes());
@@ -54,7 +54,7 @@ impl Request {
     }
 
     /// An attribute holding the attributes `inner` adds.
-    pub fn nested(&mut self, kind: u16, inner: impl FnOnce(&mut Self)) -> &mut Self {
+    pub(super) fn nested(&mut self, kind: u16, inner: impl FnOnce(&mut Self)) -> &mut Self {
         let start = self.buf.len();
         self.attr(kind | NLA_F_NESTED, &[]);
         inner(self);
@@ -63,7 +63,7 @@ impl Request {
         self
     }
 
-    pub fn finish(mut self) -> Vec<u8> {
+    pub(super) fn finish(mut self) -> Vec<u8> {
         let len = u32::try_from(self.buf.len()).unwrap_or(u32::MAX);
         self.buf[..4].copy_from_slice(&len.to_ne_bytes());
         self.buf
@@ -96,7 +96,7 @@ impl<'a> Message<'a> {
 }
 
 /// The messages of a datagram; a malformed one ends it with an error.
-pub fn messages(datagram: &[u8]) -> Result<Vec<Message<'_>>> {
+pub(super) fn messages(datagram: &[u8]) -> Result<Vec<Message<'_>>> {
     let mut out = Vec::new();
     let mut rest = datagram;
     while rest.len() >= NLMSG_HDRLEN {

@@ -27,7 +27,7 @@ use std::{fmt, io::ErrorKind, path::Path, process::Command};
 use anyhow::{Context as _, Result, bail};
 
 use super::Host;
-use crate::fast_path::netfilter::{LEGACY_TABLES, legacy_tables};
+use super::legacy_tables::{LEGACY_TABLES, legacy_tables};
 
 pub const DEVICE: &str = "flannel.ipip";
 pub const CHAIN: &str = "FLANNEL-POSTRTG";

@@ -55,7 +55,6 @@ use std::{
     io::Write as _,
     path::Path,
     process::{Command, Stdio},
-    sync::Arc,
     time::Duration,
 };
 
@@ -63,7 +62,7 @@ use anyhow::{Context as _, Result, bail};
 use ipnet::Ipv4Net;
 use tracing::{error, info, warn};
 
-use crate::{fast_path::netfilter::legacy_tables, status::Status};
+use super::legacy_tables::legacy_tables;
 
 /// flanneld's chain in the filter table.
 pub const CHAIN: &str = "FLANNEL-FWD";
@@ -551,8 +550,13 @@ fn remove_iptables(backend: Backend) -> Result<bool> {
 
 /// Keeps flanneld's forward rules in place, checking them every `period` as flanneld
 /// does every --iptables-resync seconds. A failure (no iptables binary, a refused
-/// command) is logged and counted, and the next period tries again.
-pub async fn keep(mut rules: ForwardRules, period: Duration, status: Arc<Status>) {
+/// command) is logged and told to `record` (with whether rules were written), and the
+/// next period tries again.
+pub async fn keep(
+    mut rules: ForwardRules,
+    period: Duration,
+    record: impl Fn(Result<bool, String>),
+) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for pass in 0u64.. {
@@ -569,14 +573,14 @@ pub async fn keep(mut rules: ForwardRules, period: Duration, status: Arc<Status>
         };
         rules = back;
         match ensured {
-            Ok(Ensured::InPlace) => status.forward_rules_pass(Ok(false)),
+            Ok(Ensured::InPlace) => record(Ok(false)),
             Ok(Ensured::Written) => {
                 if pass == 0 {
                     info!(?rules, "forward rules in place");
                 } else {
                     warn!(?rules, "some forward rules were missing; wrote them again");
                 }
-                status.forward_rules_pass(Ok(true));
+                record(Ok(true));
             }
             Err(e) => {
                 let e = format!("{e:#}");
@@ -584,7 +588,7 @@ pub async fn keep(mut rules: ForwardRules, period: Duration, status: Arc<Status>
                     error = e,
                     "putting the forward rules in place failed; retrying"
                 );
-                status.forward_rules_pass(Err(e));
+                record(Err(e));
             }
         }
     }

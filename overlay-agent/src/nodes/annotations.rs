@@ -10,7 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::slim::Annotations;
+use super::slim::{
+    Annotations, BACKEND_DATA, BACKEND_TYPE, KUBE_SUBNET_MANAGER, NODE_PUBLIC_IP, PUBLIC_IP,
+    PUBLIC_IP_OVERWRITE,
+};
 
 use k8s_openapi::api::core::v1::Node;
 use kube::{
@@ -24,21 +27,6 @@ use crate::status::Status;
 
 /// The prefix flanneld uses unless told `--kube-annotation-prefix`.
 pub const DEFAULT_PREFIX: &str = "flannel.alpha.coreos.com";
-/// What follows the prefix in the name of each annotation the agent reads or writes.
-pub const SUFFIXES: [&str; 6] = [
-    PUBLIC_IP,
-    PUBLIC_IP_OVERWRITE,
-    NODE_PUBLIC_IP,
-    BACKEND_TYPE,
-    BACKEND_DATA,
-    KUBE_SUBNET_MANAGER,
-];
-const PUBLIC_IP: &str = "public-ip";
-const PUBLIC_IP_OVERWRITE: &str = "public-ip-overwrite";
-const NODE_PUBLIC_IP: &str = "node-public-ip";
-const BACKEND_TYPE: &str = "backend-type";
-const BACKEND_DATA: &str = "backend-data";
-const KUBE_SUBNET_MANAGER: &str = "kube-subnet-manager";
 
 /// Our backend type, as flanneld's ipip backend names itself.
 pub const BACKEND: &str = "ipip";

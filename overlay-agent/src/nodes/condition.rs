@@ -35,11 +35,12 @@ use kube::{Api, api::Patch};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::annotations::{Pacing, patch_status};
+use super::{
+    annotations::{Pacing, patch_status},
+    slim::NETWORK_UNAVAILABLE,
+};
 use crate::status::Status;
 
-/// The condition's type.
-pub const NETWORK_UNAVAILABLE: &str = "NetworkUnavailable";
 /// flanneld's reason and message.
 pub const REASON: &str = "FlannelIsUp";
 pub const MESSAGE: &str = "Flannel is running on this node";

@@ -4,7 +4,7 @@
 //! Imitates flannel-io/flannel, v0.28 line: `pkg/subnet/etcd/registry.go` (commit
 //! 016ef83), `pkg/subnet/etcd/local_manager.go` (commit 1ba5635), `pkg/lease/lease.go`
 //! (commit 00014d0); the network configuration's defaults and checks are in
-//! [`crate::config`]. The data in etcd is flannel's, byte for byte:
+//! [`crate::net_conf`]. The data in etcd is flannel's, byte for byte:
 //!
 //! - `<prefix>/config` holds the net-conf JSON. Missing or invalid, the agent stops
 //!   with the `etcdctl put` that would fix it.
@@ -62,9 +62,14 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, time::Instant};
 use tracing::{info, warn};
 
-use super::{NodeInfo, NodeSet, address::OwnAddress, annotations::BACKEND, kube::Retry};
+use super::{
+    address::OwnAddress,
+    annotations::BACKEND,
+    kube::Retry,
+    node_set::{NodeInfo, NodeSet},
+};
 use crate::{
-    config::{NetConf, SubnetRange},
+    net_conf::{NetConf, SubnetRange},
     status::Status,
     subnet_env,
 };

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use super::{NodeSet, SlimNode, annotations::Names};
+use super::{annotations::Names, node_set::NodeSet, slim::SlimNode};
 use crate::status::Status;
 
 /// How often the file is checked for changes.
@@ -99,7 +99,7 @@ fn report(path: &std::path::Path, last: &mut Option<String>, status: &Status, pr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nodes::tests::node_json;
+    use crate::nodes::node_set::tests::node_json;
 
     #[test]
     fn kubectl_list_shapes() {

@@ -34,10 +34,11 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{
-    NodeError, NodeInfo, NodeSet, SlimNode,
     address::OwnAddress,
     annotations::{Names, Publisher},
     condition::ConditionPublisher,
+    node_set::{NodeError, NodeInfo, NodeSet},
+    slim::SlimNode,
 };
 use crate::status::Status;
 

@@ -15,7 +15,23 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, Deserializer};
 
-use super::{annotations::SUFFIXES, condition::NETWORK_UNAVAILABLE};
+/// What follows the prefix in the name of each annotation the agent reads or writes.
+pub const SUFFIXES: [&str; 6] = [
+    PUBLIC_IP,
+    PUBLIC_IP_OVERWRITE,
+    NODE_PUBLIC_IP,
+    BACKEND_TYPE,
+    BACKEND_DATA,
+    KUBE_SUBNET_MANAGER,
+];
+pub const PUBLIC_IP: &str = "public-ip";
+pub const PUBLIC_IP_OVERWRITE: &str = "public-ip-overwrite";
+pub const NODE_PUBLIC_IP: &str = "node-public-ip";
+pub const BACKEND_TYPE: &str = "backend-type";
+pub const BACKEND_DATA: &str = "backend-data";
+pub const KUBE_SUBNET_MANAGER: &str = "kube-subnet-manager";
+/// The type of the condition the agent reads and publishes (`nodes::condition`).
+pub const NETWORK_UNAVAILABLE: &str = "NetworkUnavailable";
 
 /// flannel's annotations of a node, sorted by key: those whose name ends as one the
 /// agent reads (`public-ip`, ...), whatever their prefix (`--kube-annotation-prefix`

@@ -5,7 +5,7 @@
 use std::{process::Command, time::Duration};
 
 use overlay_agent::{
-    conntrack::monotonic_ns,
+    datapath::conntrack::monotonic_ns,
     fast_path::{Ctnetlink, Driver, FastPath, Mode, Timeouts, netfilter::Event},
 };
 use overlay_common::flows::{ADMIT_AFTER_PACKETS, FlowKey, FlowState, REFUSED};

@@ -17,9 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_agent::{
+use overlay_agent::datapath::{
+    LoadOptions, batch,
     conntrack::{Collected, monotonic_ns},
-    datapath::{LoadOptions, batch},
 };
 use overlay_common::{
     DatapathConfig,

@@ -14,7 +14,7 @@ use super::{
 
 /// What happens to the Ethernet header of a forwarded frame.
 #[derive(Clone, Copy, Debug)]
-pub enum L2 {
+pub(super) enum L2 {
     /// Rewritten from the FIB: destination (next hop) and source (egress device).
     Rewritten { dst: Mac, src: Mac },
     /// Left as it came in (the kernel fills it in later, or the stack receives it).
@@ -54,7 +54,7 @@ fn rewritten(ip: &Ipv4Header, ttl_decrement: u8, ecn: Option<IpEcn>) -> Ipv4Head
 
 /// ECN of the outer header around an inner header with `inner`: copied, except that CE
 /// becomes ECT(0) (a congestion mark is already recorded inside).
-pub fn outer_ecn(inner: IpEcn) -> IpEcn {
+pub(super) fn outer_ecn(inner: IpEcn) -> IpEcn {
     match inner {
         IpEcn::CongestionExperienced => IpEcn::Ect0,
         other => other,
@@ -64,7 +64,7 @@ pub fn outer_ecn(inner: IpEcn) -> IpEcn {
 /// The frame `input` (from a pod or the host) becomes when encapsulated towards
 /// `remote`, with the inner TTL lowered by `ttl_decrement` (1 when forwarding a pod's
 /// packet, 0 for what the host stack already routed).
-pub fn encapsulated(input: &[u8], remote: &Remote, ttl_decrement: u8, l2: L2) -> Vec<u8> {
+pub(super) fn encapsulated(input: &[u8], remote: &Remote, ttl_decrement: u8, l2: L2) -> Vec<u8> {
     let (eth, inner, datagram) = split(input);
     let inner_out = rewritten(&inner, ttl_decrement, None);
     let mut outer = Ipv4Header {
@@ -93,7 +93,7 @@ pub fn encapsulated(input: &[u8], remote: &Remote, ttl_decrement: u8, l2: L2) ->
 
 /// Where a forwarded (encapsulated) frame's Ethernet header comes from: the next hop's
 /// MAC and the uplink's, or unchanged while the kernel resolves the next hop.
-pub fn towards(remote: &Remote) -> L2 {
+pub(super) fn towards(remote: &Remote) -> L2 {
     match remote.next_hop_mac {
         Some(dst) => L2::Rewritten { dst, src: ETH0_MAC },
         None => L2::Kept,
@@ -102,14 +102,14 @@ pub fn towards(remote: &Remote) -> L2 {
 
 /// The Ethernet header of a frame the datapath sends straight to the local pod: from the
 /// bridge to the pod's MAC.
-pub const TO_POD: L2 = L2::Rewritten {
+pub(super) const TO_POD: L2 = L2::Rewritten {
     dst: POD_MAC,
     src: CNI0_MAC,
 };
 
 /// The frame `input` (IPIP from the underlay) becomes when decapsulated: outer header
 /// gone, outer CE carried into the inner ECN, inner TTL lowered by `ttl_decrement`.
-pub fn decapsulated(input: &[u8], ttl_decrement: u8, l2: L2) -> Vec<u8> {
+pub(super) fn decapsulated(input: &[u8], ttl_decrement: u8, l2: L2) -> Vec<u8> {
     let (eth, outer, outer_datagram) = split(input);
     let inner_datagram = &outer_datagram[outer.header_len()..];
     let (inner, _) = Ipv4Header::from_slice(inner_datagram).expect("inner IPv4 header");
@@ -126,14 +126,14 @@ pub fn decapsulated(input: &[u8], ttl_decrement: u8, l2: L2) -> Vec<u8> {
 /// The frame `input` (a datagram from the underlay for the local pod) becomes when sent
 /// straight to the pod: to the pod's MAC from the bridge's, TTL lowered by one, and
 /// whatever trails the datagram kept.
-pub fn to_pod(input: &[u8]) -> Vec<u8> {
+pub(super) fn to_pod(input: &[u8]) -> Vec<u8> {
     forwarded(input, TO_POD)
 }
 
 /// The frame `input` becomes when forwarded unencapsulated in place of the host's
 /// router: Ethernet header as `l2` says, TTL lowered by one, whatever trails the
 /// datagram kept.
-pub fn forwarded(input: &[u8], l2: L2) -> Vec<u8> {
+pub(super) fn forwarded(input: &[u8], l2: L2) -> Vec<u8> {
     let (eth, ip, _) = split(input);
     [
         ethernet_for(l2, &eth).to_bytes().as_slice(),
@@ -144,11 +144,11 @@ pub fn forwarded(input: &[u8], l2: L2) -> Vec<u8> {
 }
 
 /// Bytes of the offending datagram quoted after its IP header.
-pub const QUOTE_LEN: usize = 64;
+pub(super) const QUOTE_LEN: usize = 64;
 
 /// The ICMP fragmentation-needed reply to `input` (a pod's frame), announcing
 /// `next_hop_mtu`, as the pod's gateway sends it back to the pod.
-pub fn frag_needed(input: &[u8], next_hop_mtu: u16) -> Vec<u8> {
+pub(super) fn frag_needed(input: &[u8], next_hop_mtu: u16) -> Vec<u8> {
     let (eth, ip, _) = split(input);
     let quoted = &input[ETH_LEN..ETH_LEN + IPV4_LEN + QUOTE_LEN];
     let icmp = Icmpv4Header::with_checksum(
@@ -191,7 +191,7 @@ pub fn frag_needed(input: &[u8], next_hop_mtu: u16) -> Vec<u8> {
 /// and one quoted in an ICMP error), and the TCP, UDP or ICMP checksum of the innermost
 /// datagram unless it is a fragment.
 #[track_caller]
-pub fn assert_checksums(frame: &[u8]) {
+pub(super) fn assert_checksums(frame: &[u8]) {
     let (_, _, datagram) = split(frame);
     check_datagram(datagram, 0);
 }

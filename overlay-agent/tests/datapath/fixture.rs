@@ -24,13 +24,13 @@ use aya::{
 use ipnet::Ipv4Net;
 use overlay_agent::{
     datapath::{Datapath, LoadOptions},
-    host::Host,
+    host::{Host, uplink::Uplink},
     masq,
     nodes::{
         NodeInfo, NodeSet,
         address::{Authority, OwnAddress},
     },
-    reconcile::{Desired, NodeSettings, Reconciler, Uplink},
+    reconcile::{Desired, NodeSettings, Reconciler},
 };
 use overlay_common::{
     Counter, DatapathConfig, Hook, PeerStats, Reason, Route,
@@ -46,7 +46,7 @@ use super::{expect, topology};
 /// TC verdicts (`linux/pkt_cls.h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(i32)]
-pub enum Act {
+pub(super) enum Act {
     /// TC_ACT_UNSPEC (TCX_NEXT): on to the next filter, else the kernel's path.
     Next = -1,
     Shot = 2,
@@ -59,7 +59,7 @@ pub enum Act {
 /// hwtstamp) and refuses any other non-zero byte with EINVAL.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct SkBuff {
+pub(super) struct SkBuff {
     pub len: u32,
     pub pkt_type: u32,
     pub mark: u32,
@@ -100,7 +100,7 @@ pub struct SkBuff {
 // The layout must match the kernel's byte for byte, or the kernel reads our ifindex as
 // some other field.
 const _: () = {
-    assert!(core::mem::size_of::<SkBuff>() == 192);
+    assert!(size_of::<SkBuff>() == 192);
     assert!(core::mem::offset_of!(SkBuff, ifindex) == 40);
     assert!(core::mem::offset_of!(SkBuff, data_end) == 80);
     assert!(core::mem::offset_of!(SkBuff, wire_len) == 160);
@@ -124,7 +124,7 @@ impl SkBuff {
 
 /// What one program run did.
 #[derive(Debug)]
-pub struct Outcome {
+pub(super) struct Outcome {
     pub rc: u32,
     /// The packet as the program left it.
     pub data: Vec<u8>,
@@ -139,7 +139,7 @@ pub struct Outcome {
 }
 
 /// This node: its namespace's devices and the loaded datapath.
-pub struct Node {
+pub(super) struct Node {
     pub dp: Datapath,
     /// ifindex of the uplink.
     pub eth0: u32,
@@ -153,31 +153,31 @@ pub struct Node {
 
 /// Runs `test` on a thread of its own, in a fresh network namespace holding this node's
 /// topology, with the datapath loaded and configured. Panics of `test` propagate.
-pub fn with_node(test: impl FnOnce(&mut Node) + Send + 'static) {
+pub(super) fn with_node(test: impl FnOnce(&mut Node) + Send + 'static) {
     with_node_setup(LoadOptions::default(), |_| {}, test);
 }
 
 /// [`with_node`] with masquerade on (flanneld `--ip-masq`).
-pub fn with_masquerading_node(test: impl FnOnce(&mut Node) + Send + 'static) {
+pub(super) fn with_masquerading_node(test: impl FnOnce(&mut Node) + Send + 'static) {
     with_node_setup(LoadOptions::default(), masquerade, test);
 }
 
 /// Turns masquerade on in `config`.
-pub fn masquerade(config: &mut DatapathConfig) {
+pub(super) fn masquerade(config: &mut DatapathConfig) {
     config.flags |= FLAG_MASQUERADE;
 }
 
 /// Turns the fast path off in `config` (`--fast-path=off`).
-pub fn no_fast_path(config: &mut DatapathConfig) {
+pub(super) fn no_fast_path(config: &mut DatapathConfig) {
     config.flags &= !FLAG_FAST_PATH;
 }
 
 /// The ruleset generation the suite's nodes start with.
-pub const GENERATION: u32 = 1;
+pub(super) const GENERATION: u32 = 1;
 
 /// [`with_node`], with the datapath loaded with `options` and the configuration the agent
 /// would write changed by `adjust`.
-pub fn with_node_setup(
+pub(super) fn with_node_setup(
     options: LoadOptions,
     adjust: impl FnOnce(&mut DatapathConfig) + Send + 'static,
     test: impl FnOnce(&mut Node) + Send + 'static,
@@ -193,7 +193,7 @@ pub fn with_node_setup(
 /// [`with_node_setup`] with the maps pinned as the agent pins them, for whatever reads
 /// the pins (inspection, metrics): under a bpffs that the agent's own code mounts, in a
 /// mount namespace private to the test's thread. `test` gets the pin directory.
-pub fn with_pinned_node(
+pub(super) fn with_pinned_node(
     adjust: impl FnOnce(&mut DatapathConfig) + Send + 'static,
     test: impl FnOnce(&mut Node, &Path) + Send + 'static,
 ) {
@@ -214,11 +214,12 @@ pub fn with_pinned_node(
 
 /// A sysfs showing this thread's network namespace (the machine's /sys shows the
 /// machine's), in a private mount namespace; unmounted when the guard drops.
-pub fn namespace_sysfs() -> (tempfile::TempDir, impl Drop) {
+pub(super) fn namespace_sysfs() -> (tempfile::TempDir, impl Drop) {
     private_mounts();
     let dir = tempfile::tempdir().expect("a directory for sysfs");
     let path = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: plain syscall with NUL-terminated strings.
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call, or null
+    // for no data.
     let rc = unsafe {
         libc::mount(
             c"sysfs".as_ptr(),
@@ -236,7 +237,8 @@ pub fn namespace_sysfs() -> (tempfile::TempDir, impl Drop) {
 /// Moves this thread into a mount namespace of its own whose mounts do not propagate
 /// back to the machine's.
 fn private_mounts() {
-    // SAFETY: plain syscalls; CLONE_NEWNS (with CLONE_FS) affects only this thread.
+    // SAFETY: unshare(2) takes no pointer; CLONE_NEWNS (with CLONE_FS) affects only
+    // this thread.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
     assert_eq!(
         rc,
@@ -244,6 +246,8 @@ fn private_mounts() {
         "unshare(CLONE_NEWNS): {}",
         std::io::Error::last_os_error()
     );
+    // SAFETY: the strings are NUL-terminated literals; the other pointers are null,
+    // which MS_PRIVATE allows.
     let rc = unsafe {
         libc::mount(
             c"none".as_ptr(),
@@ -267,14 +271,14 @@ struct Unmount(PathBuf);
 impl Drop for Unmount {
     fn drop(&mut self) {
         let path = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: plain syscall on a path we mounted.
+        // SAFETY: `path` is NUL-terminated and outlives the call, which only reads it.
         unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
     }
 }
 
 /// Like [`with_node`], but with empty maps: the datapath as the agent finds it before
 /// it has configured anything.
-pub fn with_unconfigured_node(test: impl FnOnce(&mut Node) + Send + 'static) {
+pub(super) fn with_unconfigured_node(test: impl FnOnce(&mut Node) + Send + 'static) {
     in_new_netns(move || {
         build_topology();
         test(&mut Node::new(&LoadOptions::default()));
@@ -282,10 +286,10 @@ pub fn with_unconfigured_node(test: impl FnOnce(&mut Node) + Send + 'static) {
 }
 
 /// Runs `f` on a thread of its own in a fresh, empty network namespace; panics propagate.
-pub fn in_new_netns(f: impl FnOnce() + Send + 'static) {
+pub(super) fn in_new_netns(f: impl FnOnce() + Send + 'static) {
     let result = thread::spawn(move || {
         let before = netns_id();
-        // SAFETY: plain syscall; affects only this thread.
+        // SAFETY: unshare(2) takes no pointer; CLONE_NEWNET moves only this thread.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
         assert_eq!(
             rc,
@@ -307,7 +311,7 @@ pub fn in_new_netns(f: impl FnOnce() + Send + 'static) {
     }
 }
 
-fn netns_id() -> std::path::PathBuf {
+fn netns_id() -> PathBuf {
     std::fs::read_link("/proc/thread-self/ns/net").expect("reading /proc/thread-self/ns/net")
 }
 
@@ -375,7 +379,7 @@ fn ip_batch(commands: &[String]) {
 }
 
 /// `cmd args` (`ip`, `tc`, `bridge`) in this thread's namespace; panics if it fails.
-pub fn run_tool(cmd: &str, args: &str) {
+pub(super) fn run_tool(cmd: &str, args: &str) {
     let out = Command::new(cmd)
         .args(args.split_whitespace())
         .output()
@@ -388,7 +392,7 @@ pub fn run_tool(cmd: &str, args: &str) {
 }
 
 /// `ip ARGS` in this thread's namespace: its output, or its error.
-pub fn ip(args: &str) -> Result<String, String> {
+pub(super) fn ip(args: &str) -> Result<String, String> {
     let out = Command::new("ip")
         .args(args.split_whitespace())
         .output()
@@ -403,13 +407,13 @@ pub fn ip(args: &str) -> Result<String, String> {
 
 /// Reconcile passes of the agent for this node (w1), on a runtime of their own,
 /// writing subnet.env into a directory of their own.
-pub struct Passes {
+pub(super) struct Passes {
     rt: tokio::runtime::Runtime,
     dir: tempfile::TempDir,
 }
 
 impl Passes {
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -422,7 +426,7 @@ impl Passes {
 
     /// One pass among `nodes` (name, pod subnet, tunnel address), with the settings
     /// as `adjust` leaves them.
-    pub fn run(
+    pub(super) fn run(
         &self,
         node: &mut Node,
         nodes: &[(&str, Ipv4Net, Ipv4Addr)],
@@ -472,12 +476,12 @@ impl Passes {
         .unwrap();
     }
 
-    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+    pub(super) fn block_on<F: Future>(&self, future: F) -> F::Output {
         self.rt.block_on(future)
     }
 }
 
-pub fn ifindex(name: &str) -> u32 {
+pub(super) fn ifindex(name: &str) -> u32 {
     overlay_agent::host::ifindex_by_name(name).unwrap_or_else(|| panic!("{name} missing"))
 }
 
@@ -520,7 +524,7 @@ impl Node {
 
     /// Fills ROUTES with every remote, those of `direct` marked as reached directly
     /// (as the agent marks them under `Backend.DirectRouting`), the others tunnelled.
-    pub fn route_directly(&mut self, direct: &[topology::Remote]) {
+    pub(super) fn route_directly(&mut self, direct: &[topology::Remote]) {
         let routes: BTreeMap<Ipv4Net, Route> = topology::REMOTES
             .iter()
             .map(|r| {
@@ -536,7 +540,7 @@ impl Node {
     }
 
     /// The device a hook's program sees packets on.
-    pub fn device(&self, hook: Hook) -> u32 {
+    pub(super) fn device(&self, hook: Hook) -> u32 {
         match hook {
             Hook::BridgeIngress | Hook::BridgeEgress => self.cni0,
             Hook::UplinkIngress | Hook::UplinkEgress => self.eth0,
@@ -546,7 +550,7 @@ impl Node {
 
     /// Writes CONFIG anew, as the agent does when the fast path switches or the host's
     /// ruleset changes.
-    pub fn reconfigure(&mut self, adjust: impl FnOnce(&mut DatapathConfig)) {
+    pub(super) fn reconfigure(&mut self, adjust: impl FnOnce(&mut DatapathConfig)) {
         adjust(&mut self.config);
         self.dp.config.set(self.config).expect("writing CONFIG");
     }
@@ -554,13 +558,13 @@ impl Node {
     /// Admits the flow of `frame` (its inner packet, if it is IPIP) to the fast path, as
     /// the agent does once the host forwarded it unchanged and tracks it established:
     /// seen under the current generation, admitted just now.
-    pub fn admit(&mut self, frame: &[u8]) {
+    pub(super) fn admit(&mut self, frame: &[u8]) {
         self.set_flow(
             flow_key(frame),
             FlowState {
                 seen_gen: self.config.ruleset_gen,
                 host_packets: 1,
-                refreshed_ns: overlay_agent::conntrack::monotonic_ns(),
+                refreshed_ns: overlay_agent::datapath::conntrack::monotonic_ns(),
                 admitted: 1,
                 ..FlowState::default()
             },
@@ -570,12 +574,12 @@ impl Node {
     /// Writes `state` for `key` in FLOWS.
     /// Writes `key`'s entry through the agent's table, which sets an admitted
     /// direction's bit in the filter first, as the agent admits.
-    pub fn set_flow(&mut self, key: FlowKey, state: FlowState) {
+    pub(super) fn set_flow(&mut self, key: FlowKey, state: FlowState) {
         self.dp.flows.insert(&key, state).expect("writing FLOWS");
     }
 
     /// Whether `key`'s bit is set in the filter.
-    pub fn in_filter(&self, key: &FlowKey) -> bool {
+    pub(super) fn in_filter(&self, key: &FlowKey) -> bool {
         let (word, mask) = key.filter_bit();
         self.filter_map()
             .get(&word, 0)
@@ -590,7 +594,7 @@ impl Node {
     }
 
     /// The FLOWS entry of `key`, if any.
-    pub fn flow(&self, key: &FlowKey) -> Option<FlowState> {
+    pub(super) fn flow(&self, key: &FlowKey) -> Option<FlowState> {
         self.flows_map().get(key, 0).ok()
     }
 
@@ -600,7 +604,7 @@ impl Node {
     }
 
     /// Runs `hook`'s program on `frame` as if it arrived on the hook's device.
-    pub fn run(&self, hook: Hook, frame: &[u8]) -> Outcome {
+    pub(super) fn run(&self, hook: Hook, frame: &[u8]) -> Outcome {
         self.run_with(
             hook,
             frame,
@@ -612,14 +616,14 @@ impl Node {
     }
 
     /// Runs `hook`'s program on `frame` with a context of the caller's choosing.
-    pub fn run_with(&self, hook: Hook, frame: &[u8], ctx: SkBuff) -> Outcome {
+    pub(super) fn run_with(&self, hook: Hook, frame: &[u8], ctx: SkBuff) -> Outcome {
         self.try_run_with(hook, frame, ctx)
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {}: {e:?}", hook.program()))
     }
 
     /// [`Node::run_with`], returning the kernel's refusal to run the program instead of
     /// panicking.
-    pub fn try_run_with(
+    pub(super) fn try_run_with(
         &self,
         hook: Hook,
         frame: &[u8],
@@ -652,7 +656,7 @@ impl Node {
     /// What one run of `hook`'s program on `frame` costs: the kernel runs it `repeat`
     /// times in a row (each on a fresh copy of the frame) and reports the mean time of
     /// one run, helpers included. Also returns the last run's return code.
-    pub fn cost(&self, hook: Hook, frame: &[u8], repeat: u32) -> (std::time::Duration, u32) {
+    pub(super) fn cost(&self, hook: Hook, frame: &[u8], repeat: u32) -> (std::time::Duration, u32) {
         let ctx = SkBuff {
             ifindex: self.device(hook),
             ..Default::default()
@@ -676,19 +680,25 @@ impl Node {
     /// counter slot (`hook`, `reason`) up by one packet of `frame.len()` bytes, and the
     /// PEERS accounting (only decapsulated packets count, against their outer source).
     /// Returns the packet as the program left it.
-    pub fn expect(&self, hook: Hook, frame: &[u8], act: Act, reason: Reason) -> Vec<u8> {
+    pub(super) fn expect(&self, hook: Hook, frame: &[u8], act: Act, reason: Reason) -> Vec<u8> {
         self.expect_outcome(hook, frame, act, reason).data
     }
 
     /// [`Node::expect`], returning all the run did.
-    pub fn expect_outcome(&self, hook: Hook, frame: &[u8], act: Act, reason: Reason) -> Outcome {
+    pub(super) fn expect_outcome(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        act: Act,
+        reason: Reason,
+    ) -> Outcome {
         let out = self.run(hook, frame);
         check_verdict(hook, frame, &out, act, reason);
         out
     }
 
     /// [`Node::expect`] for each of the named `cases`, which all end the same way.
-    pub fn expect_each<'a>(
+    pub(super) fn expect_each<'a>(
         &self,
         hook: Hook,
         cases: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
@@ -704,14 +714,14 @@ impl Node {
 
     /// [`Node::expect`] for packets the program must leave alone: TC_ACT_UNSPEC, and
     /// the bytes out are the bytes in.
-    pub fn expect_untouched(&self, hook: Hook, frame: &[u8], reason: Reason) {
+    pub(super) fn expect_untouched(&self, hook: Hook, frame: &[u8], reason: Reason) {
         let out = self.expect(hook, frame, Act::Next, reason);
         assert_bytes_eq(&out, frame, "packet must pass untouched");
     }
 
     /// [`Node::expect`] for packets the program rewrites: the bytes out must be
     /// `expected`, byte for byte, and every checksum in them right.
-    pub fn expect_frame(
+    pub(super) fn expect_frame(
         &self,
         hook: Hook,
         frame: &[u8],
@@ -728,11 +738,11 @@ impl Node {
         self.dp.counters.all().expect("reading COUNTERS")
     }
 
-    pub fn peer_stats(&self) -> BTreeMap<Ipv4Addr, PeerStats> {
+    pub(super) fn peer_stats(&self) -> BTreeMap<Ipv4Addr, PeerStats> {
         self.dp.peers.stats().expect("reading PEERS")
     }
 
-    pub fn nat_events(&self) -> BTreeMap<NatEvent, u64> {
+    pub(super) fn nat_events(&self) -> BTreeMap<NatEvent, u64> {
         self.dp
             .nat_events
             .all()
@@ -743,7 +753,7 @@ impl Node {
 
     /// The CONNTRACK map of this node's datapath, opened on its own (the agent's
     /// `Conntrack` only lists and collects).
-    pub fn conntrack_map(&self) -> HashMap<MapData, CtKey, CtEntry> {
+    pub(super) fn conntrack_map(&self) -> HashMap<MapData, CtKey, CtEntry> {
         HashMap::try_from(self.map_of(Hook::UplinkEgress, names::CONNTRACK))
             .expect("CONNTRACK is a hash map")
     }
@@ -751,7 +761,7 @@ impl Node {
     /// Whether `uplink_ingress` has found the kernel refusing the flag that clears a
     /// decapsulated packet's tunnel GSO state (`DECAP_FLAG_REFUSED`, the programs'
     /// only zero-initialised global, so the whole of `.bss`).
-    pub fn decap_flag_refused(&self) -> bool {
+    pub(super) fn decap_flag_refused(&self) -> bool {
         let bss: Array<MapData, u8> = Array::try_from(self.map_of(Hook::UplinkIngress, ".bss"))
             .expect(".bss is an array of one byte");
         bss.get(&0, 0).expect("reading .bss") != 0
@@ -776,7 +786,7 @@ impl Node {
     }
 
     /// Every entry of CONNTRACK.
-    pub fn conntrack_entries(&self) -> BTreeMap<CtKey, CtEntry> {
+    pub(super) fn conntrack_entries(&self) -> BTreeMap<CtKey, CtEntry> {
         self.conntrack_map()
             .iter()
             .map(|e| e.expect("reading CONNTRACK"))
@@ -785,7 +795,7 @@ impl Node {
 }
 
 /// The flow key of a TCP or UDP frame (of its inner packet, if it is IPIP).
-pub fn flow_key(frame: &[u8]) -> FlowKey {
+pub(super) fn flow_key(frame: &[u8]) -> FlowKey {
     const ETH: usize = 14;
     let ihl = |at: usize| usize::from(frame[at] & 0x0f) * 4;
     let mut l3 = ETH;
@@ -805,7 +815,7 @@ pub fn flow_key(frame: &[u8]) -> FlowKey {
 }
 
 /// Asserts what [`Node::expect`] promises about `out`.
-pub fn check_verdict(hook: Hook, frame: &[u8], out: &Outcome, act: Act, reason: Reason) {
+pub(super) fn check_verdict(hook: Hook, frame: &[u8], out: &Outcome, act: Act, reason: Reason) {
     let want = vec![(
         hook,
         reason,
@@ -910,7 +920,7 @@ fn peer_increments(
 
 /// Byte comparison that shows where two frames first differ.
 #[track_caller]
-pub fn assert_bytes_eq(actual: &[u8], expected: &[u8], what: &str) {
+pub(super) fn assert_bytes_eq(actual: &[u8], expected: &[u8], what: &str) {
     if actual == expected {
         return;
     }

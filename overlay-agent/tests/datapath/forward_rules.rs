@@ -110,7 +110,10 @@ fn iptables_rules_are_taken_over_kept_and_cleaned_up() {
         rt.block_on(async {
             let status = Arc::new(Status::default());
             let rules = ForwardRules::new(Frontend::Iptables, NETWORK.parse().unwrap());
-            let keeper = tokio::spawn(forward_rules::keep(rules, PERIOD, Arc::clone(&status)));
+            let recorded = Arc::clone(&status);
+            let keeper = tokio::spawn(forward_rules::keep(rules, PERIOD, move |pass| {
+                recorded.forward_rules_pass(pass)
+            }));
             // Taken over: the stale rule gone, nothing doubled.
             restored(&status, 0).await;
             tool("iptables", &["-F", "FLANNEL-FWD"]);

@@ -1,10 +1,10 @@
 //! The rtnetlink notifications the agent looks at the pods' side of the node on
-//! (`overlay_agent::host::events`): what a pod's start and its shaping change wakes
+//! (`overlay_agent::pods::events`): what a pod's start and its shaping change wakes
 //! it, the node's ARP churn does not, and a forwarding entry alone is told apart.
 
 use std::time::Duration;
 
-use overlay_agent::host::events::{
+use overlay_agent::pods::events::{
     Change::{self, Forwarding, Node},
     HostEvents,
 };

@@ -11,7 +11,7 @@ use std::{
 };
 
 use overlay_agent::{
-    conntrack::Collected,
+    datapath::conntrack::Collected,
     http::{self, Endpoints},
     metrics::{self, PerPeer},
     status::{Convergence, Status},

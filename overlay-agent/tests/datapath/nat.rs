@@ -21,8 +21,8 @@ use overlay_common::{
 use super::{
     expect::{assert_checksums, decapsulated, encapsulated, towards},
     fixture::{
-        Act, Node, SkBuff, assert_bytes_eq, check_verdict, masquerade, with_masquerading_node,
-        with_node, with_node_setup,
+        Act, Node, Outcome, SkBuff, assert_bytes_eq, check_verdict, masquerade,
+        with_masquerading_node, with_node, with_node_setup,
     },
     malformed::malformed,
     packet::{
@@ -36,12 +36,12 @@ use super::{
 };
 
 /// Payload bytes of the connections' packets.
-pub const PAYLOAD: usize = 37;
+pub(super) const PAYLOAD: usize = 37;
 
 /// The test's connection of `proto` from a client at `src` to a server at `dst`; each
 /// protocol has a client port of its own, so that the connections of [`Proto::ALL`]
 /// between the same hosts are distinct flows.
-pub fn client(proto: Proto, src: Ipv4Addr, dst: Ipv4Addr) -> Conn {
+pub(super) fn client(proto: Proto, src: Ipv4Addr, dst: Ipv4Addr) -> Conn {
     match proto {
         Proto::Echo => Conn::new(proto, (src, 0x77), (dst, 0)),
         Proto::Tcp => Conn::new(proto, (src, 40000), (dst, 443)),
@@ -57,7 +57,7 @@ fn remote_of(addr: Ipv4Addr) -> Option<Remote> {
 
 /// The frame a packet of `conn` is, leaving the uplink (as the host stack hands it to the
 /// egress hook).
-pub fn outgoing(conn: &Conn, flags: u8) -> Vec<u8> {
+pub(super) fn outgoing(conn: &Conn, flags: u8) -> Vec<u8> {
     outgoing_with(conn, flags, |_| {})
 }
 
@@ -68,7 +68,7 @@ fn outgoing_with(conn: &Conn, flags: u8, change: HeaderChange) -> Vec<u8> {
 
 /// The frame a packet of `conn` is, arriving on the uplink: straight from the underlay,
 /// or through the tunnel from the node of a remote pod.
-pub fn incoming(conn: &Conn, flags: u8) -> Vec<u8> {
+pub(super) fn incoming(conn: &Conn, flags: u8) -> Vec<u8> {
     incoming_with(conn, flags, |_| {})
 }
 
@@ -82,7 +82,7 @@ fn incoming_with(conn: &Conn, flags: u8, change: HeaderChange) -> Vec<u8> {
 }
 
 /// The translated source of `conn` as the connection table lists it.
-pub fn translation(node: &Node, conn: &Conn) -> Option<(Ipv4Addr, u16)> {
+pub(super) fn translation(node: &Node, conn: &Conn) -> Option<(Ipv4Addr, u16)> {
     let flows = node.dp.conntrack.flows().expect("listing flows");
     let flow = flows
         .iter()
@@ -94,7 +94,7 @@ pub fn translation(node: &Node, conn: &Conn) -> Option<(Ipv4Addr, u16)> {
 /// the table says: from `nat_ip` and a port of the configured range, otherwise exactly
 /// as sent (and encapsulated if it is for a remote pod). Returns the translated
 /// connection and the masquerade events of the run.
-pub fn translate_out(
+pub(super) fn translate_out(
     node: &Node,
     conn: Conn,
     flags: u8,
@@ -143,7 +143,7 @@ fn translate_out_with(
 
 /// [`translate_out`] for the first packet of a connection: exactly one flow created
 /// (after any number of port collisions: the first candidate port is random).
-pub fn open(node: &Node, conn: Conn, flags: u8, nat_ip: Ipv4Addr) -> Conn {
+pub(super) fn open(node: &Node, conn: Conn, flags: u8, nat_ip: Ipv4Addr) -> Conn {
     let (translated, mut events) = translate_out(node, conn, flags, nat_ip);
     events.remove(&NatEvent::PortCollision);
     assert_eq!(
@@ -154,17 +154,26 @@ pub fn open(node: &Node, conn: Conn, flags: u8, nat_ip: Ipv4Addr) -> Conn {
     translated
 }
 
+/// A masquerade port next to `port`, inside the node's range.
+pub(super) fn next_port(node: &Node, port: u16) -> u16 {
+    if port == node.config.nat_port_max {
+        port - 1
+    } else {
+        port + 1
+    }
+}
+
 /// How a reply (or an error about a flow) translated back leaves the uplink's ingress
 /// when its flow is not on the fast path, and the frame it leaves as, given `back`: the
 /// frame translated back, as the host stack receives it to forward or deliver.
-pub fn reply_outcome(back: Vec<u8>) -> (Act, Reason, Vec<u8>) {
+pub(super) fn reply_outcome(back: Vec<u8>) -> (Act, Reason, Vec<u8>) {
     (Act::Next, Reason::Unmasqueraded, back)
 }
 
 /// Sends the reply to `translated` (the translation of `conn`) in through the uplink
 /// and checks that it reaches the stack addressed to `conn`'s source, exactly as the
 /// other end sent it otherwise. Returns the masquerade events of the run.
-pub fn translate_back(
+pub(super) fn translate_back(
     node: &Node,
     conn: Conn,
     translated: Conn,
@@ -193,7 +202,7 @@ fn translate_back_with(
 
 /// What the connection table should hold for one connection.
 #[derive(Clone, Copy, Debug)]
-pub struct Tracked {
+pub(super) struct Tracked {
     pub conn: Conn,
     /// The connection as translated, or None for a flow tracked untranslated (rule 4).
     pub translated: Option<Conn>,
@@ -203,7 +212,7 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    pub fn translated(conn: Conn, translated: Conn, rule: Rule, flags: u8) -> Tracked {
+    pub(super) fn translated(conn: Conn, translated: Conn, rule: Rule, flags: u8) -> Tracked {
         Tracked {
             conn,
             translated: Some(translated),
@@ -212,7 +221,7 @@ impl Tracked {
         }
     }
 
-    pub fn untranslated(conn: Conn, flags: u8) -> Tracked {
+    pub(super) fn untranslated(conn: Conn, flags: u8) -> Tracked {
         Tracked {
             conn,
             translated: None,
@@ -223,7 +232,7 @@ impl Tracked {
 }
 
 /// The table key of `conn` in direction `dir`.
-pub fn ct_key(conn: &Conn, dir: u8) -> CtKey {
+pub(super) fn ct_key(conn: &Conn, dir: u8) -> CtKey {
     CtKey {
         src: conn.src.0.octets(),
         dst: conn.dst.0.octets(),
@@ -244,7 +253,7 @@ fn timeless(e: &CtEntry) -> ([u8; 4], [u8; 2], u8, u8) {
 /// entry keyed by the connection and holding its translated source (its own source if
 /// untranslated), and for translated ones a REPLY entry keyed by the tuple replies carry
 /// and holding the original source. Live ORIGINAL entries expire in the future.
-pub fn assert_table(node: &Node, flows: &[Tracked]) {
+pub(super) fn assert_table(node: &Node, flows: &[Tracked]) {
     let mut want = BTreeMap::new();
     for t in flows {
         let source = t.translated.unwrap_or(t.conn).src;
@@ -268,7 +277,7 @@ pub fn assert_table(node: &Node, flows: &[Tracked]) {
     let table = node.conntrack_entries();
     let got: BTreeMap<CtKey, _> = table.iter().map(|(k, v)| (*k, timeless(v))).collect();
     assert_eq!(got, want, "connection table");
-    let now = overlay_agent::conntrack::monotonic_ns();
+    let now = overlay_agent::datapath::conntrack::monotonic_ns();
     for (k, v) in &table {
         assert!(v.created_ns <= now, "{k:?} created in the future");
         if k.dir == DIR_ORIGINAL {
@@ -450,6 +459,18 @@ fn outside_clients_of_remote_pods_round_trip() {
     });
 }
 
+/// `uplink_egress` on `frame` carrying the packet mark `mark`, passed on for `reason`.
+fn egress_marked(node: &Node, frame: &[u8], mark: u32, reason: Reason) -> Outcome {
+    let ctx = SkBuff {
+        ifindex: node.eth0,
+        mark,
+        ..Default::default()
+    };
+    let out = node.run_with(UplinkEgress, frame, ctx);
+    check_verdict(UplinkEgress, frame, &out, Act::Next, reason);
+    out
+}
+
 #[test]
 fn kube_proxy_marked_packets_are_left_to_kube_proxy() {
     // Rule 1: the 0x4000 bit, whatever else the mark holds.
@@ -462,29 +483,10 @@ fn kube_proxy_marked_packets_are_left_to_kube_proxy() {
             u32::MAX,
         ] {
             eprintln!("case: mark {mark:#x}");
-            let ctx = SkBuff {
-                ifindex: node.eth0,
-                mark,
-                ..Default::default()
-            };
-            let out = node.run_with(UplinkEgress, &to_outside, ctx);
-            check_verdict(
-                UplinkEgress,
-                &to_outside,
-                &out,
-                Act::Next,
-                Reason::PassNotOverlay,
-            );
+            let out = egress_marked(node, &to_outside, mark, Reason::PassNotOverlay);
             assert_bytes_eq(&out.data, &to_outside, "marked packet to the outside");
             // Still encapsulated, with its own source.
-            let out = node.run_with(UplinkEgress, &to_remote_pod, ctx);
-            check_verdict(
-                UplinkEgress,
-                &to_remote_pod,
-                &out,
-                Act::Next,
-                Reason::Encapsulated,
-            );
+            let out = egress_marked(node, &to_remote_pod, mark, Reason::Encapsulated);
             assert_bytes_eq(
                 &out.data,
                 &encapsulated(&to_remote_pod, &W2, 0, towards(&W2)),
@@ -494,17 +496,10 @@ fn kube_proxy_marked_packets_are_left_to_kube_proxy() {
         assert_table(node, &[]);
         // Other bits do not count.
         let conn = client(Proto::Tcp, POD, OUTSIDE);
-        let ctx = SkBuff {
-            ifindex: node.eth0,
-            mark: !KUBE_PROXY_MASQ_MARK,
-            ..Default::default()
-        };
-        let out = node.run_with(UplinkEgress, &to_outside, ctx);
-        check_verdict(
-            UplinkEgress,
+        egress_marked(
+            node,
             &to_outside,
-            &out,
-            Act::Next,
+            !KUBE_PROXY_MASQ_MARK,
             Reason::Masqueraded,
         );
         assert!(
@@ -728,11 +723,7 @@ fn replies_to_ports_no_flow_holds_are_untouched() {
         let conn = client(Proto::Udp, POD, OUTSIDE);
         let translated = open(node, conn, 0, NODE_IP);
         let port = translated.src.1;
-        let other_port = if port == node.config.nat_port_max {
-            port - 1
-        } else {
-            port + 1
-        };
+        let other_port = next_port(node, port);
         let strays = [
             // Another port, another protocol, another server, another server port.
             translated.with_src((NODE_IP, other_port)),

@@ -26,7 +26,7 @@ use overlay_common::{
 use super::{
     expect::{assert_checksums, encapsulated, towards},
     fixture::{Act, Node, assert_bytes_eq, with_masquerading_node},
-    nat::{PAYLOAD, client, incoming, open, reply_outcome, translate_back},
+    nat::{PAYLOAD, client, incoming, next_port, open, reply_outcome, translate_back},
     packet::{
         ACK, Conn, IPV4_LEN, Proto, SYN, Transport, datagram, from_host, from_peer, from_underlay,
         icmp_message, ipv4, nest, tunnel_header,
@@ -221,11 +221,7 @@ fn errors_about_anything_else_pass_untouched() {
         let conn = client(Proto::Udp, POD, OUTSIDE);
         let translated = open(node, conn, 0, NODE_IP);
         let port = translated.src.1;
-        let other_port = if port == node.config.nat_port_max {
-            port - 1
-        } else {
-            port + 1
-        };
+        let other_port = next_port(node, port);
         let to_node = |quoted: &Conn| {
             let d = quoted.datagram(0, PAYLOAD);
             from_underlay(&icmp_message(

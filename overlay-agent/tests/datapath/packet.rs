@@ -16,12 +16,12 @@ use overlay_common::Hook;
 
 use super::topology::{CNI0_MAC, ETH0_MAC, Mac, NODE_IP, POD, POD_MAC, W2_MAC};
 
-pub const ETH_LEN: usize = Ethernet2Header::LEN;
-pub const IPV4_LEN: usize = Ipv4Header::MIN_LEN;
+pub(super) const ETH_LEN: usize = Ethernet2Header::LEN;
+pub(super) const IPV4_LEN: usize = Ipv4Header::MIN_LEN;
 
 /// What follows the IPv4 header of a test datagram.
 #[derive(Clone, Copy, Debug)]
-pub enum Transport {
+pub(super) enum Transport {
     /// A TCP header without options (data offset 5).
     Tcp,
     /// A TCP header with NOP, NOP, timestamps (data offset 8): the size of the TCP
@@ -36,7 +36,7 @@ pub enum Transport {
 
 impl Transport {
     /// Bytes of transport header [`datagram`] writes.
-    pub fn header_len(self) -> usize {
+    pub(super) fn header_len(self) -> usize {
         match self {
             Transport::Tcp => 20,
             Transport::TcpTimestamps => 32,
@@ -48,21 +48,21 @@ impl Transport {
 
 /// Payload length that makes a datagram with `transport`, once encapsulated, exactly
 /// `mtu` bytes long.
-pub fn filling(mtu: u16, transport: Transport) -> usize {
+pub(super) fn filling(mtu: u16, transport: Transport) -> usize {
     usize::from(mtu) - 2 * IPV4_LEN - transport.header_len()
 }
 
 /// DSCP of test datagrams: not zero, so that tests see it kept inside and cleared outside.
-pub const DSCP: u8 = 10; // AF11
+pub(super) const DSCP: u8 = 10; // AF11
 /// Identification of test datagrams: not zero, so that tests see it copied outside.
-pub const ID: u16 = 0x4a5b;
-pub const TTL: u8 = 64;
+pub(super) const ID: u16 = 0x4a5b;
+pub(super) const TTL: u8 = 64;
 /// The IP option pods actually send (IGMP): router alert (RFC 2113).
-pub const ROUTER_ALERT: [u8; 4] = [0x94, 0x04, 0x00, 0x00];
+pub(super) const ROUTER_ALERT: [u8; 4] = [0x94, 0x04, 0x00, 0x00];
 
 /// The header of a test datagram from `src` to `dst`: DF set, the fixed DSCP, ID and
 /// TTL, ECN not-ECT. Lengths, protocol and checksum are filled in by [`datagram`].
-pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr) -> Ipv4Header {
+pub(super) fn ipv4(src: Ipv4Addr, dst: Ipv4Addr) -> Ipv4Header {
     Ipv4Header {
         dscp: IpDscp::try_new(DSCP).expect("DSCP fits 6 bits"),
         ecn: IpEcn::ZERO,
@@ -76,33 +76,33 @@ pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr) -> Ipv4Header {
 }
 
 /// A change a test makes to an IPv4 header.
-pub type HeaderChange = fn(&mut Ipv4Header);
+pub(super) type HeaderChange = fn(&mut Ipv4Header);
 
 /// Puts a datagram in an Ethernet frame.
-pub type Framing = fn(&[u8]) -> Vec<u8>;
+pub(super) type Framing = fn(&[u8]) -> Vec<u8>;
 
 // Header changes that take a datagram off the fast path.
 
 /// Adds a router alert option (IHL 6).
-pub fn add_router_alert(ip: &mut Ipv4Header) {
+pub(super) fn add_router_alert(ip: &mut Ipv4Header) {
     ip.options = ROUTER_ALERT.into();
 }
 
 /// Makes the datagram the first fragment of a bigger one (MF, offset 0).
-pub fn first_fragment(ip: &mut Ipv4Header) {
+pub(super) fn first_fragment(ip: &mut Ipv4Header) {
     ip.dont_fragment = false;
     ip.more_fragments = true;
 }
 
 /// Makes the datagram the last fragment of a bigger one (offset 1480, no MF).
-pub fn last_fragment(ip: &mut Ipv4Header) {
+pub(super) fn last_fragment(ip: &mut Ipv4Header) {
     ip.dont_fragment = false;
     ip.fragment_offset = IpFragOffset::try_new(185).expect("13 bits");
 }
 
 /// `ip` followed by `transport` and `payload_len` bytes of payload, with total length,
 /// protocol and every checksum set.
-pub fn datagram(ip: Ipv4Header, transport: Transport, payload_len: usize) -> Vec<u8> {
+pub(super) fn datagram(ip: Ipv4Header, transport: Transport, payload_len: usize) -> Vec<u8> {
     let l4 = match transport {
         Transport::Tcp | Transport::TcpTimestamps => {
             let mut tcp = tcp_header(40000, 80, ACK | PSH);
@@ -128,11 +128,11 @@ pub fn datagram(ip: Ipv4Header, transport: Transport, payload_len: usize) -> Vec
 }
 
 /// TCP flags of [`tcp_header`] (the bits of the header's flags byte).
-pub const FIN: u8 = 0x01;
-pub const SYN: u8 = 0x02;
-pub const RST: u8 = 0x04;
-pub const PSH: u8 = 0x08;
-pub const ACK: u8 = 0x10;
+pub(super) const FIN: u8 = 0x01;
+pub(super) const SYN: u8 = 0x02;
+pub(super) const RST: u8 = 0x04;
+pub(super) const PSH: u8 = 0x08;
+pub(super) const ACK: u8 = 0x10;
 
 /// Sequence number of test segments, unless a test sets another.
 const TCP_SEQ: u32 = 0x0102_0304;
@@ -210,7 +210,7 @@ fn assemble(mut ip: Ipv4Header, l4: L4, payload: &[u8]) -> Vec<u8> {
 
 /// The protocol of a [`Conn`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Proto {
+pub(super) enum Proto {
     Tcp,
     Udp,
     /// UDP with a zero checksum ("none").
@@ -220,9 +220,9 @@ pub enum Proto {
 }
 
 impl Proto {
-    pub const ALL: [Proto; 4] = [Proto::Tcp, Proto::Udp, Proto::UdpNoChecksum, Proto::Echo];
+    pub(super) const ALL: [Proto; 4] = [Proto::Tcp, Proto::Udp, Proto::UdpNoChecksum, Proto::Echo];
 
-    pub fn number(self) -> u8 {
+    pub(super) fn number(self) -> u8 {
         match self {
             Proto::Tcp => 6,
             Proto::Udp | Proto::UdpNoChecksum => 17,
@@ -234,7 +234,7 @@ impl Proto {
 /// One direction of a connection, as masquerade sees it: protocol, source and
 /// destination address and port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Conn {
+pub(super) struct Conn {
     pub proto: Proto,
     pub src: (Ipv4Addr, u16),
     pub dst: (Ipv4Addr, u16),
@@ -249,7 +249,7 @@ pub struct Conn {
 impl Conn {
     /// A connection from `src` to `dst` (for ICMP echo, `src`'s port is the identifier
     /// and `dst`'s must be 0).
-    pub fn new(proto: Proto, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Conn {
+    pub(super) fn new(proto: Proto, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Conn {
         assert!(
             proto != Proto::Echo || dst.1 == 0,
             "echo requests have no destination port"
@@ -265,7 +265,7 @@ impl Conn {
     }
 
     /// The other direction: what the destination sends back.
-    pub fn reversed(self) -> Conn {
+    pub(super) fn reversed(self) -> Conn {
         Conn {
             src: self.dst,
             dst: self.src,
@@ -274,28 +274,28 @@ impl Conn {
         }
     }
 
-    pub fn with_src(self, src: (Ipv4Addr, u16)) -> Conn {
+    pub(super) fn with_src(self, src: (Ipv4Addr, u16)) -> Conn {
         Conn { src, ..self }
     }
 
-    pub fn with_dst(self, dst: (Ipv4Addr, u16)) -> Conn {
+    pub(super) fn with_dst(self, dst: (Ipv4Addr, u16)) -> Conn {
         Conn { dst, ..self }
     }
 
     /// TCP segments with sequence number `seq` and a timestamp option `tsval`.
-    pub fn with_marks(self, seq: u32, tsval: Option<u32>) -> Conn {
+    pub(super) fn with_marks(self, seq: u32, tsval: Option<u32>) -> Conn {
         Conn { seq, tsval, ..self }
     }
 
     /// A datagram of this direction with `payload_len` bytes of payload and, for TCP,
     /// `flags`.
-    pub fn datagram(&self, flags: u8, payload_len: usize) -> Vec<u8> {
+    pub(super) fn datagram(&self, flags: u8, payload_len: usize) -> Vec<u8> {
         self.datagram_with(flags, payload_len, |_| {})
     }
 
     /// [`Conn::datagram`] with `change` made to its IPv4 header (fields the builder
     /// fills in are overwritten).
-    pub fn datagram_with(
+    pub(super) fn datagram_with(
         &self,
         flags: u8,
         payload_len: usize,
@@ -352,7 +352,7 @@ impl Conn {
 
 /// An ICMP message of `icmp_type` from `src` to `dst` with `payload` (for an error: the
 /// start of the offending datagram it quotes).
-pub fn icmp_message(
+pub(super) fn icmp_message(
     src: Ipv4Addr,
     dst: Ipv4Addr,
     icmp_type: Icmpv4Type,
@@ -370,7 +370,7 @@ fn pattern(len: usize) -> Vec<u8> {
 }
 
 /// An Ethernet II frame.
-pub fn ethernet(dst: Mac, src: Mac, ether_type: EtherType, payload: &[u8]) -> Vec<u8> {
+pub(super) fn ethernet(dst: Mac, src: Mac, ether_type: EtherType, payload: &[u8]) -> Vec<u8> {
     let eth = Ethernet2Header {
         destination: dst.0,
         source: src.0,
@@ -380,25 +380,25 @@ pub fn ethernet(dst: Mac, src: Mac, ether_type: EtherType, payload: &[u8]) -> Ve
 }
 
 /// `datagram` as a local pod sends it to its gateway on cni0.
-pub fn from_pod(datagram: &[u8]) -> Vec<u8> {
+pub(super) fn from_pod(datagram: &[u8]) -> Vec<u8> {
     ethernet(CNI0_MAC, POD_MAC, EtherType::IPV4, datagram)
 }
 
 /// `datagram` as the host stack sends it out of the uplink (to whatever next hop its
 /// route named; the datapath rewrites both addresses).
-pub fn from_host(datagram: &[u8]) -> Vec<u8> {
+pub(super) fn from_host(datagram: &[u8]) -> Vec<u8> {
     ethernet(W2_MAC, ETH0_MAC, EtherType::IPV4, datagram)
 }
 
 /// `datagram` as it arrives from the underlay on the uplink.
-pub fn from_underlay(datagram: &[u8]) -> Vec<u8> {
+pub(super) fn from_underlay(datagram: &[u8]) -> Vec<u8> {
     ethernet(ETH0_MAC, W2_MAC, EtherType::IPV4, datagram)
 }
 
 /// A datagram to `dst` as an encapsulating hook gets it: from a local pod on the
 /// bridge, or from the host itself on the uplink's egress. `change` adjusts its header
 /// (fields [`datagram`] fills in are overwritten).
-pub fn outbound(
+pub(super) fn outbound(
     hook: Hook,
     dst: Ipv4Addr,
     transport: Transport,
@@ -418,7 +418,7 @@ pub fn outbound(
 }
 
 /// `outer` carrying `inner` as IPIP, with total length, protocol and checksum set.
-pub fn nest(mut outer: Ipv4Header, inner: &[u8]) -> Vec<u8> {
+pub(super) fn nest(mut outer: Ipv4Header, inner: &[u8]) -> Vec<u8> {
     outer.protocol = IpNumber::IPV4;
     outer.set_payload_len(inner.len()).expect("fits");
     outer.header_checksum = outer.calc_header_checksum();
@@ -427,7 +427,7 @@ pub fn nest(mut outer: Ipv4Header, inner: &[u8]) -> Vec<u8> {
 
 /// The outer header a peer node `src` puts around what it sends this node: what the
 /// kernel's ipip device would build (DSCP 0, DF, one hop less than our pods' TTL).
-pub fn tunnel_header(src: Ipv4Addr, ecn: IpEcn) -> Ipv4Header {
+pub(super) fn tunnel_header(src: Ipv4Addr, ecn: IpEcn) -> Ipv4Header {
     Ipv4Header {
         dscp: IpDscp::ZERO,
         ecn,
@@ -438,18 +438,18 @@ pub fn tunnel_header(src: Ipv4Addr, ecn: IpEcn) -> Ipv4Header {
 }
 
 /// The IPIP datagram peer `src` sends this node around `inner`.
-pub fn ipip(src: Ipv4Addr, ecn: IpEcn, inner: &[u8]) -> Vec<u8> {
+pub(super) fn ipip(src: Ipv4Addr, ecn: IpEcn, inner: &[u8]) -> Vec<u8> {
     nest(tunnel_header(src, ecn), inner)
 }
 
 /// A frame from the underlay: peer `peer` tunnels `inner` to this node.
-pub fn from_peer(peer: Ipv4Addr, ecn: IpEcn, inner: &[u8]) -> Vec<u8> {
+pub(super) fn from_peer(peer: Ipv4Addr, ecn: IpEcn, inner: &[u8]) -> Vec<u8> {
     from_underlay(&ipip(peer, ecn, inner))
 }
 
 /// A frame from the underlay: peer `src` tunnels a TCP datagram from a pod of its
 /// (`inner_src`) to `inner_dst` on this node.
-pub fn tunnelled_tcp(
+pub(super) fn tunnelled_tcp(
     src: Ipv4Addr,
     inner_src: Ipv4Addr,
     inner_dst: Ipv4Addr,
@@ -463,7 +463,7 @@ pub fn tunnelled_tcp(
 }
 
 /// An ARP request from a pod for its gateway.
-pub fn arp() -> Vec<u8> {
+pub(super) fn arp() -> Vec<u8> {
     let request = ArpPacket::new(
         ArpHardwareId::ETHERNET,
         EtherType::IPV4,
@@ -483,7 +483,7 @@ pub fn arp() -> Vec<u8> {
 }
 
 /// An IPv6 UDP datagram.
-pub fn ipv6_udp() -> Vec<u8> {
+pub(super) fn ipv6_udp() -> Vec<u8> {
     let src = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
     let dst = [0xfd, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 7];
     let mut out = Vec::new();
@@ -496,7 +496,7 @@ pub fn ipv6_udp() -> Vec<u8> {
 }
 
 /// An 802.1Q-tagged frame around `datagram` (which would be overlay traffic untagged).
-pub fn vlan_tagged(datagram: &[u8]) -> Vec<u8> {
+pub(super) fn vlan_tagged(datagram: &[u8]) -> Vec<u8> {
     let tag = etherparse::SingleVlanHeader {
         vlan_id: VlanId::try_new(100).expect("valid VLAN id"),
         ether_type: EtherType::IPV4,
@@ -509,7 +509,7 @@ pub fn vlan_tagged(datagram: &[u8]) -> Vec<u8> {
 /// Changes the IPv4 header at the start of `datagram` with `change`, then makes the
 /// checksum of its first 20 bytes correct again, so that only the change is wrong with
 /// it.
-pub fn mangle(datagram: &mut [u8], change: impl FnOnce(&mut [u8])) {
+pub(super) fn mangle(datagram: &mut [u8], change: impl FnOnce(&mut [u8])) {
     change(datagram);
     let hdr = &mut datagram[..IPV4_LEN];
     hdr[10..12].fill(0);
@@ -521,6 +521,6 @@ pub fn mangle(datagram: &mut [u8], change: impl FnOnce(&mut [u8])) {
 }
 
 /// Sets the total length field of the IPv4 header at `hdr`.
-pub fn set_tot_len(hdr: &mut [u8], len: u16) {
+pub(super) fn set_tot_len(hdr: &mut [u8], len: u16) {
     hdr[2..4].copy_from_slice(&len.to_be_bytes());
 }

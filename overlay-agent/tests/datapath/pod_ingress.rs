@@ -4,8 +4,9 @@
 use std::{path::Path, process::Command, time::Instant};
 
 use overlay_agent::{
-    datapath::{Datapath, LoadOptions, veths::SETTLE},
+    datapath::{Datapath, LoadOptions},
     host::Host,
+    pods::veths::{PodHooks, SETTLE},
 };
 use overlay_common::{DatapathConfig, Hook, Reason};
 use tokio::runtime::Runtime;
@@ -77,10 +78,17 @@ fn nothing_is_taken_before_the_bridge_address_is_known() {
 
 /// The veths that carry `pod_ingress` after one pass of the agent's sync at `now`, by
 /// name.
-fn sync(rt: &Runtime, dp: &mut Datapath, host: &Host, net: &Path, now: Instant) -> Vec<String> {
-    rt.block_on(dp.sync_pod_hooks(host, net, "cni0", now))
+fn sync(
+    rt: &Runtime,
+    (dp, hooks): (&mut Datapath, &mut PodHooks),
+    host: &Host,
+    net: &Path,
+    now: Instant,
+) -> Vec<String> {
+    let prog = dp.program_mut(Hook::PodIngress);
+    rt.block_on(hooks.sync(prog, host, net, "cni0", now))
         .expect("syncing the pod veths");
-    let mut names: Vec<String> = dp.pod_hooks.attached().map(str::to_owned).collect();
+    let mut names: Vec<String> = hooks.attached().map(str::to_owned).collect();
     names.sort();
     names
 }
@@ -129,21 +137,28 @@ fn the_agent_takes_the_veths_nobody_else_filters() {
         let _guard = rt.enter();
         let host = Host::connect().expect("rtnetlink");
         let dp = &mut node.dp;
+        let mut hooks = PodHooks::default();
         // New veths wait a while, for the CNI plugins chained after the bridge's; the
         // agent is told when to look again.
         let t0 = Instant::now();
-        assert!(sync(&rt, dp, &host, &net, t0).is_empty());
-        assert_eq!(dp.pod_hooks.next_settled(), Some(t0 + SETTLE));
-        assert!(sync(&rt, dp, &host, &net, t0 + SETTLE / 2).is_empty());
+        assert!(sync(&rt, (dp, &mut hooks), &host, &net, t0).is_empty());
+        assert_eq!(hooks.next_settled(), Some(t0 + SETTLE));
+        assert!(sync(&rt, (dp, &mut hooks), &host, &net, t0 + SETTLE / 2).is_empty());
         let mut now = t0 + SETTLE;
-        assert_eq!(sync(&rt, dp, &host, &net, now), ["pod0", "pod1"]);
+        assert_eq!(
+            sync(&rt, (dp, &mut hooks), &host, &net, now),
+            ["pod0", "pod1"]
+        );
         // pod2 is left to the bridge: nothing is left to wait for.
-        assert_eq!(dp.pod_hooks.next_settled(), None);
+        assert_eq!(hooks.next_settled(), None);
         assert!(kernel_shows_it(&rt, &host, "pod0") && kernel_shows_it(&rt, &host, "pod1"));
         assert!(!kernel_shows_it(&rt, &host, "pod2"));
         // A pass changes nothing that is right already.
         now += SETTLE;
-        assert_eq!(sync(&rt, dp, &host, &net, now), ["pod0", "pod1"]);
+        assert_eq!(
+            sync(&rt, (dp, &mut hooks), &host, &net, now),
+            ["pod0", "pod1"]
+        );
         // A filter appears on pod1 after we took it: it goes back to the bridge. (The
         // qdisc is there already without TCX: our filter's.)
         let _ = Command::new("tc")
@@ -153,13 +168,16 @@ fn the_agent_takes_the_veths_nobody_else_filters() {
             "tc",
             "filter add dev pod1 ingress prio 5 protocol all u32 match u32 0 0",
         );
-        assert_eq!(sync(&rt, dp, &host, &net, now), ["pod0"]);
+        assert_eq!(sync(&rt, (dp, &mut hooks), &host, &net, now), ["pod0"]);
         assert!(!kernel_shows_it(&rt, &host, "pod1"));
         // The shaping goes from pod2: it is taken.
         run("tc", "qdisc del dev pod2 ingress");
-        assert_eq!(sync(&rt, dp, &host, &net, now), ["pod0", "pod2"]);
+        assert_eq!(
+            sync(&rt, (dp, &mut hooks), &host, &net, now),
+            ["pod0", "pod2"]
+        );
         // A pod leaves.
         run("ip", "link del pod0");
-        assert_eq!(sync(&rt, dp, &host, &net, now), ["pod2"]);
+        assert_eq!(sync(&rt, (dp, &mut hooks), &host, &net, now), ["pod2"]);
     });
 }

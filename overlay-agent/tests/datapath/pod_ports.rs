@@ -2,7 +2,7 @@
 //! table, and `uplink_ingress` hands decapsulated packets for a known pod straight to
 //! its veth (`bpf_redirect_peer`) instead of to the bridge.
 
-use overlay_agent::datapath::ports::learned;
+use overlay_agent::pods::ports::{self, learned};
 use overlay_common::{Hook::UplinkIngress, Reason, maps::PodPort};
 
 use super::{
@@ -43,12 +43,12 @@ fn ports_come_from_the_bridge_forwarding_table() {
         assert_eq!(found.get(&mac), Some(&pod_port()));
         // Only veth ports, and never the bridge's own (local) addresses.
         assert!(found.values().all(|p| *p == pod_port()), "{found:?}");
-        let changes = node.dp.pod_ports.sync_from(&net, "cni0").unwrap();
+        let changes = ports::sync(&mut node.dp.pod_ports, &net, "cni0").unwrap();
         assert_eq!(changes.added, found.len());
         assert_eq!(node.dp.pod_ports.entries().unwrap(), found);
         // The pod leaves: its entry goes.
         fdb("del", &text);
-        let changes = node.dp.pod_ports.sync_from(&net, "cni0").unwrap();
+        let changes = ports::sync(&mut node.dp.pod_ports, &net, "cni0").unwrap();
         assert_eq!(changes.removed, 1);
         assert!(!node.dp.pod_ports.entries().unwrap().contains_key(&mac));
     });
@@ -60,7 +60,7 @@ fn a_pod_with_a_known_port_gets_the_same_packet() {
         let (sys, _unmount) = namespace_sysfs();
         let net = sys.path().join("class/net");
         fdb("replace", &POD_MAC.to_string());
-        node.dp.pod_ports.sync_from(&net, "cni0").unwrap();
+        ports::sync(&mut node.dp.pod_ports, &net, "cni0").unwrap();
         assert_eq!(
             node.dp.pod_ports.entries().unwrap().get(&POD_MAC.0),
             Some(&pod_port())

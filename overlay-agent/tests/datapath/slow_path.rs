@@ -11,7 +11,7 @@ use super::{
 };
 
 /// Header changes that take a packet off the fast path, with the verdict each gets.
-pub fn slow_path_headers() -> [(&'static str, HeaderChange, Reason); 5] {
+pub(super) fn slow_path_headers() -> [(&'static str, HeaderChange, Reason); 5] {
     [
         ("ttl 1", |ip| ip.time_to_live = 1, Reason::PassTtlExpired),
         ("ttl 0", |ip| ip.time_to_live = 0, Reason::PassTtlExpired),

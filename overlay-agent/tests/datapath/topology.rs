@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Mac(pub [u8; 6]);
+pub(super) struct Mac(pub [u8; 6]);
 
 /// Formats a MAC address as `ip` wants it.
 impl std::fmt::Display for Mac {
@@ -19,39 +19,39 @@ impl std::fmt::Display for Mac {
 }
 
 /// This node's tunnel address, on the uplink eth0.
-pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 3);
+pub(super) const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 3);
 /// Another address of this node (a second IP of a host process's): rule 6 translates
 /// what leaves from it, as from any source but the uplink's own.
-pub const NODE_OTHER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 3);
-pub const ETH0_MAC: Mac = Mac([0x02, 0x00, 0xac, 0x12, 0x00, 0x03]);
+pub(super) const NODE_OTHER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 3);
+pub(super) const ETH0_MAC: Mac = Mac([0x02, 0x00, 0xac, 0x12, 0x00, 0x03]);
 /// The other end of the uplink's veth (never addressed; it only gives eth0 a carrier).
-pub const UNDERLAY_PEER_MAC: Mac = Mac([0x02, 0x00, 0xac, 0x12, 0xff, 0xff]);
+pub(super) const UNDERLAY_PEER_MAC: Mac = Mac([0x02, 0x00, 0xac, 0x12, 0xff, 0xff]);
 
 /// This node's pod subnet, its gateway on cni0, and a pod with a resolved neighbour.
-pub const CLUSTER: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 0, 0), 16);
-pub const POD_SUBNET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 1, 0), 24);
-pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
-pub const CNI0_MAC: Mac = Mac([0x02, 0x00, 0x0a, 0xf4, 0x01, 0x01]);
-pub const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
-pub const POD_MAC: Mac = Mac([0x02, 0x00, 0x0a, 0xf4, 0x01, 0x02]);
+pub(super) const CLUSTER: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 0, 0), 16);
+pub(super) const POD_SUBNET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 244, 1, 0), 24);
+pub(super) const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+pub(super) const CNI0_MAC: Mac = Mac([0x02, 0x00, 0x0a, 0xf4, 0x01, 0x01]);
+pub(super) const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+pub(super) const POD_MAC: Mac = Mac([0x02, 0x00, 0x0a, 0xf4, 0x01, 0x02]);
 /// The bridge port of the pod's veth.
-pub const POD_PORT_MAC: Mac = Mac([0x02, 0x00, 0x0a, 0xf4, 0x01, 0xfe]);
+pub(super) const POD_PORT_MAC: Mac = Mac([0x02, 0x00, 0x0a, 0xf4, 0x01, 0xfe]);
 /// A pod address of this node with no neighbour entry.
-pub const POD_UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+pub(super) const POD_UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
 
 /// The underlay router, and the network only it reaches (with a locked route MTU).
-pub const ROUTER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
-pub const ROUTER_MAC: Mac = Mac([0x02, 0x00, 0xac, 0x12, 0x00, 0x01]);
-pub const BEHIND_ROUTER: &str = "172.19.0.0/24";
-pub const BEHIND_ROUTER_MTU: u16 = 1400;
+pub(super) const ROUTER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
+pub(super) const ROUTER_MAC: Mac = Mac([0x02, 0x00, 0xac, 0x12, 0x00, 0x01]);
+pub(super) const BEHIND_ROUTER: &str = "172.19.0.0/24";
+pub(super) const BEHIND_ROUTER_MTU: u16 = 1400;
 /// The uplink's MTU (veth default).
-pub const UPLINK_MTU: u16 = 1500;
+pub(super) const UPLINK_MTU: u16 = 1500;
 
-pub const W2_MAC: Mac = Mac([0x02, 0x00, 0xac, 0x12, 0x00, 0x04]);
+pub(super) const W2_MAC: Mac = Mac([0x02, 0x00, 0xac, 0x12, 0x00, 0x04]);
 
 /// A remote node as ROUTES knows it, and how the underlay reaches it from here.
 #[derive(Clone, Copy, Debug)]
-pub struct Remote {
+pub(super) struct Remote {
     pub node: Ipv4Addr,
     pub subnet: Ipv4Net,
     /// A pod in `subnet`.
@@ -67,7 +67,7 @@ const fn net(a: u8, b: u8, c: u8, d: u8, len: u8) -> Ipv4Net {
 }
 
 /// w2: on the uplink's link, neighbour resolved.
-pub const W2: Remote = Remote {
+pub(super) const W2: Remote = Remote {
     node: Ipv4Addr::new(172, 18, 0, 4),
     subnet: net(10, 244, 2, 0, 24),
     pod: Ipv4Addr::new(10, 244, 2, 7),
@@ -75,7 +75,7 @@ pub const W2: Remote = Remote {
     mtu: UPLINK_MTU,
 };
 /// w3: behind the router, so its frames carry the router's MAC.
-pub const W3: Remote = Remote {
+pub(super) const W3: Remote = Remote {
     node: Ipv4Addr::new(172, 19, 0, 2),
     subnet: net(10, 244, 3, 0, 24),
     pod: Ipv4Addr::new(10, 244, 3, 9),
@@ -83,7 +83,7 @@ pub const W3: Remote = Remote {
     mtu: BEHIND_ROUTER_MTU,
 };
 /// w4: on the link but without a neighbour entry: the kernel must resolve it.
-pub const W4: Remote = Remote {
+pub(super) const W4: Remote = Remote {
     node: Ipv4Addr::new(172, 18, 0, 9),
     subnet: net(10, 244, 4, 0, 24),
     pod: Ipv4Addr::new(10, 244, 4, 4),
@@ -91,7 +91,7 @@ pub const W4: Remote = Remote {
     mtu: UPLINK_MTU,
 };
 /// w5: in ROUTES, but the underlay has no route to its address at all.
-pub const W5: Remote = Remote {
+pub(super) const W5: Remote = Remote {
     node: Ipv4Addr::new(192, 0, 2, 5),
     subnet: net(10, 244, 5, 0, 24),
     pod: Ipv4Addr::new(10, 244, 5, 5),
@@ -100,15 +100,15 @@ pub const W5: Remote = Remote {
 };
 
 /// Every entry of ROUTES.
-pub const REMOTES: [Remote; 4] = [W2, W3, W4, W5];
+pub(super) const REMOTES: [Remote; 4] = [W2, W3, W4, W5];
 /// PEERS: the nodes allowed to send us IPIP (w4 and w5 are not).
-pub const PEERS: [Ipv4Addr; 2] = [W2.node, W3.node];
+pub(super) const PEERS: [Ipv4Addr; 2] = [W2.node, W3.node];
 
 /// An address on the underlay that is no node.
-pub const STRANGER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 66);
+pub(super) const STRANGER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 66);
 
 /// Addresses outside the cluster and the underlay: an Internet server pods talk to,
 /// another one, and a router on the way that reports errors.
-pub const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-pub const OUTSIDE_2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
-pub const OUTSIDE_ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 254);
+pub(super) const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub(super) const OUTSIDE_2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+pub(super) const OUTSIDE_ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 254);

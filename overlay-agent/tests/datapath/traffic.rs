@@ -11,7 +11,7 @@ use super::{
 };
 
 /// The frames [`exchange`] ran.
-pub struct Exchange {
+pub(super) struct Exchange {
     /// A pod's packet to a pod of w2: encapsulated on the bridge.
     pub to_w2: Vec<u8>,
     /// w2's answer: decapsulated on the uplink.
@@ -22,7 +22,7 @@ pub struct Exchange {
 
 /// Runs the frames of an [`Exchange`] through `node`, checking each verdict. The flow
 /// is admitted to the fast path first.
-pub fn exchange(node: &mut Node) -> Exchange {
+pub(super) fn exchange(node: &mut Node) -> Exchange {
     let to_w2 = from_pod(&datagram(ipv4(POD, W2.pod), Transport::Udp, 50));
     node.admit(&to_w2);
     node.expect(

@@ -53,7 +53,7 @@ fn run(cmd: &mut Command) {
 }
 
 /// Client certificate files signed by the run's own CA, for etcd and the agent.
-pub struct Certs {
+pub(super) struct Certs {
     pub ca: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
@@ -128,7 +128,7 @@ impl Certs {
     }
 }
 
-pub struct Etcd {
+pub(super) struct Etcd {
     child: Mutex<Option<Child>>,
     pub certs: Option<Certs>,
     dir: TempDir,
@@ -143,12 +143,12 @@ impl Drop for Etcd {
 
 impl Etcd {
     /// etcd over plain HTTP.
-    pub fn start() -> Self {
+    pub(super) fn start() -> Self {
         Self::start_with(false)
     }
 
     /// etcd over TLS that demands client certificates.
-    pub fn start_tls() -> Self {
+    pub(super) fn start_tls() -> Self {
         Self::start_with(true)
     }
 
@@ -166,7 +166,7 @@ impl Etcd {
         etcd
     }
 
-    pub fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         let scheme = if self.certs.is_some() {
             "https"
         } else {
@@ -177,7 +177,7 @@ impl Etcd {
 
     /// Starts etcd on the data directory (again, after [`Etcd::stop`]) and waits
     /// until it answers.
-    pub fn spawn(&self) {
+    pub(super) fn spawn(&self) {
         let url = self.url();
         let data = self.dir.path().join("data");
         let log = std::fs::OpenOptions::new()
@@ -238,7 +238,7 @@ impl Etcd {
     }
 
     /// Kills etcd; the data stays for [`Etcd::spawn`].
-    pub fn stop(&self) {
+    pub(super) fn stop(&self) {
         if let Some(mut child) = self.child.lock().unwrap().take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -246,7 +246,7 @@ impl Etcd {
     }
 
     /// The agent's settings for this etcd: client certificates with TLS.
-    pub fn options(&self) -> EtcdOptions {
+    pub(super) fn options(&self) -> EtcdOptions {
         EtcdOptions {
             endpoints: vec![self.url()],
             prefix: DEFAULT_PREFIX.into(),
@@ -261,18 +261,18 @@ impl Etcd {
     }
 
     /// The directory of this etcd's data and certificates.
-    pub fn dir(&self) -> &Path {
+    pub(super) fn dir(&self) -> &Path {
         self.dir.path()
     }
 
     /// A client with the agent's settings.
-    pub async fn client(&self) -> Client {
+    pub(super) async fn client(&self) -> Client {
         self.options().connect().await.unwrap()
     }
 
     /// Runs `f`'s future to its end on a runtime of its own in a thread inside the
     /// namespace, where etcd's 127.0.0.1 is.
-    pub fn run<F, T>(&self, f: impl FnOnce() -> F + Send) -> T
+    pub(super) fn run<F, T>(&self, f: impl FnOnce() -> F + Send) -> T
     where
         F: Future<Output = T>,
         T: Send,

@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc, time::Duration};
 use etcd_client::Client;
 use ipnet::Ipv4Net;
 use overlay_agent::{
-    config::SubnetRange,
+    net_conf::SubnetRange,
     nodes::{
         NodeInfo, NodeSet,
         address::{Authority, OwnAddress},
@@ -19,12 +19,12 @@ use tokio::{sync::watch, task::JoinHandle};
 use super::server::Etcd;
 
 /// Generous: only a broken source takes this long.
-pub const PATIENCE: Duration = Duration::from_secs(20);
+pub(super) const PATIENCE: Duration = Duration::from_secs(20);
 
-pub const PREFIX: &str = "/coreos.com/network";
+pub(super) const PREFIX: &str = "/coreos.com/network";
 
 /// Writes the network configuration.
-pub async fn configure(client: &mut Client, conf: &str) {
+pub(super) async fn configure(client: &mut Client, conf: &str) {
     client
         .put(format!("{PREFIX}/config"), conf, None)
         .await
@@ -32,24 +32,24 @@ pub async fn configure(client: &mut Client, conf: &str) {
 }
 
 /// A network of 10.244.0.0/16 handing out /24s.
-pub const NET_CONF: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "ipip"}}"#;
+pub(super) const NET_CONF: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "ipip"}}"#;
 
 /// A client of `etcd`, once it has written the network configuration `conf`.
-pub async fn configured(etcd: &Etcd, conf: &str) -> Client {
+pub(super) async fn configured(etcd: &Etcd, conf: &str) -> Client {
     let mut client = etcd.client().await;
     configure(&mut client, conf).await;
     client
 }
 
 /// 10.244.0.0/16 handing out the /24s from `min` to `max` only.
-pub fn net_conf_from(min: &str, max: &str) -> String {
+pub(super) fn net_conf_from(min: &str, max: &str) -> String {
     format!(
         r#"{{"Network": "10.244.0.0/16", "SubnetMin": "{min}", "SubnetMax": "{max}", "Backend": {{"Type": "ipip"}}}}"#
     )
 }
 
 /// The registry and its subnet range, as a node reads them.
-pub async fn registry(client: &Client) -> (Registry, SubnetRange) {
+pub(super) async fn registry(client: &Client) -> (Registry, SubnetRange) {
     let mut registry = Registry::new(client.clone(), PREFIX);
     let (_, range) = registry.net_conf().await.unwrap();
     (registry, range)
@@ -57,7 +57,7 @@ pub async fn registry(client: &Client) -> (Registry, SubnetRange) {
 
 /// Nodes w1 (192.0.2.1) and w2 (192.0.2.2) with their subnets, once each sees the
 /// other as a peer.
-pub async fn two_nodes(opts: &EtcdOptions) -> [(Node, Ipv4Net); 2] {
+pub(super) async fn two_nodes(opts: &EtcdOptions) -> [(Node, Ipv4Net); 2] {
     let w1 = Node::start(opts, "w1", "192.0.2.1").await;
     let w2 = Node::start(opts, "w2", "192.0.2.2").await;
     let (s1, s2) = (w1.leased().await, w2.leased().await);
@@ -68,11 +68,11 @@ pub async fn two_nodes(opts: &EtcdOptions) -> [(Node, Ipv4Net); 2] {
     [(w1, s1), (w2, s2)]
 }
 
-pub fn ip(s: &str) -> Ipv4Addr {
+pub(super) fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
-pub fn address(public_ip: &str) -> OwnAddress {
+pub(super) fn address(public_ip: &str) -> OwnAddress {
     OwnAddress {
         authority: Authority::Agent,
         public_ip: None,
@@ -81,7 +81,7 @@ pub fn address(public_ip: &str) -> OwnAddress {
 }
 
 /// One node's etcd source, running.
-pub struct Node {
+pub(super) struct Node {
     pub name: String,
     pub rx: watch::Receiver<Option<NodeSet>>,
     pub status: Arc<Status>,
@@ -96,7 +96,7 @@ impl Drop for Node {
 
 impl Node {
     /// Starts the source of node `name` reached at `public_ip`.
-    pub async fn start(opts: &EtcdOptions, name: &str, public_ip: &str) -> Self {
+    pub(super) async fn start(opts: &EtcdOptions, name: &str, public_ip: &str) -> Self {
         let source = EtcdSource::open(opts, name, address(public_ip))
             .await
             .unwrap();
@@ -104,7 +104,7 @@ impl Node {
     }
 
     /// Runs `source`, opened for node `name`, retrying fast.
-    pub fn run(source: EtcdSource, name: &str) -> Self {
+    pub(super) fn run(source: EtcdSource, name: &str) -> Self {
         let source = source.with_retry(Retry::exponential(
             Duration::from_millis(50),
             Duration::from_millis(500),
@@ -121,16 +121,16 @@ impl Node {
     }
 
     /// Stops the source; its lease stays in etcd.
-    pub fn stop(&self) {
+    pub(super) fn stop(&self) {
         self.task.abort();
     }
 
-    pub fn set(&self) -> Option<NodeSet> {
+    pub(super) fn set(&self) -> Option<NodeSet> {
         self.rx.borrow().clone()
     }
 
     /// This node's subnet in the last set.
-    pub fn subnet(&self) -> Option<Ipv4Net> {
+    pub(super) fn subnet(&self) -> Option<Ipv4Net> {
         let set = self.set()?;
         set.nodes
             .iter()
@@ -139,14 +139,14 @@ impl Node {
     }
 
     /// Every subnet in the last set, this node's included.
-    pub fn subnets(&self) -> BTreeSet<Ipv4Net> {
+    pub(super) fn subnets(&self) -> BTreeSet<Ipv4Net> {
         self.set()
             .map(|s| s.nodes.iter().map(|n| n.pod_cidr).collect())
             .unwrap_or_default()
     }
 
     /// The peer with `subnet` in the last set.
-    pub fn peer(&self, subnet: Ipv4Net) -> Option<NodeInfo> {
+    pub(super) fn peer(&self, subnet: Ipv4Net) -> Option<NodeInfo> {
         let set = self.set()?;
         set.nodes
             .into_iter()
@@ -154,7 +154,7 @@ impl Node {
     }
 
     /// Waits until `check` holds, within `within`.
-    pub async fn within(&self, within: Duration, what: &str, check: impl Fn(&Self) -> bool) {
+    pub(super) async fn within(&self, within: Duration, what: &str, check: impl Fn(&Self) -> bool) {
         let deadline = tokio::time::Instant::now() + within;
         while !check(self) {
             assert!(
@@ -168,12 +168,12 @@ impl Node {
         }
     }
 
-    pub async fn eventually(&self, what: &str, check: impl Fn(&Self) -> bool) {
+    pub(super) async fn eventually(&self, what: &str, check: impl Fn(&Self) -> bool) {
         self.within(PATIENCE, what, check).await;
     }
 
     /// Waits for this node's first subnet.
-    pub async fn leased(&self) -> Ipv4Net {
+    pub(super) async fn leased(&self) -> Ipv4Net {
         self.eventually("a subnet leased", |n| n.subnet().is_some())
             .await;
         self.subnet().unwrap()
@@ -181,7 +181,7 @@ impl Node {
 }
 
 /// The lease at `subnet`: its attributes and etcd lease.
-pub async fn lease_at(client: &mut Client, subnet: Ipv4Net) -> Option<(LeaseAttrs, i64)> {
+pub(super) async fn lease_at(client: &mut Client, subnet: Ipv4Net) -> Option<(LeaseAttrs, i64)> {
     let key = format!(
         "{PREFIX}/subnets/{}",
         overlay_agent::nodes::etcd::subnet_key(subnet)
@@ -192,7 +192,7 @@ pub async fn lease_at(client: &mut Client, subnet: Ipv4Net) -> Option<(LeaseAttr
 }
 
 /// The subnet of every key under `<prefix>/subnets/` in etcd now.
-pub async fn subnets_in_etcd(client: &mut Client) -> BTreeSet<Ipv4Net> {
+pub(super) async fn subnets_in_etcd(client: &mut Client) -> BTreeSet<Ipv4Net> {
     let prefix = format!("{PREFIX}/subnets/");
     let resp = client
         .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
@@ -208,19 +208,19 @@ pub async fn subnets_in_etcd(client: &mut Client) -> BTreeSet<Ipv4Net> {
 }
 
 /// The key of `subnet`'s lease.
-pub fn key(subnet: Ipv4Net) -> String {
+pub(super) fn key(subnet: Ipv4Net) -> String {
     format!(
         "{PREFIX}/subnets/{}",
         overlay_agent::nodes::etcd::subnet_key(subnet)
     )
 }
 
-pub fn net(s: &str) -> Ipv4Net {
+pub(super) fn net(s: &str) -> Ipv4Net {
     s.parse().unwrap()
 }
 
 /// Puts a reservation: a lease without an etcd lease.
-pub async fn reserve(client: &mut Client, subnet: &str, public_ip: &str) {
+pub(super) async fn reserve(client: &mut Client, subnet: &str, public_ip: &str) {
     let net: Ipv4Net = subnet.parse().unwrap();
     let value = serde_json::to_string(&LeaseAttrs::ipip(ip(public_ip))).unwrap();
     let key = format!(

@@ -39,12 +39,9 @@ fn bench_5000_nodes() {
     let nodes = env_or("OVERLAY_BENCH_NODES", 5000) as u32;
     let idle = Duration::from_secs(env_or("OVERLAY_BENCH_IDLE_SECONDS", 30));
     std::thread::spawn(move || {
-        // SAFETY: plain syscall; only this thread moves.
-        assert_eq!(
-            unsafe { libc::unshare(libc::CLONE_NEWNET) },
-            0,
-            "unshare(CLONE_NEWNET) needs root"
-        );
+        // SAFETY: unshare(2) takes no pointer; CLONE_NEWNET moves only this thread.
+        let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(unshared, 0, "unshare(CLONE_NEWNET) needs root");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -144,7 +141,7 @@ fn cpu(pid: u32) -> Duration {
         .collect();
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
     let ticks = fields[11] + fields[12];
-    // SAFETY: plain sysconf.
+    // SAFETY: sysconf(3) takes no pointer and only reads a system setting.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     Duration::from_secs_f64(ticks as f64 / hz as f64)
 }

@@ -29,7 +29,7 @@ use tokio::{
 
 /// Which requests a fault applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Which {
+pub(super) enum Which {
     /// The first page of a list.
     ListStart,
     /// A later page (a `continue` token).
@@ -40,7 +40,7 @@ pub enum Which {
 
 /// One request as the fake received it.
 #[derive(Debug, Clone)]
-pub struct Request {
+pub(super) struct Request {
     pub method: String,
     pub path: String,
     pub query: BTreeMap<String, String>,
@@ -51,7 +51,7 @@ pub struct Request {
 }
 
 impl Request {
-    pub fn which(&self) -> Option<Which> {
+    pub(super) fn which(&self) -> Option<Which> {
         match (self.method.as_str(), self.path.as_str()) {
             ("GET", "/api/v1/nodes")
                 if self
@@ -116,7 +116,7 @@ struct Shared {
     open_watches: AtomicUsize,
 }
 
-pub struct FakeApi {
+pub(super) struct FakeApi {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
     server: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -124,7 +124,7 @@ pub struct FakeApi {
 
 impl FakeApi {
     /// Starts serving on a free loopback port.
-    pub async fn start() -> Self {
+    pub(super) async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api = Self {
             addr: listener.local_addr().unwrap(),
@@ -143,7 +143,7 @@ impl FakeApi {
         api
     }
 
-    pub fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
@@ -167,7 +167,7 @@ impl FakeApi {
     }
 
     /// Stops listening and closes every connection: clients get "connection refused".
-    pub async fn stop(&self) {
+    pub(super) async fn stop(&self) {
         let task = self.server.lock().unwrap().take();
         if let Some(task) = task {
             task.abort();
@@ -176,7 +176,7 @@ impl FakeApi {
     }
 
     /// Listens again on the same address.
-    pub async fn resume(&self) {
+    pub(super) async fn resume(&self) {
         let listener = TcpListener::bind(self.addr).await.unwrap();
         self.serve(listener);
     }
@@ -186,13 +186,13 @@ impl FakeApi {
     }
 
     /// Adds or replaces a node (a full Node document), as a watch event.
-    pub fn apply(&self, node: Value) {
+    pub(super) fn apply(&self, node: Value) {
         self.with_state(|s| s.apply(node));
         self.shared.generation.send_modify(|g| g.events += 1);
     }
 
     /// Deletes a node, as a watch event.
-    pub fn delete(&self, name: &str) {
+    pub(super) fn delete(&self, name: &str) {
         let removed = self.with_state(|s| {
             let (mut node, _) = s.nodes.remove(name)?;
             s.rv += 1;
@@ -207,7 +207,7 @@ impl FakeApi {
 
     /// Deletes a node, and compacts its event away before any watch sees it: what a
     /// watcher that was away when it happened finds.
-    pub fn delete_unseen(&self, name: &str) {
+    pub(super) fn delete_unseen(&self, name: &str) {
         self.with_state(|s| {
             assert!(s.nodes.remove(name).is_some(), "no node {name}");
             s.rv += 1;
@@ -216,7 +216,7 @@ impl FakeApi {
     }
 
     /// Adds or replaces a node, and compacts its event away before any watch sees it.
-    pub fn apply_unseen(&self, node: Value) {
+    pub(super) fn apply_unseen(&self, node: Value) {
         self.with_state(|s| {
             s.apply(node);
             s.compact();
@@ -225,28 +225,28 @@ impl FakeApi {
 
     /// Forgets the event history (etcd compaction): watches resuming from before now
     /// get 410 and must relist.
-    pub fn compact(&self) {
+    pub(super) fn compact(&self) {
         self.with_state(State::compact);
     }
 
     /// How many watches are streaming.
-    pub fn open_watches(&self) -> usize {
+    pub(super) fn open_watches(&self) -> usize {
         self.shared.open_watches.load(Ordering::SeqCst)
     }
 
     /// Ends every open watch with a 410 `Expired` ERROR event.
-    pub fn expire_watches(&self) {
+    pub(super) fn expire_watches(&self) {
         self.shared.generation.send_modify(|g| g.expired += 1);
     }
 
     /// Drops every open watch connection, as a restarting API server or a load
     /// balancer would.
-    pub fn drop_watches(&self) {
+    pub(super) fn drop_watches(&self) {
         self.shared.generation.send_modify(|g| g.dropped += 1);
     }
 
     /// Answers the next `times` requests of kind `which` with HTTP `status`.
-    pub fn fail(&self, which: Which, status: u16, times: usize) {
+    pub(super) fn fail(&self, which: Which, status: u16, times: usize) {
         self.with_state(|s| {
             s.faults.push(Fault {
                 which,
@@ -256,18 +256,18 @@ impl FakeApi {
         });
     }
 
-    pub fn requests(&self) -> Vec<Request> {
+    pub(super) fn requests(&self) -> Vec<Request> {
         self.with_state(|s| s.requests.clone())
     }
 
-    pub fn count(&self, which: Which) -> usize {
+    pub(super) fn count(&self, which: Which) -> usize {
         self.requests()
             .iter()
             .filter(|r| r.which() == Some(which))
             .count()
     }
 
-    pub fn patches(&self) -> Vec<Request> {
+    pub(super) fn patches(&self) -> Vec<Request> {
         self.requests()
             .into_iter()
             .filter(|r| r.which() == Some(Which::Patch))
@@ -275,12 +275,12 @@ impl FakeApi {
     }
 
     /// The node as the server has it now.
-    pub fn node(&self, name: &str) -> Option<Value> {
+    pub(super) fn node(&self, name: &str) -> Option<Value> {
         self.with_state(|s| s.nodes.get(name).map(|(v, _)| v.clone()))
     }
 
     /// Adds (or replaces) a Pod.
-    pub fn add_pod(&self, pod: Value) {
+    pub(super) fn add_pod(&self, pod: Value) {
         let key = format!(
             "{}/{}",
             pod["metadata"]["namespace"].as_str().unwrap(),

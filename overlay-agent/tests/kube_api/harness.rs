@@ -19,7 +19,7 @@ use super::fake::FakeApi;
 /// Generous: only a broken source takes this long.
 const PATIENCE: Duration = Duration::from_secs(15);
 
-pub struct Harness {
+pub(super) struct Harness {
     pub api: FakeApi,
     pub rx: watch::Receiver<Option<NodeSet>>,
     pub status: Arc<Status>,
@@ -33,7 +33,7 @@ impl Drop for Harness {
 }
 
 /// This node's address rule as with `--kube-subnet-mgr` and an interface address.
-pub fn agent_address(interface: &str) -> OwnAddress {
+pub(super) fn agent_address(interface: &str) -> OwnAddress {
     OwnAddress {
         authority: Authority::Agent,
         public_ip: None,
@@ -43,12 +43,12 @@ pub fn agent_address(interface: &str) -> OwnAddress {
 
 impl Harness {
     /// Runs the source of node `own` against `api`, listing `page_size` nodes a page.
-    pub fn start(api: FakeApi, own: &str, own_address: OwnAddress, page_size: u32) -> Self {
+    pub(super) fn start(api: FakeApi, own: &str, own_address: OwnAddress, page_size: u32) -> Self {
         Self::start_with(api, own, own_address, page_size, |s| s)
     }
 
     /// The same with the source as `configure` makes it.
-    pub fn start_with(
+    pub(super) fn start_with(
         api: FakeApi,
         own: &str,
         own_address: OwnAddress,
@@ -74,7 +74,7 @@ impl Harness {
     }
 
     /// The next set the source publishes.
-    pub async fn next_set(&mut self) -> NodeSet {
+    pub(super) async fn next_set(&mut self) -> NodeSet {
         tokio::time::timeout(PATIENCE, self.rx.changed())
             .await
             .expect("the source published nothing")
@@ -86,7 +86,7 @@ impl Harness {
     }
 
     /// Asserts that nothing is published for `d`.
-    pub async fn quiet(&mut self, d: Duration) {
+    pub(super) async fn quiet(&mut self, d: Duration) {
         tokio::time::sleep(d).await;
         assert!(
             !self.rx.has_changed().unwrap(),
@@ -96,7 +96,7 @@ impl Harness {
     }
 
     /// Waits until `check` holds.
-    pub async fn eventually(&self, what: &str, check: impl Fn(&Self) -> bool) {
+    pub(super) async fn eventually(&self, what: &str, check: impl Fn(&Self) -> bool) {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         while !check(self) {
             assert!(
@@ -111,17 +111,17 @@ impl Harness {
     }
 }
 
-pub fn names(set: &NodeSet) -> Vec<&str> {
+pub(super) fn names(set: &NodeSet) -> Vec<&str> {
     set.nodes.iter().map(|n| n.name.as_str()).collect()
 }
 
-pub fn node<'a>(set: &'a NodeSet, name: &str) -> &'a NodeInfo {
+pub(super) fn node<'a>(set: &'a NodeSet, name: &str) -> &'a NodeInfo {
     set.nodes
         .iter()
         .find(|n| n.name == name)
         .unwrap_or_else(|| panic!("{name} not in {:?}", names(set)))
 }
 
-pub fn ip(s: &str) -> Ipv4Addr {
+pub(super) fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }

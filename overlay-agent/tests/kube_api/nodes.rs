@@ -8,14 +8,19 @@ use serde_json::{Value, json};
 static KIND_WORKER: LazyLock<Value> =
     LazyLock::new(|| serde_json::from_str(include_str!("kind-worker.json")).unwrap());
 
-pub const PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
-pub const OVERWRITE: &str = "flannel.alpha.coreos.com/public-ip-overwrite";
-pub const BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
-pub const BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
-pub const KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
+pub(super) const PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+pub(super) const OVERWRITE: &str = "flannel.alpha.coreos.com/public-ip-overwrite";
+pub(super) const BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
+pub(super) const BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
+pub(super) const KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
 
 /// A node whose agent (flanneld's ipip backend, or ours) has published `public_ip`.
-pub fn flannel_node(name: &str, pod_cidr: &str, internal_ip: &str, public_ip: &str) -> Value {
+pub(super) fn flannel_node(
+    name: &str,
+    pod_cidr: &str,
+    internal_ip: &str,
+    public_ip: &str,
+) -> Value {
     let mut node = bare_node(name, pod_cidr, internal_ip);
     let annotations = &mut node["metadata"]["annotations"];
     annotations[PUBLIC_IP] = public_ip.into();
@@ -26,7 +31,7 @@ pub fn flannel_node(name: &str, pod_cidr: &str, internal_ip: &str, public_ip: &s
 }
 
 /// A node no flannel agent has annotated yet.
-pub fn bare_node(name: &str, pod_cidr: &str, internal_ip: &str) -> Value {
+pub(super) fn bare_node(name: &str, pod_cidr: &str, internal_ip: &str) -> Value {
     let mut node = KIND_WORKER.clone();
     let meta = &mut node["metadata"];
     meta["name"] = name.into();

@@ -19,12 +19,9 @@ const NODES: u32 = 3;
 
 fn in_own_netns(test: impl AsyncFnOnce() + Send + 'static) {
     std::thread::spawn(move || {
-        // SAFETY: plain syscall; only this thread moves.
-        assert_eq!(
-            unsafe { libc::unshare(libc::CLONE_NEWNET) },
-            0,
-            "unshare(CLONE_NEWNET) needs root"
-        );
+        // SAFETY: unshare(2) takes no pointer; CLONE_NEWNET moves only this thread.
+        let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(unshared, 0, "unshare(CLONE_NEWNET) needs root");
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()

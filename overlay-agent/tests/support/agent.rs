@@ -12,30 +12,30 @@ use std::{
 
 use serde_json::Value;
 
-pub const AGENT: &str = env!("CARGO_BIN_EXE_overlay-agent");
+pub(crate) const AGENT: &str = env!("CARGO_BIN_EXE_overlay-agent");
 /// Longest wait for one log line: a pass over thousands of nodes takes seconds.
 const LINE_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// One JSON log line of the agent, with when it arrived.
-pub struct Line {
+pub(crate) struct Line {
     pub at: Instant,
     pub json: Value,
 }
 
 impl Line {
-    pub fn message(&self) -> &str {
+    pub(crate) fn message(&self) -> &str {
         self.json["fields"]["message"].as_str().unwrap_or("")
     }
 
     /// The remote subnets of a "converged" line.
-    pub fn converged(&self) -> Option<u64> {
+    pub(crate) fn converged(&self) -> Option<u64> {
         (self.message() == "converged")
             .then(|| self.json["fields"]["remote_subnets"].as_u64())
             .flatten()
     }
 }
 
-pub struct Agent {
+pub(crate) struct Agent {
     child: Child,
     lines: mpsc::Receiver<Line>,
 }
@@ -43,7 +43,7 @@ pub struct Agent {
 impl Agent {
     /// Runs `command` (the agent with `--log-format json` and its arguments).
     /// `OVERLAY_BENCH_LOG=1` echoes its log.
-    pub fn spawn(mut command: Command) -> Self {
+    pub(crate) fn spawn(mut command: Command) -> Self {
         command
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -87,7 +87,7 @@ impl Agent {
     }
 
     /// The first line from now on that `pred` accepts; an ERROR line fails.
-    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Line) -> bool) -> Line {
+    pub(crate) fn wait_for(&mut self, what: &str, pred: impl Fn(&Line) -> bool) -> Line {
         let deadline = Instant::now() + LINE_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -100,7 +100,7 @@ impl Agent {
         }
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -114,7 +114,7 @@ impl Drop for Agent {
 }
 
 /// A `Name:   123 kB` field of a /proc file, in KiB.
-pub fn proc_kib(path: &str, name: &str) -> u64 {
+pub(crate) fn proc_kib(path: &str, name: &str) -> u64 {
     let text = std::fs::read_to_string(path).unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix(name))
@@ -122,7 +122,7 @@ pub fn proc_kib(path: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {path}"))
 }
 
-pub fn ip(args: &str) {
+pub(crate) fn ip(args: &str) {
     let status = Command::new("ip")
         .args(args.split_whitespace())
         .status()
@@ -131,7 +131,7 @@ pub fn ip(args: &str) {
 }
 
 /// The routes the agent installed (its protocol number) in this namespace.
-pub fn overlay_routes() -> usize {
+pub(crate) fn overlay_routes() -> usize {
     let out = Command::new("ip")
         .args(["route", "show", "proto", "191"])
         .output()

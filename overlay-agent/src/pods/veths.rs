@@ -32,11 +32,11 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use overlay_common::{Hook, kernel::has_tcx};
 use tracing::{debug, info, warn};
 
-use super::{
-    attach::{Attachment, NL_PRIORITY},
-    ports::{VethPort, veth_ports},
+use super::ports::{VethPort, veth_ports};
+use crate::{
+    datapath::{Attachment, NL_PRIORITY},
+    host::Host,
 };
-use crate::host::Host;
 
 /// The kind of tc filter aya attaches.
 const FILTER_KIND: &str = "bpf";

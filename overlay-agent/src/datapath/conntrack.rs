@@ -10,7 +10,7 @@ use overlay_common::{
     maps::names,
 };
 
-use crate::datapath::batch;
+use super::batch;
 
 /// A REPLY entry whose flow is missing is only collected after this long: the
 /// datapath inserts the REPLY entry of a new flow just before its ORIGINAL entry.
@@ -22,6 +22,7 @@ pub fn monotonic_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -1,4 +1,4 @@
-//! `POD_PORTS`: where each local pod's veth plugs into the pod bridge, so that
+//! `POD_PORTS` filled: where each local pod's veth plugs into the pod bridge, so that
 //! `uplink_ingress` can hand a decapsulated packet straight to the pod
 //! (`bpf_redirect_peer`) instead of to the bridge (see `overlay-ebpf/src/decap.rs`).
 //!
@@ -11,51 +11,18 @@
 use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, Map, MapData};
-use overlay_common::maps::{PodPort, names};
+use overlay_common::maps::PodPort;
 
-use super::maps::Changes;
+use crate::datapath::{PodPorts, maps::Changes};
 
 /// `struct __fdb_entry` (linux/if_bridge.h), as `brforward` lists them.
 const FDB_ENTRY: usize = 16;
 
-pub struct PodPorts(HashMap<MapData, [u8; 6], PodPort>);
-
-impl PodPorts {
-    pub fn new(map: Map) -> Result<Self> {
-        Ok(Self(HashMap::try_from(map).context(names::POD_PORTS)?))
-    }
-
-    pub fn entries(&self) -> Result<BTreeMap<[u8; 6], PodPort>> {
-        Ok(self.0.iter().collect::<Result<_, _>>()?)
-    }
-
-    /// Makes the map hold the pods `bridge` has learned now (nothing when it does not
-    /// exist yet).
-    pub fn sync(&mut self, bridge: &str) -> Result<Changes> {
-        self.sync_from(Path::new("/sys/class/net"), bridge)
-    }
-
-    /// [`PodPorts::sync`] from the sysfs tree `net` (a sysfs mounted in this network
-    /// namespace shows its devices).
-    pub fn sync_from(&mut self, net: &Path, bridge: &str) -> Result<Changes> {
-        let desired = learned(net, bridge)?;
-        let current = self.entries()?;
-        let mut changes = Changes::default();
-        for (mac, port) in &desired {
-            match current.get(mac) {
-                Some(p) if p == port => continue,
-                Some(_) => changes.updated += 1,
-                None => changes.added += 1,
-            }
-            self.0.insert(mac, port, 0)?;
-        }
-        for mac in current.keys().filter(|m| !desired.contains_key(*m)) {
-            self.0.remove(mac)?;
-            changes.removed += 1;
-        }
-        Ok(changes)
-    }
+/// Makes `map` hold the pods `bridge` has learned now (nothing when it does not exist
+/// yet), from the sysfs tree `net` (`/sys/class/net`; a sysfs mounted in this network
+/// namespace shows its devices).
+pub fn sync(map: &mut PodPorts, net: &Path, bridge: &str) -> Result<Changes> {
+    map.sync(&learned(net, bridge)?)
 }
 
 fn read_u32(path: &Path) -> Result<u32> {
