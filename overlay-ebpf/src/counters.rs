@@ -1,22 +1,21 @@
-//! Outcome accounting: every program run ends in exactly one `count`, and drops are
-//! logged (aya-log) when the agent turned program logging up to debug.
+//! Outcome accounting: every program run ends in exactly one `account`, and drops are
+//! logged (aya-log) when the agent turned program logging up to debug; per-peer and
+//! masquerade event counts.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    programs::TcContext,
-};
+use aya_ebpf::programs::TcContext;
 use aya_log_ebpf::{
     debug,
     macro_support::{Level, level_enabled},
 };
 use overlay_common::{
-    Hook, Reason,
+    Hook, PeerStats, Reason,
     counters::{Kind, NatEvent, index},
 };
 
 use crate::{
     maps::{COUNTERS, NAT_EVENTS},
     parse::{ETH_LEN, load_exact},
+    verdict::Verdict,
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -24,41 +23,6 @@ const ETH_P_IP: u16 = 0x0800;
 const IP_PROTO: usize = ETH_LEN + 9;
 const IP_SRC: usize = ETH_LEN + 12;
 const IP_DST: usize = ETH_LEN + 16;
-
-/// An outcome and the TC action that realises it.
-pub type Verdict = (Reason, i32);
-
-/// Leave the packet to the kernel. TC_ACT_UNSPEC (TCX_NEXT) rather than TC_ACT_OK:
-/// the filters and TCX programs after ours on the same hook (someone's monitoring,
-/// shaping or firewall) still see it; TC_ACT_OK would end the hook's chain here.
-#[inline(always)]
-pub fn pass(reason: Reason) -> Verdict {
-    (reason, TC_ACT_UNSPEC)
-}
-
-#[inline(always)]
-pub fn drop(reason: Reason) -> Verdict {
-    (reason, TC_ACT_SHOT as i32)
-}
-
-/// A verdict in one register, as a BPF subprogram returns it: the reason above, the
-/// action below. Only [`pack`] makes one (the field is private), so [`unpack`] never
-/// sees a number that is not a `Reason`'s.
-#[repr(transparent)]
-pub struct Packed(u64);
-
-#[inline(always)]
-pub fn pack((reason, action): Verdict) -> Packed {
-    Packed((u64::from(reason as u32) << 32) | u64::from(action as u32))
-}
-
-#[inline(always)]
-pub fn unpack(Packed(packed): Packed) -> Verdict {
-    // SAFETY: a `Packed` comes from `pack`, whose upper half is a Reason's
-    // discriminant (`Reason` is `repr(u32)`).
-    let reason = unsafe { core::mem::transmute::<u32, Reason>((packed >> 32) as u32) };
-    (reason, packed as u32 as i32)
-}
 
 /// Records the verdict of one packet of `bytes` bytes and returns its action.
 #[inline(always)]
@@ -133,5 +97,16 @@ fn log_drop(ctx: &TcContext, hook: Hook, reason: Reason) {
 pub fn nat_event(event: NatEvent) {
     if let Some(c) = NAT_EVENTS.get_ptr_mut(event as u32) {
         unsafe { *c += 1 };
+    }
+}
+
+/// Counts a packet of `bytes` bytes received from a peer node.
+#[inline(always)]
+pub fn peer_received(peer: *mut PeerStats, bytes: u32) {
+    // SAFETY: `peer` points to this CPU's value of a per-CPU map, valid while the
+    // program runs, and no other writer can race with this update.
+    unsafe {
+        (*peer).rx_packets += 1;
+        (*peer).rx_bytes += u64::from(bytes);
     }
 }

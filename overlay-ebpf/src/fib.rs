@@ -113,7 +113,7 @@ pub fn set_macs(ctx: &TcContext, smac: [u8; 6], dmac: [u8; 6]) -> bool {
 
 /// Sends the packet out of `ifindex`; from `current` (an egress hook's own device) the
 /// packet simply continues, which avoids running the egress hook a second time (and
-/// lets the filters after ours on that hook see it, as [`crate::counters::pass`] does).
+/// lets the filters after ours on that hook see it, as [`crate::verdict::pass`] does).
 #[inline(always)]
 pub fn out(ifindex: u32, current: Option<u32>) -> i32 {
     if current == Some(ifindex) {

@@ -8,14 +8,13 @@ use aya_ebpf::{
 };
 use network_types::ip::Ipv4Hdr;
 use overlay_common::{
-    DatapathConfig, Hook, Reason,
+    DatapathConfig,
     flows::{CLOSING, FlowKey, FlowState, TCP_CLOSE, filter_bit},
 };
 
 use crate::{
-    counters::{Verdict, pass, run},
-    maps::{FLOW_FILTER, FLOWS, config},
-    parse::{self, ETH_LEN, Frame, IPPROTO_TCP, IPPROTO_UDP, ensure_linear, is_fragment, ptr_at},
+    maps::{FLOW_FILTER, FLOWS},
+    parse::{self, ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, ensure_linear, is_fragment, ptr_at},
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -54,39 +53,6 @@ pub fn key(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize) -> Option<(FlowKey, u8)> {
         _pad: [0; 3],
     };
     Some((key, flags))
-}
-
-/// `bridge_egress`: what the host stack sends to local pods. It only records: every
-/// packet goes on unchanged.
-#[inline(always)]
-pub fn to_local_pods(ctx: &TcContext) -> i32 {
-    run(ctx, Hook::BridgeEgress, record_delivered)
-}
-
-/// Records a packet the host forwarded to a local pod from elsewhere (a remote pod, or
-/// the outside for a masqueraded flow's reply), after decapsulation or translation
-/// handed it over.
-fn record_delivered(ctx: &TcContext) -> Verdict {
-    let Some(cfg) = config() else {
-        return pass(Reason::PassNotConfigured);
-    };
-    if !cfg.fast_path() {
-        return pass(Reason::PassFastPathOff);
-    }
-    let ip = match parse::frame(ctx) {
-        Frame::Ipv4(ip) => ip,
-        Frame::Other | Frame::Truncated => return pass(Reason::PassNotIpv4),
-    };
-    if !cfg.in_pod_subnet(ip.dst_addr) || cfg.in_pod_subnet(ip.src_addr) {
-        return pass(Reason::PassNotOverlay);
-    }
-    match key(ctx, &ip, ETH_LEN) {
-        Some((key, flags)) => {
-            record(cfg, &key, flags);
-            pass(Reason::PassFlowRecorded)
-        }
-        None => pass(Reason::PassNotOverlay),
-    }
 }
 
 /// Whether the fast path may take the packet whose IPv4 header `ip` starts the frame's

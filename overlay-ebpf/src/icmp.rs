@@ -11,10 +11,9 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use overlay_common::{DatapathConfig, Reason};
 
 use crate::{
-    checksum,
-    counters::{Packed, Verdict, drop, pack, unpack},
-    fib,
+    checksum, fib,
     parse::{self, ETH_LEN, IPPROTO_ICMP, IPV4_LEN, ptr_at},
+    verdict::{Packed, Verdict, drop, pack, unpack},
 };
 
 /// Bytes of the offending datagram's payload quoted after its IP header: more than

@@ -9,6 +9,9 @@ use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
+use overlay_common::Reason;
+
+use crate::verdict::{Verdict, drop, pass};
 
 pub const ETH_LEN: usize = EthHdr::LEN;
 pub const IPV4_LEN: usize = Ipv4Hdr::LEN;
@@ -82,6 +85,17 @@ pub fn frame(ctx: &TcContext) -> Frame {
     match ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) {
         Some(ip) => Frame::Ipv4(unsafe { *ip }),
         None => Frame::Truncated,
+    }
+}
+
+/// The IPv4 header of an IPv4 frame; anything else ends here with its verdict: passed
+/// when it is no IPv4 frame, dropped when it is one too short to hold a header.
+#[inline(always)]
+pub fn ipv4(ctx: &TcContext) -> Result<Ipv4Hdr, Verdict> {
+    match frame(ctx) {
+        Frame::Ipv4(ip) => Ok(ip),
+        Frame::Other => Err(pass(Reason::PassNotIpv4)),
+        Frame::Truncated => Err(drop(Reason::DropMalformed)),
     }
 }
 

@@ -8,12 +8,12 @@ use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use overlay_common::{DatapathConfig, Reason};
 
 use crate::{
-    counters::{Packed, Verdict, drop, pack, pass, unpack},
     encap,
     fib::{self, Path},
     flows, ipv4,
     nat::{known_outbound, translate},
     parse::{self, ETH_LEN, Frame},
+    verdict::{Packed, Verdict, drop, pack, pass, unpack},
 };
 
 /// Forwards an IPv4 packet on the bridge that is for no remote pod: translated and
