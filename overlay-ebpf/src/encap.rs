@@ -24,28 +24,6 @@ use crate::{
     verdict::{Verdict, drop, pass},
 };
 
-/// Whether a packet on the bridge may skip the host stack, else the reason it may not.
-#[inline(always)]
-pub fn fast_path_allows(cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<(), Reason> {
-    // Only this node's pods; anything else meets the host's own routing and
-    // reverse-path filter.
-    if !cfg.in_pod_subnet(ip.src_addr) {
-        return Err(Reason::PassForeignSource);
-    }
-    // Plain datagrams only; the host stack handles the rest and routes it back to us
-    // through the uplink egress hook.
-    if ip.ihl() as usize != IPV4_LEN {
-        return Err(Reason::PassIpOptions);
-    }
-    if parse::is_fragment(ip) {
-        return Err(Reason::PassFragment);
-    }
-    if ip.ttl <= 1 {
-        return Err(Reason::PassTtlExpired);
-    }
-    Ok(())
-}
-
 /// The peer node of a well-formed packet for a remote pod subnet the tunnel carries
 /// (not a directly routed one: `PassDirectRoute`), or, with
 /// `node_addresses`, of a local pod's packet for a peer node's own address; anything

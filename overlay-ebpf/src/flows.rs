@@ -91,13 +91,7 @@ fn admits_subprogram(skb: *mut __sk_buff, cfg: &DatapathConfig) -> bool {
 /// a remote pod, or to the outside when masquerade is on.
 #[inline(always)]
 pub fn record_forwarded(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) {
-    // The gateway address is the host's own (its traffic to remote pods leaves from
-    // it), never a pod's.
-    if !cfg.fast_path()
-        || !cfg.in_pod_subnet(ip.src_addr)
-        || ip.src_addr == cfg.gateway()
-        || !(cfg.in_cluster(ip.dst_addr) || cfg.masquerade())
-    {
+    if !cfg.fast_path() || !cfg.fast_path_outbound(ip.src_addr, ip.dst_addr) {
         return;
     }
     if let Some((key, flags)) = key(ctx, ip, ETH_LEN) {

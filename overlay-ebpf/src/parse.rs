@@ -26,7 +26,6 @@ pub mod tcp {
 }
 
 const IP_DF: u16 = 0x4000;
-const IP_MF_OFFSET: u16 = 0x3fff;
 
 /// Raw pointer to a `T` at `off` if the linear data holds it. Invalidated by any helper
 /// that changes the packet's shape.
@@ -112,7 +111,7 @@ pub fn well_formed(ip: &Ipv4Hdr, available: u32) -> bool {
 
 #[inline(always)]
 pub fn is_fragment(ip: &Ipv4Hdr) -> bool {
-    u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0
+    overlay_common::ip::is_fragment(ip.frags)
 }
 
 #[inline(always)]

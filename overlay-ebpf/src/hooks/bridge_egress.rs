@@ -34,7 +34,7 @@ fn record_delivered(ctx: &TcContext) -> Verdict {
         Frame::Ipv4(ip) => ip,
         Frame::Other | Frame::Truncated => return pass(Reason::PassNotIpv4),
     };
-    if !cfg.in_pod_subnet(ip.dst_addr) || cfg.in_pod_subnet(ip.src_addr) {
+    if !cfg.fast_path_inbound(ip.src_addr, ip.dst_addr) {
         return pass(Reason::PassNotOverlay);
     }
     match flows::key(ctx, &ip, ETH_LEN) {

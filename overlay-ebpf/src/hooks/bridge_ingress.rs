@@ -51,7 +51,7 @@ pub(super) fn from_local_pod(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
             Err((Reason::PassNotOverlay, _)) => return nat::outbound::forward(ctx, cfg),
             Err(verdict) => return verdict,
         };
-    if let Err(reason) = encap::fast_path_allows(cfg, &ip) {
+    if let Err(reason) = cfg.fast_path_allows(ip.src_addr, ip.vihl, ip.frags, ip.ttl) {
         return pass(reason);
     }
     // A flow the host has not been seen forwarding unchanged is the host's to decide.

@@ -8,7 +8,6 @@ use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use overlay_common::{DatapathConfig, Reason};
 
 use crate::{
-    encap,
     fib::{self, Path},
     flows, ipv4,
     nat::{known_outbound, translate},
@@ -40,7 +39,9 @@ fn translate_and_send(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
         return untouched;
     };
     let ip = &ip;
-    if encap::fast_path_allows(cfg, ip).is_err()
+    if cfg
+        .fast_path_allows(ip.src_addr, ip.vihl, ip.frags, ip.ttl)
+        .is_err()
         || !parse::well_formed(ip, ctx.len() - ETH_LEN as u32)
     {
         return untouched;
