@@ -27,7 +27,7 @@ const ENOMEM: i32 = 12;
 
 /// A flow as seen by one packet: addresses and ports in network order.
 #[derive(Clone, Copy)]
-pub struct Tuple {
+pub(crate) struct Tuple {
     pub src: [u8; 4],
     pub dst: [u8; 4],
     pub sport: [u8; 2],
@@ -36,7 +36,7 @@ pub struct Tuple {
 }
 
 impl Tuple {
-    pub fn key(&self, dir: u8) -> CtKey {
+    pub(crate) fn key(&self, dir: u8) -> CtKey {
         CtKey {
             src: self.src,
             dst: self.dst,
@@ -49,7 +49,7 @@ impl Tuple {
     }
 
     /// The same direction as a key of the fast path's flow table.
-    pub fn flow_key(&self) -> FlowKey {
+    pub(crate) fn flow_key(&self) -> FlowKey {
         FlowKey {
             src: self.src,
             dst: self.dst,
@@ -61,7 +61,7 @@ impl Tuple {
     }
 
     /// The tuple of a packet going the other way.
-    pub fn reversed(&self) -> Tuple {
+    pub(crate) fn reversed(&self) -> Tuple {
         Tuple {
             src: self.dst,
             dst: self.src,
@@ -73,7 +73,7 @@ impl Tuple {
 }
 
 /// Why a new flow could not be created.
-pub enum CreateError {
+pub(crate) enum CreateError {
     TableFull,
     PortsExhausted,
 }
@@ -90,7 +90,7 @@ fn now() -> u64 {
 /// The live ORIGINAL entry for `t` (expired entries count as absent; the agent's
 /// collector removes them).
 #[inline(always)]
-pub fn original(t: &Tuple) -> Option<*mut CtEntry> {
+pub(crate) fn original(t: &Tuple) -> Option<*mut CtEntry> {
     let entry = CONNTRACK.get_ptr_mut(&t.key(DIR_ORIGINAL))?;
     (unsafe { (*entry).expires_ns } > now()).then_some(entry)
 }
@@ -98,7 +98,7 @@ pub fn original(t: &Tuple) -> Option<*mut CtEntry> {
 /// The live flow a reply tuple belongs to: the REPLY entry (which holds the original
 /// source) and the flow's ORIGINAL entry.
 #[inline(always)]
-pub fn reply(t: &Tuple) -> Option<(CtEntry, *mut CtEntry)> {
+pub(crate) fn reply(t: &Tuple) -> Option<(CtEntry, *mut CtEntry)> {
     let rev = unsafe { *CONNTRACK.get_ptr(&t.key(DIR_REPLY))? };
     // The ORIGINAL key: the original source talking to the reply's sender.
     let orig = Tuple {
@@ -123,7 +123,7 @@ pub fn reply(t: &Tuple) -> Option<(CtEntry, *mut CtEntry)> {
 /// the flow, in the reply direction if `is_reply`, and extends its deadline. Returns
 /// whether the entry was written (at most about once a second on a steady flow).
 #[inline(always)]
-pub fn touch(
+pub(crate) fn touch(
     cfg: &DatapathConfig,
     entry: *mut CtEntry,
     proto: u8,
@@ -177,7 +177,10 @@ pub fn touch(
 
 /// Tracks a flow that is not translated (so that its replies are not either).
 #[inline(always)]
-pub fn track_untranslated(cfg: &DatapathConfig, t: &Tuple) -> Result<*mut CtEntry, CreateError> {
+pub(crate) fn track_untranslated(
+    cfg: &DatapathConfig,
+    t: &Tuple,
+) -> Result<*mut CtEntry, CreateError> {
     insert_original(cfg, t, t.src, t.sport, Rule::Untranslated as u8, now())
 }
 
@@ -185,7 +188,7 @@ pub fn track_untranslated(cfg: &DatapathConfig, t: &Tuple) -> Result<*mut CtEntr
 /// configured range on `nat_ip`, then the ORIGINAL entry. Returns the ORIGINAL entry.
 /// `syn`: the marks of the flow's first segment if it is a TCP SYN.
 #[inline(always)]
-pub fn create(
+pub(crate) fn create(
     cfg: &DatapathConfig,
     t: &Tuple,
     nat_ip: [u8; 4],
@@ -290,7 +293,7 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> boo
 /// packet refreshes a flow's deadline (a datagram flow, which has no SYN, recovers
 /// within about a second).
 #[inline(always)]
-pub fn restore_reply(t: &Tuple, entry: &CtEntry) {
+pub(crate) fn restore_reply(t: &Tuple, entry: &CtEntry) {
     let key = reply_tuple(t, entry.addr, entry.port).key(DIR_REPLY);
     // Taken (its own entry, or a port that moved on meanwhile): left as it is. Almost
     // always so; a lookup sees it without the bucket lock a refused insert takes.

@@ -26,7 +26,7 @@ const IP_DST: usize = ETH_LEN + 16;
 
 /// Records the verdict of one packet of `bytes` bytes and returns its action.
 #[inline(always)]
-pub fn account(hook: Hook, bytes: u32, (reason, action): Verdict) -> i32 {
+pub(crate) fn account(hook: Hook, bytes: u32, (reason, action): Verdict) -> i32 {
     if let Some(c) = COUNTERS.get_ptr_mut(index(hook, reason)) {
         // Per-CPU slot: no other writer can race with this update.
         unsafe {
@@ -39,7 +39,7 @@ pub fn account(hook: Hook, bytes: u32, (reason, action): Verdict) -> i32 {
 
 /// Runs `f` and accounts its verdict against the packet's length on entry.
 #[inline(always)]
-pub fn run(ctx: &TcContext, hook: Hook, f: impl FnOnce(&TcContext) -> Verdict) -> i32 {
+pub(crate) fn run(ctx: &TcContext, hook: Hook, f: impl FnOnce(&TcContext) -> Verdict) -> i32 {
     let bytes = ctx.len();
     let verdict = f(ctx);
     // The level is a read-only global the agent sets at load (AYA_LOG_LEVEL, frozen),
@@ -94,7 +94,7 @@ fn log_drop(ctx: &TcContext, hook: Hook, reason: Reason) {
 
 /// Records a masquerade event.
 #[inline(always)]
-pub fn nat_event(event: NatEvent) {
+pub(crate) fn nat_event(event: NatEvent) {
     if let Some(c) = NAT_EVENTS.get_ptr_mut(event as u32) {
         unsafe { *c += 1 };
     }
@@ -102,7 +102,7 @@ pub fn nat_event(event: NatEvent) {
 
 /// Counts a packet of `bytes` bytes received from a peer node.
 #[inline(always)]
-pub fn peer_received(peer: *mut PeerStats, bytes: u32) {
+pub(crate) fn peer_received(peer: *mut PeerStats, bytes: u32) {
     // SAFETY: `peer` points to this CPU's value of a per-CPU map, valid while the
     // program runs, and no other writer can race with this update.
     unsafe {

@@ -28,7 +28,7 @@ use crate::{
 /// path, counted as `host`: the host's netfilter and connection tracking then decide
 /// it (and undo kube-proxy's DNAT of a reply) as they would without us.
 #[inline(always)]
-pub fn forward_to_pod(
+pub(crate) fn forward_to_pod(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     ip: &Ipv4Hdr,
@@ -93,7 +93,7 @@ fn to_pod(out: u32, dmac: [u8; 6], reasons: [Reason; 2]) -> Verdict {
 /// shrunk GSO skb DODGY, so they are checked and the segment count recomputed). The
 /// lab's TCP transfers and the benchmark's streams run over this path on 6.1.
 #[inline(always)]
-pub fn pop_outer(ctx: &TcContext) -> bool {
+pub(crate) fn pop_outer(ctx: &TcContext) -> bool {
     let shrink = -(IPV4_LEN as i32);
     let fixed = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO);
     let refused = &raw mut DECAP_FLAG_REFUSED;
@@ -127,7 +127,7 @@ static mut DECAP_FLAG_REFUSED: bool = false;
 /// Checks the tunnel header and returns the inner IPv4 header and the sending peer's
 /// statistics, or the verdict that refuses the packet.
 #[inline(always)]
-pub fn tunnel_payload(
+pub(crate) fn tunnel_payload(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     outer: &Ipv4Hdr,

@@ -36,7 +36,7 @@ use crate::{
 /// anti-spoofing check would drop it), as flannel's tunnel device carries replies to
 /// its own address.
 #[inline(always)]
-pub fn overlay_packet(
+pub(crate) fn overlay_packet(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     ip: Ipv4Hdr,
@@ -68,14 +68,19 @@ pub fn overlay_packet(
 
 /// The device the packet is on: the hook's own.
 #[inline(always)]
-pub fn ctx_ifindex(ctx: &TcContext) -> u32 {
+pub(crate) fn ctx_ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
 /// The FIB's path to `peer` for the encapsulated form of this packet, whose size it
 /// checks against the route's MTU.
 #[inline(always)]
-pub fn peer_path(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr, peer: [u8; 4]) -> Path {
+pub(crate) fn peer_path(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    ip: &Ipv4Hdr,
+    peer: [u8; 4],
+) -> Path {
     fib::lookup(ctx, ctx_ifindex(ctx), cfg.node_ip, peer, outer_len(ctx, ip))
 }
 
@@ -125,7 +130,7 @@ fn outer_header(inner: &Ipv4Hdr, ttl: u8, src: [u8; 4], dst: [u8; 4]) -> Ipv4Hdr
 /// Inserts the outer header and sends the packet along `path`. `egress_dev` is the
 /// device of an egress hook (None at ingress).
 #[inline(always)]
-pub fn push_outer(
+pub(crate) fn push_outer(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     inner: &Ipv4Hdr,

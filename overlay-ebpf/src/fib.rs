@@ -16,7 +16,7 @@ use crate::parse::ptr_at;
 
 const AF_INET: u8 = 2;
 
-pub enum Path {
+pub(crate) enum Path {
     /// Next hop known: leave through `ifindex` with these MAC addresses.
     Resolved {
         ifindex: u32,
@@ -36,7 +36,13 @@ pub enum Path {
 /// Looks up `dst` as if forwarding a packet that arrived on `ifindex`. A non-zero
 /// `tot_len` makes the kernel check it against the route's MTU.
 #[inline(always)]
-pub fn lookup(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], tot_len: u16) -> Path {
+pub(crate) fn lookup(
+    ctx: &TcContext,
+    ifindex: u32,
+    src: [u8; 4],
+    dst: [u8; 4],
+    tot_len: u16,
+) -> Path {
     let mut params = MaybeUninit::<Params>::uninit();
     let p = zeroed(&mut params);
     p.family = AF_INET;
@@ -44,14 +50,7 @@ pub fn lookup(ctx: &TcContext, ifindex: u32, src: [u8; 4], dst: [u8; 4], tot_len
     p.__bindgen_anon_1.tot_len = tot_len;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), p, size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc < 0 {
         return Path::NoRoute;
     }
@@ -84,7 +83,7 @@ struct Params(bpf_fib_lookup);
 /// holds one copy.
 #[inline(always)]
 fn zeroed(params: &mut MaybeUninit<Params>) -> &mut bpf_fib_lookup {
-    const WORDS: usize = core::mem::size_of::<Params>() / 8;
+    const WORDS: usize = size_of::<Params>() / 8;
     let words = params.as_mut_ptr().cast::<u64>();
     for i in 0..WORDS {
         // SAFETY: within the (8-byte aligned) value; every byte is written.
@@ -96,7 +95,7 @@ fn zeroed(params: &mut MaybeUninit<Params>) -> &mut bpf_fib_lookup {
 
 /// Writes the MAC addresses; false if the frame has no Ethernet header.
 #[inline(always)]
-pub fn set_macs(ctx: &TcContext, smac: [u8; 6], dmac: [u8; 6]) -> bool {
+pub(crate) fn set_macs(ctx: &TcContext, smac: [u8; 6], dmac: [u8; 6]) -> bool {
     match ptr_at::<[u8; 12]>(ctx, 0) {
         Some(p) => {
             // Straight into the packet: a local array zeroed first became a memset call.
@@ -115,7 +114,7 @@ pub fn set_macs(ctx: &TcContext, smac: [u8; 6], dmac: [u8; 6]) -> bool {
 /// packet simply continues, which avoids running the egress hook a second time (and
 /// lets the filters after ours on that hook see it, as [`crate::verdict::pass`] does).
 #[inline(always)]
-pub fn out(ifindex: u32, current: Option<u32>) -> i32 {
+pub(crate) fn out(ifindex: u32, current: Option<u32>) -> i32 {
     if current == Some(ifindex) {
         TC_ACT_UNSPEC
     } else {
@@ -125,16 +124,9 @@ pub fn out(ifindex: u32, current: Option<u32>) -> i32 {
 
 /// Sends the packet out of `ifindex` after the kernel resolves `nexthop`'s MAC address.
 #[inline(always)]
-pub fn out_resolving(ifindex: u32, nexthop: [u8; 4]) -> i32 {
+pub(crate) fn out_resolving(ifindex: u32, nexthop: [u8; 4]) -> i32 {
     let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
     nh.nh_family = u32::from(AF_INET);
     nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(nexthop);
-    unsafe {
-        bpf_redirect_neigh(
-            ifindex,
-            &mut nh,
-            core::mem::size_of::<bpf_redir_neigh>() as i32,
-            0,
-        ) as i32
-    }
+    unsafe { bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) as i32 }
 }

@@ -26,7 +26,7 @@ const ACK: u8 = 0x10;
 /// IPv4 header `ip` is at `l3`; None for anything else, which never takes the fast
 /// path.
 #[inline(always)]
-pub fn key(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize) -> Option<(FlowKey, u8)> {
+pub(crate) fn key(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize) -> Option<(FlowKey, u8)> {
     if !(ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP) || is_fragment(ip) {
         return None;
     }
@@ -59,7 +59,7 @@ pub fn key(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize) -> Option<(FlowKey, u8)> {
 /// network layer. Most packets checked here belong to flows the host decides: for an
 /// address pair with no admitted direction, the filter answers from the header alone.
 #[inline(always)]
-pub fn admits(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> bool {
+pub(crate) fn admits(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> bool {
     cfg.fast_path()
         && may_be_admitted(ip.src_addr, ip.dst_addr)
         && admits_subprogram(ctx.skb.skb, cfg)
@@ -90,7 +90,7 @@ fn admits_subprogram(skb: *mut __sk_buff, cfg: &DatapathConfig) -> bool {
 /// masquerade or encapsulation change it) when the fast path could take its flow: to
 /// a remote pod, or to the outside when masquerade is on.
 #[inline(always)]
-pub fn record_forwarded(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) {
+pub(crate) fn record_forwarded(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) {
     if !cfg.fast_path() || !cfg.fast_path_outbound(ip.src_addr, ip.dst_addr) {
         return;
     }
@@ -102,7 +102,7 @@ pub fn record_forwarded(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) {
 /// Whether the fast path may take this packet of `key`'s direction. A FIN or RST of an
 /// admitted flow sends the rest of the flow, both directions, through the host.
 #[inline(always)]
-pub fn admitted(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) -> bool {
+pub(crate) fn admitted(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) -> bool {
     cfg.fast_path() && may_be_admitted(key.src, key.dst) && in_table(cfg, key, tcp_flags)
 }
 
@@ -145,7 +145,7 @@ fn close(state: *mut FlowState) {
 /// the one it arrived with (the callers see packets after the host's last hook, and
 /// only directions whose tuple the host did not translate are ever looked up by it).
 #[inline(always)]
-pub fn record(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) {
+pub(crate) fn record(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) {
     let fresh = FlowState {
         seen_gen: cfg.ruleset_gen,
         host_packets: 1,

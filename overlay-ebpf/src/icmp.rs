@@ -19,7 +19,7 @@ use crate::{
 /// Bytes of the offending datagram's payload quoted after its IP header: more than
 /// RFC 792's 8 so the sender sees its whole TCP header, and a fixed size, which keeps
 /// the reply and its checksum simple for the verifier.
-pub const QUOTE_LEN: usize = 64;
+pub(crate) const QUOTE_LEN: usize = 64;
 const ICMP_LEN: usize = 8;
 const REPLY_LEN: usize = IPV4_LEN + ICMP_LEN + IPV4_LEN + QUOTE_LEN;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -31,7 +31,12 @@ const TTL: u8 = 64;
 /// Turns the packet into the ICMP error for it and sends that back out of the device
 /// it came in on. `mtu` is the next-hop MTU to announce.
 #[inline(always)]
-pub fn frag_needed(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr, mtu: u16) -> Verdict {
+pub(crate) fn frag_needed(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    ip: &Ipv4Hdr,
+    mtu: u16,
+) -> Verdict {
     unpack(reply_frag_needed(ctx.skb.skb, cfg, ip.src_addr, mtu))
 }
 

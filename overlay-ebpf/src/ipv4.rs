@@ -27,7 +27,7 @@ fn edit(ctx: &TcContext, edit: impl FnOnce(&mut Ipv4Hdr, u16) -> u16) -> bool {
 
 /// Replaces the source address (`source`) or the destination address with `addr`.
 #[inline(always)]
-pub fn set_address(ctx: &TcContext, source: bool, addr: [u8; 4]) -> bool {
+pub(crate) fn set_address(ctx: &TcContext, source: bool, addr: [u8; 4]) -> bool {
     edit(ctx, |h, check| {
         let field = if source {
             &mut h.src_addr
@@ -41,7 +41,7 @@ pub fn set_address(ctx: &TcContext, source: bool, addr: [u8; 4]) -> bool {
 
 /// One forwarding hop: TTL minus one.
 #[inline(always)]
-pub fn decrement_ttl(ctx: &TcContext) -> bool {
+pub(crate) fn decrement_ttl(ctx: &TcContext) -> bool {
     edit(ctx, |h, check| {
         let old = u16::from_be_bytes([h.ttl, h.proto]);
         h.ttl = h.ttl.wrapping_sub(1);
@@ -51,7 +51,7 @@ pub fn decrement_ttl(ctx: &TcContext) -> bool {
 
 /// Marks congestion experienced (ECN CE).
 #[inline(always)]
-pub fn set_ce(ctx: &TcContext) -> bool {
+pub(crate) fn set_ce(ctx: &TcContext) -> bool {
     edit(ctx, |h, check| {
         let old = u16::from_be_bytes([h.vihl, h.tos]);
         h.tos |= ECN_CE;

@@ -13,16 +13,16 @@ use overlay_common::Reason;
 
 use crate::verdict::{Verdict, drop, pass};
 
-pub const ETH_LEN: usize = EthHdr::LEN;
-pub const IPV4_LEN: usize = Ipv4Hdr::LEN;
-pub use overlay_common::ip::{IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP};
+pub(crate) const ETH_LEN: usize = EthHdr::LEN;
+pub(crate) const IPV4_LEN: usize = Ipv4Hdr::LEN;
+pub(crate) use overlay_common::ip::{IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Bits of the TCP flags byte.
-pub mod tcp {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const ACK: u8 = 0x10;
+pub(crate) mod tcp {
+    pub(crate) const FIN: u8 = 0x01;
+    pub(crate) const SYN: u8 = 0x02;
+    pub(crate) const RST: u8 = 0x04;
+    pub(crate) const ACK: u8 = 0x10;
 }
 
 const IP_DF: u16 = 0x4000;
@@ -30,9 +30,9 @@ const IP_DF: u16 = 0x4000;
 /// Raw pointer to a `T` at `off` if the linear data holds it. Invalidated by any helper
 /// that changes the packet's shape.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+pub(crate) fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
     let start = ctx.data();
-    if start + off + core::mem::size_of::<T>() > ctx.data_end() {
+    if start + off + size_of::<T>() > ctx.data_end() {
         return None;
     }
     Some((start + off) as *mut T)
@@ -40,7 +40,7 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
 
 /// Makes the first `len` bytes linear, pulling them in from paged data if needed.
 #[inline(always)]
-pub fn ensure_linear(ctx: &TcContext, len: usize) -> bool {
+pub(crate) fn ensure_linear(ctx: &TcContext, len: usize) -> bool {
     if ctx.data() + len <= ctx.data_end() {
         return true;
     }
@@ -52,12 +52,12 @@ pub fn ensure_linear(ctx: &TcContext, len: usize) -> bool {
 /// Copies exactly `N` bytes from `off` (linear or not); false if the packet is shorter.
 /// (A constant length keeps the verifier satisfied, unlike a length clamped to the packet.)
 #[inline(always)]
-pub fn load_exact<const N: usize>(ctx: &TcContext, off: usize, dst: &mut [u8; N]) -> bool {
+pub(crate) fn load_exact<const N: usize>(ctx: &TcContext, off: usize, dst: &mut [u8; N]) -> bool {
     unsafe { bpf_skb_load_bytes(ctx.as_ptr(), off as u32, dst.as_mut_ptr().cast(), N as u32) == 0 }
 }
 
 /// What the start of a frame is.
-pub enum Frame {
+pub(crate) enum Frame {
     /// Not an IPv4 frame (ARP, IPv6, VLAN, ...).
     Other,
     /// IPv4 EtherType but not even a full Ethernet + minimal IPv4 header.
@@ -68,7 +68,7 @@ pub enum Frame {
 
 /// Reads the Ethernet header and, for IPv4, copies the first 20 bytes of the IP header.
 #[inline(always)]
-pub fn frame(ctx: &TcContext) -> Frame {
+pub(crate) fn frame(ctx: &TcContext) -> Frame {
     if !ensure_linear(ctx, ETH_LEN) {
         return Frame::Truncated;
     }
@@ -90,7 +90,7 @@ pub fn frame(ctx: &TcContext) -> Frame {
 /// The IPv4 header of an IPv4 frame; anything else ends here with its verdict: passed
 /// when it is no IPv4 frame, dropped when it is one too short to hold a header.
 #[inline(always)]
-pub fn ipv4(ctx: &TcContext) -> Result<Ipv4Hdr, Verdict> {
+pub(crate) fn ipv4(ctx: &TcContext) -> Result<Ipv4Hdr, Verdict> {
     match frame(ctx) {
         Frame::Ipv4(ip) => Ok(ip),
         Frame::Other => Err(pass(Reason::PassNotIpv4)),
@@ -101,7 +101,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Ipv4Hdr, Verdict> {
 /// Version 4, IHL of at least 5 words, and a total length that covers the header and
 /// fits in the `available` bytes after the Ethernet header.
 #[inline(always)]
-pub fn well_formed(ip: &Ipv4Hdr, available: u32) -> bool {
+pub(crate) fn well_formed(ip: &Ipv4Hdr, available: u32) -> bool {
     let tot_len = u32::from(ip.tot_len());
     ip.version() == 4
         && ip.ihl() as usize >= IPV4_LEN
@@ -110,25 +110,25 @@ pub fn well_formed(ip: &Ipv4Hdr, available: u32) -> bool {
 }
 
 #[inline(always)]
-pub fn is_fragment(ip: &Ipv4Hdr) -> bool {
+pub(crate) fn is_fragment(ip: &Ipv4Hdr) -> bool {
     overlay_common::ip::is_fragment(ip.frags)
 }
 
 #[inline(always)]
-pub fn dont_fragment(ip: &Ipv4Hdr) -> bool {
+pub(crate) fn dont_fragment(ip: &Ipv4Hdr) -> bool {
     u16::from_be_bytes(ip.frags) & IP_DF != 0
 }
 
 /// Bytes the header occupies when viewed as a byte array.
 #[inline(always)]
-pub fn bytes(ip: &Ipv4Hdr) -> &[u8; IPV4_LEN] {
+pub(crate) fn bytes(ip: &Ipv4Hdr) -> &[u8; IPV4_LEN] {
     unsafe { &*(ip as *const Ipv4Hdr).cast::<[u8; IPV4_LEN]>() }
 }
 
 /// Length on the wire of the largest packet this skb becomes: the IP total length, or
 /// for a GSO skb one segment (headers + gso_size).
 #[inline(always)]
-pub fn wire_len(ctx: &TcContext, ip: &Ipv4Hdr) -> u16 {
+pub(crate) fn wire_len(ctx: &TcContext, ip: &Ipv4Hdr) -> u16 {
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if gso_size == 0 {
         return ip.tot_len();

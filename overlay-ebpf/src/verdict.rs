@@ -5,34 +5,34 @@ use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
 use overlay_common::Reason;
 
 /// An outcome and the TC action that realises it.
-pub type Verdict = (Reason, i32);
+pub(crate) type Verdict = (Reason, i32);
 
 /// Leave the packet to the kernel. TC_ACT_UNSPEC (TCX_NEXT) rather than TC_ACT_OK:
 /// the filters and TCX programs after ours on the same hook (someone's monitoring,
 /// shaping or firewall) still see it; TC_ACT_OK would end the hook's chain here.
 #[inline(always)]
-pub fn pass(reason: Reason) -> Verdict {
+pub(crate) fn pass(reason: Reason) -> Verdict {
     (reason, TC_ACT_UNSPEC)
 }
 
 #[inline(always)]
-pub fn drop(reason: Reason) -> Verdict {
-    (reason, TC_ACT_SHOT as i32)
+pub(crate) fn drop(reason: Reason) -> Verdict {
+    (reason, TC_ACT_SHOT)
 }
 
 /// A verdict in one register, as a BPF subprogram returns it: the reason above, the
 /// action below. Only [`pack`] makes one (the field is private), so [`unpack`] never
 /// sees a number that is not a `Reason`'s.
 #[repr(transparent)]
-pub struct Packed(u64);
+pub(crate) struct Packed(u64);
 
 #[inline(always)]
-pub fn pack((reason, action): Verdict) -> Packed {
+pub(crate) fn pack((reason, action): Verdict) -> Packed {
     Packed((u64::from(reason as u32) << 32) | u64::from(action as u32))
 }
 
 #[inline(always)]
-pub fn unpack(Packed(packed): Packed) -> Verdict {
+pub(crate) fn unpack(Packed(packed): Packed) -> Verdict {
     // SAFETY: a `Packed` comes from `pack`, whose upper half is a Reason's
     // discriminant (`Reason` is `repr(u32)`).
     let reason = unsafe { core::mem::transmute::<u32, Reason>((packed >> 32) as u32) };

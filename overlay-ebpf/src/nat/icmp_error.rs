@@ -25,7 +25,7 @@ const IP_DST: usize = 16;
 /// about a reply it received; on the way in (`End::Destination`) an error about a
 /// packet we sent. Returns whether it was translated.
 #[inline(always)]
-pub fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Result<bool, Reason> {
+pub(crate) fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Result<bool, Reason> {
     let Some(quoted_ip) = tuple::quoted_header(ctx, icmp) else {
         return Ok(false);
     };

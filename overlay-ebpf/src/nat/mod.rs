@@ -12,11 +12,11 @@
 //! decapsulation for rule 6), with our own connection table; packets of flows the
 //! table knows are translated on the pod bridge already (`outbound`).
 
-pub mod icmp_error;
-pub mod outbound;
-pub mod rewrite;
-pub mod timewait;
-pub mod tuple;
+pub(crate) mod icmp_error;
+pub(crate) mod outbound;
+pub(crate) mod rewrite;
+pub(crate) mod timewait;
+pub(crate) mod tuple;
 
 use aya_ebpf::programs::TcContext;
 use network_types::ip::Ipv4Hdr;
@@ -45,7 +45,7 @@ fn mark(ctx: &TcContext) -> u32 {
 /// Egress: translates the source of the packet (IPv4 header `ip` at `ETH_LEN`) when a
 /// rule says so. Returns whether it did; an error is the reason to drop it.
 #[inline(always)]
-pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<bool, Reason> {
+pub(crate) fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<bool, Reason> {
     if !cfg.masquerade() || mark(ctx) & KUBE_PROXY_MASQ_MARK != 0 {
         return Ok(false);
     }
@@ -95,7 +95,7 @@ pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<boo
 /// the uplink's egress creates the flow. SYNs (which may reopen a closed flow or start
 /// one on a port the outside holds in TIME_WAIT) and ICMP errors take that path too.
 #[inline(always)]
-pub fn known_outbound(
+pub(crate) fn known_outbound(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     ip: &Ipv4Hdr,
@@ -119,7 +119,7 @@ pub fn known_outbound(
 /// Tracks a packet of `entry`'s flow in its original direction and translates its
 /// source as the entry says; false for a flow kept untranslated.
 #[inline(always)]
-pub fn translate(
+pub(crate) fn translate(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     ip: &Ipv4Hdr,
@@ -147,7 +147,7 @@ pub fn translate(
 /// untranslated. Returns whether it translated. Anything it cannot parse is left alone:
 /// it is ordinary host traffic.
 #[inline(always)]
-pub fn ingress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<bool, Reason> {
+pub(crate) fn ingress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<bool, Reason> {
     if !cfg.masquerade() {
         return Ok(false);
     }

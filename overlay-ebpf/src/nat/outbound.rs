@@ -19,7 +19,7 @@ use crate::{
 /// out of the uplink when it is a plain datagram from a local pod of a known flow,
 /// else to the host stack as any such packet.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
+pub(crate) fn forward(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
     unpack(forward_known(ctx.skb.skb, cfg))
 }
 

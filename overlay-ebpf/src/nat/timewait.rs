@@ -89,7 +89,7 @@ fn timestamp(ctx: &TcContext, off: usize, len: usize) -> Option<u32> {
 /// The marks of a flow's first segment, when it is a SYN: what decides whether it may
 /// take a port the outside holds in TIME_WAIT.
 #[inline(always)]
-pub fn syn(ctx: &TcContext, ip: &Ipv4Hdr, l4: &L4) -> Option<Marks> {
+pub(crate) fn syn(ctx: &TcContext, ip: &Ipv4Hdr, l4: &L4) -> Option<Marks> {
     if l4.tcp_flags & tcp::SYN == 0 {
         return None;
     }
@@ -99,7 +99,7 @@ pub fn syn(ctx: &TcContext, ip: &Ipv4Hdr, l4: &L4) -> Option<Marks> {
 /// Keeps the marks of an inside FIN in the flow's entry: the last the outside saw
 /// before its TIME_WAIT.
 #[inline(always)]
-pub fn record_fin(ctx: &TcContext, ip: &Ipv4Hdr, l4: &L4, entry: *mut CtEntry) {
+pub(crate) fn record_fin(ctx: &TcContext, ip: &Ipv4Hdr, l4: &L4, entry: *mut CtEntry) {
     if l4.tcp_flags & tcp::FIN == 0 {
         return;
     }
