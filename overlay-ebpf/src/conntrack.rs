@@ -84,21 +84,33 @@ pub(crate) enum CreateError {
 /// as the kernel's connection tracking avoids too (it counts in jiffies).
 #[inline(always)]
 fn now() -> u64 {
+    // SAFETY: a helper without arguments; it reads the kernel's coarse clock.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The live ORIGINAL entry for `t` (expired entries count as absent; the agent's
 /// collector removes them).
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 pub(crate) fn original(t: &Tuple) -> Option<*mut CtEntry> {
     let entry = CONNTRACK.get_ptr_mut(&t.key(DIR_ORIGINAL))?;
+    // SAFETY: a value the lookup just returned, valid and aligned while the program
+    // runs (the map frees a deleted entry only after an RCU grace period).
     (unsafe { (*entry).expires_ns } > now()).then_some(entry)
 }
 
 /// The live flow a reply tuple belongs to: the REPLY entry (which holds the original
 /// source) and the flow's ORIGINAL entry.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 pub(crate) fn reply(t: &Tuple) -> Option<(CtEntry, *mut CtEntry)> {
+    // SAFETY: as in `original`: a value the lookup returned, copied at once.
     let rev = unsafe { *CONNTRACK.get_ptr(&t.key(DIR_REPLY))? };
     // The ORIGINAL key: the original source talking to the reply's sender.
     let orig = Tuple {
@@ -112,6 +124,7 @@ pub(crate) fn reply(t: &Tuple) -> Option<(CtEntry, *mut CtEntry)> {
     // The flow must still be translated to this reply's destination: once a flow
     // expires and starts over on another port, the REPLY entry of its old port lingers
     // until the agent collects it, and must not lead to the new flow.
+    // SAFETY: as in `original`; other CPUs write only whole fields of this flow.
     let e = unsafe { &*entry };
     if e.addr != t.dst || e.port != t.dport {
         return None;
@@ -131,6 +144,8 @@ pub(crate) fn touch(
     is_reply: bool,
 ) -> bool {
     use crate::parse::tcp::{ACK, FIN, RST, SYN};
+    // SAFETY: `entry` is a CONNTRACK value a lookup of this run returned (`original`,
+    // `reply`, `create`), valid and aligned while the program runs.
     let old = unsafe { (*entry).flags };
     let mut new = old;
     // A SYN from the inside on a tuple that is over opens a new connection on it (the
@@ -154,14 +169,15 @@ pub(crate) fn touch(
         // is the pod's business.
         if is_reply
             && old & flags::FIN_ORIGINAL == 0
+            // SAFETY: as above.
             && unsafe { (*entry).rule } != Rule::Untranslated as u8
         {
             new |= flags::REPLY_CLOSED_FIRST;
         }
     }
     let expires = now() + u64::from(cfg.ct_timeouts.for_state(proto, new)) * NS_PER_SEC;
-    // Racing writers from other CPUs can only lose a refresh or a flag bit of the same
-    // flow, which the next packet restores.
+    // SAFETY: as above. Racing writers from other CPUs can only lose a refresh or a flag
+    // bit of the same flow, which the next packet restores.
     unsafe {
         if new != old {
             (*entry).flags = new;
@@ -187,6 +203,10 @@ pub(crate) fn track_untranslated(
 /// Creates a translated flow for `t`: claims a REPLY key for a free port of the
 /// configured range on `nat_ip`, then the ORIGINAL entry. Returns the ORIGINAL entry.
 /// `syn`: the marks of the flow's first segment if it is a TCP SYN.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 pub(crate) fn create(
     cfg: &DatapathConfig,
@@ -196,6 +216,7 @@ pub(crate) fn create(
     syn: Option<&Marks>,
 ) -> Result<*mut CtEntry, CreateError> {
     let span = u32::from(cfg.nat_port_max.saturating_sub(cfg.nat_port_min)) + 1;
+    // SAFETY: a helper without arguments; it reads the kernel's pseudo-random state.
     let start = unsafe { bpf_get_prandom_u32() } % span;
     let born = now();
     // A prime stride over the range gives a fresh candidate on every try, unless the
@@ -246,6 +267,10 @@ const ORPHAN_AGE_NS: u64 = 2 * NS_PER_SEC;
 /// bound by ports ÷ (the closed timeout + the collector's interval), a few hundred per
 /// second. The old flow's ORIGINAL entry goes too, so that a late packet of it cannot
 /// be translated to the port's new owner.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> bool {
     const TCP: u8 = 6;
@@ -254,6 +279,7 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> boo
         // Removed meanwhile: the next candidate port is as good.
         return false;
     };
+    // SAFETY: as in `original`: a value the lookup returned, copied at once.
     let old = unsafe { *old };
     let old_flow = Tuple {
         src: old.addr,
@@ -265,6 +291,7 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> boo
     let old_key = old_flow.key(DIR_ORIGINAL);
     let owner = CONNTRACK
         .get_ptr(&old_key)
+        // SAFETY: as in `original`: a value the lookup returned, copied at once.
         .map(|e| unsafe { *e })
         .filter(|e| e.addr == reply.dst && e.port == reply.dport);
     let over = match owner {
@@ -292,6 +319,10 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> boo
 /// a SYN sent again (the connection then costs one retry) and whenever an outgoing
 /// packet refreshes a flow's deadline (a datagram flow, which has no SYN, recovers
 /// within about a second).
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 pub(crate) fn restore_reply(t: &Tuple, entry: &CtEntry) {
     let key = reply_tuple(t, entry.addr, entry.port).key(DIR_REPLY);
@@ -335,6 +366,10 @@ fn reply_tuple(t: &Tuple, nat_ip: [u8; 4], port: [u8; 2]) -> Tuple {
     }
 }
 
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 fn insert_original(
     cfg: &DatapathConfig,

@@ -28,7 +28,8 @@ const IP_DST: usize = ETH_LEN + 16;
 #[inline(always)]
 pub(crate) fn account(hook: Hook, bytes: u32, (reason, action): Verdict) -> i32 {
     if let Some(c) = COUNTERS.get_ptr_mut(index(hook, reason)) {
-        // Per-CPU slot: no other writer can race with this update.
+        // SAFETY: this CPU's value of a per-CPU array, valid and aligned while the
+        // program runs; no other writer can race with this update.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += u64::from(bytes);
@@ -64,6 +65,8 @@ pub(crate) fn run(ctx: &TcContext, hook: Hook, f: impl FnOnce(&TcContext) -> Ver
 fn log_drop(ctx: &TcContext, hook: Hook, reason: Reason) {
     // The EtherType from the context (no copy on the stack): `protocol` is in network
     // byte order.
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel passed this run, readable
+    // while it lasts.
     let ipv4 = unsafe { (*ctx.skb.skb).protocol } == u32::from(ETH_P_IP.to_be());
     // Protocol, checksum, source, destination.
     let mut ip = [0u8; IP_DST + 4 - IP_PROTO];
@@ -96,6 +99,7 @@ fn log_drop(ctx: &TcContext, hook: Hook, reason: Reason) {
 #[inline(always)]
 pub(crate) fn nat_event(event: NatEvent) {
     if let Some(c) = NAT_EVENTS.get_ptr_mut(event as u32) {
+        // SAFETY: as in `account`: this CPU's value of a per-CPU array.
         unsafe { *c += 1 };
     }
 }

@@ -43,6 +43,8 @@ pub(crate) fn forward_to_pod(
     if !flows::admits(ctx, cfg, ip) {
         return pass(host);
     }
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel passed this run, readable while
+    // it lasts.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     match fib::lookup(ctx, ifindex, ip.src_addr, ip.dst_addr, 0) {
         Path::Resolved {
@@ -70,11 +72,19 @@ pub(crate) fn forward_to_pod(
 /// encapsulated (see `pop_outer`) and the bridge, which has no offloads for
 /// encapsulated packets, would cut it into segments in software. Otherwise (a new pod
 /// the agent has not seen yet) the bridge delivers it, counted as `reasons[1]`.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 fn to_pod(out: u32, dmac: [u8; 6], reasons: [Reason; 2]) -> Verdict {
     match POD_PORTS.get_ptr(&dmac) {
+        // SAFETY: a value the lookup returned, valid and aligned while the program runs.
         Some(port) if unsafe { (*port).bridge } == out => {
+            // SAFETY: as above.
             let peer = unsafe { (*port).ifindex };
+            // SAFETY: the helper takes plain integers; an ifindex that is no veth makes
+            // it return TC_ACT_SHOT, a counted drop.
             (reasons[0], unsafe { bpf_redirect_peer(peer, 0) } as i32)
         }
         _ => (reasons[1], fib::out(out, None)),
@@ -114,6 +124,7 @@ pub(crate) fn pop_outer(ctx: &TcContext) -> bool {
     // The flag adds only a minimum inner length, which a checked packet has: the call
     // without it succeeding means the kernel refused the flag itself.
     if ask {
+        // SAFETY: as the read above.
         unsafe { refused.write_volatile(true) };
     }
     true
@@ -126,6 +137,10 @@ static mut DECAP_FLAG_REFUSED: bool = false;
 
 /// Checks the tunnel header and returns the inner IPv4 header and the sending peer's
 /// statistics, or the verdict that refuses the packet.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 pub(crate) fn tunnel_payload(
     ctx: &TcContext,
@@ -156,6 +171,8 @@ pub(crate) fn tunnel_payload(
     let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, inner_off) else {
         return Err(drop(Reason::DropMalformed));
     };
+    // SAFETY: `ptr_at` checked that the header lies within the linear data, which no
+    // helper has changed since; `Ipv4Hdr` has alignment 1.
     let inner = unsafe { *inner };
     if !parse::well_formed(&inner, u32::from(outer.tot_len()) - IPV4_LEN as u32)
         || u32::from(inner.tot_len()) + IPV4_LEN as u32 != u32::from(outer.tot_len())

@@ -35,6 +35,10 @@ use crate::{
 /// pod traffic, so that no pod address crosses the underlay unencapsulated (a cloud's
 /// anti-spoofing check would drop it), as flannel's tunnel device carries replies to
 /// its own address.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 pub(crate) fn overlay_packet(
     ctx: &TcContext,
@@ -69,6 +73,8 @@ pub(crate) fn overlay_packet(
 /// The device the packet is on: the hook's own.
 #[inline(always)]
 pub(crate) fn ctx_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel passed this run, readable while
+    // it lasts.
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
@@ -152,6 +158,8 @@ pub(crate) fn push_outer(
     let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
         return drop(Reason::DropHelperError);
     };
+    // SAFETY: `ptr_at` checked, after the helper that opened the room, that the header
+    // lies within the linear data; `Ipv4Hdr` has alignment 1.
     unsafe { *hdr = outer };
     match path {
         Path::Resolved {

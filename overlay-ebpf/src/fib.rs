@@ -50,6 +50,8 @@ pub(crate) fn lookup(
     p.__bindgen_anon_1.tot_len = tot_len;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    // SAFETY: `p` is a zeroed `bpf_fib_lookup` of the size passed, which the helper reads
+    // and writes only within.
     let rc = unsafe { fib_lookup(ctx.as_ptr(), p, size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc < 0 {
         return Path::NoRoute;
@@ -63,9 +65,12 @@ pub(crate) fn lookup(
         // On NO_NEIGH the kernel has already replaced the destination with the gateway.
         BPF_FIB_LKUP_RET_NO_NEIGH => Path::Unresolved {
             ifindex: p.ifindex,
+            // SAFETY: a union of integers, all bytes initialised (zeroed, then written by
+            // the helper).
             nexthop: unsafe { p.__bindgen_anon_4.ipv4_dst }.to_ne_bytes(),
         },
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Path::FragNeeded {
+            // SAFETY: as above.
             mtu: unsafe { p.__bindgen_anon_1.mtu_result },
         },
         BPF_FIB_LKUP_RET_NOT_FWDED => Path::Local,
@@ -100,6 +105,8 @@ pub(crate) fn set_macs(ctx: &TcContext, smac: [u8; 6], dmac: [u8; 6]) -> bool {
         Some(p) => {
             // Straight into the packet: a local array zeroed first became a memset call.
             let p = p.cast::<[u8; 6]>();
+            // SAFETY: `ptr_at` checked that the 12 bytes lie within the linear data; the
+            // writes are unaligned ones.
             unsafe {
                 p.write_unaligned(dmac);
                 p.add(1).write_unaligned(smac);
@@ -118,6 +125,8 @@ pub(crate) fn out(ifindex: u32, current: Option<u32>) -> i32 {
     if current == Some(ifindex) {
         TC_ACT_UNSPEC
     } else {
+        // SAFETY: the helper takes plain integers; an unknown ifindex makes it return
+        // TC_ACT_SHOT, a counted drop.
         unsafe { bpf_redirect(ifindex, 0) as i32 }
     }
 }
@@ -125,8 +134,10 @@ pub(crate) fn out(ifindex: u32, current: Option<u32>) -> i32 {
 /// Sends the packet out of `ifindex` after the kernel resolves `nexthop`'s MAC address.
 #[inline(always)]
 pub(crate) fn out_resolving(ifindex: u32, nexthop: [u8; 4]) -> i32 {
+    // SAFETY: integers and a union of integers: all zeroes is a valid value.
     let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
     nh.nh_family = u32::from(AF_INET);
     nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(nexthop);
+    // SAFETY: `nh` is a `bpf_redir_neigh` of the size passed, which the helper only reads.
     unsafe { bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) as i32 }
 }

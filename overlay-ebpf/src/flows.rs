@@ -36,12 +36,15 @@ pub(crate) fn key(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize) -> Option<(FlowKey, 
         if !ensure_linear(ctx, l4 + 14) {
             return None;
         }
+        // SAFETY: `ptr_at` checked that the bytes lie within the linear data, which
+        // `ensure_linear` made them; a byte array has alignment 1.
         let head = unsafe { *ptr_at::<[u8; 14]>(ctx, l4)? };
         ([head[0], head[1], head[2], head[3]], head[13])
     } else {
         if !ensure_linear(ctx, l4 + 4) {
             return None;
         }
+        // SAFETY: as above.
         (unsafe { *ptr_at::<[u8; 4]>(ctx, l4)? }, 0)
     };
     let key = FlowKey {
@@ -107,6 +110,10 @@ pub(crate) fn admitted(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) -> bo
 }
 
 /// [`admitted`] once the filter let the key through: its entry in the table decides.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 fn in_table(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) -> bool {
     let Some(state) = FLOWS.get_ptr_mut(key) else {
@@ -124,12 +131,14 @@ fn in_table(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) -> bool {
         }
         return false;
     }
+    // SAFETY: a helper without arguments; it reads the kernel's coarse clock.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if !seen.fast(cfg.ruleset_gen, tcp_flags, now) {
         return false;
     }
     // Written at most once a second: the entry is shared by every CPU.
     if now.wrapping_sub(seen.last_fast_ns) > NS_PER_SEC {
+        // SAFETY: as above; a lost race costs a later refresh, never a wrong packet.
         unsafe { (*state).last_fast_ns = now };
     }
     true
@@ -144,6 +153,10 @@ fn close(state: *mut FlowState) {
 /// Records that the host forwarded this packet of `key`'s direction, whose tuple is
 /// the one it arrived with (the callers see packets after the host's last hook, and
 /// only directions whose tuple the host did not translate are ever looked up by it).
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 pub(crate) fn record(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) {
     let fresh = FlowState {

@@ -61,11 +61,17 @@ fn build_frag_needed(ctx: &TcContext, cfg: &DatapathConfig, src: [u8; 4], mtu: u
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return drop(Reason::DropHelperError);
     };
+    // SAFETY: `ptr_at` checked that the Ethernet header lies within the linear data; the
+    // MAC addresses are byte arrays, read at any alignment.
     let (pod_mac, bridge_mac) = unsafe { ((*eth).src_addr, (*eth).dst_addr) };
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel passed this run, readable while
+    // it lasts.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
 
     // Trim to what is quoted, then open room in front of it for the new headers.
     let quoted_end = (ETH_LEN + IPV4_LEN + QUOTE_LEN) as u32;
+    // SAFETY: the helper takes this run's context and integers; the packet pointers it
+    // invalidates are taken again (`ptr_at`, `store`) after it.
     if unsafe { bpf_skb_change_tail(ctx.as_ptr().cast(), quoted_end, 0) } != 0 {
         return drop(Reason::DropHelperError);
     }

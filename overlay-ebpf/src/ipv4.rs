@@ -18,6 +18,8 @@ fn edit(ctx: &TcContext, edit: impl FnOnce(&mut Ipv4Hdr, u16) -> u16) -> bool {
     let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
         return false;
     };
+    // SAFETY: `ptr_at` checked that the header lies within the linear data, which no
+    // helper changes while `edit` runs; `Ipv4Hdr` has alignment 1.
     unsafe {
         let check = edit(&mut *hdr, u16::from_be_bytes((*hdr).check));
         (*hdr).check = check.to_be_bytes();

@@ -53,6 +53,7 @@ pub(crate) fn ensure_linear(ctx: &TcContext, len: usize) -> bool {
 /// (A constant length keeps the verifier satisfied, unlike a length clamped to the packet.)
 #[inline(always)]
 pub(crate) fn load_exact<const N: usize>(ctx: &TcContext, off: usize, dst: &mut [u8; N]) -> bool {
+    // SAFETY: `dst` is a writable array of exactly the `N` bytes the helper copies.
     unsafe { bpf_skb_load_bytes(ctx.as_ptr(), off as u32, dst.as_mut_ptr().cast(), N as u32) == 0 }
 }
 
@@ -75,6 +76,8 @@ pub(crate) fn frame(ctx: &TcContext) -> Frame {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Frame::Truncated;
     };
+    // SAFETY: `ptr_at` checked that the header lies within the linear data; BPF loads the
+    // 16-bit EtherType at any alignment.
     if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
         return Frame::Other;
     }
@@ -82,6 +85,8 @@ pub(crate) fn frame(ctx: &TcContext) -> Frame {
         return Frame::Truncated;
     }
     match ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) {
+        // SAFETY: `ptr_at` checked that the header lies within the linear data;
+        // `Ipv4Hdr` has alignment 1.
         Some(ip) => Frame::Ipv4(unsafe { *ip }),
         None => Frame::Truncated,
     }
@@ -122,6 +127,8 @@ pub(crate) fn dont_fragment(ip: &Ipv4Hdr) -> bool {
 /// Bytes the header occupies when viewed as a byte array.
 #[inline(always)]
 pub(crate) fn bytes(ip: &Ipv4Hdr) -> &[u8; IPV4_LEN] {
+    // SAFETY: `Ipv4Hdr` is 20 bytes of byte fields and byte arrays, no padding: the same
+    // size, alignment and validity as the array, borrowed for as long.
     unsafe { &*(ip as *const Ipv4Hdr).cast::<[u8; IPV4_LEN]>() }
 }
 
@@ -129,6 +136,8 @@ pub(crate) fn bytes(ip: &Ipv4Hdr) -> &[u8; IPV4_LEN] {
 /// for a GSO skb one segment (headers + gso_size).
 #[inline(always)]
 pub(crate) fn wire_len(ctx: &TcContext, ip: &Ipv4Hdr) -> u16 {
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel passed this run, readable while
+    // it lasts.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if gso_size == 0 {
         return ip.tot_len();

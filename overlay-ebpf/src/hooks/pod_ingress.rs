@@ -34,6 +34,8 @@ fn pod(ctx: &TcContext) -> Verdict {
     // bridge's own hook; a frame for another pod of this node (which may route it on)
     // is the bridge's to deliver.
     match ptr_at::<[u8; 6]>(ctx, 0) {
+        // SAFETY: `ptr_at` checked that the destination MAC address lies within the
+        // linear data; a byte array has alignment 1.
         Some(dst) if cfg.bridge_mac != [0; 6] && unsafe { *dst } == cfg.bridge_mac => {
             from_local_pod(ctx, cfg)
         }

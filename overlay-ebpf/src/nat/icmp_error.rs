@@ -51,6 +51,8 @@ pub(crate) fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Resu
             let Some(entry) = conntrack::original(&flow) else {
                 return Ok(false);
             };
+            // SAFETY: a CONNTRACK value the lookup returned, valid and aligned while the
+            // program runs; copied at once.
             let e = unsafe { *entry };
             if e.rule == Rule::Untranslated as u8 {
                 return Ok(false);

@@ -39,6 +39,8 @@ use crate::{
 
 #[inline(always)]
 fn mark(ctx: &TcContext) -> u32 {
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel passed this run, readable while
+    // it lasts.
     unsafe { (*ctx.skb.skb).mark }
 }
 
@@ -113,6 +115,8 @@ pub(crate) fn known_outbound(
         return None;
     }
     let entry = conntrack::original(&l4.tuple)?;
+    // SAFETY: a CONNTRACK value the lookup returned, valid and aligned while the program
+    // runs.
     (unsafe { (*entry).rule } == Rule::PodToOutside as u8).then_some((l4, entry))
 }
 
@@ -128,6 +132,8 @@ pub(crate) fn translate(
 ) -> Result<bool, Reason> {
     let t = l4.tuple;
     let refreshed = conntrack::touch(cfg, entry, t.proto, l4.tcp_flags, false);
+    // SAFETY: `entry` is a CONNTRACK value a lookup of this run returned, valid and
+    // aligned while the program runs; copied once `touch` has written it.
     let e = unsafe { *entry };
     if e.rule == Rule::Untranslated as u8 {
         return Ok(false);

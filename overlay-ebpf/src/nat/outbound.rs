@@ -57,6 +57,8 @@ fn translate_and_send(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
     // Routed as the host would route it (from the bridge, with the pod's address);
     // the packet is left as it is unless it can leave at once: a neighbour to resolve,
     // a route MTU to report or a local destination are the host's business.
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel passed this run, readable while
+    // it lasts.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let tot_len = parse::wire_len(ctx, ip);
     let Path::Resolved {

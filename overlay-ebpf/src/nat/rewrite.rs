@@ -77,6 +77,7 @@ pub(crate) fn rewrite(
         let Some(p) = ptr_at::<[u8; 2]>(ctx, port_off) else {
             return Err(Reason::DropHelperError);
         };
+        // SAFETY: `ptr_at` checked that the two bytes lie within the linear data.
         unsafe { p.write_unaligned(port) };
     }
     Ok(())

@@ -106,7 +106,9 @@ pub(crate) fn record_fin(ctx: &TcContext, ip: &Ipv4Hdr, l4: &L4, entry: *mut CtE
     let Some(m) = marks(ctx, ip, l4) else {
         return;
     };
-    // Racing writers are packets of the same flow: the last FIN's marks win.
+    // SAFETY: `entry` is a CONNTRACK value a lookup of this run returned, valid and
+    // aligned while the program runs. Racing writers are packets of the same flow: the
+    // last FIN's marks win.
     unsafe {
         (*entry).fin_seq_end = m.seq_end;
         match m.tsval {

@@ -95,6 +95,8 @@ pub(crate) fn parse(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize, quoted: bool) -> R
     let Some(head) = ptr_at::<[u8; 8]>(ctx, off) else {
         return Err(Reason::DropMalformed);
     };
+    // SAFETY: `ptr_at` checked that the bytes lie within the linear data, which
+    // `ensure_linear` made them; a byte array has alignment 1.
     let head = unsafe { *head };
     let kind = match (ip.proto, head[0]) {
         (IPPROTO_TCP, _) => Kind::Tcp,
@@ -133,6 +135,7 @@ pub(crate) fn parse(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize, quoted: bool) -> R
         let Some(flags) = ptr_at::<u8>(ctx, off + 13) else {
             return Err(Reason::DropMalformed);
         };
+        // SAFETY: as above.
         tcp_flags = unsafe { *flags };
     }
     Ok(L4 {
@@ -150,6 +153,8 @@ pub(crate) fn quoted_header(ctx: &TcContext, icmp: &L4) -> Option<Ipv4Hdr> {
     if !load_exact(ctx, icmp.off + 8, &mut raw) {
         return None;
     }
+    // SAFETY: `Ipv4Hdr` is 20 bytes of byte fields and byte arrays: every bit pattern of
+    // the array is a valid header.
     let ip: Ipv4Hdr = unsafe { core::mem::transmute(raw) };
     (ip.version() == 4 && ip.ihl() as usize == IPV4_LEN).then_some(ip)
 }
