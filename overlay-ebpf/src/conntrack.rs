@@ -80,7 +80,7 @@ pub(crate) enum CreateError {
 
 /// CLOCK_MONOTONIC at the last tick: what the agent's CLOCK_MONOTONIC reads, at most
 /// a tick behind, which deadlines in seconds do not mind. It reads no clock source:
-/// per packet, a clock source read is costly (an emulated HPET takes microseconds),
+/// per packet, a clock source read is costly,
 /// as the kernel's connection tracking avoids too (it counts in jiffies).
 #[inline(always)]
 fn now() -> u64 {
@@ -264,8 +264,7 @@ const ORPHAN_AGE_NS: u64 = 2 * NS_PER_SEC;
 /// closed first, only for a SYN its TIME_WAIT accepts: [`timewait`]), or gone and the
 /// slot an old orphan. A closed TCP flow's port is reused at once, as the kernel's NAT
 /// reuses a tuple in TIME_WAIT: a connection rate to one destination is otherwise
-/// bound by ports ÷ (the closed timeout + the collector's interval), a few hundred per
-/// second. The old flow's ORIGINAL entry goes too, so that a late packet of it cannot
+/// bound by ports ÷ (the closed timeout + the collector's interval). The old flow's ORIGINAL entry goes too, so that a late packet of it cannot
 /// be translated to the port's new owner.
 #[expect(
     clippy::needless_borrows_for_generic_args,

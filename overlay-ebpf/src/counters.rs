@@ -59,7 +59,7 @@ pub(crate) fn run(ctx: &TcContext, hook: Hook, f: impl FnOnce(&TcContext) -> Ver
 /// on this function's own stack frame, not on the programs' (512 bytes in all). Kernels
 /// before 6.4 count each frame of the deepest call chain rounded up to 32 bytes, at
 /// least 32: the program's frame + this one + the memcpy it calls must stay within
-/// 512 there (hence the subprograms of `icmp`, `nat::outbound` and `encap`), and only
+/// 512 there (hence the subprograms of `icmp`, `nat::outbound` and `uplink_egress`), and only
 /// the bytes logged are copied, the EtherType read from the context.
 #[inline(never)]
 fn log_drop(ctx: &TcContext, hook: Hook, reason: Reason) {

@@ -83,7 +83,7 @@ pub(crate) fn lookup(
 struct Params(bpf_fib_lookup);
 
 /// Zeroes the parameters in place, with eight stores: `mem::zeroed` compiled to a call
-/// into a `memset` subprogram on every packet (seen in the VM's profiles). Volatile, so
+/// into a `memset` subprogram on every packet. Volatile, so
 /// that the stores are not merged back into that call; in place, so that the stack
 /// holds one copy.
 #[inline(always)]

@@ -40,8 +40,8 @@ pub(crate) fn frag_needed(
     unpack(reply_frag_needed(ctx.skb.skb, cfg, ip.src_addr, mtu))
 }
 
-/// [`frag_needed`], as a function of its own (a BPF subprogram): its buffers (about 200
-/// bytes) stay off the stack frame of `bridge_ingress`, whose deepest call chain must
+/// [`frag_needed`], as a function of its own (a BPF subprogram): its buffers stay off
+/// the stack frame of `bridge_ingress`, whose deepest call chain must
 /// fit in 512 bytes, each frame rounded up to 32 before 6.4 (see `counters::log_drop`).
 /// A subprogram returns one register: the verdict comes back packed.
 #[inline(never)]
@@ -104,8 +104,8 @@ fn build_frag_needed(ctx: &TcContext, cfg: &DatapathConfig, src: [u8; 4], mtu: u
     hdr.check = checksum::finish(checksum::sum(parse::bytes(&hdr))).to_be_bytes();
     reply[..IPV4_LEN].copy_from_slice(parse::bytes(&hdr));
 
-    // Stored rather than written through `fib::set_macs`: that variant costs this
-    // subprogram 16 more bytes of stack, over 6.1's 512-byte limit for the call chain.
+    // Stored rather than written through `fib::set_macs`: that variant takes more of
+    // this subprogram's stack than the call chain's limit before 6.4 leaves it.
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&pod_mac);
     macs[6..].copy_from_slice(&bridge_mac);

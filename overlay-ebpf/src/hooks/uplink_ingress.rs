@@ -36,6 +36,8 @@ fn uplink(ctx: &TcContext) -> Verdict {
     let Some(cfg) = config() else {
         return pass(Reason::PassNotConfigured);
     };
+    // Matched in place: through `parse::ipv4`, as the other hooks read it, this program
+    // compiles to more instructions.
     let outer = match parse::frame(ctx) {
         Frame::Ipv4(ip) => ip,
         Frame::Other => return pass(Reason::PassNotIpv4),
