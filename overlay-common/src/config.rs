@@ -1,6 +1,10 @@
 //! Per-node datapath configuration, written by the agent into the `CONFIG` array map.
 
-use crate::conntrack::{CtTimeouts, Rule};
+use crate::{
+    Reason,
+    conntrack::{CtTimeouts, Rule},
+    ip::{self, IPV4_HEADER_LEN},
+};
 
 /// kube-proxy's "masquerade me" mark (KUBE-MARK-MASQ): such packets are left to
 /// kube-proxy's own rule, as flanneld's first masquerade rule does.
@@ -125,6 +129,56 @@ impl DatapathConfig {
         None
     }
 
+    /// Whether a local pod's packet on the bridge may skip the host stack, judged from
+    /// its IPv4 header's source, first byte (version and IHL), flags and fragment
+    /// offset, and TTL; else the reason it may not. Only this node's pods (anything
+    /// else meets the host's routing and reverse-path filter), and plain datagrams the
+    /// fast path forwards as a router would: options, fragments and an expiring TTL
+    /// are the host stack's, which routes the packet back to us through the uplink.
+    #[inline(always)]
+    pub fn fast_path_allows(
+        &self,
+        src: [u8; 4],
+        vihl: u8,
+        frags: [u8; 2],
+        ttl: u8,
+    ) -> Result<(), Reason> {
+        if !self.in_pod_subnet(src) {
+            return Err(Reason::PassForeignSource);
+        }
+        if ip::header_len(vihl) != IPV4_HEADER_LEN {
+            return Err(Reason::PassIpOptions);
+        }
+        if ip::is_fragment(frags) {
+            return Err(Reason::PassFragment);
+        }
+        if ttl <= 1 {
+            return Err(Reason::PassTtlExpired);
+        }
+        Ok(())
+    }
+
+    /// Whether a packet from `src` to `dst` the host routed to the uplink belongs to a
+    /// direction the fast path could take, and so is recorded (with the fast path on):
+    /// a local pod's to a remote pod, or to the outside when masquerade is on. The
+    /// gateway address is the host's own (its traffic to remote pods leaves from it),
+    /// never a pod's.
+    #[inline(always)]
+    pub fn fast_path_outbound(&self, src: [u8; 4], dst: [u8; 4]) -> bool {
+        self.in_pod_subnet(src)
+            && src != self.gateway()
+            && (self.in_cluster(dst) || self.masquerade())
+    }
+
+    /// Whether a packet from `src` to `dst` the host forwarded to a local pod came from
+    /// elsewhere (a remote pod, or the outside for a masqueraded flow's reply), and so
+    /// is recorded (with the fast path on): the fast path takes no flow between two
+    /// local pods, which the bridge connects.
+    #[inline(always)]
+    pub fn fast_path_inbound(&self, src: [u8; 4], dst: [u8; 4]) -> bool {
+        self.in_pod_subnet(dst) && !self.in_pod_subnet(src)
+    }
+
     /// The pod subnet's gateway (first address): the bridge address pods route through,
     /// and the source of the ICMP errors the datapath sends them.
     pub fn gateway(&self) -> [u8; 4] {
@@ -241,6 +295,100 @@ mod tests {
         ];
         for (case, src, dst, rule) in cases {
             assert_eq!(c.masquerade_rule(src, dst), rule, "rule {case}");
+        }
+    }
+
+    /// The fast path's checks of a local pod's header, one failing at a time, in the
+    /// order the reasons are counted.
+    #[test]
+    fn fast_path_takes_plain_datagrams_of_local_pods() {
+        let c = cfg([10, 244, 1, 0], 24);
+        let local = [10, 244, 1, 5];
+        assert_eq!(c.fast_path_allows(local, 0x45, [0x40, 0], 64), Ok(()));
+        assert_eq!(c.fast_path_allows(local, 0x45, [0, 0], 2), Ok(()));
+        let refused = [
+            ("remote pod", [10, 244, 2, 5], 0x45, [0, 0], 64),
+            ("outside", [198, 51, 100, 10], 0x45, [0, 0], 64),
+            ("the host first", [172, 18, 0, 3], 0x46, [0x20, 0], 1),
+        ];
+        for (case, src, vihl, frags, ttl) in refused {
+            assert_eq!(
+                c.fast_path_allows(src, vihl, frags, ttl),
+                Err(Reason::PassForeignSource),
+                "{case}"
+            );
+        }
+        let checks = [
+            ("options", 0x46, [0, 0], 64, Reason::PassIpOptions),
+            (
+                "options before fragments",
+                0x4f,
+                [0x20, 0],
+                1,
+                Reason::PassIpOptions,
+            ),
+            ("first fragment", 0x45, [0x20, 0], 64, Reason::PassFragment),
+            ("later fragment", 0x45, [0, 1], 64, Reason::PassFragment),
+            ("fragment before TTL", 0x45, [0, 1], 1, Reason::PassFragment),
+            ("TTL 1", 0x45, [0, 0], 1, Reason::PassTtlExpired),
+            ("TTL 0", 0x45, [0x40, 0], 0, Reason::PassTtlExpired),
+        ];
+        for (case, vihl, frags, ttl, reason) in checks {
+            assert_eq!(
+                c.fast_path_allows(local, vihl, frags, ttl),
+                Err(reason),
+                "{case}"
+            );
+        }
+    }
+
+    /// What the uplink's egress and the bridge's egress record of what the host
+    /// forwarded, with this node's pod subnet 10.244.1.0/24 and uplink 172.18.0.3.
+    #[test]
+    fn fast_path_records_directions_between_a_local_pod_and_elsewhere() {
+        let plain = cfg([10, 244, 1, 0], 24);
+        let masq = DatapathConfig {
+            flags: FLAG_MASQUERADE,
+            ..plain
+        };
+        let (local, other_local, remote) = ([10, 244, 1, 5], [10, 244, 1, 6], [10, 244, 2, 5]);
+        let (outside, gateway) = ([198, 51, 100, 10], [10, 244, 1, 1]);
+        let outbound = [
+            ("local pod to remote pod", local, remote, true, true),
+            ("local pod to the outside", local, outside, false, true),
+            (
+                "the gateway (the host) to a remote pod",
+                gateway,
+                remote,
+                false,
+                false,
+            ),
+            (
+                "a remote pod's, routed through",
+                remote,
+                outside,
+                false,
+                false,
+            ),
+            ("the outside's", outside, remote, false, false),
+        ];
+        for (case, src, dst, without, with) in outbound {
+            assert_eq!(plain.fast_path_outbound(src, dst), without, "{case}");
+            assert_eq!(
+                masq.fast_path_outbound(src, dst),
+                with,
+                "{case}, masquerade"
+            );
+        }
+        let inbound = [
+            ("remote pod to local pod", remote, local, true),
+            ("the outside to a local pod", outside, local, true),
+            ("local pod to local pod", other_local, local, false),
+            ("the gateway to a local pod", gateway, local, false),
+            ("to a remote pod", outside, remote, false),
+        ];
+        for (case, src, dst, recorded) in inbound {
+            assert_eq!(plain.fast_path_inbound(src, dst), recorded, "{case}");
         }
     }
 

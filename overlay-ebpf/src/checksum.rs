@@ -2,7 +2,7 @@
 
 /// Ones'-complement sum of big-endian 16-bit words; `bytes` has even length.
 #[inline(always)]
-pub fn sum(bytes: &[u8]) -> u32 {
+pub(crate) fn sum(bytes: &[u8]) -> u32 {
     let mut acc = 0u32;
     let mut i = 0;
     while i + 1 < bytes.len() {
@@ -14,7 +14,7 @@ pub fn sum(bytes: &[u8]) -> u32 {
 
 /// Folds a 32-bit sum to 16 bits and complements it: the value to put on the wire.
 #[inline(always)]
-pub fn finish(mut acc: u32) -> u16 {
+pub(crate) fn finish(mut acc: u32) -> u16 {
     acc = (acc & 0xffff) + (acc >> 16);
     acc = (acc & 0xffff) + (acc >> 16);
     !(acc as u16)
@@ -23,13 +23,13 @@ pub fn finish(mut acc: u32) -> u16 {
 /// Checksum field after a 16-bit word of the covered data changes from `old` to `new`
 /// (RFC 1624, eqn. 3): keeps an incoming error visible instead of recomputing over it.
 #[inline(always)]
-pub fn replace(check: u16, old: u16, new: u16) -> u16 {
+pub(crate) fn replace(check: u16, old: u16, new: u16) -> u16 {
     finish(u32::from(!check) + u32::from(!old) + u32::from(new))
 }
 
 /// [`replace`] for a 32-bit field (an address), given as wire-order bytes.
 #[inline(always)]
-pub fn replace4(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+pub(crate) fn replace4(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     let check = replace(
         check,
         u16::from_be_bytes([old[0], old[1]]),

@@ -27,7 +27,7 @@ const ENOMEM: i32 = 12;
 
 /// A flow as seen by one packet: addresses and ports in network order.
 #[derive(Clone, Copy)]
-pub struct Tuple {
+pub(crate) struct Tuple {
     pub src: [u8; 4],
     pub dst: [u8; 4],
     pub sport: [u8; 2],
@@ -36,7 +36,7 @@ pub struct Tuple {
 }
 
 impl Tuple {
-    pub fn key(&self, dir: u8) -> CtKey {
+    pub(crate) fn key(&self, dir: u8) -> CtKey {
         CtKey {
             src: self.src,
             dst: self.dst,
@@ -49,7 +49,7 @@ impl Tuple {
     }
 
     /// The same direction as a key of the fast path's flow table.
-    pub fn flow_key(&self) -> FlowKey {
+    pub(crate) fn flow_key(&self) -> FlowKey {
         FlowKey {
             src: self.src,
             dst: self.dst,
@@ -61,7 +61,7 @@ impl Tuple {
     }
 
     /// The tuple of a packet going the other way.
-    pub fn reversed(&self) -> Tuple {
+    pub(crate) fn reversed(&self) -> Tuple {
         Tuple {
             src: self.dst,
             dst: self.src,
@@ -73,32 +73,44 @@ impl Tuple {
 }
 
 /// Why a new flow could not be created.
-pub enum CreateError {
+pub(crate) enum CreateError {
     TableFull,
     PortsExhausted,
 }
 
 /// CLOCK_MONOTONIC at the last tick: what the agent's CLOCK_MONOTONIC reads, at most
 /// a tick behind, which deadlines in seconds do not mind. It reads no clock source:
-/// per packet, a clock source read is costly (an emulated HPET takes microseconds),
+/// per packet, a clock source read is costly,
 /// as the kernel's connection tracking avoids too (it counts in jiffies).
 #[inline(always)]
 fn now() -> u64 {
+    // SAFETY: a helper without arguments; it reads the kernel's coarse clock.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The live ORIGINAL entry for `t` (expired entries count as absent; the agent's
 /// collector removes them).
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
-pub fn original(t: &Tuple) -> Option<*mut CtEntry> {
+pub(crate) fn original(t: &Tuple) -> Option<*mut CtEntry> {
     let entry = CONNTRACK.get_ptr_mut(&t.key(DIR_ORIGINAL))?;
+    // SAFETY: a value the lookup just returned, valid and aligned while the program
+    // runs (the map frees a deleted entry only after an RCU grace period).
     (unsafe { (*entry).expires_ns } > now()).then_some(entry)
 }
 
 /// The live flow a reply tuple belongs to: the REPLY entry (which holds the original
 /// source) and the flow's ORIGINAL entry.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
-pub fn reply(t: &Tuple) -> Option<(CtEntry, *mut CtEntry)> {
+pub(crate) fn reply(t: &Tuple) -> Option<(CtEntry, *mut CtEntry)> {
+    // SAFETY: as in `original`: a value the lookup returned, copied at once.
     let rev = unsafe { *CONNTRACK.get_ptr(&t.key(DIR_REPLY))? };
     // The ORIGINAL key: the original source talking to the reply's sender.
     let orig = Tuple {
@@ -112,6 +124,7 @@ pub fn reply(t: &Tuple) -> Option<(CtEntry, *mut CtEntry)> {
     // The flow must still be translated to this reply's destination: once a flow
     // expires and starts over on another port, the REPLY entry of its old port lingers
     // until the agent collects it, and must not lead to the new flow.
+    // SAFETY: as in `original`; other CPUs write only whole fields of this flow.
     let e = unsafe { &*entry };
     if e.addr != t.dst || e.port != t.dport {
         return None;
@@ -123,7 +136,7 @@ pub fn reply(t: &Tuple) -> Option<(CtEntry, *mut CtEntry)> {
 /// the flow, in the reply direction if `is_reply`, and extends its deadline. Returns
 /// whether the entry was written (at most about once a second on a steady flow).
 #[inline(always)]
-pub fn touch(
+pub(crate) fn touch(
     cfg: &DatapathConfig,
     entry: *mut CtEntry,
     proto: u8,
@@ -131,6 +144,8 @@ pub fn touch(
     is_reply: bool,
 ) -> bool {
     use crate::parse::tcp::{ACK, FIN, RST, SYN};
+    // SAFETY: `entry` is a CONNTRACK value a lookup of this run returned (`original`,
+    // `reply`, `create`), valid and aligned while the program runs.
     let old = unsafe { (*entry).flags };
     let mut new = old;
     // A SYN from the inside on a tuple that is over opens a new connection on it (the
@@ -154,14 +169,15 @@ pub fn touch(
         // is the pod's business.
         if is_reply
             && old & flags::FIN_ORIGINAL == 0
+            // SAFETY: as above.
             && unsafe { (*entry).rule } != Rule::Untranslated as u8
         {
             new |= flags::REPLY_CLOSED_FIRST;
         }
     }
     let expires = now() + u64::from(cfg.ct_timeouts.for_state(proto, new)) * NS_PER_SEC;
-    // Racing writers from other CPUs can only lose a refresh or a flag bit of the same
-    // flow, which the next packet restores.
+    // SAFETY: as above. Racing writers from other CPUs can only lose a refresh or a flag
+    // bit of the same flow, which the next packet restores.
     unsafe {
         if new != old {
             (*entry).flags = new;
@@ -177,15 +193,22 @@ pub fn touch(
 
 /// Tracks a flow that is not translated (so that its replies are not either).
 #[inline(always)]
-pub fn track_untranslated(cfg: &DatapathConfig, t: &Tuple) -> Result<*mut CtEntry, CreateError> {
+pub(crate) fn track_untranslated(
+    cfg: &DatapathConfig,
+    t: &Tuple,
+) -> Result<*mut CtEntry, CreateError> {
     insert_original(cfg, t, t.src, t.sport, Rule::Untranslated as u8, now())
 }
 
 /// Creates a translated flow for `t`: claims a REPLY key for a free port of the
 /// configured range on `nat_ip`, then the ORIGINAL entry. Returns the ORIGINAL entry.
 /// `syn`: the marks of the flow's first segment if it is a TCP SYN.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
-pub fn create(
+pub(crate) fn create(
     cfg: &DatapathConfig,
     t: &Tuple,
     nat_ip: [u8; 4],
@@ -193,6 +216,7 @@ pub fn create(
     syn: Option<&Marks>,
 ) -> Result<*mut CtEntry, CreateError> {
     let span = u32::from(cfg.nat_port_max.saturating_sub(cfg.nat_port_min)) + 1;
+    // SAFETY: a helper without arguments; it reads the kernel's pseudo-random state.
     let start = unsafe { bpf_get_prandom_u32() } % span;
     let born = now();
     // A prime stride over the range gives a fresh candidate on every try, unless the
@@ -240,9 +264,12 @@ const ORPHAN_AGE_NS: u64 = 2 * NS_PER_SEC;
 /// closed first, only for a SYN its TIME_WAIT accepts: [`timewait`]), or gone and the
 /// slot an old orphan. A closed TCP flow's port is reused at once, as the kernel's NAT
 /// reuses a tuple in TIME_WAIT: a connection rate to one destination is otherwise
-/// bound by ports ÷ (the closed timeout + the collector's interval), a few hundred per
-/// second. The old flow's ORIGINAL entry goes too, so that a late packet of it cannot
+/// bound by ports ÷ (the closed timeout + the collector's interval). The old flow's ORIGINAL entry goes too, so that a late packet of it cannot
 /// be translated to the port's new owner.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> bool {
     const TCP: u8 = 6;
@@ -251,6 +278,7 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> boo
         // Removed meanwhile: the next candidate port is as good.
         return false;
     };
+    // SAFETY: as in `original`: a value the lookup returned, copied at once.
     let old = unsafe { *old };
     let old_flow = Tuple {
         src: old.addr,
@@ -262,6 +290,7 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> boo
     let old_key = old_flow.key(DIR_ORIGINAL);
     let owner = CONNTRACK
         .get_ptr(&old_key)
+        // SAFETY: as in `original`: a value the lookup returned, copied at once.
         .map(|e| unsafe { *e })
         .filter(|e| e.addr == reply.dst && e.port == reply.dport);
     let over = match owner {
@@ -289,8 +318,12 @@ fn reclaim(reply: &Tuple, value: &CtEntry, now: u64, syn: Option<&Marks>) -> boo
 /// a SYN sent again (the connection then costs one retry) and whenever an outgoing
 /// packet refreshes a flow's deadline (a datagram flow, which has no SYN, recovers
 /// within about a second).
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
-pub fn restore_reply(t: &Tuple, entry: &CtEntry) {
+pub(crate) fn restore_reply(t: &Tuple, entry: &CtEntry) {
     let key = reply_tuple(t, entry.addr, entry.port).key(DIR_REPLY);
     // Taken (its own entry, or a port that moved on meanwhile): left as it is. Almost
     // always so; a lookup sees it without the bucket lock a refused insert takes.
@@ -332,6 +365,10 @@ fn reply_tuple(t: &Tuple, nat_ip: [u8; 4], port: [u8; 2]) -> Tuple {
     }
 }
 
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 fn insert_original(
     cfg: &DatapathConfig,

@@ -1,22 +1,21 @@
-//! Outcome accounting: every program run ends in exactly one `count`, and drops are
-//! logged (aya-log) when the agent turned program logging up to debug.
+//! Outcome accounting: every program run ends in exactly one `account`, and drops are
+//! logged (aya-log) when the agent turned program logging up to debug; per-peer and
+//! masquerade event counts.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    programs::TcContext,
-};
+use aya_ebpf::programs::TcContext;
 use aya_log_ebpf::{
     debug,
     macro_support::{Level, level_enabled},
 };
 use overlay_common::{
-    Hook, Reason,
+    Hook, PeerStats, Reason,
     counters::{Kind, NatEvent, index},
 };
 
 use crate::{
     maps::{COUNTERS, NAT_EVENTS},
     parse::{ETH_LEN, load_exact},
+    verdict::Verdict,
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -25,46 +24,12 @@ const IP_PROTO: usize = ETH_LEN + 9;
 const IP_SRC: usize = ETH_LEN + 12;
 const IP_DST: usize = ETH_LEN + 16;
 
-/// An outcome and the TC action that realises it.
-pub type Verdict = (Reason, i32);
-
-/// Leave the packet to the kernel. TC_ACT_UNSPEC (TCX_NEXT) rather than TC_ACT_OK:
-/// the filters and TCX programs after ours on the same hook (someone's monitoring,
-/// shaping or firewall) still see it; TC_ACT_OK would end the hook's chain here.
-#[inline(always)]
-pub fn pass(reason: Reason) -> Verdict {
-    (reason, TC_ACT_UNSPEC)
-}
-
-#[inline(always)]
-pub fn drop(reason: Reason) -> Verdict {
-    (reason, TC_ACT_SHOT as i32)
-}
-
-/// A verdict in one register, as a BPF subprogram returns it: the reason above, the
-/// action below. Only [`pack`] makes one (the field is private), so [`unpack`] never
-/// sees a number that is not a `Reason`'s.
-#[repr(transparent)]
-pub struct Packed(u64);
-
-#[inline(always)]
-pub fn pack((reason, action): Verdict) -> Packed {
-    Packed((u64::from(reason as u32) << 32) | u64::from(action as u32))
-}
-
-#[inline(always)]
-pub fn unpack(Packed(packed): Packed) -> Verdict {
-    // SAFETY: a `Packed` comes from `pack`, whose upper half is a Reason's
-    // discriminant (`Reason` is `repr(u32)`).
-    let reason = unsafe { core::mem::transmute::<u32, Reason>((packed >> 32) as u32) };
-    (reason, packed as u32 as i32)
-}
-
 /// Records the verdict of one packet of `bytes` bytes and returns its action.
 #[inline(always)]
-pub fn account(hook: Hook, bytes: u32, (reason, action): Verdict) -> i32 {
+pub(crate) fn account(hook: Hook, bytes: u32, (reason, action): Verdict) -> i32 {
     if let Some(c) = COUNTERS.get_ptr_mut(index(hook, reason)) {
-        // Per-CPU slot: no other writer can race with this update.
+        // SAFETY: this CPU's value of a per-CPU array, valid and aligned while the
+        // program runs; no other writer can race with this update.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += u64::from(bytes);
@@ -75,7 +40,7 @@ pub fn account(hook: Hook, bytes: u32, (reason, action): Verdict) -> i32 {
 
 /// Runs `f` and accounts its verdict against the packet's length on entry.
 #[inline(always)]
-pub fn run(ctx: &TcContext, hook: Hook, f: impl FnOnce(&TcContext) -> Verdict) -> i32 {
+pub(crate) fn run(ctx: &TcContext, hook: Hook, f: impl FnOnce(&TcContext) -> Verdict) -> i32 {
     let bytes = ctx.len();
     let verdict = f(ctx);
     // The level is a read-only global the agent sets at load (AYA_LOG_LEVEL, frozen),
@@ -94,12 +59,14 @@ pub fn run(ctx: &TcContext, hook: Hook, f: impl FnOnce(&TcContext) -> Verdict) -
 /// on this function's own stack frame, not on the programs' (512 bytes in all). Kernels
 /// before 6.4 count each frame of the deepest call chain rounded up to 32 bytes, at
 /// least 32: the program's frame + this one + the memcpy it calls must stay within
-/// 512 there (hence the subprograms of `icmp`, `nat::outbound` and `encap`), and only
+/// 512 there (hence the subprograms of `icmp`, `nat::outbound` and `uplink_egress`), and only
 /// the bytes logged are copied, the EtherType read from the context.
 #[inline(never)]
 fn log_drop(ctx: &TcContext, hook: Hook, reason: Reason) {
     // The EtherType from the context (no copy on the stack): `protocol` is in network
     // byte order.
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel passed this run, readable
+    // while it lasts.
     let ipv4 = unsafe { (*ctx.skb.skb).protocol } == u32::from(ETH_P_IP.to_be());
     // Protocol, checksum, source, destination.
     let mut ip = [0u8; IP_DST + 4 - IP_PROTO];
@@ -130,8 +97,20 @@ fn log_drop(ctx: &TcContext, hook: Hook, reason: Reason) {
 
 /// Records a masquerade event.
 #[inline(always)]
-pub fn nat_event(event: NatEvent) {
+pub(crate) fn nat_event(event: NatEvent) {
     if let Some(c) = NAT_EVENTS.get_ptr_mut(event as u32) {
+        // SAFETY: as in `account`: this CPU's value of a per-CPU array.
         unsafe { *c += 1 };
+    }
+}
+
+/// Counts a packet of `bytes` bytes received from a peer node.
+#[inline(always)]
+pub(crate) fn peer_received(peer: *mut PeerStats, bytes: u32) {
+    // SAFETY: `peer` points to this CPU's value of a per-CPU map, valid while the
+    // program runs, and no other writer can race with this update.
+    unsafe {
+        (*peer).rx_packets += 1;
+        (*peer).rx_bytes += u64::from(bytes);
     }
 }

@@ -1,7 +1,6 @@
-//! Decapsulation: IPIP from a known node, for a pod of this node, loses its outer
-//! header and goes straight to the pod; so do replies to masqueraded flows of this
-//! node's pods, once translated back. IPIP for this node's own address (a remote pod's
-//! reply to a flow the host masqueraded) goes to the host stack.
+//! Decapsulation: the checks a tunnelled packet must pass, the removal of its outer
+//! header, and the forwarding of a packet straight to a pod of this node in place of
+//! the host's router. `uplink_ingress` decides when.
 
 use aya_ebpf::{
     bindings::{
@@ -11,103 +10,16 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::ip::Ipv4Hdr;
-use overlay_common::{
-    DatapathConfig, Hook, PeerStats, Reason,
-    ip::{ECN_CE, ECN_MASK},
-};
+use overlay_common::{DatapathConfig, PeerStats, Reason};
 
 use crate::{
     checksum,
-    counters::{Verdict, drop, pass, run},
     fib::{self, Path},
     flows, ipv4,
-    maps::{PEERS, POD_PORTS, config},
-    nat,
-    parse::{self, ETH_LEN, Frame, IPPROTO_IPIP, IPV4_LEN, ptr_at},
+    maps::{PEERS, POD_PORTS},
+    parse::{self, ETH_LEN, IPPROTO_IPIP, IPV4_LEN, ptr_at},
+    verdict::{Verdict, drop, pass},
 };
-
-/// `uplink_ingress`: packets from the underlay.
-#[inline(always)]
-pub fn from_uplink(ctx: &TcContext) -> i32 {
-    run(ctx, Hook::UplinkIngress, uplink)
-}
-
-fn uplink(ctx: &TcContext) -> Verdict {
-    let Some(cfg) = config() else {
-        return pass(Reason::PassNotConfigured);
-    };
-    let outer = match parse::frame(ctx) {
-        Frame::Ipv4(ip) => ip,
-        Frame::Other => return pass(Reason::PassNotIpv4),
-        Frame::Truncated => return drop(Reason::DropMalformed),
-    };
-    if outer.proto != IPPROTO_IPIP || outer.dst_addr != cfg.node_ip {
-        // Not our tunnel; it may be the reply to a masqueraded flow.
-        return match nat::ingress(ctx, cfg, &outer) {
-            Ok(true) => unmasqueraded(ctx, cfg),
-            Ok(false) => pass(Reason::PassNotTunnel),
-            Err(reason) => drop(reason),
-        };
-    }
-    let (inner, peer) = match tunnel_payload(ctx, cfg, &outer) {
-        Ok(found) => found,
-        Err(verdict) => return verdict,
-    };
-    // Congestion marked on the outside is carried inside (RFC 6040); a packet whose
-    // sender does not speak ECN cannot carry the mark and is dropped, as the kernel does.
-    let outer_ce = outer.tos & ECN_MASK == ECN_CE;
-    if outer_ce && inner.tos & ECN_MASK == 0 {
-        return drop(Reason::DropCeOnNotEct);
-    }
-    // Per-CPU value: no concurrent writer.
-    unsafe {
-        (*peer).rx_packets += 1;
-        (*peer).rx_bytes += u64::from(ctx.len());
-    }
-
-    if !pop_outer(ctx) {
-        return drop(Reason::DropHelperError);
-    }
-    if outer_ce && !ipv4::set_ce(ctx) {
-        return drop(Reason::DropHelperError);
-    }
-    // Replies to flows masqueraded under rule 6 come back through the tunnel to our
-    // pod gateway address.
-    match nat::ingress(ctx, cfg, &inner) {
-        Ok(true) => return unmasqueraded(ctx, cfg),
-        Ok(false) => {}
-        Err(reason) => return drop(reason),
-    }
-    if inner.dst_addr == cfg.node_ip {
-        return pass(Reason::DecapsulatedToNode);
-    }
-    forward_to_pod(
-        ctx,
-        cfg,
-        &inner,
-        [Reason::Decapsulated, Reason::DecapsulatedToBridge],
-        Reason::DecapsulatedToStack,
-        Reason::DecapsulatedToHost,
-    )
-}
-
-/// A reply translated back to its flow's original source: straight to it when that
-/// is a pod of this node (rule 5), as a decapsulated packet goes; to the stack
-/// otherwise (the host or the outside, rule 6).
-#[inline(always)]
-fn unmasqueraded(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
-    match parse::frame(ctx) {
-        Frame::Ipv4(ip) if cfg.in_pod_subnet(ip.dst_addr) => forward_to_pod(
-            ctx,
-            cfg,
-            &ip,
-            [Reason::UnmasqueradedToPod, Reason::UnmasqueradedToBridge],
-            Reason::Unmasqueraded,
-            Reason::Unmasqueraded,
-        ),
-        _ => pass(Reason::Unmasqueraded),
-    }
-}
 
 /// Forwards a packet (IPv4 header `ip`, at the start of the frame's network layer) to
 /// a pod of this node in place of the host's router, counted as `fast[0]` when it goes
@@ -116,7 +28,7 @@ fn unmasqueraded(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
 /// path, counted as `host`: the host's netfilter and connection tracking then decide
 /// it (and undo kube-proxy's DNAT of a reply) as they would without us.
 #[inline(always)]
-fn forward_to_pod(
+pub(crate) fn forward_to_pod(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     ip: &Ipv4Hdr,
@@ -131,6 +43,8 @@ fn forward_to_pod(
     if !flows::admits(ctx, cfg, ip) {
         return pass(host);
     }
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel passed this run, readable while
+    // it lasts.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     match fib::lookup(ctx, ifindex, ip.src_addr, ip.dst_addr, 0) {
         Path::Resolved {
@@ -158,11 +72,19 @@ fn forward_to_pod(
 /// encapsulated (see `pop_outer`) and the bridge, which has no offloads for
 /// encapsulated packets, would cut it into segments in software. Otherwise (a new pod
 /// the agent has not seen yet) the bridge delivers it, counted as `reasons[1]`.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 fn to_pod(out: u32, dmac: [u8; 6], reasons: [Reason; 2]) -> Verdict {
     match POD_PORTS.get_ptr(&dmac) {
+        // SAFETY: a value the lookup returned, valid and aligned while the program runs.
         Some(port) if unsafe { (*port).bridge } == out => {
+            // SAFETY: as above.
             let peer = unsafe { (*port).ifindex };
+            // SAFETY: the helper takes plain integers; an ifindex that is no veth makes
+            // it return TC_ACT_SHOT, a counted drop.
             (reasons[0], unsafe { bpf_redirect_peer(peer, 0) } as i32)
         }
         _ => (reasons[1], fib::out(out, None)),
@@ -181,7 +103,7 @@ fn to_pod(out: u32, dmac: [u8; 6], reasons: [Reason; 2]) -> Verdict {
 /// shrunk GSO skb DODGY, so they are checked and the segment count recomputed). The
 /// lab's TCP transfers and the benchmark's streams run over this path on 6.1.
 #[inline(always)]
-fn pop_outer(ctx: &TcContext) -> bool {
+pub(crate) fn pop_outer(ctx: &TcContext) -> bool {
     let shrink = -(IPV4_LEN as i32);
     let fixed = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO);
     let refused = &raw mut DECAP_FLAG_REFUSED;
@@ -202,6 +124,7 @@ fn pop_outer(ctx: &TcContext) -> bool {
     // The flag adds only a minimum inner length, which a checked packet has: the call
     // without it succeeding means the kernel refused the flag itself.
     if ask {
+        // SAFETY: as the read above.
         unsafe { refused.write_volatile(true) };
     }
     true
@@ -214,8 +137,12 @@ static mut DECAP_FLAG_REFUSED: bool = false;
 
 /// Checks the tunnel header and returns the inner IPv4 header and the sending peer's
 /// statistics, or the verdict that refuses the packet.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
-fn tunnel_payload(
+pub(crate) fn tunnel_payload(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     outer: &Ipv4Hdr,
@@ -244,6 +171,8 @@ fn tunnel_payload(
     let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, inner_off) else {
         return Err(drop(Reason::DropMalformed));
     };
+    // SAFETY: `ptr_at` checked that the header lies within the linear data, which no
+    // helper has changed since; `Ipv4Hdr` has alignment 1.
     let inner = unsafe { *inner };
     if !parse::well_formed(&inner, u32::from(outer.tot_len()) - IPV4_LEN as u32)
         || u32::from(inner.tot_len()) + IPV4_LEN as u32 != u32::from(outer.tot_len())

@@ -8,14 +8,13 @@ use aya_ebpf::{
 };
 use network_types::ip::Ipv4Hdr;
 use overlay_common::{
-    DatapathConfig, Hook, Reason,
+    DatapathConfig,
     flows::{CLOSING, FlowKey, FlowState, TCP_CLOSE, filter_bit},
 };
 
 use crate::{
-    counters::{Verdict, pass, run},
-    maps::{FLOW_FILTER, FLOWS, config},
-    parse::{self, ETH_LEN, Frame, IPPROTO_TCP, IPPROTO_UDP, ensure_linear, is_fragment, ptr_at},
+    maps::{FLOW_FILTER, FLOWS},
+    parse::{self, ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, ensure_linear, is_fragment, ptr_at},
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -27,7 +26,7 @@ const ACK: u8 = 0x10;
 /// IPv4 header `ip` is at `l3`; None for anything else, which never takes the fast
 /// path.
 #[inline(always)]
-pub fn key(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize) -> Option<(FlowKey, u8)> {
+pub(crate) fn key(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize) -> Option<(FlowKey, u8)> {
     if !(ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP) || is_fragment(ip) {
         return None;
     }
@@ -37,12 +36,15 @@ pub fn key(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize) -> Option<(FlowKey, u8)> {
         if !ensure_linear(ctx, l4 + 14) {
             return None;
         }
+        // SAFETY: `ptr_at` checked that the bytes lie within the linear data, which
+        // `ensure_linear` made them; a byte array has alignment 1.
         let head = unsafe { *ptr_at::<[u8; 14]>(ctx, l4)? };
         ([head[0], head[1], head[2], head[3]], head[13])
     } else {
         if !ensure_linear(ctx, l4 + 4) {
             return None;
         }
+        // SAFETY: as above.
         (unsafe { *ptr_at::<[u8; 4]>(ctx, l4)? }, 0)
     };
     let key = FlowKey {
@@ -56,44 +58,11 @@ pub fn key(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize) -> Option<(FlowKey, u8)> {
     Some((key, flags))
 }
 
-/// `bridge_egress`: what the host stack sends to local pods. It only records: every
-/// packet goes on unchanged.
-#[inline(always)]
-pub fn to_local_pods(ctx: &TcContext) -> i32 {
-    run(ctx, Hook::BridgeEgress, record_delivered)
-}
-
-/// Records a packet the host forwarded to a local pod from elsewhere (a remote pod, or
-/// the outside for a masqueraded flow's reply), after decapsulation or translation
-/// handed it over.
-fn record_delivered(ctx: &TcContext) -> Verdict {
-    let Some(cfg) = config() else {
-        return pass(Reason::PassNotConfigured);
-    };
-    if !cfg.fast_path() {
-        return pass(Reason::PassFastPathOff);
-    }
-    let ip = match parse::frame(ctx) {
-        Frame::Ipv4(ip) => ip,
-        Frame::Other | Frame::Truncated => return pass(Reason::PassNotIpv4),
-    };
-    if !cfg.in_pod_subnet(ip.dst_addr) || cfg.in_pod_subnet(ip.src_addr) {
-        return pass(Reason::PassNotOverlay);
-    }
-    match key(ctx, &ip, ETH_LEN) {
-        Some((key, flags)) => {
-            record(cfg, &key, flags);
-            pass(Reason::PassFlowRecorded)
-        }
-        None => pass(Reason::PassNotOverlay),
-    }
-}
-
 /// Whether the fast path may take the packet whose IPv4 header `ip` starts the frame's
 /// network layer. Most packets checked here belong to flows the host decides: for an
 /// address pair with no admitted direction, the filter answers from the header alone.
 #[inline(always)]
-pub fn admits(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> bool {
+pub(crate) fn admits(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> bool {
     cfg.fast_path()
         && may_be_admitted(ip.src_addr, ip.dst_addr)
         && admits_subprogram(ctx.skb.skb, cfg)
@@ -124,14 +93,8 @@ fn admits_subprogram(skb: *mut __sk_buff, cfg: &DatapathConfig) -> bool {
 /// masquerade or encapsulation change it) when the fast path could take its flow: to
 /// a remote pod, or to the outside when masquerade is on.
 #[inline(always)]
-pub fn record_forwarded(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) {
-    // The gateway address is the host's own (its traffic to remote pods leaves from
-    // it), never a pod's.
-    if !cfg.fast_path()
-        || !cfg.in_pod_subnet(ip.src_addr)
-        || ip.src_addr == cfg.gateway()
-        || !(cfg.in_cluster(ip.dst_addr) || cfg.masquerade())
-    {
+pub(crate) fn record_forwarded(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) {
+    if !cfg.fast_path() || !cfg.fast_path_outbound(ip.src_addr, ip.dst_addr) {
         return;
     }
     if let Some((key, flags)) = key(ctx, ip, ETH_LEN) {
@@ -142,11 +105,15 @@ pub fn record_forwarded(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) {
 /// Whether the fast path may take this packet of `key`'s direction. A FIN or RST of an
 /// admitted flow sends the rest of the flow, both directions, through the host.
 #[inline(always)]
-pub fn admitted(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) -> bool {
+pub(crate) fn admitted(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) -> bool {
     cfg.fast_path() && may_be_admitted(key.src, key.dst) && in_table(cfg, key, tcp_flags)
 }
 
 /// [`admitted`] once the filter let the key through: its entry in the table decides.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
 fn in_table(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) -> bool {
     let Some(state) = FLOWS.get_ptr_mut(key) else {
@@ -164,12 +131,14 @@ fn in_table(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) -> bool {
         }
         return false;
     }
+    // SAFETY: a helper without arguments; it reads the kernel's coarse clock.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if !seen.fast(cfg.ruleset_gen, tcp_flags, now) {
         return false;
     }
     // Written at most once a second: the entry is shared by every CPU.
     if now.wrapping_sub(seen.last_fast_ns) > NS_PER_SEC {
+        // SAFETY: as above; a lost race costs a later refresh, never a wrong packet.
         unsafe { (*state).last_fast_ns = now };
     }
     true
@@ -184,8 +153,12 @@ fn close(state: *mut FlowState) {
 /// Records that the host forwarded this packet of `key`'s direction, whose tuple is
 /// the one it arrived with (the callers see packets after the host's last hook, and
 /// only directions whose tuple the host did not translate are ever looked up by it).
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
 #[inline(always)]
-pub fn record(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) {
+pub(crate) fn record(cfg: &DatapathConfig, key: &FlowKey, tcp_flags: u8) {
     let fresh = FlowState {
         seen_gen: cfg.ruleset_gen,
         host_packets: 1,

@@ -11,16 +11,15 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use overlay_common::{DatapathConfig, Reason};
 
 use crate::{
-    checksum,
-    counters::{Packed, Verdict, drop, pack, unpack},
-    fib,
+    checksum, fib,
     parse::{self, ETH_LEN, IPPROTO_ICMP, IPV4_LEN, ptr_at},
+    verdict::{Packed, Verdict, drop, pack, unpack},
 };
 
 /// Bytes of the offending datagram's payload quoted after its IP header: more than
 /// RFC 792's 8 so the sender sees its whole TCP header, and a fixed size, which keeps
 /// the reply and its checksum simple for the verifier.
-pub const QUOTE_LEN: usize = 64;
+pub(crate) const QUOTE_LEN: usize = 64;
 const ICMP_LEN: usize = 8;
 const REPLY_LEN: usize = IPV4_LEN + ICMP_LEN + IPV4_LEN + QUOTE_LEN;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -32,12 +31,17 @@ const TTL: u8 = 64;
 /// Turns the packet into the ICMP error for it and sends that back out of the device
 /// it came in on. `mtu` is the next-hop MTU to announce.
 #[inline(always)]
-pub fn frag_needed(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr, mtu: u16) -> Verdict {
+pub(crate) fn frag_needed(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    ip: &Ipv4Hdr,
+    mtu: u16,
+) -> Verdict {
     unpack(reply_frag_needed(ctx.skb.skb, cfg, ip.src_addr, mtu))
 }
 
-/// [`frag_needed`], as a function of its own (a BPF subprogram): its buffers (about 200
-/// bytes) stay off the stack frame of `bridge_ingress`, whose deepest call chain must
+/// [`frag_needed`], as a function of its own (a BPF subprogram): its buffers stay off
+/// the stack frame of `bridge_ingress`, whose deepest call chain must
 /// fit in 512 bytes, each frame rounded up to 32 before 6.4 (see `counters::log_drop`).
 /// A subprogram returns one register: the verdict comes back packed.
 #[inline(never)]
@@ -57,11 +61,17 @@ fn build_frag_needed(ctx: &TcContext, cfg: &DatapathConfig, src: [u8; 4], mtu: u
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return drop(Reason::DropHelperError);
     };
+    // SAFETY: `ptr_at` checked that the Ethernet header lies within the linear data; the
+    // MAC addresses are byte arrays, read at any alignment.
     let (pod_mac, bridge_mac) = unsafe { ((*eth).src_addr, (*eth).dst_addr) };
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel passed this run, readable while
+    // it lasts.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
 
     // Trim to what is quoted, then open room in front of it for the new headers.
     let quoted_end = (ETH_LEN + IPV4_LEN + QUOTE_LEN) as u32;
+    // SAFETY: the helper takes this run's context and integers; the packet pointers it
+    // invalidates are taken again (`ptr_at`, `store`) after it.
     if unsafe { bpf_skb_change_tail(ctx.as_ptr().cast(), quoted_end, 0) } != 0 {
         return drop(Reason::DropHelperError);
     }
@@ -94,8 +104,8 @@ fn build_frag_needed(ctx: &TcContext, cfg: &DatapathConfig, src: [u8; 4], mtu: u
     hdr.check = checksum::finish(checksum::sum(parse::bytes(&hdr))).to_be_bytes();
     reply[..IPV4_LEN].copy_from_slice(parse::bytes(&hdr));
 
-    // Stored rather than written through `fib::set_macs`: that variant costs this
-    // subprogram 16 more bytes of stack, over 6.1's 512-byte limit for the call chain.
+    // Stored rather than written through `fib::set_macs`: that variant takes more of
+    // this subprogram's stack than the call chain's limit before 6.4 leaves it.
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&pod_mac);
     macs[6..].copy_from_slice(&bridge_mac);

@@ -18,6 +18,8 @@ fn edit(ctx: &TcContext, edit: impl FnOnce(&mut Ipv4Hdr, u16) -> u16) -> bool {
     let Some(hdr) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
         return false;
     };
+    // SAFETY: `ptr_at` checked that the header lies within the linear data, which no
+    // helper changes while `edit` runs; `Ipv4Hdr` has alignment 1.
     unsafe {
         let check = edit(&mut *hdr, u16::from_be_bytes((*hdr).check));
         (*hdr).check = check.to_be_bytes();
@@ -27,7 +29,7 @@ fn edit(ctx: &TcContext, edit: impl FnOnce(&mut Ipv4Hdr, u16) -> u16) -> bool {
 
 /// Replaces the source address (`source`) or the destination address with `addr`.
 #[inline(always)]
-pub fn set_address(ctx: &TcContext, source: bool, addr: [u8; 4]) -> bool {
+pub(crate) fn set_address(ctx: &TcContext, source: bool, addr: [u8; 4]) -> bool {
     edit(ctx, |h, check| {
         let field = if source {
             &mut h.src_addr
@@ -41,7 +43,7 @@ pub fn set_address(ctx: &TcContext, source: bool, addr: [u8; 4]) -> bool {
 
 /// One forwarding hop: TTL minus one.
 #[inline(always)]
-pub fn decrement_ttl(ctx: &TcContext) -> bool {
+pub(crate) fn decrement_ttl(ctx: &TcContext) -> bool {
     edit(ctx, |h, check| {
         let old = u16::from_be_bytes([h.ttl, h.proto]);
         h.ttl = h.ttl.wrapping_sub(1);
@@ -51,7 +53,7 @@ pub fn decrement_ttl(ctx: &TcContext) -> bool {
 
 /// Marks congestion experienced (ECN CE).
 #[inline(always)]
-pub fn set_ce(ctx: &TcContext) -> bool {
+pub(crate) fn set_ce(ctx: &TcContext) -> bool {
     edit(ctx, |h, check| {
         let old = u16::from_be_bytes([h.vihl, h.tos]);
         h.tos |= ECN_CE;

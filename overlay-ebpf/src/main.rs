@@ -1,22 +1,22 @@
-//! TC programs of the IPIP overlay.
+//! TC programs of the IPIP overlay, one file per attach point in `hooks/`, each opening
+//! with where it attaches, what it does and what it leaves to the host stack:
 //!
-//! Packet path (see README):
 //! - `bridge_ingress` (pod bridge, ingress): a local pod's packet of an admitted flow
 //!   to a remote pod subnet is encapsulated and sent straight out of the uplink.
-//! - `pod_ingress` (each local pod's veth, ingress): the same, before the bridge; the
-//!   agent attaches it to the veths nobody else filters.
+//! - `pod_ingress` (each local pod's veth, ingress): the same, before the bridge.
 //! - `uplink_egress` (uplink, egress): what the host stack routes to a remote pod
-//!   subnet (every flow the fast path does not take, host -> pod, service traffic) is
-//!   encapsulated on its way out.
+//!   subnet is masqueraded if a rule says so, and encapsulated on its way out.
 //! - `uplink_ingress` (uplink, ingress): IPIP from a known node for a local pod is
 //!   decapsulated, and sent straight to the pod when its flow is admitted, else handed
-//!   to the host stack.
+//!   to the host stack; replies of masqueraded flows are translated back.
 //! - `bridge_egress` (pod bridge, egress): what the host stack forwards to local pods
 //!   is recorded for the fast path.
-//! - Masquerade (`nat`) translates on the uplink's egress and back on its ingress.
 //!
-//! The ingress programs skip the host stack only for flows the fast path admits
-//! (`flows`): the host decides everything else, as it would without us.
+//! The hooks skip the host stack only for flows the fast path admits (`flows`): the
+//! host decides everything else, as it would without us. The other modules are the
+//! mechanics the hooks share: headers (`parse`, `ipv4`, `checksum`), the tunnel
+//! (`encap`, `decap`), routing (`fib`), masquerade (`nat`, `conntrack`), ICMP errors
+//! (`icmp`), outcomes (`verdict`, `counters`) and the maps (`maps`).
 #![no_std]
 #![no_main]
 
@@ -32,32 +32,15 @@ mod ipv4;
 mod maps;
 mod nat;
 mod parse;
+mod verdict;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
-
-#[classifier]
-pub fn bridge_ingress(ctx: TcContext) -> i32 {
-    encap::from_bridge(&ctx)
-}
-
-#[classifier]
-pub fn pod_ingress(ctx: TcContext) -> i32 {
-    encap::from_pod(&ctx)
-}
-
-#[classifier]
-pub fn uplink_egress(ctx: TcContext) -> i32 {
-    encap::from_host(&ctx)
-}
-
-#[classifier]
-pub fn uplink_ingress(ctx: TcContext) -> i32 {
-    decap::from_uplink(&ctx)
-}
-
-#[classifier]
-pub fn bridge_egress(ctx: TcContext) -> i32 {
-    flows::to_local_pods(&ctx)
+/// The programs, by attach point.
+mod hooks {
+    mod bridge_egress;
+    mod bridge_ingress;
+    mod pod_ingress;
+    mod uplink_egress;
+    mod uplink_ingress;
 }
 
 #[cfg(not(test))]

@@ -13,35 +13,39 @@ use overlay_common::{
 };
 
 #[map(name = "ROUTES")]
-pub static ROUTES: LpmTrie<[u8; 4], Route> = LpmTrie::with_max_entries(MAX_NODES, 0);
+pub(crate) static ROUTES: LpmTrie<[u8; 4], Route> = LpmTrie::with_max_entries(MAX_NODES, 0);
 
 #[map(name = "PEERS")]
-pub static PEERS: PerCpuHashMap<[u8; 4], PeerStats> = PerCpuHashMap::with_max_entries(MAX_NODES, 0);
+pub(crate) static PEERS: PerCpuHashMap<[u8; 4], PeerStats> =
+    PerCpuHashMap::with_max_entries(MAX_NODES, 0);
 
 #[map(name = "CONFIG")]
-pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+pub(crate) static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
 #[map(name = "COUNTERS")]
-pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+pub(crate) static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// Sized by the agent at load time (`map_max_entries`).
 #[map(name = "CONNTRACK")]
-pub static CONNTRACK: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
+pub(crate) static CONNTRACK: HashMap<CtKey, CtEntry> =
+    HashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
 
 #[map(name = "NAT_EVENTS")]
-pub static NAT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NAT_EVENT_SLOTS, 0);
+pub(crate) static NAT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NAT_EVENT_SLOTS, 0);
 
 #[map(name = "POD_PORTS")]
-pub static POD_PORTS: HashMap<[u8; 6], PodPort> = HashMap::with_max_entries(MAX_POD_PORTS, 0);
+pub(crate) static POD_PORTS: HashMap<[u8; 6], PodPort> =
+    HashMap::with_max_entries(MAX_POD_PORTS, 0);
 
 #[map(name = "FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(FLOW_ENTRIES, 0);
+pub(crate) static FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(FLOW_ENTRIES, 0);
 
 #[map(name = "FLOW_FILTER")]
-pub static FLOW_FILTER: Array<u64> = Array::with_max_entries(FILTER_WORDS, 0);
+pub(crate) static FLOW_FILTER: Array<u64> = Array::with_max_entries(FILTER_WORDS, 0);
 
 /// This node's configuration, once the agent has written it.
 #[inline(always)]
-pub fn config() -> Option<&'static DatapathConfig> {
+pub(crate) fn config() -> Option<&'static DatapathConfig> {
     CONFIG.get(0).filter(|c| c.node_ip != [0; 4])
 }

@@ -1,6 +1,6 @@
 //! Installs what a fresh machine lacks to build and test the dataplane: Debian
-//! packages, the eBPF crate's pinned nightly with rust-src, bpf-linker built against
-//! Debian's LLVM (the pins below say why each version), and
+//! packages, the eBPF crate's pinned nightly with rust-src and clippy, bpf-linker
+//! built against Debian's LLVM (the pins below say why each version), and
 //! kubernetes-validate for the deploy manifests.
 
 use std::{
@@ -87,7 +87,7 @@ pub fn ensure() -> Result<()> {
     if ensure_packages(PACKAGES)?.contains(&"etcd-server") {
         stop_packaged_etcd()?;
     }
-    ensure_rust_src()?;
+    ensure_nightly()?;
     ensure_lint_tools()?;
     ensure_bpf_linker()?;
     kubernetes_validate().map(drop)
@@ -181,28 +181,37 @@ fn stop_packaged_etcd() -> Result<()> {
     run(privileged("update-rc.d")?.args(["etcd", "disable"]))
 }
 
-fn ensure_rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args([
+/// The eBPF crate's nightly with rust-src (its `core` is built for the BPF target) and
+/// clippy (the eBPF crate's gate in `cargo xtask test`).
+fn ensure_nightly() -> Result<()> {
+    const COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
+    let Some(installed) = output(Command::new("rustup").args([
         "component",
         "list",
         "--installed",
         "--toolchain",
         nightly(),
-    ]))
-    .unwrap_or_default();
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
+    ])) else {
+        eprintln!(
+            "installing the {} toolchain with {}",
+            nightly(),
+            COMPONENTS.join(" and ")
+        );
+        return run(Command::new("rustup")
+            .args(["toolchain", "install", nightly(), "--profile", "minimal"])
+            .args(COMPONENTS.into_iter().flat_map(|c| ["--component", c])));
+    };
+    let missing: Vec<&str> = COMPONENTS
+        .into_iter()
+        .filter(|c| !installed.lines().any(|l| l.starts_with(c)))
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("installing the {} toolchain with rust-src", nightly());
-    run(Command::new("rustup").args([
-        "toolchain",
-        "install",
-        nightly(),
-        "--profile",
-        "minimal",
-        "--component",
-        "rust-src",
-    ]))
+    eprintln!("installing {} for {}", missing.join(" and "), nightly());
+    run(Command::new("rustup")
+        .args(["component", "add", "--toolchain", nightly()])
+        .args(&missing))
 }
 
 /// clippy and rustfmt for the gates of `cargo xtask test`, in the toolchain that runs

@@ -60,8 +60,9 @@ pub fn run(args: TestArgs) -> Result<()> {
         return outcome.verdict();
     }
     // The gates first, cheapest first: formatting (every member), then clippy on the
-    // default members (the eBPF crate only builds for the BPF target, through
-    // overlay-agent's build script), every warning an error.
+    // default members, then on the eBPF crate, which builds only for the BPF target with
+    // its pinned nightly (overlay-agent's build script builds it so): every warning an
+    // error.
     if args.cargo_args.is_empty() {
         deps::run(Command::new(env!("CARGO")).args(["fmt", "--all", "--check"]))?;
         deps::run(Command::new(env!("CARGO")).args([
@@ -71,6 +72,22 @@ pub fn run(args: TestArgs) -> Result<()> {
             "-D",
             "warnings",
         ]))?;
+        // rustup's `cargo`, which takes the toolchain; without this cargo's RUSTC, as
+        // aya-build's call does.
+        deps::run(
+            Command::new("cargo")
+                .arg(format!("+{}", deps::nightly()))
+                .args([
+                    "clippy",
+                    "-p",
+                    "overlay-ebpf",
+                    "--target",
+                    "bpfel-unknown-none",
+                ])
+                .args(["-Z", "build-std=core", "--", "-D", "warnings"])
+                .env_remove("RUSTC")
+                .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+        )?;
     }
     deps::run(
         Command::new(env!("CARGO"))

@@ -25,7 +25,7 @@ const IP_DST: usize = 16;
 /// about a reply it received; on the way in (`End::Destination`) an error about a
 /// packet we sent. Returns whether it was translated.
 #[inline(always)]
-pub fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Result<bool, Reason> {
+pub(crate) fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Result<bool, Reason> {
     let Some(quoted_ip) = tuple::quoted_header(ctx, icmp) else {
         return Ok(false);
     };
@@ -51,6 +51,8 @@ pub fn translate(ctx: &TcContext, l3: usize, icmp: &L4, end: End) -> Result<bool
             let Some(entry) = conntrack::original(&flow) else {
                 return Ok(false);
             };
+            // SAFETY: a CONNTRACK value the lookup returned, valid and aligned while the
+            // program runs; copied at once.
             let e = unsafe { *entry };
             if e.rule == Rule::Untranslated as u8 {
                 return Ok(false);

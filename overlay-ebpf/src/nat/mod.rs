@@ -12,11 +12,11 @@
 //! decapsulation for rule 6), with our own connection table; packets of flows the
 //! table knows are translated on the pod bridge already (`outbound`).
 
-pub mod icmp_error;
-pub mod outbound;
-pub mod rewrite;
-pub mod timewait;
-pub mod tuple;
+pub(crate) mod icmp_error;
+pub(crate) mod outbound;
+pub(crate) mod rewrite;
+pub(crate) mod timewait;
+pub(crate) mod tuple;
 
 use aya_ebpf::programs::TcContext;
 use network_types::ip::Ipv4Hdr;
@@ -39,13 +39,15 @@ use crate::{
 
 #[inline(always)]
 fn mark(ctx: &TcContext) -> u32 {
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel passed this run, readable while
+    // it lasts.
     unsafe { (*ctx.skb.skb).mark }
 }
 
 /// Egress: translates the source of the packet (IPv4 header `ip` at `ETH_LEN`) when a
 /// rule says so. Returns whether it did; an error is the reason to drop it.
 #[inline(always)]
-pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<bool, Reason> {
+pub(crate) fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<bool, Reason> {
     if !cfg.masquerade() || mark(ctx) & KUBE_PROXY_MASQ_MARK != 0 {
         return Ok(false);
     }
@@ -95,7 +97,7 @@ pub fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<boo
 /// the uplink's egress creates the flow. SYNs (which may reopen a closed flow or start
 /// one on a port the outside holds in TIME_WAIT) and ICMP errors take that path too.
 #[inline(always)]
-pub fn known_outbound(
+pub(crate) fn known_outbound(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     ip: &Ipv4Hdr,
@@ -113,13 +115,15 @@ pub fn known_outbound(
         return None;
     }
     let entry = conntrack::original(&l4.tuple)?;
+    // SAFETY: a CONNTRACK value the lookup returned, valid and aligned while the program
+    // runs.
     (unsafe { (*entry).rule } == Rule::PodToOutside as u8).then_some((l4, entry))
 }
 
 /// Tracks a packet of `entry`'s flow in its original direction and translates its
 /// source as the entry says; false for a flow kept untranslated.
 #[inline(always)]
-pub fn translate(
+pub(crate) fn translate(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     ip: &Ipv4Hdr,
@@ -128,6 +132,8 @@ pub fn translate(
 ) -> Result<bool, Reason> {
     let t = l4.tuple;
     let refreshed = conntrack::touch(cfg, entry, t.proto, l4.tcp_flags, false);
+    // SAFETY: `entry` is a CONNTRACK value a lookup of this run returned, valid and
+    // aligned while the program runs; copied once `touch` has written it.
     let e = unsafe { *entry };
     if e.rule == Rule::Untranslated as u8 {
         return Ok(false);
@@ -147,7 +153,7 @@ pub fn translate(
 /// untranslated. Returns whether it translated. Anything it cannot parse is left alone:
 /// it is ordinary host traffic.
 #[inline(always)]
-pub fn ingress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<bool, Reason> {
+pub(crate) fn ingress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Result<bool, Reason> {
     if !cfg.masquerade() {
         return Ok(false);
     }

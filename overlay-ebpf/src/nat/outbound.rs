@@ -8,19 +8,18 @@ use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use overlay_common::{DatapathConfig, Reason};
 
 use crate::{
-    counters::{Packed, Verdict, drop, pack, pass, unpack},
-    encap,
     fib::{self, Path},
     flows, ipv4,
     nat::{known_outbound, translate},
     parse::{self, ETH_LEN, Frame},
+    verdict::{Packed, Verdict, drop, pack, pass, unpack},
 };
 
 /// Forwards an IPv4 packet on the bridge that is for no remote pod: translated and
 /// out of the uplink when it is a plain datagram from a local pod of a known flow,
 /// else to the host stack as any such packet.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
+pub(crate) fn forward(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
     unpack(forward_known(ctx.skb.skb, cfg))
 }
 
@@ -40,7 +39,9 @@ fn translate_and_send(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
         return untouched;
     };
     let ip = &ip;
-    if encap::fast_path_allows(cfg, ip).is_err()
+    if cfg
+        .fast_path_allows(ip.src_addr, ip.vihl, ip.frags, ip.ttl)
+        .is_err()
         || !parse::well_formed(ip, ctx.len() - ETH_LEN as u32)
     {
         return untouched;
@@ -56,6 +57,8 @@ fn translate_and_send(ctx: &TcContext, cfg: &DatapathConfig) -> Verdict {
     // Routed as the host would route it (from the bridge, with the pod's address);
     // the packet is left as it is unless it can leave at once: a neighbour to resolve,
     // a route MTU to report or a local destination are the host's business.
+    // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel passed this run, readable while
+    // it lasts.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let tot_len = parse::wire_len(ctx, ip);
     let Path::Resolved {

@@ -18,7 +18,7 @@ use crate::{ipv4, parse::ptr_at};
 
 /// Which end of the packet.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum End {
+pub(crate) enum End {
     Source,
     Destination,
 }
@@ -36,7 +36,7 @@ fn be16(p: [u8; 2]) -> u64 {
 /// Replaces `end` of the packet described by `l4` (IPv4 header at `ETH_LEN`),
 /// currently `old_addr:old_port`, with `addr:port`.
 #[inline(always)]
-pub fn rewrite(
+pub(crate) fn rewrite(
     ctx: &TcContext,
     l4: &L4,
     end: End,
@@ -77,6 +77,7 @@ pub fn rewrite(
         let Some(p) = ptr_at::<[u8; 2]>(ctx, port_off) else {
             return Err(Reason::DropHelperError);
         };
+        // SAFETY: `ptr_at` checked that the two bytes lie within the linear data.
         unsafe { p.write_unaligned(port) };
     }
     Ok(())

@@ -89,7 +89,7 @@ fn timestamp(ctx: &TcContext, off: usize, len: usize) -> Option<u32> {
 /// The marks of a flow's first segment, when it is a SYN: what decides whether it may
 /// take a port the outside holds in TIME_WAIT.
 #[inline(always)]
-pub fn syn(ctx: &TcContext, ip: &Ipv4Hdr, l4: &L4) -> Option<Marks> {
+pub(crate) fn syn(ctx: &TcContext, ip: &Ipv4Hdr, l4: &L4) -> Option<Marks> {
     if l4.tcp_flags & tcp::SYN == 0 {
         return None;
     }
@@ -99,14 +99,16 @@ pub fn syn(ctx: &TcContext, ip: &Ipv4Hdr, l4: &L4) -> Option<Marks> {
 /// Keeps the marks of an inside FIN in the flow's entry: the last the outside saw
 /// before its TIME_WAIT.
 #[inline(always)]
-pub fn record_fin(ctx: &TcContext, ip: &Ipv4Hdr, l4: &L4, entry: *mut CtEntry) {
+pub(crate) fn record_fin(ctx: &TcContext, ip: &Ipv4Hdr, l4: &L4, entry: *mut CtEntry) {
     if l4.tcp_flags & tcp::FIN == 0 {
         return;
     }
     let Some(m) = marks(ctx, ip, l4) else {
         return;
     };
-    // Racing writers are packets of the same flow: the last FIN's marks win.
+    // SAFETY: `entry` is a CONNTRACK value a lookup of this run returned, valid and
+    // aligned while the program runs. Racing writers are packets of the same flow: the
+    // last FIN's marks win.
     unsafe {
         (*entry).fin_seq_end = m.seq_end;
         match m.tsval {

@@ -19,7 +19,7 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Tcp,
     Udp,
     EchoRequest,
@@ -30,7 +30,7 @@ pub enum Kind {
 
 /// Where things are in the packet (offsets from the start of the frame).
 #[derive(Clone, Copy)]
-pub struct L4 {
+pub(crate) struct L4 {
     pub kind: Kind,
     pub off: usize,
     /// The flow tuple (for ICMP errors: of the error packet itself, unused).
@@ -41,7 +41,7 @@ pub struct L4 {
 
 impl L4 {
     /// Offset of the transport checksum.
-    pub fn csum_off(&self) -> usize {
+    pub(crate) fn csum_off(&self) -> usize {
         self.off
             + match self.kind {
                 Kind::Tcp => 16,
@@ -51,7 +51,7 @@ impl L4 {
     }
 
     /// Offset of the source "port" field: the port, or the ICMP echo identifier.
-    pub fn sport_off(&self) -> usize {
+    pub(crate) fn sport_off(&self) -> usize {
         match self.kind {
             Kind::Tcp | Kind::Udp => self.off,
             _ => self.off + 4,
@@ -59,7 +59,7 @@ impl L4 {
     }
 
     /// Offset of the destination "port" field.
-    pub fn dport_off(&self) -> usize {
+    pub(crate) fn dport_off(&self) -> usize {
         match self.kind {
             Kind::Tcp | Kind::Udp => self.off + 2,
             _ => self.off + 4,
@@ -67,7 +67,7 @@ impl L4 {
     }
 
     /// Whether a packet of this kind may open a new flow.
-    pub fn opens_flow(&self) -> bool {
+    pub(crate) fn opens_flow(&self) -> bool {
         !matches!(self.kind, Kind::EchoReply | Kind::IcmpError)
     }
 }
@@ -76,7 +76,7 @@ impl L4 {
 /// at `l3` in the frame. A `quoted` datagram (inside an ICMP error) may be cut after
 /// 8 bytes of transport header, so TCP flags are not read there.
 #[inline(always)]
-pub fn parse(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize, quoted: bool) -> Result<L4, Reason> {
+pub(crate) fn parse(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize, quoted: bool) -> Result<L4, Reason> {
     let off = l3 + ip.ihl() as usize;
     // The transport header must lie inside the datagram, not in what trails it (an
     // Ethernet pad). A quote's length is bounded by its caller: it may be cut short.
@@ -95,6 +95,8 @@ pub fn parse(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize, quoted: bool) -> Result<L
     let Some(head) = ptr_at::<[u8; 8]>(ctx, off) else {
         return Err(Reason::DropMalformed);
     };
+    // SAFETY: `ptr_at` checked that the bytes lie within the linear data, which
+    // `ensure_linear` made them; a byte array has alignment 1.
     let head = unsafe { *head };
     let kind = match (ip.proto, head[0]) {
         (IPPROTO_TCP, _) => Kind::Tcp,
@@ -133,6 +135,7 @@ pub fn parse(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize, quoted: bool) -> Result<L
         let Some(flags) = ptr_at::<u8>(ctx, off + 13) else {
             return Err(Reason::DropMalformed);
         };
+        // SAFETY: as above.
         tcp_flags = unsafe { *flags };
     }
     Ok(L4 {
@@ -145,11 +148,13 @@ pub fn parse(ctx: &TcContext, ip: &Ipv4Hdr, l3: usize, quoted: bool) -> Result<L
 
 /// The IPv4 header quoted in an ICMP error, if it is complete and option-free.
 #[inline(always)]
-pub fn quoted_header(ctx: &TcContext, icmp: &L4) -> Option<Ipv4Hdr> {
+pub(crate) fn quoted_header(ctx: &TcContext, icmp: &L4) -> Option<Ipv4Hdr> {
     let mut raw = [0u8; IPV4_LEN];
     if !load_exact(ctx, icmp.off + 8, &mut raw) {
         return None;
     }
+    // SAFETY: `Ipv4Hdr` is 20 bytes of byte fields and byte arrays: every bit pattern of
+    // the array is a valid header.
     let ip: Ipv4Hdr = unsafe { core::mem::transmute(raw) };
     (ip.version() == 4 && ip.ihl() as usize == IPV4_LEN).then_some(ip)
 }
