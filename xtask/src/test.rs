@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     deps,
-    lab::{agents::PREBUILT_AGENT, table::Table},
+    lab::machinery::{agents::PREBUILT_AGENT, text_table::Table},
     vm::{self, kernel::KERNELS},
 };
 
@@ -134,7 +134,7 @@ const SKIPPED: i32 = -1;
 
 impl Suites {
     fn build() -> Result<Self> {
-        let agent = crate::lab::agents::build(false)?;
+        let agent = crate::lab::machinery::agents::build(false)?;
         let packet = test_executable(&["-p", "overlay-agent", "--test", "datapath"])?;
         let xtask = test_executable(&["-p", "xtask", "--bin", "xtask"])?;
         Ok(Self {
@@ -221,7 +221,7 @@ impl Suites {
 
 /// The executable `cargo test --no-run <args>` builds.
 pub(crate) fn test_executable(args: &[&str]) -> Result<PathBuf> {
-    let out = crate::lab::netns::run(
+    let out = crate::lab::machinery::netns::run(
         Command::new(env!("CARGO"))
             .current_dir(vm::workspace())
             .args(["test", "--no-run", "--message-format=json"])

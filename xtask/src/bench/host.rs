@@ -6,7 +6,7 @@ use std::{process::Command, time::Instant};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::lab::{netns, state::LabState};
+use crate::lab::machinery::{netns, state::LabState};
 
 /// The machine's (the VM's) CPU time spent busy so far, from /proc/stat: user, nice,
 /// system, irq, softirq and steal, of all CPUs together and of each. Both ends of every

@@ -26,7 +26,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use nix::sys::socket::{setsockopt, sockopt::RcvBufForce};
 
-use crate::lab::netns;
+use crate::lab::machinery::netns;
 
 /// How often a server's blocking calls wake up to look at the stop flag.
 const TICK: Duration = Duration::from_millis(100);
@@ -425,7 +425,7 @@ mod tests {
     use std::process::Command;
 
     use super::*;
-    use crate::lab::interrupt::{self, Wait};
+    use crate::lab::machinery::interrupt::{self, Wait};
 
     /// Two namespaces joined by a veth pair, 10.99.0.1 and .2, deleted when dropped.
     struct Pair([String; 2]);

@@ -29,14 +29,16 @@ use super::{
     results::{Measure, Results, Sample},
 };
 use crate::lab::{
-    agents::{self, SubnetEnv},
-    cluster::{self, Dataplane},
-    flannel::Backend,
-    iptables::{FlannelRules, Variant},
-    netns,
-    router::RouterRoutes,
-    state::{LabGuard, LabState},
-    topology::{Host, Node, Topology},
+    machinery::{
+        agents::{self, SubnetEnv},
+        cluster::{self, Dataplane},
+        flannel::Backend,
+        netns,
+        router::RouterRoutes,
+        state::{LabGuard, LabState},
+        topology::{Host, Node, Topology},
+    },
+    proofs::masquerade::iptables::{FlannelRules, Variant},
 };
 
 /// How the pods of a cluster reach each other (and the outside).
@@ -458,7 +460,7 @@ pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Resul
                 plan.runs
             );
             for c in rotated(&clusters, run) {
-                crate::lab::interrupt::check()?;
+                crate::lab::machinery::interrupt::check()?;
                 let samples = measure(c, plan, offloads, run, only)
                     .with_context(|| format!("measuring {}{}", c.setup.name(), c.counters()))?;
                 for sample in samples {

@@ -39,7 +39,7 @@ use self::{
 };
 use crate::{
     deps,
-    lab::{agents::PREBUILT_AGENT, interrupt},
+    lab::machinery::{agents::PREBUILT_AGENT, interrupt},
     vm::{self, Vm},
 };
 
@@ -120,7 +120,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         congestion: args.congestion,
     };
     if let Some(out) = &args.measure_into {
-        let agent = crate::lab::agents::build(true)?;
+        let agent = crate::lab::machinery::agents::build(true)?;
         let results = measure::run(agent, plan, args.quick, &args.only)?;
         return std::fs::write(out, serde_json::to_vec_pretty(&results)?)
             .with_context(|| format!("writing {}", out.display()));
@@ -210,7 +210,7 @@ struct Staged {
 
 impl Staged {
     fn build() -> Result<Self> {
-        let agent = crate::lab::agents::build(true)?;
+        let agent = crate::lab::machinery::agents::build(true)?;
         let packet_tests =
             crate::test::test_executable(&["-p", "overlay-agent", "--test", "datapath"])?;
         let xtask = std::env::current_exe().context("finding the xtask binary")?;
@@ -249,7 +249,7 @@ impl Drop for Staged {
 
 /// Runs the microbenchmark `command` here.
 fn costs(command: &str) -> Result<Vec<Cost>> {
-    let out = crate::lab::netns::run(Command::new("sh").arg("-c").arg(command))?;
+    let out = crate::lab::machinery::netns::run(Command::new("sh").arg("-c").arg(command))?;
     let costs = parse_costs(&out);
     if costs.is_empty() {
         bail!("the microbenchmark printed no PROG_COST line:\n{out}");

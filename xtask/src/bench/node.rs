@@ -29,10 +29,16 @@ use serde::{Deserialize, Serialize};
 
 use super::load::{CRR_PORT, RR_PORT, STREAM_PORT, UDP_PORT};
 use crate::lab::{
-    kube_proxy::{self, Endpoint, Mode, NodeView, Protocol, Service, ServicePort, TrafficPolicy},
-    policy::{self, Engine, Policy},
-    state::LabState,
-    topology::{Node, Pod, Topology},
+    machinery::{
+        state::LabState,
+        topology::{Node, Pod, Topology},
+    },
+    proofs::kubernetes::{
+        kube_proxy::{
+            self, Endpoint, Mode, NodeView, Protocol, Service, ServicePort, TrafficPolicy,
+        },
+        policy::{self, Engine, Policy},
+    },
 };
 
 /// The Services no traffic reaches.

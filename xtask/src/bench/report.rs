@@ -6,7 +6,7 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::lab::flannel::Backend;
+use crate::lab::machinery::flannel::Backend;
 
 use super::{
     host::Machine,

@@ -7,50 +7,13 @@
 //! flanneld's own iptables rules let them), and, with `--controls`, that without the
 //! overlay the same paths fail.
 //!
-//! Layout: topology (the cluster as data), netns (namespaces and links), state (a lab
-//! on disk and its removal), cluster (building it), cni (its pods, through the real
-//! CNI plugins), agents, servers, probe, parallel and matrix (connectivity), capture
-//! (wire proof), controls (negative controls), router (routes put on the router on
-//! purpose), nat_table (`overlay-agent nat`),
-//! masquerade (the masquerade proof: outside, rules, load, iptables, equivalence),
-//! restart (restarts and upgrades lose nothing), migrate (`--migrate`: from flanneld
-//! to the agent and back under numbered traffic), kernel_drops (what the kernel
-//! dropped, to place a loss) and etcd (`--etcd`: the agents on flannel's etcd subnet
-//! manager, their subnets leased there instead of given by the lab).
+//! Layout: two halves. `machinery` builds and runs a lab: the cluster as data, its
+//! namespaces, nodes, pods, agents and servers, and the probes that talk across it.
+//! `proofs` holds what the lab proves with it, one module per subject. This module is
+//! the `cargo xtask lab` command on top of both; `tests` runs the whole of it as tests.
 
-pub(crate) mod agents;
-mod capture;
-pub(crate) mod cluster;
-pub(crate) mod cni;
-mod controls;
-pub(crate) mod dns;
-mod equivalence;
-pub(crate) mod etcd;
-pub(crate) mod flannel;
-mod forward_policy;
-pub(crate) mod interrupt;
-pub(crate) mod iptables;
-mod kernel_drops;
-pub(crate) mod kube_proxy;
-mod kubernetes;
-mod load;
-mod masquerade;
-mod matrix;
-mod migrate;
-mod nat_table;
-pub(crate) mod netns;
-mod outside;
-mod parallel;
-pub(crate) mod policy;
-pub(crate) mod probe;
-mod public_ip;
-mod restart;
-pub(crate) mod router;
-mod rules;
-pub(crate) mod servers;
-pub(crate) mod state;
-pub(crate) mod table;
-pub(crate) mod topology;
+pub(crate) mod machinery;
+pub(crate) mod proofs;
 
 #[cfg(test)]
 mod tests;
@@ -60,7 +23,21 @@ use std::{os::unix::process::CommandExt as _, path::PathBuf, time::Instant};
 use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
 
-use self::{interrupt::Interrupted, state::LabState, table::Table, topology::Topology};
+use self::{
+    machinery::{
+        agents, cluster, etcd,
+        interrupt::{self, Interrupted},
+        netns,
+        state::LabState,
+        text_table::Table,
+        topology::Topology,
+    },
+    proofs::{
+        capture, controls, forward_policy,
+        kubernetes::{self, kube_proxy},
+        masquerade, matrix, migrate, public_ip, restart,
+    },
+};
 
 /// Probes of the connectivity matrix in flight at once. Few, so that the timings are
 /// the path's and not the machine's contention (one at a time takes about as long

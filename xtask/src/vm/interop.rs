@@ -27,7 +27,7 @@
 
 use anyhow::{Context as _, Result};
 
-use crate::lab::{
+use crate::lab::machinery::{
     agents::{self, SubnetEnv},
     cluster::{self, Dataplane},
     etcd::flanneld,
@@ -35,7 +35,7 @@ use crate::lab::{
     probe::{self, Client},
     servers::Servers,
     state::LabState,
-    table::Table,
+    text_table::Table,
     topology::{Host, Node, Topology},
 };
 
@@ -207,8 +207,8 @@ mod tests {
             );
             return;
         }
-        crate::lab::interrupt::install().unwrap();
-        let agent = crate::lab::agents::build(false).expect("building the agent");
+        crate::lab::machinery::interrupt::install().unwrap();
+        let agent = crate::lab::machinery::agents::build(false).expect("building the agent");
         let report = run(agent, source).expect("the interoperability test runs to its end");
         print!(
             "{}\nour node's counters:\n{}",

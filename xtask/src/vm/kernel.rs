@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{deps, lab::netns};
+use crate::{deps, lab::machinery::netns};
 
 /// A kernel series the project knows how to fetch.
 #[derive(Debug, Clone, Copy)]

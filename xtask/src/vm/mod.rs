@@ -27,7 +27,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use self::kernel::Kernel;
-use crate::{deps, lab::interrupt};
+use crate::{deps, lab::machinery::interrupt};
 
 /// Guest CPUs: the machines have two cores, and emulation runs one thread per CPU.
 const CPUS: u32 = 2;
@@ -273,9 +273,9 @@ pub fn workspace() -> PathBuf {
 /// one).
 pub fn has_ipip() -> bool {
     let ns = format!("oprobe-{}", std::process::id());
-    let made = crate::lab::netns::add(&ns).is_ok();
+    let made = crate::lab::machinery::netns::add(&ns).is_ok();
     let ok = made
-        && crate::lab::netns::run(Command::new("ip").args([
+        && crate::lab::machinery::netns::run(Command::new("ip").args([
             "-n",
             &ns,
             "link",
@@ -288,7 +288,7 @@ pub fn has_ipip() -> bool {
         ]))
         .is_ok();
     if made {
-        let _ = crate::lab::netns::delete(&ns);
+        let _ = crate::lab::machinery::netns::delete(&ns);
     }
     ok
 }
