@@ -93,7 +93,8 @@ pub fn ensure_vm() -> Result<PathBuf> {
     ensure()?;
     ensure_packages(VM_PACKAGES)?;
     ensure_packages(BENCH_PACKAGES)?;
-    venv_tool("virtme-ng", VIRTME_NG_VERSION, "vng")
+    let exe = pins::venv_exe(&cache_dir()?, "virtme-ng", VIRTME_NG_VERSION, "vng");
+    venv_tool("virtme-ng", VIRTME_NG_VERSION, exe)
 }
 
 /// Installs the packages that are missing; returns them.
@@ -193,20 +194,21 @@ fn ensure_bpf_linker() -> Result<()> {
 
 /// The kubernetes-validate executable, installed first if it is missing.
 pub fn kubernetes_validate() -> Result<PathBuf> {
-    venv_tool(
-        "kubernetes-validate",
-        KUBERNETES_VALIDATE_VERSION,
-        "kubernetes-validate",
-    )
+    let exe = pins::kubernetes_validate(&cache_dir()?);
+    venv_tool("kubernetes-validate", KUBERNETES_VALIDATE_VERSION, exe)
 }
 
-/// `exe` of the PyPI package `package` at `version`, installed first if it is missing.
-/// Each tool lives in a virtualenv of its own: Debian's Python refuses `pip install`
-/// outside one (PEP 668), and the version stays pinned whatever else the machine's
-/// Python has.
-fn venv_tool(package: &str, version: &str, exe: &str) -> Result<PathBuf> {
-    let venv = pins::venv(&cache_dir()?, package, version);
-    let exe = venv.join("bin").join(exe);
+/// `exe` of the PyPI package `package` at `version` ([`pins::venv_exe`]), installed
+/// first if it is missing. Each tool lives in a virtualenv of its own: Debian's Python
+/// refuses `pip install` outside one (PEP 668), and the version stays pinned whatever
+/// else the machine's Python has.
+fn venv_tool(package: &str, version: &str, exe: PathBuf) -> Result<PathBuf> {
+    // <venv>/bin/<exe>
+    let venv = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("a virtualenv's executable")?
+        .to_owned();
     let installed = output(Command::new(venv.join("bin/pip")).args([
         "show",
         "--disable-pip-version-check",
@@ -223,7 +225,7 @@ fn venv_tool(package: &str, version: &str, exe: &str) -> Result<PathBuf> {
     eprintln!("installing {package} {version} into {}", venv.display());
     // --clear: a venv that an interrupted install left half-made starts over.
     // Debian's own python3 (not a pyenv shim that may shadow it on PATH).
-    let python = if std::path::Path::new("/usr/bin/python3").exists() {
+    let python = if Path::new("/usr/bin/python3").exists() {
         "/usr/bin/python3"
     } else {
         "python3"

@@ -69,12 +69,21 @@ pub(crate) fn cache_dir() -> Option<PathBuf> {
     Some(base.join("overlay-xtask"))
 }
 
-/// The virtualenv in `cache` that holds the PyPI package `package` at `version`.
-pub(crate) fn venv(cache: &Path, package: &str, version: &str) -> PathBuf {
-    cache.join(format!("{package}-{version}"))
+/// The executable `exe` of the PyPI package `package` at `version`, in the
+/// virtualenv of its own that `deps` gives it in `cache`.
+pub(crate) fn venv_exe(cache: &Path, package: &str, version: &str, exe: &str) -> PathBuf {
+    cache
+        .join(format!("{package}-{version}"))
+        .join("bin")
+        .join(exe)
 }
 
 /// The kubernetes-validate executable, where `deps` installs it.
 pub(crate) fn kubernetes_validate(cache: &Path) -> PathBuf {
-    venv(cache, "kubernetes-validate", KUBERNETES_VALIDATE_VERSION).join("bin/kubernetes-validate")
+    venv_exe(
+        cache,
+        "kubernetes-validate",
+        KUBERNETES_VALIDATE_VERSION,
+        "kubernetes-validate",
+    )
 }

@@ -1072,8 +1072,11 @@ impl Node {
             std::thread::sleep(std::time::Duration::from_millis(100));
         };
         // `ip netns exec`, unshare, sh and setpriv all exec: the child is the agent.
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM {} failed", child.id());
         let status = child.wait().unwrap();
         if !converged {
             return Err(format!("did not converge in 30 s:\n{}", log()));
