@@ -34,7 +34,7 @@ const VIRTME_NG_VERSION: &str = "1.42";
 const BENCH_PACKAGES: &[&str] = &["fonts-dejavu-core"];
 
 /// Makes sure everything is installed; does nothing when it already is.
-pub fn ensure() -> Result<()> {
+pub(crate) fn ensure() -> Result<()> {
     if ensure_packages(PACKAGES)?.contains(&"etcd-server") {
         stop_packaged_etcd()?;
     }
@@ -45,7 +45,7 @@ pub fn ensure() -> Result<()> {
 }
 
 /// Runs `cmd`, failing with its rendering when it does not succeed.
-pub fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {shown}"))?;
     if !status.success() {
@@ -55,19 +55,20 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Output of `cmd` if it ran and succeeded.
-pub fn output(cmd: &mut Command) -> Option<String> {
+pub(crate) fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
+    // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
 
 /// A command run as root: directly when we are root, else through sudo if present.
-pub fn privileged(program: &str) -> Result<Command> {
+pub(crate) fn privileged(program: &str) -> Result<Command> {
     if is_root() {
         return Ok(Command::new(program));
     }
@@ -89,7 +90,7 @@ fn which(program: &str) -> Option<String> {
 
 /// Everything [`ensure`] installs, plus what booting a kernel in a VM needs; returns
 /// the virtme-ng executable.
-pub fn ensure_vm() -> Result<PathBuf> {
+pub(crate) fn ensure_vm() -> Result<PathBuf> {
     ensure()?;
     ensure_packages(VM_PACKAGES)?;
     ensure_packages(BENCH_PACKAGES)?;
@@ -193,7 +194,7 @@ fn ensure_bpf_linker() -> Result<()> {
 }
 
 /// The kubernetes-validate executable, installed first if it is missing.
-pub fn kubernetes_validate() -> Result<PathBuf> {
+pub(crate) fn kubernetes_validate() -> Result<PathBuf> {
     let exe = pins::kubernetes_validate(&cache_dir()?);
     venv_tool("kubernetes-validate", KUBERNETES_VALIDATE_VERSION, exe)
 }
@@ -243,6 +244,6 @@ fn venv_tool(package: &str, version: &str, exe: PathBuf) -> Result<PathBuf> {
 }
 
 /// The project's cache on this machine ([`pins::cache_dir`]).
-pub fn cache_dir() -> Result<PathBuf> {
+pub(crate) fn cache_dir() -> Result<PathBuf> {
     pins::cache_dir().context("HOME is not set")
 }

@@ -20,7 +20,7 @@ use crate::{
 };
 
 #[derive(clap::Args)]
-pub struct TestArgs {
+pub(crate) struct TestArgs {
     /// Run the packet tests, the lab and the interoperability test inside a VM with this
     /// kernel (`cargo xtask kernels --list`) instead of every test here.
     #[arg(long)]
@@ -31,7 +31,7 @@ pub struct TestArgs {
 }
 
 #[derive(clap::Args)]
-pub struct KernelsArgs {
+pub(crate) struct KernelsArgs {
     /// List the kernels of the matrix and exit.
     #[arg(long)]
     list: bool,
@@ -45,7 +45,7 @@ pub struct KernelsArgs {
 /// some 9 for each of kube-proxy's three modes.
 const VM_TIMEOUT: Duration = Duration::from_secs(100 * 60);
 
-pub fn run(args: TestArgs) -> Result<()> {
+pub(crate) fn run(args: TestArgs) -> Result<()> {
     deps::ensure()?;
     // Packet tests load BPF programs and the lab builds namespaces: both need root.
     if !deps::is_root() {
@@ -81,7 +81,7 @@ pub fn run(args: TestArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn kernels(args: KernelsArgs) -> Result<()> {
+pub(crate) fn kernels(args: KernelsArgs) -> Result<()> {
     if args.list {
         for k in KERNELS {
             println!(

@@ -43,7 +43,7 @@ use crate::lab::{
 
 /// How the pods of a cluster reach each other (and the outside).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Setup {
+pub(super) enum Setup {
     /// Our agent on both nodes, with `--ip-masq` as flannel's DaemonSet runs flanneld
     /// (kube-flannel.yml): without it, flannel's CNI configuration has the bridge
     /// plugin masquerade whatever a pod sends off its node, to the other node's pods
@@ -77,7 +77,7 @@ pub enum Setup {
 
 /// [`Backend`], serializable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum KernelBackend {
+pub(super) enum KernelBackend {
     Ipip,
     Vxlan,
     HostGw,
@@ -95,19 +95,19 @@ impl KernelBackend {
 
 impl Setup {
     /// The pod-to-pod dataplanes, ours first.
-    pub const PLANES: [Setup; 4] = [
+    pub(super) const PLANES: [Setup; 4] = [
         Setup::Ours,
         Setup::Kernel(KernelBackend::Ipip),
         Setup::Kernel(KernelBackend::Vxlan),
         Setup::Kernel(KernelBackend::HostGw),
     ];
-    pub const SNAT: [Setup; 3] = [Setup::SnatOurs, Setup::SnatIptables, Setup::SnatRouted];
+    pub(super) const SNAT: [Setup; 3] = [Setup::SnatOurs, Setup::SnatIptables, Setup::SnatRouted];
     /// Pod to pod like the dataplanes, for what the dataplanes' figures are made of; a
     /// column of the tables, not of the plot.
-    pub const REFERENCES: [Setup; 3] =
+    pub(super) const REFERENCES: [Setup; 3] =
         [Setup::OursFastPathOff, Setup::HostGwAtIpipMtu, Setup::Floor];
 
-    pub fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Setup::Ours => "ours (BPF IPIP)",
             Setup::OursFastPathOff => "ours, fast path off",
@@ -138,7 +138,7 @@ impl Setup {
 
     /// Whether the Service measures run: on the pod-to-pod dataplanes, and ours with
     /// the fast path off.
-    pub fn through_the_service(self) -> bool {
+    pub(super) fn through_the_service(self) -> bool {
         Setup::PLANES.contains(&self) || self == Setup::OursFastPathOff
     }
 }
@@ -170,7 +170,7 @@ impl Dataplane for Setup {
 
 /// A group of setups, to measure only some of them (`cargo xtask bench --only`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Group {
+pub(super) enum Group {
     Ours,
     /// Our agents with `--fast-path off`.
     OursFastPathOff,
@@ -202,7 +202,7 @@ impl Group {
 
 /// A test of the pod-to-pod dataplanes, to run only some of them (`--tests`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Test {
+pub(super) enum Test {
     /// Single- and multi-stream throughput.
     Tcp,
     /// Request/response.
@@ -218,7 +218,7 @@ pub enum Test {
 
 /// What to measure and how long.
 #[derive(Debug, Clone, Copy)]
-pub struct Plan {
+pub(super) struct Plan {
     pub runs: usize,
     pub seconds: u64,
     /// Parallel streams of the multi-stream test.
@@ -230,7 +230,7 @@ pub struct Plan {
 /// differ in their default (Linux's is cubic; a kernel may be built with bbr), and the
 /// legs of one run must not: the bench sets it on each socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Congestion {
+pub(super) enum Congestion {
     /// Linux's default, and what distributions' nodes run.
     Cubic,
     /// Paces every connection (TCP's own pacing timer without an fq qdisc).
@@ -239,7 +239,7 @@ pub enum Congestion {
 }
 
 impl Congestion {
-    pub fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Self::Cubic => "cubic",
             Self::Bbr => "bbr",
@@ -251,7 +251,7 @@ impl Congestion {
 /// Which setups and tests to run (`cargo xtask bench --only … --tests …`): all when
 /// empty. For development: a partial run prints its report but does not publish it.
 #[derive(Debug, Clone, Default, clap::Args)]
-pub struct Only {
+pub(super) struct Only {
     /// Only these setups (comma-separated).
     #[arg(long = "only", value_enum, value_delimiter = ',')]
     pub groups: Vec<Group>,
@@ -266,12 +266,12 @@ impl Only {
     }
 
     /// Whether only some setups or tests run.
-    pub fn partial(&self) -> bool {
+    pub(super) fn partial(&self) -> bool {
         !self.groups.is_empty() || !self.tests.is_empty()
     }
 
     /// The flags as given, for the same run inside the VM.
-    pub fn flags(&self) -> String {
+    pub(super) fn flags(&self) -> String {
         fn list<T: clap::ValueEnum>(flag: &str, values: &[T]) -> String {
             if values.is_empty() {
                 return String::new();
@@ -409,7 +409,7 @@ fn floor(agent: PathBuf) -> Result<LabGuard> {
 
 /// The setups this kernel can run (all of them, less the kernel's ipip when it has no
 /// such module), of the groups in `only` (all when empty).
-pub fn available(only: &[Group]) -> Vec<Setup> {
+pub(super) fn available(only: &[Group]) -> Vec<Setup> {
     let ipip = crate::vm::has_ipip();
     Setup::PLANES
         .into_iter()
@@ -422,7 +422,7 @@ pub fn available(only: &[Group]) -> Vec<Setup> {
 
 /// Builds a cluster for each setup this kernel can run (of the groups in `only`), runs
 /// the plan, removes the clusters.
-pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Results> {
+pub(super) fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Results> {
     let mut results = Results::new(Machine::here(), plan, quick);
     let mut clusters = Vec::new();
     let mut rules = NodeRules::new();

@@ -54,7 +54,7 @@ enum Place {
 }
 
 #[derive(clap::Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Two short runs per measure: for development, not for publishing.
     #[arg(long)]
     quick: bool,
@@ -98,7 +98,7 @@ const VM_TIMEOUT: Duration = Duration::from_secs(90 * 60);
 const COST_RUNS: u32 = 20_000;
 const COST_RUNS_VM: u32 = 4_000;
 
-pub fn run(args: BenchArgs) -> Result<()> {
+pub(crate) fn run(args: BenchArgs) -> Result<()> {
     let docs = vm::workspace().join("docs");
     // Measures nothing: needs no privileges.
     if args.redraw {

@@ -42,7 +42,7 @@ fn short(m: Measure) -> &'static str {
 }
 
 /// One row of panels per leg (kernel), offloads on and off side by side.
-pub fn draw(legs: &[Leg], path: &Path) -> Result<()> {
+pub(super) fn draw(legs: &[Leg], path: &Path) -> Result<()> {
     let font: &'static [u8] = Box::leak(
         std::fs::read(FONT)
             .with_context(|| format!("reading {FONT}"))?

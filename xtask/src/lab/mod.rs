@@ -46,7 +46,7 @@ const PROBES_IN_FLIGHT: usize = 2;
 
 /// Without a subcommand: build, create the lab, check it, remove it.
 #[derive(clap::Args)]
-pub struct LabArgs {
+pub(crate) struct LabArgs {
     #[command(subcommand)]
     command: Option<LabCommand>,
     #[command(flatten)]
@@ -160,7 +160,7 @@ enum LabCommand {
     },
 }
 
-pub fn run(args: LabArgs) -> Result<()> {
+pub(crate) fn run(args: LabArgs) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the lab needs root: it creates network namespaces and loads BPF programs");
     }

@@ -47,7 +47,7 @@ const ECHO_HEADER: usize = 24;
 
 /// Where the nodes learn each other's subnets and addresses.
 #[derive(Debug, Clone, Copy)]
-pub enum Source {
+pub(super) enum Source {
     /// The lab's node list; the flannel node is set up from the lab's topology.
     NodeList,
     /// Leases in etcd; the flannel node is flanneld on etcd.
@@ -80,7 +80,7 @@ impl Dataplane for Mixed {
 }
 
 /// What the test found: a table, and the exchanges that failed.
-pub struct Report {
+pub(super) struct Report {
     pub table: String,
     pub failures: Vec<String>,
     /// The agent's counters after the traffic.
@@ -88,7 +88,7 @@ pub struct Report {
 }
 
 /// Builds the mixed cluster on `source`, sends the traffic, removes the cluster.
-pub fn run(agent: std::path::PathBuf, source: Source) -> Result<Report> {
+pub(super) fn run(agent: std::path::PathBuf, source: Source) -> Result<Report> {
     // Our agent masquerades as flanneld runs in kube-flannel.yml (--ip-masq), as the
     // flannel node's subnet.env says it does: with FLANNEL_IPMASQ=false the bridge
     // plugin would masquerade the pods' traffic to the other node's pods, as it does
@@ -178,7 +178,7 @@ fn exchanges(
 }
 
 /// Whether this kernel can run the test.
-pub fn available() -> bool {
+pub(super) fn available() -> bool {
     super::has_ipip()
 }
 
@@ -208,7 +208,7 @@ mod tests {
             return;
         }
         crate::lab::machinery::interrupt::install().unwrap();
-        let agent = crate::lab::machinery::agents::build(false).expect("building the agent");
+        let agent = agents::build(false).expect("building the agent");
         let report = run(agent, source).expect("the interoperability test runs to its end");
         print!(
             "{}\nour node's counters:\n{}",

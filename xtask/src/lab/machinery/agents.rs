@@ -30,7 +30,7 @@ use nix::{
 };
 
 use overlay_common::kernel::has_tcx;
-pub use overlay_common::subnet_env::SubnetEnv;
+pub(crate) use overlay_common::subnet_env::SubnetEnv;
 
 use super::{
     etcd,
@@ -41,9 +41,9 @@ use super::{
 };
 
 /// The node's uplink, as in a kind node.
-pub const UPLINK: &str = "eth0";
+pub(crate) const UPLINK: &str = "eth0";
 /// The pod bridge the CNI bridge plugin creates.
-pub const BRIDGE: &str = "cni0";
+pub(crate) const BRIDGE: &str = "cni0";
 /// flanneld's flag, which the agent shares.
 const IP_MASQ: &str = "--ip-masq";
 /// The agent's route protocol (`proto 191`).
@@ -62,11 +62,11 @@ const GATEWAY_TIMEOUT: Duration = Duration::from_secs(5);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Names an agent binary built beforehand, to use instead of building one.
-pub const PREBUILT_AGENT: &str = "OVERLAY_LAB_AGENT";
+pub(crate) const PREBUILT_AGENT: &str = "OVERLAY_LAB_AGENT";
 
 /// Builds the agent (its build script builds and embeds the eBPF object) and returns
 /// the binary's path in the workspace's target directory.
-pub fn build(release: bool) -> Result<PathBuf> {
+pub(crate) fn build(release: bool) -> Result<PathBuf> {
     // Inside the kernel matrix's VM the workspace is read-only: the host built the agent.
     if let Some(agent) = std::env::var_os(PREBUILT_AGENT) {
         return Ok(PathBuf::from(agent));
@@ -113,14 +113,14 @@ pub fn build(release: bool) -> Result<PathBuf> {
 /// group, so that Ctrl-C reaches only us and we stop the agents in order, and left
 /// unwaited, so that it outlives `lab up`. With `masquerade`, it runs with `--ip-masq`,
 /// as flannel's DaemonSet runs flanneld.
-pub fn start(lab: &LabState, node: &Node, masquerade: bool) -> Result<()> {
+pub(crate) fn start(lab: &LabState, node: &Node, masquerade: bool) -> Result<()> {
     start_build(lab, node, masquerade, &lab.agent)
 }
 
 /// The command line of `node`'s agent, run in the node's namespace: its node source
 /// is the lab's node list, or with etcd the etcd subnet manager (then flannel's
 /// network configuration is in etcd too).
-pub fn command(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) -> Command {
+pub(crate) fn command(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) -> Command {
     let mut cmd = netns::command(&lab.netns(&node.name), agent);
     cmd.args(["run", "--node-name", &node.name]);
     if let Some(etcd) = &lab.topology.etcd {
@@ -146,12 +146,17 @@ pub fn command(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) -> C
 }
 
 /// [`start`] with another build of the agent (an upgrade).
-pub fn start_build(lab: &LabState, node: &Node, masquerade: bool, agent: &Path) -> Result<()> {
+pub(crate) fn start_build(
+    lab: &LabState,
+    node: &Node,
+    masquerade: bool,
+    agent: &Path,
+) -> Result<()> {
     start_with(lab, node, masquerade, agent, &[])
 }
 
 /// [`start_build`] with `extra` flags after the lab's own.
-pub fn start_with(
+pub(crate) fn start_with(
     lab: &LabState,
     node: &Node,
     masquerade: bool,
@@ -206,11 +211,11 @@ pub fn start_with(
     started
 }
 
-pub fn log_file(lab: &LabState, node: &Node) -> PathBuf {
+pub(crate) fn log_file(lab: &LabState, node: &Node) -> PathBuf {
     lab.node_dir(&node.name).join("agent.log")
 }
 
-pub fn subnet_file(lab: &LabState, node: &Node) -> PathBuf {
+pub(crate) fn subnet_file(lab: &LabState, node: &Node) -> PathBuf {
     lab.node_dir(&node.name).join("subnet.env")
 }
 
@@ -220,7 +225,7 @@ fn node_bpffs(lab: &LabState, node: &Node) -> PathBuf {
 
 /// The directory of `node`'s pinned maps and links: the one layout version its agent
 /// pinned (`<bpffs>/overlay-ipip/v<N>`).
-pub fn pin_dir(lab: &LabState, node: &Node) -> Result<PathBuf> {
+pub(crate) fn pin_dir(lab: &LabState, node: &Node) -> Result<PathBuf> {
     let base = node_bpffs(lab, node).join("overlay-ipip");
     let mut versions = std::fs::read_dir(&base)
         .with_context(|| format!("listing {}", base.display()))?
@@ -234,7 +239,7 @@ pub fn pin_dir(lab: &LabState, node: &Node) -> Result<PathBuf> {
 
 /// A running agent of the lab.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Agent {
+pub(crate) struct Agent {
     pub pid: u32,
     pub node: String,
     /// Whether it runs with `--ip-masq`.
@@ -244,7 +249,7 @@ pub struct Agent {
 /// The lab's agents, found by their command line: the processes whose `--bpffs` lies in
 /// the lab's mount. Unlike recorded pids, this cannot miss an agent started just before
 /// a crash, nor hit an unrelated process that reused a pid.
-pub fn running(lab: &LabState) -> Result<Vec<Agent>> {
+pub(crate) fn running(lab: &LabState) -> Result<Vec<Agent>> {
     let mut agents: Vec<Agent> = processes()?
         .into_iter()
         .filter_map(|(pid, cmdline)| agent_in(&lab.bpffs(), pid, &cmdline))
@@ -255,7 +260,7 @@ pub fn running(lab: &LabState) -> Result<Vec<Agent>> {
 
 /// Every process, with its command line (`/proc/<pid>/cmdline`); those gone meanwhile
 /// (or zombies, whose command line is empty) left out.
-pub fn processes() -> Result<Vec<(u32, Vec<u8>)>> {
+pub(crate) fn processes() -> Result<Vec<(u32, Vec<u8>)>> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").context("listing /proc")? {
         let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
@@ -302,7 +307,7 @@ fn agent_in(bpffs: &Path, pid: u32, cmdline: &[u8]) -> Option<Agent> {
 
 /// Restarts every agent with or without `--ip-masq` and waits until the overlay is
 /// ready again; returns false, doing nothing, when all already run that way.
-pub fn restart(lab: &LabState, masquerade: bool) -> Result<bool> {
+pub(crate) fn restart(lab: &LabState, masquerade: bool) -> Result<bool> {
     let running = running(lab)?;
     if running.len() == lab.topology.nodes.len()
         && running.iter().all(|a| a.masquerade == masquerade)
@@ -320,7 +325,7 @@ pub fn restart(lab: &LabState, masquerade: bool) -> Result<bool> {
 /// Stops the lab's agents with SIGTERM, waiting for each to exit, and SIGKILL for any
 /// that does not in time. Returns how many ran. Their datapath stays in place (so that
 /// a restart loses nothing); [`cleanup`] removes it.
-pub fn stop_all(lab: &LabState) -> Result<usize> {
+pub(crate) fn stop_all(lab: &LabState) -> Result<usize> {
     let agents = running(lab)?;
     stop(lab, &agents, Signal::SIGTERM)?;
     Ok(agents.len())
@@ -328,7 +333,7 @@ pub fn stop_all(lab: &LabState) -> Result<usize> {
 
 /// Stops `node`'s agent with `signal` (SIGTERM, or SIGKILL to see it die) and waits
 /// until it is gone.
-pub fn stop_node(lab: &LabState, node: &Node, signal: Signal) -> Result<()> {
+pub(crate) fn stop_node(lab: &LabState, node: &Node, signal: Signal) -> Result<()> {
     let agents: Vec<Agent> = running(lab)?
         .into_iter()
         .filter(|a| a.node == node.name)
@@ -349,7 +354,7 @@ fn stop(lab: &LabState, agents: &[Agent], signal: Signal) -> Result<()> {
 
 /// Sends `signal` to the processes (pid, what it is) that `still_ours` still
 /// recognizes, waits for each to exit, and kills any that does not in time.
-pub fn stop_processes(
+pub(crate) fn stop_processes(
     processes: &[(u32, String)],
     still_ours: impl Fn(u32) -> bool,
     signal: Signal,
@@ -432,7 +437,7 @@ fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> Result<bool> {
 
 /// Waits for the agent to write `node`'s subnet.env, as the flannel CNI plugin does
 /// before it can configure a pod.
-pub fn wait_subnet_env(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
+pub(crate) fn wait_subnet_env(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
     let path = subnet_file(lab, node);
     interrupt::wait_until(
         &format!("{}'s subnet.env", node.name),
@@ -453,13 +458,13 @@ pub fn wait_subnet_env(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
 
 /// Waits until every node's agent has its programs attached (the bridge's too when
 /// `bridge`), all remote subnets in its maps and a route for each.
-pub fn wait_ready(lab: &LabState, bridge: bool) -> Result<()> {
+pub(crate) fn wait_ready(lab: &LabState, bridge: bool) -> Result<()> {
     let nodes: Vec<&Node> = lab.topology.nodes.iter().collect();
     wait_ready_on(lab, &nodes, bridge)
 }
 
 /// [`wait_ready`] for the agents of `nodes` only.
-pub fn wait_ready_on(lab: &LabState, nodes: &[&Node], bridge: bool) -> Result<()> {
+pub(crate) fn wait_ready_on(lab: &LabState, nodes: &[&Node], bridge: bool) -> Result<()> {
     interrupt::wait_until(
         "the agents to be ready",
         interrupt::scaled(READY_TIMEOUT),
@@ -494,7 +499,7 @@ fn ensure_running(lab: &LabState, node: &Node) -> Result<()> {
 }
 
 /// The last `lines` lines of `node`'s agent's log.
-pub fn log_tail(lab: &LabState, node: &Node, lines: usize) -> String {
+pub(crate) fn log_tail(lab: &LabState, node: &Node, lines: usize) -> String {
     let log = std::fs::read_to_string(log_file(lab, node)).unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(lines).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
@@ -502,7 +507,12 @@ pub fn log_tail(lab: &LabState, node: &Node, lines: usize) -> String {
 }
 
 /// Waits until `program` is attached to `iface`'s `direction` hook in `ns`.
-pub fn wait_attached(ns: &str, iface: &str, direction: TcAttachType, program: &str) -> Result<()> {
+pub(crate) fn wait_attached(
+    ns: &str,
+    iface: &str,
+    direction: TcAttachType,
+    program: &str,
+) -> Result<()> {
     interrupt::wait_until(
         &format!("{program} on {iface} in {ns}"),
         interrupt::scaled(READY_TIMEOUT),
@@ -538,7 +548,7 @@ fn from_gateway(
 
 /// Waits, briefly, until `node`'s agent sources its routes from the gateway that the
 /// bridge has just been given: well before its periodic full pass would.
-pub fn wait_gateway_source(lab: &LabState, node: &Node) -> Result<()> {
+pub(crate) fn wait_gateway_source(lab: &LabState, node: &Node) -> Result<()> {
     let ns = lab.netns(&node.name);
     interrupt::wait_until(
         &format!(
@@ -559,7 +569,7 @@ pub fn wait_gateway_source(lab: &LabState, node: &Node) -> Result<()> {
 }
 
 /// What `node` lacks to carry overlay traffic: empty when it is ready.
-pub fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> {
+pub(crate) fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> {
     let ns = lab.netns(&node.name);
     let remote: BTreeSet<Ipv4Net> = lab
         .topology
@@ -603,7 +613,7 @@ pub fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> {
 }
 
 /// The remote subnets in `node`'s maps (`overlay-agent nodes`).
-pub fn remote_subnets(lab: &LabState, node: &Node) -> Result<BTreeSet<Ipv4Net>> {
+pub(crate) fn remote_subnets(lab: &LabState, node: &Node) -> Result<BTreeSet<Ipv4Net>> {
     Ok(subnets(&inspect(lab, node, "nodes")?))
 }
 
@@ -624,14 +634,14 @@ fn answers_ready(ns: &str) -> bool {
 }
 
 /// What `node`'s agent answers on /readyz: the status code and the body.
-pub fn readyz(lab: &LabState, node: &Node) -> Result<(u16, String)> {
+pub(crate) fn readyz(lab: &LabState, node: &Node) -> Result<(u16, String)> {
     get(&lab.netns(&node.name), "/readyz")
         .with_context(|| format!("asking the agent of {} whether it is ready", node.name))
 }
 
 /// How often `node`'s agent failed to follow its node source
 /// (`overlay_node_source_errors_total` in its /metrics).
-pub fn source_errors(lab: &LabState, node: &Node) -> Result<u64> {
+pub(crate) fn source_errors(lab: &LabState, node: &Node) -> Result<u64> {
     const NAME: &str = "overlay_node_source_errors_total";
     let (code, body) = get(&lab.netns(&node.name), "/metrics")
         .with_context(|| format!("scraping the agent of {}", node.name))?;
@@ -675,7 +685,7 @@ fn get(ns: &str, path: &str) -> Result<(u16, String)> {
 /// `overlay-agent cleanup EXTRA` in `node`'s namespace: programs, pins, routes (and
 /// with `--forward-rules` flanneld's forward rules); subnet.env stays, as it does for
 /// flanneld.
-pub fn cleanup(lab: &LabState, node: &Node, extra: &[&str]) -> Result<String> {
+pub(crate) fn cleanup(lab: &LabState, node: &Node, extra: &[&str]) -> Result<String> {
     netns::run(
         netns::command(&lab.netns(&node.name), &lab.agent)
             .arg("cleanup")
@@ -686,7 +696,7 @@ pub fn cleanup(lab: &LabState, node: &Node, extra: &[&str]) -> Result<String> {
 }
 
 /// `overlay-agent <what> --bpffs ...` run in `node`'s namespace (`counters`, `nodes`).
-pub fn inspect(lab: &LabState, node: &Node, what: &str) -> Result<String> {
+pub(crate) fn inspect(lab: &LabState, node: &Node, what: &str) -> Result<String> {
     netns::run(
         netns::command(&lab.netns(&node.name), &lab.agent)
             .arg(what)
@@ -696,7 +706,7 @@ pub fn inspect(lab: &LabState, node: &Node, what: &str) -> Result<String> {
 }
 
 /// [`inspect`] with `--json`, parsed.
-pub fn inspect_json(lab: &LabState, node: &Node, what: &str) -> Result<serde_json::Value> {
+pub(crate) fn inspect_json(lab: &LabState, node: &Node, what: &str) -> Result<serde_json::Value> {
     let out = netns::run(
         netns::command(&lab.netns(&node.name), &lab.agent)
             .arg(what)
@@ -708,7 +718,7 @@ pub fn inspect_json(lab: &LabState, node: &Node, what: &str) -> Result<serde_jso
 }
 
 /// Destinations of the agent's routes (`proto 191`) in `ns`.
-pub fn overlay_routes(ns: &str) -> Result<BTreeSet<Ipv4Net>> {
+pub(crate) fn overlay_routes(ns: &str) -> Result<BTreeSet<Ipv4Net>> {
     Ok(overlay_route_sources(ns)?.into_keys().collect())
 }
 
@@ -730,7 +740,7 @@ fn overlay_route_sources(ns: &str) -> Result<BTreeMap<Ipv4Net, Option<Ipv4Addr>>
 
 /// Names of the programs attached to `iface` in `ns`: TCX programs, or cls_bpf filters
 /// on kernels without TCX (before 6.6), where the agent attaches those.
-pub fn attached(ns: &str, iface: &str, direction: TcAttachType) -> Result<Vec<String>> {
+pub(crate) fn attached(ns: &str, iface: &str, direction: TcAttachType) -> Result<Vec<String>> {
     if !has_tcx() {
         return filters(ns, iface, direction);
     }
@@ -767,7 +777,7 @@ fn filters(ns: &str, iface: &str, direction: TcAttachType) -> Result<Vec<String>
 }
 
 /// Every program attached to the node's hooks, as "program on iface".
-pub fn all_attached(lab: &LabState, node: &Node) -> Result<Vec<String>> {
+pub(crate) fn all_attached(lab: &LabState, node: &Node) -> Result<Vec<String>> {
     let ns = lab.netns(&node.name);
     let mut found = Vec::new();
     for (iface, direction, _) in &HOOKS {

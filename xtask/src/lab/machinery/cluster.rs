@@ -19,13 +19,13 @@ use super::{
 };
 
 /// Host names of the underlay's own namespaces.
-pub const SWITCH: &str = "switch";
-pub const ROUTER: &str = "router";
+pub(crate) const SWITCH: &str = "switch";
+pub(crate) const ROUTER: &str = "router";
 
 /// How the nodes of a lab carry pod traffic between them: our agents everywhere (the
 /// lab), or some nodes configured by other means (the benchmark's baselines, the
 /// interoperability test's flannel node).
-pub trait Dataplane {
+pub(crate) trait Dataplane {
     /// Whether `node` runs the overlay agent.
     fn runs_agent(&self, node: &Node) -> bool;
     /// Sets up a node that runs no agent (its underlay is up, its pods are not) and
@@ -59,7 +59,7 @@ impl Dataplane for Agents {
 
 /// Creates the lab and waits until the overlay is ready. On any failure (Ctrl-C
 /// included) the returned error comes after the guard removed everything.
-pub fn create(
+pub(crate) fn create(
     topology: Topology,
     agent: PathBuf,
     masquerade: bool,
@@ -69,7 +69,7 @@ pub fn create(
 }
 
 /// [`create`] with the nodes set up by `dataplane`.
-pub fn create_with(
+pub(crate) fn create_with(
     topology: Topology,
     agent: PathBuf,
     masquerade: bool,

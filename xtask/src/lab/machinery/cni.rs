@@ -109,9 +109,9 @@ const BIN_DIR: &str = "/usr/lib/cni";
 /// The hostPort of every node's first pod (`<node>-pod1`), for TCP and for UDP: kubelet
 /// hands a Pod's `ports[].hostPort` to the runtime, which hands it to portmap, which
 /// DNATs the node's port to [`CONTAINER_PORT`] on the pod.
-pub const HOST_PORT: u16 = 8081;
+pub(crate) const HOST_PORT: u16 = 8081;
 /// The pod's port behind [`HOST_PORT`].
-pub const CONTAINER_PORT: u16 = 8080;
+pub(crate) const CONTAINER_PORT: u16 = 8080;
 
 /// kube-flannel.yml's `cni-conf.json`, as flannel's install-cni container copies it to
 /// /etc/cni/net.d/10-flannel.conflist.
@@ -155,7 +155,7 @@ const CACHE_KIND: &str = "cniCacheV1";
 
 /// What ADD gave a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attached {
+pub(crate) struct Attached {
     /// The pod's address, host-local's lease.
     pub address: Ipv4Net,
     /// The host end of its veth (`vethXXXXXXXX`, named by the bridge plugin).
@@ -166,7 +166,7 @@ pub struct Attached {
 /// CNI ADD of the loopback network and of flannel's (configured from `env`). Every
 /// node's first pod declares [`HOST_PORT`]. On failure, what was added is deleted
 /// again before the error returns.
-pub fn add(lab: &LabState, node: &Node, pod: &Pod, env: &SubnetEnv) -> Result<Attached> {
+pub(crate) fn add(lab: &LabState, node: &Node, pod: &Pod, env: &SubnetEnv) -> Result<Attached> {
     let runtime = Runtime::new(
         &lab.netns(&node.name),
         state_dir(lab, node),
@@ -184,7 +184,7 @@ pub fn add(lab: &LabState, node: &Node, pod: &Pod, env: &SubnetEnv) -> Result<At
 
 /// What [`del_all`] did.
 #[derive(Debug, Default)]
-pub struct Deleted {
+pub(crate) struct Deleted {
     /// Pods whose networks were all deleted.
     pub pods: usize,
     /// What failed, one line per pod.
@@ -194,7 +194,7 @@ pub struct Deleted {
 /// CNI DEL for every pod the lab's nodes attached (their runtime caches say which), as
 /// containerd tears down a sandbox's network: its networks in order, each list's
 /// plugins in reverse. Best effort: goes on after a failure.
-pub fn del_all(lab: &LabState) -> Deleted {
+pub(crate) fn del_all(lab: &LabState) -> Deleted {
     let mut deleted = Deleted::default();
     for node in &lab.topology.nodes {
         let found = Runtime::new(

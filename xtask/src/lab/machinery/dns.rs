@@ -42,7 +42,7 @@ use nix::{
 use super::netns;
 
 /// The cluster's DNS domain (kubelet's `--cluster-domain`).
-pub const ZONE: &str = "cluster.local";
+pub(crate) const ZONE: &str = "cluster.local";
 /// The namespace of the lab's pods, the first of their search domains.
 const POD_NAMESPACE: &str = "default";
 /// The name the zone's SOA and NS records give the server, as CoreDNS's.
@@ -60,7 +60,7 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// dnsmasq serving the cluster's zone in a pod's namespace; killed and reaped when
 /// dropped.
-pub struct ClusterDns {
+pub(crate) struct ClusterDns {
     child: Child,
 }
 
@@ -69,7 +69,7 @@ impl ClusterDns {
     /// `records` (full names inside [`ZONE`]; a name given twice has both addresses),
     /// its pid file, lease file and log in `dir` (created if missing); returns once it
     /// answers on TCP.
-    pub fn start(
+    pub(crate) fn start(
         ns: &str,
         listen: Ipv4Addr,
         records: &[(String, Ipv4Addr)],
@@ -203,7 +203,7 @@ fn netns_dir(ns: &str) -> Result<PathBuf> {
 
 /// Points the resolver of everything run in `ns` through `ip netns exec` at
 /// `nameserver` (the kube-dns ClusterIP), with kubelet's search list and options.
-pub fn write_resolv_conf(ns: &str, nameserver: Ipv4Addr) -> Result<()> {
+pub(crate) fn write_resolv_conf(ns: &str, nameserver: Ipv4Addr) -> Result<()> {
     let dir = netns_dir(ns)?;
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("resolv.conf");
@@ -212,7 +212,7 @@ pub fn write_resolv_conf(ns: &str, nameserver: Ipv4Addr) -> Result<()> {
 
 /// Removes /etc/netns/<ns> of every namespace whose name starts with `ns_prefix` (one
 /// lab's), then /etc/netns itself if that leaves it empty.
-pub fn remove_resolv_confs(ns_prefix: &str) -> Result<()> {
+pub(crate) fn remove_resolv_confs(ns_prefix: &str) -> Result<()> {
     ensure!(
         !ns_prefix.is_empty() && !ns_prefix.contains('/'),
         "{ns_prefix:?} is not a namespace prefix"
@@ -240,7 +240,7 @@ pub fn remove_resolv_confs(ns_prefix: &str) -> Result<()> {
 /// The IPv4 addresses `name` resolves to in `ns`, through the system resolver as a
 /// program in the pod would resolve it (`getent ahostsv4`: nsswitch, then resolv.conf
 /// with its search list).
-pub fn resolve(ns: &str, name: &str) -> Result<Vec<Ipv4Addr>> {
+pub(crate) fn resolve(ns: &str, name: &str) -> Result<Vec<Ipv4Addr>> {
     check_name(name)?;
     let out = netns::command(ns, "getent")
         .args(["ahostsv4", name])

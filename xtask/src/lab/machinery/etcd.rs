@@ -83,7 +83,7 @@ fn endpoint(etcd: &EtcdHost) -> String {
 }
 
 /// flanneld's flags for `etcd`, with the client certificate.
-pub fn agent_args(lab: &LabState, etcd: &EtcdHost) -> Vec<OsString> {
+pub(crate) fn agent_args(lab: &LabState, etcd: &EtcdHost) -> Vec<OsString> {
     let files = Files::of(lab);
     let mut args: Vec<OsString> = vec!["--etcd-endpoints".into(), endpoint(etcd).into()];
     for (flag, file) in [
@@ -97,7 +97,7 @@ pub fn agent_args(lab: &LabState, etcd: &EtcdHost) -> Vec<OsString> {
 }
 
 /// Makes the certificates, starts etcd and puts flannel's network configuration.
-pub fn start(lab: &LabState) -> Result<()> {
+pub(crate) fn start(lab: &LabState) -> Result<()> {
     let etcd = host(lab)?;
     let files = Files::of(lab);
     std::fs::create_dir_all(&files.dir)
@@ -128,7 +128,7 @@ pub fn start(lab: &LabState) -> Result<()> {
 
 /// Starts the lab's etcd again after [`kill`], on the same data directory: as a
 /// restarted member, it comes back with its keys and leases.
-pub fn restart(lab: &LabState) -> Result<()> {
+pub(crate) fn restart(lab: &LabState) -> Result<()> {
     launch(lab, command(lab)?)
 }
 
@@ -237,7 +237,7 @@ fn show_etcdctl(lab: &LabState, args: &[&str]) -> Result<()> {
 }
 
 /// Prints the agent's command line for `node` as the lab runs it.
-pub fn show_agent(lab: &LabState, node: &Node) {
+pub(crate) fn show_agent(lab: &LabState, node: &Node) {
     show(
         &node.name,
         &agents::command(lab, node, lab.masquerade, &lab.agent),
@@ -256,7 +256,7 @@ fn show_subnet_env(lab: &LabState, node: &Node) -> Result<()> {
 
 /// Prints each node's subnet.env and the leases, and checks that each node's subnet,
 /// as its subnet.env (`written`) has it, is leased to the node's address.
-pub fn check_leases(lab: &LabState, written: &BTreeMap<String, Ipv4Net>) -> Result<()> {
+pub(crate) fn check_leases(lab: &LabState, written: &BTreeMap<String, Ipv4Net>) -> Result<()> {
     for node in &lab.topology.nodes {
         show_subnet_env(lab, node)?;
     }
@@ -304,13 +304,13 @@ fn lease_value(public_ip: Ipv4Addr) -> String {
 /// Puts `subnet` for a node at `public_ip` as an operator's reservation (a key
 /// without an etcd lease, `Documentation/reservations.md`): every agent takes it for
 /// a peer.
-pub fn put_peer(lab: &LabState, subnet: Ipv4Net, public_ip: Ipv4Addr) -> Result<()> {
+pub(crate) fn put_peer(lab: &LabState, subnet: Ipv4Net, public_ip: Ipv4Addr) -> Result<()> {
     let put = ["put", &subnet_key(subnet), &lease_value(public_ip)];
     netns::run(&mut etcdctl(lab, &put)?).map(drop)
 }
 
 /// Deletes the key of `subnet` (what every agent sees of an expired lease too).
-pub fn delete_peer(lab: &LabState, subnet: Ipv4Net) -> Result<()> {
+pub(crate) fn delete_peer(lab: &LabState, subnet: Ipv4Net) -> Result<()> {
     let deleted = netns::run(&mut etcdctl(lab, &["del", &subnet_key(subnet)])?)?;
     ensure!(
         deleted.trim() == "1",
@@ -355,7 +355,7 @@ fn leases(listing: &str) -> Result<BTreeMap<Ipv4Net, Ipv4Addr>> {
 }
 
 /// The lab's etcd processes: those whose data directory is the lab's.
-pub fn running(lab: &LabState) -> Result<Vec<u32>> {
+pub(crate) fn running(lab: &LabState) -> Result<Vec<u32>> {
     let data = Files::of(lab).data();
     Ok(agents::processes()?
         .into_iter()
@@ -376,13 +376,13 @@ fn is_etcd_of(data: &Path, cmdline: &[u8]) -> bool {
 }
 
 /// Stops the lab's etcd, if it runs; returns whether it did.
-pub fn stop(lab: &LabState) -> Result<bool> {
+pub(crate) fn stop(lab: &LabState) -> Result<bool> {
     signal(lab, Signal::SIGTERM)
 }
 
 /// Kills the lab's etcd with SIGKILL, as a crash or the OOM killer would, and waits
 /// until it is gone.
-pub fn kill(lab: &LabState) -> Result<()> {
+pub(crate) fn kill(lab: &LabState) -> Result<()> {
     ensure!(
         signal(lab, Signal::SIGKILL)?,
         "the lab's etcd is not running"
@@ -515,7 +515,7 @@ fn tail(path: &Path) -> String {
 /// A node that runs flanneld on this etcd instead of our agent (the interoperability
 /// test's).
 #[cfg(test)]
-pub mod flanneld;
+pub(crate) mod flanneld;
 
 #[cfg(test)]
 mod tests {

@@ -35,7 +35,7 @@ use super::{
 
 /// The uplinks' MTU (veth default).
 const UPLINK_MTU: u32 = 1500;
-pub const IPIP_DEVICE: &str = "flannel.ipip";
+pub(crate) const IPIP_DEVICE: &str = "flannel.ipip";
 const VXLAN_DEVICE: &str = "flannel.1";
 const VXLAN_VNI: &str = "1";
 /// Linux's own VXLAN port, which a port of 0 (flannel's default) selects.
@@ -43,13 +43,13 @@ const VXLAN_PORT: &str = "8472";
 
 /// A remote node as flanneld routes to it: its subnet and its PublicIP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Peer {
+pub(crate) struct Peer {
     pub subnet: Ipv4Net,
     pub address: Ipv4Addr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
+pub(crate) enum Backend {
     Ipip,
     Vxlan,
     HostGw,
@@ -57,7 +57,7 @@ pub enum Backend {
 
 impl Backend {
     /// FLANNEL_MTU: the uplink's less the encapsulation.
-    pub fn mtu(self) -> u32 {
+    pub(crate) fn mtu(self) -> u32 {
         match self {
             Backend::Ipip => UPLINK_MTU - 20,
             Backend::Vxlan => UPLINK_MTU - 50,
@@ -67,7 +67,7 @@ impl Backend {
 
     /// Sets `node` up with this backend towards every other node of the lab, and
     /// returns the subnet.env flanneld would have written.
-    pub fn configure(self, lab: &LabState, node: &Node) -> Result<SubnetEnv> {
+    pub(crate) fn configure(self, lab: &LabState, node: &Node) -> Result<SubnetEnv> {
         let peers: Vec<Peer> = (lab.topology.nodes.iter())
             .filter(|p| p.name != node.name)
             .map(|p| Peer {
@@ -80,7 +80,7 @@ impl Backend {
 
     /// [`Backend::configure`] with the node's subnet and its peers given: where
     /// flanneld learns them from its subnet manager rather than from the lab.
-    pub fn configure_with(
+    pub(crate) fn configure_with(
         self,
         lab: &LabState,
         node: &Node,

@@ -24,7 +24,7 @@ const POLL: Duration = Duration::from_millis(50);
 
 /// The error of an interrupted run (exit status 130, as a shell reports Ctrl-C).
 #[derive(Debug)]
-pub struct Interrupted;
+pub(crate) struct Interrupted;
 
 impl fmt::Display for Interrupted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -35,7 +35,7 @@ impl fmt::Display for Interrupted {
 impl std::error::Error for Interrupted {}
 
 /// Installs the handler (once per process: the integration test runs several labs).
-pub fn install() -> Result<()> {
+pub(crate) fn install() -> Result<()> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {
@@ -52,10 +52,10 @@ pub fn install() -> Result<()> {
 
 /// Names a factor for every timeout of the lab: the kernel matrix's VM emulates its
 /// CPUs (no KVM), and everything there takes several times as long.
-pub const SLOWDOWN: &str = "OVERLAY_LAB_SLOWDOWN";
+pub(crate) const SLOWDOWN: &str = "OVERLAY_LAB_SLOWDOWN";
 
 /// `timeout` times the [`SLOWDOWN`] factor (1 when unset).
-pub fn scaled(timeout: Duration) -> Duration {
+pub(crate) fn scaled(timeout: Duration) -> Duration {
     let factor = std::env::var(SLOWDOWN)
         .ok()
         .and_then(|f| f.parse::<u32>().ok())
@@ -65,7 +65,7 @@ pub fn scaled(timeout: Duration) -> Duration {
 }
 
 /// Fails with [`Interrupted`] once Ctrl-C was pressed.
-pub fn check() -> Result<()> {
+pub(crate) fn check() -> Result<()> {
     if requested() {
         return Err(Interrupted.into());
     }
@@ -73,7 +73,7 @@ pub fn check() -> Result<()> {
 }
 
 /// The state of a condition being waited for.
-pub enum Wait<T> {
+pub(crate) enum Wait<T> {
     Done(T),
     /// Not yet, and what is still missing (reported if the wait times out).
     Pending(String),
@@ -81,12 +81,12 @@ pub enum Wait<T> {
 
 /// Whether Ctrl-C was pressed: then any failure is a consequence (a child process
 /// killed by the same SIGINT) and the run counts as interrupted.
-pub fn requested() -> bool {
+pub(crate) fn requested() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
 /// Polls `condition` until it is done, fails, `timeout` passes, or Ctrl-C.
-pub fn wait_until<T>(
+pub(crate) fn wait_until<T>(
     what: &str,
     timeout: Duration,
     condition: impl FnMut() -> Result<Wait<T>>,
@@ -95,7 +95,7 @@ pub fn wait_until<T>(
 }
 
 /// Like [`wait_until`], but carries on after Ctrl-C: for short waits that clean up.
-pub fn wait_briefly<T>(
+pub(crate) fn wait_briefly<T>(
     what: &str,
     timeout: Duration,
     condition: impl FnMut() -> Result<Wait<T>>,

@@ -12,10 +12,10 @@ use super::{cluster, netns, state::LabState};
 /// Drop counters of the whole lab at one moment, by place ("w1 eth0 rx", "w2-pod1
 /// Udp RcvbufErrors", "backlog").
 #[derive(Clone, Default)]
-pub struct KernelDrops(BTreeMap<String, u64>);
+pub(crate) struct KernelDrops(BTreeMap<String, u64>);
 
 impl KernelDrops {
-    pub fn read(lab: &LabState) -> Result<Self> {
+    pub(crate) fn read(lab: &LabState) -> Result<Self> {
         let mut drops = BTreeMap::new();
         drops.insert("backlog".to_owned(), backlog()?);
         let mut hosts: Vec<String> = lab.topology.hosts().into_iter().map(|h| h.name).collect();
@@ -30,7 +30,7 @@ impl KernelDrops {
     }
 
     /// What grew since `before`, by place.
-    pub fn since(&self, before: &Self) -> Self {
+    pub(crate) fn since(&self, before: &Self) -> Self {
         Self(
             self.0
                 .iter()

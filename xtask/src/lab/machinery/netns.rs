@@ -27,7 +27,7 @@ fn path(ns: &str) -> PathBuf {
 }
 
 /// Runs `cmd`; a failure carries the command and its stderr.
-pub fn run(cmd: &mut Command) -> Result<String> {
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -42,12 +42,12 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-pub fn add(ns: &str) -> Result<()> {
+pub(crate) fn add(ns: &str) -> Result<()> {
     run(Command::new("ip").args(["netns", "add", ns])).map(drop)
 }
 
 /// Deletes `ns` if it exists; its links go with it (and their veth peers with them).
-pub fn delete(ns: &str) -> Result<()> {
+pub(crate) fn delete(ns: &str) -> Result<()> {
     if !path(ns).exists() {
         return Ok(());
     }
@@ -55,7 +55,7 @@ pub fn delete(ns: &str) -> Result<()> {
 }
 
 /// Namespaces whose name starts with `prefix`.
-pub fn list(prefix: &str) -> Result<Vec<String>> {
+pub(crate) fn list(prefix: &str) -> Result<Vec<String>> {
     let mut names = Vec::new();
     let entries = match std::fs::read_dir(NETNS_DIR) {
         Ok(entries) => entries,
@@ -75,14 +75,14 @@ pub fn list(prefix: &str) -> Result<Vec<String>> {
 
 /// `program` run inside `ns`, through `ip netns exec` (which also gives it the
 /// namespace's view of /sys).
-pub fn command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+pub(crate) fn command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns]).arg(program);
     cmd
 }
 
 /// `ip -json <args>` in `ns`, parsed.
-pub fn ip_json(ns: &str, args: &[&str]) -> Result<serde_json::Value> {
+pub(crate) fn ip_json(ns: &str, args: &[&str]) -> Result<serde_json::Value> {
     let out = run(Command::new("ip").args(["-n", ns, "-json"]).args(args))?;
     // iproute2 prints nothing at all (not `[]`) for some empty dumps.
     if out.trim().is_empty() {
@@ -94,7 +94,7 @@ pub fn ip_json(ns: &str, args: &[&str]) -> Result<serde_json::Value> {
 
 /// Runs `f` on a thread that has entered `ns`. Sockets opened there stay in `ns` when
 /// used from any other thread; the thread ends with `f`, so nothing lingers inside.
-pub fn enter<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+pub(crate) fn enter<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     let path = path(ns);
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -109,7 +109,7 @@ pub fn enter<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<
 
 /// Writes a sysctl of `ns` (under /proc/sys/net, they belong to the namespace of the
 /// thread that opens them), e.g. `sysctl(ns, "net/ipv4/ip_forward", "1")`.
-pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
+pub(crate) fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     enter(ns, || {
         std::fs::write(format!("/proc/sys/{key}"), value)
             .with_context(|| format!("setting {key} to {value} in {ns}"))
@@ -117,18 +117,18 @@ pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
 }
 
 /// Turns on IPv4 forwarding in `ns`.
-pub fn enable_forwarding(ns: &str) -> Result<()> {
+pub(crate) fn enable_forwarding(ns: &str) -> Result<()> {
     sysctl(ns, "net/ipv4/ip_forward", "1")
 }
 
 /// Link and address changes in one namespace, applied by a single `ip -batch`.
-pub struct Script {
+pub(crate) struct Script {
     ns: String,
     lines: Vec<String>,
 }
 
 impl Script {
-    pub fn new(ns: &str) -> Self {
+    pub(crate) fn new(ns: &str) -> Self {
         Self {
             ns: ns.to_owned(),
             lines: vec!["link set lo up".into()],
@@ -142,7 +142,7 @@ impl Script {
 
     /// A veth pair: `name` here, `peer` created directly in `peer_ns`. Both ends get
     /// `mtu`; `mac` is this end's address (kernel-chosen when None).
-    pub fn veth(
+    pub(crate) fn veth(
         &mut self,
         name: &str,
         mac: Option<[u8; 6]>,
@@ -161,7 +161,7 @@ impl Script {
         )))
     }
 
-    pub fn bridge(&mut self, name: &str, mtu: Option<u32>) -> Result<&mut Self> {
+    pub(crate) fn bridge(&mut self, name: &str, mtu: Option<u32>) -> Result<&mut Self> {
         check_ifname(name)?;
         let mtu = mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
         Ok(self
@@ -170,28 +170,28 @@ impl Script {
     }
 
     /// Brings up `port`, enslaved to `bridge`.
-    pub fn attach(&mut self, port: &str, bridge: &str) -> &mut Self {
+    pub(crate) fn attach(&mut self, port: &str, bridge: &str) -> &mut Self {
         self.line(format!("link set {port} master {bridge} up"))
     }
 
-    pub fn up(&mut self, dev: &str) -> &mut Self {
+    pub(crate) fn up(&mut self, dev: &str) -> &mut Self {
         self.line(format!("link set {dev} up"))
     }
 
-    pub fn address(&mut self, address: Ipv4Net, dev: &str) -> &mut Self {
+    pub(crate) fn address(&mut self, address: Ipv4Net, dev: &str) -> &mut Self {
         self.line(format!("address add {address} dev {dev}"))
     }
 
     /// `to` on the link of `dev` (no gateway).
-    pub fn route(&mut self, to: Ipv4Net, dev: &str) -> &mut Self {
+    pub(crate) fn route(&mut self, to: Ipv4Net, dev: &str) -> &mut Self {
         self.line(format!("route add {to} dev {dev}"))
     }
 
-    pub fn default_route(&mut self, via: Ipv4Addr) -> &mut Self {
+    pub(crate) fn default_route(&mut self, via: Ipv4Addr) -> &mut Self {
         self.line(format!("route add default via {via}"))
     }
 
-    pub fn apply(&self) -> Result<()> {
+    pub(crate) fn apply(&self) -> Result<()> {
         let script = self.lines.join("\n") + "\n";
         run_with_input(
             Command::new("ip").args(["-n", &self.ns, "-batch", "-"]),
@@ -204,7 +204,7 @@ impl Script {
 /// Runs `cmd` with `input` on its standard input (a script for `ip -batch`, `nft -f -`,
 /// `iptables-restore`, `ipset restore`); a failure carries the tool's message and the
 /// input line it names.
-pub fn run_with_input(cmd: &mut Command, input: &str) -> Result<String> {
+pub(crate) fn run_with_input(cmd: &mut Command, input: &str) -> Result<String> {
     let shown = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -262,7 +262,7 @@ fn format_mac(mac: [u8; 6]) -> String {
 
 /// The MAC address docker gives a container with `address` (02:42 + the IPv4
 /// address): captures then read like the walkthrough's.
-pub fn docker_mac(address: Ipv4Addr) -> [u8; 6] {
+pub(crate) fn docker_mac(address: Ipv4Addr) -> [u8; 6] {
     let [a, b, c, d] = address.octets();
     [0x02, 0x42, a, b, c, d]
 }

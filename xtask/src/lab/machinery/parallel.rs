@@ -11,7 +11,7 @@ use super::interrupt;
 
 /// `f` applied to every item, `parallel` items at a time; the results come back in the
 /// items' order. Fails only on Ctrl-C (checked before each item).
-pub fn map<T: Sync, R: Send>(
+pub(crate) fn map<T: Sync, R: Send>(
     items: &[T],
     parallel: usize,
     f: impl Fn(&T) -> R + Sync,

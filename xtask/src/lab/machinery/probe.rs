@@ -16,7 +16,7 @@ use super::{interrupt, netns};
 
 /// Bytes sent each way per TCP probe: enough for full-size segments and several
 /// round trips of the window, so a wrong MTU or a broken checksum shows.
-pub const TCP_BYTES: usize = 64 * 1024;
+pub(crate) const TCP_BYTES: usize = 64 * 1024;
 const ICMP_TIMEOUT: Duration = Duration::from_secs(1);
 const TCP_TIMEOUT: Duration = Duration::from_secs(2);
 const UDP_TIMEOUT: Duration = Duration::from_millis(700);
@@ -28,7 +28,7 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 
 /// Why a probe failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     Timeout,
     /// An ICMP error came back, or the local stack had no route.
     Unreachable(String),
@@ -39,7 +39,7 @@ pub enum Failure {
 }
 
 impl Failure {
-    pub fn from_io(e: io::Error) -> Self {
+    pub(crate) fn from_io(e: io::Error) -> Self {
         match e.kind() {
             io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Failure::Timeout,
             io::ErrorKind::ConnectionRefused => Failure::Refused,
@@ -51,7 +51,7 @@ impl Failure {
     }
 
     /// A word for a table cell.
-    pub fn short(&self) -> &'static str {
+    pub(crate) fn short(&self) -> &'static str {
         match self {
             Failure::Timeout => "timeout",
             Failure::Unreachable(_) => "unreach",
@@ -75,34 +75,34 @@ impl fmt::Display for Failure {
 }
 
 /// The time a successful probe took, or why it failed.
-pub type Outcome = Result<Duration, Failure>;
+pub(crate) type Outcome = Result<Duration, Failure>;
 
 /// A table cell: milliseconds, or a cross and the reason.
-pub fn cell(outcome: &Outcome) -> String {
+pub(crate) fn cell(outcome: &Outcome) -> String {
     match outcome {
         Ok(d) => millis(*d),
         Err(f) => format!("✗ {}", f.short()),
     }
 }
 
-pub fn millis(d: Duration) -> String {
+pub(crate) fn millis(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1e3)
 }
 
 /// Where a probe starts: a namespace and, for the masquerade checks, a source address
 /// to bind (a node's own address: rule 6).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Client {
+pub(crate) struct Client {
     pub ns: String,
     pub bind: Option<Ipv4Addr>,
 }
 
 impl Client {
-    pub fn new(ns: String) -> Self {
+    pub(crate) fn new(ns: String) -> Self {
         Self { ns, bind: None }
     }
 
-    pub fn bound(mut self, address: Ipv4Addr) -> Self {
+    pub(crate) fn bound(mut self, address: Ipv4Addr) -> Self {
         self.bind = Some(address);
         self
     }
@@ -133,16 +133,16 @@ impl Client {
 
 /// The protocols a probe speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Proto {
+pub(crate) enum Proto {
     Icmp,
     Tcp,
     Udp,
 }
 
 impl Proto {
-    pub const ALL: [Proto; 3] = [Proto::Icmp, Proto::Tcp, Proto::Udp];
+    pub(crate) const ALL: [Proto; 3] = [Proto::Icmp, Proto::Tcp, Proto::Udp];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Proto::Icmp => "ICMP",
             Proto::Tcp => "TCP",
@@ -153,7 +153,7 @@ impl Proto {
 
 /// A completed exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Exchange {
+pub(crate) struct Exchange {
     pub time: Duration,
     /// The source address and port the client's socket used (for ICMP, the echo
     /// identifier, which masquerade translates like a port).
@@ -167,7 +167,7 @@ pub struct Exchange {
 impl Exchange {
     /// The round trip, if the destination saw `expected` (the client's own address
     /// when None): anything else is a translation nobody asked for.
-    pub fn seen_as(self, expected: Option<Ipv4Addr>) -> Outcome {
+    pub(crate) fn seen_as(self, expected: Option<Ipv4Addr>) -> Outcome {
         let expected = expected.unwrap_or(*self.local.ip());
         match self.seen {
             Some(seen) if seen == expected => Ok(self.time),
@@ -189,20 +189,20 @@ fn local_address(socket: &Socket) -> Result<SocketAddrV4, Failure> {
 }
 
 /// A fresh number, unique in this process, to tell exchanges apart.
-pub fn token() -> u64 {
+pub(crate) fn token() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// One ICMP echo from `client` to `to` carrying `token`: the round trip, or the ICMP
 /// error that came back instead. What the destination saw is for its recorder to say.
-pub fn ping(client: &Client, to: Ipv4Addr, token: u64) -> Result<Exchange, Failure> {
+pub(crate) fn ping(client: &Client, to: Ipv4Addr, token: u64) -> Result<Exchange, Failure> {
     ping_sized(client, to, token, ECHO_PADDING)
 }
 
 /// [`ping`] with `padding` bytes after the token (more than the path's MTU makes the
 /// sender fragment the request).
-pub fn ping_sized(
+pub(crate) fn ping_sized(
     client: &Client,
     to: Ipv4Addr,
     token: u64,
@@ -266,7 +266,7 @@ fn echo_request(id: u16, token: u64, padding: usize) -> Vec<u8> {
 
 /// The source and token of one of our echo requests (an IPv4 packet as a raw socket
 /// reads it); None for anything else.
-pub fn echo_request_token(packet: &[u8]) -> Option<(Ipv4Addr, u64)> {
+pub(crate) fn echo_request_token(packet: &[u8]) -> Option<(Ipv4Addr, u64)> {
     let ihl = usize::from(packet.first()? & 0x0f) * 4;
     let source = Ipv4Addr::from(<[u8; 4]>::try_from(packet.get(12..16)?).ok()?);
     let icmp = packet.get(ihl..)?;
@@ -345,7 +345,7 @@ fn read_answer(answer: &[u8], sent: &[u8]) -> Result<Ipv4Addr, Failure> {
 
 /// Connects from `client` to an echo server at `to`, sends [`TCP_BYTES`], and checks
 /// that they come back intact. The time covers the handshake and both transfers.
-pub fn tcp(client: &Client, to: SocketAddrV4) -> Result<Exchange, Failure> {
+pub(crate) fn tcp(client: &Client, to: SocketAddrV4) -> Result<Exchange, Failure> {
     tcp_sized(client, to, TCP_BYTES)
 }
 
@@ -367,7 +367,11 @@ fn connect(client: &Client, to: SocketAddrV4) -> Result<(TcpStream, SocketAddrV4
 }
 
 /// [`tcp`] with `len` bytes each way.
-pub fn tcp_sized(client: &Client, to: SocketAddrV4, len: usize) -> Result<Exchange, Failure> {
+pub(crate) fn tcp_sized(
+    client: &Client,
+    to: SocketAddrV4,
+    len: usize,
+) -> Result<Exchange, Failure> {
     let started = Instant::now();
     let (mut stream, local) = connect(client, to)?;
     let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
@@ -387,7 +391,7 @@ pub fn tcp_sized(client: &Client, to: SocketAddrV4, len: usize) -> Result<Exchan
 
 /// A TCP connection held open to an echo server (which sends the address it saw, then
 /// echoes what comes): messages go back and forth over time, as a long-lived flow's.
-pub struct Session {
+pub(crate) struct Session {
     stream: TcpStream,
     /// The connection's own end.
     pub local: SocketAddrV4,
@@ -397,7 +401,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn open(client: &Client, to: SocketAddrV4) -> Result<Self, Failure> {
+    pub(crate) fn open(client: &Client, to: SocketAddrV4) -> Result<Self, Failure> {
         let (mut stream, local) = connect(client, to)?;
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
@@ -415,7 +419,7 @@ impl Session {
     }
 
     /// One message there and back (each a new one, so that a stale echo shows).
-    pub fn exchange(&mut self) -> Result<(), Failure> {
+    pub(crate) fn exchange(&mut self) -> Result<(), Failure> {
         self.sent += 1;
         let message = format!("olab message {:08}\n", self.sent).into_bytes();
         self.stream.write_all(&message).map_err(Failure::from_io)?;
@@ -437,13 +441,17 @@ impl Session {
 /// Sends one datagram with a unique payload from `client` to a UDP echo server at `to`
 /// and waits for its answer, asking again after each [`UDP_TIMEOUT`] (a datagram may
 /// be lost; a broken path stays broken).
-pub fn udp(client: &Client, to: SocketAddrV4) -> Result<Exchange, Failure> {
+pub(crate) fn udp(client: &Client, to: SocketAddrV4) -> Result<Exchange, Failure> {
     udp_sized(client, to, 0)
 }
 
 /// [`udp`] with a datagram of at least `len` bytes (more than the path's MTU makes the
 /// sender fragment it).
-pub fn udp_sized(client: &Client, to: SocketAddrV4, len: usize) -> Result<Exchange, Failure> {
+pub(crate) fn udp_sized(
+    client: &Client,
+    to: SocketAddrV4,
+    len: usize,
+) -> Result<Exchange, Failure> {
     let socket = client.socket(Type::DGRAM, Protocol::UDP)?;
     // Connected: the kernel only hands us datagrams from `to`, and ICMP errors as errors.
     socket.connect(&to.into()).map_err(Failure::from_io)?;

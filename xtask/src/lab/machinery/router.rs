@@ -14,14 +14,14 @@ use super::{cluster::ROUTER, netns, state::LabState};
 const PROTO: &str = "static";
 
 /// Routes installed on the router, removed when dropped.
-pub struct RouterRoutes<'a> {
+pub(crate) struct RouterRoutes<'a> {
     lab: &'a LabState,
     routes: Vec<(Ipv4Net, Ipv4Addr)>,
 }
 
 impl<'a> RouterRoutes<'a> {
     /// Installs `destination via next hop` for each route.
-    pub fn install(lab: &'a LabState, routes: &[(Ipv4Net, Ipv4Addr)]) -> Result<Self> {
+    pub(crate) fn install(lab: &'a LabState, routes: &[(Ipv4Net, Ipv4Addr)]) -> Result<Self> {
         let mut installed = Self {
             lab,
             routes: Vec::new(),
@@ -35,7 +35,7 @@ impl<'a> RouterRoutes<'a> {
 
     /// Routes every node's pod subnet via the node: the outside reaches pods without
     /// translation.
-    pub fn to_pods(lab: &'a LabState) -> Result<Self> {
+    pub(crate) fn to_pods(lab: &'a LabState) -> Result<Self> {
         let routes: Vec<_> = lab
             .topology
             .nodes
@@ -46,7 +46,7 @@ impl<'a> RouterRoutes<'a> {
     }
 
     /// "10.244.2.0/24 via 172.18.0.3, ..."
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let routes: Vec<String> = self
             .routes
             .iter()
@@ -82,7 +82,7 @@ fn route(lab: &LabState, action: &str, dst: Ipv4Net, via: Ipv4Addr) -> Result<()
 }
 
 /// Removes every route a check put on the router (after a crash, or Ctrl-C).
-pub fn flush(lab: &LabState) -> Result<()> {
+pub(crate) fn flush(lab: &LabState) -> Result<()> {
     netns::run(Command::new("ip").args([
         "-n",
         &lab.netns(ROUTER),
@@ -95,7 +95,7 @@ pub fn flush(lab: &LabState) -> Result<()> {
 }
 
 /// The router's routes into the pod network: none, outside of a check that put some.
-pub fn pod_routes(lab: &LabState) -> Result<BTreeSet<Ipv4Net>> {
+pub(crate) fn pod_routes(lab: &LabState) -> Result<BTreeSet<Ipv4Net>> {
     let routes = netns::ip_json(&lab.netns(ROUTER), &["route", "show"])?;
     let mut found = BTreeSet::new();
     for r in routes

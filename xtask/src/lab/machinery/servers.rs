@@ -50,7 +50,7 @@ struct Endpoint {
     udp: SocketAddrV4,
 }
 
-pub struct Servers {
+pub(crate) struct Servers {
     /// Declared first: dropped (and with it every socket) before the rest.
     runtime: Runtime,
     endpoints: Vec<Endpoint>,
@@ -60,13 +60,13 @@ pub struct Servers {
 impl Servers {
     /// Starts the servers on every host of `hosts`, each on the host's address with
     /// ports the kernel picks (concurrent checks never collide).
-    pub fn start(lab: &LabState, hosts: &[Host]) -> Result<Self> {
+    pub(crate) fn start(lab: &LabState, hosts: &[Host]) -> Result<Self> {
         Self::start_on(lab, hosts, 0)
     }
 
     /// [`Servers::start`] on `port` (TCP and UDP; 0: the kernel picks): a Service's
     /// endpoints, whose target port the rules name.
-    pub fn start_on(lab: &LabState, hosts: &[Host], port: u16) -> Result<Self> {
+    pub(crate) fn start_on(lab: &LabState, hosts: &[Host], port: u16) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(RUNTIME_THREADS)
             .thread_name("lab-servers")
@@ -122,16 +122,21 @@ impl Servers {
             .ok_or_else(|| Failure::Other(format!("no servers on {host}")))
     }
 
-    pub fn tcp(&self, host: &str) -> Result<SocketAddrV4, Failure> {
+    pub(crate) fn tcp(&self, host: &str) -> Result<SocketAddrV4, Failure> {
         Ok(self.endpoint(host)?.tcp)
     }
 
-    pub fn udp(&self, host: &str) -> Result<SocketAddrV4, Failure> {
+    pub(crate) fn udp(&self, host: &str) -> Result<SocketAddrV4, Failure> {
         Ok(self.endpoint(host)?.udp)
     }
 
     /// One exchange of `proto` from `client` to `to`, with the source address `to` saw.
-    pub fn exchange(&self, client: &Client, to: &Host, proto: Proto) -> Result<Exchange, Failure> {
+    pub(crate) fn exchange(
+        &self,
+        client: &Client,
+        to: &Host,
+        proto: Proto,
+    ) -> Result<Exchange, Failure> {
         match proto {
             Proto::Tcp => probe::tcp(client, self.tcp(&to.name)?),
             Proto::Udp => probe::udp(client, self.udp(&to.name)?),
@@ -162,7 +167,7 @@ impl Servers {
     }
 
     /// Runs `future` on the servers' runtime (the load test's clients share it).
-    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+    pub(crate) fn block_on<F: Future>(&self, future: F) -> F::Output {
         self.runtime.block_on(future)
     }
 }

@@ -24,7 +24,7 @@ const ROOT: &str = "/run/overlay-lab";
 const STATE_FILE: &str = "state.json";
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct LabState {
+pub(crate) struct LabState {
     pub id: String,
     /// The agent binary the lab runs (`check --controls` restarts agents with it).
     pub agent: PathBuf,
@@ -38,12 +38,12 @@ pub struct LabState {
 }
 
 impl LabState {
-    pub fn dir(&self) -> PathBuf {
+    pub(crate) fn dir(&self) -> PathBuf {
         Path::new(ROOT).join(&self.id)
     }
 
     /// The namespace of a host (`switch`, `router`, a node or a pod).
-    pub fn netns(&self, host: &str) -> String {
+    pub(crate) fn netns(&self, host: &str) -> String {
         format!("{}{host}", self.netns_prefix())
     }
 
@@ -51,24 +51,24 @@ impl LabState {
         format!("olab-{}-", self.id)
     }
 
-    pub fn node_dir(&self, node: &str) -> PathBuf {
+    pub(crate) fn node_dir(&self, node: &str) -> PathBuf {
         self.dir().join(node)
     }
 
-    pub fn bpffs(&self) -> PathBuf {
+    pub(crate) fn bpffs(&self) -> PathBuf {
         self.dir().join("bpffs")
     }
 
-    pub fn nodes_file(&self) -> PathBuf {
+    pub(crate) fn nodes_file(&self) -> PathBuf {
         self.dir().join("nodes.json")
     }
 
-    pub fn net_conf_file(&self) -> PathBuf {
+    pub(crate) fn net_conf_file(&self) -> PathBuf {
         self.dir().join("net-conf.json")
     }
 
     /// Claims a fresh id and records the lab before anything of it exists.
-    pub fn create(
+    pub(crate) fn create(
         topology: Topology,
         agent: PathBuf,
         masquerade: bool,
@@ -101,7 +101,7 @@ impl LabState {
         }
     }
 
-    pub fn save(&self) -> Result<()> {
+    pub(crate) fn save(&self) -> Result<()> {
         let path = self.dir().join(STATE_FILE);
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
@@ -110,7 +110,7 @@ impl LabState {
     }
 
     /// The running lab `id`, or the only running lab.
-    pub fn load(id: Option<&str>) -> Result<Self> {
+    pub(crate) fn load(id: Option<&str>) -> Result<Self> {
         let running = Self::running()?;
         let id = match (id, running.as_slice()) {
             (Some(id), _) => id,
@@ -128,7 +128,7 @@ impl LabState {
     }
 
     /// Ids of the labs that have a state file.
-    pub fn running() -> Result<Vec<String>> {
+    pub(crate) fn running() -> Result<Vec<String>> {
         let mut ids = Vec::new();
         let entries = match std::fs::read_dir(ROOT) {
             Ok(entries) => entries,
@@ -152,7 +152,7 @@ impl LabState {
     /// CNI state (and etcd's data and certificates) with it. Goes on after a failure, so that one stuck piece does not keep the
     /// rest alive; the directory (and with it the state) is only removed when everything
     /// else is gone, so that `lab down` can try again.
-    pub fn teardown(&self) -> Result<Removed> {
+    pub(crate) fn teardown(&self) -> Result<Removed> {
         let mut removed = Removed::default();
         let mut errors = Vec::new();
         let deleted = cni::del_all(self);
@@ -210,7 +210,7 @@ fn fast_path_default() -> bool {
 
 /// What a teardown removed.
 #[derive(Debug, Default)]
-pub struct Removed {
+pub(crate) struct Removed {
     /// Pods whose networks CNI DEL removed.
     pub pods: usize,
     /// The pods whose CNI DEL failed, and why.
@@ -245,17 +245,17 @@ impl fmt::Display for Removed {
 
 /// Removes the lab when dropped, unless [`LabGuard::keep`] hands it over: whatever ends
 /// the run (an error, a panic, Ctrl-C), nothing is left behind.
-pub struct LabGuard(Option<LabState>);
+pub(crate) struct LabGuard(Option<LabState>);
 
 impl LabGuard {
     /// Leaves the lab running (`lab up`).
-    pub fn keep(mut self) -> LabState {
+    pub(crate) fn keep(mut self) -> LabState {
         self.0
             .take()
             .expect("the guard holds the lab until consumed")
     }
 
-    pub fn teardown(mut self) -> Result<Removed> {
+    pub(crate) fn teardown(mut self) -> Result<Removed> {
         self.0
             .take()
             .expect("the guard holds the lab until consumed")
@@ -300,7 +300,7 @@ fn random_id() -> Result<String> {
 }
 
 /// Whether `path` is a mount point of our mount namespace.
-pub fn is_mount_point(path: &Path) -> Result<bool> {
+pub(crate) fn is_mount_point(path: &Path) -> Result<bool> {
     let mounts =
         std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     // Field 5 is the mount point (our paths contain no characters mountinfo escapes).

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-pub struct Table {
+pub(crate) struct Table {
     header: Vec<String>,
     rows: Vec<Vec<String>>,
     /// Columns aligned right (numbers); the others align left.
@@ -10,7 +10,7 @@ pub struct Table {
 }
 
 impl Table {
-    pub fn new<S: ToString>(header: impl IntoIterator<Item = S>) -> Self {
+    pub(crate) fn new<S: ToString>(header: impl IntoIterator<Item = S>) -> Self {
         Self {
             header: header.into_iter().map(|h| h.to_string()).collect(),
             rows: Vec::new(),
@@ -18,12 +18,12 @@ impl Table {
         }
     }
 
-    pub fn align_right(mut self, columns: impl IntoIterator<Item = usize>) -> Self {
+    pub(crate) fn align_right(mut self, columns: impl IntoIterator<Item = usize>) -> Self {
         self.right.extend(columns);
         self
     }
 
-    pub fn row<S: ToString>(&mut self, cells: impl IntoIterator<Item = S>) {
+    pub(crate) fn row<S: ToString>(&mut self, cells: impl IntoIterator<Item = S>) {
         self.rows
             .push(cells.into_iter().map(|c| c.to_string()).collect());
     }

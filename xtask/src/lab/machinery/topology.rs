@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 /// An L2 segment of the underlay.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Segment {
+pub(crate) struct Segment {
     pub name: String,
     /// The router's address on the segment, with the segment's prefix length: every
     /// host on the segment uses it as its default gateway.
@@ -29,14 +29,14 @@ pub struct Segment {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Role {
+pub(crate) enum Role {
     ControlPlane,
     Worker,
 }
 
 /// A Kubernetes node: a namespace with an uplink on a segment, the pod bridge and pods.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Node {
+pub(crate) struct Node {
     pub name: String,
     pub role: Role,
     pub segment: String,
@@ -50,14 +50,14 @@ impl Node {
     /// The pod gateway: the first address of the pod subnet, held by `cni0`. The
     /// agent's routes make it the source of the node's own traffic to remote pods, and
     /// masquerade rule 6 translates to it.
-    pub fn gateway(&self) -> Ipv4Addr {
+    pub(crate) fn gateway(&self) -> Ipv4Addr {
         overlay_common::subnet_env::gateway(self.pod_cidr)
     }
 }
 
 /// A host outside the cluster (neither node nor pod), on a segment of its own.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Outside {
+pub(crate) struct Outside {
     pub name: String,
     pub segment: String,
     pub address: Ipv4Addr,
@@ -66,7 +66,7 @@ pub struct Outside {
 /// The etcd that flannel's etcd subnet manager keeps its configuration and leases in:
 /// a host on a segment of the underlay, like the outside host neither node nor pod.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EtcdHost {
+pub(crate) struct EtcdHost {
     pub name: String,
     pub segment: String,
     pub address: Ipv4Addr,
@@ -74,7 +74,7 @@ pub struct EtcdHost {
 
 /// A pod: a namespace whose `eth0` hangs on its node's `cni0`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pod {
+pub(crate) struct Pod {
     pub name: String,
     pub node: String,
     pub address: Ipv4Addr,
@@ -82,7 +82,7 @@ pub struct Pod {
 
 /// What a host of the lab is, for the probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Node,
     Pod,
     Outside,
@@ -91,7 +91,7 @@ pub enum Kind {
 /// A host that probes run from or to: a node, a pod or the outside host, with the
 /// address it is reached at.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Host {
+pub(crate) struct Host {
     pub name: String,
     pub kind: Kind,
     /// The node a pod runs on, or the node itself; None for the outside host.
@@ -133,7 +133,7 @@ impl From<&Outside> for Host {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Topology {
+pub(crate) struct Topology {
     /// flannel's `Network`.
     pub pod_network: Ipv4Net,
     pub pods_per_node: u8,
@@ -152,7 +152,7 @@ pub struct Topology {
 impl Topology {
     /// The walkthrough's kind cluster, plus `w3` behind the router, plus an outside host
     /// on a documentation network (TEST-NET-2) beyond the router.
-    pub fn kind() -> Self {
+    pub(crate) fn kind() -> Self {
         let net = |s: &str| s.parse::<Ipv4Net>().expect("literal CIDR");
         let node = |name: &str, role, segment: &str, address: [u8; 4], pod_cidr: &str| Node {
             name: name.into(),
@@ -211,7 +211,7 @@ impl Topology {
     /// stand (it is not Kubernetes' etcd). There, nothing the checks do to a node
     /// (stopping its agent, its iptables, a reference datapath) reaches it, and w3's
     /// agent reaches it through the router as a remote node would.
-    pub fn with_etcd(mut self) -> Self {
+    pub(crate) fn with_etcd(mut self) -> Self {
         self.etcd = Some(EtcdHost {
             name: "etcd".into(),
             segment: "kind".into(),
@@ -221,14 +221,14 @@ impl Topology {
     }
 
     /// The same cluster with flannel's `Backend.DirectRouting`.
-    pub fn with_direct_routing(mut self) -> Self {
+    pub(crate) fn with_direct_routing(mut self) -> Self {
         self.direct_routing = true;
         self
     }
 
     /// Two workers of the kind cluster, one pod each, and the outside host beyond the
     /// router: the benchmark's and the interoperability test's cluster.
-    pub fn pair() -> Self {
+    pub(crate) fn pair() -> Self {
         let mut t = Self::kind();
         t.nodes.retain(|n| n.name == "w1" || n.name == "w2");
         t.pods_per_node = 1;
@@ -237,7 +237,7 @@ impl Topology {
 
     /// Catches what would otherwise surface as a confusing failure halfway through
     /// building the namespaces.
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         // The probes and the wire proof talk between pods.
         ensure!(self.pods_per_node >= 1, "every node needs at least one pod");
         for (i, node) in self.nodes.iter().enumerate() {
@@ -310,7 +310,7 @@ impl Topology {
     /// (FLANNEL_SUBNET, by node name), which the pods and every check then build on.
     /// With etcd the leases are the only source: they replace the placeholders. Without,
     /// the agent read the node list the lab wrote, and must have taken its podCIDR.
-    pub fn adopt_subnets(&mut self, written: &BTreeMap<String, Ipv4Net>) -> Result<()> {
+    pub(crate) fn adopt_subnets(&mut self, written: &BTreeMap<String, Ipv4Net>) -> Result<()> {
         let leased = self.etcd.is_some();
         for node in &mut self.nodes {
             let subnet = written
@@ -341,14 +341,14 @@ impl Topology {
         Ok(())
     }
 
-    pub fn node(&self, name: &str) -> Result<&Node> {
+    pub(crate) fn node(&self, name: &str) -> Result<&Node> {
         match self.nodes.iter().find(|n| n.name == name) {
             Some(n) => Ok(n),
             None => bail!("no node {name}"),
         }
     }
 
-    pub fn segment(&self, name: &str) -> Result<&Segment> {
+    pub(crate) fn segment(&self, name: &str) -> Result<&Segment> {
         match self.segments.iter().find(|s| s.name == name) {
             Some(s) => Ok(s),
             None => bail!("no segment {name}"),
@@ -356,7 +356,7 @@ impl Topology {
     }
 
     /// `address` with the prefix length of `segment`, as configured on a host there.
-    pub fn address_on(&self, segment: &str, address: Ipv4Addr) -> Result<Ipv4Net> {
+    pub(crate) fn address_on(&self, segment: &str, address: Ipv4Addr) -> Result<Ipv4Net> {
         Ok(Ipv4Net::new(
             address,
             self.segment(segment)?.gateway.prefix_len(),
@@ -365,7 +365,7 @@ impl Topology {
 
     /// The pods of `node`, addressed from .2 up as host-local IPAM hands them out (.1
     /// is the bridge's gateway address).
-    pub fn pods_of(&self, node: &Node) -> Vec<Pod> {
+    pub(crate) fn pods_of(&self, node: &Node) -> Vec<Pod> {
         (1..=self.pods_per_node)
             .map(|i| Pod {
                 name: format!("{}-pod{i}", node.name),
@@ -375,12 +375,12 @@ impl Topology {
             .collect()
     }
 
-    pub fn pods(&self) -> Vec<Pod> {
+    pub(crate) fn pods(&self) -> Vec<Pod> {
         self.nodes.iter().flat_map(|n| self.pods_of(n)).collect()
     }
 
     /// Every node and pod (each node followed by its pods), then the outside host.
-    pub fn hosts(&self) -> Vec<Host> {
+    pub(crate) fn hosts(&self) -> Vec<Host> {
         let mut hosts = Vec::new();
         for node in &self.nodes {
             hosts.push(Host::from(node));
@@ -391,7 +391,7 @@ impl Topology {
     }
 
     /// The node that `host` is or runs on.
-    pub fn node_of(&self, host: &Host) -> Option<&Node> {
+    pub(crate) fn node_of(&self, host: &Host) -> Option<&Node> {
         self.nodes
             .iter()
             .find(|n| Some(&n.name) == host.node.as_ref())
@@ -399,7 +399,7 @@ impl Topology {
 
     /// The nodes as `kubectl get nodes -o json` prints them (the fields the agent reads
     /// and the labels kind sets).
-    pub fn node_list(&self) -> Value {
+    pub(crate) fn node_list(&self) -> Value {
         let items: Vec<Value> = self
             .nodes
             .iter()
@@ -437,7 +437,7 @@ impl Topology {
     }
 
     /// flannel's `net-conf.json` (the walkthrough's ConfigMap).
-    pub fn net_conf(&self) -> Value {
+    pub(crate) fn net_conf(&self) -> Value {
         let mut backend = json!({ "Type": "ipip" });
         if self.direct_routing {
             backend["DirectRouting"] = true.into();

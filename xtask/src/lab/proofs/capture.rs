@@ -54,7 +54,7 @@ struct TpacketStats {
 
 /// One IPIP packet: outer and inner addresses, and the inner protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Flow {
+pub(crate) struct Flow {
     pub outer: (Ipv4Addr, Ipv4Addr),
     pub inner: (Ipv4Addr, Ipv4Addr),
     pub protocol: u8,
@@ -138,7 +138,7 @@ impl Capture {
                 libc::bind(
                     socket.as_raw_fd(),
                     (&raw const addr).cast(),
-                    mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                    size_of::<libc::sockaddr_ll>() as libc::socklen_t,
                 )
             };
             if rc != 0 {
@@ -164,7 +164,7 @@ impl Capture {
             }
         }
         let mut stats = TpacketStats::default();
-        let mut len = mem::size_of::<TpacketStats>() as libc::socklen_t;
+        let mut len = size_of::<TpacketStats>() as libc::socklen_t;
         // SAFETY: a valid socket, and a tpacket_stats buffer of the length given.
         let rc = unsafe {
             libc::getsockopt(
@@ -182,7 +182,7 @@ impl Capture {
     }
 }
 
-pub struct WireProof {
+pub(crate) struct WireProof {
     /// The node whose uplink was captured.
     node: String,
     /// The pod-to-pod exchanges run during the capture.
@@ -248,7 +248,7 @@ fn plan(topology: &Topology) -> Result<Plan> {
 }
 
 /// Captures on the chosen node's uplink during one ICMP and one TCP exchange per peer.
-pub fn prove(lab: &LabState) -> Result<WireProof> {
+pub(crate) fn prove(lab: &LabState) -> Result<WireProof> {
     let topology = &lab.topology;
     let Plan { node, pairs } = plan(topology)?;
     let address = |pod: &Pod| topology.node(&pod.node).map(|n| n.address);
@@ -338,7 +338,7 @@ impl WireProof {
     }
 
     /// Why the proof fails; empty when it holds.
-    pub fn failures(&self) -> Vec<String> {
+    pub(crate) fn failures(&self) -> Vec<String> {
         let mut failures = Vec::new();
         for e in &self.exchanges {
             for (proto, outcome) in [("ICMP", &e.icmp), ("TCP", &e.tcp)] {
@@ -389,7 +389,7 @@ impl WireProof {
             .filter(|c| !self.clear.contains_key(c))
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let peers: Vec<String> = self
             .exchanges
             .iter()

@@ -41,14 +41,14 @@ struct Row {
     ok: Option<bool>,
 }
 
-pub struct Controls {
+pub(crate) struct Controls {
     rows: Vec<Row>,
     surprises: Vec<String>,
 }
 
 /// Runs the three controls and leaves the lab as it found it (agents running), also
 /// when a control cannot run to its end.
-pub fn run(lab: &LabState) -> Result<Controls> {
+pub(crate) fn run(lab: &LabState) -> Result<Controls> {
     let result = controls(lab);
     if result.is_err() {
         // Best effort on the way out; the error that got us here is the one to report.
@@ -258,11 +258,11 @@ impl Controls {
         );
     }
 
-    pub fn ok(&self) -> bool {
+    pub(crate) fn ok(&self) -> bool {
         self.rows.iter().all(|r| r.ok != Some(false))
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut table = Table::new([
             "STEP",
             "PATHS",

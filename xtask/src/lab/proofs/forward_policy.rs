@@ -35,13 +35,13 @@ const RULES_TIMEOUT: Duration = Duration::from_secs(15);
 const RULE_OFF: &str = "--iptables-forward-rules=false";
 
 #[derive(Default)]
-pub struct Proof {
+pub(crate) struct Proof {
     table: Option<Table>,
     pub failures: Vec<String>,
 }
 
 impl Proof {
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         self.table
             .as_ref()
             .map(Table::to_string)
@@ -50,7 +50,7 @@ impl Proof {
 }
 
 /// Runs the proof, and puts the policy and the agent back whatever happened.
-pub fn run(lab: &LabState) -> Result<Proof> {
+pub(crate) fn run(lab: &LabState) -> Result<Proof> {
     let node = lab.topology.node(NODE)?;
     let ns = lab.netns(NODE);
     iptables(&ns, &["-P", "FORWARD", "DROP"])?;

@@ -20,7 +20,7 @@ use crate::lab::machinery::{
 
 /// How a packet travels from source to destination, which decides what can carry it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathKind {
+pub(crate) enum PathKind {
     /// Within one node: the bridge, or the node to its own pods.
     SameNode,
     /// Between nodes on one segment: any of overlay, host-gw routes, could carry it.
@@ -37,7 +37,7 @@ pub enum PathKind {
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 6] = [
+    pub(crate) const ALL: [PathKind; 6] = [
         PathKind::SameNode,
         PathKind::SameSwitch,
         PathKind::Routed,
@@ -46,7 +46,7 @@ impl PathKind {
         PathKind::OutsideToPod,
     ];
 
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             PathKind::SameNode => "same node",
             PathKind::SameSwitch => "other node, same switch",
@@ -82,7 +82,7 @@ impl PathKind {
 
     /// What the lab predicts for these paths while the agents run, as `masquerade`
     /// says who masquerades.
-    pub fn expected(self, masquerade: Masquerade) -> Expect {
+    pub(crate) fn expected(self, masquerade: Masquerade) -> Expect {
         match self {
             PathKind::OutsideToPod => Expect::Fail,
             PathKind::PodToOutside if !(masquerade.agents || masquerade.bridge) => Expect::Fail,
@@ -93,7 +93,7 @@ impl PathKind {
 
 /// Who masquerades what pods send, in one run of the matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Masquerade {
+pub(crate) struct Masquerade {
     /// Our agents (`--ip-masq`): a pod's traffic to the outside (rule 5).
     pub agents: bool,
     /// The bridge plugin: flannel's CNI plugin asks it to (`ipMasq`) when the agent that
@@ -106,7 +106,7 @@ pub struct Masquerade {
 impl Masquerade {
     /// In `lab` (whose pods the CNI plugins made as its agents' `--ip-masq` asked), with
     /// the agents masquerading or not now.
-    pub fn in_lab(lab: &LabState, agents: bool) -> Self {
+    pub(crate) fn in_lab(lab: &LabState, agents: bool) -> Self {
         Self {
             agents,
             bridge: !lab.masquerade,
@@ -116,7 +116,7 @@ impl Masquerade {
 
 /// The source address `to` sees from `from` in the lab: the node's address for a pod's
 /// traffic a masquerade takes (see [`Masquerade`]), else the sender's own.
-pub fn expected_source(
+pub(crate) fn expected_source(
     topology: &Topology,
     from: &Host,
     to: &Host,
@@ -132,7 +132,7 @@ pub fn expected_source(
 
 /// What a scenario predicts for the paths of one kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expect {
+pub(crate) enum Expect {
     Pass,
     Fail,
     /// Not part of what the scenario proves: reported as observed.
@@ -140,7 +140,7 @@ pub enum Expect {
 }
 
 impl Expect {
-    pub fn admits(self, passed: bool) -> bool {
+    pub(crate) fn admits(self, passed: bool) -> bool {
         match self {
             Expect::Pass => passed,
             Expect::Fail => !passed,
@@ -148,7 +148,7 @@ impl Expect {
         }
     }
 
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Expect::Pass => "pass",
             Expect::Fail => "fail",
@@ -159,7 +159,7 @@ impl Expect {
 
 /// One source-destination pair and its two probes.
 #[derive(Debug)]
-pub struct Probe {
+pub(crate) struct Probe {
     /// A node, a pod or the outside host.
     pub from: String,
     pub to: Host,
@@ -171,7 +171,7 @@ pub struct Probe {
 impl Probe {
     /// Pings `to` from `from`, then exchanges bytes with its echo server; both must be
     /// seen from `expected` (the sender's own address when None).
-    pub fn run(
+    pub(crate) fn run(
         lab: &LabState,
         servers: &Servers,
         from: &Host,
@@ -197,7 +197,7 @@ impl Probe {
 
 /// Outcomes of one protocol's probes over the paths of one kind.
 #[derive(Debug, Clone, Default)]
-pub struct ProtoTally {
+pub(crate) struct ProtoTally {
     pub passed: usize,
     pub median: Option<Duration>,
     /// Failures by reason ("timeout", "unreach", ...).
@@ -221,7 +221,7 @@ impl ProtoTally {
     }
 
     /// "0/36 (24 timeout, 12 unreach)": passed out of `paths`, and why the others failed.
-    pub fn describe(&self, paths: usize) -> String {
+    pub(crate) fn describe(&self, paths: usize) -> String {
         let mut text = format!("{}/{paths}", self.passed);
         if !self.failures.is_empty() {
             let reasons: Vec<String> = self
@@ -237,13 +237,13 @@ impl ProtoTally {
 
 /// Outcomes over the paths of one kind.
 #[derive(Debug, Clone)]
-pub struct Tally {
+pub(crate) struct Tally {
     pub paths: usize,
     pub icmp: ProtoTally,
     pub tcp: ProtoTally,
 }
 
-pub struct Matrix {
+pub(crate) struct Matrix {
     /// Row order: each node, then its pods, then the outside host.
     sources: Vec<String>,
     targets: Vec<Host>,
@@ -255,7 +255,7 @@ pub struct Matrix {
 
 /// Probes every pair, `parallel` pairs at a time, as `masquerade` says who masquerades;
 /// fails only if the probing itself cannot run (or on Ctrl-C).
-pub fn run(lab: &LabState, parallel: usize, masquerade: Masquerade) -> Result<Matrix> {
+pub(crate) fn run(lab: &LabState, parallel: usize, masquerade: Masquerade) -> Result<Matrix> {
     let topology = &lab.topology;
     let hosts = topology.hosts();
     let targets: Vec<Host> = hosts
@@ -323,7 +323,7 @@ fn retransmitted(lab: &LabState, hosts: &[String]) -> Result<u64> {
 }
 
 impl Matrix {
-    pub fn tally(&self, kind: PathKind) -> Tally {
+    pub(crate) fn tally(&self, kind: PathKind) -> Tally {
         let probes: Vec<&Probe> = self.probes.iter().filter(|p| p.kind == kind).collect();
         Tally {
             paths: probes.len(),
@@ -333,7 +333,7 @@ impl Matrix {
     }
 
     /// The probes whose outcome `expect` does not admit, one line each.
-    pub fn surprises(&self, expect: impl Fn(PathKind) -> Expect) -> Vec<String> {
+    pub(crate) fn surprises(&self, expect: impl Fn(PathKind) -> Expect) -> Vec<String> {
         let mut lines = Vec::new();
         for p in &self.probes {
             let e = expect(p.kind);
@@ -357,7 +357,7 @@ impl Matrix {
     }
 
     /// Both grids (ICMP, TCP) and a summary by kind of path.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let icmp = self.grid(|p| &p.icmp);
         let tcp = self.grid(|p| &p.tcp);
         let mut summary = Table::new(["PATHS", "COUNT", "ICMP", "MEDIAN ms", "TCP", "MEDIAN ms"])

@@ -87,7 +87,7 @@ fn flanneld_starts(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
 }
 
 /// What was found, event by event.
-pub struct Proof {
+pub(crate) struct Proof {
     pub rows: Vec<(String, Duration, Count)>,
     /// Per event, what the kernel dropped anywhere in the lab meanwhile: where a loss
     /// happened (full input queues under a starved CPU, or a device).
@@ -96,7 +96,7 @@ pub struct Proof {
 }
 
 /// Builds the lab as flanneld leaves it, migrates it and rolls it back, and removes it.
-pub fn run(agent: PathBuf) -> Result<Proof> {
+pub(crate) fn run(agent: PathBuf) -> Result<Proof> {
     let lab = cluster::create_with(Topology::kind(), agent, true, &Flanneld)?;
     let proof = migrate(&lab);
     let removed = lab.teardown()?;
@@ -285,7 +285,7 @@ fn flanneld_state(lab: &LabState, node: &Node) -> Result<String> {
     Ok(lines.join("\n"))
 }
 
-pub fn render(proof: &Proof) -> String {
+pub(crate) fn render(proof: &Proof) -> String {
     let mut out = restart::table(["EVENT", "TOOK"], &proof.rows);
     for (event, kernel) in &proof.drops {
         out.push_str(&format!("  {event}: the kernel dropped {kernel}\n"));

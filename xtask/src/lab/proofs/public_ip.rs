@@ -48,7 +48,7 @@ const PUBLIC_IP_ANNOTATION: &str = "flannel.alpha.coreos.com/public-ip";
 /// The list is polled every 500 ms; agents converge well within this.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub struct NatProof {
+pub(crate) struct NatProof {
     node: String,
     address: Ipv4Addr,
     /// Router leg → tunnel flows seen there.
@@ -185,7 +185,7 @@ fn converged(lab: &LabState, node: &Node, address: Ipv4Addr) -> Result<()> {
 }
 
 /// Runs the proof, leaving the lab as it found it.
-pub fn run(lab: &LabState) -> Result<NatProof> {
+pub(crate) fn run(lab: &LabState) -> Result<NatProof> {
     let (node, pairs) = plan(lab)?;
     let nat = Nat::install(lab, node)?;
     let proof = publish(lab, node, Some(PUBLIC))
@@ -297,11 +297,11 @@ impl NatProof {
         }
     }
 
-    pub fn failures(&self) -> &[String] {
+    pub(crate) fn failures(&self) -> &[String] {
         &self.failures
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = format!(
             "{} published at {PUBLIC}, which the router translates to {} and back\n",
             self.node, self.address

@@ -65,7 +65,7 @@ const ETCD_TIMEOUT: Duration = Duration::from_secs(30);
 const PROBE_PEER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 250);
 
 /// One numbered stream between two hosts of the lab.
-pub struct Stream {
+pub(crate) struct Stream {
     name: String,
     stop: Arc<AtomicBool>,
     sender: JoinHandle<Result<u64>>,
@@ -81,7 +81,7 @@ struct Received {
 }
 
 /// What one stream saw across one event.
-pub struct Count {
+pub(crate) struct Count {
     pub stream: String,
     pub sent: u64,
     pub received: u64,
@@ -90,7 +90,7 @@ pub struct Count {
 }
 
 impl Count {
-    pub fn lost(&self) -> u64 {
+    pub(crate) fn lost(&self) -> u64 {
         self.sent - self.received
     }
 }
@@ -98,11 +98,11 @@ impl Count {
 impl Stream {
     /// Starts sending from `from`'s namespace to `to` (an address in `to_ns`),
     /// `rate` datagrams a second.
-    pub fn start(
+    pub(crate) fn start(
         lab: &LabState,
         from: &str,
         to: &str,
-        to_addr: std::net::Ipv4Addr,
+        to_addr: Ipv4Addr,
         port: u16,
         rate: u32,
     ) -> Result<Self> {
@@ -139,7 +139,7 @@ impl Stream {
         })
     }
 
-    pub fn finish(self) -> Result<Count> {
+    pub(crate) fn finish(self) -> Result<Count> {
         self.stop.store(true, Ordering::Relaxed);
         let sent = self.sender.join().expect("sender thread")?;
         let received = self.receiver.join().expect("receiver thread")?;
@@ -254,7 +254,7 @@ impl Event {
     }
 }
 
-pub struct Proof {
+pub(crate) struct Proof {
     pub rows: Vec<(String, Duration, Count)>,
     /// Per event: packets the node's datapath dropped meanwhile (every hook, every
     /// drop reason) and what the kernel dropped in the lab, so that a loss can be
@@ -267,7 +267,7 @@ pub struct Proof {
 
 impl Proof {
     /// The events, in the order they ran.
-    pub fn events(&self) -> Vec<String> {
+    pub(crate) fn events(&self) -> Vec<String> {
         self.drops.iter().map(|(event, ..)| event.clone()).collect()
     }
 }
@@ -286,7 +286,7 @@ fn datapath_drops(lab: &LabState, node: &Node) -> Result<u64> {
 
 /// Runs every event on `NODE`, with `other_build` as the upgrade, and puts the lab's
 /// own build back at the end.
-pub fn run(lab: &LabState, other_build: &Path) -> Result<Proof> {
+pub(crate) fn run(lab: &LabState, other_build: &Path) -> Result<Proof> {
     let node = lab.topology.node(NODE)?.clone();
     let mut proof = Proof {
         rows: Vec::new(),
@@ -335,7 +335,7 @@ pub fn run(lab: &LabState, other_build: &Path) -> Result<Proof> {
 
 fn start_streams(lab: &LabState, node: &Node) -> Result<Vec<Stream>> {
     let pods = lab.topology.pods_of(node);
-    let pod = |node: &str, i: usize| -> Result<(String, std::net::Ipv4Addr)> {
+    let pod = |node: &str, i: usize| -> Result<(String, Ipv4Addr)> {
         let p = lab.topology.pods_of(lab.topology.node(node)?).remove(i);
         Ok((p.name, p.address))
     };
@@ -546,7 +546,7 @@ fn unheld_subnet(lab: &LabState) -> Result<Ipv4Net> {
     Ok(last)
 }
 
-pub fn render(proof: &Proof) -> String {
+pub(crate) fn render(proof: &Proof) -> String {
     let mut out = table(["EVENT ON w1", "RECOVERED"], &proof.rows);
     for (event, drops, kernel) in &proof.drops {
         out.push_str(&format!(
@@ -566,7 +566,7 @@ pub fn render(proof: &Proof) -> String {
 
 /// What each stream saw across each event (`event`, `took`: the first two columns'
 /// names), one row per stream.
-pub fn table(first: [&str; 2], rows: &[(String, Duration, Count)]) -> String {
+pub(crate) fn table(first: [&str; 2], rows: &[(String, Duration, Count)]) -> String {
     let [event, took] = first;
     let mut table = Table::new([
         event,

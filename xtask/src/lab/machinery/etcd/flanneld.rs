@@ -306,7 +306,7 @@ impl Etcdctl<'_> {
 
 /// Sets `node` up as flanneld with the etcd subnet manager and the ipip backend does,
 /// and returns the subnet.env it wrote.
-pub fn configure(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
+pub(crate) fn configure(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
     let etcd = host(lab)?;
     let etcdctl = Etcdctl {
         lab,

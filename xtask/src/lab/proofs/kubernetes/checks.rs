@@ -30,7 +30,7 @@ const SPREAD_TRIES: usize = 16;
 
 /// Where a client stands, seen from the endpoint's node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Placement {
+pub(super) enum Placement {
     /// A pod on the endpoint's node.
     SameNode,
     /// A pod on another node on the switch.
@@ -44,7 +44,7 @@ pub enum Placement {
 }
 
 impl Placement {
-    pub fn describe(self) -> &'static str {
+    pub(super) fn describe(self) -> &'static str {
         match self {
             Placement::SameNode => "pod, same node",
             Placement::OtherNode => "pod, other node",
@@ -57,7 +57,7 @@ impl Placement {
 
 /// A client of the checks.
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub(super) struct Caller {
     pub host: Host,
     pub placement: Placement,
     client: Client,
@@ -66,7 +66,7 @@ pub struct Caller {
 impl Caller {
     /// Whether kernel forwarding, the reference, can carry its traffic at all (host-gw
     /// routes only join the nodes on the switch).
-    pub fn in_reference(&self, lab: &LabState) -> bool {
+    pub(super) fn in_reference(&self, lab: &LabState) -> bool {
         self.host.node.as_deref().is_none_or(|n| {
             lab.topology
                 .node(n)
@@ -77,7 +77,7 @@ impl Caller {
 
 /// How a check's client reaches the Service.
 #[derive(Debug, Clone)]
-pub enum Target {
+pub(super) enum Target {
     /// An address and port: a ClusterIP, or a node's NodePort or hostPort.
     Address(SocketAddrV4),
     /// A Service name the client's resolver resolves (the pod's resolv.conf, which
@@ -87,7 +87,7 @@ pub enum Target {
 
 /// What a check must find with our datapath, whatever the reference finds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expect {
+pub(super) enum Expect {
     /// Reaches the endpoint, seen from the client's own address.
     Own,
     /// Reaches it masqueraded by a node: seen from that node's address on the way to
@@ -101,7 +101,7 @@ pub enum Expect {
 }
 
 #[derive(Debug, Clone)]
-pub struct Check {
+pub(super) struct Check {
     /// The Service kind, as the table groups checks.
     pub kind: String,
     pub caller: usize,
@@ -113,15 +113,15 @@ pub struct Check {
 
 /// What a check found: the addresses the endpoint saw (one per endpoint met, in
 /// order), or why it failed.
-pub type Found = Result<Vec<Ipv4Addr>, Failure>;
+pub(super) type Found = Result<Vec<Ipv4Addr>, Failure>;
 
-pub struct Plan {
+pub(super) struct Plan {
     pub callers: Vec<Caller>,
     pub checks: Vec<Check>,
 }
 
 /// The callers and checks of the lab's topology under kube-proxy's `mode`.
-pub fn plan(lab: &LabState, mode: Mode) -> Result<Plan> {
+pub(super) fn plan(lab: &LabState, mode: Mode) -> Result<Plan> {
     let topology = &lab.topology;
     let endpoint_node = topology.node(ENDPOINT_NODE)?;
     let mut callers = Vec::new();
@@ -251,7 +251,7 @@ pub fn plan(lab: &LabState, mode: Mode) -> Result<Plan> {
 }
 
 /// Runs the checks of `plan` that `only` keeps (None for the others).
-pub fn run(plan: &Plan, only: impl Fn(&Check) -> bool + Sync) -> Result<Vec<Option<Found>>> {
+pub(super) fn run(plan: &Plan, only: impl Fn(&Check) -> bool + Sync) -> Result<Vec<Option<Found>>> {
     parallel::map(&plan.checks, IN_FLIGHT, |check| {
         only(check).then(|| probe_check(&plan.callers[check.caller], check))
     })
@@ -291,7 +291,7 @@ fn probe_check(caller: &Caller, check: &Check) -> Found {
 
 impl Expect {
     /// Why `found` (by `caller`) is not what this expects; None when it is.
-    pub fn judge(self, caller: &Caller, found: &Found) -> Option<String> {
+    pub(super) fn judge(self, caller: &Caller, found: &Found) -> Option<String> {
         match found {
             Ok(seen) => seen.iter().find_map(|s| self.judge_one(caller, &Ok(*s))),
             Err(f) => self.judge_one(caller, &Err(f.clone())),
@@ -322,7 +322,7 @@ impl Expect {
         }
     }
 
-    pub fn describe(self) -> String {
+    pub(super) fn describe(self) -> String {
         match self {
             Expect::Own => "own address".into(),
             Expect::MasqueradedBy(address, _) => format!("masqueraded by {address}"),
@@ -333,7 +333,7 @@ impl Expect {
 }
 
 /// A table cell for what a check found.
-pub fn cell(found: &Found) -> String {
+pub(super) fn cell(found: &Found) -> String {
     match found {
         Ok(seen) => format!(
             "✓ {}",
@@ -348,7 +348,7 @@ pub fn cell(found: &Found) -> String {
 
 /// Whether two runs found the same: both failed, or both passed seen from the same
 /// addresses.
-pub fn same(a: &Found, b: &Found) -> bool {
+pub(super) fn same(a: &Found, b: &Found) -> bool {
     match (a, b) {
         (Ok(a), Ok(b)) => a == b,
         (Err(_), Err(_)) => true,

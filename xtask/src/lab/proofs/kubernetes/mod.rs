@@ -35,10 +35,10 @@ use self::{
 };
 use crate::lab::machinery::{state::LabState, text_table::Table};
 
-pub const SECTION: &str = "Kubernetes: Services, cluster DNS, hostPort and NetworkPolicy";
+pub(crate) const SECTION: &str = "Kubernetes: Services, cluster DNS, hostPort and NetworkPolicy";
 
 /// What the section found, per kube-proxy mode.
-pub struct Proof {
+pub(crate) struct Proof {
     runs: Vec<ModeRun>,
     /// Modes this kernel cannot run, and why.
     skipped: Vec<(Mode, String)>,
@@ -59,7 +59,7 @@ struct ModeRun {
 }
 
 /// Runs the section against a running lab, which it leaves as it found it.
-pub fn run(lab: &LabState) -> Result<Proof> {
+pub(crate) fn run(lab: &LabState) -> Result<Proof> {
     let mut proof = Proof {
         runs: Vec::new(),
         skipped: Vec::new(),
@@ -247,15 +247,15 @@ impl ModeRun {
 }
 
 impl Proof {
-    pub fn failures(&self) -> Vec<String> {
+    pub(crate) fn failures(&self) -> Vec<String> {
         self.runs.iter().flat_map(ModeRun::failures).collect()
     }
 
-    pub fn modes(&self) -> Vec<Mode> {
+    pub(crate) fn modes(&self) -> Vec<Mode> {
         self.runs.iter().map(|r| r.mode).collect()
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         for run in &self.runs {
             out.push_str(&run.render());

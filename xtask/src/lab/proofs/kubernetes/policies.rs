@@ -37,11 +37,11 @@ const EVERY: Duration = Duration::from_millis(20);
 const AFTER: usize = 5;
 
 /// What one check found, in words that compare across runs.
-pub type Finding = Result<String, String>;
+pub(super) type Finding = Result<String, String>;
 
 /// One line of the policy table.
 #[derive(Debug, Clone)]
-pub struct Row {
+pub(super) struct Row {
     pub engine: Engine,
     pub what: String,
     /// The client is behind the router: kernel forwarding (the reference) cannot
@@ -56,7 +56,7 @@ pub struct Row {
 
 impl Row {
     /// Why this row does not hold (None when it does).
-    pub fn failure(&self) -> Option<String> {
+    pub(super) fn failure(&self) -> Option<String> {
         if self.found != self.expected {
             return Some(format!(
                 "{} / {}: found {}, expected {}",
@@ -77,7 +77,7 @@ impl Row {
     }
 }
 
-pub fn show(finding: &Finding) -> String {
+pub(super) fn show(finding: &Finding) -> String {
     match finding {
         Ok(s) | Err(s) => s.clone(),
     }
@@ -155,7 +155,7 @@ fn cut() -> Finding {
 
 /// Runs the policy checks of every engine under kube-proxy's `mode`; `agents_run` says
 /// whether our agents carry the traffic (so that the fast path's part is checked).
-pub fn run(lab: &LabState, mode: Mode, agents_run: bool) -> Result<Vec<Row>> {
+pub(super) fn run(lab: &LabState, mode: Mode, agents_run: bool) -> Result<Vec<Row>> {
     let cast = cast(lab)?;
     let policy = the_policy(&cast);
     let mut rows = Vec::new();

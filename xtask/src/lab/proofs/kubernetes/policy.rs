@@ -75,7 +75,7 @@ const NAMESPACE: &str = "default";
 
 /// A port's protocol in a NetworkPolicy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     Tcp,
     Udp,
 }
@@ -102,7 +102,7 @@ impl Protocol {
 /// what it admits pass. Flows opened before it: see the module's documentation, per
 /// engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Policy {
+pub(crate) struct Policy {
     pub name: String,
     pub target: Ipv4Addr,
     /// The node the target runs on: the one that enforces.
@@ -146,20 +146,20 @@ fn admitted(policies: &[Policy], src: Ipv4Addr, dst: Ipv4Addr, proto: u8, port: 
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
+pub(crate) enum Engine {
     KubeRouter,
     KubeNetworkPolicies,
     HostFirewall,
 }
 
 impl Engine {
-    pub const ALL: [Engine; 3] = [
+    pub(crate) const ALL: [Engine; 3] = [
         Engine::KubeRouter,
         Engine::KubeNetworkPolicies,
         Engine::HostFirewall,
     ];
 
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Engine::KubeRouter => "kube-router's network policy controller",
             Engine::KubeNetworkPolicies => "kube-network-policies",
@@ -171,7 +171,7 @@ impl Engine {
 /// Installs `engine`'s rules for `policies` in `ns`, the namespace of node `node`, whose
 /// pods are `pods` (kube-router gives each a chain; targets on `node` count as its pods
 /// anyway; the other engines only look at the targets).
-pub fn install(
+pub(crate) fn install(
     ns: &str,
     engine: Engine,
     node: &str,
@@ -189,7 +189,7 @@ pub fn install(
 
 /// Removes everything `engine` installed in `ns`; does nothing where it installed
 /// nothing.
-pub fn remove(ns: &str, engine: Engine) -> Result<()> {
+pub(crate) fn remove(ns: &str, engine: Engine) -> Result<()> {
     let removed = match engine {
         Engine::KubeRouter => kube_router::remove(ns),
         Engine::KubeNetworkPolicies => kube_network_policies::remove(ns),

@@ -18,14 +18,14 @@ use crate::lab::{
 
 /// The lab under kernel forwarding for as long as this lives; dropping it puts the
 /// agents back, as the lab runs them, and waits until they are ready.
-pub struct KernelForwarding<'a> {
+pub(super) struct KernelForwarding<'a> {
     lab: &'a LabState,
     // Removed (by its own drop) before the agents return.
     rules: Option<FlannelRules<'a>>,
 }
 
 impl<'a> KernelForwarding<'a> {
-    pub fn switch(lab: &'a LabState) -> Result<Self> {
+    pub(super) fn switch(lab: &'a LabState) -> Result<Self> {
         // From here on, dropping `forwarding` restores the lab.
         let mut forwarding = Self { lab, rules: None };
         agents::stop_all(lab)?;

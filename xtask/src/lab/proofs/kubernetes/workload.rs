@@ -24,30 +24,30 @@ use crate::lab::{
 /// The Services' addresses, from kube-controller-manager's default
 /// `--service-cluster-ip-range` (10.96.0.0/12): kube-dns takes the tenth, as kubeadm
 /// gives it.
-pub const KUBE_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-pub const ECHO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 100);
-pub const SPREAD: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 101);
-pub const NODEPORT_CLUSTER: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 102);
-pub const NODEPORT_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 103);
+pub(super) const KUBE_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub(super) const ECHO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 100);
+pub(super) const SPREAD: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 101);
+pub(super) const NODEPORT_CLUSTER: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 102);
+pub(super) const NODEPORT_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 103);
 /// The Services' port, and their NodePorts (in the default 30000-32767).
-pub const SERVICE_PORT: u16 = 80;
-pub const CLUSTER_NODE_PORT: u16 = 30080;
-pub const LOCAL_NODE_PORT: u16 = 30081;
+pub(super) const SERVICE_PORT: u16 = 80;
+pub(super) const CLUSTER_NODE_PORT: u16 = 30080;
+pub(super) const LOCAL_NODE_PORT: u16 = 30081;
 const DNS_PORT: u16 = 53;
 /// The node whose first pod is the endpoint of most Services and serves DNS.
-pub const ENDPOINT_NODE: &str = "w2";
+pub(super) const ENDPOINT_NODE: &str = "w2";
 /// The nodes of `spread`'s endpoints (their first pods): several, all on the switch,
 /// so that the kernel-forwarding reference reaches them too.
 const SPREAD_NODES: [&str; 2] = ["cp", "w2"];
 
 /// The endpoint of `echo`, the NodePort Services and kube-dns: `w2`'s first pod.
-pub fn endpoint(lab: &LabState) -> Result<Pod> {
+pub(super) fn endpoint(lab: &LabState) -> Result<Pod> {
     first_pod(lab, lab.topology.node(ENDPOINT_NODE)?)
 }
 
 /// A node's first pod: it declares the hostPort (`cni`) and serves on the container
 /// port.
-pub fn first_pod(lab: &LabState, node: &Node) -> Result<Pod> {
+pub(super) fn first_pod(lab: &LabState, node: &Node) -> Result<Pod> {
     lab.topology
         .pods_of(node)
         .into_iter()
@@ -56,7 +56,7 @@ pub fn first_pod(lab: &LabState, node: &Node) -> Result<Pod> {
 }
 
 /// The Services, in the shape kube-proxy reads them.
-pub fn services(lab: &LabState) -> Result<Vec<Service>> {
+pub(super) fn services(lab: &LabState) -> Result<Vec<Service>> {
     let at = |pod: &Pod| Endpoint {
         ip: pod.address,
         node: pod.node.clone(),
@@ -159,14 +159,14 @@ fn records(services: &[Service]) -> Vec<(String, Ipv4Addr)> {
 /// Everything of the section on the nodes and pods, for one kube-proxy mode; removed
 /// when dropped (the servers close, dnsmasq stops, then the rules and resolvers go:
 /// fields drop in this order). The checks talk to the servers through the network.
-pub struct Workload<'a> {
+pub(super) struct Workload<'a> {
     _servers: Servers,
     _dns: ClusterDns,
     _installed: Installed<'a>,
 }
 
 impl<'a> Workload<'a> {
-    pub fn install(lab: &'a LabState, mode: Mode) -> Result<Self> {
+    pub(super) fn install(lab: &'a LabState, mode: Mode) -> Result<Self> {
         let services = services(lab)?;
         let pods: Vec<Host> = lab
             .topology

@@ -53,7 +53,7 @@ struct Pair {
 }
 
 /// Who talks to whom, and the router's routes during the runs.
-pub struct Plan {
+pub(super) struct Plan {
     sources: Vec<Source>,
     targets: Vec<Host>,
     pairs: Vec<Pair>,
@@ -61,12 +61,12 @@ pub struct Plan {
 }
 
 /// One run of every pair: per pair, one outcome per protocol of [`Proto::ALL`].
-pub struct Run {
+pub(super) struct Run {
     name: String,
     outcomes: Vec<Vec<Result<Exchange, Failure>>>,
 }
 
-pub fn plan(lab: &LabState) -> Result<Plan> {
+pub(super) fn plan(lab: &LabState) -> Result<Plan> {
     let topology = &lab.topology;
     let hosts = topology.hosts();
     let mut sources = Vec::new();
@@ -152,7 +152,7 @@ fn category(source: &Source, target: &Host, entry: Option<&str>) -> &'static str
 }
 
 /// Every pair once, with the router's routes in place for the run.
-pub fn run(lab: &LabState, servers: &Servers, plan: &Plan, name: &str) -> Result<Run> {
+pub(super) fn run(lab: &LabState, servers: &Servers, plan: &Plan, name: &str) -> Result<Run> {
     let _routes = RouterRoutes::install(lab, &plan.routes)?;
     let outcomes = parallel::map(&plan.pairs, IN_FLIGHT, |pair| {
         let source = &plan.sources[pair.source];
@@ -188,7 +188,7 @@ fn show(outcome: &Result<Exchange, Failure>) -> String {
     }
 }
 
-pub struct Comparison<'a> {
+pub(super) struct Comparison<'a> {
     topology: &'a Topology,
     plan: &'a Plan,
     ours: Run,
@@ -198,7 +198,7 @@ pub struct Comparison<'a> {
 }
 
 impl<'a> Comparison<'a> {
-    pub fn new(
+    pub(super) fn new(
         topology: &'a Topology,
         plan: &'a Plan,
         ours: Run,

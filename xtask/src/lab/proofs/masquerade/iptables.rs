@@ -35,13 +35,13 @@ use anyhow::{Context as _, Result};
 
 use crate::lab::machinery::{netns, state::LabState, topology::Node};
 
-pub const CHAIN: &str = "FLANNEL-POSTRTG";
+pub(crate) const CHAIN: &str = "FLANNEL-POSTRTG";
 const COMMENT: &str = "flanneld masq";
 const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
 const MULTICAST: &str = "224.0.0.0/4";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Variant {
+pub(crate) enum Variant {
     /// flanneld's rules, rule 6 translating to the address flanneld's tunnel device
     /// would give it (see the module's documentation).
     Flanneld,
@@ -51,14 +51,14 @@ pub enum Variant {
 
 impl Variant {
     /// The run's name in the comparison.
-    pub fn short(self) -> &'static str {
+    pub(crate) fn short(self) -> &'static str {
         match self {
             Variant::Flanneld => "iptables",
             Variant::Verbatim => "verbatim",
         }
     }
 
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Variant::Flanneld => "flanneld's rules (rule 6: SNAT to the pod gateway)",
             Variant::Verbatim => "flanneld's rules word for word (rule 6: MASQUERADE)",
@@ -67,7 +67,7 @@ impl Variant {
 }
 
 /// The arguments of each `iptables -t nat` call that installs `node`'s rules, in order.
-pub fn rules(node: &Node, network: &str, variant: Variant) -> Vec<Vec<String>> {
+pub(crate) fn rules(node: &Node, network: &str, variant: Variant) -> Vec<Vec<String>> {
     let pod = node.pod_cidr.to_string();
     let comment = ["-m", "comment", "--comment", COMMENT];
     let rule = |matches: &[&str], target: &[&str]| -> Vec<String> {
@@ -112,12 +112,12 @@ pub fn rules(node: &Node, network: &str, variant: Variant) -> Vec<Vec<String>> {
 }
 
 /// flanneld's rules in every node's namespace, removed when dropped.
-pub struct FlannelRules<'a> {
+pub(crate) struct FlannelRules<'a> {
     lab: &'a LabState,
 }
 
 impl<'a> FlannelRules<'a> {
-    pub fn install(lab: &'a LabState, variant: Variant) -> Result<Self> {
+    pub(crate) fn install(lab: &'a LabState, variant: Variant) -> Result<Self> {
         // Removes whatever was installed should a node fail halfway.
         let installed = Self { lab };
         for node in &lab.topology.nodes {
@@ -133,7 +133,7 @@ impl<'a> FlannelRules<'a> {
 }
 
 /// flanneld's rules on one node, as flanneld adds them when it starts there.
-pub fn install_on(lab: &LabState, node: &Node, variant: Variant) -> Result<()> {
+pub(crate) fn install_on(lab: &LabState, node: &Node, variant: Variant) -> Result<()> {
     let network = lab.topology.pod_network.to_string();
     for args in rules(node, &network, variant) {
         iptables(lab, node, &args)?;
@@ -160,7 +160,7 @@ fn iptables(lab: &LabState, node: &Node, args: &[String]) -> Result<String> {
 
 /// Removes flanneld's rules from every node, and the nat table itself when nothing else
 /// is left in it (its mere presence keeps the kernel's connection tracking on).
-pub fn remove_all(lab: &LabState) -> Result<()> {
+pub(crate) fn remove_all(lab: &LabState) -> Result<()> {
     for node in &lab.topology.nodes {
         if !nat_table_exists(lab, node) {
             continue;
@@ -198,7 +198,7 @@ fn nat_table_exists(lab: &LabState, node: &Node) -> bool {
 
 /// Nodes that still have flanneld's rules (none after the comparison). The nat table
 /// itself stays: portmap's chains for the pods' hostPorts (`cni`) live there.
-pub fn leftovers(lab: &LabState) -> Vec<String> {
+pub(crate) fn leftovers(lab: &LabState) -> Vec<String> {
     lab.topology
         .nodes
         .iter()

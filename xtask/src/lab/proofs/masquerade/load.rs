@@ -31,7 +31,7 @@ use crate::lab::{
 use super::nat_table::NatTable;
 
 #[derive(Debug, Clone, Copy)]
-pub struct Load {
+pub(super) struct Load {
     /// TCP connections each pod holds open at once.
     pub connections_per_pod: usize,
     /// UDP exchanges each pod starts at once.
@@ -68,7 +68,7 @@ struct NodeLoad {
     collisions: u64,
 }
 
-pub struct LoadReport {
+pub(super) struct LoadReport {
     load: Load,
     pods: usize,
     established: usize,
@@ -135,7 +135,7 @@ impl Job {
 
 /// Runs the load against the outside host's servers (among `servers`); the agents must
 /// be masquerading.
-pub fn run(lab: &LabState, servers: &Servers, load: Load) -> Result<LoadReport> {
+pub(super) fn run(lab: &LabState, servers: &Servers, load: Load) -> Result<LoadReport> {
     let topology = &lab.topology;
     let pods = topology.pods();
     let sockets = pods.len() * (load.connections_per_pod + load.datagrams_per_pod);
@@ -288,7 +288,7 @@ fn raise_open_files(needed: u64) -> Result<()> {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit and setrlimit fill or read the struct given.
+    // SAFETY: getrlimit only writes the rlimit struct given, which lives across the call.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return Err(std::io::Error::last_os_error()).context("reading RLIMIT_NOFILE");
     }
@@ -300,6 +300,7 @@ fn raise_open_files(needed: u64) -> Result<()> {
         limit.rlim_max = needed;
     }
     limit.rlim_cur = needed;
+    // SAFETY: setrlimit only reads the rlimit struct given, which lives across the call.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
         bail!(
             "the load test needs {needed} open files: raising RLIMIT_NOFILE failed: {}",

@@ -44,7 +44,7 @@ use self::{
 };
 
 /// A step's result, as the report shows it.
-pub trait Section {
+pub(crate) trait Section {
     fn render(&self) -> String;
     /// One line per thing that did not hold; empty when the step passed.
     fn failures(&self) -> Vec<String>;
@@ -54,7 +54,7 @@ pub trait Section {
 const SHOWN_FAILURES: usize = 10;
 
 /// A step's last line: "✓ {ok}", or how many things failed and the first of them.
-pub fn verdict(ok: &str, failures: &[String]) -> String {
+pub(crate) fn verdict(ok: &str, failures: &[String]) -> String {
     if failures.is_empty() {
         return format!("✓ {ok}");
     }
@@ -75,7 +75,7 @@ pub fn verdict(ok: &str, failures: &[String]) -> String {
 
 /// What the proof did and found.
 #[derive(Debug, Default)]
-pub struct Proof {
+pub(crate) struct Proof {
     /// The steps that ran to their end, in order.
     pub steps: Vec<&'static str>,
     /// What did not hold, each line prefixed with its step.
@@ -105,18 +105,18 @@ impl Proof {
     }
 }
 
-pub const OUTSIDE: &str = "Masquerade: pods to the outside";
-pub const RULES: &str = "Masquerade: rule 6";
-pub const LOAD: &str = "Masquerade under load";
-pub const OFF: &str = "Masquerade off";
-pub const EQUIVALENCE: &str = "Masquerade: equivalence with flanneld's iptables rules";
-pub const AS_FOUND: &str = "Masquerade: the lab as found";
+pub(crate) const OUTSIDE: &str = "Masquerade: pods to the outside";
+pub(crate) const RULES: &str = "Masquerade: rule 6";
+pub(crate) const LOAD: &str = "Masquerade under load";
+pub(crate) const OFF: &str = "Masquerade off";
+pub(crate) const EQUIVALENCE: &str = "Masquerade: equivalence with flanneld's iptables rules";
+pub(crate) const AS_FOUND: &str = "Masquerade: the lab as found";
 
 /// Runs the proof. The lab is put back whatever happens. A lab made without
 /// `--ip-masq` has pods whose bridge plugin masquerades what they send off their node
 /// (flannel's CNI plugin asks it to): the proof, about `--ip-masq`, has nothing to
 /// prove there, and says so.
-pub fn run(lab: &LabState) -> Result<Proof> {
+pub(crate) fn run(lab: &LabState) -> Result<Proof> {
     let mut done = Proof::default();
     if !lab.masquerade {
         heading("Masquerade");
@@ -199,7 +199,7 @@ fn restart(lab: &LabState, masquerade: bool) -> Result<()> {
 
 /// Puts the lab back as found: no routes to pods on the router, no iptables rules, the
 /// agents running as the lab runs them.
-pub fn restore(lab: &LabState) -> Result<()> {
+pub(crate) fn restore(lab: &LabState) -> Result<()> {
     router::flush(lab)?;
     iptables::remove_all(lab)?;
     agents::restart(lab, lab.masquerade).map(drop)

@@ -9,7 +9,7 @@ use crate::lab::machinery::{agents, probe::Proto, state::LabState, topology::Nod
 
 /// One flow as `overlay-agent nat` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Flow {
+pub(super) struct Flow {
     pub proto: String,
     pub src: SocketAddrV4,
     pub dst: SocketAddrV4,
@@ -20,12 +20,12 @@ pub struct Flow {
 }
 
 impl Flow {
-    pub fn is(&self, proto: Proto) -> bool {
+    pub(super) fn is(&self, proto: Proto) -> bool {
         self.proto == proto.name().to_ascii_lowercase()
     }
 
     /// "tcp 172.18.0.3:40001 → 10.244.2.2:35000 as 10.244.1.1:61234 (rule 6)"
-    pub fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         let translated = self
             .translated
             .map_or("untranslated".to_owned(), |t| format!("as {t}"));
@@ -38,19 +38,19 @@ impl Flow {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct NatTable {
+pub(super) struct NatTable {
     pub flows: Vec<Flow>,
     /// `flow_created`, `port_collision`, ... and their counts.
     pub events: BTreeMap<String, u64>,
 }
 
 impl NatTable {
-    pub fn read(lab: &LabState, node: &Node) -> Result<Self> {
+    pub(super) fn read(lab: &LabState, node: &Node) -> Result<Self> {
         let text = agents::inspect(lab, node, "nat")?;
         Self::parse(&text).with_context(|| format!("reading the NAT table of {}", node.name))
     }
 
-    pub fn parse(text: &str) -> Result<Self> {
+    pub(super) fn parse(text: &str) -> Result<Self> {
         let mut table = Self::default();
         for line in text.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
@@ -81,12 +81,12 @@ impl NatTable {
         Ok(table)
     }
 
-    pub fn event(&self, name: &str) -> u64 {
+    pub(super) fn event(&self, name: &str) -> u64 {
         self.events.get(name).copied().unwrap_or(0)
     }
 
     /// The flow whose original source and destination these are.
-    pub fn find(&self, proto: Proto, src: SocketAddrV4, dst: SocketAddrV4) -> Option<&Flow> {
+    pub(super) fn find(&self, proto: Proto, src: SocketAddrV4, dst: SocketAddrV4) -> Option<&Flow> {
         self.flows
             .iter()
             .find(|f| f.is(proto) && f.src == src && f.dst == dst)

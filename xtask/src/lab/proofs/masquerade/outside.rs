@@ -29,13 +29,13 @@ struct Row {
     results: Vec<Result<Exchange, Failure>>,
 }
 
-pub struct OutsideCheck {
+pub(super) struct OutsideCheck {
     masquerade: bool,
     rows: Vec<Row>,
 }
 
 /// Runs the exchanges; the outside host must be among `servers`.
-pub fn run(lab: &LabState, servers: &Servers, masquerade: bool) -> Result<OutsideCheck> {
+pub(super) fn run(lab: &LabState, servers: &Servers, masquerade: bool) -> Result<OutsideCheck> {
     let topology = &lab.topology;
     let outside = Host::from(&topology.outside);
     let pods = topology.pods();

@@ -62,14 +62,14 @@ struct Row {
     listed: Result<String, String>,
 }
 
-pub struct RuleChecks {
+pub(super) struct RuleChecks {
     rows: Vec<Row>,
     /// The route 6b put on the router (removed since).
     router_route: String,
 }
 
 /// Runs the checks with masquerading agents; `servers` must serve every pod.
-pub fn run(lab: &LabState, servers: &Servers) -> Result<RuleChecks> {
+pub(super) fn run(lab: &LabState, servers: &Servers) -> Result<RuleChecks> {
     let topology = &lab.topology;
     let nodes = &topology.nodes;
     let first_pod = |node: &Node| -> Result<Host> {

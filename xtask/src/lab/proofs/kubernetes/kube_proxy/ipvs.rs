@@ -162,7 +162,7 @@ const FILTER_JUMPS: &[Jump] = &[
 
 /// What IPVS mode installs on a node.
 #[derive(Debug)]
-pub struct Rules {
+pub(crate) struct Rules {
     /// `ipset restore` input: every set, and the entries.
     pub ipset: String,
     /// The addresses bound to kube-ipvs0: the ClusterIPs.
@@ -357,7 +357,7 @@ fn iptables_rules(node: &NodeView, filled: impl Fn(&str) -> bool) -> String {
 
 impl Rules {
     /// `ipvsadm -R` input: the virtual services, NodePorts on each of `node_addresses`.
-    pub fn ipvsadm(&self, node_addresses: &[Ipv4Addr]) -> String {
+    pub(crate) fn ipvsadm(&self, node_addresses: &[Ipv4Addr]) -> String {
         let mut out = String::new();
         for vs in &self.services {
             let flag = match vs.protocol {

@@ -71,7 +71,7 @@ use ipnet::Ipv4Net;
 use crate::lab::machinery::netns;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     Tcp,
     Udp,
 }
@@ -88,13 +88,13 @@ impl Protocol {
 
 /// `spec.externalTrafficPolicy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TrafficPolicy {
+pub(crate) enum TrafficPolicy {
     Cluster,
     Local,
 }
 
 #[derive(Debug, Clone)]
-pub struct ServicePort {
+pub(crate) struct ServicePort {
     pub name: String,
     pub protocol: Protocol,
     pub port: u16,
@@ -104,13 +104,13 @@ pub struct ServicePort {
 
 /// A ready endpoint and the node it runs on.
 #[derive(Debug, Clone)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     pub ip: Ipv4Addr,
     pub node: String,
 }
 
 #[derive(Debug, Clone)]
-pub struct Service {
+pub(crate) struct Service {
     pub namespace: String,
     pub name: String,
     pub cluster_ip: Ipv4Addr,
@@ -123,7 +123,7 @@ pub struct Service {
 /// What kube-proxy on one node knows of that node (see the module documentation for
 /// the flags this stands for).
 #[derive(Debug, Clone)]
-pub struct NodeView {
+pub(crate) struct NodeView {
     /// `--hostname-override`: endpoints on this node are its local endpoints.
     pub name: String,
     pub node_ip: Ipv4Addr,
@@ -132,7 +132,7 @@ pub struct NodeView {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     Iptables,
     Nftables,
     Ipvs,
@@ -143,7 +143,7 @@ const MASQUERADE_MARK: &str = "0x4000";
 
 /// What each mode feeds its tools.
 #[derive(Debug)]
-pub enum Rendered {
+pub(crate) enum Rendered {
     /// `iptables-restore --noflush` input: the filter, nat and mangle tables.
     Iptables(String),
     /// `nft -f` input: the whole `ip kube-proxy` table.
@@ -152,7 +152,7 @@ pub enum Rendered {
 }
 
 /// The rules kube-proxy in `mode` writes on `node` for `services`.
-pub fn render(mode: Mode, node: &NodeView, services: &[Service]) -> Result<Rendered> {
+pub(crate) fn render(mode: Mode, node: &NodeView, services: &[Service]) -> Result<Rendered> {
     let ports = resolve(node, services)?;
     Ok(match mode {
         Mode::Iptables => Rendered::Iptables(iptables::render(node, &ports)),
@@ -163,7 +163,7 @@ pub fn render(mode: Mode, node: &NodeView, services: &[Service]) -> Result<Rende
 
 /// Replaces whatever an earlier install of `mode` left in `ns` with the rules for
 /// `services`, and sets the namespaced sysctls kube-proxy sets in that mode.
-pub fn install(ns: &str, mode: Mode, node: &NodeView, services: &[Service]) -> Result<()> {
+pub(crate) fn install(ns: &str, mode: Mode, node: &NodeView, services: &[Service]) -> Result<()> {
     let rendered = render(mode, node, services)?;
     // The node IP itself only matters to kube-proxy for LoadBalancer source ranges,
     // which the model has none of; a node view meant for another node would be.
@@ -197,7 +197,7 @@ pub fn install(ns: &str, mode: Mode, node: &NodeView, services: &[Service]) -> R
 
 /// Removes every chain, table, set, IPVS service and device an install of `mode`
 /// creates in `ns` (the sysctls stay, as kube-proxy leaves them).
-pub fn remove(ns: &str, mode: Mode) -> Result<()> {
+pub(crate) fn remove(ns: &str, mode: Mode) -> Result<()> {
     match mode {
         Mode::Iptables => iptables::remove(ns, iptables::CHAINS),
         Mode::Nftables => nftables::remove(ns),
@@ -207,7 +207,7 @@ pub fn remove(ns: &str, mode: Mode) -> Result<()> {
 }
 
 /// Whether `mode` can run on this machine; if not, why.
-pub fn available(mode: Mode) -> Result<(), String> {
+pub(crate) fn available(mode: Mode) -> Result<(), String> {
     if mode == Mode::Ipvs {
         ipvs::kernel_has_ipvs()?;
     }
