@@ -23,6 +23,7 @@ mod node;
 mod plot;
 mod report;
 mod results;
+mod setup;
 
 use std::{
     path::{Path, PathBuf},
@@ -33,9 +34,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use self::{
-    measure::Plan,
     report::Leg,
     results::{Cost, Results, parse_costs},
+    setup::Plan,
 };
 use crate::{
     deps,
@@ -72,9 +73,9 @@ pub(crate) struct BenchArgs {
     kernel: String,
     /// TCP congestion control in every namespace of the clusters, on both kernels.
     #[arg(long = "tcp-cc", value_enum, default_value = "cubic")]
-    congestion: measure::Congestion,
+    congestion: setup::Congestion,
     #[command(flatten)]
-    only: measure::Only,
+    only: setup::Only,
     /// Print the report, but leave docs/ alone.
     #[arg(long)]
     no_write: bool,

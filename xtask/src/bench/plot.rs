@@ -7,9 +7,9 @@ use anyhow::{Context as _, Result, anyhow};
 use plotters::prelude::*;
 
 use super::{
-    measure::{KernelBackend, Setup},
     report::Leg,
     results::Measure,
+    setup::{KernelBackend, Setup},
 };
 
 /// Debian's fonts-dejavu-core (installed by `deps::ensure_vm`).
@@ -83,7 +83,7 @@ pub(super) fn draw(legs: &[Leg], path: &Path) -> Result<()> {
                     } else {
                         ""
                     },
-                    super::report::on_off(offloads)
+                    super::setup::on_off(offloads)
                 ),
                 ("sans-serif", 18),
             )

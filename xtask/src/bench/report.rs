@@ -10,9 +10,9 @@ use crate::lab::machinery::flannel::Backend;
 
 use super::{
     host::Machine,
-    measure::{KernelBackend, Setup},
     node::{self, NodeRules},
     results::{Cost, Measure, Results, Summary, median},
+    setup::{KernelBackend, Setup, on_off},
 };
 
 pub(super) const BEGIN: &str =
@@ -552,10 +552,6 @@ fn added(v: Option<f64>) -> String {
     }
 }
 
-pub(super) fn on_off(offloads: bool) -> &'static str {
-    if offloads { "on" } else { "off" }
-}
-
 /// The connections that failed in the leg's runs, where and when: each is counted
 /// apart from the rate and its time stays in its run (the bench's log has the first
 /// error of each run and our agents' counters).
@@ -703,8 +699,8 @@ impl Report {
 mod tests {
     use super::*;
     use crate::bench::{
-        measure::{Congestion, Plan},
         results::Sample,
+        setup::{Congestion, Plan},
     };
 
     fn results() -> Results {

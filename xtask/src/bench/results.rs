@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     host::Machine,
-    measure::{Plan, Setup},
     node::NodeRules,
+    setup::{Plan, Setup},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
