@@ -29,7 +29,7 @@ use self::{
         interrupt::{self, Interrupted},
         netns,
         state::LabState,
-        text_table::Table,
+        text_table::{Table, heading},
         topology::Topology,
     },
     proofs::{
@@ -261,13 +261,6 @@ impl Report {
     }
 }
 
-fn heading(title: &str) {
-    println!(
-        "\n━━ {title} {}",
-        "━".repeat(76usize.saturating_sub(title.chars().count()))
-    );
-}
-
 fn build(create: CreateArgs) -> Result<PathBuf> {
     if std::env::var_os(agents::PREBUILT_AGENT).is_none() {
         crate::deps::ensure()?;
@@ -401,7 +394,7 @@ fn check(lab: &LabState, checks: Checks) -> Result<Report> {
     } else {
         let proof = masquerade::run(lab)?;
         if !proof.failures.is_empty() {
-            println!("\n{}", masquerade::verdict("", &proof.failures));
+            println!("\n{}", masquerade::section::verdict("", &proof.failures));
         }
         proof
     };

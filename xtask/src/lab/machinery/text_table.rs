@@ -1,4 +1,4 @@
-//! Aligned plain-text tables.
+//! Aligned plain-text tables, and the heading that opens each section of a report.
 
 use std::fmt;
 
@@ -74,4 +74,12 @@ mod tests {
             "  NAME            MS\n  cp-pod1       0.05\n  w3       ✗ unreach\n"
         );
     }
+}
+
+/// A section's heading: `━━ title ━━━…`, as wide as the tables under it.
+pub(crate) fn heading(title: &str) {
+    println!(
+        "\n━━ {title} {}",
+        "━".repeat(76usize.saturating_sub(title.chars().count()))
+    );
 }

@@ -21,18 +21,17 @@ use ipnet::Ipv4Net;
 
 use super::iptables::Variant;
 
-use crate::lab::{
-    machinery::{
-        parallel,
-        probe::{Client, Exchange, Failure, Proto},
-        router::RouterRoutes,
-        servers::Servers,
-        state::LabState,
-        text_table::Table,
-        topology::{Host, Kind, Node, Topology},
-    },
-    proofs::masquerade::{Section, verdict},
+use crate::lab::machinery::{
+    parallel,
+    probe::{Client, Exchange, Failure, Proto},
+    router::RouterRoutes,
+    servers::Servers,
+    state::LabState,
+    text_table::Table,
+    topology::{Host, Kind, Node, Topology},
 };
+
+use super::section::{Section, verdict};
 
 /// Exchanges in flight: timings do not matter here, and failures wait for timeouts.
 const IN_FLIGHT: usize = 8;

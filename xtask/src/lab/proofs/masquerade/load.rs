@@ -20,13 +20,12 @@ use tokio::{
     time::timeout,
 };
 
-use crate::lab::{
-    machinery::{
-        interrupt, netns, probe::Proto, servers::Servers, state::LabState, text_table::Table,
-        topology::Pod,
-    },
-    proofs::masquerade::{Section, verdict},
+use crate::lab::machinery::{
+    interrupt, netns, probe::Proto, servers::Servers, state::LabState, text_table::Table,
+    topology::Pod,
 };
+
+use super::section::{Section, verdict};
 
 use super::nat_table::NatTable;
 

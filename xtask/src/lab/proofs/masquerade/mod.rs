@@ -21,57 +21,26 @@ mod load;
 mod nat_table;
 mod outside;
 mod rules;
+pub(crate) mod section;
 
 use std::time::Instant;
 
 use anyhow::Result;
 
-use crate::lab::{
-    heading,
-    machinery::{
-        agents,
-        router::{self, RouterRoutes},
-        servers::Servers,
-        state::LabState,
-        text_table::Table,
-    },
+use crate::lab::machinery::{
+    agents,
+    router::{self, RouterRoutes},
+    servers::Servers,
+    state::LabState,
+    text_table::{Table, heading},
 };
 
 use self::{
     equivalence::Comparison,
     iptables::{FlannelRules, Variant},
     load::Load,
+    section::Section,
 };
-
-/// A step's result, as the report shows it.
-pub(crate) trait Section {
-    fn render(&self) -> String;
-    /// One line per thing that did not hold; empty when the step passed.
-    fn failures(&self) -> Vec<String>;
-}
-
-/// Failures listed in full under a step; the rest are counted.
-const SHOWN_FAILURES: usize = 10;
-
-/// A step's last line: "✓ {ok}", or how many things failed and the first of them.
-pub(crate) fn verdict(ok: &str, failures: &[String]) -> String {
-    if failures.is_empty() {
-        return format!("✓ {ok}");
-    }
-    let mut lines: Vec<&str> = failures
-        .iter()
-        .take(SHOWN_FAILURES)
-        .map(String::as_str)
-        .collect();
-    let more = format!(
-        "... and {} more",
-        failures.len().saturating_sub(SHOWN_FAILURES)
-    );
-    if failures.len() > SHOWN_FAILURES {
-        lines.push(&more);
-    }
-    format!("✗ {} failed:\n    {}", failures.len(), lines.join("\n    "))
-}
 
 /// What the proof did and found.
 #[derive(Debug, Default)]

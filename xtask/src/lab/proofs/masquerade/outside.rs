@@ -6,17 +6,16 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 
-use crate::lab::{
-    machinery::{
-        parallel,
-        probe::{self, Client, Exchange, Failure, Proto},
-        servers::Servers,
-        state::LabState,
-        text_table::Table,
-        topology::{Host, Pod},
-    },
-    proofs::masquerade::{Section, verdict},
+use crate::lab::machinery::{
+    parallel,
+    probe::{self, Client, Exchange, Failure, Proto},
+    servers::Servers,
+    state::LabState,
+    text_table::Table,
+    topology::{Host, Pod},
 };
+
+use super::section::{Section, verdict};
 
 /// Exchanges in flight at once: a few, all short.
 const IN_FLIGHT: usize = 4;

@@ -17,17 +17,16 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result};
 
-use crate::lab::{
-    machinery::{
-        probe::{Client, Exchange, Failure, Proto},
-        router::RouterRoutes,
-        servers::Servers,
-        state::LabState,
-        text_table::Table,
-        topology::{Host, Node},
-    },
-    proofs::masquerade::{Section, verdict},
+use crate::lab::machinery::{
+    probe::{Client, Exchange, Failure, Proto},
+    router::RouterRoutes,
+    servers::Servers,
+    state::LabState,
+    text_table::Table,
+    topology::{Host, Node},
 };
+
+use super::section::{Section, verdict};
 
 use super::nat_table::NatTable;
 
