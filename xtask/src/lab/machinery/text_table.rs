@@ -60,6 +60,14 @@ impl fmt::Display for Table {
     }
 }
 
+/// A section's heading: `━━ title ━━━…`, as wide as the tables under it.
+pub(crate) fn heading(title: &str) {
+    println!(
+        "\n━━ {title} {}",
+        "━".repeat(76usize.saturating_sub(title.chars().count()))
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,12 +82,4 @@ mod tests {
             "  NAME            MS\n  cp-pod1       0.05\n  w3       ✗ unreach\n"
         );
     }
-}
-
-/// A section's heading: `━━ title ━━━…`, as wide as the tables under it.
-pub(crate) fn heading(title: &str) {
-    println!(
-        "\n━━ {title} {}",
-        "━".repeat(76usize.saturating_sub(title.chars().count()))
-    );
 }
