@@ -34,9 +34,9 @@ use crate::lab::{
         agents,
         cluster::{self, Dataplane},
         flannel::Backend,
+        guard::LabGuard,
         netns,
         router::RouterRoutes,
-        state::{LabGuard, LabState},
         topology::{Host, Topology},
     },
     proofs::masquerade::iptables::{FlannelRules, Variant},
@@ -141,7 +141,7 @@ impl Cluster {
 /// `lab down` after a crash) holding only the pair topology's two pods, joined by one
 /// veth at the MTU of host-gw's pods: no node, bridge, router or program between them.
 fn floor(agent: PathBuf) -> Result<LabGuard> {
-    let lab = LabState::create(Topology::pair(), agent, false, true)?;
+    let lab = LabGuard::create(Topology::pair(), agent, false, true)?;
     let pods = lab.topology.pods();
     let [a, b] = pods.as_slice() else {
         bail!("the pair topology has {} pods, not two", pods.len());

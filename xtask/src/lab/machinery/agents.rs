@@ -1,6 +1,6 @@
 //! The overlay agents: building the binary, one detached agent per node namespace,
-//! readiness, inspection, and stopping them (the lab's processes, found by their
-//! command line and stopped through pidfds: etcd's too).
+//! readiness, inspection, and stopping them (found by their command line and stopped
+//! through `processes`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -8,26 +8,16 @@ use std::{
     fs::OpenOptions,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, TcpStream},
-    os::{
-        fd::{AsFd as _, FromRawFd as _, OwnedFd},
-        unix::{ffi::OsStrExt as _, process::CommandExt as _},
-    },
+    os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{SchedClassifier, tc::TcAttachType};
 use ipnet::Ipv4Net;
-use nix::{
-    poll::{PollFd, PollFlags, PollTimeout, poll},
-    sys::{
-        signal::Signal,
-        wait::{WaitPidFlag, waitpid},
-    },
-    unistd::Pid,
-};
+use nix::sys::signal::Signal;
 
 use overlay_common::kernel::has_tcx;
 pub(crate) use overlay_common::subnet_env::SubnetEnv;
@@ -36,6 +26,7 @@ use super::{
     etcd,
     interrupt::{self, Wait},
     netns,
+    processes::{processes, stop_processes},
     state::LabState,
     topology::{Node, Topology},
 };
@@ -58,8 +49,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const START_TIMEOUT: Duration = Duration::from_secs(5);
 /// The agent looks at the bridge every second; its full pass comes every 30.
 const GATEWAY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long an agent gets to detach and remove its routes after SIGTERM.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Names an agent binary built beforehand, to use instead of building one.
 pub(crate) const PREBUILT_AGENT: &str = "OVERLAY_LAB_AGENT";
@@ -133,7 +122,7 @@ pub(crate) fn command(lab: &LabState, node: &Node, masquerade: bool, agent: &Pat
     }
     cmd.args(["--iface", UPLINK, "--bridge", BRIDGE])
         .arg("--subnet-file")
-        .arg(subnet_file(lab, node))
+        .arg(lab.subnet_file(node))
         .arg("--bpffs")
         .arg(node_bpffs(lab, node))
         .args(masquerade.then_some(IP_MASQ))
@@ -215,10 +204,6 @@ pub(crate) fn log_file(lab: &LabState, node: &Node) -> PathBuf {
     lab.node_dir(&node.name).join("agent.log")
 }
 
-pub(crate) fn subnet_file(lab: &LabState, node: &Node) -> PathBuf {
-    lab.node_dir(&node.name).join("subnet.env")
-}
-
 fn node_bpffs(lab: &LabState, node: &Node) -> PathBuf {
     lab.bpffs().join(&node.name)
 }
@@ -256,21 +241,6 @@ pub(crate) fn running(lab: &LabState) -> Result<Vec<Agent>> {
         .collect();
     agents.sort_by(|a, b| a.node.cmp(&b.node));
     Ok(agents)
-}
-
-/// Every process, with its command line (`/proc/<pid>/cmdline`); those gone meanwhile
-/// (or zombies, whose command line is empty) left out.
-pub(crate) fn processes() -> Result<Vec<(u32, Vec<u8>)>> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").context("listing /proc")? {
-        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-            found.push((pid, cmdline));
-        }
-    }
-    Ok(found)
 }
 
 /// The agent `pid` is, if it is one of the lab's.
@@ -352,93 +322,10 @@ fn stop(lab: &LabState, agents: &[Agent], signal: Signal) -> Result<()> {
     stop_processes(&named, |pid| agent_of(lab, pid).is_some(), signal)
 }
 
-/// Sends `signal` to the processes (pid, what it is) that `still_ours` still
-/// recognizes, waits for each to exit, and kills any that does not in time.
-pub(crate) fn stop_processes(
-    processes: &[(u32, String)],
-    still_ours: impl Fn(u32) -> bool,
-    signal: Signal,
-) -> Result<()> {
-    let mut stopping = Vec::new();
-    for (pid, what) in processes {
-        // A pidfd pins the process: checked once more through it, a signal cannot hit
-        // a process that took over the pid meanwhile.
-        let Ok(pidfd) = pidfd_open(*pid) else {
-            continue;
-        };
-        if !still_ours(*pid) {
-            continue;
-        }
-        pidfd_signal(&pidfd, signal)?;
-        stopping.push((pid, what, pidfd));
-    }
-    let deadline = Instant::now() + interrupt::scaled(STOP_TIMEOUT);
-    let mut errors = Vec::new();
-    for (pid, what, pidfd) in &stopping {
-        if !wait_exit(pidfd, deadline.saturating_duration_since(Instant::now()))? {
-            errors.push(format!(
-                "{what} (pid {pid}) ignored {signal} for {:?}: killed",
-                interrupt::scaled(STOP_TIMEOUT)
-            ));
-            pidfd_signal(pidfd, Signal::SIGKILL)?;
-            wait_exit(pidfd, interrupt::scaled(STOP_TIMEOUT))?;
-        }
-        // Reap it if it is our child; ECHILD otherwise, which is fine.
-        let _ = waitpid(Pid::from_raw(**pid as i32), Some(WaitPidFlag::WNOHANG));
-    }
-    if !errors.is_empty() {
-        bail!("{}", errors.join("; "));
-    }
-    Ok(())
-}
-
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the descriptor was just returned to us and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-fn pidfd_signal(pidfd: &OwnedFd, signal: Signal) -> Result<()> {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: a valid pidfd, a valid signal number, no siginfo, no flags.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            signal as libc::c_int,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    match rc {
-        0 => Ok(()),
-        // Already gone.
-        _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) => Ok(()),
-        _ => Err(std::io::Error::last_os_error()).context(format!("sending {signal}")),
-    }
-}
-
-/// Whether the process exited within `timeout` (a pidfd becomes readable on exit).
-fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> Result<bool> {
-    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
-    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-    loop {
-        match poll(&mut fds, timeout) {
-            Ok(n) => return Ok(n > 0),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e).context("waiting for a process to exit"),
-        }
-    }
-}
-
 /// Waits for the agent to write `node`'s subnet.env, as the flannel CNI plugin does
 /// before it can configure a pod.
 pub(crate) fn wait_subnet_env(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
-    let path = subnet_file(lab, node);
+    let path = lab.subnet_file(node);
     interrupt::wait_until(
         &format!("{}'s subnet.env", node.name),
         interrupt::scaled(READY_TIMEOUT),
@@ -585,7 +472,7 @@ pub(crate) fn missing(lab: &LabState, node: &Node, bridge: bool) -> Vec<String> 
     if !answers_ready(&ns) {
         missing.push("/readyz".to_owned());
     }
-    if !subnet_file(lab, node).exists() {
+    if !lab.subnet_file(node).exists() {
         missing.push("subnet.env".to_owned());
     }
     match remote_subnets(lab, node) {

@@ -12,9 +12,11 @@ use nix::mount::{MsFlags, mount};
 
 use super::{
     agents::{self, BRIDGE, SubnetEnv, UPLINK},
-    cni, etcd, interrupt,
+    cni, etcd,
+    guard::LabGuard,
+    interrupt,
     netns::{self, Script, docker_mac},
-    state::{LabGuard, LabState},
+    state::LabState,
     topology::{Node, Segment, Topology},
 };
 
@@ -77,7 +79,7 @@ pub(crate) fn create_with(
 ) -> Result<LabGuard> {
     topology.validate()?;
     let started = Instant::now();
-    let mut lab = LabState::create(topology, agent, masquerade, dataplane.fast_path())?;
+    let mut lab = LabGuard::create(topology, agent, masquerade, dataplane.fast_path())?;
     println!("Creating lab {} in {}", lab.id, lab.dir().display());
 
     // The agents run in mount namespaces of their own (`ip netns exec`), where a bpffs
@@ -105,7 +107,11 @@ pub(crate) fn create_with(
         interrupt::check()?;
         if dataplane.runs_agent(node) {
             if lab.topology.etcd.is_some() {
-                etcd::show_agent(&lab, node);
+                // The agent's command line as the lab runs it, after etcd's.
+                etcd::show(
+                    &node.name,
+                    &agents::command(&lab, node, lab.masquerade, &lab.agent),
+                );
             }
             agents::start(&lab, node, lab.masquerade)?;
         }

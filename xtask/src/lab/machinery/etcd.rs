@@ -33,9 +33,9 @@ use nix::sys::signal::Signal;
 use serde::Deserialize;
 
 use super::{
-    agents,
     interrupt::{self, Wait},
     netns,
+    processes::{processes, stop_processes},
     state::LabState,
     topology::{EtcdHost, Node},
 };
@@ -236,17 +236,9 @@ fn show_etcdctl(lab: &LabState, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Prints the agent's command line for `node` as the lab runs it.
-pub(crate) fn show_agent(lab: &LabState, node: &Node) {
-    show(
-        &node.name,
-        &agents::command(lab, node, lab.masquerade, &lab.agent),
-    );
-}
-
 /// Prints `cat` of the node's subnet.env, and the file.
 fn show_subnet_env(lab: &LabState, node: &Node) -> Result<()> {
-    let path = agents::subnet_file(lab, node);
+    let path = lab.subnet_file(node);
     println!("[{}]$ cat {}", node.name, quote(path.as_os_str()));
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -357,7 +349,7 @@ fn leases(listing: &str) -> Result<BTreeMap<Ipv4Net, Ipv4Addr>> {
 /// The lab's etcd processes: those whose data directory is the lab's.
 pub(crate) fn running(lab: &LabState) -> Result<Vec<u32>> {
     let data = Files::of(lab).data();
-    Ok(agents::processes()?
+    Ok(processes()?
         .into_iter()
         .filter(|(_, cmdline)| is_etcd_of(&data, cmdline))
         .map(|(pid, _)| pid)
@@ -397,7 +389,7 @@ fn signal(lab: &LabState, signal: Signal) -> Result<bool> {
         .into_iter()
         .map(|pid| (pid, "etcd".to_owned()))
         .collect();
-    agents::stop_processes(
+    stop_processes(
         &pids,
         |pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -479,7 +471,7 @@ fn certificates(files: &Files, address: Ipv4Addr) -> Result<()> {
 }
 
 /// Prints `cmd` (an `ip netns exec <ns>` command) as run in `host`'s namespace.
-fn show(host: &str, cmd: &Command) {
+pub(crate) fn show(host: &str, cmd: &Command) {
     // Past `ip netns exec <ns>`.
     let words: Vec<String> = cmd.get_args().skip(3).map(quote).collect();
     println!("[{host}]$ {}", words.join(" "));

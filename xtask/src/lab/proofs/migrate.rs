@@ -79,7 +79,7 @@ impl Dataplane for Flanneld {
 fn flanneld_starts(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
     let env = Backend::Ipip.configure(lab, node)?;
     iptables::install_on(lab, node, Variant::Verbatim)?;
-    let file = agents::subnet_file(lab, node);
+    let file = lab.subnet_file(node);
     std::fs::create_dir_all(lab.node_dir(&node.name))?;
     std::fs::write(&file, env.to_string())
         .with_context(|| format!("writing {}", file.display()))?;

@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Files, PREFIX, etcdctl_env, host, quote};
 use crate::lab::machinery::{
-    agents::{self, SubnetEnv},
+    agents::SubnetEnv,
     flannel::{Backend, Peer},
     netns,
     state::LabState,
@@ -344,7 +344,7 @@ pub(crate) fn configure(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
         network: config.network,
         ..Backend::Ipip.configure_with(lab, node, subnet, &peers)?
     };
-    let path = agents::subnet_file(lab, node);
+    let path = lab.subnet_file(node);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
