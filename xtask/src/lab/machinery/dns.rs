@@ -274,7 +274,7 @@ pub(crate) fn resolve(ns: &str, name: &str) -> Result<Vec<Ipv4Addr>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::proofs::kubernetes::policy::scratch::Scratch;
+    use crate::lab::machinery::scratch::Scratch;
 
     const SERVER: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
     const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 20);

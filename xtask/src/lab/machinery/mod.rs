@@ -5,7 +5,8 @@
 //! (claiming a lab and removing it), cluster (building it), cni (its pods, through the real CNI
 //! plugins), agents (the overlay agents), processes (finding and stopping the
 //! lab's processes), flannel (flannel's kernel backends),
-//! servers, dns, etcd and router (the servers and routes a lab runs), probe and
+//! servers, dns, etcd and router (the servers and routes a lab runs), scratch
+//! (namespaces for root tests), probe and
 //! parallel (one probe, and many a few at a time), interrupt (Ctrl-C and waiting),
 //! kernel_drops (what the kernel dropped, to place a loss) and text_table (aligned
 //! plain-text tables).
@@ -24,6 +25,8 @@ pub(crate) mod parallel;
 pub(crate) mod probe;
 pub(crate) mod processes;
 pub(crate) mod router;
+#[cfg(test)]
+pub(crate) mod scratch;
 pub(crate) mod servers;
 pub(crate) mod state;
 pub(crate) mod text_table;

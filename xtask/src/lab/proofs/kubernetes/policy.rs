@@ -892,56 +892,6 @@ mod host_firewall {
     }
 }
 
-/// Network namespaces for root tests (this module's and dns's), removed when dropped.
-#[cfg(test)]
-pub(crate) mod scratch {
-    use std::hash::{BuildHasher as _, Hasher as _};
-
-    use super::*;
-
-    pub(crate) struct Scratch {
-        prefix: String,
-        created: Vec<String>,
-    }
-
-    impl Scratch {
-        /// `olab-t<random>-<host>` for each of `hosts`.
-        pub(crate) fn new(hosts: &[&str]) -> Result<Self> {
-            let random = std::collections::hash_map::RandomState::new()
-                .build_hasher()
-                .finish();
-            let mut scratch = Self {
-                prefix: format!("olab-t{:06x}-", random & 0xff_ffff),
-                created: Vec::new(),
-            };
-            for host in hosts {
-                let ns = scratch.ns(host);
-                netns::add(&ns)?;
-                scratch.created.push(ns);
-            }
-            Ok(scratch)
-        }
-
-        pub(crate) fn prefix(&self) -> &str {
-            &self.prefix
-        }
-
-        pub(crate) fn ns(&self, host: &str) -> String {
-            format!("{}{host}", self.prefix)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            for ns in &self.created {
-                if let Err(e) = netns::delete(ns) {
-                    eprintln!("removing {ns}: {e:#}");
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
@@ -956,8 +906,9 @@ mod tests {
 
     use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
 
-    use super::{kube_network_policies::Flow, scratch::Scratch, *};
+    use super::{kube_network_policies::Flow, *};
     use crate::lab::machinery::probe;
+    use crate::lab::machinery::scratch::Scratch;
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
