@@ -1042,14 +1042,16 @@ impl Node {
             .arg(agent)
             .arg("run")
             // The file node source: no API server here.
-            .arg("--nodes-file")
-            .arg(self.file("nodes.json"))
-            .arg("--net-conf")
-            .arg(self.file("net-conf.json"))
-            .arg("--subnet-file")
-            .arg(self.file("run/subnet.env"))
-            .arg("--bpffs")
-            .arg(self.file("bpffs"))
+            .args(
+                [
+                    ("--nodes-file", "nodes.json"),
+                    ("--net-conf", "net-conf.json"),
+                    ("--subnet-file", "run/subnet.env"),
+                    ("--bpffs", "bpffs"),
+                ]
+                .into_iter()
+                .flat_map(|(flag, file)| [flag.into(), self.file(file).into_os_string()]),
+            )
             .args(["--iface", "eth0", "--ip-masq"])
             .env("NODE_NAME", "a")
             .env("NO_COLOR", "1")

@@ -26,6 +26,7 @@ use clap::Subcommand;
 use self::{
     machinery::{
         agents, cluster, etcd,
+        guard::LabGuard,
         interrupt::{self, Interrupted},
         netns,
         state::LabState,
@@ -83,6 +84,11 @@ struct CreateArgs {
 }
 
 impl CreateArgs {
+    /// The lab these arguments ask for, created and ready.
+    fn lab(self, agent: PathBuf) -> Result<LabGuard> {
+        cluster::create(self.topology(), agent, !self.no_masq, !self.no_fast_path)
+    }
+
     fn topology(self) -> Topology {
         let topology = if self.etcd {
             Topology::kind().with_etcd()
@@ -281,12 +287,7 @@ fn build(create: CreateArgs) -> Result<PathBuf> {
 fn full_run(create: CreateArgs, checks: Checks) -> Result<Report> {
     let started = Instant::now();
     let agent = build(create)?;
-    let lab = cluster::create(
-        create.topology(),
-        agent,
-        !create.no_masq,
-        !create.no_fast_path,
-    )?;
+    let lab = create.lab(agent)?;
     let report = check(&lab, checks)?;
     heading("Teardown");
     let teardown = Instant::now();
@@ -315,13 +316,7 @@ fn migration(create: CreateArgs) -> Result<()> {
 
 fn up(create: CreateArgs) -> Result<()> {
     let agent = build(create)?;
-    let lab = cluster::create(
-        create.topology(),
-        agent,
-        !create.no_masq,
-        !create.no_fast_path,
-    )?
-    .keep();
+    let lab = create.lab(agent)?.keep();
     status(&lab)?;
     let pod = |node: usize| lab.topology.pods_of(&lab.topology.nodes[node]).remove(0);
     let (local, remote) = (pod(0), pod(lab.topology.nodes.len() - 1));

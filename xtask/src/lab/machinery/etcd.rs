@@ -69,6 +69,14 @@ impl Files {
     fn data(&self) -> PathBuf {
         self.path("data")
     }
+
+    /// `flag path` for each (flag, file name).
+    fn flags<const N: usize>(&self, flags: [(&str, &str); N]) -> Vec<OsString> {
+        flags
+            .into_iter()
+            .flat_map(|(flag, name)| [flag.into(), self.path(name).into_os_string()])
+            .collect()
+    }
 }
 
 fn host(lab: &LabState) -> Result<&EtcdHost> {
@@ -84,15 +92,12 @@ fn endpoint(etcd: &EtcdHost) -> String {
 
 /// flanneld's flags for `etcd`, with the client certificate.
 pub(crate) fn agent_args(lab: &LabState, etcd: &EtcdHost) -> Vec<OsString> {
-    let files = Files::of(lab);
     let mut args: Vec<OsString> = vec!["--etcd-endpoints".into(), endpoint(etcd).into()];
-    for (flag, file) in [
+    args.extend(Files::of(lab).flags([
         ("--etcd-cafile", "ca.pem"),
         ("--etcd-certfile", "client.pem"),
         ("--etcd-keyfile", "client.key"),
-    ] {
-        args.extend([flag.into(), files.path(file).into_os_string()]);
-    }
+    ]));
     args
 }
 
@@ -152,12 +157,11 @@ fn command(lab: &LabState) -> Result<Command> {
         .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
         .arg("--initial-cluster")
         .arg(format!("{}=http://127.0.0.1:2380", etcd.name))
-        .arg("--cert-file")
-        .arg(files.path("server.pem"))
-        .arg("--key-file")
-        .arg(files.path("server.key"))
-        .arg("--trusted-ca-file")
-        .arg(files.path("ca.pem"))
+        .args(files.flags([
+            ("--cert-file", "server.pem"),
+            ("--key-file", "server.key"),
+            ("--trusted-ca-file", "ca.pem"),
+        ]))
         .arg("--client-cert-auth");
     Ok(cmd)
 }
