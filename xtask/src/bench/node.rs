@@ -3,14 +3,14 @@
 //! cluster that has nodes (all but the floor) before its warm-up, so that every
 //! dataplane pays the same for it:
 //!
-//! - kube-proxy's rules in iptables mode (`lab::kube_proxy`) for [`SERVICES`]
+//! - kube-proxy's rules in iptables mode (`lab::proofs::kubernetes::kube_proxy`) for [`SERVICES`]
 //!   Services of two endpoints each, addresses in the nodes' pod subnets that no pod
 //!   holds and nothing talks to (a cluster's worth of rules that every new connection
 //!   passes in the nat table), every fourth with a NodePort, as kube-proxy's own
 //!   1,000-Service test of the lab (`kube_proxy/namespace_tests.rs`) lays them out;
 //!   plus the bench's own Service ([`SERVICE`]), whose endpoint is the server pod, for
 //!   the measures through a ClusterIP;
-//! - kube-router's NetworkPolicy chains (`lab::policy`, the engine k3s ships with
+//! - kube-router's NetworkPolicy chains (`lab::proofs::kubernetes::policy`, the engine k3s ships with
 //!   flannel) on every node, with one policy that isolates the server pod and admits
 //!   the client pod on the servers' ports: every packet to the server passes its
 //!   pod's chain.

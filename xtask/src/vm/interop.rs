@@ -1,5 +1,5 @@
 //! Interoperability with flannel's kernel IPIP: one node runs our agent, the other the
-//! kernel's ipip device as flanneld's ipip backend configures it (`lab::flannel`), and
+//! kernel's ipip device as flanneld's ipip backend configures it (`lab::machinery::flannel`), and
 //! pod traffic must flow both ways: TCP, UDP and ICMP with 100- and 2000-byte payloads
 //! (the sizes of the kernel's test_tc_tunnel selftest), and from each node to the
 //! other's pod. This is what lets a cluster move from flanneld to the agent node by
@@ -7,8 +7,8 @@
 //! says it skipped where the kernel has none.
 //!
 //! It runs twice: with the nodes learning each other from the lab's node list, and on
-//! flannel's etcd subnet manager (`lab::etcd`), where the flannel node is flanneld on
-//! etcd (`lab::etcd::flanneld`): it leases its subnet as flanneld writes a lease, and
+//! flannel's etcd subnet manager (`lab::machinery::etcd`), where the flannel node is flanneld on
+//! etcd (`lab::machinery::etcd::flanneld`): it leases its subnet as flanneld writes a lease, and
 //! routes to our node because it finds our lease there, while our agent learns it from
 //! its lease alone.
 //!

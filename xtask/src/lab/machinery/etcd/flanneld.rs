@@ -23,7 +23,7 @@
 //!   (`omitempty`); Go writes the fields in that order, without spaces.
 //! - `pkg/backend/ipip/ipip.go`: the attributes are PublicIP and BackendType "ipip",
 //!   no BackendData; per lease a route `<subnet> via <PublicIP> dev flannel.ipip
-//!   onlink` (the device is `lab::flannel`'s).
+//!   onlink` (the device is `machinery::flannel`'s).
 //! - `pkg/backend/route_network.go`, `pkg/subnet/subnet.go` (`WatchLeases`): routes for
 //!   the leases of its own backend type, other types ignored, its own lease left out.
 //!

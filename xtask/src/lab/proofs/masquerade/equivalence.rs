@@ -383,7 +383,7 @@ impl<'a> Comparison<'a> {
             }
         }
         format!(
-            "\nFor information, {}: where it differs from the BPF masquerade (not judged; see lab/iptables.rs for why)\n{table}",
+            "\nFor information, {}: where it differs from the BPF masquerade (not judged; see lab/proofs/masquerade/iptables.rs for why)\n{table}",
             Variant::Verbatim.describe()
         )
     }
