@@ -1,5 +1,5 @@
 //! The lab's machinery: what builds a lab, runs it and talks across it, with no
-//! verdict of its own (the proofs in `super::proofs` give those).
+//! verdict of its own (the proofs, `lab::proofs`, give those).
 //!
 //! topology (the cluster as data), netns (namespaces and links), state (a lab on disk), guard
 //! (claiming a lab and removing it), cluster (building it), cni (its pods, through the real CNI

@@ -1,5 +1,5 @@
-//! What the lab proves, one module per subject, each on a running lab built by
-//! `super::machinery`: matrix (pod connectivity), capture (cross-node traffic is IPIP
+//! What the lab proves, one module per subject, each on a running lab built by the
+//! machinery (`lab::machinery`): matrix (pod connectivity), capture (cross-node traffic is IPIP
 //! on the wire), controls (without the overlay the same paths fail), forward_policy
 //! (`--iptables-forward-rules` under a FORWARD policy of DROP), public_ip (a node
 //! reached at a public IP that is not its own), masquerade (pods reach the outside
