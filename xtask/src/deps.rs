@@ -10,58 +10,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-/// Debian packages: LLVM for bpf-linker and protoc for the etcd client (installed
-/// before anything builds the agent: `cargo xtask` itself does not), and the tools
-/// the lab and tests drive.
-pub(crate) const PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "zlib1g-dev",
-    // protoc: the agent's etcd client (etcd-client) compiles etcd's .proto files in
-    // its build script, in every build of the workspace.
-    "protobuf-compiler",
-    // The google/protobuf/*.proto that etcd's .proto files import.
-    "libprotobuf-dev",
-    "iproute2",
-    "iputils-ping",
-    "tcpdump",
-    // kubernetes-validate goes into a virtualenv (below); Debian's python3 needs this
-    // package for `python3 -m venv`.
-    "python3-venv",
-    // The masquerade proof's baseline: flanneld's rules, with the nft backend.
-    "iptables",
-    "nftables",
-    // The lab's pods: the real CNI plugins (bridge, host-local, portmap, loopback in
-    // /usr/lib/cni), run as containerd runs them with flannel's delegate.
-    "containernetworking-plugins",
-    // The lab's cluster DNS: a real DNS server in a pod.
-    "dnsmasq-base",
-    // The NetworkPolicy engines: kube-router's ipsets, and kube-network-policies'
-    // strict mode, which ends conntrack entries its policies no longer admit.
-    "ipset",
-    "conntrack",
-    // The etcd that flannel's etcd subnet manager keeps its leases in (`lab --etcd`,
-    // the agent's etcd tests).
-    "etcd-server",
-    // etcdctl: `lab --etcd` seeds the network configuration and lists the leases.
-    "etcd-client",
-    // The certificates of each etcd run's TLS (`lab --etcd`, the etcd tests).
-    "openssl",
-];
-// Visible to the deploy checks, which hold deploy/Dockerfile to the same toolchain.
-pub(crate) const BPF_LINKER_VERSION: &str = "0.13";
-pub(crate) const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// Validates the deploy manifests against the Kubernetes OpenAPI schemas, offline: it
-/// carries the schemas of Kubernetes 1.25 to 1.37.
-const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
-/// The nightly the eBPF crate builds with (`overlay-ebpf/rust-toolchain`, which the
-/// agent's build script hands to aya-build): pinned, because bpf-linker reads the
-/// LLVM bitcode rustc writes, and a newer nightly's LLVM (23 from late 2026) is one
-/// bpf-linker built against Debian's LLVM 22 cannot read ("Invalid record").
-pub(crate) fn nightly() -> &'static str {
-    include_str!("../../overlay-ebpf/rust-toolchain").trim()
-}
+use crate::pins::{
+    self, BPF_LINKER_VERSION, KUBERNETES_VALIDATE_VERSION, LLVM_PREFIX, PACKAGES, nightly,
+};
 
 /// What running a second kernel takes (`cargo xtask test --kernel`, `kernels`, `bench`):
 /// QEMU (software emulation: nested KVM hangs on these machines), kmod (virtme-ng runs
@@ -83,7 +34,7 @@ const VIRTME_NG_VERSION: &str = "1.42";
 const BENCH_PACKAGES: &[&str] = &["fonts-dejavu-core"];
 
 /// Makes sure everything is installed; does nothing when it already is.
-pub fn ensure() -> Result<()> {
+pub(crate) fn ensure() -> Result<()> {
     if ensure_packages(PACKAGES)?.contains(&"etcd-server") {
         stop_packaged_etcd()?;
     }
@@ -94,7 +45,7 @@ pub fn ensure() -> Result<()> {
 }
 
 /// Runs `cmd`, failing with its rendering when it does not succeed.
-pub fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {shown}"))?;
     if !status.success() {
@@ -104,19 +55,20 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Output of `cmd` if it ran and succeeded.
-pub fn output(cmd: &mut Command) -> Option<String> {
+pub(crate) fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
+    // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
 
 /// A command run as root: directly when we are root, else through sudo if present.
-pub fn privileged(program: &str) -> Result<Command> {
+pub(crate) fn privileged(program: &str) -> Result<Command> {
     if is_root() {
         return Ok(Command::new(program));
     }
@@ -138,11 +90,12 @@ fn which(program: &str) -> Option<String> {
 
 /// Everything [`ensure`] installs, plus what booting a kernel in a VM needs; returns
 /// the virtme-ng executable.
-pub fn ensure_vm() -> Result<PathBuf> {
+pub(crate) fn ensure_vm() -> Result<PathBuf> {
     ensure()?;
     ensure_packages(VM_PACKAGES)?;
     ensure_packages(BENCH_PACKAGES)?;
-    venv_tool("virtme-ng", VIRTME_NG_VERSION, "vng")
+    let exe = pins::venv_exe(&cache_dir()?, "virtme-ng", VIRTME_NG_VERSION, "vng");
+    venv_tool("virtme-ng", VIRTME_NG_VERSION, exe)
 }
 
 /// Installs the packages that are missing; returns them.
@@ -250,21 +203,22 @@ fn ensure_bpf_linker() -> Result<()> {
 }
 
 /// The kubernetes-validate executable, installed first if it is missing.
-pub fn kubernetes_validate() -> Result<PathBuf> {
-    venv_tool(
-        "kubernetes-validate",
-        KUBERNETES_VALIDATE_VERSION,
-        "kubernetes-validate",
-    )
+pub(crate) fn kubernetes_validate() -> Result<PathBuf> {
+    let exe = pins::kubernetes_validate(&cache_dir()?);
+    venv_tool("kubernetes-validate", KUBERNETES_VALIDATE_VERSION, exe)
 }
 
-/// `exe` of the PyPI package `package` at `version`, installed first if it is missing.
-/// Each tool lives in a virtualenv of its own: Debian's Python refuses `pip install`
-/// outside one (PEP 668), and the version stays pinned whatever else the machine's
-/// Python has.
-fn venv_tool(package: &str, version: &str, exe: &str) -> Result<PathBuf> {
-    let venv = cache_dir()?.join(format!("{package}-{version}"));
-    let exe = venv.join("bin").join(exe);
+/// `exe` of the PyPI package `package` at `version` ([`pins::venv_exe`]), installed
+/// first if it is missing. Each tool lives in a virtualenv of its own: Debian's Python
+/// refuses `pip install` outside one (PEP 668), and the version stays pinned whatever
+/// else the machine's Python has.
+fn venv_tool(package: &str, version: &str, exe: PathBuf) -> Result<PathBuf> {
+    // <venv>/bin/<exe>
+    let venv = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("a virtualenv's executable")?
+        .to_owned();
     let installed = output(Command::new(venv.join("bin/pip")).args([
         "show",
         "--disable-pip-version-check",
@@ -281,7 +235,7 @@ fn venv_tool(package: &str, version: &str, exe: &str) -> Result<PathBuf> {
     eprintln!("installing {package} {version} into {}", venv.display());
     // --clear: a venv that an interrupted install left half-made starts over.
     // Debian's own python3 (not a pyenv shim that may shadow it on PATH).
-    let python = if std::path::Path::new("/usr/bin/python3").exists() {
+    let python = if Path::new("/usr/bin/python3").exists() {
         "/usr/bin/python3"
     } else {
         "python3"
@@ -298,12 +252,7 @@ fn venv_tool(package: &str, version: &str, exe: &str) -> Result<PathBuf> {
     Ok(exe)
 }
 
-/// The project's cache on this machine (`$XDG_CACHE_HOME/overlay-xtask`, else
-/// `~/.cache/overlay-xtask`): tools and kernels that outlive a clean of `target/`.
-pub fn cache_dir() -> Result<PathBuf> {
-    let base = match std::env::var_os("XDG_CACHE_HOME") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache"),
-    };
-    Ok(base.join("overlay-xtask"))
+/// The project's cache on this machine ([`pins::cache_dir`]).
+pub(crate) fn cache_dir() -> Result<PathBuf> {
+    pins::cache_dir().context("HOME is not set")
 }

@@ -1,12 +1,9 @@
 //! Developer commands: `cargo xtask lab`, `cargo xtask test`, `cargo xtask run`.
 
 mod bench;
-#[cfg(test)]
-mod deploy_check;
-#[cfg(test)]
-mod deploy_table;
 mod deps;
 mod lab;
+mod pins;
 mod run;
 mod test;
 mod vm;

@@ -21,7 +21,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::deps;
 
 #[derive(clap::Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// Build and run the release profile.
     #[arg(long)]
     release: bool,
@@ -41,7 +41,7 @@ const AGENT_ENV: &[&str] = &[
     "KUBERNETES_SERVICE_PORT",
 ];
 
-pub fn run(args: RunArgs) -> Result<()> {
+pub(crate) fn run(args: RunArgs) -> Result<()> {
     deps::ensure()?;
     let agent = build(args.release)?;
     let env: Vec<(&str, OsString)> = AGENT_ENV

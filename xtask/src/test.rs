@@ -15,12 +15,12 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     deps,
-    lab::{agents::PREBUILT_AGENT, table::Table},
+    lab::machinery::{agents::PREBUILT_AGENT, text_table::Table},
     vm::{self, kernel::KERNELS},
 };
 
 #[derive(clap::Args)]
-pub struct TestArgs {
+pub(crate) struct TestArgs {
     /// Run the packet tests, the lab and the interoperability test inside a VM with this
     /// kernel (`cargo xtask kernels --list`) instead of every test here.
     #[arg(long)]
@@ -31,7 +31,7 @@ pub struct TestArgs {
 }
 
 #[derive(clap::Args)]
-pub struct KernelsArgs {
+pub(crate) struct KernelsArgs {
     /// List the kernels of the matrix and exit.
     #[arg(long)]
     list: bool,
@@ -45,7 +45,7 @@ pub struct KernelsArgs {
 /// some 9 for each of kube-proxy's three modes.
 const VM_TIMEOUT: Duration = Duration::from_secs(100 * 60);
 
-pub fn run(args: TestArgs) -> Result<()> {
+pub(crate) fn run(args: TestArgs) -> Result<()> {
     deps::ensure()?;
     // Packet tests load BPF programs and the lab builds namespaces: both need root.
     if !deps::is_root() {
@@ -98,7 +98,7 @@ pub fn run(args: TestArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn kernels(args: KernelsArgs) -> Result<()> {
+pub(crate) fn kernels(args: KernelsArgs) -> Result<()> {
     if args.list {
         for k in KERNELS {
             println!(
@@ -151,7 +151,7 @@ const SKIPPED: i32 = -1;
 
 impl Suites {
     fn build() -> Result<Self> {
-        let agent = crate::lab::agents::build(false)?;
+        let agent = crate::lab::machinery::agents::build(false)?;
         let packet = test_executable(&["-p", "overlay-agent", "--test", "datapath"])?;
         let xtask = test_executable(&["-p", "xtask", "--bin", "xtask"])?;
         Ok(Self {
@@ -238,7 +238,7 @@ impl Suites {
 
 /// The executable `cargo test --no-run <args>` builds.
 pub(crate) fn test_executable(args: &[&str]) -> Result<PathBuf> {
-    let out = crate::lab::netns::run(
+    let out = crate::lab::machinery::netns::run(
         Command::new(env!("CARGO"))
             .current_dir(vm::workspace())
             .args(["test", "--no-run", "--message-format=json"])

@@ -6,7 +6,7 @@ use std::{process::Command, time::Instant};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::lab::{netns, state::LabState};
+use crate::lab::machinery::{netns, state::LabState};
 
 /// The machine's (the VM's) CPU time spent busy so far, from /proc/stat: user, nice,
 /// system, irq, softirq and steal, of all CPUs together and of each. Both ends of every
@@ -14,7 +14,7 @@ use crate::lab::{netns, state::LabState};
 /// softirq (where the datapath runs) included; the busiest CPU tells a figure that one
 /// CPU bounds (a stream's sender, which carries the path its sends raise) from one that
 /// the machine's CPUs together bound.
-pub struct CpuTimes {
+pub(super) struct CpuTimes {
     total: f64,
     per_cpu: Vec<f64>,
     at: Instant,
@@ -22,7 +22,7 @@ pub struct CpuTimes {
 
 /// What the machine spent between two [`CpuTimes`].
 #[derive(Debug, Clone, Copy)]
-pub struct Busy {
+pub(super) struct Busy {
     /// CPU seconds, all CPUs together.
     pub seconds: f64,
     /// The busiest CPU's busy time over the wall time between the two readings (0–1).
@@ -30,7 +30,7 @@ pub struct Busy {
 }
 
 impl CpuTimes {
-    pub fn read() -> Result<Self> {
+    pub(super) fn read() -> Result<Self> {
         let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
@@ -43,7 +43,7 @@ impl CpuTimes {
     }
 
     /// What was spent since `before`.
-    pub fn since(&self, before: &CpuTimes) -> Busy {
+    pub(super) fn since(&self, before: &CpuTimes) -> Busy {
         let wall = self.at.duration_since(before.at).as_secs_f64();
         let busiest = self
             .per_cpu
@@ -91,7 +91,7 @@ fn parse_stat(stat: &str, hz: f64) -> Result<(f64, Vec<f64>)> {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Machine {
+pub(super) struct Machine {
     pub cpu: String,
     pub cpus: usize,
     pub kernel: String,
@@ -101,7 +101,7 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn here() -> Self {
+    pub(super) fn here() -> Self {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu = cpuinfo
             .lines()
@@ -132,7 +132,7 @@ const CONGESTION: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
 
 /// Turns GSO, GRO and TSO off on every link of the lab's namespaces (veths, bridges,
 /// tunnel devices): every packet then crosses every hop on its own.
-pub fn offloads_off(lab: &LabState) -> Result<()> {
+pub(super) fn offloads_off(lab: &LabState) -> Result<()> {
     for ns in netns::list(&lab.netns(""))? {
         let links = netns::ip_json(&ns, &["link", "show"])?;
         for link in links.as_array().into_iter().flatten() {

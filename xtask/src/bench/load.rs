@@ -26,12 +26,12 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use nix::sys::socket::{setsockopt, sockopt::RcvBufForce};
 
-use crate::lab::netns;
+use crate::lab::machinery::netns;
 
 /// How often a server's blocking calls wake up to look at the stop flag.
 const TICK: Duration = Duration::from_millis(100);
 /// The small UDP datagram: 64 bytes of payload.
-pub const UDP_PAYLOAD: usize = 64;
+pub(super) const UDP_PAYLOAD: usize = 64;
 /// Room in the receive buffer for bursts (root may exceed rmem_max).
 const UDP_BUFFER: usize = 8 << 20;
 /// What a bulk stream writes and reads per call (iperf3's default for TCP).
@@ -42,15 +42,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The servers' ports, the same in every cluster: the bench's Service and the
 /// NetworkPolicy that admits the client name them before the servers start
 /// (`node`), and every cluster's rules are then the same.
-pub const STREAM_PORT: u16 = 5201;
-pub const RR_PORT: u16 = 5202;
-pub const CRR_PORT: u16 = 5203;
-pub const UDP_PORT: u16 = 5204;
+pub(super) const STREAM_PORT: u16 = 5201;
+pub(super) const RR_PORT: u16 = 5202;
+pub(super) const CRR_PORT: u16 = 5203;
+pub(super) const UDP_PORT: u16 = 5204;
 
 /// The servers of one pod: a sink for bulk streams, request/response,
 /// connect/request/response/close, and a UDP sink, on their fixed ports. Stopped (and
 /// their sockets closed) when dropped.
-pub struct Servers {
+pub(super) struct Servers {
     pub stream: SocketAddrV4,
     pub rr: SocketAddrV4,
     pub crr: SocketAddrV4,
@@ -66,7 +66,7 @@ pub struct Servers {
 impl Servers {
     /// Servers on `address` in `ns`, whose connections run `congestion` (the
     /// listeners pass it on to what they accept).
-    pub fn start(ns: &str, address: Ipv4Addr, congestion: &str) -> Result<Self> {
+    pub(super) fn start(ns: &str, address: Ipv4Addr, congestion: &str) -> Result<Self> {
         let (stream, rr, crr, udp) = netns::enter(ns, || {
             let at = |port| SocketAddrV4::new(address, port);
             let udp = UdpSocket::bind(at(UDP_PORT))?;
@@ -119,11 +119,11 @@ impl Servers {
         Ok(servers)
     }
 
-    pub fn received(&self) -> u64 {
+    pub(super) fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
     }
 
-    pub fn streamed(&self) -> u64 {
+    pub(super) fn streamed(&self) -> u64 {
         self.streamed.load(Ordering::Relaxed)
     }
 }
@@ -251,7 +251,7 @@ fn sink(socket: UdpSocket, stop: Arc<AtomicBool>, received: Arc<AtomicU64>) {
 /// Bulk TCP from `ns`: `streams` connections to `servers`' stream sink, each writing
 /// as fast as it can. Returns the bytes the sink read in a window of `duration` that
 /// opens once every connection is up, and the window's length.
-pub fn stream(
+pub(super) fn stream(
     ns: &str,
     servers: &Servers,
     streams: usize,
@@ -297,14 +297,14 @@ pub fn stream(
 
 /// Request/response over one connection for `duration`.
 #[derive(Debug, Clone, Copy)]
-pub struct RrResult {
+pub(super) struct RrResult {
     pub transactions: u64,
     pub p50_us: f64,
     pub p99_us: f64,
     pub elapsed: Duration,
 }
 
-pub fn rr(
+pub(super) fn rr(
     ns: &str,
     server: SocketAddrV4,
     congestion: &str,
@@ -339,7 +339,7 @@ pub fn rr(
 
 /// What a connection-rate run did.
 #[derive(Debug)]
-pub struct Crr {
+pub(super) struct Crr {
     /// Connections completed.
     pub done: u64,
     /// Connections that failed (not connected within [`CONNECT_TIMEOUT`], reset, or no
@@ -354,7 +354,12 @@ pub struct Crr {
 
 /// Connections (connect, one byte each way, close) one after another for `duration`.
 /// Fails only when none completes.
-pub fn crr(ns: &str, server: SocketAddrV4, congestion: &str, duration: Duration) -> Result<Crr> {
+pub(super) fn crr(
+    ns: &str,
+    server: SocketAddrV4,
+    congestion: &str,
+    duration: Duration,
+) -> Result<Crr> {
     let one = || -> Result<()> {
         let mut conn = connect(server, congestion, CONNECT_TIMEOUT, true)?;
         conn.write_all(&[1])?;
@@ -397,7 +402,11 @@ pub fn crr(ns: &str, server: SocketAddrV4, congestion: &str, duration: Duration)
 
 /// Sends [`UDP_PAYLOAD`]-byte datagrams to `server` as fast as one thread can for
 /// `duration`; returns how many were sent and the time it took.
-pub fn udp_blast(ns: &str, server: SocketAddrV4, duration: Duration) -> Result<(u64, Duration)> {
+pub(super) fn udp_blast(
+    ns: &str,
+    server: SocketAddrV4,
+    duration: Duration,
+) -> Result<(u64, Duration)> {
     netns::enter(ns, || {
         let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
         socket.connect(server)?;
@@ -425,7 +434,7 @@ mod tests {
     use std::process::Command;
 
     use super::*;
-    use crate::lab::interrupt::{self, Wait};
+    use crate::lab::machinery::interrupt::{self, Wait};
 
     /// Two namespaces joined by a veth pair, 10.99.0.1 and .2, deleted when dropped.
     struct Pair([String; 2]);

@@ -27,263 +27,20 @@ use super::{
     load::{self, Servers},
     node::{self, NodeRules},
     results::{Measure, Results, Sample},
+    setup::{Congestion, Group, KernelBackend, Only, Plan, Setup, Test},
 };
 use crate::lab::{
-    agents::{self, SubnetEnv},
-    cluster::{self, Dataplane},
-    flannel::Backend,
-    iptables::{FlannelRules, Variant},
-    netns,
-    router::RouterRoutes,
-    state::{LabGuard, LabState},
-    topology::{Host, Node, Topology},
+    machinery::{
+        agents,
+        cluster::{self, Dataplane},
+        flannel::Backend,
+        guard::LabGuard,
+        netns,
+        router::RouterRoutes,
+        topology::{Host, Topology},
+    },
+    proofs::masquerade::iptables::{FlannelRules, Variant},
 };
-
-/// How the pods of a cluster reach each other (and the outside).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Setup {
-    /// Our agent on both nodes, with `--ip-masq` as flannel's DaemonSet runs flanneld
-    /// (kube-flannel.yml): without it, flannel's CNI configuration has the bridge
-    /// plugin masquerade whatever a pod sends off its node, to the other node's pods
-    /// too, and no such flow could take the fast path.
-    Ours,
-    /// Ours with `--fast-path off`: every packet through the host stack (its
-    /// netfilter, conntrack and routing), as flanneld's kernel tunnel takes it.
-    OursFastPathOff,
-    /// flannel's kernel backends, with flanneld's masquerade rules (`--ip-masq`), whose
-    /// part our agent plays in BPF.
-    Kernel(KernelBackend),
-    /// Masquerade to the outside: our agent with `--ip-masq`.
-    SnatOurs,
-    /// Masquerade to the outside as a flannel node does it: flanneld's iptables rules
-    /// on nodes that run no BPF at all (host-gw routes between them; a pod's
-    /// connection to the outside takes no tunnel in any flannel backend).
-    SnatIptables,
-    /// No translation: our agent without `--ip-masq`, and the router routes the pod
-    /// subnets back to their nodes. What the same connections cost without any NAT,
-    /// to tell the translation's share from the rest of the path.
-    SnatRouted,
-    /// host-gw with its pods at IPIP's MTU (1480), as if it paid a tunnel's 20 bytes a
-    /// packet: ours against it is the datapath alone, without the encapsulation's smaller
-    /// packets (docs/BENCHMARKS.md, "one stream at IPIP's MTU").
-    HostGwAtIpipMtu,
-    /// No dataplane: the two pods joined by one veth, no node between them. What the
-    /// machine, the kernel's TCP and UDP and the load generators take on their own,
-    /// to which every dataplane adds its part.
-    Floor,
-}
-
-/// [`Backend`], serializable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum KernelBackend {
-    Ipip,
-    Vxlan,
-    HostGw,
-}
-
-impl KernelBackend {
-    fn backend(self) -> Backend {
-        match self {
-            KernelBackend::Ipip => Backend::Ipip,
-            KernelBackend::Vxlan => Backend::Vxlan,
-            KernelBackend::HostGw => Backend::HostGw,
-        }
-    }
-}
-
-impl Setup {
-    /// The pod-to-pod dataplanes, ours first.
-    pub const PLANES: [Setup; 4] = [
-        Setup::Ours,
-        Setup::Kernel(KernelBackend::Ipip),
-        Setup::Kernel(KernelBackend::Vxlan),
-        Setup::Kernel(KernelBackend::HostGw),
-    ];
-    pub const SNAT: [Setup; 3] = [Setup::SnatOurs, Setup::SnatIptables, Setup::SnatRouted];
-    /// Pod to pod like the dataplanes, for what the dataplanes' figures are made of; a
-    /// column of the tables, not of the plot.
-    pub const REFERENCES: [Setup; 3] =
-        [Setup::OursFastPathOff, Setup::HostGwAtIpipMtu, Setup::Floor];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Setup::Ours => "ours (BPF IPIP)",
-            Setup::OursFastPathOff => "ours, fast path off",
-            Setup::Kernel(KernelBackend::Ipip) => "kernel ipip (tunl0)",
-            Setup::Kernel(KernelBackend::Vxlan) => "kernel vxlan",
-            Setup::Kernel(KernelBackend::HostGw) => "host-gw",
-            Setup::SnatOurs => "ours --ip-masq",
-            Setup::SnatIptables => "iptables MASQUERADE",
-            Setup::SnatRouted => "routed, no NAT",
-            Setup::HostGwAtIpipMtu => "host-gw at MTU 1480",
-            Setup::Floor => "no dataplane (one veth)",
-        }
-    }
-
-    /// Whether our agents run with `--ip-masq`.
-    fn masquerade(self) -> bool {
-        matches!(self, Setup::Ours | Setup::OursFastPathOff | Setup::SnatOurs)
-    }
-
-    /// Whether the nodes carry flanneld's masquerade rules: the flannel nodes that run
-    /// no agent (flanneld with `--ip-masq`).
-    fn flanneld_rules(self) -> bool {
-        matches!(
-            self,
-            Setup::Kernel(_) | Setup::SnatIptables | Setup::HostGwAtIpipMtu
-        )
-    }
-
-    /// Whether the Service measures run: on the pod-to-pod dataplanes, and ours with
-    /// the fast path off.
-    pub fn through_the_service(self) -> bool {
-        Setup::PLANES.contains(&self) || self == Setup::OursFastPathOff
-    }
-}
-
-impl Dataplane for Setup {
-    fn runs_agent(&self, _: &Node) -> bool {
-        !matches!(
-            self,
-            Setup::Kernel(_) | Setup::SnatIptables | Setup::HostGwAtIpipMtu | Setup::Floor
-        )
-    }
-
-    fn configure(&self, lab: &LabState, node: &Node) -> Result<SubnetEnv> {
-        match self {
-            Setup::Kernel(k) => k.backend().configure(lab, node),
-            Setup::SnatIptables => Backend::HostGw.configure(lab, node),
-            Setup::HostGwAtIpipMtu => Ok(SubnetEnv {
-                mtu: Backend::Ipip.mtu(),
-                ..Backend::HostGw.configure(lab, node)?
-            }),
-            _ => anyhow::bail!("{} runs our agent", node.name),
-        }
-    }
-
-    fn fast_path(&self) -> bool {
-        *self != Setup::OursFastPathOff
-    }
-}
-
-/// A group of setups, to measure only some of them (`cargo xtask bench --only`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Group {
-    Ours,
-    /// Our agents with `--fast-path off`.
-    OursFastPathOff,
-    Ipip,
-    Vxlan,
-    HostGw,
-    /// Both masquerades, and the same connections routed without translation.
-    Snat,
-    /// host-gw with its pods at IPIP's MTU.
-    HostGwAtIpipMtu,
-    /// The two pods joined by one veth: no dataplane.
-    Floor,
-}
-
-impl Group {
-    fn includes(self, setup: Setup) -> bool {
-        match self {
-            Group::Ours => setup == Setup::Ours,
-            Group::OursFastPathOff => setup == Setup::OursFastPathOff,
-            Group::Ipip => setup == Setup::Kernel(KernelBackend::Ipip),
-            Group::Vxlan => setup == Setup::Kernel(KernelBackend::Vxlan),
-            Group::HostGw => setup == Setup::Kernel(KernelBackend::HostGw),
-            Group::Snat => Setup::SNAT.contains(&setup),
-            Group::HostGwAtIpipMtu => setup == Setup::HostGwAtIpipMtu,
-            Group::Floor => setup == Setup::Floor,
-        }
-    }
-}
-
-/// A test of the pod-to-pod dataplanes, to run only some of them (`--tests`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Test {
-    /// Single- and multi-stream throughput.
-    Tcp,
-    /// Request/response.
-    Rr,
-    /// Connection rate.
-    Crr,
-    /// Small UDP datagrams.
-    Udp,
-    /// Request/response and connection rate through a ClusterIP Service to the pod on
-    /// the other node.
-    Svc,
-}
-
-/// What to measure and how long.
-#[derive(Debug, Clone, Copy)]
-pub struct Plan {
-    pub runs: usize,
-    pub seconds: u64,
-    /// Parallel streams of the multi-stream test.
-    pub streams: usize,
-    pub congestion: Congestion,
-}
-
-/// The TCP congestion control of every connection the bench makes, both ends. Kernels
-/// differ in their default (Linux's is cubic; a kernel may be built with bbr), and the
-/// legs of one run must not: the bench sets it on each socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Congestion {
-    /// Linux's default, and what distributions' nodes run.
-    Cubic,
-    /// Paces every connection (TCP's own pacing timer without an fq qdisc).
-    Bbr,
-    Reno,
-}
-
-impl Congestion {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Cubic => "cubic",
-            Self::Bbr => "bbr",
-            Self::Reno => "reno",
-        }
-    }
-}
-
-/// Which setups and tests to run (`cargo xtask bench --only … --tests …`): all when
-/// empty. For development: a partial run prints its report but does not publish it.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct Only {
-    /// Only these setups (comma-separated).
-    #[arg(long = "only", value_enum, value_delimiter = ',')]
-    pub groups: Vec<Group>,
-    /// Only these tests of the pod-to-pod setups (comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',')]
-    pub tests: Vec<Test>,
-}
-
-impl Only {
-    fn runs(&self, test: Test) -> bool {
-        self.tests.is_empty() || self.tests.contains(&test)
-    }
-
-    /// Whether only some setups or tests run.
-    pub fn partial(&self) -> bool {
-        !self.groups.is_empty() || !self.tests.is_empty()
-    }
-
-    /// The flags as given, for the same run inside the VM.
-    pub fn flags(&self) -> String {
-        fn list<T: clap::ValueEnum>(flag: &str, values: &[T]) -> String {
-            if values.is_empty() {
-                return String::new();
-            }
-            let names: Vec<_> = values
-                .iter()
-                .filter_map(|v| v.to_possible_value())
-                .map(|v| v.get_name().to_owned())
-                .collect();
-            format!(" --{flag} {}", names.join(","))
-        }
-        list("only", &self.groups) + &list("tests", &self.tests)
-    }
-}
 
 /// How long [`Cluster::warm_up`] lasts: well past our agents' read of a new pod's port
 /// (100 ms after the bridge learns its MAC), and past a full look at the node (at most
@@ -384,7 +141,7 @@ impl Cluster {
 /// `lab down` after a crash) holding only the pair topology's two pods, joined by one
 /// veth at the MTU of host-gw's pods: no node, bridge, router or program between them.
 fn floor(agent: PathBuf) -> Result<LabGuard> {
-    let lab = LabState::create(Topology::pair(), agent, false, true)?;
+    let lab = LabGuard::create(Topology::pair(), agent, false, true)?;
     let pods = lab.topology.pods();
     let [a, b] = pods.as_slice() else {
         bail!("the pair topology has {} pods, not two", pods.len());
@@ -407,7 +164,7 @@ fn floor(agent: PathBuf) -> Result<LabGuard> {
 
 /// The setups this kernel can run (all of them, less the kernel's ipip when it has no
 /// such module), of the groups in `only` (all when empty).
-pub fn available(only: &[Group]) -> Vec<Setup> {
+pub(super) fn available(only: &[Group]) -> Vec<Setup> {
     let ipip = crate::vm::has_ipip();
     Setup::PLANES
         .into_iter()
@@ -420,7 +177,7 @@ pub fn available(only: &[Group]) -> Vec<Setup> {
 
 /// Builds a cluster for each setup this kernel can run (of the groups in `only`), runs
 /// the plan, removes the clusters.
-pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Results> {
+pub(super) fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Results> {
     let mut results = Results::new(Machine::here(), plan, quick);
     let mut clusters = Vec::new();
     let mut rules = NodeRules::new();
@@ -453,12 +210,12 @@ pub fn run(agent: PathBuf, plan: Plan, quick: bool, only: &Only) -> Result<Resul
         for run in 0..plan.runs {
             println!(
                 "offloads {}, run {} of {}",
-                super::report::on_off(offloads),
+                super::setup::on_off(offloads),
                 run + 1,
                 plan.runs
             );
             for c in rotated(&clusters, run) {
-                crate::lab::interrupt::check()?;
+                crate::lab::machinery::interrupt::check()?;
                 let samples = measure(c, plan, offloads, run, only)
                     .with_context(|| format!("measuring {}{}", c.setup.name(), c.counters()))?;
                 for sample in samples {

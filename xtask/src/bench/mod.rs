@@ -23,6 +23,7 @@ mod node;
 mod plot;
 mod report;
 mod results;
+mod setup;
 
 use std::{
     path::{Path, PathBuf},
@@ -33,13 +34,13 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use self::{
-    measure::Plan,
     report::Leg,
     results::{Cost, Results, parse_costs},
+    setup::Plan,
 };
 use crate::{
     deps,
-    lab::{agents::PREBUILT_AGENT, interrupt},
+    lab::machinery::{agents::PREBUILT_AGENT, interrupt},
     vm::{self, Vm},
 };
 
@@ -54,7 +55,7 @@ enum Place {
 }
 
 #[derive(clap::Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Two short runs per measure: for development, not for publishing.
     #[arg(long)]
     quick: bool,
@@ -72,9 +73,9 @@ pub struct BenchArgs {
     kernel: String,
     /// TCP congestion control in every namespace of the clusters, on both kernels.
     #[arg(long = "tcp-cc", value_enum, default_value = "cubic")]
-    congestion: measure::Congestion,
+    congestion: setup::Congestion,
     #[command(flatten)]
-    only: measure::Only,
+    only: setup::Only,
     /// Print the report, but leave docs/ alone.
     #[arg(long)]
     no_write: bool,
@@ -98,7 +99,7 @@ const VM_TIMEOUT: Duration = Duration::from_secs(90 * 60);
 const COST_RUNS: u32 = 20_000;
 const COST_RUNS_VM: u32 = 4_000;
 
-pub fn run(args: BenchArgs) -> Result<()> {
+pub(crate) fn run(args: BenchArgs) -> Result<()> {
     let docs = vm::workspace().join("docs");
     // Measures nothing: needs no privileges.
     if args.redraw {
@@ -120,7 +121,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         congestion: args.congestion,
     };
     if let Some(out) = &args.measure_into {
-        let agent = crate::lab::agents::build(true)?;
+        let agent = crate::lab::machinery::agents::build(true)?;
         let results = measure::run(agent, plan, args.quick, &args.only)?;
         return std::fs::write(out, serde_json::to_vec_pretty(&results)?)
             .with_context(|| format!("writing {}", out.display()));
@@ -210,7 +211,7 @@ struct Staged {
 
 impl Staged {
     fn build() -> Result<Self> {
-        let agent = crate::lab::agents::build(true)?;
+        let agent = crate::lab::machinery::agents::build(true)?;
         let packet_tests =
             crate::test::test_executable(&["-p", "overlay-agent", "--test", "datapath"])?;
         let xtask = std::env::current_exe().context("finding the xtask binary")?;
@@ -249,7 +250,7 @@ impl Drop for Staged {
 
 /// Runs the microbenchmark `command` here.
 fn costs(command: &str) -> Result<Vec<Cost>> {
-    let out = crate::lab::netns::run(Command::new("sh").arg("-c").arg(command))?;
+    let out = crate::lab::machinery::netns::run(Command::new("sh").arg("-c").arg(command))?;
     let costs = parse_costs(&out);
     if costs.is_empty() {
         bail!("the microbenchmark printed no PROG_COST line:\n{out}");

@@ -3,14 +3,14 @@
 //! cluster that has nodes (all but the floor) before its warm-up, so that every
 //! dataplane pays the same for it:
 //!
-//! - kube-proxy's rules in iptables mode (`lab::kube_proxy`) for [`SERVICES`]
+//! - kube-proxy's rules in iptables mode (`lab::proofs::kubernetes::kube_proxy`) for [`SERVICES`]
 //!   Services of two endpoints each, addresses in the nodes' pod subnets that no pod
 //!   holds and nothing talks to (a cluster's worth of rules that every new connection
 //!   passes in the nat table), every fourth with a NodePort, as kube-proxy's own
 //!   1,000-Service test of the lab (`kube_proxy/namespace_tests.rs`) lays them out;
 //!   plus the bench's own Service ([`SERVICE`]), whose endpoint is the server pod, for
 //!   the measures through a ClusterIP;
-//! - kube-router's NetworkPolicy chains (`lab::policy`, the engine k3s ships with
+//! - kube-router's NetworkPolicy chains (`lab::proofs::kubernetes::policy`, the engine k3s ships with
 //!   flannel) on every node, with one policy that isolates the server pod and admits
 //!   the client pod on the servers' ports: every packet to the server passes its
 //!   pod's chain.
@@ -29,10 +29,16 @@ use serde::{Deserialize, Serialize};
 
 use super::load::{CRR_PORT, RR_PORT, STREAM_PORT, UDP_PORT};
 use crate::lab::{
-    kube_proxy::{self, Endpoint, Mode, NodeView, Protocol, Service, ServicePort, TrafficPolicy},
-    policy::{self, Engine, Policy},
-    state::LabState,
-    topology::{Node, Pod, Topology},
+    machinery::{
+        state::LabState,
+        topology::{Node, Pod, Topology},
+    },
+    proofs::kubernetes::{
+        kube_proxy::{
+            self, Endpoint, Mode, NodeView, Protocol, Service, ServicePort, TrafficPolicy,
+        },
+        policy::{self, Engine, Policy},
+    },
 };
 
 /// The Services no traffic reaches.
@@ -56,24 +62,24 @@ const TARGET_PORT: u16 = 8080;
 
 /// The bench's Service: a ClusterIP whose endpoint is the server pod, its ports
 /// mapped to the request/response and connection-rate servers.
-pub const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 200);
+pub(super) const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 200);
 const SERVICE_RR_PORT: u16 = 80;
 const SERVICE_CRR_PORT: u16 = 81;
 
 /// Where the client reaches the request/response server through the Service.
-pub fn service_rr() -> SocketAddrV4 {
+pub(super) fn service_rr() -> SocketAddrV4 {
     SocketAddrV4::new(SERVICE, SERVICE_RR_PORT)
 }
 
 /// Where the client reaches the connection-rate server through the Service.
-pub fn service_crr() -> SocketAddrV4 {
+pub(super) fn service_crr() -> SocketAddrV4 {
     SocketAddrV4::new(SERVICE, SERVICE_CRR_PORT)
 }
 
 /// What the nodes carried, as the report tells it (a saved run has none when its
 /// nodes carried nothing).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeRules {
+pub(super) struct NodeRules {
     /// kube-proxy's Services, the bench's included.
     pub services: usize,
     pub endpoints_per_service: usize,
@@ -84,7 +90,7 @@ pub struct NodeRules {
 
 impl NodeRules {
     /// Before any is installed.
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             services: SERVICES + 1,
             endpoints_per_service: ENDPOINTS,
@@ -96,7 +102,7 @@ impl NodeRules {
 
 /// The client pod (the first node's first) and the server pod (the second node's
 /// first), as the bench's clusters have them.
-pub fn client_and_server(topology: &Topology) -> Result<(Pod, Pod)> {
+pub(super) fn client_and_server(topology: &Topology) -> Result<(Pod, Pod)> {
     let first = |i: usize| -> Result<Pod> {
         let node = topology
             .nodes
@@ -112,7 +118,7 @@ pub fn client_and_server(topology: &Topology) -> Result<(Pod, Pod)> {
 }
 
 /// kube-proxy's Services: [`SERVICES`] that nothing reaches, then the bench's.
-pub fn services(topology: &Topology) -> Result<Vec<Service>> {
+pub(super) fn services(topology: &Topology) -> Result<Vec<Service>> {
     let nodes = &topology.nodes;
     ensure!(!nodes.is_empty(), "the topology has no node");
     let mut services = Vec::with_capacity(SERVICES + 1);
@@ -180,7 +186,7 @@ pub fn services(topology: &Topology) -> Result<Vec<Service>> {
 
 /// The policy that isolates the server pod: only the client pod may connect, on the
 /// servers' ports.
-pub fn server_policy(topology: &Topology) -> Result<Policy> {
+pub(super) fn server_policy(topology: &Topology) -> Result<Policy> {
     let (client, server) = client_and_server(topology)?;
     Ok(Policy {
         name: "bench-server".into(),
@@ -198,7 +204,7 @@ pub fn server_policy(topology: &Topology) -> Result<Policy> {
 
 /// Installs kube-proxy's rules and the policy engine's on every node of `lab`, the
 /// nodes at once; returns each node's time, in the nodes' order, and prints them.
-pub fn install(lab: &LabState) -> Result<Vec<f64>> {
+pub(super) fn install(lab: &LabState) -> Result<Vec<f64>> {
     let topology = &lab.topology;
     let services = services(topology)?;
     let policy = server_policy(topology)?;

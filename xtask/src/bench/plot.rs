@@ -7,9 +7,9 @@ use anyhow::{Context as _, Result, anyhow};
 use plotters::prelude::*;
 
 use super::{
-    measure::{KernelBackend, Setup},
     report::Leg,
     results::Measure,
+    setup::{KernelBackend, Setup},
 };
 
 /// Debian's fonts-dejavu-core (installed by `deps::ensure_vm`).
@@ -42,7 +42,7 @@ fn short(m: Measure) -> &'static str {
 }
 
 /// One row of panels per leg (kernel), offloads on and off side by side.
-pub fn draw(legs: &[Leg], path: &Path) -> Result<()> {
+pub(super) fn draw(legs: &[Leg], path: &Path) -> Result<()> {
     let font: &'static [u8] = Box::leak(
         std::fs::read(FONT)
             .with_context(|| format!("reading {FONT}"))?
@@ -83,7 +83,7 @@ pub fn draw(legs: &[Leg], path: &Path) -> Result<()> {
                     } else {
                         ""
                     },
-                    super::report::on_off(offloads)
+                    super::setup::on_off(offloads)
                 ),
                 ("sans-serif", 18),
             )

@@ -6,18 +6,18 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::lab::flannel::Backend;
+use crate::lab::machinery::flannel::Backend;
 
 use super::{
     host::Machine,
-    measure::{KernelBackend, Setup},
     node::{self, NodeRules},
     results::{Cost, Measure, Results, Summary, median},
+    setup::{KernelBackend, Setup, on_off},
 };
 
-pub const BEGIN: &str =
+pub(super) const BEGIN: &str =
     "<!-- bench:begin: written by `cargo xtask bench`; edit outside this block -->";
-pub const END: &str = "<!-- bench:end -->";
+pub(super) const END: &str = "<!-- bench:end -->";
 
 const TUNL0: Setup = Setup::Kernel(KernelBackend::Ipip);
 const HOST_GW: Setup = Setup::Kernel(KernelBackend::HostGw);
@@ -32,7 +32,7 @@ const CHECK_BOUND_NS: f64 = 30.0;
 
 /// The dataplanes measured on one kernel.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Leg {
+pub(super) struct Leg {
     /// Where: "a VM booted with ..." or "this machine".
     pub place: String,
     pub results: Results,
@@ -43,7 +43,7 @@ pub struct Leg {
 /// Everything one run of the command produced: kept beside the report as JSON, from
 /// which `--redraw` writes the report and the plot again.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Report {
+pub(super) struct Report {
     pub command: String,
     pub date: String,
     pub minutes: f64,
@@ -56,7 +56,7 @@ pub struct Report {
 
 /// What a target's figures are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Figure {
+pub(super) enum Figure {
     /// Ours over a baseline.
     Ratio,
     /// Nanoseconds per packet, from the microbenchmark.
@@ -64,7 +64,7 @@ pub enum Figure {
 }
 
 /// One performance target (of the datapath or of the fast path) and how this run fared.
-pub struct Target {
+pub(super) struct Target {
     pub what: String,
     /// Ours' median over the baseline's; for the fast path's check, its cost.
     pub measured: Option<f64>,
@@ -89,7 +89,7 @@ impl Target {
         }
     }
 
-    pub fn met(&self) -> Option<bool> {
+    pub(super) fn met(&self) -> Option<bool> {
         self.measured.map(|m| self.meets(m))
     }
 
@@ -126,7 +126,7 @@ impl Target {
     }
 }
 
-pub fn targets(results: &Results) -> Vec<Target> {
+pub(super) fn targets(results: &Results) -> Vec<Target> {
     let mut out = Vec::new();
     for offloads in [true, false] {
         let when = if offloads {
@@ -182,7 +182,7 @@ pub fn targets(results: &Results) -> Vec<Target> {
 /// What the fast path's check adds to each packet it does not take: the
 /// microbenchmark's `check` (a pod's segment of a flow the host decides: its key read
 /// and looked up, not found) less `check-off` (the same segment, the fast path off).
-pub fn check_target(costs: &[Cost]) -> Target {
+pub(super) fn check_target(costs: &[Cost]) -> Target {
     let case = |name: &str| costs.iter().find(|c| c.case == name);
     let both = case(CHECK).zip(case(CHECK_OFF));
     Target {
@@ -552,10 +552,6 @@ fn added(v: Option<f64>) -> String {
     }
 }
 
-pub fn on_off(offloads: bool) -> &'static str {
-    if offloads { "on" } else { "off" }
-}
-
 /// The connections that failed in the leg's runs, where and when: each is counted
 /// apart from the rate and its time stays in its run (the bench's log has the first
 /// error of each run and our agents' counters).
@@ -619,7 +615,7 @@ fn ratio(r: Option<f64>) -> String {
 }
 
 impl Report {
-    pub fn markdown(&self) -> String {
+    pub(super) fn markdown(&self) -> String {
         let mut md = String::new();
         let _ = writeln!(md, "{BEGIN}");
         let _ = writeln!(md, "## Latest run\n");
@@ -685,7 +681,7 @@ impl Report {
     }
 
     /// Writes the block into `path`, keeping what lies outside it.
-    pub fn write(&self, path: &Path) -> Result<()> {
+    pub(super) fn write(&self, path: &Path) -> Result<()> {
         let block = self.markdown();
         let old = std::fs::read_to_string(path).unwrap_or_default();
         let new = match (old.find(BEGIN), old.find(END)) {
@@ -703,8 +699,8 @@ impl Report {
 mod tests {
     use super::*;
     use crate::bench::{
-        measure::{Congestion, Plan},
         results::Sample,
+        setup::{Congestion, Plan},
     };
 
     fn results() -> Results {

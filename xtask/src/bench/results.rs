@@ -5,12 +5,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     host::Machine,
-    measure::{Plan, Setup},
     node::NodeRules,
+    setup::{Plan, Setup},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Measure {
+pub(super) enum Measure {
     TcpStream,
     TcpMulti,
     RrRate,
@@ -28,7 +28,7 @@ pub enum Measure {
 }
 
 impl Measure {
-    pub const PLANES: [Measure; 11] = [
+    pub(super) const PLANES: [Measure; 11] = [
         Measure::TcpStream,
         Measure::TcpMulti,
         Measure::RrP50,
@@ -42,7 +42,7 @@ impl Measure {
         Measure::SvcConnRate,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Measure::TcpStream => "TCP, 1 stream",
             Measure::TcpMulti => "TCP, 4 streams",
@@ -59,7 +59,7 @@ impl Measure {
         }
     }
 
-    pub fn unit(self) -> &'static str {
+    pub(super) fn unit(self) -> &'static str {
         match self {
             Measure::TcpStream | Measure::TcpMulti => "Gbit/s",
             Measure::RrRate | Measure::SvcRrRate => "trans/s",
@@ -70,7 +70,7 @@ impl Measure {
     }
 
     /// What the CPU figure is per.
-    pub fn cpu_unit(self) -> &'static str {
+    pub(super) fn cpu_unit(self) -> &'static str {
         match self {
             Measure::TcpStream | Measure::TcpMulti => "µs/MB",
             Measure::RrRate
@@ -87,7 +87,7 @@ impl Measure {
     /// The time one unit of work took (µs per megabyte, transaction, connection or
     /// datagram: the CPU figure's unit), from a figure of this measure: a latency is
     /// one already, a rate is inverted.
-    pub fn time_per_unit(self, value: f64) -> f64 {
+    pub(super) fn time_per_unit(self, value: f64) -> f64 {
         match self {
             m if m.lower_is_better() => value,
             // 8e6 bits at `value` Gbit/s.
@@ -97,7 +97,7 @@ impl Measure {
     }
 
     /// Latencies: smaller is better.
-    pub fn lower_is_better(self) -> bool {
+    pub(super) fn lower_is_better(self) -> bool {
         matches!(
             self,
             Measure::RrP50 | Measure::RrP99 | Measure::SvcRrP50 | Measure::SvcRrP99
@@ -107,7 +107,7 @@ impl Measure {
     /// The floor's measure this one is set against: the floor has no outside host
     /// and no Service, so a masquerade's connections and those through a ClusterIP
     /// are set against its connections between the pods.
-    pub fn on_the_floor(self) -> Measure {
+    pub(super) fn on_the_floor(self) -> Measure {
         match self {
             Measure::SnatConnRate | Measure::SvcConnRate => Measure::ConnRate,
             Measure::SvcRrRate => Measure::RrRate,
@@ -119,7 +119,7 @@ impl Measure {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Sample {
+pub(super) struct Sample {
     pub setup: Setup,
     pub offloads: bool,
     pub run: usize,
@@ -137,7 +137,7 @@ pub struct Sample {
 }
 
 impl Sample {
-    pub fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         let failed = match self.failed {
             0 => String::new(),
             n => format!(", {n} failed"),
@@ -158,7 +158,7 @@ impl Sample {
 
 /// One case of the program-cost microbenchmark.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Cost {
+pub(super) struct Cost {
     pub case: String,
     pub program: String,
     /// Median over rounds of the mean ns per run.
@@ -167,7 +167,7 @@ pub struct Cost {
 }
 
 /// Parses the `PROG_COST {...}` lines of the microbenchmark.
-pub fn parse_costs(output: &str) -> Vec<Cost> {
+pub(super) fn parse_costs(output: &str) -> Vec<Cost> {
     output
         .lines()
         // libtest may print the test's name on the same line, before the first one.
@@ -177,7 +177,7 @@ pub fn parse_costs(output: &str) -> Vec<Cost> {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Results {
+pub(super) struct Results {
     /// Where the dataplanes ran.
     pub machine: Machine,
     pub runs: usize,
@@ -194,7 +194,7 @@ pub struct Results {
 }
 
 impl Results {
-    pub fn new(machine: Machine, plan: Plan, quick: bool) -> Self {
+    pub(super) fn new(machine: Machine, plan: Plan, quick: bool) -> Self {
         Self {
             machine,
             runs: plan.runs,
@@ -215,7 +215,12 @@ impl Results {
             .collect()
     }
 
-    pub fn summary(&self, setup: Setup, measure: Measure, offloads: bool) -> Option<Summary> {
+    pub(super) fn summary(
+        &self,
+        setup: Setup,
+        measure: Measure,
+        offloads: bool,
+    ) -> Option<Summary> {
         let samples = self.values(setup, measure, offloads);
         Summary::of(
             samples.iter().map(|s| s.value).collect(),
@@ -225,7 +230,7 @@ impl Results {
     }
 
     /// `setup`'s median over `baseline`'s.
-    pub fn ratio(
+    pub(super) fn ratio(
         &self,
         setup: Setup,
         baseline: Setup,
@@ -239,7 +244,12 @@ impl Results {
 
     /// What `setup` adds to the floor's time per unit of work (of the medians): the
     /// dataplane's own part of the figure ([`Measure::on_the_floor`]).
-    pub fn above_floor(&self, setup: Setup, measure: Measure, offloads: bool) -> Option<f64> {
+    pub(super) fn above_floor(
+        &self,
+        setup: Setup,
+        measure: Measure,
+        offloads: bool,
+    ) -> Option<f64> {
         let floor_measure = measure.on_the_floor();
         let time = |s: Setup, m: Measure| {
             let median = self.summary(s, m, offloads)?.median;
@@ -250,7 +260,7 @@ impl Results {
 
     /// `setup`'s value over `baseline`'s in each run that measured both, in the order
     /// of the runs.
-    pub fn run_ratios(
+    pub(super) fn run_ratios(
         &self,
         setup: Setup,
         baseline: Setup,
@@ -271,7 +281,7 @@ impl Results {
 /// Median and spread (min, max) of a cell, the median CPU per unit, and the median
 /// busy share of the busiest CPU (where the runs measured it).
 #[derive(Debug, Clone, Copy)]
-pub struct Summary {
+pub(super) struct Summary {
     pub median: f64,
     pub min: f64,
     pub max: f64,
@@ -296,7 +306,7 @@ impl Summary {
     }
 }
 
-pub fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {

@@ -7,50 +7,13 @@
 //! flanneld's own iptables rules let them), and, with `--controls`, that without the
 //! overlay the same paths fail.
 //!
-//! Layout: topology (the cluster as data), netns (namespaces and links), state (a lab
-//! on disk and its removal), cluster (building it), cni (its pods, through the real
-//! CNI plugins), agents, servers, probe, parallel and matrix (connectivity), capture
-//! (wire proof), controls (negative controls), router (routes put on the router on
-//! purpose), nat_table (`overlay-agent nat`),
-//! masquerade (the masquerade proof: outside, rules, load, iptables, equivalence),
-//! restart (restarts and upgrades lose nothing), migrate (`--migrate`: from flanneld
-//! to the agent and back under numbered traffic), kernel_drops (what the kernel
-//! dropped, to place a loss) and etcd (`--etcd`: the agents on flannel's etcd subnet
-//! manager, their subnets leased there instead of given by the lab).
+//! Layout: two halves. `machinery` builds and runs a lab: the cluster as data, its
+//! namespaces, nodes, pods, agents and servers, and the probes that talk across it.
+//! `proofs` holds what the lab proves with it, one module per subject. This module is
+//! the `cargo xtask lab` command on top of both; `tests` runs the whole of it as tests.
 
-pub(crate) mod agents;
-mod capture;
-pub(crate) mod cluster;
-pub(crate) mod cni;
-mod controls;
-pub(crate) mod dns;
-mod equivalence;
-pub(crate) mod etcd;
-pub(crate) mod flannel;
-mod forward_policy;
-pub(crate) mod interrupt;
-pub(crate) mod iptables;
-mod kernel_drops;
-pub(crate) mod kube_proxy;
-mod kubernetes;
-mod load;
-mod masquerade;
-mod matrix;
-mod migrate;
-mod nat_table;
-pub(crate) mod netns;
-mod outside;
-mod parallel;
-pub(crate) mod policy;
-pub(crate) mod probe;
-mod public_ip;
-mod restart;
-pub(crate) mod router;
-mod rules;
-pub(crate) mod servers;
-pub(crate) mod state;
-pub(crate) mod table;
-pub(crate) mod topology;
+pub(crate) mod machinery;
+pub(crate) mod proofs;
 
 #[cfg(test)]
 mod tests;
@@ -60,7 +23,22 @@ use std::{os::unix::process::CommandExt as _, path::PathBuf, time::Instant};
 use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
 
-use self::{interrupt::Interrupted, state::LabState, table::Table, topology::Topology};
+use self::{
+    machinery::{
+        agents, cluster, etcd,
+        guard::LabGuard,
+        interrupt::{self, Interrupted},
+        netns,
+        state::LabState,
+        text_table::{Table, heading},
+        topology::Topology,
+    },
+    proofs::{
+        capture, controls, forward_policy,
+        kubernetes::{self, kube_proxy},
+        masquerade, matrix, migrate, public_ip, restart,
+    },
+};
 
 /// Probes of the connectivity matrix in flight at once. Few, so that the timings are
 /// the path's and not the machine's contention (one at a time takes about as long
@@ -69,7 +47,7 @@ const PROBES_IN_FLIGHT: usize = 2;
 
 /// Without a subcommand: build, create the lab, check it, remove it.
 #[derive(clap::Args)]
-pub struct LabArgs {
+pub(crate) struct LabArgs {
     #[command(subcommand)]
     command: Option<LabCommand>,
     #[command(flatten)]
@@ -106,6 +84,11 @@ struct CreateArgs {
 }
 
 impl CreateArgs {
+    /// The lab these arguments ask for, created and ready.
+    fn lab(self, agent: PathBuf) -> Result<LabGuard> {
+        cluster::create(self.topology(), agent, !self.no_masq, !self.no_fast_path)
+    }
+
     fn topology(self) -> Topology {
         let topology = if self.etcd {
             Topology::kind().with_etcd()
@@ -183,7 +166,7 @@ enum LabCommand {
     },
 }
 
-pub fn run(args: LabArgs) -> Result<()> {
+pub(crate) fn run(args: LabArgs) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the lab needs root: it creates network namespaces and loads BPF programs");
     }
@@ -284,13 +267,6 @@ impl Report {
     }
 }
 
-fn heading(title: &str) {
-    println!(
-        "\n━━ {title} {}",
-        "━".repeat(76usize.saturating_sub(title.chars().count()))
-    );
-}
-
 fn build(create: CreateArgs) -> Result<PathBuf> {
     if std::env::var_os(agents::PREBUILT_AGENT).is_none() {
         crate::deps::ensure()?;
@@ -311,12 +287,7 @@ fn build(create: CreateArgs) -> Result<PathBuf> {
 fn full_run(create: CreateArgs, checks: Checks) -> Result<Report> {
     let started = Instant::now();
     let agent = build(create)?;
-    let lab = cluster::create(
-        create.topology(),
-        agent,
-        !create.no_masq,
-        !create.no_fast_path,
-    )?;
+    let lab = create.lab(agent)?;
     let report = check(&lab, checks)?;
     heading("Teardown");
     let teardown = Instant::now();
@@ -345,13 +316,7 @@ fn migration(create: CreateArgs) -> Result<()> {
 
 fn up(create: CreateArgs) -> Result<()> {
     let agent = build(create)?;
-    let lab = cluster::create(
-        create.topology(),
-        agent,
-        !create.no_masq,
-        !create.no_fast_path,
-    )?
-    .keep();
+    let lab = create.lab(agent)?.keep();
     status(&lab)?;
     let pod = |node: usize| lab.topology.pods_of(&lab.topology.nodes[node]).remove(0);
     let (local, remote) = (pod(0), pod(lab.topology.nodes.len() - 1));
@@ -424,7 +389,7 @@ fn check(lab: &LabState, checks: Checks) -> Result<Report> {
     } else {
         let proof = masquerade::run(lab)?;
         if !proof.failures.is_empty() {
-            println!("\n{}", masquerade::verdict("", &proof.failures));
+            println!("\n{}", masquerade::section::verdict("", &proof.failures));
         }
         proof
     };

@@ -62,7 +62,7 @@ fn lab_with_direct_routing_talks_plainly_on_the_switch_and_tunnels_past_the_rout
         direct_routing: true,
     };
     let agent = build(create).expect("building the agent");
-    let lab = cluster::create(create.topology(), agent, true, true).expect("creating the lab");
+    let lab = create.lab(agent).expect("creating the lab");
     let proof = capture::prove(&lab).expect("the wire proof runs");
     print!("{}", proof.render());
     assert_eq!(

@@ -1,5 +1,5 @@
 //! Interoperability with flannel's kernel IPIP: one node runs our agent, the other the
-//! kernel's ipip device as flanneld's ipip backend configures it (`lab::flannel`), and
+//! kernel's ipip device as flanneld's ipip backend configures it (`lab::machinery::flannel`), and
 //! pod traffic must flow both ways: TCP, UDP and ICMP with 100- and 2000-byte payloads
 //! (the sizes of the kernel's test_tc_tunnel selftest), and from each node to the
 //! other's pod. This is what lets a cluster move from flanneld to the agent node by
@@ -7,8 +7,8 @@
 //! says it skipped where the kernel has none.
 //!
 //! It runs twice: with the nodes learning each other from the lab's node list, and on
-//! flannel's etcd subnet manager (`lab::etcd`), where the flannel node is flanneld on
-//! etcd (`lab::etcd::flanneld`): it leases its subnet as flanneld writes a lease, and
+//! flannel's etcd subnet manager (`lab::machinery::etcd`), where the flannel node is flanneld on
+//! etcd (`lab::machinery::etcd::flanneld`): it leases its subnet as flanneld writes a lease, and
 //! routes to our node because it finds our lease there, while our agent learns it from
 //! its lease alone.
 //!
@@ -27,7 +27,7 @@
 
 use anyhow::{Context as _, Result};
 
-use crate::lab::{
+use crate::lab::machinery::{
     agents::{self, SubnetEnv},
     cluster::{self, Dataplane},
     etcd::flanneld,
@@ -35,7 +35,7 @@ use crate::lab::{
     probe::{self, Client},
     servers::Servers,
     state::LabState,
-    table::Table,
+    text_table::Table,
     topology::{Host, Node, Topology},
 };
 
@@ -47,7 +47,7 @@ const ECHO_HEADER: usize = 24;
 
 /// Where the nodes learn each other's subnets and addresses.
 #[derive(Debug, Clone, Copy)]
-pub enum Source {
+pub(super) enum Source {
     /// The lab's node list; the flannel node is set up from the lab's topology.
     NodeList,
     /// Leases in etcd; the flannel node is flanneld on etcd.
@@ -80,7 +80,7 @@ impl Dataplane for Mixed {
 }
 
 /// What the test found: a table, and the exchanges that failed.
-pub struct Report {
+pub(super) struct Report {
     pub table: String,
     pub failures: Vec<String>,
     /// The agent's counters after the traffic.
@@ -88,7 +88,7 @@ pub struct Report {
 }
 
 /// Builds the mixed cluster on `source`, sends the traffic, removes the cluster.
-pub fn run(agent: std::path::PathBuf, source: Source) -> Result<Report> {
+pub(super) fn run(agent: std::path::PathBuf, source: Source) -> Result<Report> {
     // Our agent masquerades as flanneld runs in kube-flannel.yml (--ip-masq), as the
     // flannel node's subnet.env says it does: with FLANNEL_IPMASQ=false the bridge
     // plugin would masquerade the pods' traffic to the other node's pods, as it does
@@ -178,7 +178,7 @@ fn exchanges(
 }
 
 /// Whether this kernel can run the test.
-pub fn available() -> bool {
+pub(super) fn available() -> bool {
     super::has_ipip()
 }
 
@@ -207,8 +207,8 @@ mod tests {
             );
             return;
         }
-        crate::lab::interrupt::install().unwrap();
-        let agent = crate::lab::agents::build(false).expect("building the agent");
+        crate::lab::machinery::interrupt::install().unwrap();
+        let agent = agents::build(false).expect("building the agent");
         let report = run(agent, source).expect("the interoperability test runs to its end");
         print!(
             "{}\nour node's counters:\n{}",

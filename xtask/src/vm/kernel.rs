@@ -22,11 +22,11 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{deps, lab::netns};
+use crate::{deps, lab::machinery::netns};
 
 /// A kernel series the project knows how to fetch.
 #[derive(Debug, Clone, Copy)]
-pub struct Spec {
+pub(crate) struct Spec {
     /// What `--kernel` takes.
     pub name: &'static str,
     /// The image package last checked (tried first).
@@ -41,7 +41,7 @@ pub struct Spec {
 }
 
 /// The kernels of the matrix besides the host's. To add one, see docs/KERNELS.md.
-pub const KERNELS: &[Spec] = &[Spec {
+pub(crate) const KERNELS: &[Spec] = &[Spec {
     name: "6.1",
     pinned: "linux-image-6.1.0-56-amd64",
     meta: "linux-image-amd64",
@@ -49,7 +49,7 @@ pub const KERNELS: &[Spec] = &[Spec {
     why: "Debian 12's kernel: has the ipip module (kernel tunl0), no TCX (clsact + cls_bpf)",
 }];
 
-pub fn spec(name: &str) -> Result<Spec> {
+pub(crate) fn spec(name: &str) -> Result<Spec> {
     match KERNELS.iter().find(|k| k.name == name) {
         Some(spec) => Ok(*spec),
         None => bail!(
@@ -65,7 +65,7 @@ pub fn spec(name: &str) -> Result<Spec> {
 
 /// A kernel extracted in the cache, ready to boot.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Kernel {
+pub(crate) struct Kernel {
     /// The series (`6.1`).
     pub name: String,
     /// The Debian package it came from, and its version.
@@ -89,7 +89,7 @@ impl fmt::Display for Kernel {
 const RECORD: &str = "package.json";
 
 /// The kernel of `spec`, fetched first if the cache has none.
-pub fn fetch(spec: &Spec) -> Result<Kernel> {
+pub(crate) fn fetch(spec: &Spec) -> Result<Kernel> {
     let dir = deps::cache_dir()?.join("kernels").join(spec.name);
     if let Some(kernel) = cached(&dir.join(spec.pinned))? {
         return Ok(kernel);

@@ -13,7 +13,7 @@
 
 #[cfg(test)]
 mod interop;
-pub mod kernel;
+pub(crate) mod kernel;
 
 use std::{
     io::{Read as _, Seek as _, SeekFrom, Write as _},
@@ -27,7 +27,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use self::kernel::Kernel;
-use crate::{deps, lab::interrupt};
+use crate::{deps, lab::machinery::interrupt};
 
 /// Guest CPUs: the machines have two cores, and emulation runs one thread per CPU.
 const CPUS: u32 = 2;
@@ -41,7 +41,7 @@ const CONSOLE: &str = "console.log";
 const SLOWDOWN_FACTOR: u32 = 5;
 
 #[derive(clap::Args)]
-pub struct VmArgs {
+pub(crate) struct VmArgs {
     /// The kernel to boot (see `cargo xtask kernels --list`).
     #[arg(long, default_value = "6.1")]
     kernel: String,
@@ -53,7 +53,7 @@ pub struct VmArgs {
     command: Vec<String>,
 }
 
-pub fn run(args: VmArgs) -> Result<()> {
+pub(crate) fn run(args: VmArgs) -> Result<()> {
     let vm = Vm::prepare(&args.kernel)?;
     let done = vm.run(
         &args.command.join(" "),
@@ -70,14 +70,14 @@ pub fn run(args: VmArgs) -> Result<()> {
 }
 
 /// A kernel ready to boot, and virtme-ng to boot it.
-pub struct Vm {
+pub(crate) struct Vm {
     pub kernel: Kernel,
     vng: PathBuf,
 }
 
 /// What a command did inside the VM.
 #[derive(Debug)]
-pub struct Finished {
+pub(crate) struct Finished {
     pub status: i32,
     /// The shared directory: whatever the command wrote under `$VM_SHARED` is here.
     pub shared: PathBuf,
@@ -86,7 +86,7 @@ pub struct Finished {
 
 impl Finished {
     /// Removes the shared directory.
-    pub fn remove(self) -> Result<()> {
+    pub(crate) fn remove(self) -> Result<()> {
         std::fs::remove_dir_all(&self.shared)
             .with_context(|| format!("removing {}", self.shared.display()))
     }
@@ -94,7 +94,7 @@ impl Finished {
 
 impl Vm {
     /// Installs what is missing (QEMU, virtme-ng, the kernel) and returns the VM.
-    pub fn prepare(kernel: &str) -> Result<Self> {
+    pub(crate) fn prepare(kernel: &str) -> Result<Self> {
         let vng = deps::ensure_vm()?;
         let kernel = kernel::fetch(&kernel::spec(kernel)?)?;
         Ok(Self { kernel, vng })
@@ -104,7 +104,7 @@ impl Vm {
     /// workspace, streams its output here, and returns when the VM is off. The
     /// environment variable `VM_SHARED` names a directory the command may write results
     /// to; it is returned as [`Finished::shared`] and stays until the caller removes it.
-    pub fn run(&self, command: &str, timeout: Duration) -> Result<Finished> {
+    pub(crate) fn run(&self, command: &str, timeout: Duration) -> Result<Finished> {
         interrupt::install()?;
         let shared = new_run_dir()?;
         let script = format!(
@@ -261,7 +261,7 @@ fn new_run_dir() -> Result<PathBuf> {
 }
 
 /// The workspace root (the VM sees it at the same path).
-pub fn workspace() -> PathBuf {
+pub(crate) fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
@@ -271,11 +271,11 @@ pub fn workspace() -> PathBuf {
 /// Whether this kernel can make ipip devices: probed in a namespace of our own, so
 /// nothing of the machine's changes (creating the device loads the module if there is
 /// one).
-pub fn has_ipip() -> bool {
+pub(crate) fn has_ipip() -> bool {
     let ns = format!("oprobe-{}", std::process::id());
-    let made = crate::lab::netns::add(&ns).is_ok();
+    let made = crate::lab::machinery::netns::add(&ns).is_ok();
     let ok = made
-        && crate::lab::netns::run(Command::new("ip").args([
+        && crate::lab::machinery::netns::run(Command::new("ip").args([
             "-n",
             &ns,
             "link",
@@ -288,7 +288,7 @@ pub fn has_ipip() -> bool {
         ]))
         .is_ok();
     if made {
-        let _ = crate::lab::netns::delete(&ns);
+        let _ = crate::lab::machinery::netns::delete(&ns);
     }
     ok
 }
