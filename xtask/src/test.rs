@@ -16,6 +16,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{
     deps,
     lab::machinery::{agents::PREBUILT_AGENT, text_table::Table},
+    pins,
     vm::{self, kernel::KERNELS},
 };
 
@@ -76,7 +77,7 @@ pub(crate) fn run(args: TestArgs) -> Result<()> {
         // aya-build's call does.
         deps::run(
             Command::new("cargo")
-                .arg(format!("+{}", deps::nightly()))
+                .arg(format!("+{}", pins::nightly()))
                 .args([
                     "clippy",
                     "-p",
