@@ -9,7 +9,10 @@ pub mod maps;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{ProgramError, SchedClassifier},
+};
 use overlay_common::{
     Hook,
     maps::{CONNTRACK_ENTRIES, names},
@@ -77,6 +80,27 @@ impl Default for LoadOptions {
     }
 }
 
+/// How many times a program's load is tried while the kernel answers EAGAIN: the
+/// verifier gives up on a program when a signal is pending for the loading thread, as
+/// libbpf knows (`PROG_LOAD_ATTEMPTS` in its `bpf.c`, which retries the same way). A
+/// signal arriving meanwhile says nothing about the program.
+const LOAD_ATTEMPTS: u32 = 5;
+
+/// `load` until it succeeds, fails otherwise, or has met EAGAIN `LOAD_ATTEMPTS` times.
+fn retrying_eagain(mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
 impl Datapath {
     /// Loads the programs into the kernel.
     pub fn load(options: &LoadOptions) -> Result<Self> {
@@ -100,7 +124,7 @@ impl Datapath {
                 .program_mut(hook.program())
                 .with_context(|| format!("program {} missing from the object", hook.program()))?
                 .try_into()?;
-            prog.load()
+            retrying_eagain(|| prog.load())
                 .with_context(|| format!("the verifier rejected {}", hook.program()))?;
         }
         let mut take = |name: &str| {
@@ -184,5 +208,50 @@ impl Datapath {
     /// The interface `hook` is attached to, with its ifindex at attach time.
     pub fn attachment(&self, hook: Hook) -> Option<&Attachment> {
         self.attachments.iter().find(|a| a.hook == hook)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use aya::programs::ProgramError;
+    use aya_obj::VerifierLog;
+
+    use super::{LOAD_ATTEMPTS, retrying_eagain};
+
+    fn refused(errno: i32) -> ProgramError {
+        ProgramError::LoadError {
+            io_error: io::Error::from_raw_os_error(errno),
+            verifier_log: VerifierLog::new(String::new()),
+        }
+    }
+
+    /// Loads answering each errno of `answers` in turn, then succeeding; returns the
+    /// outcome's errno (0 for success) and how many loads were tried.
+    fn load_through(answers: &[i32]) -> (i32, usize) {
+        let mut calls = 0;
+        let outcome = retrying_eagain(|| {
+            calls += 1;
+            answers.get(calls - 1).map_or(Ok(()), |&e| Err(refused(e)))
+        });
+        let errno = match outcome {
+            Ok(()) => 0,
+            Err(ProgramError::LoadError { io_error, .. }) => io_error.raw_os_error().unwrap_or(-1),
+            Err(other) => panic!("unexpected {other}"),
+        };
+        (errno, calls)
+    }
+
+    #[test]
+    fn a_load_interrupted_by_a_signal_is_tried_again_a_few_times() {
+        let eagain = libc::EAGAIN;
+        assert_eq!(load_through(&[]), (0, 1));
+        assert_eq!(load_through(&[eagain, eagain]), (0, 3));
+        let always = vec![eagain; LOAD_ATTEMPTS as usize];
+        assert_eq!(load_through(&always), (eagain, LOAD_ATTEMPTS as usize));
+        // The verifier's own refusals are final.
+        assert_eq!(load_through(&[libc::EACCES, eagain]), (libc::EACCES, 1));
+        assert_eq!(load_through(&[eagain, libc::EINVAL]), (libc::EINVAL, 2));
     }
 }
