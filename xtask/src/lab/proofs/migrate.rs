@@ -159,15 +159,7 @@ fn under_traffic(
     println!("  {event}: {:.1}s", took.as_secs_f64());
     for stream in streams {
         let count = stream.finish()?;
-        if count.lost() > 0 || count.duplicates > 0 {
-            proof.failures.push(format!(
-                "{event}: {} lost {} and duplicated {} of {}",
-                count.stream,
-                count.lost(),
-                count.duplicates,
-                count.sent
-            ));
-        }
+        proof.failures.extend(count.failure(event));
         proof.rows.push((event.to_owned(), took, count));
     }
     let kernel = KernelDrops::read(lab)?.since(&kernel_before);

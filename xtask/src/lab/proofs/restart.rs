@@ -15,7 +15,7 @@ use std::{
     path::Path,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -44,7 +44,9 @@ use crate::lab::machinery::{
 const RATE: u32 = 2000;
 /// Traffic before and after each event, so that both edges are covered.
 const MARGIN: Duration = Duration::from_millis(500);
-/// How long a datagram in flight may take to arrive once senders stop.
+/// Once its sender stopped, how long a receiver still waiting for datagrams waits after
+/// the last one arrived (times the lab's slowdown: an emulated machine stands still for
+/// seconds), before it counts the rest lost.
 const DRAIN: Duration = Duration::from_millis(300);
 /// How far behind its schedule a sender may fall and still catch up (see `pace`).
 const CATCH_UP: Duration = Duration::from_millis(10);
@@ -67,7 +69,10 @@ const PROBE_PEER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 250);
 /// One numbered stream between two hosts of the lab.
 pub(crate) struct Stream {
     name: String,
+    rate: u32,
     stop: Arc<AtomicBool>,
+    /// How many datagrams the sender sent, once it stopped (`u64::MAX` before).
+    sent: Arc<AtomicU64>,
     sender: JoinHandle<Result<u64>>,
     receiver: JoinHandle<Result<Received>>,
 }
@@ -87,12 +92,67 @@ pub(crate) struct Count {
     pub received: u64,
     pub duplicates: u64,
     pub longest_gap: Duration,
+    /// The sequence numbers that never arrived, as inclusive ranges.
+    missing: Vec<(u64, u64)>,
+    rate: u32,
 }
 
 impl Count {
     pub(crate) fn lost(&self) -> u64 {
         self.sent - self.received
     }
+
+    /// What went wrong for this stream in `event`, if anything: how many datagrams were
+    /// lost or duplicated, and which were lost, with when they were due after the
+    /// stream started (a loss at the event, or at the end, tells its cause apart).
+    pub(crate) fn failure(&self, event: &str) -> Option<String> {
+        if self.lost() == 0 && self.duplicates == 0 {
+            return None;
+        }
+        let due = |seq: u64| seq as f64 / f64::from(self.rate);
+        let mut ranges: Vec<String> = self
+            .missing
+            .iter()
+            .take(MISSING_SHOWN)
+            .map(|&(first, last)| {
+                format!("{first}–{last} (due {:.2}–{:.2}s)", due(first), due(last))
+            })
+            .collect();
+        if self.missing.len() > MISSING_SHOWN {
+            ranges.push(format!(
+                "and {} more ranges",
+                self.missing.len() - MISSING_SHOWN
+            ));
+        }
+        let missing = if ranges.is_empty() {
+            String::new()
+        } else {
+            format!("; missing {}", ranges.join(", "))
+        };
+        Some(format!(
+            "{event}: {} lost {} and duplicated {} of {} (sent over {:.2}s){missing}",
+            self.stream,
+            self.lost(),
+            self.duplicates,
+            self.sent,
+            due(self.sent),
+        ))
+    }
+}
+
+/// How many ranges of missing datagrams a failure names.
+const MISSING_SHOWN: usize = 5;
+
+/// The inclusive ranges of `0..sent` that `seen` lacks.
+fn missing_ranges(seen: &HashSet<u64>, sent: u64) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for seq in (0..sent).filter(|seq| !seen.contains(seq)) {
+        match ranges.last_mut() {
+            Some((_, last)) if *last + 1 == seq => *last = seq,
+            _ => ranges.push((seq, seq)),
+        }
+    }
+    ranges
 }
 
 impl Stream {
@@ -123,9 +183,10 @@ impl Stream {
         })?;
         rx.set_read_timeout(Some(Duration::from_millis(50)))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(u64::MAX));
         let receiver = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || receive(&rx, &stop))
+            let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
+            std::thread::spawn(move || receive(&rx, &stop, &sent))
         };
         let sender = {
             let stop = Arc::clone(&stop);
@@ -133,7 +194,9 @@ impl Stream {
         };
         Ok(Self {
             name: format!("{from} → {to}"),
+            rate,
             stop,
+            sent,
             sender,
             receiver,
         })
@@ -142,6 +205,7 @@ impl Stream {
     pub(crate) fn finish(self) -> Result<Count> {
         self.stop.store(true, Ordering::Relaxed);
         let sent = self.sender.join().expect("sender thread")?;
+        self.sent.store(sent, Ordering::Relaxed);
         let received = self.receiver.join().expect("receiver thread")?;
         Ok(Count {
             stream: self.name,
@@ -149,6 +213,8 @@ impl Stream {
             received: received.seen.len() as u64,
             duplicates: received.duplicates,
             longest_gap: received.longest_gap,
+            missing: missing_ranges(&received.seen, sent),
+            rate: self.rate,
         })
     }
 }
@@ -181,8 +247,10 @@ fn pace(due: Instant, interval: Duration, now: Instant) -> Instant {
     (due + interval).max(now.checked_sub(CATCH_UP).unwrap_or(now))
 }
 
-/// Collects sequence numbers until stopped, then for `DRAIN` more.
-fn receive(socket: &UdpSocket, stop: &AtomicBool) -> Result<Received> {
+/// Collects sequence numbers until its sender stopped and either everything it sent
+/// arrived or nothing more did for `DRAIN` (scaled).
+fn receive(socket: &UdpSocket, stop: &AtomicBool, sent: &AtomicU64) -> Result<Received> {
+    let drain = interrupt::scaled(DRAIN);
     let mut got = Received::default();
     let mut last: Option<Instant> = None;
     let mut stopped_at: Option<Instant> = None;
@@ -191,8 +259,12 @@ fn receive(socket: &UdpSocket, stop: &AtomicBool) -> Result<Received> {
         if stopped_at.is_none() && stop.load(Ordering::Relaxed) {
             stopped_at = Some(Instant::now());
         }
-        if stopped_at.is_some_and(|t| t.elapsed() > DRAIN) {
-            return Ok(got);
+        if let Some(stopped) = stopped_at {
+            let all = got.seen.len() as u64 >= sent.load(Ordering::Relaxed);
+            let quiet_since = last.map_or(stopped, |l| l.max(stopped));
+            if all || quiet_since.elapsed() > drain {
+                return Ok(got);
+            }
         }
         match socket.recv(&mut buf) {
             Ok(n) if n >= 8 => {
@@ -303,16 +375,7 @@ pub(crate) fn run(lab: &LabState, other_build: &Path) -> Result<Proof> {
         std::thread::sleep(MARGIN);
         for stream in streams {
             let count = stream.finish()?;
-            if count.lost() > 0 || count.duplicates > 0 {
-                proof.failures.push(format!(
-                    "{}: {} lost {} and duplicated {} of {}",
-                    event.describe(),
-                    count.stream,
-                    count.lost(),
-                    count.duplicates,
-                    count.sent
-                ));
-            }
+            proof.failures.extend(count.failure(&event.describe()));
             proof.rows.push((event.describe(), disturbed.took, count));
         }
         let kernel = KernelDrops::read(lab)?.since(&kernel_before);
@@ -616,5 +679,39 @@ mod tests {
             .take_while(|due| *due <= late)
             .count();
         assert_eq!(burst as u128, CATCH_UP.as_millis() + 1);
+    }
+
+    #[test]
+    fn a_failure_names_the_missing_ranges_and_when_they_were_due() {
+        let seen: HashSet<u64> = (0..1000)
+            .filter(|s| !(100..=149).contains(s) && *s != 998)
+            .collect();
+        assert_eq!(missing_ranges(&seen, 1000), [(100, 149), (998, 998)]);
+        assert_eq!(
+            missing_ranges(&seen, 1002),
+            [(100, 149), (998, 998), (1000, 1001)]
+        );
+        let count = Count {
+            stream: "w1 → w2".into(),
+            sent: 1000,
+            received: seen.len() as u64,
+            duplicates: 0,
+            longest_gap: Duration::ZERO,
+            missing: missing_ranges(&seen, 1000),
+            rate: 500,
+        };
+        assert_eq!(
+            count.failure("w1: flanneld → agent").as_deref(),
+            Some(
+                "w1: flanneld → agent: w1 → w2 lost 51 and duplicated 0 of 1000 (sent over \
+                 2.00s); missing 100–149 (due 0.20–0.30s), 998–998 (due 2.00–2.00s)"
+            )
+        );
+        let whole = Count {
+            received: 1000,
+            missing: Vec::new(),
+            ..count
+        };
+        assert_eq!(whole.failure("event"), None);
     }
 }
