@@ -3,6 +3,9 @@
 
 #[path = "support/agent.rs"]
 mod agent;
+/// The lab's recipe for etcd's certificates, shared as it is.
+#[path = "../../xtask/src/lab/machinery/etcd_certs.rs"]
+mod etcd_certs;
 
 mod etcd {
     // Support.

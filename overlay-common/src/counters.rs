@@ -41,15 +41,10 @@ impl Hook {
         }
     }
 
-    /// Name of the program attached at this hook, as in the object file.
+    /// Name of the program attached at this hook, as in the object file: each program
+    /// is named after its hook (`overlay-ebpf/src/hooks/<name>.rs`).
     pub const fn program(self) -> &'static str {
-        match self {
-            Hook::BridgeIngress => "bridge_ingress",
-            Hook::UplinkIngress => "uplink_ingress",
-            Hook::UplinkEgress => "uplink_egress",
-            Hook::PodIngress => "pod_ingress",
-            Hook::BridgeEgress => "bridge_egress",
-        }
+        self.name()
     }
 }
 

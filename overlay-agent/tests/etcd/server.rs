@@ -7,6 +7,7 @@ use std::{
     collections::hash_map::RandomState,
     future::Future,
     hash::BuildHasher as _,
+    net::Ipv4Addr,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -17,6 +18,8 @@ use std::{
 use etcd_client::Client;
 use overlay_agent::nodes::etcd::{DEFAULT_PREFIX, EtcdOptions};
 use tempfile::TempDir;
+
+use crate::etcd_certs;
 
 /// A network namespace, deleted on drop.
 struct Netns(String);
@@ -43,15 +46,6 @@ fn ip(args: &[&str]) {
     assert!(status.success(), "ip {args:?} failed (needs root)");
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("running a command");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Client certificate files signed by the run's own CA, for etcd and the agent.
 pub(super) struct Certs {
     pub ca: PathBuf,
@@ -64,66 +58,13 @@ pub(super) struct Certs {
 impl Certs {
     fn generate(dir: &Path) -> Self {
         let p = |name: &str| dir.join(name);
-        let openssl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir));
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=olab-test-ca",
-        ]);
-        for (name, ext) in [
-            (
-                "server",
-                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
-            ),
-            ("client", "extendedKeyUsage=clientAuth"),
-        ] {
-            std::fs::write(p(&format!("{name}.ext")), ext).unwrap();
-            openssl(&[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN=olab-test-{name}"),
-            ]);
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                "1",
-                "-extfile",
-                &format!("{name}.ext"),
-            ]);
-        }
+        etcd_certs::make(dir, Ipv4Addr::LOCALHOST, "olab-test").expect("making the certificates");
         Self {
-            ca: p("ca.pem"),
-            server_cert: p("server.pem"),
-            server_key: p("server.key"),
-            client_cert: p("client.pem"),
-            client_key: p("client.key"),
+            ca: p(etcd_certs::CA),
+            server_cert: p(etcd_certs::SERVER_CERT),
+            server_key: p(etcd_certs::SERVER_KEY),
+            client_cert: p(etcd_certs::CLIENT_CERT),
+            client_key: p(etcd_certs::CLIENT_KEY),
         }
     }
 }

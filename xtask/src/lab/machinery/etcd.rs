@@ -33,6 +33,7 @@ use nix::sys::signal::Signal;
 use serde::Deserialize;
 
 use super::{
+    etcd_certs,
     interrupt::{self, Wait},
     netns,
     processes::{processes, stop_processes},
@@ -94,9 +95,9 @@ fn endpoint(etcd: &EtcdHost) -> String {
 pub(crate) fn agent_args(lab: &LabState, etcd: &EtcdHost) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--etcd-endpoints".into(), endpoint(etcd).into()];
     args.extend(Files::of(lab).flags([
-        ("--etcd-cafile", "ca.pem"),
-        ("--etcd-certfile", "client.pem"),
-        ("--etcd-keyfile", "client.key"),
+        ("--etcd-cafile", etcd_certs::CA),
+        ("--etcd-certfile", etcd_certs::CLIENT_CERT),
+        ("--etcd-keyfile", etcd_certs::CLIENT_KEY),
     ]));
     args
 }
@@ -107,7 +108,8 @@ pub(crate) fn start(lab: &LabState) -> Result<()> {
     let files = Files::of(lab);
     std::fs::create_dir_all(&files.dir)
         .with_context(|| format!("creating {}", files.dir.display()))?;
-    certificates(&files, etcd.address)?;
+    etcd_certs::make(&files.dir, etcd.address, "olab-etcd")
+        .context("making etcd's certificates")?;
     println!(
         "etcd on {} ({}), TLS with client certificates from a CA of this run in {}\n\
          (`[host]$` runs in that host's namespace: `cargo xtask lab exec <host> -- …`)",
@@ -158,9 +160,9 @@ fn command(lab: &LabState) -> Result<Command> {
         .arg("--initial-cluster")
         .arg(format!("{}=http://127.0.0.1:2380", etcd.name))
         .args(files.flags([
-            ("--cert-file", "server.pem"),
-            ("--key-file", "server.key"),
-            ("--trusted-ca-file", "ca.pem"),
+            ("--cert-file", etcd_certs::SERVER_CERT),
+            ("--key-file", etcd_certs::SERVER_KEY),
+            ("--trusted-ca-file", etcd_certs::CA),
         ]))
         .arg("--client-cert-auth");
     Ok(cmd)
@@ -227,9 +229,9 @@ fn etcdctl(lab: &LabState, args: &[&str]) -> Result<Command> {
 fn etcdctl_env(etcd: &EtcdHost, files: &Files) -> [(&'static str, OsString); 4] {
     [
         ("ETCDCTL_ENDPOINTS", endpoint(etcd).into()),
-        ("ETCDCTL_CACERT", files.path("ca.pem").into()),
-        ("ETCDCTL_CERT", files.path("client.pem").into()),
-        ("ETCDCTL_KEY", files.path("client.key").into()),
+        ("ETCDCTL_CACERT", files.path(etcd_certs::CA).into()),
+        ("ETCDCTL_CERT", files.path(etcd_certs::CLIENT_CERT).into()),
+        ("ETCDCTL_KEY", files.path(etcd_certs::CLIENT_KEY).into()),
     ]
 }
 
@@ -402,76 +404,6 @@ fn signal(lab: &LabState, signal: Signal) -> Result<bool> {
         signal,
     )?;
     Ok(!pids.is_empty())
-}
-
-/// A CA, the server's certificate (for its address, serverAuth) and the agents'
-/// client certificate (clientAuth, without which etcd with `--client-cert-auth`
-/// refuses it).
-fn certificates(files: &Files, address: Ipv4Addr) -> Result<()> {
-    let openssl = |args: &[&str]| {
-        netns::run(Command::new("openssl").args(args).current_dir(&files.dir))
-            .map(drop)
-            .context("making etcd's certificates (apt-get install openssl)")
-    };
-    let key = ["-newkey", "rsa:2048", "-nodes", "-keyout"];
-    openssl(
-        &[
-            &["req", "-x509"][..],
-            &key,
-            &[
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=olab-etcd-ca",
-            ],
-        ]
-        .concat(),
-    )?;
-    for (name, extensions) in [
-        (
-            "server",
-            format!("subjectAltName=IP:{address}\nextendedKeyUsage=serverAuth\n"),
-        ),
-        ("client", "extendedKeyUsage=clientAuth\n".to_owned()),
-    ] {
-        let (ext, csr) = (format!("{name}.ext"), format!("{name}.csr"));
-        std::fs::write(files.path(&ext), extensions)?;
-        openssl(
-            &[
-                &["req"][..],
-                &key,
-                &[
-                    &format!("{name}.key"),
-                    "-out",
-                    &csr,
-                    "-subj",
-                    &format!("/CN=olab-etcd-{name}"),
-                ],
-            ]
-            .concat(),
-        )?;
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-        ])?;
-    }
-    Ok(())
 }
 
 /// Prints `cmd` (an `ip netns exec <ns>` command) as run in `host`'s namespace.
