@@ -369,7 +369,7 @@ fn main() {
 /// One malloc arena for the whole process instead of one per thread. The agent does
 /// little allocation, but the node source's lists leave each arena a few megabytes of
 /// partly used pages; with the runtime's threads each in their own arena that
-/// doubled the resident heap for a 5,000-node cluster (26 MiB against 11 MiB).
+/// doubled the resident heap for a 5,000-node cluster.
 /// Called before any thread exists, so that none gets an arena of its own.
 fn single_malloc_arena() {
     #[cfg(target_env = "gnu")]

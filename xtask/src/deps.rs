@@ -18,7 +18,7 @@ use crate::pins::{
 /// QEMU (software emulation: nested KVM hangs on these machines), kmod (virtme-ng runs
 /// depmod on the kernel's modules), busybox (virtme-ng's initramfs), and the tools the
 /// benchmark drives inside the VM; ipvsadm and ipset for kube-proxy's IPVS mode, which
-/// needs the VM's kernel (this machine's has no ip_vs).
+/// needs a kernel with ip_vs (Debian's, in the VM, has it).
 const VM_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "kmod",

@@ -5,7 +5,7 @@
 //! docs/BENCHMARKS.md, a plot into docs/benchmarks.png and every sample into
 //! docs/benchmarks.json (`--redraw` writes the first two again from it).
 //!
-//! A kernel without the ipip module (this machine's) cannot give the tunl0 baseline:
+//! A kernel without the ipip module cannot give the tunl0 baseline:
 //! then every dataplane runs inside a VM with Debian's kernel (`vm`), automatically,
 //! and then again on this kernel, less tunl0 (the datapath on a current kernel); the
 //! microbenchmark runs on both.

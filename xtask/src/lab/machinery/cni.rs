@@ -56,7 +56,7 @@
 //!   (`cni/networks/cbr0`), flannel's delegates (`cni/flannel`) and the runtime's cache
 //!   (`cni/results`) are the node's and go with the lab, the configurations stay
 //!   exactly flannel's (a `dataDir` would change them), and the machine's own /var/lib
-//!   is never written (on this machine /var/lib/cni does not even exist to bind over).
+//!   is never written (where /var/lib/cni does not exist there is nothing to bind over).
 //! - The runtime adds its two networks one after the other (containerd's
 //!   `setup_serially`).
 //! - No CHECK: containerd's CRI never runs it (containerd/containerd#13332); go-cni's

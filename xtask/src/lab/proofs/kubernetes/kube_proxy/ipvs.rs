@@ -3,8 +3,8 @@
 //! with weight 1 and the `rr` scheduler; every ClusterIP on the `kube-ipvs0` dummy
 //! device (left down, as kube-proxy leaves it: its /32 local routes exist anyway);
 //! the ipsets that the iptables rules match (`ipset.go`); and those iptables rules
-//! (`writeIptablesRules`). The kernel needs `ip_vs`, which this machine's lacks: this
-//! mode runs in the 6.1 VM.
+//! (`writeIptablesRules`). The kernel needs `ip_vs`, which not every kernel has: there
+//! this mode runs in the 6.1 VM.
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path, process::Command};
 
@@ -471,8 +471,8 @@ pub(super) fn remove(ns: &str) -> Result<()> {
     Ok(())
 }
 
-/// Installs the sets and the iptables rules of IPVS mode, which this machine's
-/// kernel can hold (it has neither IPVS nor dummy devices).
+/// Installs the sets and the iptables rules of IPVS mode, which any kernel with
+/// ipsets can hold, even without IPVS or dummy devices.
 #[cfg(test)]
 pub(super) fn install_sets_and_rules(rules: &Rules, ns: &str) -> Result<()> {
     rules.install_sets_and_rules(ns)
