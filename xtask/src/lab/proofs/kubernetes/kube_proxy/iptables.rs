@@ -9,7 +9,8 @@ use std::fmt::Write as _;
 
 use anyhow::Result;
 
-use super::{Ep, MASQUERADE_MARK, NodeView, SvcPort, hash, netns, pipe};
+use super::services::{Ep, MASQUERADE_MARK, NodeView, SvcPort, hash, pipe};
+use crate::lab::machinery::netns;
 
 /// `route_localnet`, which `iptables.localhostNodePorts` (on by default) needs for
 /// NodePorts on 127.0.0.1; KUBE-FIREWALL then drops what arrives from elsewhere for
@@ -610,10 +611,7 @@ mod tests {
 "#;
 
     fn rendered(services: &[Service]) -> String {
-        match render_for_test(Mode::Iptables, services) {
-            Rendered::Iptables(text) => text,
-            other => panic!("iptables mode rendered {other:?}"),
-        }
+        render(&node(), &resolved(services))
     }
 
     /// The filter and nat tables of `restore`, less what kube-proxy does outside its

@@ -11,10 +11,10 @@ use std::{fmt::Write as _, net::Ipv4Addr, path::Path, process::Command};
 use anyhow::{Context as _, Result};
 
 use super::{
-    Ep, NodeView, Protocol, SvcPort,
     iptables::{self, Chains, Jump},
-    local_addresses, netns, pipe,
+    services::{Ep, NodeView, Protocol, SvcPort, local_addresses, pipe},
 };
+use crate::lab::machinery::netns;
 
 /// What `NewProxier` sets: IPVS connections tracked by conntrack (for the iptables
 /// masquerade), connections to removed real servers expired, and forwarding.
@@ -483,10 +483,7 @@ mod tests {
     use super::{super::fixture::*, *};
 
     fn rules(services: &[Service]) -> Rules {
-        match render_for_test(Mode::Ipvs, services) {
-            Rendered::Ipvs(rules) => rules,
-            other => panic!("IPVS mode rendered {other:?}"),
-        }
+        render(&node(), &resolved(services))
     }
 
     /// The targets of `chain`'s rules, with the set each matches ("" for none).

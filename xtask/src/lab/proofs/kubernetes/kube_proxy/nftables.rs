@@ -9,7 +9,8 @@ use std::fmt::Write as _;
 
 use anyhow::Result;
 
-use super::{Ep, MASQUERADE_MARK, NodeView, SvcPort, hash, netns, pipe};
+use super::services::{Ep, MASQUERADE_MARK, NodeView, SvcPort, hash, pipe};
+use crate::lab::machinery::netns;
 
 /// The nftables mode sets no sysctl of its own (it has no localhost NodePorts).
 pub(super) const SYSCTLS: &[(&str, &str)] = &[];
@@ -484,10 +485,7 @@ add element ip kube-proxy no-endpoint-services { 172.30.0.46 . tcp . 80 comment 
 "#;
 
     fn rendered(services: &[Service]) -> String {
-        match render_for_test(Mode::Nftables, services) {
-            Rendered::Nftables(text) => text,
-            other => panic!("nftables mode rendered {other:?}"),
-        }
+        render(&node(), &resolved(services))
     }
 
     /// The statements of a transaction, in no order (as kube-proxy's
