@@ -178,12 +178,20 @@ fn installed_backends() -> Vec<Backend> {
 /// fails where legacy tables exist, and a legacy host would look like an nft one
 /// (where the legacy backend holds no tables it succeeds without the socket).
 fn saved(backend: Backend) -> Result<String> {
-    let [_, v6, v4] = backend.companions();
     let mut out = String::new();
-    for save in [v4, v6] {
+    for save in save_commands(backend, Path::new("/proc/net/if_inet6").exists()) {
         out.push_str(&run(&save, &[], None)?.check(&save)?);
     }
     Ok(out)
+}
+
+/// The save commands that show what `backend` holds: IPv4's, and IPv6's where the
+/// kernel has IPv6. On a kernel booted with `ipv6.disable=1` (no
+/// /proc/net/if_inet6) ip6tables-save fails for want of the address family, and the
+/// backend could never be chosen.
+fn save_commands(backend: Backend, ipv6: bool) -> Vec<String> {
+    let [_, v6, v4] = backend.companions();
+    if ipv6 { vec![v4, v6] } else { vec![v4] }
 }
 
 /// The backend of the host's firewall: see the module documentation.
@@ -715,6 +723,15 @@ mod tests {
             ]
         );
         assert!(!installed("overlay-agent-no-such-iptables"));
+    }
+
+    #[test]
+    fn ipv6_tables_are_read_only_where_the_kernel_has_ipv6() {
+        assert_eq!(
+            save_commands(Backend::Legacy, true),
+            ["iptables-legacy-save", "ip6tables-legacy-save"]
+        );
+        assert_eq!(save_commands(Backend::Nft, false), ["iptables-nft-save"]);
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! What the kernel itself dropped in the lab, so that a loss a check sees can be
 //! placed: a full per-CPU input queue (the backlog, which fills when softirq work is
-//! starved of CPU), a namespace's IP and UDP error counters, an interface's drops.
-//! Our own datapath counts its drops apart (`overlay-agent counters`).
+//! starved of CPU), the ARP table's (packets queued for an unresolved neighbour beyond
+//! its queue, or an address whose resolution failed, as when probes go unanswered on a
+//! starved machine), a namespace's IP and UDP error counters and connection-tracking
+//! drops, an interface's drops and errors (a tunnel device counts its failures as
+//! errors). Our own datapath counts its drops apart (`overlay-agent counters`).
 
 use std::collections::BTreeMap;
 
@@ -9,7 +12,7 @@ use anyhow::{Context as _, Result};
 
 use super::{cluster, netns, state::LabState};
 
-/// Drop counters of the whole lab at one moment, by place ("w1 eth0 rx", "w2-pod1
+/// Drop counters of the whole lab at one moment, by place ("w1 eth0 rx dropped", "w2-pod1
 /// Udp RcvbufErrors", "backlog").
 #[derive(Clone, Default)]
 pub(crate) struct KernelDrops(BTreeMap<String, u64>);
@@ -18,11 +21,19 @@ impl KernelDrops {
     pub(crate) fn read(lab: &LabState) -> Result<Self> {
         let mut drops = BTreeMap::new();
         drops.insert("backlog".to_owned(), backlog()?);
+        // The ARP table is the machine's: its statistics exist in the first namespace only.
+        let arp = read_proc("/proc/net/stat/arp_cache")?;
+        for column in ["res_failed", "unresolved_discards", "table_fulls"] {
+            drops.insert(format!("arp {column}"), stat_column(&arp, column)?);
+        }
         let mut hosts: Vec<String> = lab.topology.hosts().into_iter().map(|h| h.name).collect();
         hosts.extend([cluster::ROUTER.to_owned(), cluster::SWITCH.to_owned()]);
         for host in hosts {
             let ns = lab.netns(&host);
-            for (place, n) in interface_drops(&ns)?.into_iter().chain(stack_drops(&ns)?) {
+            let places = (interface_drops(&ns)?.into_iter())
+                .chain(stack_drops(&ns)?)
+                .chain(conntrack_drops(&ns)?);
+            for (place, n) in places {
                 drops.insert(format!("{host} {place}"), n);
             }
         }
@@ -57,9 +68,38 @@ impl std::fmt::Display for KernelDrops {
 /// column of /proc/net/softnet_stat, in hex; the queues are the machine's, not a
 /// namespace's).
 fn backlog() -> Result<u64> {
-    let text = std::fs::read_to_string("/proc/net/softnet_stat")
-        .context("reading /proc/net/softnet_stat")?;
-    parse_backlog(&text)
+    parse_backlog(&read_proc("/proc/net/softnet_stat")?)
+}
+
+fn read_proc(path: &str) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {path}"))
+}
+
+/// One column of a /proc/net/stat table (a line of names, then one line of hex
+/// counters per CPU), summed over the CPUs.
+fn stat_column(text: &str, column: &str) -> Result<u64> {
+    let mut lines = text.lines();
+    let names = lines.next().unwrap_or_default();
+    let at = (names.split_whitespace().position(|n| n == column))
+        .with_context(|| format!("no column {column} in {names:?}"))?;
+    lines
+        .map(|line| {
+            let value = line.split_whitespace().nth(at).unwrap_or_default();
+            u64::from_str_radix(value, 16).with_context(|| format!("no {column} count in {line:?}"))
+        })
+        .sum()
+}
+
+/// Packets connection tracking dropped in `ns`: a full table, or an entry it could
+/// not insert. Without the module loaded the namespace has no such table: none.
+fn conntrack_drops(ns: &str) -> Result<Vec<(String, u64)>> {
+    let Ok(text) = netns::run(netns::command(ns, "cat").arg("/proc/net/stat/nf_conntrack")) else {
+        return Ok(Vec::new());
+    };
+    ["drop", "early_drop", "insert_failed"]
+        .into_iter()
+        .map(|column| Ok((format!("conntrack {column}"), stat_column(&text, column)?)))
+        .collect()
 }
 
 fn parse_backlog(text: &str) -> Result<u64> {
@@ -72,15 +112,18 @@ fn parse_backlog(text: &str) -> Result<u64> {
         .sum()
 }
 
-/// Every interface's receive and transmit drops in `ns`, as "eth0 rx".
+/// Every interface's receive and transmit drops and errors in `ns`, as "eth0 rx
+/// dropped".
 fn interface_drops(ns: &str) -> Result<Vec<(String, u64)>> {
     let links = netns::ip_json(ns, &["-stats", "link", "show"])?;
     let mut drops = Vec::new();
     for link in links.as_array().into_iter().flatten() {
         let name = link["ifname"].as_str().unwrap_or("?");
         for dir in ["rx", "tx"] {
-            if let Some(n) = link["stats64"][dir]["dropped"].as_u64() {
-                drops.push((format!("{name} {dir}"), n));
+            for what in ["dropped", "errors"] {
+                if let Some(n) = link["stats64"][dir][what].as_u64() {
+                    drops.push((format!("{name} {dir} {what}"), n));
+                }
             }
         }
     }
@@ -132,6 +175,15 @@ mod tests {
         let text = "0000a000 00000c96 0000000f 00000000\n0000b000 00000010 00000019 00000000\n";
         assert_eq!(parse_backlog(text).unwrap(), 0xc96 + 0x10);
         assert!(parse_backlog("0000a000\n").is_err());
+    }
+
+    #[test]
+    fn a_stat_column_is_summed_over_cpus_in_hex() {
+        let text = "entries  res_failed unresolved_discards\n00000002 00000001 0000000a\n00000002 00000000 00000010\n";
+        assert_eq!(stat_column(text, "unresolved_discards").unwrap(), 0x1a);
+        assert_eq!(stat_column(text, "res_failed").unwrap(), 1);
+        assert!(stat_column(text, "table_fulls").is_err());
+        assert!(stat_column("res_failed\nzz\n", "res_failed").is_err());
     }
 
     #[test]

@@ -89,9 +89,10 @@ fn flanneld_starts(lab: &LabState, node: &Node) -> Result<SubnetEnv> {
 /// What was found, event by event.
 pub(crate) struct Proof {
     pub rows: Vec<(String, Duration, Count)>,
-    /// Per event, what the kernel dropped anywhere in the lab meanwhile: where a loss
-    /// happened (full input queues under a starved CPU, or a device).
-    pub drops: Vec<(String, KernelDrops)>,
+    /// Per event, what the agents' datapaths dropped (every node, hook and drop
+    /// reason) and what the kernel dropped anywhere in the lab meanwhile: where a loss
+    /// happened.
+    pub drops: Vec<(String, u64, KernelDrops)>,
     pub failures: Vec<String>,
 }
 
@@ -147,8 +148,9 @@ fn under_traffic(
     lab: &LabState,
     event: &str,
     proof: &mut Proof,
-    action: impl FnOnce() -> Result<()>,
+    action: impl FnOnce() -> Result<u64>,
 ) -> Result<()> {
+    let datapath_before = datapath_drops(lab)?;
     let kernel_before = KernelDrops::read(lab)?;
     let streams = ring(lab)?;
     std::thread::sleep(MARGIN);
@@ -163,9 +165,22 @@ fn under_traffic(
         proof.rows.push((event.to_owned(), took, count));
     }
     let kernel = KernelDrops::read(lab)?.since(&kernel_before);
-    proof.drops.push((event.to_owned(), kernel));
+    let removed = *done.as_ref().unwrap_or(&0);
+    let datapath = (datapath_drops(lab)? + removed).saturating_sub(datapath_before);
+    proof.drops.push((event.to_owned(), datapath, kernel));
     // The streams are stopped first, whatever happened.
-    done.with_context(|| event.to_owned())
+    done.map(|_| ()).with_context(|| event.to_owned())
+}
+
+/// What every node's agent datapath dropped so far, where one is attached.
+fn datapath_drops(lab: &LabState) -> Result<u64> {
+    let mut drops = 0;
+    for node in &lab.topology.nodes {
+        if !agents::all_attached(lab, node)?.is_empty() {
+            drops += restart::datapath_drops(lab, node)?;
+        }
+    }
+    Ok(drops)
 }
 
 /// A stream from the first pod of each node to the first pod of the next: every node
@@ -183,7 +198,8 @@ fn ring(lab: &LabState) -> Result<Vec<Stream>> {
 }
 
 /// The rolling update reaches `node`: flanneld goes, the agent starts on what it left.
-fn to_agent(lab: &LabState, node: &Node) -> Result<()> {
+/// Returns 0: no datapath is removed.
+fn to_agent(lab: &LabState, node: &Node) -> Result<u64> {
     agents::start(lab, node, lab.masquerade)?;
     interrupt::wait_until(
         &format!("the agent of {} to answer ready", node.name),
@@ -209,21 +225,24 @@ fn to_agent(lab: &LabState, node: &Node) -> Result<()> {
                 Wait::Pending(format!("{} remain", left.join(" and ")))
             })
         },
-    )
+    )?;
+    Ok(0)
 }
 
 /// The rollback on `node`: flanneld's DaemonSet replaces the agent (whose datapath
-/// stays), flanneld sets itself up over it, then the cleanup runs.
-fn to_flanneld(lab: &LabState, node: &Node) -> Result<()> {
+/// stays), flanneld sets itself up over it, then the cleanup runs. Returns what the
+/// removed datapath had dropped, read just before the cleanup removes its counters.
+fn to_flanneld(lab: &LabState, node: &Node) -> Result<u64> {
     agents::stop_node(lab, node, Signal::SIGTERM)?;
     flanneld_starts(lab, node)?;
+    let dropped = restart::datapath_drops(lab, node)?;
     let cleaned = agents::cleanup(lab, node, &[])?;
     ensure!(
         cleaned.contains("removed"),
         "overlay-agent cleanup removed nothing on {}: {cleaned}",
         node.name
     );
-    Ok(())
+    Ok(dropped)
 }
 
 /// What of flanneld's is still on `node`.
@@ -279,8 +298,10 @@ fn flanneld_state(lab: &LabState, node: &Node) -> Result<String> {
 
 pub(crate) fn render(proof: &Proof) -> String {
     let mut out = restart::table(["EVENT", "TOOK"], &proof.rows);
-    for (event, kernel) in &proof.drops {
-        out.push_str(&format!("  {event}: the kernel dropped {kernel}\n"));
+    for (event, datapath, kernel) in &proof.drops {
+        out.push_str(&format!(
+            "  {event}: the agents' datapaths dropped {datapath} packets; the kernel dropped {kernel}\n"
+        ));
     }
     out.push_str(&if proof.failures.is_empty() {
         format!("  ✓ no datagram lost across any migration or rollback ({RATE}/s per stream); no flannel.ipip or {} left under the agent; every node as flanneld left it at the end\n", iptables::CHAIN)

@@ -345,7 +345,7 @@ impl Proof {
 }
 
 /// Packets `node`'s datapath dropped so far, over every hook and drop reason.
-fn datapath_drops(lab: &LabState, node: &Node) -> Result<u64> {
+pub(crate) fn datapath_drops(lab: &LabState, node: &Node) -> Result<u64> {
     let counters = agents::inspect(lab, node, "counters")?;
     Ok(counters
         .lines()
