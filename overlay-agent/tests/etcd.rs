@@ -3,9 +3,9 @@
 
 #[path = "support/agent.rs"]
 mod agent;
-/// The lab's recipe for etcd's certificates, shared as it is.
-#[path = "../../xtask/src/lab/machinery/etcd_certs.rs"]
-mod etcd_certs;
+/// The lab's etcd member (certificates, command line), shared as it is.
+#[path = "../../xtask/src/lab/machinery/etcd_member.rs"]
+mod etcd_member;
 
 mod etcd {
     // Support.

@@ -107,9 +107,20 @@ impl DatapathConfig {
     /// and the source address it takes (rules as in `nat` of the eBPF crate: local
     /// pod to any pod, any pod to a local pod, anything to a local pod are kept; a pod
     /// to the outside takes the uplink's address; the host or the outside to a remote
-    /// pod takes this node's pod gateway).
+    /// pod takes this node's pod gateway, or the uplink's address where `dst_direct`
+    /// says `dst`'s node is routed directly, asked only then).
+    ///
+    /// flanneld's rule is a MASQUERADE, which takes the address of the device the
+    /// packet leaves by: its tunnel device's for a tunnelled node, whose address is in
+    /// this node's pod subnet (the gateway stands for it here), but the uplink's for a
+    /// node DirectRouting reaches by a plain route.
     #[inline(always)]
-    pub fn masquerade_rule(&self, src: [u8; 4], dst: [u8; 4]) -> Option<(Rule, [u8; 4])> {
+    pub fn masquerade_rule(
+        &self,
+        src: [u8; 4],
+        dst: [u8; 4],
+        dst_direct: impl FnOnce() -> bool,
+    ) -> Option<(Rule, [u8; 4])> {
         let src_pod = self.in_cluster(src);
         let dst_pod = self.in_cluster(dst);
         if self.in_pod_subnet(src) && dst_pod || self.in_pod_subnet(dst) {
@@ -124,7 +135,12 @@ impl DatapathConfig {
         // tells). Translating it again would be a second NAT, where flanneld's rules
         // compose with the host's to one.
         if !src_pod && dst_pod && src != self.masq_ip {
-            return Some((Rule::OutsideToRemotePod, self.gateway()));
+            let source = if dst_direct() {
+                self.masq_ip
+            } else {
+                self.gateway()
+            };
+            return Some((Rule::OutsideToRemotePod, source));
         }
         None
     }
@@ -294,7 +310,20 @@ mod tests {
             ("none: outside to outside", outside, [192, 0, 2, 1], None),
         ];
         for (case, src, dst, rule) in cases {
-            assert_eq!(c.masquerade_rule(src, dst), rule, "rule {case}");
+            assert_eq!(c.masquerade_rule(src, dst, || false), rule, "rule {case}");
+        }
+        // Rule 6 to a node DirectRouting reaches plainly: the uplink's address, as
+        // MASQUERADE on the uplink gives it; the other rules do not ask.
+        assert_eq!(
+            c.masquerade_rule(outside, remote, || true),
+            Some((Rule::OutsideToRemotePod, host))
+        );
+        for (src, dst) in [(local, remote), (local, outside), (host, remote)] {
+            let unasked = || panic!("asked whether {dst:?} is direct");
+            assert_eq!(
+                c.masquerade_rule(src, dst, unasked),
+                c.masquerade_rule(src, dst, || false)
+            );
         }
     }
 

@@ -70,6 +70,20 @@ pub(crate) fn overlay_packet(
     Ok((ip, peer))
 }
 
+/// Whether `addr` is in a remote pod subnet DirectRouting reaches by the host's plain
+/// route (`ROUTE_DIRECT`): the tunnel never carries its packets, and the fast path
+/// has nothing to take.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
+)]
+#[inline(always)]
+pub(crate) fn direct(addr: [u8; 4]) -> bool {
+    ROUTES
+        .get(Key::new(32, addr))
+        .is_some_and(|route| route.direct())
+}
+
 /// The device the packet is on: the hook's own.
 #[inline(always)]
 pub(crate) fn ctx_ifindex(ctx: &TcContext) -> u32 {

@@ -13,6 +13,7 @@ use overlay_common::{
 };
 
 use crate::{
+    encap,
     maps::{FLOW_FILTER, FLOWS},
     parse::{self, ETH_LEN, IPPROTO_TCP, IPPROTO_UDP, ensure_linear, is_fragment, ptr_at},
 };
@@ -91,10 +92,14 @@ fn admits_subprogram(skb: *mut __sk_buff, cfg: &DatapathConfig) -> bool {
 
 /// Records a local pod's packet the host routed to the uplink (`uplink_egress`, before
 /// masquerade or encapsulation change it) when the fast path could take its flow: to
-/// a remote pod, or to the outside when masquerade is on.
+/// a remote pod the tunnel carries (not a directly routed one), or to the outside
+/// when masquerade is on.
 #[inline(always)]
 pub(crate) fn record_forwarded(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) {
-    if !cfg.fast_path() || !cfg.fast_path_outbound(ip.src_addr, ip.dst_addr) {
+    if !cfg.fast_path()
+        || !cfg.fast_path_outbound(ip.src_addr, ip.dst_addr)
+        || cfg.in_cluster(ip.dst_addr) && encap::direct(ip.dst_addr)
+    {
         return;
     }
     if let Some((key, flags)) = key(ctx, ip, ETH_LEN) {

@@ -3,8 +3,9 @@
 //! on the uplink's egress: its packets go to the host, whose plain route carries them;
 //! a tunnelled node's subnet, in the same ROUTES, still is. What such a node sends
 //! arrives unencapsulated and goes to the host as before, and masquerade keeps its
-//! rules: pod to pod untranslated, host or outside to a remote pod translated (rule 6)
-//! and sent plain, its reply translated back. The agent's reconcile pass decides which
+//! rules: pod to pod untranslated, host or outside to a remote pod translated (rule 6,
+//! to the uplink's address as MASQUERADE on the plain route gives it) and sent plain,
+//! its reply translated back. The fast path records none of their flows. The agent's reconcile pass decides which
 //! nodes are direct from the kernel's routes to them, and follows those routes.
 
 use std::collections::BTreeMap;
@@ -12,18 +13,18 @@ use std::collections::BTreeMap;
 use ipnet::Ipv4Net;
 
 use overlay_common::{
-    Hook::{BridgeIngress, PodIngress, UplinkEgress, UplinkIngress},
+    Hook::{BridgeEgress, BridgeIngress, PodIngress, UplinkEgress, UplinkIngress},
     Reason,
 };
 
 use super::{
     expect::{assert_checksums, encapsulated, towards},
     fixture::{
-        Act, Node, Passes, assert_bytes_eq, check_verdict, ip, run_tool, with_masquerading_node,
-        with_node,
+        Act, Node, Passes, assert_bytes_eq, check_verdict, flow_key, ip, run_tool,
+        with_masquerading_node, with_node,
     },
     nat::{PAYLOAD, assert_table, client, outgoing, translation},
-    packet::{ACK, Proto, SYN, Transport, from_underlay, outbound},
+    packet::{ACK, Conn, Proto, SYN, Transport, from_pod, from_underlay, outbound},
     topology::{GATEWAY, NODE_IP, NODE_OTHER_IP, POD, POD_SUBNET, ROUTER, W2, W3},
 };
 
@@ -110,13 +111,19 @@ fn masquerade_keeps_its_rules_for_direct_traffic() {
         }
         assert_table(node, &[]);
         // Rule 6: a client outside the cluster (here another address of this host)
-        // talking to a direct node's pod leaves from the pod gateway, unencapsulated;
-        // the pod's reply comes back plain to the gateway and is translated back.
+        // talking to a direct node's pod leaves from the uplink's address, as
+        // flanneld's MASQUERADE on the plain route gives it, unencapsulated; the pod's
+        // reply comes back plain to that address and is translated back. A tunnelled
+        // node's pod still sees the pod gateway.
         let conn = client(Proto::Tcp, NODE_OTHER_IP, W2.pod);
         let frame = outgoing(&conn, SYN);
         let out = node.run(UplinkEgress, &frame);
         let (addr, port) = translation(node, &conn).expect("rule 6 opened a flow");
-        assert_eq!(addr, GATEWAY);
+        assert_eq!(addr, NODE_IP);
+        let to_w3 = client(Proto::Tcp, NODE_OTHER_IP, W3.pod);
+        node.run(UplinkEgress, &outgoing(&to_w3, SYN));
+        let (addr_w3, _) = translation(node, &to_w3).expect("rule 6 opened a flow");
+        assert_eq!(addr_w3, GATEWAY);
         let translated = conn.with_src((addr, port));
         check_verdict(UplinkEgress, &frame, &out, Act::Next, Reason::Masqueraded);
         assert_bytes_eq(&out.data, &outgoing(&translated, SYN), "rule 6, plain");
@@ -126,6 +133,38 @@ fn masquerade_keeps_its_rules_for_direct_traffic() {
         let out = node.expect_outcome(UplinkIngress, &reply, Act::Next, Reason::Unmasqueraded);
         assert_bytes_eq(&out.data, &back, "reply translated back");
         assert_checksums(&out.data);
+    });
+}
+
+#[test]
+fn the_fast_path_records_no_direct_flow() {
+    // Nothing a direct node's pods exchange with ours is ever decapsulated, where the
+    // fast path would take it: recording it would only fill FLOWS and the agent's
+    // admission work. A tunnelled node's flow is recorded as before.
+    with_node(|node| {
+        direct_w2(node);
+        for (remote, recorded) in [(W2, false), (W3, true)] {
+            let conn = Conn::new(Proto::Tcp, (POD, 40000), (remote.pod, 8080));
+            let sent = from_pod(&conn.datagram(ACK, 100));
+            node.run(UplinkEgress, &sent);
+            assert_eq!(
+                node.flow(&flow_key(&sent)).is_some(),
+                recorded,
+                "to {remote:?}"
+            );
+            let reply = from_underlay(&conn.reversed().datagram(ACK, 100));
+            let reason = if recorded {
+                Reason::PassFlowRecorded
+            } else {
+                Reason::PassDirectRoute
+            };
+            node.expect_untouched(BridgeEgress, &reply, reason);
+            assert_eq!(
+                node.flow(&flow_key(&reply)).is_some(),
+                recorded,
+                "from {remote:?}"
+            );
+        }
     });
 }
 

@@ -19,7 +19,7 @@ use etcd_client::Client;
 use overlay_agent::nodes::etcd::{DEFAULT_PREFIX, EtcdOptions};
 use tempfile::TempDir;
 
-use crate::etcd_certs;
+use crate::etcd_member;
 
 /// A network namespace, deleted on drop.
 struct Netns(String);
@@ -46,11 +46,10 @@ fn ip(args: &[&str]) {
     assert!(status.success(), "ip {args:?} failed (needs root)");
 }
 
-/// Client certificate files signed by the run's own CA, for etcd and the agent.
+/// Client certificate files signed by the run's own CA, for the agent (etcd finds its
+/// own in the same directory).
 pub(super) struct Certs {
     pub ca: PathBuf,
-    pub server_cert: PathBuf,
-    pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
 }
@@ -58,13 +57,11 @@ pub(super) struct Certs {
 impl Certs {
     fn generate(dir: &Path) -> Self {
         let p = |name: &str| dir.join(name);
-        etcd_certs::make(dir, Ipv4Addr::LOCALHOST, "olab-test").expect("making the certificates");
+        etcd_member::make(dir, Ipv4Addr::LOCALHOST, "olab-test").expect("making the certificates");
         Self {
-            ca: p(etcd_certs::CA),
-            server_cert: p(etcd_certs::SERVER_CERT),
-            server_key: p(etcd_certs::SERVER_KEY),
-            client_cert: p(etcd_certs::CLIENT_CERT),
-            client_key: p(etcd_certs::CLIENT_KEY),
+            ca: p(etcd_member::CA),
+            client_cert: p(etcd_member::CLIENT_CERT),
+            client_key: p(etcd_member::CLIENT_KEY),
         }
     }
 }
@@ -127,34 +124,16 @@ impl Etcd {
             .open(self.dir.path().join("etcd.log"))
             .unwrap();
         let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.ns.0,
-            "etcd",
-            "--name",
-            "t",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
-        .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
-        .args(["--initial-cluster", "t=http://127.0.0.1:2380"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-        if let Some(c) = &self.certs {
-            cmd.arg("--cert-file").arg(&c.server_cert);
-            cmd.arg("--key-file").arg(&c.server_key);
-            cmd.arg("--trusted-ca-file").arg(&c.ca);
-            cmd.arg("--client-cert-auth");
-        }
+        cmd.args(["netns", "exec", &self.ns.0, "etcd"])
+            .args(etcd_member::single_member(
+                "t",
+                &data,
+                &url,
+                self.certs.as_ref().map(|_| self.dir.path()),
+            ))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         // `ip netns exec` execs etcd: the child is etcd itself.
         *self.child.lock().unwrap() = Some(
             cmd.spawn()

@@ -12,7 +12,7 @@ use overlay_common::{Hook, Reason};
 
 use crate::{
     counters::run,
-    flows,
+    encap, flows,
     maps::config,
     parse::{self, ETH_LEN, Frame},
     verdict::{Verdict, pass},
@@ -36,6 +36,11 @@ fn record_delivered(ctx: &TcContext) -> Verdict {
     };
     if !cfg.fast_path_inbound(ip.src_addr, ip.dst_addr) {
         return pass(Reason::PassNotOverlay);
+    }
+    // A directly routed node's pods send plainly: no flow of theirs is ever
+    // decapsulated, which is where the fast path would take it.
+    if cfg.in_cluster(ip.src_addr) && encap::direct(ip.src_addr) {
+        return pass(Reason::PassDirectRoute);
     }
     match flows::key(ctx, &ip, ETH_LEN) {
         Some((key, flags)) => {

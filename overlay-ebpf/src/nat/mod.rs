@@ -5,8 +5,10 @@
 //! 5. pod -> outside the cluster network (not multicast): source becomes the uplink's
 //!    address;
 //! 6. host/outside -> a remote pod: source becomes this node's pod gateway, so that
-//!    replies come back through the overlay; not from the uplink's own address, which
-//!    the host chose (a socket bound to it, or its own masquerade: see `rule`).
+//!    replies come back through the overlay (the uplink's address for a node
+//!    DirectRouting reaches plainly, as MASQUERADE there gives it); not from the
+//!    uplink's own address, which the host chose (a socket bound to it, or its own
+//!    masquerade: see `masquerade_rule`).
 //!
 //! Translation happens on the uplink's egress, the reverse on its ingress (after
 //! decapsulation for rule 6), with our own connection table; packets of flows the
@@ -34,6 +36,7 @@ use self::{
 use crate::{
     conntrack::{self, CreateError},
     counters::nat_event,
+    encap,
     parse::{self, ETH_LEN, tcp},
 };
 
@@ -51,7 +54,9 @@ pub(crate) fn egress(ctx: &TcContext, cfg: &DatapathConfig, ip: &Ipv4Hdr) -> Res
     if !cfg.masquerade() || mark(ctx) & KUBE_PROXY_MASQ_MARK != 0 {
         return Ok(false);
     }
-    let Some((rule, nat_ip)) = cfg.masquerade_rule(ip.src_addr, ip.dst_addr) else {
+    let Some((rule, nat_ip)) =
+        cfg.masquerade_rule(ip.src_addr, ip.dst_addr, || encap::direct(ip.dst_addr))
+    else {
         return Ok(false);
     };
     if !parse::well_formed(ip, ctx.len() - ETH_LEN as u32) {
@@ -102,9 +107,10 @@ pub(crate) fn known_outbound(
     cfg: &DatapathConfig,
     ip: &Ipv4Hdr,
 ) -> Option<(L4, *mut CtEntry)> {
+    // Whether the destination is routed directly matters to rule 6 only.
     if !cfg.masquerade()
         || !matches!(
-            cfg.masquerade_rule(ip.src_addr, ip.dst_addr),
+            cfg.masquerade_rule(ip.src_addr, ip.dst_addr, || false),
             Some((Rule::PodToOutside, _))
         )
     {

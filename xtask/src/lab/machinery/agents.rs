@@ -423,14 +423,10 @@ fn from_gateway(
     node: &Node,
     routes: &BTreeMap<Ipv4Net, Option<Ipv4Addr>>,
 ) -> bool {
-    routes.iter().all(|(subnet, src)| {
-        let direct = topology.direct_routing
-            && topology
-                .nodes
-                .iter()
-                .any(|n| n.pod_cidr == *subnet && n.segment == node.segment);
-        *src == (!direct).then(|| node.gateway())
-    })
+    let direct = topology.direct_subnets(node);
+    routes
+        .iter()
+        .all(|(subnet, src)| *src == (!direct.contains(subnet)).then(|| node.gateway()))
 }
 
 /// Waits, briefly, until `node`'s agent sources its routes from the gateway that the

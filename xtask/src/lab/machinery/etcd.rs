@@ -33,7 +33,7 @@ use nix::sys::signal::Signal;
 use serde::Deserialize;
 
 use super::{
-    etcd_certs,
+    etcd_member,
     interrupt::{self, Wait},
     netns,
     processes::{processes, stop_processes},
@@ -95,9 +95,9 @@ fn endpoint(etcd: &EtcdHost) -> String {
 pub(crate) fn agent_args(lab: &LabState, etcd: &EtcdHost) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--etcd-endpoints".into(), endpoint(etcd).into()];
     args.extend(Files::of(lab).flags([
-        ("--etcd-cafile", etcd_certs::CA),
-        ("--etcd-certfile", etcd_certs::CLIENT_CERT),
-        ("--etcd-keyfile", etcd_certs::CLIENT_KEY),
+        ("--etcd-cafile", etcd_member::CA),
+        ("--etcd-certfile", etcd_member::CLIENT_CERT),
+        ("--etcd-keyfile", etcd_member::CLIENT_KEY),
     ]));
     args
 }
@@ -108,7 +108,7 @@ pub(crate) fn start(lab: &LabState) -> Result<()> {
     let files = Files::of(lab);
     std::fs::create_dir_all(&files.dir)
         .with_context(|| format!("creating {}", files.dir.display()))?;
-    etcd_certs::make(&files.dir, etcd.address, "olab-etcd")
+    etcd_member::make(&files.dir, etcd.address, "olab-etcd")
         .context("making etcd's certificates")?;
     println!(
         "etcd on {} ({}), TLS with client certificates from a CA of this run in {}\n\
@@ -146,25 +146,12 @@ fn command(lab: &LabState) -> Result<Command> {
     let files = Files::of(lab);
     let url = endpoint(etcd);
     let mut cmd = netns::command(&lab.netns(&etcd.name), "/usr/bin/etcd");
-    cmd.args(["--name", &etcd.name, "--data-dir"])
-        .arg(files.data())
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        // A single member: its peer port only on its own loopback.
-        .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
-        .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
-        .arg("--initial-cluster")
-        .arg(format!("{}=http://127.0.0.1:2380", etcd.name))
-        .args(files.flags([
-            ("--cert-file", etcd_certs::SERVER_CERT),
-            ("--key-file", etcd_certs::SERVER_KEY),
-            ("--trusted-ca-file", etcd_certs::CA),
-        ]))
-        .arg("--client-cert-auth");
+    cmd.args(etcd_member::single_member(
+        &etcd.name,
+        &files.data(),
+        &url,
+        Some(&files.dir),
+    ));
     Ok(cmd)
 }
 
@@ -229,9 +216,9 @@ fn etcdctl(lab: &LabState, args: &[&str]) -> Result<Command> {
 fn etcdctl_env(etcd: &EtcdHost, files: &Files) -> [(&'static str, OsString); 4] {
     [
         ("ETCDCTL_ENDPOINTS", endpoint(etcd).into()),
-        ("ETCDCTL_CACERT", files.path(etcd_certs::CA).into()),
-        ("ETCDCTL_CERT", files.path(etcd_certs::CLIENT_CERT).into()),
-        ("ETCDCTL_KEY", files.path(etcd_certs::CLIENT_KEY).into()),
+        ("ETCDCTL_CACERT", files.path(etcd_member::CA).into()),
+        ("ETCDCTL_CERT", files.path(etcd_member::CLIENT_CERT).into()),
+        ("ETCDCTL_KEY", files.path(etcd_member::CLIENT_KEY).into()),
     ]
 }
 

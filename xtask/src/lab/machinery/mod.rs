@@ -5,7 +5,7 @@
 //! (claiming a lab and removing it), cluster (building it), cni (its pods, through the real CNI
 //! plugins), agents (the overlay agents), processes (finding and stopping the
 //! lab's processes), flannel (flannel's kernel backends),
-//! servers, dns, etcd (with etcd_certs, its TLS) and router (the servers and routes a lab
+//! servers, dns, etcd (with etcd_member, its TLS and command line) and router (the servers and routes a lab
 //! runs), scratch
 //! (namespaces for root tests), probe and
 //! parallel (one probe, and many a few at a time), interrupt (Ctrl-C and waiting),
@@ -17,7 +17,7 @@ pub(crate) mod cluster;
 pub(crate) mod cni;
 pub(crate) mod dns;
 pub(crate) mod etcd;
-pub(crate) mod etcd_certs;
+pub(crate) mod etcd_member;
 pub(crate) mod flannel;
 pub(crate) mod guard;
 pub(crate) mod interrupt;

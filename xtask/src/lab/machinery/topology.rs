@@ -226,6 +226,15 @@ impl Topology {
         self
     }
 
+    /// The other nodes' pod subnets that `node` routes plainly: with DirectRouting,
+    /// those of the nodes on its segment (reached without a gateway).
+    pub(crate) fn direct_subnets(&self, node: &Node) -> Vec<Ipv4Net> {
+        (self.nodes.iter())
+            .filter(|n| self.direct_routing && n.segment == node.segment && n.name != node.name)
+            .map(|n| n.pod_cidr)
+            .collect()
+    }
+
     /// Two workers of the kind cluster, one pod each, and the outside host beyond the
     /// router: the benchmark's and the interoperability test's cluster.
     pub(crate) fn pair() -> Self {

@@ -228,11 +228,7 @@ impl ModeRun {
                 ours.what.clone(),
                 policies::show(&ours.expected),
                 policies::show(&ours.found),
-                match ours.fast {
-                    Some(true) => "taken".into(),
-                    Some(false) => "✗ not taken".into(),
-                    None => String::new(),
-                },
+                ours.fast.show().to_owned(),
                 if ours.ours_only {
                     "(not reached)".into()
                 } else {

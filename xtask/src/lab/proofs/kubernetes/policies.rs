@@ -49,9 +49,32 @@ pub(super) struct Row {
     pub ours_only: bool,
     pub expected: Finding,
     pub found: Finding,
-    /// For the connections opened before the policy: whether the connection was on
-    /// the fast path on the target's node when the policy came (None: no agent ran).
-    pub fast: Option<bool>,
+    /// For the connections opened before the policy: where it was on the target's node
+    /// when the policy came.
+    pub fast: FastPath,
+}
+
+/// Whether a connection opened before the policy was on the fast path when it came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FastPath {
+    /// Not such a connection, or no agent ran (the kernel's run).
+    Unasked,
+    Taken,
+    NotTaken,
+    /// Between nodes DirectRouting connects: nothing of it is ever decapsulated, so
+    /// the fast path never takes it and the host carries every packet.
+    Direct,
+}
+
+impl FastPath {
+    pub(super) fn show(self) -> &'static str {
+        match self {
+            Self::Unasked => "",
+            Self::Taken => "taken",
+            Self::NotTaken => "✗ not taken",
+            Self::Direct => "routed directly",
+        }
+    }
 }
 
 impl Row {
@@ -66,7 +89,7 @@ impl Row {
                 show(&self.expected)
             ));
         }
-        if self.fast == Some(false) {
+        if self.fast == FastPath::NotTaken {
             return Some(format!(
                 "{} / {}: the connection was not on the fast path when the policy came, so this proves nothing about it",
                 self.engine.describe(),
@@ -210,20 +233,30 @@ fn with_engine(
         }
         std::thread::sleep(EVERY);
     }
-    let fast: Vec<Option<bool>> = sessions
+    let direct = lab.topology.direct_subnets(&cast.target_node);
+    let fast: Vec<FastPath> = sessions
         .iter()
         .map(|(pod, _, session)| {
-            agents_run.then(|| {
-                on_fast_path(lab, &cast.target_node, session, to).unwrap_or_else(|e| {
-                    println!(
-                        "  reading {}'s flow table for {}: {e:#}",
-                        cast.target_node.name, pod.name
-                    );
-                    false
-                })
+            if !agents_run {
+                return Ok(FastPath::Unasked);
+            }
+            if direct.contains(&lab.topology.node(&pod.node)?.pod_cidr) {
+                return Ok(FastPath::Direct);
+            }
+            let taken = on_fast_path(lab, &cast.target_node, session, to).unwrap_or_else(|e| {
+                println!(
+                    "  reading {}'s flow table for {}: {e:#}",
+                    cast.target_node.name, pod.name
+                );
+                false
+            });
+            Ok(if taken {
+                FastPath::Taken
+            } else {
+                FastPath::NotTaken
             })
         })
-        .collect();
+        .collect::<Result<_>>()?;
 
     for node in &lab.topology.nodes {
         let pods: Vec<Ipv4Addr> = lab
@@ -305,7 +338,7 @@ fn with_engine(
                     .map_or_else(|| Err("no source recorded".into()), connected),
                 Err(_) => refused(),
             },
-            fast: None,
+            fast: FastPath::Unasked,
         });
     }
     Ok(())

@@ -25,13 +25,16 @@
 //! remote pod answers through the tunnel. Here there is no tunnel device (the datapath
 //! encapsulates on `eth0`): MASQUERADE takes `eth0`'s node address instead.
 //! [`Variant::Flanneld`] therefore gives rule 6 the address flanneld's device would give
-//! it, our datapath's equivalent: the pod gateway (`SNAT --to-source`); and, as our
+//! it, our datapath's equivalent: the pod gateway (`SNAT --to-source`), except towards
+//! the pods of a node DirectRouting reaches by a plain route through `eth0`, where
+//! flanneld's MASQUERADE takes `eth0`'s address too (so it stays); and, as our
 //! datapath does, it leaves alone what already leaves from the node's own address (a
 //! socket bound to it, or the host's own masquerade: translating that again would be a
 //! second NAT), with a RETURN before rule 6. [`Variant::Verbatim`] keeps flanneld's
 //! rules word for word, to show what those differences do.
 
 use anyhow::{Context as _, Result};
+use ipnet::Ipv4Net;
 
 use crate::lab::machinery::{netns, state::LabState, topology::Node};
 
@@ -66,8 +69,14 @@ impl Variant {
     }
 }
 
-/// The arguments of each `iptables -t nat` call that installs `node`'s rules, in order.
-pub(crate) fn rules(node: &Node, network: &str, variant: Variant) -> Vec<Vec<String>> {
+/// The arguments of each `iptables -t nat` call that installs `node`'s rules, in order;
+/// `direct` are the pod subnets it routes plainly (DirectRouting).
+pub(crate) fn rules(
+    node: &Node,
+    network: &str,
+    direct: &[Ipv4Net],
+    variant: Variant,
+) -> Vec<Vec<String>> {
     let pod = node.pod_cidr.to_string();
     let comment = ["-m", "comment", "--comment", COMMENT];
     let rule = |matches: &[&str], target: &[&str]| -> Vec<String> {
@@ -106,6 +115,13 @@ pub(crate) fn rules(node: &Node, network: &str, variant: Variant) -> Vec<Vec<Str
     if variant == Variant::Flanneld {
         let own = format!("{}/32", node.address);
         rules.push(rule(&["-s", &own, "-d", network], &["RETURN"]));
+        for subnet in direct {
+            let subnet = subnet.to_string();
+            rules.push(rule(
+                &["!", "-s", network, "-d", &subnet],
+                &["MASQUERADE", "--random-fully"],
+            ));
+        }
     }
     rules.push(rule(&["!", "-s", network, "-d", network], &rule6_target));
     rules
@@ -135,7 +151,8 @@ impl<'a> FlannelRules<'a> {
 /// flanneld's rules on one node, as flanneld adds them when it starts there.
 pub(crate) fn install_on(lab: &LabState, node: &Node, variant: Variant) -> Result<()> {
     let network = lab.topology.pod_network.to_string();
-    for args in rules(node, &network, variant) {
+    let direct = lab.topology.direct_subnets(node);
+    for args in rules(node, &network, &direct, variant) {
         iptables(lab, node, &args)?;
     }
     Ok(())
@@ -222,7 +239,7 @@ mod tests {
     fn rules_are_flanneld_s_in_flanneld_s_order() {
         let t = Topology::kind();
         let w1 = t.node("w1").unwrap();
-        let lines: Vec<String> = rules(w1, "10.244.0.0/16", Variant::Flanneld)
+        let lines: Vec<String> = rules(w1, "10.244.0.0/16", &[], Variant::Flanneld)
             .iter()
             .map(|r| r.join(" "))
             .collect();
@@ -245,7 +262,28 @@ mod tests {
                 ),
             ]
         );
-        let verbatim = rules(w1, "10.244.0.0/16", Variant::Verbatim);
+        // With DirectRouting, rule 6 towards the nodes of w1's segment is flanneld's
+        // MASQUERADE, which there takes eth0's address.
+        let direct = t.clone().with_direct_routing().direct_subnets(w1);
+        assert_eq!(direct.len(), 2, "cp's and w2's");
+        let with_direct: Vec<String> = rules(w1, "10.244.0.0/16", &direct, Variant::Flanneld)
+            .iter()
+            .map(|r| r.join(" "))
+            .collect();
+        let masquerade = |subnet| {
+            format!(
+                "-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d {subnet} {c} -j MASQUERADE --random-fully"
+            )
+        };
+        assert_eq!(
+            with_direct[8..],
+            [
+                masquerade("10.244.0.0/24"),
+                masquerade("10.244.2.0/24"),
+                lines[8].clone()
+            ]
+        );
+        let verbatim = rules(w1, "10.244.0.0/16", &direct, Variant::Verbatim);
         assert_eq!(
             verbatim.last().unwrap().join(" "),
             format!(

@@ -1,9 +1,10 @@
-//! etcd's TLS for one run, made with openssl: a CA, the server's certificate (for its
-//! address, serverAuth) and the agents' client certificate (clientAuth, without which
-//! etcd with `--client-cert-auth` refuses it). Shared with overlay-agent's etcd tests
-//! (`overlay-agent/tests/etcd/server.rs` includes this file), hence std and anyhow only.
+//! One etcd member for a run: its TLS, made with openssl (a CA, the server's
+//! certificate for its address, serverAuth, and the agents' client certificate,
+//! clientAuth, without which etcd with `--client-cert-auth` refuses it), and its
+//! command line. Shared with overlay-agent's etcd tests (`overlay-agent/tests/etcd.rs`
+//! includes this file), hence std and anyhow only.
 
-use std::{net::Ipv4Addr, path::Path, process::Command};
+use std::{ffi::OsString, net::Ipv4Addr, path::Path, process::Command};
 
 use anyhow::{Context as _, Result, ensure};
 
@@ -84,4 +85,42 @@ pub(crate) fn make(dir: &Path, server: Ipv4Addr, subject: &str) -> Result<()> {
         ])?;
     }
     Ok(())
+}
+
+/// etcd's arguments for a single member called `name`, its data in `data`, serving
+/// clients at `url`; its peer port only on its own loopback. With `tls`, the directory
+/// [`make`] wrote: clients over TLS, with a certificate.
+pub(crate) fn single_member(
+    name: &str,
+    data: &Path,
+    url: &str,
+    tls: Option<&Path>,
+) -> Vec<OsString> {
+    let peer = "http://127.0.0.1:2380";
+    let mut args: Vec<OsString> = vec![
+        "--name".into(),
+        name.into(),
+        "--data-dir".into(),
+        data.into(),
+    ];
+    for (flag, value) in [
+        ("--listen-client-urls", url.to_owned()),
+        ("--advertise-client-urls", url.to_owned()),
+        ("--listen-peer-urls", peer.to_owned()),
+        ("--initial-advertise-peer-urls", peer.to_owned()),
+        ("--initial-cluster", format!("{name}={peer}")),
+    ] {
+        args.extend([flag.into(), value.into()]);
+    }
+    if let Some(dir) = tls {
+        for (flag, file) in [
+            ("--cert-file", SERVER_CERT),
+            ("--key-file", SERVER_KEY),
+            ("--trusted-ca-file", CA),
+        ] {
+            args.extend([flag.into(), dir.join(file).into()]);
+        }
+        args.push("--client-cert-auth".into());
+    }
+    args
 }
