@@ -73,10 +73,6 @@ pub(crate) fn overlay_packet(
 /// Whether `addr` is in a remote pod subnet DirectRouting reaches by the host's plain
 /// route (`ROUTE_DIRECT`): the tunnel never carries its packets, and the fast path
 /// has nothing to take.
-#[expect(
-    clippy::needless_borrows_for_generic_args,
-    reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"
-)]
 #[inline(always)]
 pub(crate) fn direct(addr: [u8; 4]) -> bool {
     ROUTES
