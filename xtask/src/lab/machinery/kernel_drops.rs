@@ -2,8 +2,8 @@
 //! placed: a full per-CPU input queue (the backlog, which fills when softirq work is
 //! starved of CPU), the ARP table's (packets queued for an unresolved neighbour beyond
 //! its queue, or an address whose resolution failed, as when probes go unanswered on a
-//! starved machine), a namespace's IP and UDP error counters and connection-tracking
-//! drops, an interface's drops and errors (a tunnel device counts its failures as
+//! starved machine), a namespace's IP and UDP error counters, reverse path filter and
+//! connection-tracking drops, an interface's drops and errors (a tunnel device counts its failures as
 //! errors). Our own datapath counts its drops apart (`overlay-agent counters`).
 
 use std::collections::BTreeMap;
@@ -131,21 +131,25 @@ fn interface_drops(ns: &str) -> Result<Vec<(String, u64)>> {
 }
 
 /// The IP and UDP counters of `ns` that count a packet lost (`Ip InDiscards`,
-/// `Udp RcvbufErrors`, …), read from the namespace's /proc/net/snmp.
+/// `Udp RcvbufErrors`, …), read from the namespace's /proc/net/snmp, and the reverse
+/// path filter's drops (`TcpExt IPReversePathFilter`, for every protocol despite its
+/// name), from /proc/net/netstat: a route changed under a flow can fail that check.
 fn stack_drops(ns: &str) -> Result<Vec<(String, u64)>> {
-    let snmp = netns::run(netns::command(ns, "cat").arg("/proc/net/snmp"))?;
-    Ok(parse_snmp(&snmp)
+    let text = netns::run(netns::command(ns, "cat").args(["/proc/net/snmp", "/proc/net/netstat"]))?;
+    Ok(parse_snmp(&text)
         .into_iter()
         .filter(|(name, _)| {
             (name.starts_with("Ip ") || name.starts_with("Udp "))
                 && ["Errors", "Discards", "NoRoutes"]
                     .iter()
                     .any(|s| name.ends_with(s))
+                || name == "TcpExt IPReversePathFilter"
         })
         .collect())
 }
 
-/// /proc/net/snmp's pairs of lines (names, then values) as "Udp RcvbufErrors" → n.
+/// /proc/net/snmp's (and netstat's) pairs of lines (names, then values) as
+/// "Udp RcvbufErrors" → n.
 fn parse_snmp(text: &str) -> Vec<(String, u64)> {
     let lines: Vec<&str> = text.lines().collect();
     let mut counters = Vec::new();
