@@ -58,6 +58,8 @@ const RATE: u32 = 500;
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// The streams' first port.
 const PORT: u16 = 7800;
+/// How much of an agent's log a failed event shows.
+const LOG_LINES: usize = 40;
 /// How long after it is ready an agent may take to remove flanneld's leftovers.
 const LEFTOVERS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -93,6 +95,9 @@ pub(crate) struct Proof {
     /// reason) and what the kernel dropped anywhere in the lab meanwhile: where a loss
     /// happened.
     pub drops: Vec<(String, u64, KernelDrops)>,
+    /// For each event where a stream lost datagrams: the end of the swapped node's
+    /// agent log, whose times of day the losses' can be set against.
+    pub logs: Vec<(String, String)>,
     pub failures: Vec<String>,
 }
 
@@ -109,6 +114,7 @@ fn migrate(lab: &LabState) -> Result<Proof> {
     let mut proof = Proof {
         rows: Vec::new(),
         drops: Vec::new(),
+        logs: Vec::new(),
         failures: Vec::new(),
     };
     let nodes = lab.topology.nodes.clone();
@@ -118,11 +124,11 @@ fn migrate(lab: &LabState) -> Result<Proof> {
         .collect::<Result<_>>()?;
     for node in &nodes {
         let event = format!("{}: flanneld → agent", node.name);
-        under_traffic(lab, &event, &mut proof, || to_agent(lab, node))?;
+        under_traffic(lab, node, &event, &mut proof, || to_agent(lab, node))?;
     }
     for node in &nodes {
         let event = format!("{}: agent → flanneld", node.name);
-        under_traffic(lab, &event, &mut proof, || to_flanneld(lab, node))?;
+        under_traffic(lab, node, &event, &mut proof, || to_flanneld(lab, node))?;
         let programs = agents::all_attached(lab, node)?;
         if !programs.is_empty() {
             proof
@@ -142,10 +148,11 @@ fn migrate(lab: &LabState) -> Result<Proof> {
     Ok(proof)
 }
 
-/// Runs `event` with numbered traffic in a ring through every node before, during and
-/// after it; records what each stream saw.
+/// Runs `event` on `node` with numbered traffic in a ring through every node before,
+/// during and after it; records what each stream saw.
 fn under_traffic(
     lab: &LabState,
+    node: &Node,
     event: &str,
     proof: &mut Proof,
     action: impl FnOnce() -> Result<u64>,
@@ -159,10 +166,18 @@ fn under_traffic(
     let took = started.elapsed();
     std::thread::sleep(MARGIN);
     println!("  {event}: {:.1}s", took.as_secs_f64());
+    let failed = proof.failures.len();
     for stream in streams {
         let count = stream.finish()?;
         proof.failures.extend(count.failure(event));
         proof.rows.push((event.to_owned(), took, count));
+    }
+    if proof.failures.len() > failed {
+        let log = agents::log_tail(lab, node, LOG_LINES);
+        proof.logs.push((
+            format!("{event}: the end of {}'s agent log", node.name),
+            log,
+        ));
     }
     let kernel = KernelDrops::read(lab)?.since(&kernel_before);
     let removed = *done.as_ref().unwrap_or(&0);
@@ -302,6 +317,12 @@ pub(crate) fn render(proof: &Proof) -> String {
         out.push_str(&format!(
             "  {event}: the agents' datapaths dropped {datapath} packets; the kernel dropped {kernel}\n"
         ));
+    }
+    for (what, log) in &proof.logs {
+        out.push_str(&format!("  {what}:\n"));
+        for line in log.lines() {
+            out.push_str(&format!("    {line}\n"));
+        }
     }
     out.push_str(&if proof.failures.is_empty() {
         format!("  ✓ no datagram lost across any migration or rollback ({RATE}/s per stream); no flannel.ipip or {} left under the agent; every node as flanneld left it at the end\n", iptables::CHAIN)

@@ -18,7 +18,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -69,11 +69,12 @@ const PROBE_PEER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 250);
 /// One numbered stream between two hosts of the lab.
 pub(crate) struct Stream {
     name: String,
-    rate: u32,
+    started: SystemTime,
     stop: Arc<AtomicBool>,
     /// How many datagrams the sender sent, once it stopped (`u64::MAX` before).
     sent: Arc<AtomicU64>,
-    sender: JoinHandle<Result<u64>>,
+    /// When the sender sent each datagram, in order.
+    sender: JoinHandle<Result<SendTimes>>,
     receiver: JoinHandle<Result<Received>>,
 }
 
@@ -94,8 +95,14 @@ pub(crate) struct Count {
     pub longest_gap: Duration,
     /// The sequence numbers that never arrived, as inclusive ranges.
     missing: Vec<(u64, u64)>,
-    rate: u32,
+    /// When the stream started, and when each datagram was sent.
+    started: SystemTime,
+    sent_at: SendTimes,
 }
+
+/// When each datagram of a stream was sent, in milliseconds after the stream started:
+/// a sender starved of CPU falls behind its schedule, so the schedule would not say.
+type SendTimes = Vec<u32>;
 
 impl Count {
     pub(crate) fn lost(&self) -> u64 {
@@ -103,19 +110,32 @@ impl Count {
     }
 
     /// What went wrong for this stream in `event`, if anything: how many datagrams were
-    /// lost or duplicated, and which were lost, with when they were due after the
-    /// stream started (a loss at the event, or at the end, tells its cause apart).
+    /// lost or duplicated, and which were lost, with when they were sent after the
+    /// stream started and at what time of day (UTC, as the agents' logs say it): a loss
+    /// at the event, or at the end, tells its cause apart.
     pub(crate) fn failure(&self, event: &str) -> Option<String> {
         if self.lost() == 0 && self.duplicates == 0 {
             return None;
         }
-        let due = |seq: u64| seq as f64 / f64::from(self.rate);
+        let at = |seq: u64| {
+            let ms = usize::try_from(seq)
+                .ok()
+                .and_then(|i| self.sent_at.get(i))
+                .copied()
+                .unwrap_or_default();
+            Duration::from_millis(ms.into())
+        };
         let mut ranges: Vec<String> = self
             .missing
             .iter()
             .take(MISSING_SHOWN)
             .map(|&(first, last)| {
-                format!("{first}–{last} (due {:.2}–{:.2}s)", due(first), due(last))
+                format!(
+                    "{first}–{last} (sent {:.2}–{:.2}s, {})",
+                    at(first).as_secs_f64(),
+                    at(last).as_secs_f64(),
+                    time_of_day(self.started + at(first)),
+                )
             })
             .collect();
         if self.missing.len() > MISSING_SHOWN {
@@ -135,9 +155,21 @@ impl Count {
             self.lost(),
             self.duplicates,
             self.sent,
-            due(self.sent),
+            at(self.sent.saturating_sub(1)).as_secs_f64(),
         ))
     }
+}
+
+/// `t` as hours, minutes, seconds and milliseconds of its day, in UTC.
+fn time_of_day(t: SystemTime) -> String {
+    let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03} UTC",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
 }
 
 /// How many ranges of missing datagrams a failure names.
@@ -188,13 +220,14 @@ impl Stream {
             let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
             std::thread::spawn(move || receive(&rx, &stop, &sent))
         };
+        let started = SystemTime::now();
         let sender = {
             let stop = Arc::clone(&stop);
             std::thread::spawn(move || send(&tx, &stop, rate))
         };
         Ok(Self {
             name: format!("{from} → {to}"),
-            rate,
+            started,
             stop,
             sent,
             sender,
@@ -204,7 +237,8 @@ impl Stream {
 
     pub(crate) fn finish(self) -> Result<Count> {
         self.stop.store(true, Ordering::Relaxed);
-        let sent = self.sender.join().expect("sender thread")?;
+        let sent_at = self.sender.join().expect("sender thread")?;
+        let sent = sent_at.len() as u64;
         self.sent.store(sent, Ordering::Relaxed);
         let received = self.receiver.join().expect("receiver thread")?;
         Ok(Count {
@@ -214,28 +248,32 @@ impl Stream {
             duplicates: received.duplicates,
             longest_gap: received.longest_gap,
             missing: missing_ranges(&received.seen, sent),
-            rate: self.rate,
+            started: self.started,
+            sent_at,
         })
     }
 }
 
-/// Sends numbered datagrams at `rate` a second until stopped; returns how many went
+/// Sends numbered datagrams at `rate` a second until stopped; returns when each went
 /// out.
-fn send(socket: &UdpSocket, stop: &AtomicBool, rate: u32) -> Result<u64> {
+fn send(socket: &UdpSocket, stop: &AtomicBool, rate: u32) -> Result<SendTimes> {
     let interval = Duration::from_secs(1) / rate;
-    let mut next = Instant::now();
-    let mut seq = 0u64;
+    let started = Instant::now();
+    let mut next = started;
+    let mut sent_at = SendTimes::new();
     let mut payload = [0u8; PAYLOAD];
     while !stop.load(Ordering::Relaxed) {
+        let seq = sent_at.len() as u64;
         payload[..8].copy_from_slice(&seq.to_be_bytes());
+        let now = Instant::now();
         socket.send(&payload).context("sending")?;
-        seq += 1;
+        sent_at.push(u32::try_from((now - started).as_millis()).unwrap_or(u32::MAX));
         next = pace(next, interval, Instant::now());
         if let Some(wait) = next.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
     }
-    Ok(seq)
+    Ok(sent_at)
 }
 
 /// When to send after a datagram due at `due`: a late wake-up is made up for by
@@ -682,7 +720,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_names_the_missing_ranges_and_when_they_were_due() {
+    fn a_failure_names_the_missing_ranges_and_when_they_were_sent() {
         let seen: HashSet<u64> = (0..1000)
             .filter(|s| !(100..=149).contains(s) && *s != 998)
             .collect();
@@ -691,6 +729,11 @@ mod tests {
             missing_ranges(&seen, 1002),
             [(100, 149), (998, 998), (1000, 1001)]
         );
+        // Sent every 2 ms, but for a stall of a second before datagram 120; the stream
+        // started at 10:00:00 on some day.
+        let sent_at: SendTimes = (0..1000)
+            .map(|i| i * 2 + if i >= 120 { 1000 } else { 0 })
+            .collect();
         let count = Count {
             stream: "w1 → w2".into(),
             sent: 1000,
@@ -698,13 +741,15 @@ mod tests {
             duplicates: 0,
             longest_gap: Duration::ZERO,
             missing: missing_ranges(&seen, 1000),
-            rate: 500,
+            started: UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 10 * 3600),
+            sent_at,
         };
         assert_eq!(
             count.failure("w1: flanneld → agent").as_deref(),
             Some(
                 "w1: flanneld → agent: w1 → w2 lost 51 and duplicated 0 of 1000 (sent over \
-                 2.00s); missing 100–149 (due 0.20–0.30s), 998–998 (due 2.00–2.00s)"
+                 3.00s); missing 100–149 (sent 0.20–1.30s, 10:00:00.200 UTC), 998–998 (sent \
+                 3.00–3.00s, 10:00:02.996 UTC)"
             )
         );
         let whole = Count {
