@@ -37,6 +37,10 @@ const SCRIPT: &str = "run.sh";
 const OUTPUT: &str = "output";
 const STATUS: &str = "status";
 const CONSOLE: &str = "console.log";
+/// The guest's per-CPU input queue (`net.core.netdev_max_backlog`, 1,000 by default):
+/// the emulated guest stands still for seconds at a time, and packets that arrive
+/// meanwhile wait there. A setting of the guest's own kernel, nothing of this machine.
+const BACKLOG: u32 = 100_000;
 /// How much longer the lab's timeouts are under emulation (see `interrupt::SLOWDOWN`).
 const SLOWDOWN_FACTOR: u32 = 5;
 
@@ -115,6 +119,7 @@ impl Vm {
              export VM_SHARED={shared}\n\
              export NO_COLOR=1\n\
              export {slowdown}={SLOWDOWN_FACTOR}\n\
+             echo {BACKLOG} > /proc/sys/net/core/netdev_max_backlog\n\
              cd {cwd}\n\
              ( echo \"== VM: kernel $(uname -r), $(uname -v), $(nproc) CPUs\"\n{command}\n) > {shared}/{OUTPUT} 2>&1 < /dev/null\n\
              echo $? > {shared}/{STATUS}.tmp && mv {shared}/{STATUS}.tmp {shared}/{STATUS}\n",

@@ -146,6 +146,10 @@ pub(crate) fn create_with(
         .filter(|n| dataplane.runs_agent(n))
         .collect();
     agents::wait_ready_on(&lab, &with_agent, true)?;
+    let hosts = lab.topology.hosts().into_iter().map(|h| h.name);
+    for host in hosts.chain([ROUTER.to_owned()]) {
+        netns::patient_neighbour_probes(&lab.netns(&host))?;
+    }
     println!(
         "Lab {} ready in {:.1}s",
         lab.id,

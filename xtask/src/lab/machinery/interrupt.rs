@@ -54,14 +54,18 @@ pub(crate) fn install() -> Result<()> {
 /// CPUs (no KVM), and everything there takes several times as long.
 pub(crate) const SLOWDOWN: &str = "OVERLAY_LAB_SLOWDOWN";
 
-/// `timeout` times the [`SLOWDOWN`] factor (1 when unset).
-pub(crate) fn scaled(timeout: Duration) -> Duration {
-    let factor = std::env::var(SLOWDOWN)
+/// The [`SLOWDOWN`] factor (1 when unset).
+pub(crate) fn slowdown() -> u32 {
+    std::env::var(SLOWDOWN)
         .ok()
         .and_then(|f| f.parse::<u32>().ok())
         .unwrap_or(1)
-        .max(1);
-    timeout * factor
+        .max(1)
+}
+
+/// `timeout` times the [`SLOWDOWN`] factor.
+pub(crate) fn scaled(timeout: Duration) -> Duration {
+    timeout * slowdown()
 }
 
 /// Fails with [`Interrupted`] once Ctrl-C was pressed.

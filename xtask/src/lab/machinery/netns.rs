@@ -17,6 +17,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 use ipnet::Ipv4Net;
 use nix::sched::{CloneFlags, setns};
 
+use super::interrupt;
+
 /// Where `ip netns` keeps its namespaces.
 const NETNS_DIR: &str = "/run/netns";
 /// The kernel's limit on interface names (IFNAMSIZ - 1).
@@ -113,6 +115,36 @@ pub(crate) fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     enter(ns, || {
         std::fs::write(format!("/proc/sys/{key}"), value)
             .with_context(|| format!("setting {key} to {value} in {ns}"))
+    })
+}
+
+/// The kernel's time between two neighbour probes (`retrans_time_ms`'s default).
+const NEIGHBOUR_PROBE_INTERVAL_MS: u32 = 1000;
+
+/// Under emulation (an [`interrupt::slowdown`] above 1), gives every device of `ns`
+/// that resolves neighbours that many times the kernel's second between probes. The
+/// emulated machine stands still for seconds at a time: a neighbour's three probes, a
+/// second apart, then go unanswered, its entry fails and the packets queued behind it
+/// are discarded (`res_failed` and `unresolved_discards` in /proc/net/stat/arp_cache),
+/// which no real node's stalls cause. A namespace has no `default` entry to set:
+/// device by device, once they exist.
+pub(crate) fn patient_neighbour_probes(ns: &str) -> Result<()> {
+    let factor = interrupt::slowdown();
+    if factor == 1 {
+        return Ok(());
+    }
+    let interval = (NEIGHBOUR_PROBE_INTERVAL_MS * factor).to_string();
+    enter(ns, || {
+        for entry in std::fs::read_dir("/proc/sys/net/ipv4/neigh")? {
+            let dir = entry?.path();
+            if dir.ends_with("lo") {
+                continue;
+            }
+            let file = dir.join("retrans_time_ms");
+            std::fs::write(&file, &interval)
+                .with_context(|| format!("setting {} in {ns}", file.display()))?;
+        }
+        Ok(())
     })
 }
 
