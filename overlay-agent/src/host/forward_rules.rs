@@ -41,7 +41,8 @@
 //! agent picks as that wrapper does ([`choose_backend`], once, logged): kubelet's
 //! chains `KUBE-IPTABLES-HINT`/`KUBE-KUBELET-CANARY` in iptables-nft's tables mean
 //! nft, in iptables-legacy's mean legacy; without them, legacy if its saves hold more
-//! rules (`-A` lines) than nft's, else nft. A save that fails (iptables-legacy-save
+//! rules (`-A` lines) than nft's, else nft (IPv6's saves count only where the kernel
+//! has IPv6: booted with `ipv6.disable=1`, ip6tables-save fails). A save that fails (iptables-legacy-save
 //! without CAP_NET_RAW where legacy tables exist) is an error where the wrapper
 //! would count it empty, so that a legacy host is never taken for an nft one; the
 //! choice is tried again every period until it succeeds. With one backend only,
