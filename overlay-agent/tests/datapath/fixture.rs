@@ -285,6 +285,18 @@ pub(super) fn with_unconfigured_node(test: impl FnOnce(&mut Node) + Send + 'stat
     });
 }
 
+/// How many times longer than here things take where the tests run: the factor the
+/// emulated VM (`cargo xtask vm`) exports as `OVERLAY_LAB_SLOWDOWN`, 1 elsewhere. For
+/// waits on what the agent does by its own clock with the tools it runs (`iptables`
+/// takes seconds under emulation), never for a figure.
+pub(super) fn slowdown() -> u32 {
+    std::env::var("OVERLAY_LAB_SLOWDOWN")
+        .ok()
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// Runs `f` on a thread of its own in a fresh, empty network namespace; panics propagate.
 pub(super) fn in_new_netns(f: impl FnOnce() + Send + 'static) {
     let result = thread::spawn(move || {

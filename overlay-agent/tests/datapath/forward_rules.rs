@@ -16,7 +16,7 @@ use overlay_agent::{
     status::Status,
 };
 
-use super::fixture::in_new_netns;
+use super::fixture::{in_new_netns, slowdown};
 
 const NETWORK: &str = "10.244.0.0/16";
 const PERIOD: Duration = Duration::from_secs(1);
@@ -68,10 +68,11 @@ fn with_rules() -> Vec<String> {
     .to_vec()
 }
 
-/// Waits (a resync period and a half at most) until the filter table shows the rules
-/// again, with one more write counted than `written`.
+/// Waits (a resync period and a half at most, times the slowdown of an emulated
+/// machine, where each `iptables` call takes a second) until the filter table shows
+/// the rules again, with one more write counted than `written`.
 async fn restored(status: &Status, written: u64) {
-    let deadline = Instant::now() + PERIOD * 3 / 2;
+    let deadline = Instant::now() + PERIOD * 3 / 2 * slowdown();
     loop {
         let report = status.forward_rules().unwrap_or_default();
         if report.written == written + 1 && filter_rules() == with_rules() {
