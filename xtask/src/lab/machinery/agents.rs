@@ -588,6 +588,18 @@ pub(crate) fn inspect(lab: &LabState, node: &Node, what: &str) -> Result<String>
     )
 }
 
+/// Packets `node`'s datapath dropped so far, over every hook and drop reason.
+pub(crate) fn datapath_drops(lab: &LabState, node: &Node) -> Result<u64> {
+    let counters = inspect(lab, node, "counters")?;
+    Ok(counters
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.get(1)?.starts_with("drop_")).then(|| cols.get(2)?.parse::<u64>().ok())?
+        })
+        .sum())
+}
+
 /// [`inspect`] with `--json`, parsed.
 pub(crate) fn inspect_json(lab: &LabState, node: &Node, what: &str) -> Result<serde_json::Value> {
     let out = netns::run(

@@ -192,7 +192,7 @@ fn datapath_drops(lab: &LabState) -> Result<u64> {
     let mut drops = 0;
     for node in &lab.topology.nodes {
         if !agents::all_attached(lab, node)?.is_empty() {
-            drops += restart::datapath_drops(lab, node)?;
+            drops += agents::datapath_drops(lab, node)?;
         }
     }
     Ok(drops)
@@ -250,7 +250,7 @@ fn to_agent(lab: &LabState, node: &Node) -> Result<u64> {
 fn to_flanneld(lab: &LabState, node: &Node) -> Result<u64> {
     agents::stop_node(lab, node, Signal::SIGTERM)?;
     flanneld_starts(lab, node)?;
-    let dropped = restart::datapath_drops(lab, node)?;
+    let dropped = agents::datapath_drops(lab, node)?;
     let cleaned = agents::cleanup(lab, node, &[])?;
     ensure!(
         cleaned.contains("removed"),

@@ -382,18 +382,6 @@ impl Proof {
     }
 }
 
-/// Packets `node`'s datapath dropped so far, over every hook and drop reason.
-pub(crate) fn datapath_drops(lab: &LabState, node: &Node) -> Result<u64> {
-    let counters = agents::inspect(lab, node, "counters")?;
-    Ok(counters
-        .lines()
-        .filter_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.get(1)?.starts_with("drop_")).then(|| cols.get(2)?.parse::<u64>().ok())?
-        })
-        .sum())
-}
-
 /// Runs every event on `NODE`, with `other_build` as the upgrade, and puts the lab's
 /// own build back at the end.
 pub(crate) fn run(lab: &LabState, other_build: &Path) -> Result<Proof> {
@@ -405,7 +393,7 @@ pub(crate) fn run(lab: &LabState, other_build: &Path) -> Result<Proof> {
         failures: Vec::new(),
     };
     for event in Event::all(lab) {
-        let drops_before = datapath_drops(lab, &node)?;
+        let drops_before = agents::datapath_drops(lab, &node)?;
         let kernel_before = KernelDrops::read(lab)?;
         let streams = start_streams(lab, &node)?;
         std::thread::sleep(MARGIN);
@@ -419,7 +407,7 @@ pub(crate) fn run(lab: &LabState, other_build: &Path) -> Result<Proof> {
         let kernel = KernelDrops::read(lab)?.since(&kernel_before);
         // Pinned counters survive every event but the layout change, whose datapath
         // starts from zero: then the replaced one's count is added.
-        let drops = (datapath_drops(lab, &node)?
+        let drops = (agents::datapath_drops(lab, &node)?
             + disturbed.replaced_drops.unwrap_or(drops_before))
         .saturating_sub(drops_before);
         proof.drops.push((event.describe(), drops, kernel));
@@ -490,7 +478,7 @@ fn disturb(lab: &LabState, node: &Node, event: Event, other_build: &Path) -> Res
         }
         Event::LayoutUpgrade => {
             agents::stop_node(lab, node, Signal::SIGTERM)?;
-            let drops = datapath_drops(lab, node)?;
+            let drops = agents::datapath_drops(lab, node)?;
             // What a build with another layout finds: the running datapath's pins in
             // a directory of another version.
             let pins = agents::pin_dir(lab, node)?;
