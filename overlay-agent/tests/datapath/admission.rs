@@ -11,7 +11,7 @@ use overlay_agent::{
 use overlay_common::flows::{ADMIT_AFTER_PACKETS, FlowKey, FlowState, REFUSED};
 
 use super::{
-    fixture::{GENERATION, Node, with_node},
+    fixture::{GENERATION, Node, monotonic_ns_after, with_node},
     topology::{POD, W2, W3},
 };
 
@@ -199,7 +199,7 @@ fn translated_and_unestablished_flows_are_not_admitted() {
 #[test]
 fn flows_in_use_keep_their_conntrack_entry_and_gone_ones_leave() {
     with_node(|node| {
-        let now = monotonic_ns();
+        let now = monotonic_ns_after(20 * SEC);
         let kept = key(UDP, 40020);
         // Between other pods: the filter has a bit per address pair.
         let gone = FlowKey {

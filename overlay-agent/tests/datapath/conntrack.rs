@@ -36,7 +36,9 @@ use overlay_common::{
 };
 
 use super::{
-    fixture::{Act, Node, assert_bytes_eq, check_verdict, masquerade, with_node_setup},
+    fixture::{
+        Act, Node, assert_bytes_eq, check_verdict, masquerade, monotonic_ns_after, with_node_setup,
+    },
     nat::{
         PAYLOAD, Tracked, assert_table, client, ct_key, incoming, open, outgoing, translate_back,
         translate_out, translation,
@@ -106,11 +108,13 @@ fn a_taken_port_is_retried() {
         LoadOptions::default(),
         setup(TWO_PORTS, CtTimeouts::DEFAULT),
         |node| {
-            let now = monotonic_ns();
             let mut collisions = 0;
             for i in 0..32 {
                 let server = (OUTSIDE, 1000 + i);
-                claim(node, server, TWO_PORTS.0, now);
+                // Claimed now: a claim without its flow is an orphan, which masquerade
+                // reclaims once it is two seconds old (32 rounds take longer than that
+                // under emulation).
+                claim(node, server, TWO_PORTS.0, monotonic_ns());
                 let (translated, mut events) = translate_out(node, udp(40000, server), 0, NODE_IP);
                 assert_eq!(translated.src.1, TWO_PORTS.1, "the free port");
                 assert_eq!(events.remove(&NatEvent::FlowCreated), Some(1));
@@ -703,13 +707,9 @@ fn collection_removes_expired_flows_and_orphans() {
     );
 }
 
-/// A time further back than the agent's grace period for orphans (10 s). A freshly
-/// booted machine (the kernel matrix's VM) has no such past yet: waits for it.
+/// A time further back than the agent's grace period for orphans (10 s).
 fn past_the_grace_period() -> u64 {
-    while monotonic_ns() < 12_000_000_000 {
-        thread::sleep(Duration::from_millis(100));
-    }
-    monotonic_ns().saturating_sub(11_000_000_000)
+    monotonic_ns_after(11_000_000_000) - 11_000_000_000
 }
 
 /// How a port was left free for the datapath to give to a new flow.

@@ -13,8 +13,8 @@ use overlay_common::{
 use super::{
     expect::to_pod,
     fixture::{
-        Act, GENERATION, Node, flow_key, masquerade, no_fast_path, with_masquerading_node,
-        with_node, with_node_setup,
+        Act, GENERATION, Node, flow_key, masquerade, monotonic_ns_after, no_fast_path,
+        with_masquerading_node, with_node, with_node_setup,
     },
     nat::{client, open},
     packet::{
@@ -220,6 +220,8 @@ fn a_stale_admission_goes_to_the_host_which_hands_the_flow_back_to_the_agent() {
         let conn = to_w2();
         let out = pod_sends(&conn, ACK);
         let key = flow_key(&out);
+        // Admitted when the clock has a time past the limit to set it back to.
+        monotonic_ns_after(FAST_FOR_NS + 1_000_000_000);
         node.admit(&out);
         let admitted = node.flow(&key).unwrap();
         node.set_flow(

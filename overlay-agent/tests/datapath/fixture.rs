@@ -15,6 +15,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
+    time::Duration,
 };
 
 use aya::{
@@ -23,7 +24,7 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use overlay_agent::{
-    datapath::{Datapath, LoadOptions},
+    datapath::{Datapath, LoadOptions, conntrack::monotonic_ns},
     host::{Host, uplink::Uplink},
     masq,
     nodes::{
@@ -285,16 +286,17 @@ pub(super) fn with_unconfigured_node(test: impl FnOnce(&mut Node) + Send + 'stat
     });
 }
 
-/// How many times longer than here things take where the tests run: the factor the
-/// emulated VM (`cargo xtask vm`) exports as `OVERLAY_LAB_SLOWDOWN`, 1 elsewhere. For
-/// waits on what the agent does by its own clock with the tools it runs (`iptables`
-/// takes seconds under emulation), never for a figure.
-pub(super) fn slowdown() -> u32 {
-    std::env::var("OVERLAY_LAB_SLOWDOWN")
-        .ok()
-        .and_then(|f| f.parse().ok())
-        .unwrap_or(1)
-        .max(1)
+/// The monotonic clock (ns) once it reads more than `past`, so that a time `past`
+/// ago exists: a freshly booted machine (the kernel matrix's VM) has run for seconds
+/// only, and an earlier time would underflow.
+pub(super) fn monotonic_ns_after(past: u64) -> u64 {
+    loop {
+        let now = monotonic_ns();
+        if now > past {
+            return now;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Runs `f` on a thread of its own in a fresh, empty network namespace; panics propagate.
@@ -576,7 +578,7 @@ impl Node {
             FlowState {
                 seen_gen: self.config.ruleset_gen,
                 host_packets: 1,
-                refreshed_ns: overlay_agent::datapath::conntrack::monotonic_ns(),
+                refreshed_ns: monotonic_ns(),
                 admitted: 1,
                 ..FlowState::default()
             },
@@ -668,7 +670,7 @@ impl Node {
     /// What one run of `hook`'s program on `frame` costs: the kernel runs it `repeat`
     /// times in a row (each on a fresh copy of the frame) and reports the mean time of
     /// one run, helpers included. Also returns the last run's return code.
-    pub(super) fn cost(&self, hook: Hook, frame: &[u8], repeat: u32) -> (std::time::Duration, u32) {
+    pub(super) fn cost(&self, hook: Hook, frame: &[u8], repeat: u32) -> (Duration, u32) {
         let ctx = SkBuff {
             ifindex: self.device(hook),
             ..Default::default()

@@ -16,7 +16,7 @@ use overlay_agent::{
     status::Status,
 };
 
-use super::fixture::{in_new_netns, slowdown};
+use super::fixture::in_new_netns;
 
 const NETWORK: &str = "10.244.0.0/16";
 const PERIOD: Duration = Duration::from_secs(1);
@@ -68,24 +68,36 @@ fn with_rules() -> Vec<String> {
     .to_vec()
 }
 
-/// Waits (a resync period and a half at most, times the slowdown of an emulated
-/// machine, where each `iptables` call takes a second) until the filter table shows
-/// the rules again, with one more write counted than `written`.
-async fn restored(status: &Status, written: u64) {
-    let deadline = Instant::now() + PERIOD * 3 / 2 * slowdown();
+/// How long the keeper's first pass may take: it chooses the backend (a save through
+/// each) and writes. A bound for a hung pass, not a figure: under emulation each
+/// `iptables` call takes a second.
+const FIRST_PASS_LIMIT: Duration = Duration::from_secs(60);
+
+/// Waits until the filter table shows the rules again, with one more write counted
+/// than `written`, failing after `within`; returns how long it took.
+async fn restored(status: &Status, written: u64, within: Duration) -> Duration {
+    let start = Instant::now();
     loop {
         let report = status.forward_rules().unwrap_or_default();
         if report.written == written + 1 && filter_rules() == with_rules() {
             assert!(report.in_place && report.errors_total == 0, "{report:?}");
-            return;
+            return start.elapsed();
         }
         assert!(
-            Instant::now() < deadline,
-            "not restored within the resync period: {:#?} {report:?}",
+            start.elapsed() < within,
+            "not restored within {within:?}: {:#?} {report:?}",
             filter_rules()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// How soon a flushed rule must be back: the pass that may have read the table just
+/// before the flush, the period, and the pass that writes, each pass as long as the
+/// first one took here (the machine's own measure: milliseconds natively, seconds
+/// under emulation), with half of it again to spare.
+fn resync_bound(first_pass: Duration) -> Duration {
+    (PERIOD + 2 * first_pass) * 3 / 2
 }
 
 #[test]
@@ -116,12 +128,12 @@ fn iptables_rules_are_taken_over_kept_and_cleaned_up() {
                 recorded.forward_rules_pass(pass)
             }));
             // Taken over: the stale rule gone, nothing doubled.
-            restored(&status, 0).await;
+            let within = resync_bound(restored(&status, 0, FIRST_PASS_LIMIT).await);
             tool("iptables", &["-F", "FLANNEL-FWD"]);
-            restored(&status, 1).await;
+            restored(&status, 1, within).await;
             // The jump flushed away with everything else in FORWARD.
             tool("iptables", &["-F", "FORWARD"]);
-            restored(&status, 2).await;
+            restored(&status, 2, within).await;
             keeper.abort();
         });
 
