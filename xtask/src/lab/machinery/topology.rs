@@ -226,11 +226,16 @@ impl Topology {
         self
     }
 
-    /// The other nodes' pod subnets that `node` routes plainly: with DirectRouting,
-    /// those of the nodes on its segment (reached without a gateway).
+    /// Whether `from` routes plainly to `to`'s pods: with DirectRouting, `to` is
+    /// another node on its segment (reached without a gateway).
+    pub(crate) fn routes_directly(&self, from: &Node, to: &Node) -> bool {
+        self.direct_routing && from.segment == to.segment && from.name != to.name
+    }
+
+    /// The other nodes' pod subnets that `node` routes plainly.
     pub(crate) fn direct_subnets(&self, node: &Node) -> Vec<Ipv4Net> {
         (self.nodes.iter())
-            .filter(|n| self.direct_routing && n.segment == node.segment && n.name != node.name)
+            .filter(|n| self.routes_directly(node, n))
             .map(|n| n.pod_cidr)
             .collect()
     }

@@ -262,12 +262,12 @@ pub(crate) fn prove(lab: &LabState) -> Result<WireProof> {
         )
     };
     let (mut expected, mut expected_clear, mut direct) = (Vec::new(), Vec::new(), Vec::new());
-    for (from, to, kind) in &pairs {
+    for (from, to, _) in &pairs {
         let (a, b) = (address(from)?, address(to)?);
         // Masqueraded by the bridge plugin, the exchange is between the node's address
         // and the pod: tunnelled (or routed directly) both ways all the same.
         let source = seen_as(from, to).unwrap_or(from.address);
-        let plain = topology.direct_routing && *kind == PathKind::SameSwitch;
+        let plain = topology.routes_directly(topology.node(&from.node)?, topology.node(&to.node)?);
         if plain {
             direct.extend([(a, b), (b, a)]);
         }
