@@ -5,8 +5,9 @@
 //! kernel forwarding), restarts and upgrades, and the negative controls; then, as
 //! `cargo xtask lab --etcd --restart` runs it, all of it but the controls with every
 //! agent on flannel's etcd subnet manager, etcd killed and restarted among the events;
-//! and the wire proof alone in a lab with flannel's `Backend.DirectRouting`.
-//! Needs root (namespaces, BPF), like the lab itself.
+//! the wire proof alone in a lab with flannel's `Backend.DirectRouting`; and the
+//! migration from flanneld and back, where the kernel has the ipip module. Needs root
+//! (namespaces, BPF), like the lab itself.
 
 use std::{
     path::Path,
@@ -71,6 +72,42 @@ fn lab_with_direct_routing_talks_plainly_on_the_switch_and_tunnels_past_the_rout
         "the wire proof fails"
     );
     lab.teardown().expect("removing the lab");
+}
+
+/// `lab --migrate`: every node goes from flanneld's kernel ipip device to the agent
+/// and back under numbered traffic, nothing lost, every node as flanneld left it at
+/// the end. It starts from flanneld's device, so it needs the ipip module: on a kernel
+/// without it (this machine's) it says it skipped, and the kernel matrix runs it where
+/// the kernel has TCX (`cargo xtask test --kernel 6.12`).
+#[test]
+fn migration_from_flanneld_and_back_loses_nothing() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: the lab needs root");
+        return;
+    }
+    if !crate::vm::has_ipip() {
+        eprintln!(
+            "skipped: the migration starts from flanneld's ipip device, and this kernel has no ipip module"
+        );
+        return;
+    }
+    let _one = ONE_LAB.lock().unwrap_or_else(PoisonError::into_inner);
+    interrupt::install().unwrap();
+    let agent = build(CreateArgs {
+        release: false,
+        no_masq: false,
+        no_fast_path: false,
+        etcd: false,
+        direct_routing: false,
+    })
+    .expect("building the agent");
+    let proof = migrate::run(agent).expect("the migration proof runs");
+    print!("{}", migrate::render(&proof));
+    assert_eq!(
+        proof.failures,
+        Vec::<String>::new(),
+        "the migration proof fails"
+    );
 }
 
 /// Runs the lab (on etcd with `etcd`, the controls with `controls`), one at a time,

@@ -41,13 +41,22 @@ pub(crate) struct Spec {
 }
 
 /// The kernels of the matrix besides the host's. To add one, see docs/KERNELS.md.
-pub(crate) const KERNELS: &[Spec] = &[Spec {
-    name: "6.1",
-    pinned: "linux-image-6.1.0-56-amd64",
-    meta: "linux-image-amd64",
-    series_prefix: "linux-image-6.1.",
-    why: "Debian 12's kernel: has the ipip module (kernel tunl0), no TCX (clsact + cls_bpf)",
-}];
+pub(crate) const KERNELS: &[Spec] = &[
+    Spec {
+        name: "6.1",
+        pinned: "linux-image-6.1.0-56-amd64",
+        meta: "linux-image-amd64",
+        series_prefix: "linux-image-6.1.",
+        why: "Debian 12's kernel: has the ipip module (kernel tunl0), no TCX (clsact + cls_bpf)",
+    },
+    Spec {
+        name: "6.12",
+        pinned: "linux-image-6.12.118+deb12-amd64",
+        meta: "linux-image-6.12-amd64",
+        series_prefix: "linux-image-6.12.",
+        why: "Debian 13's kernel series (in Debian 12's security archive): TCX and the ipip module",
+    },
+];
 
 pub(crate) fn spec(name: &str) -> Result<Spec> {
     match KERNELS.iter().find(|k| k.name == name) {

@@ -21,7 +21,10 @@
 //! under the agent; flanneld's exact routes and rules, and none of the agent's
 //! programs, after the rollback), and at the end every node must be as it was at the
 //! start. It needs the kernel's ipip module: on a kernel without it the lab runs in
-//! a VM (`cargo xtask vm -- ... lab --migrate`).
+//! a VM (`cargo xtask vm -- ... lab --migrate`; the kernel matrix runs it as the test
+//! `lab::tests::migration_from_flanneld_and_back_loses_nothing` on kernels with TCX).
+//! Without TCX it cannot pass: the agent's first attachment on a device grafts a
+//! clsact qdisc, which loses what the device sends meanwhile (docs/KERNELS.md).
 
 use std::{
     path::PathBuf,
