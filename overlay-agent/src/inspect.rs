@@ -128,6 +128,8 @@ pub fn nodes(pin_dir: &Path) -> Result<NodesView> {
     };
     let remote_subnets = routes
         .into_iter()
+        // A direct node's own address is no subnet: its node's rows say `direct`.
+        .filter(|(_, route)| !route.node_address())
         .map(|(subnet, route)| {
             let node = Ipv4Addr::from(route.node_ip);
             let rx = peers.get(&node).copied().unwrap_or_default();

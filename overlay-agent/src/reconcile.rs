@@ -14,7 +14,7 @@ use ipnet::Ipv4Net;
 use overlay_common::{
     DatapathConfig, Hook, Route,
     config::{FLAG_FAST_PATH, FLAG_MASQUERADE},
-    maps::ROUTE_DIRECT,
+    maps::{ROUTE_DIRECT, ROUTE_NODE_ADDRESS},
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -209,46 +209,55 @@ impl Plan {
                 Err(e) => {
                     warn!(node = %node, error = format!("{e:#}"), "no underlay route to a node; its pods are unreachable until there is");
                     plan.unreachable += 1;
-                    plan.map.insert(*subnet, tunnelled(*node));
+                    plan.map.extend(map_entries(*subnet, *node, false));
                     continue;
                 }
             };
             let direct = direct_routing && reached_directly(hop, uplink.ifindex);
-            let (route, kernel) = if direct {
-                let route = OverlayRoute {
+            let kernel = if direct {
+                OverlayRoute {
                     dst: *subnet,
                     via: *node,
                     oif: uplink.ifindex,
                     src: None,
                     mtu: uplink.mtu,
-                };
-                let map = Route {
-                    node_ip: node.octets(),
-                    flags: ROUTE_DIRECT,
-                };
-                (map, route)
+                }
             } else {
-                let route = OverlayRoute {
+                OverlayRoute {
                     dst: *subnet,
                     via: hop.gateway.unwrap_or(*node),
                     oif: hop.oif,
                     src,
                     mtu: uplink.pod_mtu(),
-                };
-                (tunnelled(*node), route)
+                }
             };
-            plan.map.insert(*subnet, route);
+            plan.map.extend(map_entries(*subnet, *node, direct));
             plan.kernel.insert(*subnet, kernel);
         }
         plan
     }
 }
 
-fn tunnelled(node: Ipv4Addr) -> Route {
-    Route {
-        node_ip: node.octets(),
-        flags: 0,
-    }
+/// The `ROUTES` entries for `node`'s pod `subnet`: tunnelled, or, `direct`, left to
+/// the host's plain route, and then `node`'s own address as well
+/// (`ROUTE_NODE_ADDRESS`: a pod's reply to it leaves plain, as under flanneld, where a
+/// tunnelled node's is encapsulated). At most two entries per node: `MAX_NODES`
+/// leaves room for Kubernetes' 5,000.
+pub fn map_entries(
+    subnet: Ipv4Net,
+    node: Ipv4Addr,
+    direct: bool,
+) -> impl Iterator<Item = (Ipv4Net, Route)> {
+    let node_ip = node.octets();
+    let flags = if direct { ROUTE_DIRECT } else { 0 };
+    let address = direct.then(|| {
+        let route = Route {
+            node_ip,
+            flags: ROUTE_DIRECT | ROUTE_NODE_ADDRESS,
+        };
+        (Ipv4Net::from(node), route)
+    });
+    std::iter::once((subnet, Route { node_ip, flags })).chain(address)
 }
 
 /// Converges the maps and the host's routes on the node set (see [`Reconciler::apply`]).
@@ -702,8 +711,8 @@ pub(crate) mod tests {
         Ipv4Net::new([10, 244, third, 0].into(), 24).unwrap()
     }
 
-    /// Third octet of the subnet, node, flags: a map entry.
-    type MapRow = (u8, [u8; 4], u32);
+    /// Key, node, flags: a map entry.
+    type MapRow = (String, [u8; 4], u32);
     /// Third octet of the subnet, via, oif, whether it has a source, MTU: a route.
     type KernelRow = (u8, [u8; 4], u32, bool, u32);
 
@@ -711,7 +720,7 @@ pub(crate) mod tests {
         let map = plan
             .map
             .iter()
-            .map(|(n, r)| (n.network().octets()[2], r.node_ip, r.flags))
+            .map(|(n, r)| (n.to_string(), r.node_ip, r.flags))
             .collect();
         let kernel = plan
             .kernel
@@ -737,12 +746,23 @@ pub(crate) mod tests {
             summary(&plan),
             (
                 vec![
-                    (0, [172, 18, 0, 2], ROUTE_DIRECT),
-                    (2, [172, 18, 0, 4], ROUTE_DIRECT),
+                    ("10.244.0.0/24".into(), [172, 18, 0, 2], ROUTE_DIRECT),
+                    ("10.244.2.0/24".into(), [172, 18, 0, 4], ROUTE_DIRECT),
                     // Behind a gateway, on another link, or unknown: the tunnel.
-                    (3, [172, 19, 0, 2], 0),
-                    (4, [192, 168, 9, 2], 0),
-                    (5, [203, 0, 113, 9], 0),
+                    ("10.244.3.0/24".into(), [172, 19, 0, 2], 0),
+                    ("10.244.4.0/24".into(), [192, 168, 9, 2], 0),
+                    ("10.244.5.0/24".into(), [203, 0, 113, 9], 0),
+                    // The direct nodes' own addresses, for pods' replies to them.
+                    (
+                        "172.18.0.2/32".into(),
+                        [172, 18, 0, 2],
+                        ROUTE_DIRECT | ROUTE_NODE_ADDRESS
+                    ),
+                    (
+                        "172.18.0.4/32".into(),
+                        [172, 18, 0, 4],
+                        ROUTE_DIRECT | ROUTE_NODE_ADDRESS
+                    ),
                 ],
                 vec![
                     // As flannel's host-gw: via the node, the uplink's MTU and address.
@@ -765,6 +785,8 @@ pub(crate) mod tests {
     fn without_direct_routing_every_node_is_tunnelled() {
         let plan = lab_plan(false);
         let (map, kernel) = summary(&plan);
+        // One entry per subnet, all tunnelled: no node address.
+        assert_eq!(map.len(), 5, "{map:?}");
         assert!(map.iter().all(|(_, _, flags)| *flags == 0), "{map:?}");
         assert_eq!(
             kernel,

@@ -54,6 +54,14 @@ pub const MAX_NODES: u32 = 16_384;
 /// as flannel's host-gw) carries them as they are.
 pub const ROUTE_DIRECT: u32 = 1 << 0;
 
+/// `Route::flags`, beside `ROUTE_DIRECT`: the entry is no pod subnet but a directly
+/// routed node's own address (/32). A pod's packet for it (the reply to a flow that
+/// node's host masqueraded to its address, as MASQUERADE on the plain route does) then
+/// leaves by the host's plain route, as under flanneld, where a tunnelled node's is
+/// encapsulated. The programs read only `ROUTE_DIRECT`; this bit tells the agent's
+/// views the entry apart from a subnet.
+pub const ROUTE_NODE_ADDRESS: u32 = 1 << 1;
+
 /// Value of `ROUTES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -67,6 +75,10 @@ pub struct Route {
 impl Route {
     pub const fn direct(&self) -> bool {
         self.flags & ROUTE_DIRECT != 0
+    }
+
+    pub const fn node_address(&self) -> bool {
+        self.flags & ROUTE_NODE_ADDRESS != 0
     }
 }
 

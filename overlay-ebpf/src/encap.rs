@@ -34,7 +34,9 @@ use crate::{
 /// bridge plugin when flannel's CNI asks it to): it is tunnelled to that node like any
 /// pod traffic, so that no pod address crosses the underlay unencapsulated (a cloud's
 /// anti-spoofing check would drop it), as flannel's tunnel device carries replies to
-/// its own address.
+/// its own address. A directly routed node's address is in `ROUTES` as a direct /32
+/// (`ROUTE_NODE_ADDRESS`): what goes to it is left to the host's plain route, as
+/// flanneld's host sends it.
 #[expect(
     clippy::needless_borrows_for_generic_args,
     reason = "map keys and values by reference: passed by value, the compiler builds other, larger programs, with more stack than older kernels' verifiers allow"

@@ -5,8 +5,10 @@
 //! arrives unencapsulated and goes to the host as before, and masquerade keeps its
 //! rules: pod to pod untranslated, host or outside to a remote pod translated (rule 6,
 //! to the uplink's address as MASQUERADE on the plain route gives it) and sent plain,
-//! its reply translated back. The fast path records none of their flows. The agent's reconcile pass decides which
-//! nodes are direct from the kernel's routes to them, and follows those routes.
+//! its reply translated back. A pod's reply to a direct node's own address leaves
+//! plain too (`ROUTE_NODE_ADDRESS`). The fast path records none of their flows. The
+//! agent's reconcile pass decides which nodes are direct from the kernel's routes to
+//! them, and follows those routes.
 
 use std::collections::BTreeMap;
 
@@ -24,7 +26,10 @@ use super::{
         with_masquerading_node, with_node,
     },
     nat::{PAYLOAD, assert_table, client, outgoing, translation},
-    packet::{ACK, Conn, Proto, SYN, Transport, from_pod, from_underlay, outbound},
+    packet::{
+        ACK, Conn, Proto, SYN, Transport, datagram, from_host, from_pod, from_underlay, ipv4,
+        outbound,
+    },
     topology::{GATEWAY, NODE_IP, NODE_OTHER_IP, POD, POD_SUBNET, ROUTER, W2, W3},
 };
 
@@ -78,6 +83,32 @@ fn what_the_host_routes_to_a_direct_node_leaves_plain() {
         }
         let forwarded = outgoing(&client(Proto::Tcp, POD, W2.pod), ACK);
         node.expect_untouched(UplinkEgress, &forwarded, Reason::PassDirectRoute);
+    });
+}
+
+#[test]
+fn a_pods_reply_to_a_direct_nodes_own_address_leaves_plain() {
+    // The reply to a flow w2's host masqueraded to its own address (MASQUERADE on its
+    // plain route to our pods takes the uplink's): sent as flanneld's host sends it,
+    // plain; to w3's address, behind the router, still through the tunnel.
+    with_node(|node| {
+        direct_w2(node);
+        for transport in [Transport::Tcp, Transport::Udp, Transport::Icmp] {
+            let to_w2 = from_host(&datagram(ipv4(POD, W2.node), transport, 120));
+            node.expect_untouched(UplinkEgress, &to_w2, Reason::PassDirectRoute);
+            let to_w3 = from_host(&datagram(ipv4(POD, W3.node), transport, 120));
+            let tunnelled = encapsulated(&to_w3, &W3, 0, towards(&W3));
+            node.expect_frame(
+                UplinkEgress,
+                &to_w3,
+                Act::Next,
+                Reason::Encapsulated,
+                &tunnelled,
+            );
+        }
+        // The host's own packets to w2 leave as they are, as before.
+        let own = from_host(&datagram(ipv4(NODE_IP, W2.node), Transport::Udp, 120));
+        node.expect_untouched(UplinkEgress, &own, Reason::PassDirectRoute);
     });
 }
 
@@ -168,7 +199,7 @@ fn the_fast_path_records_no_direct_flow() {
     });
 }
 
-/// Which remote subnets ROUTES marks direct.
+/// Which entries of ROUTES (remote subnets, direct nodes' addresses) are direct.
 fn direct_subnets(node: &Node) -> BTreeMap<Ipv4Net, bool> {
     let routes = node.dp.routes.entries().expect("reading ROUTES");
     routes.into_iter().map(|(n, r)| (n, r.direct())).collect()
@@ -198,9 +229,14 @@ fn the_agent_routes_nodes_on_the_uplinks_link_directly_and_follows_their_routes(
             routes(),
             direct(W2.subnet, W2.node) + &tunnelled(W3.subnet, ROUTER)
         );
+        // And w2's own address, for pods' replies to it.
         assert_eq!(
             direct_subnets(node),
-            BTreeMap::from([(W2.subnet, true), (W3.subnet, false)])
+            BTreeMap::from([
+                (W2.subnet, true),
+                (W3.subnet, false),
+                (Ipv4Net::from(W2.node), true)
+            ])
         );
         // The host's own packets take the plain route, from the uplink's address.
         let route = ip(&format!("-4 route get {}", W2.pod)).unwrap();
@@ -220,6 +256,7 @@ fn the_agent_routes_nodes_on_the_uplinks_link_directly_and_follows_their_routes(
             tunnelled(W2.subnet, ROUTER) + &tunnelled(W3.subnet, ROUTER)
         );
         assert_eq!(direct_subnets(node).get(&W2.subnet), Some(&false));
+        assert_eq!(direct_subnets(node).get(&W2.node.into()), None);
         run_tool(
             "ip",
             &format!("route del {}/32 via {ROUTER} dev eth0", W2.node),

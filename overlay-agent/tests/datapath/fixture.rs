@@ -31,7 +31,7 @@ use overlay_agent::{
         NodeInfo, NodeSet,
         address::{Authority, OwnAddress},
     },
-    reconcile::{Desired, NodeSettings, Reconciler},
+    reconcile::{self, Desired, NodeSettings, Reconciler},
 };
 use overlay_common::{
     Counter, DatapathConfig, Hook, PeerStats, Reason, Route,
@@ -39,7 +39,7 @@ use overlay_common::{
     conntrack::{CtEntry, CtKey},
     counters::NatEvent,
     flows::{FlowKey, FlowState},
-    maps::{ROUTE_DIRECT, names},
+    maps::names,
 };
 
 use super::{expect, topology};
@@ -536,18 +536,15 @@ impl Node {
         self.dp.peers.sync(&peers).expect("writing PEERS");
     }
 
-    /// Fills ROUTES with every remote, those of `direct` marked as reached directly
-    /// (as the agent marks them under `Backend.DirectRouting`), the others tunnelled.
+    /// Fills ROUTES with every remote as the agent does, those of `direct` reached
+    /// directly (`Backend.DirectRouting`: their own addresses too), the others
+    /// tunnelled.
     pub(super) fn route_directly(&mut self, direct: &[topology::Remote]) {
         let routes: BTreeMap<Ipv4Net, Route> = topology::REMOTES
             .iter()
-            .map(|r| {
+            .flat_map(|r| {
                 let direct = direct.iter().any(|d| d.node == r.node);
-                let route = Route {
-                    node_ip: r.node.octets(),
-                    flags: if direct { ROUTE_DIRECT } else { 0 },
-                };
-                (r.subnet, route)
+                reconcile::map_entries(r.subnet, r.node, direct)
             })
             .collect();
         self.dp.routes.sync(&routes).expect("writing ROUTES");

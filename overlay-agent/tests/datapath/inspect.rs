@@ -61,6 +61,19 @@ fn counters_and_nodes_as_json() {
                 json!({"subnet": W2.subnet.to_string(), "node": W2.node.to_string(),
                        "path": "tunnel", "rx_packets": 1, "rx_bytes": from_w2.len()})
             );
+
+            // Routed directly, w2's subnet says so; its address (in ROUTES for pods'
+            // replies to it) is no subnet and not listed.
+            node.route_directly(&[W2]);
+            let nodes = json(inspect::nodes(pins).unwrap());
+            let remotes = nodes["remote_subnets"].as_array().unwrap();
+            assert_eq!(remotes.len(), REMOTES.len(), "{remotes:#?}");
+            let paths: Vec<(&str, &str)> = remotes
+                .iter()
+                .map(|r| (r["subnet"].as_str().unwrap(), r["path"].as_str().unwrap()))
+                .filter(|(_, path)| *path == "direct")
+                .collect();
+            assert_eq!(paths, [(W2.subnet.to_string().as_str(), "direct")]);
         },
     );
 }

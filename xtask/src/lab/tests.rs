@@ -44,9 +44,11 @@ fn lab_on_etcd_passes_survives_an_etcd_restart_and_nothing_remains() {
 
 /// `lab --direct-routing`, focused: the wire proof alone (its exchanges are the
 /// connectivity it needs) proves that cp's pods reach w1's and w2's as plain IPv4 on
-/// the switch, never through the tunnel, and w3's, behind the router, through it.
-/// The other sections do not depend on how a peer is reached, and a second full lab
-/// would cost minutes.
+/// the switch, never through the tunnel, and w3's, behind the router, through it;
+/// twice: with `--ip-masq`, pod to pod, and without it, where the bridge plugin
+/// masquerades the pods to cp's own address and the replies to that address must
+/// leave w1 and w2 plain as well. The other sections do not depend on how a peer is
+/// reached, and more full labs would cost minutes.
 #[test]
 fn lab_with_direct_routing_talks_plainly_on_the_switch_and_tunnels_past_the_router() {
     if !nix::unistd::geteuid().is_root() {
@@ -55,23 +57,26 @@ fn lab_with_direct_routing_talks_plainly_on_the_switch_and_tunnels_past_the_rout
     }
     let _one = ONE_LAB.lock().unwrap_or_else(PoisonError::into_inner);
     interrupt::install().unwrap();
-    let create = CreateArgs {
-        release: false,
-        no_masq: false,
-        no_fast_path: false,
-        etcd: false,
-        direct_routing: true,
-    };
-    let agent = build(create).expect("building the agent");
-    let lab = create.lab(agent).expect("creating the lab");
-    let proof = capture::prove(&lab).expect("the wire proof runs");
-    print!("{}", proof.render());
-    assert_eq!(
-        proof.failures(),
-        Vec::<String>::new(),
-        "the wire proof fails"
-    );
-    lab.teardown().expect("removing the lab");
+    for no_masq in [false, true] {
+        let create = CreateArgs {
+            release: false,
+            no_masq,
+            no_fast_path: false,
+            etcd: false,
+            direct_routing: true,
+        };
+        let agent = build(create).expect("building the agent");
+        let lab = create.lab(agent).expect("creating the lab");
+        let proof = capture::prove(&lab).expect("the wire proof runs");
+        print!("{}", proof.render());
+        assert_eq!(
+            proof.failures(),
+            Vec::<String>::new(),
+            "the wire proof fails (--ip-masq {})",
+            !no_masq
+        );
+        lab.teardown().expect("removing the lab");
+    }
 }
 
 /// `lab --migrate`: every node goes from flanneld's kernel ipip device to the agent
