@@ -30,7 +30,7 @@ use super::{
         ACK, Conn, Proto, SYN, Transport, datagram, from_host, from_pod, from_underlay, ipv4,
         outbound,
     },
-    topology::{GATEWAY, NODE_IP, NODE_OTHER_IP, POD, POD_SUBNET, ROUTER, W2, W3},
+    topology::{GATEWAY, NODE_IP, NODE_OTHER_IP, POD, POD_SUBNET, ROUTER, Remote, W2, W3},
 };
 
 /// w2 (on the uplink's link) routed directly, w3 (behind the router) tunnelled.
@@ -63,23 +63,27 @@ fn pods_packets_to_a_direct_node_stay_plain_and_to_a_tunnelled_one_are_encapsula
     });
 }
 
+/// On the uplink's egress: `to_w2` leaves as it is, `to_w3` through the tunnel.
+fn plain_to_w2_tunnelled_to_w3(node: &Node, to_w2: &[u8], to_w3: &[u8]) {
+    node.expect_untouched(UplinkEgress, to_w2, Reason::PassDirectRoute);
+    let tunnelled = encapsulated(to_w3, &W3, 0, towards(&W3));
+    node.expect_frame(
+        UplinkEgress,
+        to_w3,
+        Act::Next,
+        Reason::Encapsulated,
+        &tunnelled,
+    );
+}
+
 #[test]
 fn what_the_host_routes_to_a_direct_node_leaves_plain() {
     // The host's own packets, and pods' packets it forwarded, on the uplink's egress.
     with_node(|node| {
         direct_w2(node);
         for transport in [Transport::Tcp, Transport::Udp, Transport::Icmp] {
-            let to_w2 = outbound(UplinkEgress, W2.pod, transport, 120, |_| {});
-            node.expect_untouched(UplinkEgress, &to_w2, Reason::PassDirectRoute);
-            let to_w3 = outbound(UplinkEgress, W3.pod, transport, 120, |_| {});
-            let tunnelled = encapsulated(&to_w3, &W3, 0, towards(&W3));
-            node.expect_frame(
-                UplinkEgress,
-                &to_w3,
-                Act::Next,
-                Reason::Encapsulated,
-                &tunnelled,
-            );
+            let to = |remote: &Remote| outbound(UplinkEgress, remote.pod, transport, 120, |_| {});
+            plain_to_w2_tunnelled_to_w3(node, &to(&W2), &to(&W3));
         }
         let forwarded = outgoing(&client(Proto::Tcp, POD, W2.pod), ACK);
         node.expect_untouched(UplinkEgress, &forwarded, Reason::PassDirectRoute);
@@ -94,17 +98,8 @@ fn a_pods_reply_to_a_direct_nodes_own_address_leaves_plain() {
     with_node(|node| {
         direct_w2(node);
         for transport in [Transport::Tcp, Transport::Udp, Transport::Icmp] {
-            let to_w2 = from_host(&datagram(ipv4(POD, W2.node), transport, 120));
-            node.expect_untouched(UplinkEgress, &to_w2, Reason::PassDirectRoute);
-            let to_w3 = from_host(&datagram(ipv4(POD, W3.node), transport, 120));
-            let tunnelled = encapsulated(&to_w3, &W3, 0, towards(&W3));
-            node.expect_frame(
-                UplinkEgress,
-                &to_w3,
-                Act::Next,
-                Reason::Encapsulated,
-                &tunnelled,
-            );
+            let to = |remote: &Remote| from_host(&datagram(ipv4(POD, remote.node), transport, 120));
+            plain_to_w2_tunnelled_to_w3(node, &to(&W2), &to(&W3));
         }
         // The host's own packets to w2 leave as they are, as before.
         let own = from_host(&datagram(ipv4(NODE_IP, W2.node), Transport::Udp, 120));
