@@ -231,9 +231,8 @@ numbered! {
     DecapsulatedToNode = 40 => "decapsulated_to_node", Forward;
     /// For a remote pod subnet whose node is reached directly (`Backend.DirectRouting`,
     /// `ROUTE_DIRECT`), or for that node's own address: not encapsulated; the host
-    /// routes it to that node as it is. On
-    /// the pod bridge's egress, from such a subnet: not recorded, since the fast path
-    /// never takes what arrives plain.
+    /// routes it to that node as it is. On the pod bridge's egress, from such a
+    /// subnet: not recorded, since the fast path never takes what arrives plain.
     PassDirectRoute = 41 => "pass_direct_route", Pass;
     }
 }
